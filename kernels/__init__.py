@@ -1,0 +1,23 @@
+"""Triton kernels for transformers, each with a pure-PyTorch reference.
+
+CUDA tensors run the Triton kernels; CPU tensors run the references, or the Triton kernels through
+the interpreter when ``TRITON_INTERPRET=1`` was set before import. ``use_backend`` forces a choice.
+"""
+
+from ._backend import get_backend, use_backend
+from .layer_norm import add_layer_norm, layer_norm, rms_norm
+from .softmax import softmax
+
+from . import nn  # noqa: E402,I001  (nn builds on the functions above)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "add_layer_norm",
+    "get_backend",
+    "layer_norm",
+    "nn",
+    "rms_norm",
+    "softmax",
+    "use_backend",
+]

@@ -1,0 +1,57 @@
+"""``python -m kernels``: print the environment and self-check every op's Triton kernel against its
+float64 reference (forward and every gradient) on the available device. Exit code 1 on any failure.
+
+Without a GPU the kernels run in Triton's interpreter: the command re-executes itself with
+``TRITON_INTERPRET=1``, which must be set before triton is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import _backend
+from .selfcheck import CASES, run_case
+
+
+def main() -> int:
+    if not torch.cuda.is_available() and not _backend.INTERPRET:
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "kernels", *sys.argv[1:]])
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    print(f"python {platform.python_version()}  torch {torch.__version__}  triton {triton_version}")
+    print(f"device: {device} ({name})  interpreter: {_backend.INTERPRET}")
+    print(f"{_backend.describe()}")
+    print(f"self-check: Triton kernel vs float64 reference, forward and gradients, on {device}\n")
+    header = f"{'op':<44} {'max err':>10} {'tol':>9} {'time':>7}  result"
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    case: tuple[str, Callable]
+    for case in CASES:
+        t0 = time.perf_counter()
+        try:
+            err, tol = run_case(case, device)
+            ok = err <= tol
+            detail = f"{err:>10.2e} {tol:>9.1e}"
+        except Exception as exc:  # a crash is a failure to report, not a reason to stop checking
+            ok, detail = False, f"{type(exc).__name__}: {exc}"[:60]
+        failures += not ok
+        print(f"{case[0]:<44} {detail} {time.perf_counter() - t0:>6.2f}s  {'PASS' if ok else 'FAIL'}")
+    print(f"\n{len(CASES) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

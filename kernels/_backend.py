@@ -1,0 +1,92 @@
+"""Which implementation an op runs: the Triton kernel or the pure-PyTorch reference.
+
+- "auto" (default): the Triton kernel on CUDA tensors, and on CPU tensors when the Triton
+  interpreter is on (``TRITON_INTERPRET=1``); the reference otherwise.
+- "triton": always the Triton kernel; a CPU tensor without the interpreter is an error, never a
+  silent fallback.
+- "torch": always the reference.
+
+The default comes from the environment variable ``KERNELS_BACKEND``; ``use_backend`` overrides it
+for a block of code. The choice is a plain module global so that ``torch.compile`` can read it
+(and guard on it) while tracing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this package is imported:
+# what matters is its value at that moment, not later.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_backend = _validate(os.environ.get("KERNELS_BACKEND", "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """The backend currently in force: "auto", "triton" or "torch"."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed code with backend ``name`` ("auto", "triton" or "torch").
+
+    >>> with kernels.use_backend("torch"):
+    ...     y = kernels.layer_norm(x, (x.shape[-1],))   # pure-PyTorch reference
+    """
+    global _backend
+    previous, _backend = _backend, _validate(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor, op: str) -> bool:
+    """Whether ``op`` on tensor ``x`` runs its Triton kernel (True) or its reference (False)."""
+    if _backend == "torch":
+        return False
+    kernel_device = x.is_cuda or (INTERPRET and x.device.type == "cpu")
+    if _backend == "auto":
+        return kernel_device and triton_available()
+    if not triton_available():
+        raise RuntimeError(f"{op}: backend 'triton' was requested but triton is not installed")
+    if not kernel_device:
+        raise RuntimeError(
+            f"{op}: backend 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before importing "
+            f"kernels to run the kernel on the CPU; got a tensor on {x.device}"
+        )
+    return True
+
+
+def describe() -> str:
+    """One line naming the backend and what it resolves to on the available device."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = torch.empty(0, device=device)
+    try:
+        impl = "triton kernels" + (" (interpreter)" if device == "cpu" else "") if use_triton(probe, "") \
+            else "PyTorch reference"
+    except RuntimeError as err:
+        impl = f"unavailable: {err}"
+    return f"backend={_backend} device={device} -> {impl}"

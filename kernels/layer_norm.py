@@ -1,0 +1,451 @@
+"""LayerNorm, RMSNorm and fused residual-add (+ dropout) + LayerNorm.
+
+One forward and one backward kernel serve all three ops through constexpr switches. A program owns
+one row in the forward and a strip of rows in the backward, where it also accumulates its partial
+dW/dB in float32; the launcher sums those partials (deterministic, no atomics, no locks). Rows that
+fit one block stay in registers; longer rows (up to any length) loop over blocks: the forward in
+three passes (mean, variance, normalize), the backward in two.
+
+    _layer_norm_fwd_kernel / _layer_norm_bwd_kernel   (Triton)
+    layer_norm_fwd / layer_norm_bwd                   (torch.library custom ops, registered autograd)
+    layer_norm / rms_norm / add_layer_norm            (public functions)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _backend, _checks
+from ._launch import acc_dtype, next_pow2, num_persistent_programs, row_warps, torch_acc_dtype
+from .reference import add_layer_norm_ref, layer_norm_ref, rms_norm_ref
+
+# Largest row (elements) kept in registers; longer rows take the multi-pass path.
+MAX_FUSED_FWD = 16384
+MAX_FUSED_BWD = 8192
+# Block of the multi-pass path.
+MULTIPASS_BLOCK = 4096
+
+
+@triton.jit
+def _keep_mask(seed, row, cols, N, dropout_p):
+    # Same stream in forward and backward: the element's flat index is the Philox counter.
+    return tl.rand(seed, (row * N + cols).to(tl.int32)) >= dropout_p
+
+
+@triton.jit
+def _prenorm_chunk(
+    X, R, RES_OUT,               # (M, N) each
+    row, cols, N,
+    stride_xm, stride_xn, stride_rm, stride_rn, stride_om,
+    dropout_p, seed,
+    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_RES_OUT: tl.constexpr, ACC: tl.constexpr,
+):
+    """residual + dropout(x) for one block of a row, stored to RES_OUT when asked."""
+    valid = cols < N
+    x = tl.load(X + row * stride_xm + cols * stride_xn, mask=valid, other=0.0).to(ACC)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, row, cols, N, dropout_p)
+        x = tl.where(keep, x / (1.0 - dropout_p), 0.0)
+    if HAS_RESIDUAL:
+        x += tl.load(R + row * stride_rm + cols * stride_rn, mask=valid, other=0.0).to(ACC)
+    if STORE_RES_OUT:
+        # Normalize the value as stored (rounded to its dtype), so the backward, which reloads it,
+        # differentiates exactly the function the forward computed.
+        x_stored = x.to(RES_OUT.dtype.element_ty)
+        tl.store(RES_OUT + row * stride_om + cols, x_stored, mask=valid)
+        x = x_stored.to(ACC)
+    return x
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,          # (M, N) input
+    R,          # (M, N) residual (HAS_RESIDUAL)
+    W, B,       # (N,) weight, bias
+    Y,          # (M, N) output, contiguous
+    RES_OUT,    # (M, N) residual + dropout(x), contiguous (STORE_RES_OUT)
+    MEAN, RSTD,  # (M,) statistics for the backward (MEAN unused for RMSNorm)
+    stride_xm, stride_xn, stride_rm, stride_rn, stride_ym, stride_om,
+    N, eps, dropout_p, seed,
+    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_RES_OUT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, IS_RMS_NORM: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    if SINGLE_BLOCK:
+        x = _prenorm_chunk(X, R, RES_OUT, row, offs, N, stride_xm, stride_xn, stride_rm, stride_rn,
+                           stride_om, dropout_p, seed, HAS_RESIDUAL, HAS_DROPOUT, STORE_RES_OUT, ACC)
+        if IS_RMS_NORM:
+            xc = x
+        else:
+            mean = tl.sum(x, axis=0) / N
+            xc = tl.where(offs < N, x - mean, 0.0)
+            tl.store(MEAN + row, mean)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        tl.store(RSTD + row, rstd)
+        y = xc * rstd
+        if HAS_WEIGHT:
+            y = y * tl.load(W + offs, mask=offs < N, other=0.0).to(ACC)
+        if HAS_BIAS:
+            y = y + tl.load(B + offs, mask=offs < N, other=0.0).to(ACC)
+        tl.store(Y + row * stride_ym + offs, y.to(Y.dtype.element_ty), mask=offs < N)
+    else:
+        # Pass 1: the mean (and residual_out, stored for passes 2 and 3 to reread).
+        acc = tl.zeros([BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            acc += _prenorm_chunk(X, R, RES_OUT, row, start + offs, N, stride_xm, stride_xn, stride_rm,
+                                  stride_rn, stride_om, dropout_p, seed,
+                                  HAS_RESIDUAL, HAS_DROPOUT, STORE_RES_OUT, ACC)
+        mean = 0.0
+        if not IS_RMS_NORM:
+            mean = tl.sum(acc, axis=0) / N
+            tl.store(MEAN + row, mean)
+        # Pass 2: the variance around that mean (two passes stay accurate when |mean| >> std).
+        acc = tl.zeros([BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            cols = start + offs
+            if STORE_RES_OUT:
+                x = tl.load(RES_OUT + row * stride_om + cols, mask=cols < N, other=0.0).to(ACC)
+            else:
+                x = tl.load(X + row * stride_xm + cols * stride_xn, mask=cols < N, other=0.0).to(ACC)
+            xc = tl.where(cols < N, x - mean, 0.0)
+            acc += xc * xc
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        tl.store(RSTD + row, rstd)
+        # Pass 3: normalize.
+        for start in range(0, N, BLOCK_N):
+            cols = start + offs
+            if STORE_RES_OUT:
+                x = tl.load(RES_OUT + row * stride_om + cols, mask=cols < N, other=0.0).to(ACC)
+            else:
+                x = tl.load(X + row * stride_xm + cols * stride_xn, mask=cols < N, other=0.0).to(ACC)
+            y = (x - mean) * rstd
+            if HAS_WEIGHT:
+                y = y * tl.load(W + cols, mask=cols < N, other=0.0).to(ACC)
+            if HAS_BIAS:
+                y = y + tl.load(B + cols, mask=cols < N, other=0.0).to(ACC)
+            tl.store(Y + row * stride_ym + cols, y.to(Y.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def _grad_chunk(
+    X, W, DY, MEAN_ROW, RSTD_ROW, row, cols, N, stride_xm, stride_xn, stride_dym, stride_dyn,
+    HAS_WEIGHT: tl.constexpr, IS_RMS_NORM: tl.constexpr, ACC: tl.constexpr,
+):
+    """x_hat, dy and w * dy for one block of a row (zero beyond N)."""
+    valid = cols < N
+    x = tl.load(X + row * stride_xm + cols * stride_xn, mask=valid, other=0.0).to(ACC)
+    xhat = tl.where(valid, (x - MEAN_ROW) * RSTD_ROW, 0.0)
+    dy = tl.load(DY + row * stride_dym + cols * stride_dyn, mask=valid, other=0.0).to(ACC)
+    wdy = dy
+    if HAS_WEIGHT:
+        wdy = dy * tl.load(W + cols, mask=valid, other=0.0).to(ACC)
+    return xhat, dy, wdy
+
+
+@triton.jit
+def _input_grads(
+    g, DRES_OUT, DX, DRES, row, cols, N, stride_drm, stride_drn, dropout_p, seed,
+    HAS_DRES_OUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DRES: tl.constexpr, ACC: tl.constexpr,
+):
+    """Route the gradient of the pre-norm value to residual and x (through the dropout mask)."""
+    valid = cols < N
+    if HAS_DRES_OUT:
+        g += tl.load(DRES_OUT + row * stride_drm + cols * stride_drn, mask=valid, other=0.0).to(ACC)
+    if STORE_DRES:
+        tl.store(DRES + row * N + cols, g.to(DRES.dtype.element_ty), mask=valid)
+    if HAS_DROPOUT:
+        g = tl.where(_keep_mask(seed, row, cols, N, dropout_p), g / (1.0 - dropout_p), 0.0)
+    tl.store(DX + row * N + cols, g.to(DX.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X,              # (M, N) the normalized value (residual_out if it was stored, else the input)
+    W,              # (N,) weight (HAS_WEIGHT)
+    DY,             # (M, N) gradient of the output
+    DRES_OUT,       # (M, N) gradient of residual_out (HAS_DRES_OUT)
+    DX,             # (M, N) gradient of x, contiguous
+    DRES,           # (M, N) gradient of residual, contiguous (STORE_DRES; otherwise it equals DX)
+    DW_PART, DB_PART,  # (num_programs, N) float32 partial sums, zero-initialised
+    MEAN, RSTD,     # (M,)
+    stride_xm, stride_xn, stride_dym, stride_dyn, stride_drm, stride_drn,
+    M, N, rows_per_program, dropout_p, seed,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES_OUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_DRES: tl.constexpr, IS_RMS_NORM: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    part = pid.to(tl.int64) * N
+    if SINGLE_BLOCK:
+        dw = tl.zeros([BLOCK_N], dtype=ACC)
+        db = tl.zeros([BLOCK_N], dtype=ACC)
+    for row in range(row_start, row_end):
+        mean = 0.0
+        if not IS_RMS_NORM:
+            mean = tl.load(MEAN + row).to(ACC)
+        rstd = tl.load(RSTD + row).to(ACC)
+        if SINGLE_BLOCK:
+            xhat, dy, wdy = _grad_chunk(X, W, DY, mean, rstd, row, offs, N, stride_xm, stride_xn,
+                                        stride_dym, stride_dyn, HAS_WEIGHT, IS_RMS_NORM, ACC)
+            c1 = tl.sum(xhat * wdy, axis=0) / N
+            if IS_RMS_NORM:
+                g = (wdy - xhat * c1) * rstd
+            else:
+                g = (wdy - (xhat * c1 + tl.sum(wdy, axis=0) / N)) * rstd
+            _input_grads(g, DRES_OUT, DX, DRES, row, offs, N, stride_drm, stride_drn, dropout_p, seed,
+                         HAS_DRES_OUT, HAS_DROPOUT, STORE_DRES, ACC)
+            dw += dy * xhat
+            db += dy
+        else:
+            # Pass 1: the two row reductions of the LayerNorm gradient.
+            acc1 = tl.zeros([BLOCK_N], dtype=ACC)
+            acc2 = tl.zeros([BLOCK_N], dtype=ACC)
+            for start in range(0, N, BLOCK_N):
+                xhat, dy, wdy = _grad_chunk(X, W, DY, mean, rstd, row, start + offs, N, stride_xm, stride_xn,
+                                            stride_dym, stride_dyn, HAS_WEIGHT, IS_RMS_NORM, ACC)
+                acc1 += xhat * wdy
+                acc2 += wdy
+            c1 = tl.sum(acc1, axis=0) / N
+            c2 = 0.0
+            if not IS_RMS_NORM:
+                c2 = tl.sum(acc2, axis=0) / N
+            # Pass 2: input gradients, and this program's dW/dB partials (its own row of DW_PART).
+            for start in range(0, N, BLOCK_N):
+                cols = start + offs
+                xhat, dy, wdy = _grad_chunk(X, W, DY, mean, rstd, row, cols, N, stride_xm, stride_xn,
+                                            stride_dym, stride_dyn, HAS_WEIGHT, IS_RMS_NORM, ACC)
+                g = (wdy - (xhat * c1 + c2)) * rstd
+                _input_grads(g, DRES_OUT, DX, DRES, row, cols, N, stride_drm, stride_drn, dropout_p, seed,
+                             HAS_DRES_OUT, HAS_DROPOUT, STORE_DRES, ACC)
+                if HAS_WEIGHT:
+                    p = DW_PART + part + cols
+                    tl.store(p, tl.load(p, mask=cols < N, other=0.0) + dy * xhat, mask=cols < N)
+                if HAS_BIAS:
+                    p = DB_PART + part + cols
+                    tl.store(p, tl.load(p, mask=cols < N, other=0.0) + dy, mask=cols < N)
+    if SINGLE_BLOCK:
+        if HAS_WEIGHT:
+            tl.store(DW_PART + part + offs, dw, mask=offs < N)
+        if HAS_BIAS:
+            tl.store(DB_PART + part + offs, db, mask=offs < N)
+
+
+def _block(n: int, max_fused: int, dtype: torch.dtype) -> tuple[int, bool]:
+    """(BLOCK_N, SINGLE_BLOCK) for rows of n elements (float64 rows hold half as many in registers)."""
+    limit = max_fused // 2 if dtype == torch.float64 else max_fused
+    if n <= limit:
+        return next_pow2(n), True
+    return MULTIPASS_BLOCK, False
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("kernels::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    eps: float, dropout_p: float, is_rms_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize the last dim of ``x`` (``(..., N)``; ``residual`` the same shape).
+
+    Returns ``(out, residual_out, mean, rstd, seed)``; ``residual_out`` is empty when there is neither
+    residual nor dropout (it would equal ``x``); ``mean``/``rstd`` are ``(M,)`` in the accumulation
+    dtype; ``seed`` is the dropout seed as an int64 CPU tensor of one element."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)                                   # (M, N), a view unless strides forbid it
+    m = x2.shape[0]
+    acc = torch_acc_dtype(x.dtype)
+    store_res = residual is not None or dropout_p > 0
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    res_out = torch.empty((m, n), dtype=x.dtype, device=x.device) if store_res else _empty(x)
+    mean = torch.empty(m, dtype=acc, device=x.device)
+    rstd = torch.empty(m, dtype=acc, device=x.device)
+    seed = _checks.dropout_seed() if dropout_p > 0 else 0
+    if m > 0 and n > 0:
+        r2 = x2 if residual is None else residual.reshape(-1, n)
+        block, single = _block(n, MAX_FUSED_FWD, x.dtype)
+        _layer_norm_fwd_kernel[(m,)](
+            x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
+            out, res_out if store_res else out, mean, rstd,
+            x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), out.stride(0), n,
+            n, eps, dropout_p, seed,
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0, STORE_RES_OUT=store_res,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS_NORM=is_rms_norm,
+            SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(x.dtype), num_warps=row_warps(block),
+        )
+    res_out = res_out.view(x.shape) if store_res else res_out
+    return out.view(x.shape), res_out, mean, rstd, torch.tensor([seed], dtype=torch.int64)
+
+
+@layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, is_rms_norm):
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    acc = torch_acc_dtype(x.dtype)
+    store_res = residual is not None or dropout_p > 0
+    return (x.new_empty(x.shape), x.new_empty(x.shape) if store_res else _empty(x),
+            x.new_empty(m, dtype=acc), x.new_empty(m, dtype=acc), torch.empty(1, dtype=torch.int64))
+
+
+@torch.library.custom_op("kernels::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    dy: torch.Tensor, dres_out: torch.Tensor | None, prenorm: torch.Tensor, weight: torch.Tensor | None,
+    has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+    is_rms_norm: bool, has_residual: bool, bias_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dx, dresidual, dweight, dbias)`` of ``layer_norm_fwd``; ``dresidual`` is empty
+    unless there is dropout and a residual (otherwise it equals ``dx``); absent parameters give empty
+    tensors."""
+    n = prenorm.shape[-1]
+    x2 = prenorm.reshape(-1, n)                             # (M, N)
+    dy2 = dy.reshape(-1, n)                                 # (M, N), any strides
+    m = x2.shape[0]
+    store_dres = has_residual and dropout_p > 0
+    dx = torch.empty((m, n), dtype=prenorm.dtype, device=prenorm.device)
+    dres = torch.empty_like(dx) if store_dres else _empty(dx)
+    programs = num_persistent_programs(prenorm.device, m)
+    part_dtype = torch_acc_dtype(prenorm.dtype)
+    dw_part = torch.zeros((programs, n), dtype=part_dtype, device=prenorm.device) if weight is not None else None
+    db_part = torch.zeros((programs, n), dtype=part_dtype, device=prenorm.device) if has_bias else None
+    if m > 0 and n > 0:
+        dr2 = dy2 if dres_out is None else dres_out.reshape(-1, n)
+        block, single = _block(n, MAX_FUSED_BWD, prenorm.dtype)
+        _layer_norm_bwd_kernel[(programs,)](
+            x2, weight if weight is not None else x2, dy2, dr2, dx, dres if store_dres else dx,
+            dw_part if dw_part is not None else dx, db_part if db_part is not None else dx, mean, rstd,
+            x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dr2.stride(0), dr2.stride(1),
+            m, n, triton.cdiv(m, programs), dropout_p, int(seed[0]),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DRES_OUT=dres_out is not None,
+            HAS_DROPOUT=dropout_p > 0, STORE_DRES=store_dres, IS_RMS_NORM=is_rms_norm,
+            SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(prenorm.dtype), num_warps=row_warps(block),
+        )
+    dw = dw_part.sum(0).to(weight.dtype) if weight is not None else _empty(dx)
+    db = db_part.sum(0).to(bias_dtype) if has_bias else _empty(dx)
+    return dx.view(prenorm.shape), dres.view(prenorm.shape) if store_dres else dres, dw, db
+
+
+@layer_norm_bwd.register_fake
+def _(dy, dres_out, prenorm, weight, has_bias, mean, rstd, seed, dropout_p, is_rms_norm, has_residual,
+      bias_dtype):
+    n = prenorm.shape[-1]
+    dres = prenorm.new_empty(prenorm.shape) if has_residual and dropout_p > 0 else _empty(prenorm)
+    dw = prenorm.new_empty(n, dtype=weight.dtype) if weight is not None else _empty(prenorm)
+    db = prenorm.new_empty(n, dtype=bias_dtype) if has_bias else _empty(prenorm)
+    return prenorm.new_empty(prenorm.shape), dres, dw, db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, residual, weight, bias, eps, dropout_p, is_rms_norm = inputs
+    _, res_out, mean, rstd, seed = output
+    prenorm = res_out if (residual is not None or dropout_p > 0) else x
+    ctx.save_for_backward(prenorm, weight, mean, rstd, seed)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zeros to read
+    ctx.has_residual = residual is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.dropout_p, ctx.is_rms_norm = dropout_p, is_rms_norm
+
+
+def _backward(ctx, dy, dres_out, _dmean, _drstd, _dseed):
+    prenorm, weight, mean, rstd, seed = ctx.saved_tensors
+    has_bias = ctx.bias_dtype is not None
+    if dy is None:
+        dy = torch.zeros_like(prenorm)
+    if dres_out is not None and dres_out.numel() != prenorm.numel():  # residual_out was x itself
+        dres_out = None
+    dx, dres, dw, db = layer_norm_bwd(
+        dy, dres_out, prenorm, weight, has_bias, mean, rstd, seed, ctx.dropout_p, ctx.is_rms_norm,
+        ctx.has_residual, ctx.bias_dtype or prenorm.dtype)
+    dres = (dres if ctx.dropout_p > 0 else dx) if ctx.has_residual else None
+    return dx, dres, dw if weight is not None else None, db if has_bias else None, None, None, None
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _check_normalized(op: str, input: torch.Tensor, normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ValueError(f"{op}: normalized_shape must be a non-empty sequence of ints >= 0, "
+                         f"got {normalized_shape!r}")
+    if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
+        raise ValueError(f"{op}: input of shape {tuple(input.shape)} does not end with normalized_shape "
+                         f"{shape}")
+    return shape
+
+
+def _flat_param(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1).contiguous()
+
+
+def layer_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """``torch.nn.functional.layer_norm``: normalize over the trailing ``normalized_shape`` dims,
+    statistics in float32 (float64 for float64 input). ``weight``/``bias`` may be float32 with a
+    half-precision input."""
+    op = "layer_norm"
+    _checks.check_float_tensor("input", input, op)
+    shape = _check_normalized(op, input, normalized_shape)
+    _checks.check_like("weight", weight, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
+    _checks.check_like("bias", bias, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
+    if not _backend.use_triton(input, op):
+        return layer_norm_ref(input, shape, weight, bias, eps)
+    x = input.reshape(*input.shape[: input.dim() - len(shape)], math.prod(shape))
+    out = layer_norm_fwd(x, None, _flat_param(weight), _flat_param(bias), float(eps), 0.0, False)[0]
+    return out.view(input.shape)
+
+
+def rms_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
+             eps: float | None = None) -> torch.Tensor:
+    """``torch.nn.functional.rms_norm``: ``x / sqrt(mean(x^2) + eps) * weight`` over the trailing
+    ``normalized_shape`` dims; ``eps=None`` means ``torch.finfo(input.dtype).eps``."""
+    op = "rms_norm"
+    _checks.check_float_tensor("input", input, op)
+    shape = _check_normalized(op, input, normalized_shape)
+    _checks.check_like("weight", weight, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
+    if not _backend.use_triton(input, op):
+        return rms_norm_ref(input, shape, weight, eps)
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    x = input.reshape(*input.shape[: input.dim() - len(shape)], math.prod(shape))
+    out = layer_norm_fwd(x, None, _flat_param(weight), None, float(eps), 0.0, True)[0]
+    return out.view(input.shape)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5,
+                   dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``residual_out = residual + dropout(x)``, ``out = layer_norm(residual_out)`` over the last
+    dim; returns ``(out, residual_out)``. One kernel pass forward, one backward.
+
+    ``residual`` may be None (then ``residual_out = dropout(x)``). Dropout is inverted (kept values
+    scaled by ``1 / (1 - dropout_p)``), always applied when ``dropout_p > 0``, drawn in the kernel
+    from a seed taken from torch's default generator (``torch.manual_seed`` reproduces it); the
+    backward regenerates the mask instead of storing it.
+
+    Post-LN block: ``h, _ = add_layer_norm(sublayer(h), h)``. Pre-LN block, with the add of one
+    sublayer fused into the norm of the next: ``normed, res = add_layer_norm(sublayer_out, res)``."""
+    op = "add_layer_norm"
+    _checks.check_float_tensor("x", x, op)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+    _checks.check_like("residual", residual, x, op)
+    n = x.shape[-1]
+    _checks.check_like("weight", weight, x, op, shape=(n,), dtypes=_checks.param_dtypes(x))
+    _checks.check_like("bias", bias, x, op, shape=(n,), dtypes=_checks.param_dtypes(x))
+    dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
+    if not _backend.use_triton(x, op):
+        return add_layer_norm_ref(x, residual, weight, bias, eps, dropout_p)
+    out, res_out, *_ = layer_norm_fwd(x, residual, weight, bias, float(eps), dropout_p, False)
+    return out, (res_out if residual is not None or dropout_p > 0 else x)

@@ -1,0 +1,286 @@
+"""Softmax with masking: ``softmax(scale * x + mask)`` along any dim, bool/float/causal masks.
+
+Rows run along ``dim``; every other dim is a "leading" dim, collapsed to at most three whose strides
+the kernel takes for each tensor, so a mask broadcast against the input (stride 0) is read in place,
+never expanded in memory. Rows that fit a block stay in registers; longer rows take an online-softmax
+path (one pass for the running max and sum, one to write). Fully masked rows give 0, not NaN.
+
+    _softmax_fwd_kernel / _softmax_bwd_kernel   (Triton)
+    softmax_fwd / softmax_bwd                   (torch.library custom ops, registered autograd)
+    softmax                                     (public function)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _backend, _checks
+from ._launch import acc_dtype, next_pow2, row_warps
+from .reference import softmax_ref
+
+MAX_FUSED = 16384     # longest row (elements) kept in registers
+MULTIPASS_BLOCK = 4096
+
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+
+@triton.jit
+def _row_offset(row, D1, D2, s0, s1, s2):
+    """Offset of row ``row`` of a (D0, D1, D2) grid of rows with strides (s0, s1, s2)."""
+    i2 = row % D2
+    i1 = (row // D2) % D1
+    i0 = row // (D1 * D2)
+    return i0 * s0 + i1 * s1 + i2 * s2
+
+
+@triton.jit
+def _scores(
+    X, MASK, x_off, m_off, cols, N, stride_xn, stride_mn, scale, q_idx,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC: tl.constexpr,
+):
+    """scale * x + mask for one block of a row; masked and out-of-range entries are -inf."""
+    valid = cols < N
+    z = tl.load(X + x_off + cols * stride_xn, mask=valid, other=0.0).to(ACC) * scale
+    if MASK_KIND == 1:
+        keep = tl.load(MASK + m_off + cols * stride_mn, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    if MASK_KIND == 2:
+        z += tl.load(MASK + m_off + cols * stride_mn, mask=valid, other=0.0).to(ACC)
+    if IS_CAUSAL:
+        valid = valid & (cols <= q_idx)
+    return tl.where(valid, z, float("-inf"))
+
+
+@triton.jit
+def _softmax_fwd_kernel(
+    X,          # (D0, D1, D2, N) input, any strides
+    MASK,       # (D0, D1, D2, N) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
+    Y,          # (D0, D1, D2, N) output
+    D1, D2, N,
+    stride_x0, stride_x1, stride_x2, stride_xn,
+    stride_m0, stride_m1, stride_m2, stride_mn,
+    stride_y0, stride_y1, stride_y2, stride_yn,
+    scale, causal_len,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_off = _row_offset(row, D1, D2, stride_x0, stride_x1, stride_x2)
+    m_off = _row_offset(row, D1, D2, stride_m0, stride_m1, stride_m2)
+    y_off = _row_offset(row, D1, D2, stride_y0, stride_y1, stride_y2)
+    # With is_causal the rows' innermost leading dim is the query dim (the input's dim -2).
+    q_idx = row % causal_len
+    offs = tl.arange(0, BLOCK_N)
+    if SINGLE_BLOCK:
+        z = _scores(X, MASK, x_off, m_off, offs, N, stride_xn, stride_mn, scale, q_idx,
+                    MASK_KIND, IS_CAUSAL, ACC)
+        zmax = tl.max(z, axis=0)
+        zmax = tl.where(zmax == float("-inf"), 0.0, zmax)
+        e = tl.exp(z - zmax)
+        total = tl.sum(e, axis=0)
+        y = e / tl.where(total == 0.0, 1.0, total)  # a fully masked row has e == 0: y = 0
+        tl.store(Y + y_off + offs * stride_yn, y.to(Y.dtype.element_ty), mask=offs < N)
+    else:
+        # Pass 1: per-lane running max and rescaled running sum (online softmax).
+        m_i = tl.full([BLOCK_N], float("-inf"), dtype=ACC)
+        s_i = tl.zeros([BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            z = _scores(X, MASK, x_off, m_off, start + offs, N, stride_xn, stride_mn, scale, q_idx,
+                        MASK_KIND, IS_CAUSAL, ACC)
+            m_new = tl.maximum(m_i, z)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_i = s_i * tl.exp(m_i - m_safe) + tl.exp(z - m_safe)
+            m_i = m_new
+        zmax = tl.max(m_i, axis=0)
+        zmax = tl.where(zmax == float("-inf"), 0.0, zmax)
+        total = tl.sum(s_i * tl.exp(m_i - zmax), axis=0)
+        # Pass 2: normalize.
+        for start in range(0, N, BLOCK_N):
+            cols = start + offs
+            z = _scores(X, MASK, x_off, m_off, cols, N, stride_xn, stride_mn, scale, q_idx,
+                        MASK_KIND, IS_CAUSAL, ACC)
+            y = tl.exp(z - zmax) / tl.where(total == 0.0, 1.0, total)
+            tl.store(Y + y_off + cols * stride_yn, y.to(Y.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    Y,          # (D0, D1, D2, N) forward output
+    DY,         # (D0, D1, D2, N) its gradient, any strides
+    DX,         # (D0, D1, D2, N) input gradient
+    D1, D2, N,
+    stride_y0, stride_y1, stride_y2, stride_yn,
+    stride_dy0, stride_dy1, stride_dy2, stride_dyn,
+    stride_dx0, stride_dx1, stride_dx2, stride_dxn,
+    scale,
+    SINGLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    # dx = scale * y * (dy - sum(y * dy)): masked entries have y = 0, so they get no gradient.
+    row = tl.program_id(0).to(tl.int64)
+    y_off = _row_offset(row, D1, D2, stride_y0, stride_y1, stride_y2)
+    dy_off = _row_offset(row, D1, D2, stride_dy0, stride_dy1, stride_dy2)
+    dx_off = _row_offset(row, D1, D2, stride_dx0, stride_dx1, stride_dx2)
+    offs = tl.arange(0, BLOCK_N)
+    if SINGLE_BLOCK:
+        valid = offs < N
+        y = tl.load(Y + y_off + offs * stride_yn, mask=valid, other=0.0).to(ACC)
+        dy = tl.load(DY + dy_off + offs * stride_dyn, mask=valid, other=0.0).to(ACC)
+        dot = tl.sum(y * dy, axis=0)
+        dx = scale * y * (dy - dot)
+        tl.store(DX + dx_off + offs * stride_dxn, dx.to(DX.dtype.element_ty), mask=valid)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=ACC)
+        for start in range(0, N, BLOCK_N):
+            cols = start + offs
+            y = tl.load(Y + y_off + cols * stride_yn, mask=cols < N, other=0.0).to(ACC)
+            dy = tl.load(DY + dy_off + cols * stride_dyn, mask=cols < N, other=0.0).to(ACC)
+            acc += y * dy
+        dot = tl.sum(acc, axis=0)
+        for start in range(0, N, BLOCK_N):
+            cols = start + offs
+            y = tl.load(Y + y_off + cols * stride_yn, mask=cols < N, other=0.0).to(ACC)
+            dy = tl.load(DY + dy_off + cols * stride_dyn, mask=cols < N, other=0.0).to(ACC)
+            dx = scale * y * (dy - dot)
+            tl.store(DX + dx_off + cols * stride_dxn, dx.to(DX.dtype.element_ty), mask=cols < N)
+
+
+def collapse_rows(shape: tuple[int, ...], *strides: tuple[int, ...]) -> tuple[list[int], list[list[int]]] | None:
+    """Merge the leading dims of ``shape`` that every tensor (given by its strides) lays out
+    contiguously, and drop size-1 dims; returns sizes and per-tensor strides padded to three dims,
+    or None when more than three dims remain."""
+    dims = [(size, [s[i] for s in strides]) for i, size in enumerate(shape) if size != 1]
+    merged: list[tuple[int, list[int]]] = []
+    for size, st in dims:
+        if merged and all(prev == cur * size for prev, cur in zip(merged[-1][1], st)):
+            merged[-1] = (merged[-1][0] * size, st)
+        else:
+            merged.append((size, st))
+    if len(merged) > 3:
+        return None
+    merged = [(1, [0] * len(strides))] * (3 - len(merged)) + merged
+    return [size for size, _ in merged], [[st[k] for _, st in merged] for k in range(len(strides))]
+
+
+def _launch_rows(kernel, tensors: list[torch.Tensor], n: int, args: tuple, dtype: torch.dtype, **meta) -> None:
+    """Launch ``kernel`` over every row of ``tensors`` (each ``(..., N)``, last dim the row)."""
+    lead = tuple(tensors[0].shape[:-1])
+    rows = 1
+    for size in lead:
+        rows *= size
+    if rows == 0 or n == 0:
+        return
+    collapsed = collapse_rows(lead, *[tuple(t.stride()[:-1]) for t in tensors])
+    if collapsed is None:
+        # More than three leading dims that the tensors do not lay out alike (5-D and up): run on
+        # contiguous copies, which collapse to one leading dim, and copy the result back.
+        out = tensors[-1]
+        dense = [t.contiguous() for t in tensors[:-1]] + [torch.empty(out.shape, dtype=out.dtype, device=out.device)]
+        _launch_rows(kernel, dense, n, args, dtype, **meta)
+        out.copy_(dense[-1])
+        return
+    sizes, strides = collapsed
+    block = next_pow2(n) if n <= (MAX_FUSED // 2 if dtype == torch.float64 else MAX_FUSED) else MULTIPASS_BLOCK
+    flat_strides = [v for t, st in zip(tensors, strides) for v in (*st, t.stride(-1))]
+    kernel[(rows,)](*tensors, sizes[1], sizes[2], n, *flat_strides, *args,
+                    SINGLE_BLOCK=block >= n, BLOCK_N=block, ACC=acc_dtype(dtype),
+                    num_warps=row_warps(block), **meta)
+
+
+@torch.library.custom_op("kernels::softmax_fwd", mutates_args=())
+def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, dim: int, scale: float,
+                is_causal: bool) -> torch.Tensor:
+    """softmax(scale * x + mask) along ``dim``; ``mask`` broadcastable to ``x``, bool or float."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's strides
+    xs, ys = x.movedim(dim, -1), y.movedim(dim, -1)
+    if mask is None:
+        kind, ms = MASK_NONE, xs
+    else:
+        ms = mask.expand(x.shape).movedim(dim, -1)            # a view: stride 0 where broadcast
+        kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
+        ms = ms.view(torch.uint8) if kind == MASK_BOOL else ms
+    causal_len = x.shape[-2] if is_causal else 1
+    _launch_rows(_softmax_fwd_kernel, [xs, ms, ys], xs.shape[-1], (scale, causal_len), x.dtype,
+                 MASK_KIND=kind, IS_CAUSAL=is_causal)
+    return y
+
+
+@softmax_fwd.register_fake
+def _(x, mask, dim, scale, is_causal):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("kernels::softmax_bwd", mutates_args=())
+def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
+    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    tensors = [y.movedim(dim, -1), dy.movedim(dim, -1), dx.movedim(dim, -1)]
+    _launch_rows(_softmax_bwd_kernel, tensors, y.shape[dim], (scale,), y.dtype)
+    return dx
+
+
+@softmax_bwd.register_fake
+def _(y, dy, dim, scale):
+    return y.new_empty(y.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, _, dim, scale, _ = inputs
+    ctx.save_for_backward(output)
+    ctx.set_materialize_grads(False)
+    ctx.dim, ctx.scale = dim, scale
+
+
+def _backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None, None
+    return softmax_bwd(y, dy, ctx.dim, ctx.scale), None, None, None, None
+
+
+softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_mask(op: str, mask: torch.Tensor | None, input: torch.Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{op}: mask must be bool (True = keep) or a float additive mask, got {mask.dtype}")
+    if mask.device != input.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but input is on {input.device}")
+    try:
+        fits = torch.broadcast_shapes(mask.shape, input.shape) == input.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to the input shape "
+                         f"{tuple(input.shape)}")
+    if mask.requires_grad:
+        raise ValueError(f"{op}: mask must not require grad (gradients flow to the input only)")
+
+
+def softmax(input: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None, scale: float = 1.0,
+            is_causal: bool = False) -> torch.Tensor:
+    """Softmax of ``scale * input`` along ``dim``, with masking.
+
+    ``mask``: bool (True = keep) or float (added to the scaled input), broadcastable to ``input``.
+    ``is_causal``: mask the upper triangle of the last two dims (key j > query i, top-left aligned as
+    in ``scaled_dot_product_attention``); needs ``dim`` to be the last dim. Masked entries get 0; a row
+    with every entry masked (or -inf) gives 0 and a zero gradient, never NaN. NaN inputs propagate."""
+    op = "softmax"
+    _checks.check_float_tensor("input", input, op)
+    dim = _checks.normalize_dim(dim, input.dim(), op)
+    _check_mask(op, mask, input)
+    if is_causal and (input.dim() < 2 or dim != input.dim() - 1):
+        raise ValueError(f"{op}: is_causal needs an input of at least 2 dims softmaxed along its last dim, "
+                         f"got shape {tuple(input.shape)} and dim={dim}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__}")
+    if input.dim() == 0:
+        input_1d = input.reshape(1)
+        return softmax(input_1d, 0, None if mask is None else mask.reshape(1), scale).reshape(())
+    if not _backend.use_triton(input, op):
+        return softmax_ref(input, dim, mask, scale, is_causal)
+    return softmax_fwd(input, mask, dim, float(scale), bool(is_causal))
