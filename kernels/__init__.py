@@ -4,11 +4,10 @@ CUDA tensors run the Triton kernels; CPU tensors run the references, or the Trit
 the interpreter when ``TRITON_INTERPRET=1`` was set before import. ``use_backend`` forces a choice.
 """
 
+from . import nn
 from ._backend import get_backend, use_backend
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
 from .softmax import softmax
-
-from . import nn  # noqa: E402,I001  (nn builds on the functions above)
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ def torch_acc_dtype(x: torch.dtype) -> torch.dtype:
     return torch.float64 if x == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

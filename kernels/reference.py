@@ -52,7 +52,8 @@ def add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     return out, residual_out
 
 
-def causal_mask(l: int, s: int, device: torch.device | str | None = None, *, bottom_right: bool = False) -> torch.Tensor:
+def causal_mask(l: int, s: int, device: torch.device | str | None = None, *,
+                bottom_right: bool = False) -> torch.Tensor:
     """Bool ``(l, s)`` mask, True where query i may attend key j: ``j <= i`` (top-left aligned, as
     torch's ``is_causal``) or ``j <= i + s - l`` (bottom-right aligned, as a KV cache needs)."""
     i = torch.arange(l, device=device)[:, None]
