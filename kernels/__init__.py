@@ -6,6 +6,7 @@ the interpreter when ``TRITON_INTERPRET=1`` was set before import. ``use_backend
 
 from . import nn
 from ._backend import get_backend, use_backend
+from .attention import attention, scaled_dot_product_attention
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
 from .softmax import softmax
 
@@ -13,10 +14,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "add_layer_norm",
+    "attention",
     "get_backend",
     "layer_norm",
     "nn",
     "rms_norm",
+    "scaled_dot_product_attention",
     "softmax",
     "use_backend",
 ]

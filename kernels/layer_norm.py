@@ -263,8 +263,8 @@ def layer_norm_fwd(
     residual nor dropout (it would equal ``x``); ``mean``/``rstd`` are ``(M,)`` in the accumulation
     dtype; ``seed`` is the dropout seed as an int64 CPU tensor of one element."""
     n = x.shape[-1]
-    x2 = x.reshape(-1, n)                                   # (M, N), a view unless strides forbid it
-    m = x2.shape[0]
+    m = math.prod(x.shape[:-1])  # not reshape(-1, n): with n == 0 the -1 would be ambiguous
+    x2 = x.reshape(m, n)                                    # (M, N), a view unless strides forbid it
     acc = torch_acc_dtype(x.dtype)
     store_res = residual is not None or dropout_p > 0
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -273,7 +273,7 @@ def layer_norm_fwd(
     rstd = torch.empty(m, dtype=acc, device=x.device)
     seed = _checks.dropout_seed() if dropout_p > 0 else 0
     if m > 0 and n > 0:
-        r2 = x2 if residual is None else residual.reshape(-1, n)
+        r2 = x2 if residual is None else residual.reshape(m, n)
         block, single = _block(n, MAX_FUSED_FWD, x.dtype)
         _layer_norm_fwd_kernel[(m,)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
@@ -290,7 +290,7 @@ def layer_norm_fwd(
 
 @layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, is_rms_norm):
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    m = math.prod(x.shape[:-1])
     acc = torch_acc_dtype(x.dtype)
     store_res = residual is not None or dropout_p > 0
     return (x.new_empty(x.shape), x.new_empty(x.shape) if store_res else _empty(x),
@@ -307,9 +307,9 @@ def layer_norm_bwd(
     unless there is dropout and a residual (otherwise it equals ``dx``); absent parameters give empty
     tensors."""
     n = prenorm.shape[-1]
-    x2 = prenorm.reshape(-1, n)                             # (M, N)
-    dy2 = dy.reshape(-1, n)                                 # (M, N), any strides
-    m = x2.shape[0]
+    m = math.prod(prenorm.shape[:-1])
+    x2 = prenorm.reshape(m, n)                              # (M, N)
+    dy2 = dy.reshape(m, n)                                  # (M, N), any strides
     store_dres = has_residual and dropout_p > 0
     dx = torch.empty((m, n), dtype=prenorm.dtype, device=prenorm.device)
     dres = torch.empty_like(dx) if store_dres else _empty(dx)
@@ -318,7 +318,7 @@ def layer_norm_bwd(
     dw_part = torch.zeros((programs, n), dtype=part_dtype, device=prenorm.device) if weight is not None else None
     db_part = torch.zeros((programs, n), dtype=part_dtype, device=prenorm.device) if has_bias else None
     if m > 0 and n > 0:
-        dr2 = dy2 if dres_out is None else dres_out.reshape(-1, n)
+        dr2 = dy2 if dres_out is None else dres_out.reshape(m, n)
         block, single = _block(n, MAX_FUSED_BWD, prenorm.dtype)
         _layer_norm_bwd_kernel[(programs,)](
             x2, weight if weight is not None else x2, dy2, dr2, dx, dres if store_dres else dx,
@@ -410,14 +410,15 @@ def layer_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weigh
 def rms_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
              eps: float | None = None) -> torch.Tensor:
     """``torch.nn.functional.rms_norm``: ``x / sqrt(mean(x^2) + eps) * weight`` over the trailing
-    ``normalized_shape`` dims; ``eps=None`` means ``torch.finfo(input.dtype).eps``."""
+    ``normalized_shape`` dims; ``eps=None`` means torch's default, the machine epsilon of the computation
+    dtype: ``torch.finfo(torch.float32).eps`` for float16/bfloat16/float32 inputs, float64's for float64."""
     op = "rms_norm"
     _checks.check_float_tensor("input", input, op)
     shape = _check_normalized(op, input, normalized_shape)
     _checks.check_like("weight", weight, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
     if not _backend.use_triton(input, op):
         return rms_norm_ref(input, shape, weight, eps)
-    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    eps = torch.finfo(torch_acc_dtype(input.dtype)).eps if eps is None else eps
     x = input.reshape(*input.shape[: input.dim() - len(shape)], math.prod(shape))
     out = layer_norm_fwd(x, None, _flat_param(weight), None, float(eps), 0.0, True)[0]
     return out.view(input.shape)

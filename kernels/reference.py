@@ -32,7 +32,8 @@ def layer_norm_ref(input: torch.Tensor, normalized_shape: Sequence[int], weight:
 def rms_norm_ref(input: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
                  eps: float | None = None) -> torch.Tensor:
     ct = _compute_dtype(input)
-    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    # torch's default: the epsilon of the computation dtype (float32 for half inputs), not the input's.
+    eps = torch.finfo(ct).eps if eps is None else eps
     dims = tuple(range(-len(normalized_shape), 0))
     x = input.to(ct)
     out = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
@@ -78,3 +79,74 @@ def softmax_ref(input: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = 
     total = e.sum(dim, keepdim=True)
     out = torch.where(total == 0, torch.zeros_like(e), e / total)
     return out.to(input.dtype)
+
+
+def _attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    keep: torch.Tensor | None, bias: torch.Tensor | None,
+                    dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(scale * q @ k^T + bias, masked where ~keep) @ v`` in q's (float32/float64) dtype, with
+    the log-sum-exp of the masked scaled scores. Masked entries and fully masked rows give 0 (lse -inf)."""
+    s = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        s = s + bias
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)              # fully masked rows
+    s = torch.where(empty, torch.zeros_like(s), s)                      # keeps their gradients finite
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.where(empty, torch.zeros_like(s), torch.exp(s - lse))
+    lse = torch.where(empty, torch.full_like(lse, float("-inf")), lse).squeeze(-1)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    return p @ v, lse
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  attn_mask: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
+                  scale: float | None = None, dropout_p: float = 0.0,
+                  return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``kernels.attention``: (B, H, L, D) q, (B, Hkv, S, D) k, (B, Hkv, S, Dv) v, GQA by
+    repeating key/value heads; ``causal`` is bottom-right aligned (key j <= i + S - L)."""
+    ct = _compute_dtype(q)
+    b, h, l, d = q.shape
+    hkv, s_len = k.shape[1], k.shape[2]
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    if hkv != h:
+        kc, vc = kc.repeat_interleave(h // hkv, dim=1), vc.repeat_interleave(h // hkv, dim=1)
+    keep = torch.ones(1, 1, l, s_len, dtype=torch.bool, device=q.device)
+    if causal:
+        keep = keep & causal_mask(l, s_len, q.device, bottom_right=True)
+    if seqlens_k is not None:
+        keep = keep & (torch.arange(s_len, device=q.device) < seqlens_k.to(q.device)[:, None, None, None])
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = keep & attn_mask
+        else:
+            bias = attn_mask.to(ct)
+    out, lse = _attention_core(qc, kc, vc, d ** -0.5 if scale is None else scale, keep, bias, dropout_p)
+    out = out.to(q.dtype)
+    return (out, lse.to(ct if ct == torch.float64 else torch.float32)) if return_lse else out
+
+
+def scaled_dot_product_attention_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                     attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                     is_causal: bool = False, scale: float | None = None,
+                                     enable_gqa: bool = False) -> torch.Tensor:
+    """Reference of ``kernels.scaled_dot_product_attention`` (torch's semantics, ``is_causal`` top-left
+    aligned: key j <= i), except that fully masked rows give 0 instead of NaN."""
+    ct = _compute_dtype(query)
+    q, k, v = query.to(ct), key.to(ct), value.to(ct)
+    if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    l, s_len = q.shape[-2], k.shape[-2]
+    keep = causal_mask(l, s_len, q.device) if is_causal else None
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask
+        else:
+            bias = attn_mask.to(ct)
+    out, _ = _attention_core(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, keep, bias, dropout_p)
+    return out.to(query.dtype)

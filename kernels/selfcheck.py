@@ -9,6 +9,7 @@ import torch
 
 from . import reference as ref
 from ._backend import use_backend
+from .attention import attention, scaled_dot_product_attention
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
 from .softmax import softmax
 
@@ -62,6 +63,26 @@ def _softmax_long(gen, device):
     return (lambda a: softmax(a, mask=bias), lambda a: ref.softmax_ref(a, mask=bias), [x])
 
 
+def _attn_gqa_mask(gen, device):
+    q, k, v = _randn(gen, device, 2, 4, 37, 40), _randn(gen, device, 2, 2, 53, 40), _randn(gen, device, 2, 2, 53, 24)
+    keep = (torch.rand(2, 1, 37, 53, generator=gen) > 0.3).to(device)
+    keep[:, :, 3] = False  # fully masked rows
+    kw = dict(causal=True, attn_mask=keep, seqlens_k=torch.tensor([53, 30], device=device))
+    return (lambda *a: attention(*a, **kw), lambda *a: ref.attention_ref(*a, **kw), [q, k, v])
+
+
+def _attn_decode(gen, device):
+    q, k, v = _randn(gen, device, 2, 4, 1, 64), _randn(gen, device, 2, 1, 300, 64), _randn(gen, device, 2, 1, 300, 64)
+    return (lambda *a: attention(*a, causal=True, return_lse=True),
+            lambda *a: ref.attention_ref(*a, causal=True, return_lse=True), [q, k, v])
+
+
+def _sdpa_causal(gen, device):
+    q, k, v = _randn(gen, device, 3, 45, 72), _randn(gen, device, 3, 61, 72), _randn(gen, device, 3, 61, 72)
+    return (lambda *a: scaled_dot_product_attention(*a, is_causal=True),
+            lambda *a: ref.scaled_dot_product_attention_ref(*a, is_causal=True), [q, k, v])
+
+
 CASES: list[Case] = [
     ("layer_norm (3, 37, 129)", _ln),
     ("layer_norm multi-pass (2, 70000)", _ln_long),
@@ -70,6 +91,9 @@ CASES: list[Case] = [
     ("softmax bool mask, fully masked rows", _softmax_mask),
     ("softmax is_causal (3, 33, 33)", _softmax_causal),
     ("softmax float mask multi-pass (3, 70000)", _softmax_long),
+    ("attention GQA+causal+mask+seqlens (2,4,37,40)", _attn_gqa_mask),
+    ("attention decode + lse (2, 4, 1, 300, 64)", _attn_decode),
+    ("sdpa is_causal top-left (3, 45, 61, 72)", _sdpa_causal),
 ]
 
 

@@ -1,0 +1,744 @@
+"""``python -m kernels.aot``: compile every kernel configuration the launchers can choose, ahead of time
+for real GPUs (sm_80 and sm_90a), on a machine without one, and check registers, spills and shared
+memory.
+
+    python -m kernels.aot [--arch 80 90] [--json PATH] [--filter SUBSTRING] [--jobs N]
+
+Each configuration goes through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+with the specialization the runtime launcher would give a typical contiguous call: pointers aligned
+to 16 bytes and integer arguments divisible by 16 carry ``tt.divisibility=16``, integers equal to 1
+(a unit last-dim stride, a collapsed leading dim of size 1) become constants, floats stay ``fp32``
+(``specialize`` below, the same rules as ``triton.runtime.jit``; where this triton exposes its own
+argument binder the result is cross-checked against it). The bundled ``ptxas -v`` on the PTX gives
+registers and spill bytes, the compiled kernel's metadata the shared memory, and the PTX the static
+count of tensor-core instructions (``mma.sync``, ``wgmma.mma_async``). Exit code 1 if any
+configuration fails to compile, spills, needs more shared memory than a block may have (sm_80: 163 KB,
+sm_90: 227 KB, the CUDA per-block opt-in limits the runtime checks at launch), or, for a kernel built
+on ``tl.dot``, has no tensor-core instruction.
+
+How the configurations are enumerated (one spec generator per kernel family, in ``FAMILIES``):
+
+- Block sizes come from the launchers' own choice, never from numbers copied here: the row lengths
+  ``n = 1, 2, 4, ...`` (and the largest ``n`` the single-block path takes) are run through the
+  launcher's block choice (``layer_norm._block`` with ``MAX_FUSED_FWD`` / ``MAX_FUSED_BWD``; for
+  softmax ``softmax._launch_rows`` itself, handed a recorder instead of the kernel) until the
+  multi-pass path is reached. That yields every power-of-two ``BLOCK_N`` up to the single-block limit
+  plus ``MULTIPASS_BLOCK``, each with its ``num_warps`` (``_launch.row_warps``). The row length kept
+  for a block is ``n = BLOCK_N`` (a typical size, divisible by 16 from 16 up; sizes 1 to 8 specialize
+  as such), the largest single-block ``n`` if the limit is not a power of two, and the first power of
+  two past the limit for the multi-pass path.
+- Every dtype the ops accept (fp16, bf16, fp32, fp64); the accumulator constexpr ``ACC`` follows it
+  (``_launch.acc_dtype``) and fp64 halves the single-block limit inside the launchers.
+- The constexpr feature switches at their heaviest and at their plainest. Every switch only adds
+  loads, arithmetic and live values, so "all on" bounds registers and shared memory from above, and
+  "all off" is the plain default call:
+  LayerNorm forward: residual + dropout + weight + bias (float32 parameters with half inputs, the
+  widest mixed precision the op accepts), LayerNorm not RMSNorm; or none of them.
+  LayerNorm backward: weight + bias + gradient into residual_out + dropout + stored dresidual; or none.
+  Softmax forward: no mask; bool mask + causal; float mask (input dtype) + causal. Softmax backward
+  has no switches.
+- Launch arguments are those of a typical call: contiguous ``(M, N)`` rows for LayerNorm (the
+  backward's ``rows_per_program`` as for 8192 rows on 432 programs, 4 per SM of an A100), and for
+  softmax 4-D ``(B, H, L, N)`` inputs laid out by the launcher (a padding mask ``(B, 1, 1, N)`` for
+  the bool mask, a per-query mask ``(B, 1, L, N)`` for the float one, ``L = N`` when causal).
+
+To add a kernel family, write one generator yielding ``Spec`` objects and append it to ``FAMILIES``;
+set ``tensor_cores=True`` on specs whose kernel must use tensor cores (``tl.dot``).
+
+It must not run in a process with ``TRITON_INTERPRET=1`` (the ``jit`` decorators read it at import):
+when that variable is set the command re-executes itself without it. ``TRITON_CACHE_DIR`` points at
+a temporary directory unless it is already set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import importlib
+import inspect
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ARCHS = (80, 90)
+# Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), which
+# triton checks when it loads a kernel: 163 KB of the A100's 164 KB per SM, 227 KB of the H100's 228.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_TYPE = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
+    torch.bool: "i1",
+}
+_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class Ptr:
+    """A pointer argument: a tensor of ``dtype``, 16-byte aligned unless said otherwise."""
+
+    dtype: torch.dtype
+    aligned: bool = True
+
+
+@dataclass
+class Spec:
+    """One kernel configuration as a launcher would launch it."""
+
+    family: str
+    kernel: Any                     # the triton.jit function
+    config: str                     # short description for the table
+    args: dict[str, Any]            # every kernel parameter by name: Ptr / tensor, int, float, constexpr value
+    options: dict[str, int]         # launch options (num_warps, num_stages, ...)
+    tensor_cores: bool = False      # the kernel uses tl.dot: it must contain tensor-core instructions
+    meta: dict[str, Any] = field(default_factory=dict)  # extra facts for the JSON (dtype, BLOCK_N, ...)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_cooperative_grid")
+
+
+def bind(kernel, args: tuple = (), kwargs: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a launch ``kernel[grid](*args, **kwargs)`` into (kernel arguments by name, launch options);
+    a missing kernel argument without a default is an error naming it."""
+    kwargs = dict(kwargs or {})
+    names = list(kernel.arg_names)
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
+    unknown = [k for k in options if k not in _LAUNCH_OPTIONS]
+    if unknown:
+        raise TypeError(f"{kernel.fn.__name__}: unknown launch arguments {unknown}")
+    bound = inspect.signature(kernel.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments), options
+
+
+class _Recorder:
+    """Stands in for a triton kernel in a launcher: ``rec[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.launches: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def __getitem__(self, grid) -> Callable[..., None]:
+        def launch(*args, **kwargs) -> None:
+            self.launches.append(bind(self.kernel, args, kwargs))
+        return launch
+
+
+def _row_lengths(single_block: Callable[[int], bool]) -> list[int]:
+    """Row lengths that reach every block the launcher can pick: powers of two while the single-block
+    path takes them, the largest length it takes (found by bisection), and the first power of two past
+    it (the multi-pass path). ``single_block(n)`` asks the launcher."""
+    lengths, n = [], 1
+    while single_block(n):
+        lengths.append(n)
+        n *= 2
+        if n > 1 << 40:
+            raise RuntimeError("the launcher never leaves the single-block path")
+    lo, hi = max(1, n // 2), n           # single_block(lo) (or lo == 1), not single_block(hi)
+    if lengths:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if single_block(mid) else (lo, mid)
+        if lo not in lengths:
+            lengths.append(lo)
+    return [*lengths, n]
+
+
+def _dedupe(specs: list[Spec], key: Callable[[Spec], Any]) -> list[Spec]:
+    """Keep the last spec of each key (the launcher picks the same block for several row lengths; the
+    last one is the block-sized or largest length)."""
+    kept: dict[Any, Spec] = {}
+    for spec in specs:
+        kept.pop(key(spec), None)
+        kept[key(spec)] = spec
+    return list(kept.values())
+
+
+def _flags(on: dict[str, bool]) -> str:
+    names = [name for name, value in on.items() if value]
+    return "+".join(names) if names else "plain"
+
+
+def layer_norm_specs() -> Iterator[Spec]:
+    """LayerNorm / RMSNorm / add+LayerNorm forward and backward, as ``layer_norm_fwd`` / ``layer_norm_bwd``
+    launch them on contiguous (M, N) rows."""
+    ln = importlib.import_module(".layer_norm", __package__)  # the package's `layer_norm` is the function
+    from ._launch import acc_dtype, row_warps, torch_acc_dtype
+
+    m, programs = 8192, 4 * 108          # backward rows, programs (4 per SM on an A100)
+    rows_per_program = -(-m // programs)
+    for dtype in DTYPES:
+        acc, acc_t = acc_dtype(dtype), torch_acc_dtype(dtype)
+        x, a = Ptr(dtype), Ptr(acc_t)
+        for heavy in (False, True):
+            # Forward: layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, is_rms_norm).
+            p = Ptr(acc_t) if heavy else x   # the launcher passes x for an absent weight / bias
+            dropout_p, seed = (0.1, 12345) if heavy else (0.0, 0)
+            fwd_flags = dict(HAS_RESIDUAL=heavy, HAS_DROPOUT=heavy, STORE_RES_OUT=heavy, HAS_WEIGHT=heavy,
+                             HAS_BIAS=heavy, IS_RMS_NORM=False)
+            label = _flags({"res": heavy, "drop": heavy, "w": heavy, "b": heavy})
+            specs = []
+            for n in _row_lengths(lambda n: ln._block(n, ln.MAX_FUSED_FWD, dtype)[1]):
+                block, single = ln._block(n, ln.MAX_FUSED_FWD, dtype)
+                args, options = bind(ln._layer_norm_fwd_kernel, kwargs=dict(
+                    X=x, R=x, W=p, B=p, Y=x, RES_OUT=x, MEAN=a, RSTD=a,
+                    stride_xm=n, stride_xn=1, stride_rm=n, stride_rn=1, stride_ym=n, stride_om=n,
+                    N=n, eps=1e-5, dropout_p=dropout_p, seed=seed, **fwd_flags,
+                    SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=row_warps(block)))
+                specs.append(_row_spec("layer_norm", ln._layer_norm_fwd_kernel, dtype, n, args, options, label))
+            yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
+
+            # Backward: layer_norm_bwd(dy, dres_out, prenorm, weight, has_bias, mean, rstd, seed, ...).
+            bwd_flags = dict(HAS_WEIGHT=heavy, HAS_BIAS=heavy, HAS_DRES_OUT=heavy, HAS_DROPOUT=heavy,
+                             STORE_DRES=heavy, IS_RMS_NORM=False)
+            label = _flags({"w": heavy, "b": heavy, "dres_out": heavy, "drop": heavy, "dres": heavy})
+            part = a if heavy else x             # dW/dB partials, or dx in their place when absent
+            specs = []
+            for n in _row_lengths(lambda n: ln._block(n, ln.MAX_FUSED_BWD, dtype)[1]):
+                block, single = ln._block(n, ln.MAX_FUSED_BWD, dtype)
+                args, options = bind(ln._layer_norm_bwd_kernel, kwargs=dict(
+                    X=x, W=p, DY=x, DRES_OUT=x, DX=x, DRES=x, DW_PART=part, DB_PART=part, MEAN=a, RSTD=a,
+                    stride_xm=n, stride_xn=1, stride_dym=n, stride_dyn=1, stride_drm=n, stride_drn=1,
+                    M=m, N=n, rows_per_program=rows_per_program, dropout_p=dropout_p, seed=seed, **bwd_flags,
+                    SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=row_warps(block)))
+                specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_kernel, dtype, n, args, options, label))
+            yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
+
+
+def softmax_specs() -> Iterator[Spec]:
+    """Masked softmax forward and backward, launched by ``softmax._launch_rows`` itself (handed a recorder
+    in place of the kernel and meta tensors shaped like a typical attention-score call)."""
+    sm = importlib.import_module(".softmax", __package__)
+
+    def launch(kernel, tensors, n, args, dtype, **meta) -> tuple[dict, dict] | None:
+        rec = _Recorder(kernel)
+        sm._launch_rows(rec, tensors, n, args, dtype, **meta)
+        if len(rec.launches) != 1:
+            raise RuntimeError(f"{kernel.fn.__name__}: expected one launch, got {len(rec.launches)}")
+        return rec.launches[0]
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    b, h, length = 8, 12, 512
+    for dtype in DTYPES:
+        # Forward, as softmax_fwd(x, mask, dim=-1, scale, is_causal) prepares it.
+        for kind in ("none", "bool", "float"):
+            causal = kind != "none"
+            label = "plain" if kind == "none" else f"{kind}_mask+causal"
+            specs = []
+
+            def single_block(n, kind=kind, causal=causal):
+                return _softmax_fwd_launch(sm, launch, empty, dtype, kind, causal, b, h, length, n)[0]["SINGLE_BLOCK"]
+
+            for n in _row_lengths(single_block):
+                args, options = _softmax_fwd_launch(sm, launch, empty, dtype, kind, causal, b, h, length, n)
+                specs.append(_row_spec("softmax", sm._softmax_fwd_kernel, dtype, n, args, options, label))
+            yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
+
+        # Backward, as softmax_bwd(y, dy, dim=-1, scale) prepares it.
+        def bwd(n):
+            y, dy, dx = (empty(b, h, length, n, dtype=dtype) for _ in range(3))
+            return launch(sm._softmax_bwd_kernel, [y, dy, dx], n, (0.125,), dtype)
+
+        specs = []
+        for n in _row_lengths(lambda n: bwd(n)[0]["SINGLE_BLOCK"]):
+            args, options = bwd(n)
+            specs.append(_row_spec("softmax", sm._softmax_bwd_kernel, dtype, n, args, options, "plain"))
+        yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
+
+
+def _softmax_fwd_launch(sm, launch, empty, dtype, kind, causal, b, h, length, n):
+    length = n if causal else length                      # causal self-attention scores are square
+    x = empty(b, h, length, n, dtype=dtype)
+    y = empty(b, h, length, n, dtype=dtype)
+    if kind == "none":
+        mask, mask_kind = x, sm.MASK_NONE
+    elif kind == "bool":                                   # key padding mask, broadcast over heads and queries
+        mask, mask_kind = empty(b, 1, 1, n, dtype=torch.bool).expand(x.shape).view(torch.uint8), sm.MASK_BOOL
+    else:                                                  # additive per-query mask, broadcast over heads
+        mask, mask_kind = empty(b, 1, length, n, dtype=dtype).expand(x.shape), sm.MASK_FLOAT
+    causal_len = length if causal else 1
+    return launch(sm._softmax_fwd_kernel, [x, mask, y], n, (0.125, causal_len), dtype,
+                  MASK_KIND=mask_kind, IS_CAUSAL=causal)
+
+
+def _row_spec(family, kernel, dtype, n, args, options, label) -> Spec:
+    block, single = args["BLOCK_N"], args["SINGLE_BLOCK"]
+    config = f"{_SHORT[dtype]} BLOCK_N={block}{'' if single else ' multipass'} w{options.get('num_warps', 4)} {label}"
+    return Spec(family, kernel, config, args, options,
+                meta=dict(dtype=_SHORT[dtype], n=n, BLOCK_N=block, SINGLE_BLOCK=single, flags=label))
+
+
+def attention_specs() -> Iterator[Spec]:
+    """Fused attention forward (main and flash-decoding with its combine) and backward (preprocess, dK/dV,
+    dQ), recorded from the launchers themselves (``attention._fwd_launch`` / ``_bwd_launch`` on meta
+    tensors, each kernel replaced by a recorder) with the configuration ``attention_config`` picks per
+    architecture: a spec is compiled only for the architecture it was chosen for. Typical shapes: batch
+    4, 16 query heads over 4 key/value heads, 1024 queries and keys (decode: 1 query, 4096 keys in 16
+    splits), head dims 64, 128 and 256. "plain" is no mask, no causal, no dropout; "heavy" is a bool
+    padding mask (B, 1, L, S) + causal + seqlens_k + dropout (+ lse gradient in the backward). fp16 runs
+    both, bf16/fp32/fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims 64 and 256)."""
+    at = importlib.import_module(".attention", __package__)  # the package's `attention` is the function
+    names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
+             "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+    dot_kernels = {"_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def record(run) -> list[tuple[Any, dict, dict]]:
+        recorders = {name: _Recorder(getattr(at, name)) for name in names}
+        originals = {name: getattr(at, name) for name in names}
+        try:
+            for name, rec in recorders.items():
+                setattr(at, name, rec)
+            run()
+        finally:
+            for name, kernel in originals.items():
+                setattr(at, name, kernel)
+        return [(originals[name], *launch) for name, rec in recorders.items() for launch in rec.launches]
+
+    b, h, hkv, l, s, s_dec, splits = 4, 16, 4, 1024, 1024, 4096, 16
+    cases = [(torch.float16, d, heavy) for d in (64, 128, 256) for heavy in (False, True)]
+    cases += [(torch.bfloat16, d, True) for d in (64, 128, 256)] + [(torch.float32, d, True) for d in (64, 128, 256)]
+    cases += [(torch.float64, d, True) for d in (64, 256)]
+    seen = set()
+    for arch in ARCHS:
+        for dtype, d, heavy in cases:
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            mask = empty(b, 1, l, s, dtype=torch.bool) if heavy else None
+            seqlens = empty(b, dtype=torch.int32) if heavy else None
+            p, seed = (0.1, 12345) if heavy else (0.0, 0)
+            q, k, v = empty(b, h, l, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype)
+            q1 = empty(b, h, 1, d, dtype=dtype)
+            kd, vd = empty(b, hkv, s_dec, d, dtype=dtype), empty(b, hkv, s_dec, d, dtype=dtype)
+            mask1 = empty(b, 1, 1, s_dec, dtype=torch.bool) if heavy else None
+            out, lse = empty(b, h, l, d, dtype=dtype), empty(b, h, l, dtype=acc)
+            dlse = empty(b, h, l, dtype=acc) if heavy else None
+
+            def run(q=q, k=k, v=v, q1=q1, kd=kd, vd=vd, mask=mask, mask1=mask1, seqlens=seqlens, p=p, seed=seed,
+                    heavy=heavy, out=out, lse=lse, dlse=dlse, arch=arch):
+                at._fwd_launch(q, k, v, mask, seqlens, 0.125, heavy, 0, p, 0, seed, arch)
+                at._fwd_launch(q1, kd, vd, mask1, seqlens, 0.125, heavy, s_dec - 1, p, splits, seed, arch)
+                at._bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, heavy, 0, p, arch)
+
+            label = "heavy" if heavy else "plain"
+            for kernel, args, options in record(run):
+                name = kernel.fn.__name__
+                key = (arch, name, repr(sorted((k_, str(v_.dtype) if isinstance(v_, torch.Tensor) else repr(v_))
+                                               for k_, v_ in args.items())), repr(sorted(options.items())))
+                if key in seen:   # the combine / preprocess kernels repeat across head dims
+                    continue
+                seen.add(key)
+                tc = name in dot_kernels and dtype in (torch.float16, torch.bfloat16)
+                bm, bn = args.get("BLOCK_M", "-"), args.get("BLOCK_N", "-")
+                config = (f"{_SHORT[dtype]} d={d} M{bm} N{bn} w{options.get('num_warps', 4)} "
+                          f"s{options.get('num_stages', 3)} {label}")
+                cost = (bm if isinstance(bm, int) else 16) * (bn if isinstance(bn, int) else 16) * d
+                yield Spec("attention", kernel, config, args, options, tensor_cores=tc,
+                           meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=label,
+                                     archs=(arch,), cost=cost))
+
+
+# Per-family spec generators: (family name, generator). The attention family adds one line here.
+FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
+    ("layer_norm", layer_norm_specs),
+    ("softmax", softmax_specs),
+    ("attention", attention_specs),
+]
+
+
+def all_specs(families: list[tuple[str, Callable[[], Iterator[Spec]]]] | None = None) -> list[Spec]:
+    specs = []
+    for family, generate in families or FAMILIES:
+        for spec in generate():
+            if spec.family != family:
+                raise RuntimeError(f"{spec.name}: spec of family {spec.family!r} from the {family!r} generator")
+            specs.append(spec)
+    return specs
+
+
+# ----------------------------------------------------------------------------- specialization
+
+
+def _int_type(v: int) -> str:
+    if -(2**31) <= v < 2**31:
+        return "i32"
+    if 2**63 <= v < 2**64:
+        return "u64"
+    return "i64"
+
+
+def specialize(spec: Spec) -> tuple[dict[str, str], dict[tuple[int, ...], Any], dict[tuple[int, ...], list]]:
+    """(signature, constexprs, attrs) for ``ASTSource``, by the rules of triton's launcher: constexpr
+    parameters are constants; a tensor is a typed pointer, divisible by 16 when aligned; an int equal
+    to 1 is a constant, another int an i32/i64/u64 divisible by 16 when it is; bools are i1 and floats
+    fp32, never specialized; an argument annotated with a type keeps that type."""
+    kernel = spec.kernel
+    missing = [p.name for p in kernel.params if p.name not in spec.args]
+    extra = [k for k in spec.args if k not in kernel.arg_names]
+    if missing or extra:
+        raise TypeError(f"{spec.name}: spec misses kernel arguments {missing} / has unknown ones {extra}")
+    divisible = [["tt.divisibility", 16]]
+    signature: dict[str, str] = {}
+    constexprs: dict[tuple[int, ...], Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, param in enumerate(kernel.params):
+        value = spec.args[param.name]
+        align = not getattr(param, "do_not_specialize_on_alignment", False)
+        specialize_int = not getattr(param, "do_not_specialize", False)
+        annotated = getattr(param, "annotation_type", "") or ""
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(i,)] = value
+            continue
+        if isinstance(value, torch.Tensor):
+            value = Ptr(value.dtype)
+        if isinstance(value, Ptr):
+            signature[param.name] = "*" + _TRITON_TYPE[value.dtype]
+            attrs[(i,)] = divisible if value.aligned and align else []
+        elif value is None:
+            signature[param.name] = "constexpr"
+            constexprs[(i,)] = None
+        elif isinstance(value, bool):
+            signature[param.name] = annotated or "i1"
+        elif isinstance(value, int):
+            if annotated and (annotated == "u1" or annotated[:2] in ("fp", "bf")):
+                specialize_int = False
+            if specialize_int and value == 1:
+                signature[param.name] = "constexpr"
+                constexprs[(i,)] = 1
+            else:
+                signature[param.name] = annotated or _int_type(value)
+                attrs[(i,)] = divisible if specialize_int and align and value % 16 == 0 else []
+        elif isinstance(value, float):
+            signature[param.name] = annotated or "fp32"
+        else:
+            raise TypeError(f"{spec.name}: cannot specialize argument {param.name}={value!r}")
+    return signature, constexprs, attrs
+
+
+def _runtime_specialization(spec: Spec, target) -> tuple[dict, dict, dict] | None:
+    """What this triton's own launcher binder makes of the same arguments, or None where its internal
+    API is not there; used only to cross-check ``specialize``."""
+    try:
+        from triton._utils import find_paths_if, get_iterable_path
+        from triton.compiler import make_backend
+        from triton.runtime.jit import MockTensor, create_function_from_signature
+    except ImportError:
+        return None
+    kernel = spec.kernel
+    try:
+        backend = make_backend(target)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        args = {k: MockTensor(v.dtype) if isinstance(v, (Ptr, torch.Tensor)) else v for k, v in spec.args.items()}
+        bound, specialization, _ = binder(**args)
+    except Exception:  # internal API of another shape: nothing to compare with
+        return None
+    sigvals = [s[0] for s in specialization]
+    signature = dict(zip([p.name for p in kernel.params], sigvals))
+    paths = find_paths_if(sigvals, lambda _, v: v == "constexpr")
+    constexprs = {p: get_iterable_path(list(bound.values()), p) for p in paths}
+    attrvals = ["" if s[0] == "constexpr" else s[1] for s in specialization]
+    paths = find_paths_if(attrvals, lambda _, v: isinstance(v, str))
+    attrs = {p: backend.parse_attr(get_iterable_path(attrvals, p)) for p in paths}
+    return signature, constexprs, attrs
+
+
+# ----------------------------------------------------------------------------- compile and measure
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas triton itself uses for ``arch``."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from triton import knobs
+        return knobs.nvidia.ptxas.path
+    except (ImportError, AttributeError):
+        import triton
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _gpu_name(arch: int) -> str:
+    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+
+
+def parse_ptxas(log: str) -> dict[str, int]:
+    """Registers, spill bytes and stack frame from ``ptxas -v`` output (the maximum over functions)."""
+    regs = [int(v) for v in re.findall(r"Used (\d+) registers", log)]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = [int(v) for v in re.findall(r"(\d+) bytes stack frame", log)]
+    if not regs:
+        raise RuntimeError(f"no register count in the ptxas output:\n{log}")
+    return dict(registers=max(regs), spill_stores=max((int(s) for s, _ in spills), default=0),
+                spill_loads=max((int(l) for _, l in spills), default=0), stack_frame=max(stack, default=0))
+
+
+def count_tensor_core_instructions(ptx: str) -> dict[str, int]:
+    """Static counts of tensor-core instructions in PTX: ``mma.sync`` (sm_80 style) and
+    ``wgmma.mma_async`` (sm_90a warpgroup MMA)."""
+    return dict(mma_sync=len(re.findall(r"\bmma\.sync\.", ptx)),
+                wgmma=len(re.findall(r"\bwgmma\.mma_async\.", ptx)))
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    """``ptxas -v`` on ``ptx``; returns its log (stderr)."""
+    with tempfile.TemporaryDirectory(prefix="kernels-aot-ptx-") as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={_gpu_name(arch)}", path,
+                               "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stderr
+
+
+_worker_ready = False
+
+
+def _init_worker() -> None:
+    global _worker_ready
+    if not _worker_ready:
+        warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+        _worker_ready = True
+
+
+def compile_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Compile one (kernel, specialization, arch) and measure it; errors become part of the result."""
+    _init_worker()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arch = job["arch"]
+    result: dict[str, Any] = {"error": None}
+    t0 = time.perf_counter()
+    try:
+        kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
+        src = ASTSource(fn=kernel, signature=job["signature"], constexprs=job["constexprs"], attrs=job["attrs"])
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: triton prints its ptxas -v log
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(job["options"]))
+        ptx = compiled.asm["ptx"]
+        result["shared"] = int(compiled.metadata.shared)
+        result.update(count_tensor_core_instructions(ptx))
+        if "Used" in log.getvalue():         # the cubin's own ptxas run, triton's exact flags
+            result.update(parse_ptxas(log.getvalue()), ptxas="triton")
+        else:                                 # a cache hit ran no ptxas: run it on the PTX
+            result.update(parse_ptxas(_run_ptxas(ptx, arch)), ptxas="aot")
+    except Exception as exc:  # report every failing config, do not stop at the first
+        result["error"] = f"{type(exc).__name__}: {exc}".strip()[-4000:]
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _normalized(specialization: tuple[dict, dict, dict]) -> tuple[dict, dict, dict]:
+    signature, constexprs, attrs = specialization
+    return signature, constexprs, {k: v for k, v in attrs.items() if v}
+
+
+def _make_jobs(specs: list[Spec], archs: list[int]) -> tuple[list[dict[str, Any]], list[str]]:
+    from triton.backends.compiler import GPUTarget
+
+    jobs, mismatches = [], []
+    for index, spec in enumerate(specs):
+        signature, constexprs, attrs = specialize(spec)
+        runtime = _runtime_specialization(spec, GPUTarget("cuda", archs[0], 32))
+        if runtime is not None and _normalized(runtime) != _normalized((signature, constexprs, attrs)):
+            mismatches.append(f"{spec.name} [{spec.config}]: aot specialization {(signature, constexprs, attrs)} "
+                              f"differs from the runtime launcher's {runtime}")
+        for arch in archs:
+            if arch not in spec.meta.get("archs", archs):   # a configuration chosen for another arch
+                continue
+            jobs.append(dict(spec=index, module=spec.kernel.fn.__module__, kernel=spec.kernel.fn.__name__,
+                             signature=signature,
+                             constexprs=constexprs, attrs=attrs, options=dict(spec.options), arch=arch,
+                             cost=spec.meta.get("cost", spec.meta.get("BLOCK_N", 0))))
+    return jobs, mismatches
+
+
+def run_jobs(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    if workers <= 1 or len(jobs) <= 1:
+        return [compile_job(job) for job in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["cost"])  # the expensive ones first
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(compile_job, jobs[i]): i for i in order}
+        for future in concurrent.futures.as_completed(futures):
+            i = futures[future]
+            try:
+                results[i] = future.result()
+            except Exception as exc:  # a worker died
+                results[i] = {"error": f"{type(exc).__name__}: {exc}", "seconds": 0.0}
+    return results  # type: ignore[return-value]
+
+
+def evaluate(spec: Spec, arch: int, result: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = dict(family=spec.family, kernel=spec.name, config=spec.config, arch=arch,
+                               gpu_name=_gpu_name(arch), options=spec.options, **spec.meta, **result)
+    problems = []
+    if result.get("error"):
+        problems.append("compile failed")
+    else:
+        row["spill_bytes"] = row["spill_stores"] + row["spill_loads"]
+        row["tensor_core_instructions"] = row["mma_sync"] + row["wgmma"]
+        if row["spill_bytes"]:
+            problems.append(f"spills {row['spill_stores']}+{row['spill_loads']} B")
+        if row["shared"] > SHARED_LIMIT[arch]:
+            problems.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[arch]} B")
+        if spec.tensor_cores and not row["tensor_core_instructions"]:
+            problems.append("no tensor-core instructions")
+    row["problems"] = problems
+    row["ok"] = not problems
+    return row
+
+
+def _tc_cell(spec: Spec, row: dict[str, Any]) -> str:
+    if not spec.tensor_cores and not row.get("tensor_core_instructions"):
+        return "-"
+    return f"mma{row['mma_sync']}/wgmma{row['wgmma']}"
+
+
+def print_table(specs_rows: list[tuple[Spec, dict[str, Any]]]) -> None:
+    kw = max([len("kernel")] + [len(s.name) for s, _ in specs_rows])
+    cw = max([len("config")] + [len(s.config) for s, _ in specs_rows])
+    header = (f"{'kernel':<{kw}}  {'config':<{cw}}  {'arch':<6}  {'regs':>4}  {'spill':>6}  {'smem':>7}  "
+              f"{'tensor cores':>14}  result")
+    print(header)
+    print("-" * len(header))
+    for spec, row in specs_rows:
+        if row.get("error"):
+            cells = f"{'-':>4}  {'-':>6}  {'-':>7}  {'-':>14}"
+        else:
+            cells = (f"{row['registers']:>4}  {row['spill_bytes']:>6}  {row['shared']:>7}  "
+                     f"{_tc_cell(spec, row):>14}")
+        verdict = "ok" if row["ok"] else "FAIL: " + "; ".join(row["problems"])
+        print(f"{spec.name:<{kw}}  {spec.config:<{cw}}  {row['gpu_name']:<6}  {cells}  {verdict}")
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    print("\nsummary (max over configurations):")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["kernel"], row["gpu_name"]), []).append(row)
+    for (kernel, gpu), group in groups.items():
+        built = [r for r in group if not r.get("error")]
+        if not built:
+            print(f"  {kernel:<24} {gpu:<6} no configuration compiled")
+            continue
+        worst = max(built, key=lambda r: r["registers"])
+        spills = [r for r in built if r["spill_bytes"]]
+        print(f"  {kernel:<24} {gpu:<6} {len(group):>3} configs  max regs {worst['registers']:>3} "
+              f"({worst['config']})  max smem {max(r['shared'] for r in built):>6} B  "
+              f"spilling configs {len(spills)}  failed {len(group) - len(built)}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    if "TRITON_INTERPRET" in os.environ:
+        # The jit decorators read TRITON_INTERPRET when the kernels are imported (already done by the
+        # package import): start again in a process without it.
+        del os.environ["TRITON_INTERPRET"]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        args = sys.argv[1:] if argv is None else argv
+        os.execv(sys.executable, [sys.executable, "-m", "kernels.aot", *args])
+
+    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT),
+                        help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--json", metavar="PATH", help="also write every row, with all numbers, as JSON")
+    parser.add_argument("--filter", metavar="SUBSTRING", default="",
+                        help="only configurations whose kernel name or config contains SUBSTRING")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    opts = parser.parse_args(argv)
+
+    own_cache = None
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        shm = "/dev/shm"  # memory-backed where there is one: the cache is written ~8 times per compile
+        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+        own_cache = tempfile.mkdtemp(prefix="kernels-aot-cache-", dir=base)
+        os.environ["TRITON_CACHE_DIR"] = own_cache
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+    try:
+        return _run(opts)
+    finally:
+        if own_cache:
+            shutil.rmtree(own_cache, ignore_errors=True)
+
+
+def _run(opts: argparse.Namespace) -> int:
+    import triton
+
+    t0 = time.perf_counter()
+    archs = list(dict.fromkeys(opts.arch))
+    specs = [s for s in all_specs() if opts.filter in s.name or opts.filter in s.config]
+    jobs, mismatches = _make_jobs(specs, archs)
+    print(f"triton {triton.__version__}, torch {torch.__version__}: {len(specs)} configurations x "
+          f"{len(archs)} archs = {len(jobs)} compiles on {max(1, min(opts.jobs, len(jobs)))} processes")
+    for arch in archs:
+        print(f"  {_gpu_name(arch)}: {_ptxas(arch)}")
+    sys.stdout.flush()
+    results = run_jobs(jobs, max(1, opts.jobs))
+    specs_rows = []
+    for k, result in enumerate(results):
+        spec, arch = specs[jobs[k]["spec"]], jobs[k]["arch"]
+        specs_rows.append((spec, evaluate(spec, arch, result)))
+    specs_rows.sort(key=lambda sr: (sr[1]["arch"], sr[0].family, sr[0].name))
+    print()
+    print_table(specs_rows)
+    rows = [row for _, row in specs_rows]
+    print_summary(rows)
+    for spec, row in specs_rows:
+        if row.get("error"):
+            print(f"\n{spec.name} [{spec.config}] on {row['gpu_name']}:\n{row['error']}")
+    for line in mismatches:
+        print(f"\nspecialization mismatch: {line}")
+    failed = [row for row in rows if not row["ok"]]
+    elapsed = time.perf_counter() - t0
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} compiles clean, {len(failed)} failing; "
+          f"{len(mismatches)} specialization mismatches; {elapsed:.0f} s")
+    if opts.json:
+        report = dict(triton=triton.__version__, torch=torch.__version__, archs=[_gpu_name(a) for a in archs],
+                      shared_limit={_gpu_name(a): SHARED_LIMIT[a] for a in archs},
+                      families=sorted({s.family for s in specs}), kernels=sorted({s.name for s in specs}),
+                      mismatches=mismatches, seconds=round(elapsed, 1), rows=rows)
+        with open(opts.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 1 if failed or mismatches else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

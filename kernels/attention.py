@@ -1,0 +1,946 @@
+"""Fused attention (FlashAttention-2 style): forward, deterministic backward, and a flash-decoding path.
+
+``softmax(scale * q @ k^T + mask) @ v`` without ever materializing the (L, S) score matrix: each program
+keeps a block of queries in registers and streams key/value blocks through an online softmax (base-2
+exponentials, fp32 accumulation, fp64 for fp64). Supports GQA/MQA natively (a query head h reads key/value
+head ``h // (H // Hkv)``), bool/float masks read through broadcast strides, per-batch key lengths
+(``seqlens_k``: key blocks past the length are skipped), two causal alignments, in-kernel dropout, any head
+dim up to 256 (padded to a power of two with masked loads) and strided q/k/v (last dim contiguous).
+
+Causal conventions (``j`` key index, ``i`` query index, ``L`` queries, ``S`` keys):
+- ``attention(causal=True)``: **bottom-right** aligned, ``j <= i + S - L`` (the last query sees every key:
+  what a KV cache and chunked prefill need);
+- ``scaled_dot_product_attention(is_causal=True)``: **top-left** aligned, ``j <= i``, as torch.
+They agree when ``L == S``. In the kernels both are ``j <= i + causal_offset``.
+
+The forward saves only the output and the log-sum-exp (natural log, accumulation dtype). The backward
+is atomics-free and therefore deterministic: a preprocess kernel computes ``delta = rowsum(dO * O)``
+(minus the incoming lse gradient), one kernel per key block accumulates dK and dV over every query block
+of every query head of its GQA group, one kernel per query block accumulates dQ.
+
+Decoding (few queries, long cache): ``_attn_fwd_split_kernel`` packs all the queries of a GQA group
+(``G * L`` rows) into one tile, splits the keys across programs, and writes a partial output and lse per
+split; ``_attn_combine_kernel`` merges the splits by their lse.
+
+    _attn_fwd_kernel, _attn_fwd_split_kernel, _attn_combine_kernel      (Triton, forward)
+    _attn_bwd_preprocess_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel   (Triton, backward)
+    attention_fwd / attention_bwd        (torch.library custom ops, registered autograd)
+    attention, scaled_dot_product_attention   (public functions)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _backend, _checks
+from ._launch import acc_dtype, next_pow2, torch_acc_dtype
+from .reference import attention_ref, scaled_dot_product_attention_ref
+
+MAX_HEAD_DIM = 256
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Flash-decoding: used when there are at most this many queries, the GQA group's rows fit one tile
+# and the keys are long enough to be worth splitting.
+DECODE_MAX_L = 16
+DECODE_MAX_ROWS = 64
+DECODE_MIN_S = 256
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None) -> dict:
+    """Block sizes, warps and stages of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
+
+    ``arch`` is the CUDA compute capability as an int (80, 90, ...) or None under the interpreter (small
+    blocks, so that small test shapes still cross several blocks). For "fwd" and "bwd_dq" BLOCK_M is the
+    query block a program owns and BLOCK_N the key block of its loop; for "bwd_dkdv" BLOCK_N is the key
+    block a program owns and BLOCK_M the query block of its loop; "decode" only sets BLOCK_N (its BLOCK_M
+    is the GQA group's query rows). Shared by the launcher and ``kernels.aot``."""
+    if arch is None:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    d = max(next_pow2(head_dim), next_pow2(head_dim_v), 16)
+    if dtype == torch.float64:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:
+        d *= 2  # four-byte tiles: the configuration of a two-byte head dim twice as wide
+    hopper = arch >= 90
+    if kind == "fwd":
+        if d <= 64:
+            bm, bn, w, st = 128, 64, 4, 3
+        elif d <= 128:
+            bm, bn, w, st = 128, 64, 8, 3 if hopper else 2
+        elif d <= 256:
+            bm, bn, w, st = (128, 32, 8, 2) if hopper else (64, 32, 4, 2)
+        else:
+            bm, bn, w, st = 64, 16, 8, 1
+    elif kind == "decode":
+        bm = 0
+        if d <= 128:
+            bn, w, st = 64, 4, 3
+        elif d <= 256:
+            bn, w, st = 32, 4, 2
+        else:
+            bn, w, st = 16, 4, 1
+    elif kind == "bwd_dkdv":
+        if d <= 64:
+            bm, bn, w, st = 32, 128, 4, 3 if hopper else 2
+        elif d <= 128:
+            bm, bn, w, st = 32, 64, 4, 2
+        elif d <= 256:
+            bm, bn, w, st = 16, 32, 4, 1
+        else:
+            bm, bn, w, st = 16, 16, 4, 1
+    elif kind == "bwd_dq":
+        if d <= 64:
+            bm, bn, w, st = 128, 32, 4, 3 if hopper else 2
+        elif d <= 128:
+            bm, bn, w, st = 64, 32, 4, 2
+        elif d <= 256:
+            bm, bn, w, st = 32, 32, 4, 1
+        else:
+            bm, bn, w, st = 16, 16, 4, 1
+    else:
+        raise ValueError(f"attention_config: unknown kernel kind {kind!r}")
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+
+
+def _arch(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _precision(dtype: torch.dtype, upcast: bool) -> str:
+    """tl.dot input precision: true fp32 for fp32 (unless TF32 is allowed), fp64 and upcast bf16."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if dtype == torch.float64 or upcast:
+        return "ieee"
+    return "tf32"  # the default; irrelevant for 16-bit inputs
+
+
+# ----------------------------------------------------------------------------- forward kernels
+
+
+@triton.jit
+def _fwd_block(
+    acc, m_i, l_i, q,
+    K, V,                   # key / value base pointers of this (b, kv head)
+    start_n, offs_n, offs_d, offs_dv, D, DV, kv_len,
+    stride_kn, stride_vn,
+    q_pos, row_ok, causal_offset,
+    MASK, m_row, stride_mn,
+    seed, rng_row, dropout_p, qk_scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """One key block of the online softmax: returns the updated (acc, m_i, l_i); scores in log2 units."""
+    cols = start_n + offs_n
+    if CHECK_BOUNDS:
+        col_ok = cols < kv_len
+    else:
+        col_ok = cols >= 0
+    k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vn + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale   # (BLOCK_M, BLOCK_N)
+    if MASK_KIND == 1:
+        keep = tl.load(MASK + m_row[:, None] + cols[None, :] * stride_mn,
+                       mask=row_ok[:, None] & col_ok[None, :], other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    if MASK_KIND == 2:
+        bias = tl.load(MASK + m_row[:, None] + cols[None, :] * stride_mn,
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        s += bias.to(ACC) * 1.4426950408889634
+    if CHECK_BOUNDS:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    if IS_CAUSAL:
+        s = tl.where(cols[None, :] <= q_pos[:, None] + causal_offset, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row with nothing yet: no NaN from -inf - -inf
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep_d = tl.rand(seed, rng_row[:, None] + cols[None, :]) >= dropout_p
+        p = tl.where(keep_d, p, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,          # (B, H, L, D) any strides, last dim contiguous
+    K,          # (B, Hkv, S, D)
+    V,          # (B, Hkv, S, DV)
+    MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
+    SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
+    O,          # (B, H, L, DV) output
+    LSE,        # (B, H, L) log-sum-exp, contiguous, accumulation dtype
+    H, L, S, D, DV, GROUP,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    qk_scale, causal_offset, dropout_p, seed,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < L
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    Kb = K + b * stride_kb + hk * stride_kh
+    Vb = V + b * stride_vb + hk * stride_vh
+    m_row = b * stride_mb + h * stride_mh + offs_m.to(tl.int64) * stride_mm
+    rng_row = ((bh * L + offs_m) * S).to(tl.int64)
+    kv_len = S
+    if HAS_SEQLENS:
+        kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
+    # Key range [0, hi) this query block can see; blocks below full_hi need no bound or causal masks.
+    hi = kv_len
+    full_hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + causal_offset), 0)
+        full_hi = tl.maximum(tl.minimum(kv_len, start_m + causal_offset + 1), 0)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    for start_n in range(0, full_hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, Kb, Vb, start_n, offs_n, offs_d, offs_dv, D, DV, kv_len, stride_kn, stride_vn,
+            offs_m, row_ok, causal_offset, MASK, m_row, stride_mn, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND, False, False, HAS_DROPOUT, UPCAST, PRECISION, ACC)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, Kb, Vb, start_n, offs_n, offs_d, offs_dv, D, DV, kv_len, stride_kn, stride_vn,
+            offs_m, row_ok, causal_offset, MASK, m_row, stride_mn, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND, IS_CAUSAL, True, HAS_DROPOUT, UPCAST, PRECISION, ACC)
+    empty = l_i == 0.0                                     # fully masked row: output 0, lse -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + bh * L + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_split_kernel(
+    Q,          # (B, H, L, D) any strides, last dim contiguous
+    K,          # (B, Hkv, S, D)
+    V,          # (B, Hkv, S, DV)
+    MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
+    SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
+    OPART,      # (B * Hkv, SPLITS, GROUP * L, DV) partial outputs, contiguous, accumulation dtype
+    LSEPART,    # (B * Hkv, SPLITS, GROUP * L) partial lse (log2 units), contiguous
+    H, HKV, L, S, D, DV, GROUP, SPLITS, chunk,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    qk_scale, causal_offset, dropout_p, seed,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """Flash-decoding: the rows of one tile are the GROUP * L (query head, query) pairs sharing a key/value
+    head, so each key/value block is read once per group; program ``split`` owns keys
+    [split * chunk, (split + 1) * chunk)."""
+    split = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // HKV
+    hk = bhk % HKV
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * L
+    h = hk * GROUP + rows // L                             # (BLOCK_M,) query head of each row
+    i = rows % L                                           # (BLOCK_M,) query index of each row
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    Kb = K + b * stride_kb + hk * stride_kh
+    Vb = V + b * stride_vb + hk * stride_vh
+    m_row = b * stride_mb + h.to(tl.int64) * stride_mh + i.to(tl.int64) * stride_mm
+    rng_row = (((b * H + h) * L + i) * S).to(tl.int64)
+    kv_len = S
+    if HAS_SEQLENS:
+        kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
+    hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(kv_len, L + causal_offset), 0)
+    lo = split * chunk
+    hi = tl.minimum(hi, lo + chunk)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    for start_n in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, Kb, Vb, start_n, offs_n, offs_d, offs_dv, D, DV, hi, stride_kn, stride_vn,
+            i, row_ok, causal_offset, MASK, m_row, stride_mn, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND, IS_CAUSAL, True, HAS_DROPOUT, UPCAST, PRECISION, ACC)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    part = bhk * SPLITS + split
+    tl.store(OPART + (part * GROUP * L + rows[:, None]) * DV + offs_dv[None, :], out,
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSEPART + part * GROUP * L + rows, lse2, mask=row_ok)
+
+
+@triton.jit
+def _attn_combine_kernel(
+    OPART,      # (B * Hkv, SPLITS, GROUP * L, DV) partial outputs, contiguous
+    LSEPART,    # (B * Hkv, SPLITS, GROUP * L) partial lse (log2 units), contiguous
+    O,          # (B, H, L, DV) output
+    LSE,        # (B, H, L) log-sum-exp (natural log), contiguous
+    H, HKV, L, DV, GROUP, SPLITS,
+    stride_ob, stride_oh, stride_om,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+):
+    """Merge the splits of one (b, kv head, row) by their log-sum-exps."""
+    bhk = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(0)
+    b = bhk // HKV
+    h = (bhk % HKV) * GROUP + row // L
+    i = row % L
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < SPLITS
+    lse2 = tl.load(LSEPART + (bhk * SPLITS + offs_s) * GROUP * L + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse2, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse2 - m_safe)                        # (BLOCK_S,)
+    total = tl.sum(w, 0)
+    o = tl.load(OPART + ((bhk * SPLITS + offs_s[:, None]) * GROUP * L + row) * DV + offs_dv[None, :],
+                mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
+    lse = tl.where(total == 0.0, float("-inf"), (m_safe + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
+                   * 0.6931471805599453)
+    tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv, out.to(O.dtype.element_ty),
+             mask=offs_dv < DV)
+    tl.store(LSE + (b * H + h) * L + i, lse.to(ACC))
+
+
+# ----------------------------------------------------------------------------- backward kernels
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O,          # (B, H, L, DV) forward output
+    DO,         # (B, H, L, DV) its gradient, any strides, last dim contiguous
+    DLSE,       # (B, H, L) gradient of the lse, contiguous (HAS_DLSE)
+    DELTA,      # (B, H, L) rowsum(dO * O) - dlse, contiguous, accumulation dtype
+    H, L, DV,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+                mask=ok, other=0.0).to(ACC)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                 mask=ok, other=0.0).to(ACC)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * L + offs_m, mask=offs_m < L, other=0.0).to(ACC)
+    tl.store(DELTA + bh * L + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,          # (B, H, L, D) any strides, last dim contiguous
+    K,          # (B, Hkv, S, D)
+    V,          # (B, Hkv, S, DV)
+    MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
+    SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
+    DO,         # (B, H, L, DV) output gradient, any strides, last dim contiguous
+    LSE,        # (B, H, L) forward log-sum-exp, contiguous
+    DELTA,      # (B, H, L) from the preprocess kernel, contiguous
+    DK,         # (B, Hkv, S, D) key gradient, contiguous
+    DV_,        # (B, Hkv, S, DV) value gradient, contiguous
+    H, HKV, L, S, D, DV, GROUP,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    sm_scale, qk_scale, causal_offset, dropout_p, seed,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """One key block: dK, dV summed over every query block of every query head of its GQA group, in a
+    fixed order (deterministic, no atomics). Works on transposed scores (BLOCK_N, BLOCK_M)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // HKV
+    hk = bhk % HKV
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kv_len = S
+    if HAS_SEQLENS:
+        kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
+    col_ok = offs_n < kv_len
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    # First query that can see this key block (causal), on a block boundary; none when it is past kv_len.
+    lo = 0
+    if IS_CAUSAL:
+        lo = tl.maximum(start_n - causal_offset, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    hi = L
+    if start_n >= kv_len:
+        hi = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        Qb = Q + b * stride_qb + h * stride_qh
+        DOb = DO + b * stride_dob + h * stride_doh
+        m_base = b * stride_mb + h * stride_mh
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < L
+            q = tl.load(Qb + offs_m[:, None] * stride_qm + offs_d[None, :],
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DOb + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + bh * L + offs_m, mask=row_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # masked row: p = 0
+            delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
+            sT = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
+            if MASK_KIND == 1:
+                keep = tl.load(MASK + m_base + offs_m[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
+                               mask=row_ok[None, :] & col_ok[:, None], other=0)
+                sT = tl.where(keep != 0, sT, float("-inf"))
+            if MASK_KIND == 2:
+                bias = tl.load(MASK + m_base + offs_m[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
+                               mask=row_ok[None, :] & col_ok[:, None], other=0.0)
+                sT += bias.to(ACC) * 1.4426950408889634
+            sT = tl.where(col_ok[:, None], sT, float("-inf"))
+            if IS_CAUSAL:
+                sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, sT, float("-inf"))
+            pT = tl.math.exp2(sT - lse2[None, :])
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)       # (BLOCK_N, BLOCK_M)
+            if HAS_DROPOUT:
+                rng = ((bh * L + offs_m[None, :]) * S).to(tl.int64) + offs_n[:, None]
+                keep_d = tl.rand(seed, rng) >= dropout_p
+                pdT = tl.where(keep_d, pT * (1.0 / (1.0 - dropout_p)), 0.0)
+                dpT = tl.where(keep_d, dpT * (1.0 / (1.0 - dropout_p)), 0.0)
+            else:
+                pdT = pT
+            dv += tl.dot(pdT.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
+    dk *= sm_scale
+    out_ok = offs_n[:, None] < S
+    tl.store(DK + (bhk * S + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=out_ok & (offs_d[None, :] < D))
+    tl.store(DV_ + (bhk * S + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=out_ok & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,          # (B, H, L, D) any strides, last dim contiguous
+    K,          # (B, Hkv, S, D)
+    V,          # (B, Hkv, S, DV)
+    MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
+    SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
+    DO,         # (B, H, L, DV) output gradient, any strides, last dim contiguous
+    LSE,        # (B, H, L) forward log-sum-exp, contiguous
+    DELTA,      # (B, H, L) from the preprocess kernel, contiguous
+    DQ,         # (B, H, L, D) query gradient, contiguous
+    H, L, S, D, DV, GROUP,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    sm_scale, qk_scale, causal_offset, dropout_p, seed,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < L
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + bh * L + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
+    Kb = K + b * stride_kb + hk * stride_kh
+    Vb = V + b * stride_vb + hk * stride_vh
+    m_row = b * stride_mb + h * stride_mh + offs_m.to(tl.int64) * stride_mm
+    rng_row = ((bh * L + offs_m) * S).to(tl.int64)
+    kv_len = S
+    if HAS_SEQLENS:
+        kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
+    hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + causal_offset), 0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < kv_len
+        k = tl.load(Kb + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(Vb + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale   # (BLOCK_M, BLOCK_N)
+        if MASK_KIND == 1:
+            keep = tl.load(MASK + m_row[:, None] + offs_n[None, :] * stride_mn,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
+        if MASK_KIND == 2:
+            bias = tl.load(MASK + m_row[:, None] + offs_n[None, :] * stride_mn,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            s += bias.to(ACC) * 1.4426950408889634
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if IS_CAUSAL:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)           # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            keep_d = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
+            dp = tl.where(keep_d, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+    dq *= sm_scale
+    tl.store(DQ + (bh * L + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like: torch.Tensor):
+    """(tensor, kind, strides) of a mask broadcast to (B, H, L, S) as a view (stride 0 where broadcast)."""
+    if mask is None:
+        return like, MASK_NONE, (0, 0, 0, 0)
+    m = mask.expand(shape)
+    kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
+    if kind == MASK_BOOL:
+        m = m.view(torch.uint8)
+    return m, kind, tuple(m.stride())
+
+
+def _common(q, k, v, mask, seqlens_k):
+    b, h, l, d = q.shape
+    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+    m, kind, mstrides = _mask_args(mask, (b, h, l, s), q)
+    upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
+    meta = dict(MASK_KIND=kind, HAS_SEQLENS=seqlens_k is not None,
+                BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
+                UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype))
+    seq = seqlens_k if seqlens_k is not None else q
+    return (b, h, l, d, hkv, s, dv), m, mstrides, seq, meta
+
+
+def decode_splits(b: int, hkv: int, l: int, h: int, s: int, device: torch.device) -> int:
+    """Number of key splits of the flash-decoding path, or 0 for the main path."""
+    if l > DECODE_MAX_L or (h // hkv) * l > DECODE_MAX_ROWS or s < DECODE_MIN_S:
+        return 0
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(2 * sms, max(1, b * hkv))                # about two waves of programs
+    else:
+        splits = 4
+    return max(1, min(splits, triton.cdiv(s, 128), 128))
+
+
+@torch.library.custom_op("kernels::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, seqlens_k: torch.Tensor | None,
+    scale: float, is_causal: bool, causal_offset: int, dropout_p: float, num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of (B, H, L, D) ``q`` over (B, Hkv, S, D) ``k`` / (B, Hkv, S, Dv) ``v``.
+
+    ``mask`` broadcastable to (B, H, L, S), bool (True = attend) or float (added to the scaled scores);
+    causal: key j <= i + ``causal_offset``; ``num_splits`` > 0 runs the flash-decoding path. Returns
+    ``(out (B, H, L, Dv), lse (B, H, L) in the accumulation dtype, seed)``; ``seed`` is the dropout seed
+    as an int64 CPU tensor of one element."""
+    seed = _checks.dropout_seed() if dropout_p > 0 else 0
+    out, lse = _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed,
+                           _arch(q.device))
+    return out, lse, torch.tensor([seed], dtype=torch.int64)
+
+
+def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed, arch):
+    """Allocate and launch the forward for compute capability ``arch`` (None: interpreter); also what
+    ``kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
+    acc = torch_acc_dtype(q.dtype)
+    out = torch.empty((b, h, l, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, l), dtype=acc, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if s == 0 or out.numel() == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    group = h // hkv
+    args = (scale * LOG2E, causal_offset, dropout_p, seed)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms)
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **meta)
+    if num_splits > 0:
+        cfg = attention_config("decode", d, dv, q.dtype, arch)
+        block_n = cfg["BLOCK_N"]
+        chunk = triton.cdiv(triton.cdiv(s, num_splits), block_n) * block_n
+        splits = triton.cdiv(s, chunk)
+        rows = group * l
+        opart = torch.empty((b * hkv, splits, rows, dv), dtype=acc, device=q.device)
+        lsepart = torch.empty((b * hkv, splits, rows), dtype=acc, device=q.device)
+        _attn_fwd_split_kernel[(splits, b * hkv)](
+            q, k, v, m, seq, opart, lsepart, h, hkv, l, s, d, dv, group, splits, chunk, *strides, *args,
+            BLOCK_M=max(16, next_pow2(rows)), BLOCK_N=block_n,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+        _attn_combine_kernel[(rows, b * hkv)](
+            opart, lsepart, out, lse, h, hkv, l, dv, group, splits, *out.stride()[:3],
+            BLOCK_S=next_pow2(splits), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
+    else:
+        cfg = attention_config("fwd", d, dv, q.dtype, arch)
+        grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
+        _attn_fwd_kernel[grid](
+            q, k, v, m, seq, out, lse, h, l, s, d, dv, group, *strides, *out.stride()[:3], *args,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+    return out, lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits):
+    b, h, l, _ = q.shape
+    return (q.new_empty((b, h, l, v.shape[3])), q.new_empty((b, h, l), dtype=torch_acc_dtype(q.dtype)),
+            torch.empty(1, dtype=torch.int64))
+
+
+@torch.library.custom_op("kernels::attention_bwd", mutates_args=())
+def attention_bwd(
+    do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, seqlens_k: torch.Tensor | None,
+    seed: torch.Tensor, scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of ``attention_fwd``; for GQA dk/dv are summed over each group's query
+    heads. ``dlse`` (optional) is the gradient of the returned lse. No atomics: deterministic."""
+    return _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, int(seed[0]), scale, is_causal, causal_offset,
+                       dropout_p, _arch(q.device))
+
+
+def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
+                arch):
+    """Allocate and launch the backward for compute capability ``arch`` (None: interpreter)."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    do = _last_dim_contiguous(do)
+    (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
+    dq = torch.empty((b, h, l, d), dtype=q.dtype, device=q.device)     # every element is written
+    dk = torch.empty((b, hkv, s, d), dtype=k.dtype, device=k.device)
+    dvv = torch.empty((b, hkv, s, dv), dtype=v.dtype, device=v.device)
+    if b * h * l == 0 or s == 0:
+        return dq.zero_(), dk.zero_(), dvv.zero_()
+    acc = torch_acc_dtype(q.dtype)
+    group = h // hkv
+    delta = torch.empty((b, h, l), dtype=acc, device=q.device)
+    dlse_c = dlse.contiguous() if dlse is not None else delta
+    pre_block = 64 if arch is not None else 32
+    _attn_bwd_preprocess_kernel[(triton.cdiv(l, pre_block), b * h)](
+        out, do, dlse_c, delta, h, l, dv, *out.stride()[:3], *do.stride()[:3],
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
+    lse = lse.contiguous()
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *do.stride()[:3])
+    args = (scale, scale * LOG2E, causal_offset, dropout_p, seed)
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **meta)
+    cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
+        q, k, v, m, seq, do, lse, delta, dk, dvv, h, hkv, l, s, d, dv, group, *strides, *args,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **flags)
+    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch)
+    _attn_bwd_dq_kernel[(triton.cdiv(l, cfg["BLOCK_M"]), b * h)](
+        q, k, v, m, seq, do, lse, delta, dq, h, l, s, d, dv, group, *strides, *args,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **flags)
+    return dq, dk, dvv
+
+
+@attention_bwd.register_fake
+def _(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, _ = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seqlens_k, seed)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+    ctx.scale, ctx.is_causal, ctx.causal_offset, ctx.dropout_p = scale, is_causal, causal_offset, dropout_p
+
+
+def _backward(ctx, dout, dlse, _dseed):
+    q, k, v, out, lse, mask, seqlens_k, seed = ctx.saved_tensors
+    if dout is None and dlse is None:
+        return None, None, None, None, None, None, None, None, None, None
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, mask, seqlens_k, seed, ctx.scale, ctx.is_causal,
+                               ctx.causal_offset, ctx.dropout_p)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _check_mask(op: str, mask: object, shape: tuple[int, ...], ref: torch.Tensor, name: str = "attn_mask") -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be bool (True = attend) or a float additive mask, got {mask.dtype}")
+    if mask.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {mask.device} but query is on {ref.device}")
+    try:
+        fits = mask.dim() <= len(shape) and torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{op}: {name} of shape {tuple(mask.shape)} does not broadcast to {tuple(shape)}")
+    if mask.requires_grad:
+        raise ValueError(f"{op}: {name} must not require grad (attention gives no gradient to the mask)")
+
+
+def _check_qkv(op: str, q: object, k: object, v: object, names=("q", "k", "v")) -> None:
+    for name, t in zip(names, (q, k, v)):
+        _checks.check_float_tensor(name, t, op)
+    for name, t in zip(names[1:], (k, v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {names[0]} has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {names[0]} is on {q.device}")
+
+
+def _check_scale(op: str, scale: object, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d > 0 else 1.0
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _check_head_dims(op: str, d: int, dv: int, names=("q/k", "v")) -> None:
+    for name, size in zip(names, (d, dv)):
+        if not 1 <= size <= MAX_HEAD_DIM:
+            raise ValueError(f"{op}: head dim of {name} must be in [1, {MAX_HEAD_DIM}], got {size}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              attn_mask: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
+              scale: float | None = None, dropout_p: float = 0.0,
+              return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` for models and decoding.
+
+    Shapes: ``q`` (B, H, L, D), ``k`` (B, Hkv, S, D), ``v`` (B, Hkv, S, Dv), with Hkv dividing H (GQA;
+    Hkv = 1 is MQA; query head h uses key/value head h // (H // Hkv)); D, Dv up to 256. Returns
+    (B, H, L, Dv) in q's dtype, and with ``return_lse=True`` also the log-sum-exp of the scaled, masked
+    scores (B, H, L), float32 (float64 for float64 inputs), -inf for fully masked rows.
+
+    - ``causal=True`` is **bottom-right** aligned: query i attends keys j <= i + S - L (the last query
+      sees every key, as a KV cache needs); equal to torch's top-left ``is_causal`` when L == S. Rows with
+      i + S - L < 0 are fully masked.
+    - ``attn_mask``: bool (True = attend) or float (added to the scaled scores), broadcastable to
+      (B, H, L, S), read through broadcast strides; may be combined with ``causal`` and ``seqlens_k``.
+    - ``seqlens_k``: int tensor (B,) of valid key lengths: keys j >= seqlens_k[b] are masked and their
+      blocks skipped.
+    - ``dropout_p``: dropout on the attention probabilities (always applied when > 0), kept values scaled
+      by 1 / (1 - p), drawn in the kernel from a seed taken from torch's default generator.
+    Fully masked rows give output 0, lse -inf and zero gradients. With few queries (L <= 16) and long
+    keys the forward splits the keys across programs (flash-decoding) with the same results."""
+    op = "attention"
+    _check_qkv(op, q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    b, h, l, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"{op}: batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same heads and length")
+    if k.shape[3] != d:
+        raise ValueError(f"{op}: k's head dim {k.shape[3]} differs from q's {d}")
+    hkv, s = k.shape[1], k.shape[2]
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"{op}: k/v heads ({hkv}) must divide q heads ({h})")
+    _check_head_dims(op, d, v.shape[3])
+    _check_mask(op, attn_mask, (b, h, l, s), q)
+    if seqlens_k is not None:
+        if not isinstance(seqlens_k, torch.Tensor):
+            raise TypeError(f"{op}: seqlens_k must be an int tensor or None, got {type(seqlens_k).__name__}")
+        if seqlens_k.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"{op}: seqlens_k must be an integer tensor, got {seqlens_k.dtype}")
+        if tuple(seqlens_k.shape) != (b,):
+            raise ValueError(f"{op}: seqlens_k must have shape ({b},), got {tuple(seqlens_k.shape)}")
+        if seqlens_k.device != q.device:
+            raise ValueError(f"{op}: seqlens_k is on {seqlens_k.device} but q is on {q.device}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
+    scale = _check_scale(op, scale, d)
+    dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
+    if not _backend.use_triton(q, op):
+        return attention_ref(q, k, v, causal=causal, attn_mask=attn_mask, seqlens_k=seqlens_k, scale=scale,
+                             dropout_p=dropout_p, return_lse=return_lse)
+    splits = decode_splits(b, hkv, l, h, s, q.device)
+    out, lse, _ = attention_fwd(q, k, v, attn_mask, seqlens_k, scale, causal, s - l, dropout_p, splits)
+    if return_lse:
+        return out, (lse if lse.dtype == torch.float64 else lse.float())
+    return out
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` on the fused kernel.
+
+    ``query`` (..., L, E), ``key`` (..., S, E), ``value`` (..., S, Ev); leading dims broadcast like torch's.
+    ``is_causal=True`` is **top-left** aligned, as in torch: query i attends keys j <= i (for L != S this
+    differs from ``kernels.attention(causal=True)``, which is bottom-right aligned); it cannot be combined
+    with ``attn_mask``. ``attn_mask``: bool (True = take part) or float (added to the scaled scores),
+    broadcastable to (..., L, S). ``enable_gqa=True``: key/value heads (dim -3) divide query heads.
+    ``dropout_p > 0`` always drops, like torch's function. One difference: a fully masked row gives 0
+    (torch gives NaN)."""
+    op = "scaled_dot_product_attention"
+    _check_qkv(op, query, key, value, ("query", "key", "value"))
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise ValueError(f"{op}: {name} must have at least 2 dims (..., seq, head_dim), got shape "
+                             f"{tuple(t.shape)}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"{op}: query, key and value must have the same number of dims, got "
+                         f"{query.dim()}, {key.dim()} and {value.dim()}")
+    l, e = query.shape[-2:]
+    s, ev = value.shape[-2:]
+    if key.shape[-1] != e:
+        raise ValueError(f"{op}: key's last dim {key.shape[-1]} differs from query's {e}")
+    if key.shape[-2] != s:
+        raise ValueError(f"{op}: key's length {key.shape[-2]} differs from value's {s}")
+    _check_head_dims(op, e, ev, ("query/key", "value"))
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"{op}: attn_mask and is_causal=True cannot both be set")
+    lead_q, lead_k, lead_v = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    if lead_k != lead_v:
+        raise ValueError(f"{op}: key {tuple(key.shape)} and value {tuple(value.shape)} must have the same "
+                         f"leading dims")
+    gqa = enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]
+    if gqa:
+        hq, hkv = query.shape[-3], key.shape[-3]
+        if hkv == 0 or hq % hkv != 0:
+            raise ValueError(f"{op}: with enable_gqa the key/value heads ({hkv}) must divide the query heads "
+                             f"({hq})")
+        lead_q_cmp, lead_k_cmp = lead_q[:-1], lead_k[:-1]
+    else:
+        lead_q_cmp, lead_k_cmp = lead_q, lead_k
+    try:
+        batch = tuple(torch.broadcast_shapes(lead_q_cmp, lead_k_cmp))
+    except RuntimeError:
+        raise ValueError(f"{op}: the leading dims of query {tuple(query.shape)} and key {tuple(key.shape)} "
+                         f"do not broadcast") from None
+    full = (*batch, hq, l, s) if gqa else (*batch, l, s)
+    _check_mask(op, attn_mask, full, query)
+    scale = _check_scale(op, scale, e)
+    dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
+    if not _backend.use_triton(query, op):
+        return scaled_dot_product_attention_ref(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                enable_gqa)
+    # To (B, H, L, E): the dim before (L, E) is the head dim (where GQA happens), the others the batch.
+    hk = hkv if gqa else None
+    q4 = _to_4d(query.expand(*batch, hq, l, e) if gqa else query.expand(*batch, l, e))
+    k4 = _to_4d(key.expand(*batch, hk, s, e) if gqa else key.expand(*batch, s, e))
+    v4 = _to_4d(value.expand(*batch, hk, s, ev) if gqa else value.expand(*batch, s, ev))
+    mask4 = None if attn_mask is None else _to_4d(attn_mask.expand(full))
+    out, _, _ = attention_fwd(q4, k4, v4, mask4, None, scale, is_causal, 0, dropout_p, 0)
+    return out.reshape(*full[:-1], ev)
+
+
+def _to_4d(t: torch.Tensor) -> torch.Tensor:
+    """(..., X, Y) to (B, H, X, Y): size-1 dims in front of fewer dims (a view), leading dims merged
+    into the batch beyond four (a view where the strides allow, a copy otherwise)."""
+    if t.dim() < 4:
+        return t[(None,) * (4 - t.dim())]
+    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t

@@ -1,0 +1,46 @@
+"""Test setup shared by every test file.
+
+The Triton interpreter must be switched on before anything imports ``triton`` (its ``jit`` decorator
+reads ``TRITON_INTERPRET`` at decoration time, i.e. when ``kernels`` is imported), so this module sets
+it first: on a machine without a GPU, every kernel test then runs the real Triton kernel code on CPU
+tensors. ``setdefault`` leaves an explicit choice made by the caller alone.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skip them (visibly) without one."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker 'gpu')")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where the kernel tests run: the GPU when there is one, else the CPU through the interpreter."""
+    if not HAS_CUDA and not _backend.INTERPRET:
+        pytest.fail("no CUDA device and TRITON_INTERPRET is not 1: the Triton kernels cannot run here")
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def triton_backend():
+    """Force the Triton kernels (never a silent fallback to the reference) for the test's duration."""
+    with kernels.use_backend("triton"):
+        yield
+
+

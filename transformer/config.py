@@ -1,0 +1,171 @@
+"""Model configs: one dataclass per family, with named presets.
+
+    GPTConfig.from_preset("gpt2")                 # GPT-2 124M
+    GPTConfig.from_preset("tiny", dropout=0.0)    # overrides by keyword
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+@dataclass
+class Config:
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any):
+        if name not in cls.presets:
+            raise ValueError(f"{cls.__name__}: unknown preset {name!r}; choose one of {sorted(cls.presets)}")
+        return cls(**{**cls.presets[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        dim, heads = getattr(self, "dim", None), getattr(self, "n_heads", None)
+        if dim is not None and heads is not None and dim % heads:
+            raise ValueError(f"{type(self).__name__}: dim ({dim}) must be divisible by n_heads ({heads})")
+        act = getattr(self, "activation", None)
+        if act is not None and act not in ACTIVATIONS:
+            raise ValueError(f"{type(self).__name__}: activation must be one of {ACTIVATIONS}, got {act!r}")
+
+
+@dataclass
+class GPTConfig(Config):
+    """GPT-2: pre-LN, learned positions, GELU (tanh), final LN, LM head tied to the token embeddings."""
+
+    vocab_size: int = 50257
+    max_seq_len: int = 1024
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.1           # embeddings and residual branches
+    attn_dropout: float = 0.1      # attention probabilities
+    eps: float = 1e-5
+    activation: str = "gelu_tanh"
+    bias: bool = True
+    tie_embeddings: bool = True
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(vocab_size=96, max_seq_len=64, dim=32, n_layers=2, n_heads=4, ffn_dim=128),
+        "small-char": dict(vocab_size=128, max_seq_len=128, dim=128, n_layers=4, n_heads=4, ffn_dim=512,
+                           dropout=0.0, attn_dropout=0.0),
+        "gpt2": dict(),
+        "gpt2-medium": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096),
+    }
+
+
+@dataclass
+class BERTConfig(Config):
+    """BERT: post-LN encoder, word + position + token-type embeddings, pooler, MLM and NSP heads."""
+
+    vocab_size: int = 30522
+    max_seq_len: int = 512
+    type_vocab_size: int = 2
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    eps: float = 1e-12
+    activation: str = "gelu"
+    pad_token_id: int = 0
+    num_labels: int = 2             # sequence / token classification heads
+    classifier_dropout: float | None = None
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(vocab_size=128, max_seq_len=64, dim=32, n_layers=2, n_heads=4, ffn_dim=64),
+        "small": dict(vocab_size=4096, max_seq_len=128, dim=256, n_layers=4, n_heads=4, ffn_dim=1024),
+        "bert-base": dict(),
+        "bert-large": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096),
+    }
+
+
+@dataclass
+class ViTConfig(Config):
+    """ViT: patch embedding (strided convolution), class token, learned positions, pre-LN encoder."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    ffn_dim: int = 3072
+    num_classes: int = 1000
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    eps: float = 1e-12
+    activation: str = "gelu"
+    qkv_bias: bool = True
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(image_size=8, patch_size=2, num_channels=1, dim=32, n_layers=2, n_heads=4, ffn_dim=64,
+                     num_classes=10),
+        "digits": dict(image_size=8, patch_size=2, num_channels=1, dim=64, n_layers=4, n_heads=4, ffn_dim=128,
+                       num_classes=10, dropout=0.1),
+        "vit-b16": dict(),
+        "vit-l16": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096),
+    }
+
+
+@dataclass
+class EncoderDecoderConfig(Config):
+    """The original Transformer: sinusoidal positions, shared embeddings tied to the output projection.
+
+    ``embed_dim`` (default: ``dim``) is the width of the shared embedding; when it differs from the
+    model width ``dim``, inputs are projected up after embedding and the decoder output is projected
+    down before the tied output layer."""
+
+    vocab_size: int = 37000
+    max_seq_len: int = 512
+    dim: int = 512
+    embed_dim: int | None = None
+    n_heads: int = 8
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    eps: float = 1e-5
+    activation: str = "relu"
+    pre_ln: bool = False                 # the paper is post-LN
+    scale_embedding: bool = True         # multiply embeddings by sqrt(dim), as the paper does
+    positions: str = "interleaved"       # sinusoid layout: "interleaved" (paper) or "concat" (sin | cos, Marian)
+    tie_embeddings: bool = True
+    final_logits_bias: bool = False      # Marian's extra output bias
+    label_smoothing: float = 0.1
+    pad_token_id: int = 0
+    bos_token_id: int = 1                # decoder start token
+    eos_token_id: int = 2
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(vocab_size=64, max_seq_len=64, dim=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2,
+                     ffn_dim=64),
+        "small": dict(vocab_size=256, max_seq_len=64, dim=128, n_heads=4, n_encoder_layers=3,
+                      n_decoder_layers=3, ffn_dim=512),
+        "transformer-base": dict(),
+        "transformer-big": dict(dim=1024, n_heads=16, ffn_dim=4096, dropout=0.3),
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.positions not in ("interleaved", "concat"):
+            raise ValueError(f"EncoderDecoderConfig: positions must be 'interleaved' or 'concat', "
+                             f"got {self.positions!r}")

@@ -1,0 +1,339 @@
+"""The building blocks every model here is made of, on our kernels.
+
+Attention runs on ``kernels.attention`` (or, when the weights are asked for, ``kernels.softmax`` over
+explicit scores); every residual add + LayerNorm is one ``kernels.add_layer_norm``. No model
+re-implements either. Under ``kernels.use_backend("torch")`` the same modules with the same weights run
+the pure-PyTorch references: that is the reference implementation the tests compare with.
+
+Pre-LN blocks pass a (hidden, residual) pair along the stack, so the residual add that ends one
+sublayer fuses with the norm that starts the next:
+
+    hidden, residual = embeddings, None
+    for block in blocks:
+        hidden, residual, _ = block(hidden, residual)
+    out, _ = add_norm(hidden, residual, final_norm)
+
+Post-LN blocks take and return the hidden state (residual is None).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels.nn import LayerNorm
+from kernels.reference import causal_mask
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.LayerNorm,
+             dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual_out = residual + dropout(x)``; returns ``(norm(residual_out), residual_out)``: one kernel."""
+    return kernels.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p)
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) 1/0 (or bool) "attend to this token" mask -> bool (B, 1, 1, S), broadcast over heads and queries."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
+    return attention_mask.bool()[:, None, None, :]
+
+
+def sinusoidal_table(n_positions: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
+    """(n_positions, dim) sinusoids of "Attention Is All You Need": frequency 1 / 10000^(2i/dim) for pair i.
+
+    ``layout="interleaved"`` puts sin/cos of pair i in columns 2i/2i+1 (the paper); ``"concat"`` puts
+    all sines first, then all cosines (Marian)."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = pos * freq                                                   # (n, ceil(dim / 2))
+    table = torch.empty(n_positions, dim, dtype=torch.float64)
+    if layout == "interleaved":
+        table[:, 0::2] = angles.sin()
+        table[:, 1::2] = angles[:, : dim // 2].cos()
+    elif layout == "concat":
+        half = (dim + 1) // 2
+        table[:, :half] = angles.sin()
+        table[:, half:] = angles[:, : dim // 2].cos()
+    else:
+        raise ValueError(f"layout must be 'interleaved' or 'concat', got {layout!r}")
+    return table.float()
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sinusoidal position encodings (a non-persistent buffer: not in the state dict)."""
+
+    def __init__(self, max_positions: int, dim: int, layout: str = "interleaved") -> None:
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(max_positions, dim, layout), persistent=False)
+
+    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
+        if offset + length > self.table.shape[0]:
+            raise ValueError(f"positions {offset}..{offset + length - 1} exceed the table of {self.table.shape[0]}")
+        return self.table[offset: offset + length]                       # (L, dim)
+
+
+class PatchEmbedding(nn.Module):
+    """Cut an image into patch_size x patch_size patches, flatten and project each: a strided convolution."""
+
+    def __init__(self, image_size: int, patch_size: int, num_channels: int, dim: int) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.num_patches = (image_size // patch_size) ** 2
+        self.proj = nn.Conv2d(num_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (self.image_size,) * 2:
+            raise ValueError(f"pixel_values must be (batch, channels, {self.image_size}, {self.image_size}), "
+                             f"got {tuple(pixel_values.shape)}")
+        return self.proj(pixel_values).flatten(2).transpose(1, 2)       # (B, num_patches, dim)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: fc2(dropout(act(fc1(x))))."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu", dropout: float = 0.0,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.act = _ACTIVATIONS[activation]
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        if self.training and self.dropout > 0:
+            h = F.dropout(h, self.dropout)
+        return self.fc2(h)
+
+
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding.
+
+    Buffers (B, H, max_len, D) filled up to ``length``; ``append`` writes new keys/values and returns
+    views of everything filled so far (read in place by the attention kernel)."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.k = torch.empty(batch, heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new = k.shape[2]
+        if self.length + new > self.k.shape[2]:
+            raise ValueError(f"KVCache is full: {self.length} + {new} > {self.k.shape[2]} positions")
+        self.k[:, :, self.length: self.length + new] = k
+        self.v[:, :, self.length: self.length + new] = v
+        self.length += new
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (beam search)."""
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class Attention(nn.Module):
+    """Multi-head attention on ``kernels.attention``.
+
+    Self-attention projects q, k, v with one fused ``qkv_proj`` (its output split into strided views,
+    no copies); cross-attention has ``q_proj`` and a fused ``kv_proj`` over the memory. ``causal`` is
+    bottom-right aligned (the last query sees every key), so the same call serves training, prefill
+    and one-token decoding over a ``KVCache``. ``attn_mask``: bool (True = attend) or float, broadcast
+    to (B, H, L, S), e.g. ``key_padding_mask(attention_mask)``."""
+
+    def __init__(self, dim: int, n_heads: int, *, cross: bool = False, kv_dim: int | None = None,
+                 bias: bool = True, out_bias: bool | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
+        self.dim, self.n_heads, self.head_dim, self.cross = dim, n_heads, dim // n_heads, cross
+        if cross:
+            self.q_proj = nn.Linear(dim, dim, bias=bias)
+            self.kv_proj = nn.Linear(kv_dim or dim, 2 * dim, bias=bias)
+        else:
+            self.qkv_proj = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias if out_bias is None else out_bias)
+        self.dropout = dropout
+
+    def _heads(self, t: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        b, n, _ = t.shape                                            # (B, T, parts * dim)
+        t = t.view(b, n, parts, self.n_heads, self.head_dim)
+        return tuple(x.transpose(1, 2) for x in t.unbind(2))        # parts x (B, H, T, D) strided views
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, *, causal: bool = False,
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, L, dim), memory (B, S, kv_dim) for cross-attention -> ((B, L, dim), weights (B, H, L, S) or None).
+
+        With a cache, self-attention appends this step's keys/values to it; cross-attention fills it
+        from ``memory`` on the first call and reuses it afterwards (memory may then be None)."""
+        b, l, _ = x.shape
+        if self.cross:
+            (q,) = self._heads(self.q_proj(x), 1)
+            if cache is not None and cache.length > 0:
+                k, v = cache.get()
+            else:
+                if memory is None:
+                    raise ValueError("cross-attention needs memory (or a filled cache)")
+                k, v = self._heads(self.kv_proj(memory), 2)
+                if cache is not None:
+                    k, v = cache.append(k, v)
+        else:
+            q, k, v = self._heads(self.qkv_proj(x), 3)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            mask = attn_mask
+            if causal:
+                keep = causal_mask(l, k.shape[2], q.device, bottom_right=True)
+                mask = keep if mask is None else (keep & mask if mask.dtype == torch.bool
+                                                  else mask.masked_fill(~keep, float("-inf")))
+            weights = kernels.softmax(q @ k.transpose(-2, -1), mask=mask, scale=self.head_dim ** -0.5)
+            out = (F.dropout(weights, p) if p > 0 else weights) @ v              # (B, H, L, D)
+        else:
+            out = kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=p)
+        return self.out_proj(out.transpose(1, 2).reshape(b, l, self.dim)), weights
+
+
+@dataclass
+class BlockSpec:
+    """Shape and regularization of one transformer block."""
+
+    dim: int
+    n_heads: int
+    ffn_dim: int
+    activation: str = "gelu"
+    pre_ln: bool = True
+    dropout: float = 0.0              # residual branches
+    attn_dropout: float = 0.0         # attention probabilities
+    activation_dropout: float = 0.0   # inside the feed-forward
+    eps: float = 1e-5
+    bias: bool = True                 # every linear layer
+    qkv_bias: bool | None = None      # overrides bias for the q/k/v projections
+
+
+class EncoderBlock(nn.Module):
+    """Self-attention + feed-forward, pre-LN or post-LN (BERT, ViT; GPT with ``causal=True``).
+
+    ``ln1`` is the norm around attention, ``ln2`` the one around the feed-forward."""
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        self.pre_ln, self.dropout = spec.pre_ln, spec.dropout
+        qkv_bias = spec.bias if spec.qkv_bias is None else spec.qkv_bias
+        self.attn = Attention(spec.dim, spec.n_heads, bias=qkv_bias, out_bias=spec.bias, dropout=spec.attn_dropout)
+        self.ln1 = LayerNorm(spec.dim, eps=spec.eps)
+        self.ffn = FeedForward(spec.dim, spec.ffn_dim, spec.activation, spec.activation_dropout, spec.bias)
+        self.ln2 = LayerNorm(spec.dim, eps=spec.eps)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, *, causal: bool = False,
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """-> (hidden, residual, attention weights or None); see the module docstring for the pair."""
+        p = self.dropout if self.training else 0.0
+        if self.pre_ln:
+            normed, residual = add_norm(hidden, residual, self.ln1, p if residual is not None else 0.0)
+            a, w = self.attn(normed, causal=causal, attn_mask=attn_mask, cache=cache, need_weights=need_weights)
+            normed, residual = add_norm(a, residual, self.ln2, p)
+            return self.ffn(normed), residual, w
+        a, w = self.attn(hidden, causal=causal, attn_mask=attn_mask, cache=cache, need_weights=need_weights)
+        hidden, _ = add_norm(a, hidden, self.ln1, p)
+        hidden, _ = add_norm(self.ffn(hidden), hidden, self.ln2, p)
+        return hidden, None, w
+
+
+@dataclass
+class DecoderCache:
+    """Per decoder block: the growing self-attention cache and the once-computed cross-attention one."""
+
+    self_attn: KVCache
+    cross_attn: KVCache
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.self_attn.reorder(index)
+        self.cross_attn.reorder(index)
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention + cross-attention to the encoder output + feed-forward, pre-LN or post-LN.
+
+    ``ln1``/``ln2``/``ln3`` are the norms around self-attention, cross-attention and the feed-forward."""
+
+    def __init__(self, spec: BlockSpec, memory_dim: int | None = None) -> None:
+        super().__init__()
+        self.pre_ln, self.dropout = spec.pre_ln, spec.dropout
+        qkv_bias = spec.bias if spec.qkv_bias is None else spec.qkv_bias
+        self.self_attn = Attention(spec.dim, spec.n_heads, bias=qkv_bias, out_bias=spec.bias,
+                                   dropout=spec.attn_dropout)
+        self.ln1 = LayerNorm(spec.dim, eps=spec.eps)
+        self.cross_attn = Attention(spec.dim, spec.n_heads, cross=True, kv_dim=memory_dim, bias=qkv_bias,
+                                    out_bias=spec.bias, dropout=spec.attn_dropout)
+        self.ln2 = LayerNorm(spec.dim, eps=spec.eps)
+        self.ffn = FeedForward(spec.dim, spec.ffn_dim, spec.activation, spec.activation_dropout, spec.bias)
+        self.ln3 = LayerNorm(spec.dim, eps=spec.eps)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, memory: torch.Tensor | None, *,
+                self_mask: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                cache: DecoderCache | None = None, need_weights: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """-> (hidden, residual, (self-attention weights, cross-attention weights))."""
+        p = self.dropout if self.training else 0.0
+        self_cache = cache.self_attn if cache is not None else None
+        cross_cache = cache.cross_attn if cache is not None else None
+        if self.pre_ln:
+            normed, residual = add_norm(hidden, residual, self.ln1, p if residual is not None else 0.0)
+            a, w_self = self.self_attn(normed, causal=True, attn_mask=self_mask, cache=self_cache,
+                                       need_weights=need_weights)
+            normed, residual = add_norm(a, residual, self.ln2, p)
+            c, w_cross = self.cross_attn(normed, memory, attn_mask=memory_mask, cache=cross_cache,
+                                         need_weights=need_weights)
+            normed, residual = add_norm(c, residual, self.ln3, p)
+            return self.ffn(normed), residual, (w_self, w_cross)
+        a, w_self = self.self_attn(hidden, causal=True, attn_mask=self_mask, cache=self_cache,
+                                   need_weights=need_weights)
+        hidden, _ = add_norm(a, hidden, self.ln1, p)
+        c, w_cross = self.cross_attn(hidden, memory, attn_mask=memory_mask, cache=cross_cache,
+                                     need_weights=need_weights)
+        hidden, _ = add_norm(c, hidden, self.ln2, p)
+        hidden, _ = add_norm(self.ffn(hidden), hidden, self.ln3, p)
+        return hidden, None, (w_self, w_cross)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2/BERT-style init: normal(0, std) linear and embedding weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def embedding_scale(dim: int, enabled: bool) -> float:
+    return math.sqrt(dim) if enabled else 1.0
