@@ -2,16 +2,21 @@
 for real GPUs (sm_80 and sm_90a), on a machine without one, and check registers, spills and shared
 memory.
 
-    python -m kernels.aot [--arch 80 90] [--json PATH] [--filter SUBSTRING] [--jobs N]
+    python -m kernels.aot [--arch 80 90] [--json PATH] [--family NAME ...] [--filter SUBSTRING] [--jobs N]
 
 Each configuration goes through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 with the specialization the runtime launcher would give a typical contiguous call: pointers aligned
 to 16 bytes and integer arguments divisible by 16 carry ``tt.divisibility=16``, integers equal to 1
 (a unit last-dim stride, a collapsed leading dim of size 1) become constants, floats stay ``fp32``
 (``specialize`` below, the same rules as ``triton.runtime.jit``; where this triton exposes its own
-argument binder the result is cross-checked against it). The bundled ``ptxas -v`` on the PTX gives
-registers and spill bytes, the compiled kernel's metadata the shared memory, and the PTX the static
-count of tensor-core instructions (``mma.sync``, ``wgmma.mma_async``). Exit code 1 if any
+argument binder the result is cross-checked against it). Registers and spill bytes come from the
+``ptxas -v`` log of the PTX (the ptxas bundled with triton, ``--gpu-name=sm_80`` / ``sm_90a``): the
+run triton itself makes to build the cubin, printed with ``TRITON_DUMP_PTXAS_LOG=1`` and captured, so
+the numbers are those of the real cubin with triton's own extra flags (triton 3.9 adds
+``--regAllocOptLevel=2`` and uses the CUDA 13 ptxas for sm_90a, which spill where a plain
+``ptxas -v`` does not); on a cache hit, where no ptxas ran, ``ptxas -v`` is run on the PTX here. Shared
+memory comes from the compiled kernel's metadata, and the static count of tensor-core instructions
+(``mma.sync``, ``wgmma.mma_async``) from the PTX. Exit code 1 if any
 configuration fails to compile, spills, needs more shared memory than a block may have (sm_80: 163 KB,
 sm_90: 227 KB, the CUDA per-block opt-in limits the runtime checks at launch), or, for a kernel built
 on ``tl.dot``, has no tensor-core instruction.
@@ -41,6 +46,7 @@ How the configurations are enumerated (one spec generator per kernel family, in 
   backward's ``rows_per_program`` as for 8192 rows on 432 programs, 4 per SM of an A100), and for
   softmax 4-D ``(B, H, L, N)`` inputs laid out by the launcher (a padding mask ``(B, 1, 1, N)`` for
   the bool mask, a per-query mask ``(B, 1, L, N)`` for the float one, ``L = N`` when causal).
+- Attention: see ``attention_specs``.
 
 To add a kernel family, write one generator yielding ``Spec`` objects and append it to ``FAMILIES``;
 set ``tensor_cores=True`` on specs whose kernel must use tensor cores (``tl.dot``).
@@ -199,7 +205,7 @@ def layer_norm_specs() -> Iterator[Spec]:
                              HAS_BIAS=heavy, IS_RMS_NORM=False)
             label = _flags({"res": heavy, "drop": heavy, "w": heavy, "b": heavy})
             specs = []
-            for n in _row_lengths(lambda n: ln._block(n, ln.MAX_FUSED_FWD, dtype)[1]):
+            for n in _row_lengths(lambda n, dtype=dtype: ln._block(n, ln.MAX_FUSED_FWD, dtype)[1]):
                 block, single = ln._block(n, ln.MAX_FUSED_FWD, dtype)
                 args, options = bind(ln._layer_norm_fwd_kernel, kwargs=dict(
                     X=x, R=x, W=p, B=p, Y=x, RES_OUT=x, MEAN=a, RSTD=a,
@@ -215,7 +221,7 @@ def layer_norm_specs() -> Iterator[Spec]:
             label = _flags({"w": heavy, "b": heavy, "dres_out": heavy, "drop": heavy, "dres": heavy})
             part = a if heavy else x             # dW/dB partials, or dx in their place when absent
             specs = []
-            for n in _row_lengths(lambda n: ln._block(n, ln.MAX_FUSED_BWD, dtype)[1]):
+            for n in _row_lengths(lambda n, dtype=dtype: ln._block(n, ln.MAX_FUSED_BWD, dtype)[1]):
                 block, single = ln._block(n, ln.MAX_FUSED_BWD, dtype)
                 args, options = bind(ln._layer_norm_bwd_kernel, kwargs=dict(
                     X=x, W=p, DY=x, DRES_OUT=x, DX=x, DRES=x, DW_PART=part, DB_PART=part, MEAN=a, RSTD=a,
@@ -249,7 +255,7 @@ def softmax_specs() -> Iterator[Spec]:
             label = "plain" if kind == "none" else f"{kind}_mask+causal"
             specs = []
 
-            def single_block(n, kind=kind, causal=causal):
+            def single_block(n, kind=kind, causal=causal, dtype=dtype):
                 return _softmax_fwd_launch(sm, launch, empty, dtype, kind, causal, b, h, length, n)[0]["SINGLE_BLOCK"]
 
             for n in _row_lengths(single_block):
@@ -258,7 +264,7 @@ def softmax_specs() -> Iterator[Spec]:
             yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
 
         # Backward, as softmax_bwd(y, dy, dim=-1, scale) prepares it.
-        def bwd(n):
+        def bwd(n, dtype=dtype):
             y, dy, dx = (empty(b, h, length, n, dtype=dtype) for _ in range(3))
             return launch(sm._softmax_bwd_kernel, [y, dy, dx], n, (0.125,), dtype)
 
@@ -681,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every row, with all numbers, as JSON")
     parser.add_argument("--filter", metavar="SUBSTRING", default="",
                         help="only configurations whose kernel name or config contains SUBSTRING")
+    parser.add_argument("--family", nargs="+", choices=[name for name, _ in FAMILIES],
+                        help="only these kernel families (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     opts = parser.parse_args(argv)
 
@@ -703,7 +711,8 @@ def _run(opts: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     archs = list(dict.fromkeys(opts.arch))
-    specs = [s for s in all_specs() if opts.filter in s.name or opts.filter in s.config]
+    families = [(name, gen) for name, gen in FAMILIES if not opts.family or name in opts.family]
+    specs = [s for s in all_specs(families) if opts.filter in s.name or opts.filter in s.config]
     jobs, mismatches = _make_jobs(specs, archs)
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(specs)} configurations x "
           f"{len(archs)} archs = {len(jobs)} compiles on {max(1, min(opts.jobs, len(jobs)))} processes")

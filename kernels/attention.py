@@ -55,59 +55,55 @@ DECODE_MIN_S = 256
 # ----------------------------------------------------------------------------- configs
 
 
-def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None) -> dict:
+def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None,
+                     dropout: bool = False) -> dict:
     """Block sizes, warps and stages of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
 
     ``arch`` is the CUDA compute capability as an int (80, 90, ...) or None under the interpreter (small
     blocks, so that small test shapes still cross several blocks). For "fwd" and "bwd_dq" BLOCK_M is the
     query block a program owns and BLOCK_N the key block of its loop; for "bwd_dkdv" BLOCK_N is the key
     block a program owns and BLOCK_M the query block of its loop; "decode" only sets BLOCK_N (its BLOCK_M
-    is the GQA group's query rows). Shared by the launcher and ``kernels.aot``."""
+    is the GQA group's query rows). ``dropout`` (the in-kernel RNG is register-hungry) takes more warps or
+    smaller key blocks. Every configuration is compiled by ``python -m kernels.aot`` for sm_80 and sm_90a
+    (no spills, shared memory within limits). Shared by the launcher and ``kernels.aot``."""
     if arch is None:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     d = max(next_pow2(head_dim), next_pow2(head_dim_v), 16)
-    if dtype == torch.float64:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    if dtype == torch.float32:
-        d *= 2  # four-byte tiles: the configuration of a two-byte head dim twice as wide
     hopper = arch >= 90
+    if kind not in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
+        raise ValueError(f"attention_config: unknown kernel kind {kind!r}")
+    if dtype == torch.float64:          # correctness dtype: small tiles, no tensor-core tuning
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if d > 64 else 4, "num_stages": 1}
+    if dtype == torch.float32:          # true-fp32 dots (or tf32): half the tile of a 16-bit dtype
+        if kind == "bwd_dkdv":
+            bm, bn = 16, 32 if d <= 128 and not dropout else 16
+        else:
+            bm, bn = 32, 32 if d <= 64 else 16
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 8 if d > 64 or dropout else 4, "num_stages": 1}
     if kind == "fwd":
         if d <= 64:
-            bm, bn, w, st = 128, 64, 4, 3
+            bm, bn, w, st = (128, 32, 8, 3) if dropout else (128, 64, 4, 3)
         elif d <= 128:
-            bm, bn, w, st = 128, 64, 8, 3 if hopper else 2
-        elif d <= 256:
-            bm, bn, w, st = (128, 32, 8, 2) if hopper else (64, 32, 4, 2)
+            bm, bn, w, st = (128, 32, 8, 2) if dropout else (128, 64, 8, 3 if hopper else 2)
         else:
-            bm, bn, w, st = 64, 16, 8, 1
+            bm, bn, w, st = (64, 32, 8, 2) if dropout else ((128, 32, 8, 2) if hopper else (64, 32, 4, 2))
     elif kind == "decode":
         bm = 0
-        if d <= 128:
-            bn, w, st = 64, 4, 3
-        elif d <= 256:
-            bn, w, st = 32, 4, 2
-        else:
-            bn, w, st = 16, 4, 1
+        bn, w, st = (64, 4, 3) if d <= 128 else (32, 4, 2)
     elif kind == "bwd_dkdv":
         if d <= 64:
-            bm, bn, w, st = 32, 128, 4, 3 if hopper else 2
+            bm, bn, w, st = (16, 64, 8, 2) if dropout else (32, 64, 4, 3 if hopper else 2)
         elif d <= 128:
-            bm, bn, w, st = 32, 64, 4, 2
-        elif d <= 256:
-            bm, bn, w, st = 16, 32, 4, 1
+            bm, bn, w, st = (16, 64, 8, 2) if dropout else (32, 64, 8, 2)
         else:
-            bm, bn, w, st = 16, 16, 4, 1
-    elif kind == "bwd_dq":
+            bm, bn, w, st = (16, 16, 8, 1) if dropout else (16, 32, 8, 1)
+    else:  # bwd_dq
         if d <= 64:
-            bm, bn, w, st = 128, 32, 4, 3 if hopper else 2
+            bm, bn, w, st = 64, 32, 8 if dropout else 4, 3 if hopper else 2
         elif d <= 128:
-            bm, bn, w, st = 64, 32, 4, 2
-        elif d <= 256:
-            bm, bn, w, st = 32, 32, 4, 1
+            bm, bn, w, st = 64, 32, 8 if dropout else 4, 2
         else:
-            bm, bn, w, st = 16, 16, 4, 1
-    else:
-        raise ValueError(f"attention_config: unknown kernel kind {kind!r}")
+            bm, bn, w, st = 32, 32, 8 if dropout else 4, 1
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
 
 
@@ -656,7 +652,7 @@ def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropo
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **meta)
     if num_splits > 0:
-        cfg = attention_config("decode", d, dv, q.dtype, arch)
+        cfg = attention_config("decode", d, dv, q.dtype, arch, dropout_p > 0)
         block_n = cfg["BLOCK_N"]
         chunk = triton.cdiv(triton.cdiv(s, num_splits), block_n) * block_n
         splits = triton.cdiv(s, chunk)
@@ -671,7 +667,7 @@ def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropo
             opart, lsepart, out, lse, h, hkv, l, dv, group, splits, *out.stride()[:3],
             BLOCK_S=next_pow2(splits), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
     else:
-        cfg = attention_config("fwd", d, dv, q.dtype, arch)
+        cfg = attention_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
         grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         _attn_fwd_kernel[grid](
             q, k, v, m, seq, out, lse, h, l, s, d, dv, group, *strides, *out.stride()[:3], *args,
@@ -714,7 +710,8 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
     group = h // hkv
     delta = torch.empty((b, h, l), dtype=acc, device=q.device)
     dlse_c = dlse.contiguous() if dlse is not None else delta
-    pre_block = 64 if arch is not None else 32
+    row_bytes = meta["BLOCK_DV"] * q.element_size()
+    pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
     _attn_bwd_preprocess_kernel[(triton.cdiv(l, pre_block), b * h)](
         out, do, dlse_c, delta, h, l, dv, *out.stride()[:3], *do.stride()[:3],
         HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
@@ -722,12 +719,12 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *do.stride()[:3])
     args = (scale, scale * LOG2E, causal_offset, dropout_p, seed)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **meta)
-    cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch)
+    cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
     _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
         q, k, v, m, seq, do, lse, delta, dk, dvv, h, hkv, l, s, d, dv, group, *strides, *args,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **flags)
-    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch)
+    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
     _attn_bwd_dq_kernel[(triton.cdiv(l, cfg["BLOCK_M"]), b * h)](
         q, k, v, m, seq, do, lse, delta, dq, h, l, s, d, dv, group, *strides, *args,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

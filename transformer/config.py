@@ -149,6 +149,8 @@ class EncoderDecoderConfig(Config):
     scale_embedding: bool = True         # multiply embeddings by sqrt(dim), as the paper does
     positions: str = "interleaved"       # sinusoid layout: "interleaved" (paper) or "concat" (sin | cos, Marian)
     tie_embeddings: bool = True
+    share_embeddings: bool = True        # one token table for source and target (else a separate source table)
+    source_vocab_size: int | None = None  # source table size when not shared (default: vocab_size)
     final_logits_bias: bool = False      # Marian's extra output bias
     label_smoothing: float = 0.1
     pad_token_id: int = 0
@@ -169,3 +171,6 @@ class EncoderDecoderConfig(Config):
         if self.positions not in ("interleaved", "concat"):
             raise ValueError(f"EncoderDecoderConfig: positions must be 'interleaved' or 'concat', "
                              f"got {self.positions!r}")
+        if self.share_embeddings and self.source_vocab_size not in (None, self.vocab_size):
+            raise ValueError("EncoderDecoderConfig: source_vocab_size differs from vocab_size but the source and "
+                             "target embeddings are shared (share_embeddings=True)")

@@ -1,0 +1,195 @@
+"""``torch.compile(fullgraph=True)`` of code using every op, forward and backward, on the CPU through
+the interpreter: the ops are ``torch.library`` custom ops (fake implementations, registered autograd),
+so they trace without a graph break and the compiled code runs the same kernels as eager code.
+
+Most cases use ``backend="aot_eager"`` (traces forward and backward, no code generation: fast); one
+uses the default inductor backend. ``torch.library.opcheck`` checks the registrations themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import grads
+
+import kernels
+from kernels.layer_norm import layer_norm_bwd, layer_norm_fwd
+from kernels.softmax import softmax_bwd, softmax_fwd
+
+pytestmark = pytest.mark.usefixtures("triton_backend")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _keep(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) > 0.3
+
+
+# Each case: (function of the tensors, the tensors; each gets a gradient).
+def _cases():
+    x, r, w, b = _randn(2, 3, 24), _randn(2, 3, 24, seed=1), _randn(24, seed=2), _randn(24, seed=3)
+    s = _randn(2, 2, 5, 7, seed=4)
+    keep, bias = _keep(2, 1, 5, 7), _randn(5, 7, seed=5)
+    return {
+        "layer_norm": (lambda x, w, b: torch.cat([kernels.layer_norm(x * 2, (24,), w, b, 1e-5) + 1,
+                                                  kernels.layer_norm(x, (3, 24), w.expand(3, 24))]), [x, w, b]),
+        "rms_norm": (lambda x, w: kernels.rms_norm(x, (24,), w).relu() + kernels.rms_norm(x, 24, eps=0.1), [x, w]),
+        "add_layer_norm": (lambda x, r, w, b: torch.cat([*kernels.add_layer_norm(x, r, w, b),
+                                                         *kernels.add_layer_norm(x, None, w),
+                                                         kernels.add_layer_norm(r, x, w)[0]]), [x, r, w, b]),
+        "add_layer_norm-dropout": (lambda x, r: torch.cat(kernels.add_layer_norm(x, r, dropout_p=0.3)), [x, r]),
+        "softmax": (lambda s: torch.cat([kernels.softmax(s, -1, scale=0.5),
+                                         kernels.softmax(s, mask=keep, is_causal=True),
+                                         kernels.softmax(s.transpose(-1, -2), 2, mask=bias.t()).transpose(-1, -2)]),
+                    [s]),
+    }
+
+
+CASES = list(_cases())
+
+
+def _run(fn, inputs, seed: int = 0):
+    """Forward and backward of ``fn`` on fresh leaves; dropout re-seeded so both runs draw the same mask."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    torch.manual_seed(seed)
+    out = fn(*leaves)
+    dy = _randn(*out.shape, seed=9)
+    return out.detach(), grads(out, leaves, dy)
+
+
+def _assert_same(got, want):
+    out, g = got
+    want_out, want_g = want
+    assert torch.equal(out, want_out), (out - want_out).abs().max()
+    for a, b in zip(g, want_g):
+        assert a is not None and torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_function_matches_eager(case):
+    fn, inputs = _cases()[case]
+    eager = _run(fn, inputs)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    _assert_same(_run(compiled, inputs), eager)
+    _assert_same(_run(compiled, inputs), eager)  # the cached graph, second call
+
+
+def test_compiled_with_dynamic_shapes():
+    """The fake implementations handle symbolic sizes: one graph serves several batch sizes."""
+    def fn(x, w, b):
+        out, residual = kernels.add_layer_norm(x, x * 0.5, w, b)
+        h = kernels.rms_norm(out, (16,)) + residual
+        return kernels.softmax(kernels.layer_norm(h, h.shape[-1:]), -1)  # a normalized_shape of SymInts
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    w, b = _randn(16, seed=1), _randn(16, seed=2)
+    for rows in (3, 5, 0):
+        inputs = [_randn(rows, 2, 16), w, b]
+        _assert_same(_run(compiled, inputs), _run(fn, inputs))
+
+
+class _Block(torch.nn.Module):
+    """A tiny post-LN attention block built from every op and the drop-in modules."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.proj = torch.nn.Linear(d, d)
+        self.ln = kernels.nn.LayerNorm(d)
+        self.rms = kernels.nn.RMSNorm(d)
+        self.out_softmax = kernels.nn.Softmax(dim=-1)
+
+    def forward(self, x, keep):
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.rms(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = kernels.softmax(q @ k.transpose(-1, -2), mask=keep, scale=(d // self.heads) ** -0.5, is_causal=True)
+        attn = (p @ v).transpose(1, 2).reshape(b, s, d)
+        h, residual = kernels.add_layer_norm(self.proj(attn), x, self.ln.weight, self.ln.bias)
+        return self.out_softmax(self.ln(h) + residual)
+
+
+def _module_run(model, x, keep):
+    model.zero_grad()
+    xl = x.clone().requires_grad_()
+    out = model(xl, keep)
+    out.backward(_randn(*out.shape, seed=8))
+    return out.detach(), [xl.grad] + [p.grad.clone() for p in model.parameters()]
+
+
+def test_compiled_module_matches_eager():
+    torch.manual_seed(0)
+    model = _Block()
+    x, keep = _randn(2, 6, 16), _keep(2, 1, 1, 6)
+    eager = _module_run(model, x, keep)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _assert_same(_module_run(compiled, x, keep), eager)
+
+
+def test_inductor():
+    """The default backend: inductor calls the custom ops as opaque kernels (kept to custom ops only,
+    so that no C++ code generation is needed and the case stays quick)."""
+    def fn(x, r, w, b):
+        out, residual = kernels.add_layer_norm(x, r, w, b)
+        return kernels.softmax(out, mask=keep), kernels.rms_norm(residual, (24,), w)
+
+    keep = _keep(24)
+    inputs = [_randn(2, 3, 24), _randn(2, 3, 24, seed=1), _randn(24, seed=2), _randn(24, seed=3)]
+    compiled = torch.compile(fn, fullgraph=True)
+    for run in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        outs = run(*leaves)
+        result = [o.detach() for o in outs] + grads(outs, leaves, [_randn(2, 3, 24, seed=6), _randn(2, 3, 24, seed=7)])
+        if run is fn:
+            eager = result
+    for got, want in zip(result, eager):
+        assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_no_graph_break_under_torch_backend_either():
+    """With the "torch" backend the references are traced instead: still one graph, same results."""
+    fn, inputs = _cases()["add_layer_norm"]
+    with kernels.use_backend("torch"):
+        eager = _run(fn, inputs)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        got = _run(compiled, inputs)
+    torch.testing.assert_close(got[0], eager[0])
+
+
+# ----------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_cases():
+    x, r, w, b = _randn(3, 24), _randn(3, 24, seed=1), _randn(24, seed=2), _randn(24, seed=3)
+    req = lambda t: t.clone().requires_grad_()
+    s, keep = _randn(2, 5, 7, seed=4), _keep(5, 7)
+    y = torch.softmax(s, -1)
+    return [
+        ("ln_fwd", layer_norm_fwd, (req(x), None, req(w), req(b), 1e-5, 0.0, False)),
+        ("ln_fwd-residual", layer_norm_fwd, (req(x), req(r), req(w), None, 1e-5, 0.0, False)),
+        ("rms_fwd", layer_norm_fwd, (req(x), None, req(w), None, 1e-6, 0.0, True)),
+        ("ln_fwd-no-affine", layer_norm_fwd, (req(x), req(r), None, None, 1e-5, 0.0, False)),
+        ("ln_bwd", layer_norm_bwd, (x, r, x, w, True, x.mean(-1), 1 / x.std(-1), torch.tensor([0]), 0.0, False,
+                                    True, torch.float32)),
+        ("softmax_fwd", softmax_fwd, (req(s), None, 2, 0.5, False)),
+        ("softmax_fwd-mask", softmax_fwd, (req(s), keep, 2, 1.0, True)),
+        ("softmax_fwd-dim0", softmax_fwd, (req(s), s[0, 0], 0, 1.0, False)),
+        ("softmax_bwd", softmax_bwd, (y, s, 1, 0.5)),
+    ]
+
+
+@pytest.mark.parametrize("case", _opcheck_cases(), ids=lambda c: c[0])
+def test_opcheck(case):
+    """Schema, fake implementation, autograd registration and AOT dispatch of each custom op (the
+    dropout case is excluded: it draws a new seed per call, which opcheck's repeated runs disallow)."""
+    _, op, args = case
+    torch.library.opcheck(op, args)

@@ -1,0 +1,353 @@
+"""GPT-2 on our kernels: a decoder-only language model, with KV-cache generation and Hugging Face loading.
+
+Architecture (Radford et al. 2019): token embeddings + learned position embeddings, a stack of pre-LN
+causal self-attention blocks (``transformer.layers.EncoderBlock`` with ``causal=True``), a final
+LayerNorm ``ln_f``, and an LM head tied to the token embeddings (``GPTConfig.tie_embeddings``; untied
+gives ``lm_head`` its own weight). Attention runs on ``kernels.attention`` and every residual add +
+LayerNorm is one ``kernels.add_layer_norm``: the blocks pass the (hidden, residual) pre-LN pair along
+the stack, and the last block's residual add fuses into ``ln_f``.
+
+    model = GPT(GPTConfig.from_preset("tiny"))
+    out = model(ids, labels=ids)                   # .logits (B, L, vocab), .loss (next-token CE)
+    new = model.generate(ids, max_new_tokens=20)   # (B, L + 20): prompt + new tokens
+
+Generation is split as gpt-fast splits it: ``prefill`` runs the prompt once and fills one
+``KVCache`` per block, ``decode_one_token`` feeds a single token over the caches (the attention
+kernel's decoding path: L = 1 query over a long cache, bottom-right causal), and ``sample`` turns
+the last logits into the next token. ``use_cache=False`` recomputes the whole sequence every step;
+it is the slow check that the cache is right (both give the same tokens).
+
+Parameter names follow nanoGPT (``wte``, ``wpe``, ``blocks.{i}``, ``ln_f``, ``lm_head``) so that
+Hugging Face GPT-2 weights load with the short key map in ``_HF_BLOCK_KEYS`` (plus the Conv1D
+transposes: HF stores those weights as (in, out)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from transformer.config import GPTConfig
+from transformer.layers import BlockSpec, EncoderBlock, KVCache, add_norm, init_weights, key_padding_mask
+from transformer.outputs import LMOutput
+
+IGNORE_INDEX = -100  # label value left out of the loss (HF's convention)
+
+
+class GPT(nn.Module):
+    """GPT-2 language model: ``forward`` for training and scoring, ``generate`` for decoding."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        spec = BlockSpec(dim=config.dim, n_heads=config.n_heads, ffn_dim=config.ffn_dim,
+                         activation=config.activation, pre_ln=True, dropout=config.dropout,
+                         attn_dropout=config.attn_dropout, eps=config.eps, bias=config.bias)
+        self.wte = nn.Embedding(config.vocab_size, config.dim)
+        self.wpe = nn.Embedding(config.max_seq_len, config.dim)
+        self.blocks = nn.ModuleList(EncoderBlock(spec) for _ in range(config.n_layers))
+        self.ln_f = kernels.nn.LayerNorm(config.dim, eps=config.eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one tensor: the output layer is the embedding's inverse
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: normal(0, 0.02) everywhere, and the projections that end a residual branch
+        (attention ``out_proj``, feed-forward ``fc2``) at 0.02 / sqrt(2 * n_layers), so that the sum of the
+        2 * n_layers branch outputs on the residual stream keeps a depth-independent variance."""
+        init_weights(self, std=0.02)
+        std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, std=std)
+            nn.init.normal_(block.ffn.fc2.weight, std=std)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (the tied head counted once); ``non_embedding`` leaves out the position
+        embeddings (and the token embeddings when the head is untied), as nanoGPT reports model size."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.wte.weight.numel()
+        return n
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None, caches: list[KVCache] | None = None,
+                       need_weights: bool = False) -> tuple[torch.Tensor, list | None]:
+        """Embeddings -> blocks -> ln_f: (B, L) ids -> (B, L, dim), and the attention weights if asked.
+
+        With ``caches`` the ids continue the cached sequence: positions start at the cache length and
+        ``attention_mask`` covers cache + new tokens, (B, cache length + L)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        b, l = input_ids.shape
+        offset = caches[0].length if caches else 0
+        if position_ids is None:
+            if offset + l > self.config.max_seq_len:
+                raise ValueError(f"sequence of {offset + l} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            position_ids = torch.arange(offset, offset + l, device=input_ids.device)      # (L,)
+        elif position_ids.shape[-1] != l:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(b, l)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, offset + l):
+            raise ValueError(f"attention_mask must be (batch, cached + new tokens) = {(b, offset + l)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = key_padding_mask(attention_mask)                                            # (B, 1, 1, S)
+        x = self.wte(input_ids) + self.wpe(position_ids)                                   # (B, L, dim)
+        p = self.config.dropout if self.training else 0.0
+        if p > 0:
+            x = F.dropout(x, p)
+        hidden, residual, weights = x, None, []
+        for i, block in enumerate(self.blocks):
+            hidden, residual, w = block(hidden, residual, causal=True, attn_mask=mask,
+                                        cache=caches[i] if caches else None, need_weights=need_weights)
+            weights.append(w)
+        out, _ = add_norm(hidden, residual, self.ln_f, p)                                 # (B, L, dim)
+        return out, (weights if need_weights else None)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
+                output_attentions: bool = False) -> LMOutput:
+        """(B, L) token ids -> ``LMOutput`` with ``.logits`` (B, L, vocab).
+
+        ``labels`` (B, L): next-token cross entropy, HF GPT-2's convention: the labels are the input ids
+        themselves and are shifted inside (position t's logits are scored against ``labels[:, t + 1]``),
+        entries equal to -100 are ignored, the loss is the mean over the scored tokens. Pass
+        ``labels=input_ids`` with padding set to -100.
+        ``attention_mask`` (B, L), 1 = real token, 0 = padding: padded keys are never attended to
+        (on top of the causal mask). ``position_ids`` (B, L) or (L,), default 0..L-1 as HF; left-padded
+        batches may pass ``attention_mask.cumsum(-1) - 1`` so that each sequence starts at position 0.
+        ``output_attentions``: also return each block's attention weights (B, H, L, L) in ``.attentions``."""
+        hidden, weights = self._hidden_states(input_ids, attention_mask, position_ids,
+                                              need_weights=output_attentions)
+        logits = self.lm_head(hidden)                                                      # (B, L, vocab)
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            shift_logits = logits[:, :-1].float()                                          # (B, L-1, vocab)
+            shift_labels = labels[:, 1:].to(logits.device)                                 # (B, L-1)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return LMOutput(logits=logits, loss=loss, attentions=weights)
+
+    # --------------------------------------------------------------------------------------- generation
+
+    def setup_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        """One empty ``KVCache`` per block, room for ``max_len`` positions, in the model's dtype and device."""
+        w = self.wte.weight
+        head_dim = self.config.dim // self.config.n_heads
+        return [KVCache(batch, self.config.n_heads, max_len, head_dim, dtype=w.dtype, device=w.device)
+                for _ in self.blocks]
+
+    def prefill(self, input_ids: torch.Tensor, caches: list[KVCache], attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt (B, L) once, filling the (empty) caches; -> next-token logits (B, vocab)."""
+        hidden, _ = self._hidden_states(input_ids, attention_mask, position_ids, caches)
+        return self.lm_head(hidden[:, -1])                                                 # (B, vocab)
+
+    def decode_one_token(self, token: torch.Tensor, caches: list[KVCache], attention_mask: torch.Tensor | None = None,
+                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One step: token (B, 1) after the cached sequence; ``attention_mask`` (B, cached + 1).
+        -> next-token logits (B, vocab). The single query attends over the whole cache."""
+        hidden, _ = self._hidden_states(token, attention_mask, position_ids, caches)
+        return self.lm_head(hidden[:, -1])                                                 # (B, vocab)
+
+    @staticmethod
+    def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None) -> torch.Tensor:
+        """Next-token logits (B, vocab) -> token ids (B,).
+
+        Greedy (argmax) unless ``do_sample``. Sampling divides the logits by ``temperature``, keeps the
+        ``top_k`` largest, then the smallest set of most likely tokens whose probability reaches ``top_p``
+        (nucleus; the most likely token is always kept), and draws from the renormalized distribution with
+        ``torch.multinomial`` on torch's default generator (``torch.manual_seed`` reproduces a draw)."""
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False)")
+        logits = logits.float() / temperature                                              # (B, vocab)
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        if top_k is not None:
+            if top_k < 1:
+                raise ValueError(f"top_k must be >= 1, got {top_k}")
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+            keep &= logits >= kth
+        if top_p is not None:
+            if not 0.0 < top_p <= 1.0:
+                raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            sorted_logits, order = torch.sort(logits.masked_fill(~keep, float("-inf")), dim=-1, descending=True)
+            probs = kernels.softmax(sorted_logits, dim=-1)                                 # (B, vocab) sorted
+            before = probs.cumsum(-1) - probs               # mass of the strictly more likely tokens
+            keep &= torch.zeros_like(keep).scatter(-1, order, before < top_p)
+        probs = kernels.softmax(logits, dim=-1, mask=keep)                                 # (B, vocab)
+        return torch.multinomial(probs, num_samples=1).squeeze(-1)                         # (B,)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, use_cache: bool = True,
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """Continue the prompts (B, L) by ``max_new_tokens`` tokens -> (B, L + max_new_tokens), prompt first.
+
+        With the cache: one prefill over the prompt, then one ``decode_one_token`` per new token. Without
+        (``use_cache=False``): the whole sequence is recomputed each step; the tokens are the same.
+        ``attention_mask`` (B, L) marks real prompt tokens (1) against padding (0): for left-padded
+        batches, padded positions are never attended to and positions count from each sequence's first
+        real token, so a padded prompt continues as it would alone. Once a sequence has produced
+        ``eos_token_id`` it keeps emitting ``pad_token_id`` (default: ``eos_token_id``); generation stops
+        early when every sequence has finished, the rest filled with that token. Runs in the model's
+        current mode: call ``model.eval()`` first, or dropout stays on."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, seq), got shape {tuple(input_ids.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        b, l = input_ids.shape
+        total = l + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt ({l}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        tokens = input_ids.new_empty(b, total)                                             # (B, total)
+        tokens[:, :l] = input_ids
+        if max_new_tokens == 0:
+            return tokens
+        mask = positions = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (b, l):
+                raise ValueError(f"attention_mask must be {(b, l)}, got {tuple(attention_mask.shape)}")
+            mask = torch.ones(b, total, dtype=torch.long, device=input_ids.device)         # (B, total)
+            mask[:, :l] = attention_mask.long()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)                                 # (B, total)
+        fill = pad_token_id if pad_token_id is not None else eos_token_id
+        finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        sample_kw: dict[str, Any] = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+        def window(t: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+            return None if t is None else t[:, start:end]
+
+        caches = self.setup_caches(b, total) if use_cache else None
+        if caches is not None:
+            logits = self.prefill(input_ids, caches, window(mask, 0, l), window(positions, 0, l))
+        for t in range(l, total):
+            if caches is None:
+                hidden, _ = self._hidden_states(tokens[:, :t], window(mask, 0, t), window(positions, 0, t))
+                logits = self.lm_head(hidden[:, -1])                                       # (B, vocab)
+            nxt = self.sample(logits, **sample_kw)                                         # (B,)
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, fill), nxt)
+                finished |= nxt == eos_token_id
+            tokens[:, t] = nxt
+            if eos_token_id is not None and bool(finished.all()):
+                tokens[:, t + 1:] = fill
+                break
+            if caches is not None and t + 1 < total:
+                logits = self.decode_one_token(tokens[:, t:t + 1], caches, window(mask, 0, t + 1),
+                                               window(positions, t, t + 1))
+        return tokens
+
+    # ---------------------------------------------------------------------------------- Hugging Face
+
+    @classmethod
+    def from_huggingface(cls, hf_model: nn.Module, **overrides: Any) -> GPT:
+        """Convert a transformers ``GPT2LMHeadModel`` (or ``GPT2Model``) into a ``GPT`` with the same
+        outputs: config from the HF config (``overrides`` replace fields of ours, e.g. dropout), weights
+        through ``load_huggingface_state_dict``; same dtype and device as ``hf_model``."""
+        config = config_from_huggingface(hf_model.config, **overrides)
+        ref = next(hf_model.parameters())
+        model = cls(config).to(device=ref.device, dtype=ref.dtype)
+        model.load_huggingface_state_dict(hf_model.state_dict())
+        return model
+
+    def load_huggingface_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load HF GPT-2 weights: current keys (``transformer.h.0.attn.c_attn.weight``, ``lm_head.weight``)
+        or the old ones of GPT2Model / early checkpoints (``h.0.attn.c_attn.weight``, no prefix). The
+        causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` are ignored; Conv1D weights (in, out) are
+        transposed; ``c_attn`` is already the fused q|k|v projection. A tied head takes ``wte``'s weight
+        (an ``lm_head.weight`` in the dict is ignored). Strict: any missing or unexpected key raises a
+        ValueError listing them all."""
+        ours = convert_huggingface_state_dict(state_dict, tied=self.config.tie_embeddings)
+        expected = set(self.state_dict())
+        if self.config.tie_embeddings:
+            expected.discard("lm_head.weight")
+        missing, unexpected = sorted(expected - set(ours)), sorted(set(ours) - expected)
+        if missing or unexpected:
+            raise ValueError(f"GPT.load_huggingface_state_dict: missing keys {missing}; unexpected keys "
+                             f"{unexpected} (after mapping the HF names)")
+        if self.config.tie_embeddings:
+            ours["lm_head.weight"] = ours["wte.weight"]
+        self.load_state_dict(ours, strict=True)
+
+
+# HF GPT-2 block key -> ours, and whether the weight is a Conv1D stored as (in, out).
+_HF_BLOCK_KEYS: dict[str, tuple[str, bool]] = {
+    "ln_1.weight": ("ln1.weight", False),
+    "ln_1.bias": ("ln1.bias", False),
+    "attn.c_attn.weight": ("attn.qkv_proj.weight", True),
+    "attn.c_attn.bias": ("attn.qkv_proj.bias", False),
+    "attn.c_proj.weight": ("attn.out_proj.weight", True),
+    "attn.c_proj.bias": ("attn.out_proj.bias", False),
+    "ln_2.weight": ("ln2.weight", False),
+    "ln_2.bias": ("ln2.bias", False),
+    "mlp.c_fc.weight": ("ffn.fc1.weight", True),
+    "mlp.c_fc.bias": ("ffn.fc1.bias", False),
+    "mlp.c_proj.weight": ("ffn.fc2.weight", True),
+    "mlp.c_proj.bias": ("ffn.fc2.bias", False),
+}
+_HF_TOP_KEYS = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight",
+                "ln_f.bias": "ln_f.bias", "lm_head.weight": "lm_head.weight"}
+_HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")   # causal-mask buffers of older transformers
+
+
+def convert_huggingface_state_dict(state_dict: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:
+    """HF GPT-2 state dict (old or new key names) -> ours. Keys it does not know pass through unchanged
+    (so that the strict load names them); ``lm_head.weight`` is dropped when ``tied``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("transformer.")
+        if name.endswith(_HF_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name in _HF_TOP_KEYS:
+            out[_HF_TOP_KEYS[name]] = value
+            continue
+        parts = name.split(".", 2)                        # "h", "{i}", rest
+        if len(parts) == 3 and parts[0] == "h" and parts[1].isdigit() and parts[2] in _HF_BLOCK_KEYS:
+            ours, conv1d = _HF_BLOCK_KEYS[parts[2]]
+            out[f"blocks.{parts[1]}.{ours}"] = value.t().contiguous() if conv1d else value
+            continue
+        out[key] = value
+    return out
+
+
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                   "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def config_from_huggingface(hf_config: Any, **overrides: Any) -> GPTConfig:
+    """``GPT2Config`` -> ``GPTConfig``. HF's embedding dropout ``embd_pdrop`` and residual dropout
+    ``resid_pdrop`` share our one ``dropout`` (the residual one is taken). Options we do not implement
+    (attention without 1/sqrt(d) scaling, per-layer scaling, cross-attention) raise."""
+    checks = (("scale_attn_weights=False", not getattr(hf_config, "scale_attn_weights", True)),
+              ("scale_attn_by_inverse_layer_idx=True", getattr(hf_config, "scale_attn_by_inverse_layer_idx", False)),
+              ("add_cross_attention=True", getattr(hf_config, "add_cross_attention", False)))
+    unsupported = [name for name, bad in checks if bad]
+    if unsupported:
+        raise ValueError(f"GPT.from_huggingface: unsupported GPT-2 options {unsupported}")
+    act = hf_config.activation_function
+    if act not in _HF_ACTIVATIONS:
+        raise ValueError(f"GPT.from_huggingface: unsupported activation_function {act!r}")
+    fields: dict[str, Any] = dict(
+        vocab_size=hf_config.vocab_size, max_seq_len=hf_config.n_positions, dim=hf_config.n_embd,
+        n_layers=hf_config.n_layer, n_heads=hf_config.n_head, ffn_dim=hf_config.n_inner or 4 * hf_config.n_embd,
+        dropout=hf_config.resid_pdrop, attn_dropout=hf_config.attn_pdrop, eps=hf_config.layer_norm_epsilon,
+        activation=_HF_ACTIVATIONS[act], bias=True,
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)))
+    fields.update(overrides)
+    return GPTConfig(**fields)
