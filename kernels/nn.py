@@ -7,7 +7,9 @@ Each subclasses its ``torch.nn`` counterpart and overrides only ``forward``: con
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from .attention import scaled_dot_product_attention
 from .layer_norm import layer_norm, rms_norm
 from .softmax import softmax
 
@@ -60,3 +62,113 @@ def replace_modules(model: torch.nn.Module) -> int:
             module.__class__ = ours
             swapped += 1
     return swapped
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` on our kernels: the fused attention kernel when
+    ``need_weights=False``, our masked softmax kernel when the weights are asked for.
+
+    Constructor, parameters (``in_proj_weight``/``in_proj_bias``, ``q/k/v_proj_weight`` when kdim/vdim
+    differ, ``bias_k``/``bias_v``, ``out_proj``), masks (bool True = masked, float added) and return
+    values are torch's. One difference: a query whose keys are all masked gets a zero output (and
+    zero weights) instead of NaN."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if is_causal and attn_mask is None:
+            raise RuntimeError("MultiheadAttention: is_causal is a hint that attn_mask is the causal mask; "
+                               "pass attn_mask too (as torch.nn.MultiheadAttention requires)")
+        batched = query.dim() == 3
+        if not batched:  # (L, E) -> (L, 1, E) in the sequence-first layout below
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif self.batch_first:  # (N, L, E) -> (L, N, E): a view, no copy
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        tgt_len, bsz, _ = query.shape
+        heads, head_dim = self.num_heads, self.head_dim
+
+        q, k, v = self._project(query, key, value)             # (L, N, E), (S, N, E), (S, N, E)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, bsz, -1)])
+            v = torch.cat([v, self.bias_v.expand(1, bsz, -1)])
+            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(1, bsz, k.shape[-1])])
+            v = torch.cat([v, v.new_zeros(1, bsz, v.shape[-1])])
+            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+        src_len = k.shape[0]
+        # (T, N, E) -> (N, H, T, D): strided views of the projections, read in place by the kernel.
+        q, k, v = (t.view(t.shape[0], bsz, heads, head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
+        mask = _merge_masks(attn_mask, key_padding_mask, bsz, heads, tgt_len, src_len, q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+
+        if need_weights:
+            scores = q @ k.transpose(-2, -1)                     # (N, H, L, S)
+            weights = softmax(scores, mask=mask, scale=head_dim ** -0.5)
+            if dropout_p > 0:
+                weights = torch.nn.functional.dropout(weights, dropout_p)
+            out = weights @ v                                    # (N, H, L, D)
+        else:
+            out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            weights = None
+        out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)     # (L, N, E)
+        out = self.out_proj(out)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            out = out.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _project(self, query, key, value):
+        e = self.embed_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if not self._qkv_same_embed_dim:
+            bq, bk, bv = (None, None, None) if b is None else b.split(e)
+            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
+                    F.linear(value, self.v_proj_weight, bv))
+        if query is key and key is value:  # self-attention: one fused projection, split as views
+            return F.linear(query, w, b).split(e, dim=-1)
+        bq, bkv = (None, None) if b is None else (b[:e], b[e:])
+        q = F.linear(query, w[:e], bq)
+        if key is value:
+            return (q, *F.linear(key, w[e:], bkv).split(e, dim=-1))
+        bk, bv = (None, None) if bkv is None else bkv.split(e)
+        return q, F.linear(key, w[e:2 * e], bk), F.linear(value, w[2 * e:], bv)
+
+
+def _pad_masks(attn_mask, key_padding_mask):
+    """One more key (bias_k or the zero key) that nothing masks."""
+    pad = lambda m: None if m is None else F.pad(m, (0, 1))
+    return pad(attn_mask), pad(key_padding_mask)
+
+
+def _merge_masks(attn_mask, key_padding_mask, bsz, heads, tgt_len, src_len, dtype):
+    """torch's MHA masks (bool True = masked, or float added; attn_mask (L, S) or (N*H, L, S),
+    key_padding_mask (N, S)) as one mask for our kernels (bool True = keep, or float added),
+    broadcastable to (N, H, L, S) and expanded only when both masks are given."""
+    masks = []
+    if attn_mask is not None:
+        if attn_mask.dim() == 3:
+            attn_mask = attn_mask.view(bsz, heads, tgt_len, src_len)
+        masks.append(attn_mask)
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask.view(bsz, 1, 1, src_len))
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        masked = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+        return ~masked
+    total = None
+    for m in masks:
+        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf")) \
+            if m.dtype == torch.bool else m.to(dtype)
+        total = m if total is None else total + m
+    return total
+
+
+_REPLACEMENTS[torch.nn.MultiheadAttention] = MultiheadAttention
