@@ -305,7 +305,8 @@ def attention_specs() -> Iterator[Spec]:
     4, 16 query heads over 4 key/value heads, 1024 queries and keys (decode: 1 query, 4096 keys in 16
     splits), head dims 64, 128 and 256. "plain" is no mask, no causal, no dropout; "heavy" is a bool
     padding mask (B, 1, L, S) + causal + seqlens_k + dropout (+ lse gradient in the backward). fp16 runs
-    both, bf16/fp32/fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims 64 and 128: fp64 at head dim 256 spills, a known gap)."""
+    both, bf16/fp32/fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims
+    64 and 128: fp64 at head dim 256 spills, a known gap)."""
     at = importlib.import_module(".attention", __package__)  # the package's `attention` is the function
     names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
              "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
