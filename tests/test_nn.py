@@ -164,8 +164,9 @@ def test_replace_modules_in_transformer_encoder_layer(norm_first, device):
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(device)
     params = list(model.parameters())
     want, want_grads = _outputs_and_grads(model, x)
-    assert knn.replace_modules(model) == 2
+    assert knn.replace_modules(model) == 3  # self_attn, norm1, norm2
     assert type(model.norm1) is knn.LayerNorm and type(model.norm2) is knn.LayerNorm
+    assert type(model.self_attn) is knn.MultiheadAttention
     assert all(a is b for a, b in zip(model.parameters(), params))  # the very same tensors
     with bounds_checked(ln_mod, "_layer_norm_fwd_kernel") as launches:
         got, got_grads = _outputs_and_grads(model, x)
@@ -198,7 +199,7 @@ def test_replace_modules_counts_only_exact_torch_classes(device):
 def test_replace_modules_keeps_dtype_and_state_dict(device):
     model = _encoder(False).to(device=device, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert knn.replace_modules(model) == 2
+    assert knn.replace_modules(model) == 3
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) and after[k].dtype == torch.float64 for k in before)
@@ -220,5 +221,5 @@ def test_modules_on_cuda():
     ref = torch.nn.functional.layer_norm(x.double(), (64,))
     assert_close(ours(x), ref, theirs(x))
     model = _encoder(True).cuda()
-    assert kernels.nn.replace_modules(model) == 2
+    assert kernels.nn.replace_modules(model) == 3
     assert model(torch.randn(2, 5, 16, device="cuda")).isfinite().all()
