@@ -64,6 +64,9 @@ class GPTConfig(Config):
         "tiny": dict(vocab_size=96, max_seq_len=64, dim=32, n_layers=2, n_heads=4, ffn_dim=128),
         "small-char": dict(vocab_size=128, max_seq_len=128, dim=128, n_layers=4, n_heads=4, ffn_dim=512,
                            dropout=0.0, attn_dropout=0.0),
+        # nanoGPT's character-level CPU recipe (Tiny Shakespeare, val loss ~1.88 after 2,000 iterations)
+        "char-64": dict(vocab_size=96, max_seq_len=64, dim=128, n_layers=4, n_heads=4, ffn_dim=512,
+                        dropout=0.0, attn_dropout=0.0),
         "gpt2": dict(),
         "gpt2-medium": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096),
     }

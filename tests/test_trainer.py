@@ -1,0 +1,245 @@
+"""The shared training loop: schedule, argument resolution, run directory, resume after Ctrl-C (the same
+result as an uninterrupted run), corrupt and mismatched checkpoints, fine-tuning methods, the CLI, and
+the Triton path against the reference path over a few steps."""
+
+import json
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from transformer import GPT, GPTConfig
+from transformer.outputs import LMOutput
+from transformer.training import checkpoint as ckpt
+from transformer.training.cli import main
+from transformer.training.task import Task, register
+from transformer.training.trainer import TrainArgs, TrainingInterrupted, load_run, lr_at, resolve, train
+
+VOCAB, LENGTH = 16, 16
+
+
+@register
+class CountTask(Task):
+    """Sequences that count modulo 16 from a random start: learnable in a few steps."""
+
+    name = "count"
+    config_class = GPTConfig
+    default_preset = "tiny"
+    defaults = dict(steps=8, batch_size=8, lr=3e-3, eval_every=4, log_every=2, warmup=2, backend="torch",
+                    progress=False)
+
+    def model_config(self, preset, **overrides):
+        return GPTConfig.from_preset(preset, **{"vocab_size": VOCAB, "max_seq_len": LENGTH, "dropout": 0.0,
+                                                "attn_dropout": 0.0, **overrides})
+
+    def build_model(self, config):
+        return GPT(config)
+
+    def train_batch(self, generator, batch_size):
+        start = torch.randint(0, VOCAB, (batch_size, 1), generator=generator)
+        x = (start + torch.arange(LENGTH)) % VOCAB                                    # (B, L)
+        return {"input_ids": x, "labels": x}
+
+    def evaluate(self, model, batch_size, max_batches=None):
+        x = (torch.arange(VOCAB)[:, None] + torch.arange(LENGTH)) % VOCAB
+        return {"val_loss": model(input_ids=x, labels=x).loss.item()}
+
+    def examples(self, model, n=4):
+        return ["0 1 2 -> " + " ".join(map(str, model.generate(torch.tensor([[0, 1, 2]]), 4)[0].tolist()))]
+
+
+class GPTWithHead(GPT):
+    """GPT with one more layer on its logits: what fine-tuning adds (a new head) over a trained body."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.extra = nn.Linear(config.vocab_size, config.vocab_size)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.extra(super().forward(input_ids).logits)                     # (B, L, V)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()) if labels is not None else None
+        return LMOutput(logits, loss)
+
+
+@register
+class CountHeadTask(CountTask):
+    name = "count-head"
+
+    def build_model(self, config):
+        return GPTWithHead(config)
+
+
+def run(tmp_path, name="run", **kw) -> tuple[dict, str]:
+    out = str(tmp_path / name)
+    return train(TrainArgs(task=kw.pop("task", "count"), out=out, **kw)), out
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    r = {"lr": 1.0, "warmup": 4, "steps": 14, "min_lr_ratio": 0.1}
+    assert [lr_at(s, r) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, r) == pytest.approx(1.0)
+    assert lr_at(9, r) == pytest.approx(0.55)          # half-way down the cosine
+    assert lr_at(14, r) == pytest.approx(0.1)
+    assert all(lr_at(s, r) >= lr_at(s + 1, r) for s in range(4, 14))
+
+
+def test_resolve_precedence_and_errors(tmp_path):
+    run_, saved = resolve(TrainArgs(task="count", steps=20))
+    assert saved is None and run_["steps"] == 20 and run_["batch_size"] == 8 and run_["lr"] == 3e-3
+    assert run_["warmup"] == 2 and run_["eval_every"] == 4 and run_["precision"] == "fp32"
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        resolve(TrainArgs(task="nope"))
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        resolve(TrainArgs(task="count", steps=0))
+    with pytest.raises(ValueError, match="pass --init"):
+        resolve(TrainArgs(task="count", method="lora"))
+    with pytest.raises(ValueError, match="which task"):
+        resolve(TrainArgs())
+    with pytest.raises(ckpt.CheckpointError, match="not a run directory"):
+        resolve(TrainArgs(resume=str(tmp_path)))
+
+
+def test_a_run_writes_its_directory_and_learns(tmp_path):
+    final, out = run(tmp_path)
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "model.safetensors", "trainer_state.pt", "metrics.json", "metrics.jsonl",
+            "loss.png"} <= files
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert train_losses[-1] < train_losses[0] - 0.3
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["val_loss"] == pytest.approx(final["val_loss"])
+    config = ckpt.load_config(out)
+    assert config["task"] == "count" and config["model"]["vocab_size"] == VOCAB and config["train"]["steps"] == 8
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _interrupt_at(monkeypatch, step_to_fail: int) -> None:
+    calls = {"n": 0}
+    original = CountTask.train_batch
+
+    def flaky(self, generator, batch_size):
+        calls["n"] += 1
+        if calls["n"] == step_to_fail + 1:
+            raise KeyboardInterrupt
+        return original(self, generator, batch_size)
+
+    monkeypatch.setattr(CountTask, "train_batch", flaky)
+
+
+def test_resume_after_ctrl_c_retraces_the_uninterrupted_run(tmp_path, monkeypatch):
+    full, full_out = run(tmp_path, "full", steps=6)
+    _interrupt_at(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted, match="after step 3"):
+        run(tmp_path, "cut", steps=6)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "cut" / "trainer_state.pt", weights_only=True)["step"] == 3
+    resumed = train(TrainArgs(resume=str(tmp_path / "cut")))
+    a, b = ckpt.load_weights(full_out), ckpt.load_weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val_loss"] == full["val_loss"]
+
+    def losses(d):
+        lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in map(json.loads, lines)]
+    assert losses("cut") == losses("full")
+    with pytest.raises(ValueError, match="already did 6 steps"):
+        train(TrainArgs(resume=str(tmp_path / "cut")))
+
+
+def test_ctrl_c_from_the_cli_exits_130_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    _interrupt_at(monkeypatch, 3)
+    out = tmp_path / "cli"
+    monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
+    assert main(["train", "count", "--out", str(out), "--no-progress"]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == 3
+
+
+def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
+    _, out = run(tmp_path, steps=2, eval_every=2)
+    base = tmp_path / "run"
+    weights = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors is corrupt"):
+        train(TrainArgs(resume=out, steps=4))
+    (base / "model.safetensors").write_bytes(weights)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+    state = torch.load(base / "trainer_state.pt", weights_only=True)
+    torch.save({**state, "evil": Evil()}, base / "trainer_state.pt")
+    with pytest.raises(ckpt.CheckpointError, match="holds more than tensors"):
+        train(TrainArgs(resume=out, steps=4))
+    (base / "trainer_state.pt").write_bytes(pickle.dumps({"step": 1}))
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        train(TrainArgs(resume=out, steps=4))
+    torch.save(state, base / "trainer_state.pt")
+
+    config = json.loads((base / "config.json").read_text())
+    config["model"]["dim"] = 64
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ckpt.CheckpointError, match="do not match the model.*wrong shape"):
+        train(TrainArgs(resume=out, steps=4))
+    (base / "config.json").write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="config.json is corrupt"):
+        load_run(out)
+    with pytest.raises(ValueError, match="trained task 'count', not 'count-head'"):
+        config["model"]["dim"] = 32
+        (base / "config.json").write_text(json.dumps(config))
+        train(TrainArgs(task="count-head", resume=out, steps=4))
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
+def test_finetuning_methods_train_what_they_should(tmp_path, method):
+    _, source = run(tmp_path, "source", steps=4)
+    final, out = run(tmp_path, method, task="count-head", init=source, method=method, steps=4)
+    config = ckpt.load_config(out)
+    assert config["head"] == ["extra.bias", "extra.weight"]
+    counts = config["parameters"]
+    if method == "full":
+        assert counts["trainable"] == counts["total"]
+    else:
+        assert counts["trainable"] < counts["total"] / 2
+    before, after = ckpt.load_weights(source), ckpt.load_weights(out)
+    body = "wte.weight"                                            # frozen by LoRA and BitFit alike
+    assert torch.equal(before[body], after[body]) == (method != "full")
+    task, model = load_run(out)                                    # reloads with the method applied
+    assert task.evaluate(model, 8)["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+
+
+def test_init_that_shares_nothing_is_an_error(tmp_path):
+    _, source = run(tmp_path, "source", steps=2, eval_every=2)
+    weights = ckpt.load_weights(source)
+    ckpt.save_weights(tmp_path / "source", {"other." + k: v for k, v in weights.items()})
+    with pytest.raises(ckpt.CheckpointError, match="no weight of that run fits"):
+        run(tmp_path, "ft", task="count-head", init=source, steps=2)
+
+
+def test_cli_eval_prints_the_metrics(tmp_path, capsys):
+    _, out = run(tmp_path, steps=2, eval_every=2)
+    capsys.readouterr()
+    assert main(["eval", out]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[: printed.index("}") + 1])["val_loss"] > 0
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_triton_and_reference_paths_give_the_same_loss_curve(tmp_path):
+    """The convergence test: a few steps through the real kernels (the interpreter here) and through the
+    PyTorch reference follow the same curve."""
+    if not kernels._backend.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    curves = {}
+    for backend in ("triton", "torch"):
+        run(tmp_path, backend, steps=4, batch_size=4, backend=backend, eval_every=4, log_every=1)
+        lines = (tmp_path / backend / "metrics.jsonl").read_text().splitlines()
+        curves[backend] = [r["train_loss"] for r in map(json.loads, lines) if "train_loss" in r]
+    assert len(curves["triton"]) == 4
+    assert curves["triton"] == pytest.approx(curves["torch"], rel=2e-4, abs=2e-4)
+    assert curves["triton"][-1] < curves["triton"][0]

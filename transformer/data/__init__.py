@@ -1,0 +1,1 @@
+"""Offline datasets and tokenizers for the reference training runs: nothing here downloads."""

@@ -1,0 +1,150 @@
+"""``python -m transformer {train,finetune,eval,generate,translate} ...``; ``--help`` on each explains it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import kernels
+
+from .checkpoint import CheckpointError
+from .task import get_task
+from .trainer import METHODS, PRECISIONS, TrainArgs, TrainingInterrupted, load_run, train
+
+TASK_NAMES = ("gpt", "bert", "seq2seq", "vit", "multimodal")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option needs KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="model preset (default: the task's)")
+    p.add_argument("--data", help="built-in dataset name or a file path (default: the task's built-in data)")
+    p.add_argument("--steps", type=int, help="optimizer steps in all (a resumed run continues up to it)")
+    p.add_argument("--batch-size", type=int, help="global batch of one micro-step, split over processes")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default: steps/20, at most 100)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float, help="max global gradient norm (default 1.0)")
+    p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default steps/5)")
+    p.add_argument("--eval-batches", type=int, help="batches per periodic evaluation (the final one uses all)")
+    p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines (default 10)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run directory (default runs/TASK)")
+    p.add_argument("--fsdp", action="store_true", default=None, help="shard the model with FSDP (under torchrun)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="kernels backend: auto (Triton on GPU), triton, torch (the PyTorch reference)")
+    p.add_argument("--tokenizer", choices=("char", "bpe"), help="text tasks: the tokenizer to train")
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a task option (repeatable), e.g. --option bpe_vocab=2048")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _train_args(ns: argparse.Namespace, **extra: Any) -> TrainArgs:
+    options = dict(ns.option)
+    if ns.tokenizer:
+        options["tokenizer"] = ns.tokenizer
+    fields = {f: getattr(ns, f) for f in TrainArgs.__dataclass_fields__ if hasattr(ns, f)}
+    return TrainArgs(**{**fields, **extra, "task_options": options or None})
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m transformer", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from scratch (or --resume a run)",
+                       description="Train a reference model; writes config.json, model.safetensors, metrics.json(l), "
+                                   "loss.png to --out and prints the held-out result.")
+    p.add_argument("task", nargs="?", choices=TASK_NAMES, help="what to train (optional with --resume)")
+    p.add_argument("--resume", help="a run directory to continue (Ctrl-C saves one)")
+    _training_flags(p)
+
+    p = sub.add_parser("finetune", help="fine-tune a trained run: full, LoRA or BitFit",
+                       description="Start from the weights of --init (a run of ours) and train the task's fine-tuning "
+                                   "job (bert: sequence classification) with the chosen method.")
+    p.add_argument("task", choices=TASK_NAMES)
+    p.add_argument("--init", required=True, help="the run directory to start from")
+    p.add_argument("--method", choices=METHODS, default="full")
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    _training_flags(p)
+
+    p = sub.add_parser("eval", help="held-out metrics of a trained run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", help="evaluate on another dataset (same tokenizer)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=BACKENDS)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained gpt run")
+    p.add_argument("run")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("translate", help="translate sentences with a trained seq2seq run")
+    p.add_argument("run")
+    p.add_argument("text", nargs="*", help="sentences (default: one per line on stdin)")
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    try:
+        if ns.command == "train":
+            train(_train_args(ns))
+        elif ns.command == "finetune":
+            target = get_task(ns.task).finetune_task or ns.task
+            train(_train_args(ns, task=target))
+        elif ns.command == "eval":
+            with kernels.use_backend(ns.backend or kernels.get_backend()):
+                task, model = load_run(ns.run, ns.device, ns.data)
+                with torch.no_grad():
+                    metrics = task.evaluate(model, ns.batch_size, None)
+                    examples = task.examples(model)
+            print(json.dumps(metrics, indent=2))
+            print("\n".join(examples))
+        elif ns.command == "generate":
+            task, model = load_run(ns.run, ns.device)
+            _needs(task, "generate", ns.run)
+            print(task.generate(model, ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                                top_k=ns.top_k, seed=ns.seed))
+        elif ns.command == "translate":
+            task, model = load_run(ns.run, ns.device)
+            _needs(task, "translate", ns.run)
+            sentences = ns.text or [line.strip() for line in sys.stdin if line.strip()]
+            for source, target in zip(sentences, task.translate(model, sentences, num_beams=ns.beams)):
+                print(f"{source}\t{target}")
+    except TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _needs(task: Any, method: str, run: str) -> None:
+    if not hasattr(task, method):
+        raise ValueError(f"{run} is a {task.name!r} run, which cannot {method}")
