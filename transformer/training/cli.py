@@ -23,7 +23,7 @@ BACKENDS = ("auto", "triton", "torch")
 def _option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--option needs KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
@@ -53,6 +53,8 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", choices=("char", "bpe"), help="text tasks: the tokenizer to train")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a task option (repeatable), e.g. --option bpe_vocab=2048")
+    p.add_argument("--model", type=_option, action="append", default=[], metavar="KEY=VALUE", dest="model_overrides",
+                   help="a model config field over the preset's (repeatable), e.g. --model dropout=0")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
@@ -61,7 +63,8 @@ def _train_args(ns: argparse.Namespace, **extra: Any) -> TrainArgs:
     if ns.tokenizer:
         options["tokenizer"] = ns.tokenizer
     fields = {f: getattr(ns, f) for f in TrainArgs.__dataclass_fields__ if hasattr(ns, f)}
-    return TrainArgs(**{**fields, **extra, "task_options": options or None})
+    return TrainArgs(**{**fields, **extra, "task_options": options or None,
+                        "model_overrides": dict(ns.model_overrides) or None})
 
 
 def parser() -> argparse.ArgumentParser:

@@ -76,6 +76,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def broadcast(objects: list, info: Dist) -> list:
+    """Rank 0's list of picklable objects, on every rank."""
+    if info.enabled:
+        dist.broadcast_object_list(objects, src=0)
+    return objects
+
+
 def mean(value: float, info: Dist, device: torch.device) -> float:
     """The average of a per-rank number over all ranks."""
     if not info.enabled:

@@ -23,7 +23,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 
 import kernels
@@ -38,7 +43,7 @@ DEFAULTS: dict[str, Any] = dict(
     steps=200, batch_size=32, lr=1e-3, warmup=None, weight_decay=0.1, min_lr_ratio=0.1, grad_clip=1.0,
     grad_accum=1, eval_every=None, eval_batches=20, eval_batch_size=None, log_every=10, device="auto",
     precision="auto", seed=0, method="full", lora_r=8, lora_alpha=16.0, fsdp=False, backend=None, progress=True,
-    task_options={},
+    task_options={}, model_overrides={},
 )
 METHODS = ("full", "lora", "bitfit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -76,6 +81,7 @@ class TrainArgs:
     backend: str | None = None             # kernels backend: auto | triton | torch
     progress: bool | None = None
     task_options: dict[str, Any] | None = None
+    model_overrides: dict[str, Any] | None = None   # model config fields over the preset's, e.g. dropout
 
 
 class TrainingInterrupted(Exception):
@@ -106,6 +112,9 @@ def resolve(args: TrainArgs) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if saved:
         run["data"], run["task_options"] = saved["task_spec"].get("data"), saved["train"]["task_options"]
         run["init"] = saved["train"].get("init")
+    fields = {f.name for f in dataclasses.fields(task_cls.config_class)}
+    if unknown := sorted(set(run["model_overrides"]) - fields):
+        raise ValueError(f"model overrides {unknown} are not {task_cls.config_class.__name__} fields")
     run["out"] = run.get("out") or args.resume or f"runs/{task}"
     run["warmup"] = min(100, run["steps"] // 20) if run["warmup"] is None else run["warmup"]
     run["eval_every"] = run["eval_every"] or max(1, run["steps"] // 5)
@@ -192,10 +201,11 @@ def build(task: Task, run: dict[str, Any], saved: dict[str, Any] | None) -> tupl
         return model, head
     if run["init"]:
         source = ckpt.load_config(run["init"])
-        model = task.build_model(finetune_config(task, run["preset"], source["model"]))
+        config = finetune_config(task, run["preset"], {**source["model"], **run["model_overrides"]})
+        model = task.build_model(config)
         head = initial_weights(model, run["init"])
     else:
-        model, head = task.build_model(task.model_config(run["preset"])), []
+        model, head = task.build_model(task.model_config(run["preset"], **run["model_overrides"])), []
     apply_method(model, run["method"], head, run["lora_r"], run["lora_alpha"])
     return model, head
 
@@ -318,10 +328,29 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
             ckpt.save_state(out, {"step": step, "optimizer": osd, "pending": pending,
                                   "scaler": scaler.state_dict() if scaler.is_enabled() else None})
 
+    plain: list[nn.Module] = []
+
+    def on_one_device(fn):
+        """Run ``fn(model)`` for evaluation. Under FSDP generation calls more than ``forward``, which the
+        sharded model cannot serve, so rank 0 runs it on a full copy (evaluation, unlike training, needs
+        the model to fit one device) and shares the result."""
+        if not run["fsdp"]:
+            with _evaluating(model, autocast):
+                return fn(model)
+        full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        result = [None]
+        if info.is_main:
+            if not plain:
+                plain.append(task.build_model(model.config))
+                apply_method(plain[0], run["method"], head, run["lora_r"], run["lora_alpha"])
+                plain[0].to(device)
+            plain[0].load_state_dict(full)
+            with _evaluating(plain[0], autocast):
+                result = [fn(plain[0])]
+        return distributed.broadcast(result, info)[0]
+
     def evaluate(max_batches: int | None) -> dict[str, float]:
-        target = wrapped if run["fsdp"] else model
-        with _evaluating(target, autocast):
-            return task.evaluate(target, run["eval_batch_size"], max_batches)
+        return on_one_device(lambda m: task.evaluate(m, run["eval_batch_size"], max_batches))
 
     bar = tqdm(total=run["steps"], initial=step, disable=not (info.is_main and run["progress"]),
                unit="step", dynamic_ncols=True, desc=run["task"])
@@ -379,9 +408,7 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
     final = {**final, "step": step, "train_loss": last_train,
              "trainable_parameters": counts["trainable"], "total_parameters": counts["total"],
              "method": run["method"], "wall_s": round(time.perf_counter() - start_time, 1)}
-    target = wrapped if run["fsdp"] else model
-    with _evaluating(target, autocast):
-        examples = task.examples(target)
+    examples = on_one_device(task.examples)
     if info.is_main:
         (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
         plot_losses(records, out / "loss.png", f"{run['task']} ({run['preset']}, {run['steps']} steps)")

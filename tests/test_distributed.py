@@ -1,0 +1,54 @@
+"""torchrun on the CPU: 2 processes with gloo follow the same loss curve as 1 process with the same global
+batch (DDP, and FSDP with --fsdp); only rank 0 writes the run directory."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ARGS = ["train", "gpt", "--preset", "tiny", "--model", "dropout=0", "--model", "attn_dropout=0", "--steps", "4",
+        "--batch-size", "8", "--backend", "torch", "--no-progress", "--log-every", "1", "--eval-every", "4",
+        "--eval-batches", "2", "--device", "cpu"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(out, data, processes: int, *extra: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launcher = [sys.executable, "-m", "transformer"] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+         f"--master_port={_free_port()}", "-m", "transformer"]
+    done = subprocess.run([*launcher, *ARGS, "--data", str(data), "--out", str(out), *extra], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, text):
+    return _train(tmp_path_factory.mktemp("single"), text, 1)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, text, single, mode):
+    records = _train(tmp_path, text, 2, *(["--fsdp"] if mode == "fsdp" else []))
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    expected = [r["train_loss"] for r in single if "train_loss" in r]
+    assert len(losses) == 4 and losses == pytest.approx(expected, rel=1e-4)
+    assert records[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-4)
+    assert not list(tmp_path.glob("*.tmp"))
