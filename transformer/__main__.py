@@ -2,6 +2,10 @@
 
 import sys
 
-from .training.cli import main
+try:
+    from .training.cli import main
+except ImportError as e:           # the training extras are not installed
+    sys.exit(f"python -m transformer needs the training extras ({e.name} is missing): "
+             f"pip install 'fused-transformer-kernels[train]'")
 
 sys.exit(main())
