@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -177,3 +177,40 @@ class EncoderDecoderConfig(Config):
         if self.share_embeddings and self.source_vocab_size not in (None, self.vocab_size):
             raise ValueError("EncoderDecoderConfig: source_vocab_size differs from vocab_size but the source and "
                              "target embeddings are shared (share_embeddings=True)")
+
+
+@dataclass
+class MultimodalConfig(Config):
+    """Image encoder (ViT blocks) + text encoder (BERT blocks), their outputs concatenated with a modality
+    embedding, and a joint decoder of learned queries (one set per task) with one head per task.
+
+    ``tasks`` maps each task's name to its number of outputs (classes); ``n_queries`` queries per task."""
+
+    image_size: int = 8
+    patch_size: int = 2
+    num_channels: int = 1
+    vocab_size: int = 64
+    max_text_len: int = 32
+    dim: int = 64
+    n_heads: int = 4
+    ffn_dim: int = 128
+    image_layers: int = 2
+    text_layers: int = 2
+    decoder_layers: int = 2
+    n_queries: int = 4
+    tasks: dict[str, int] = field(default_factory=lambda: {"match": 2, "digit": 10, "sum": 10})
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    eps: float = 1e-5
+    activation: str = "gelu"
+    pad_token_id: int = 0
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(dim=32, ffn_dim=64, image_layers=1, text_layers=1, decoder_layers=1, n_queries=2),
+        "digits-words": dict(),
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.tasks or any(not isinstance(n, int) or n < 1 for n in self.tasks.values()):
+            raise ValueError(f"MultimodalConfig: tasks must map names to output counts >= 1, got {self.tasks}")

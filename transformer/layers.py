@@ -295,22 +295,23 @@ class DecoderBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, memory: torch.Tensor | None, *,
                 self_mask: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
-                cache: DecoderCache | None = None, need_weights: bool = False,
+                cache: DecoderCache | None = None, need_weights: bool = False, causal: bool = True,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """-> (hidden, residual, (self-attention weights, cross-attention weights))."""
+        """-> (hidden, residual, (self-attention weights, cross-attention weights)). ``causal=False`` lets
+        every input see every other (a set of learned queries rather than a sequence being generated)."""
         p = self.dropout if self.training else 0.0
         self_cache = cache.self_attn if cache is not None else None
         cross_cache = cache.cross_attn if cache is not None else None
         if self.pre_ln:
             normed, residual = add_norm(hidden, residual, self.ln1, p if residual is not None else 0.0)
-            a, w_self = self.self_attn(normed, causal=True, attn_mask=self_mask, cache=self_cache,
+            a, w_self = self.self_attn(normed, causal=causal, attn_mask=self_mask, cache=self_cache,
                                        need_weights=need_weights)
             normed, residual = add_norm(a, residual, self.ln2, p)
             c, w_cross = self.cross_attn(normed, memory, attn_mask=memory_mask, cache=cross_cache,
                                          need_weights=need_weights)
             normed, residual = add_norm(c, residual, self.ln3, p)
             return self.ffn(normed), residual, (w_self, w_cross)
-        a, w_self = self.self_attn(hidden, causal=True, attn_mask=self_mask, cache=self_cache,
+        a, w_self = self.self_attn(hidden, causal=causal, attn_mask=self_mask, cache=self_cache,
                                    need_weights=need_weights)
         hidden, _ = add_norm(a, hidden, self.ln1, p)
         c, w_cross = self.cross_attn(hidden, memory, attn_mask=memory_mask, cache=cross_cache,

@@ -129,6 +129,8 @@ def resolve(args: TrainArgs) -> tuple[dict[str, Any], dict[str, Any] | None]:
 
 def _validate(run: dict[str, Any]) -> None:
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "eval_batch_size", "log_every"):
+        if name == "eval_batches" and run[name] is None:           # the whole held-out split every time
+            continue
         if not isinstance(run[name], int) or run[name] < 1:
             raise ValueError(f"{name} must be a positive integer, got {run[name]!r}")
     if not run["lr"] > 0:

@@ -1,3 +1,3 @@
 """The built-in tasks; importing this module registers them."""
 
-from . import bert, gpt, seq2seq, vit  # noqa: F401
+from . import bert, gpt, multimodal, seq2seq, vit  # noqa: F401
