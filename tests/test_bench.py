@@ -1,15 +1,225 @@
-"""The benchmark harness runs end to end (on the CPU: tiny shapes, reference or interpreted kernels)."""
+"""The benchmark harness (``python -m bench``) end to end on the CPU: tiny shapes through the reference path.
+
+These tests check the harness (records, table, plots, skips, work formulas), never a speed."""
+
+from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 
-from bench import memory_bound
+import pytest
+import torch
+
+import kernels
+from bench import attention, models, norms, run
+from bench.harness import REGISTRY, Case, Env, Prepared, Provider, Sink, Timer, Unsupported, run_cases
+from kernels.reference import attention_ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = {"family", "op", "mode", "shape", "dtype", "provider", "status", "reason", "ms", "gpu", "versions",
+            "metric", "device"}
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU harness test (GPU runs use gpu_check.sh)")
 
 
-def test_memory_bound_harness_writes_records(tmp_path):
-    records = memory_bound.main(["--out", str(tmp_path), "--dtype", "fp32"])
-    saved = json.loads((tmp_path / "memory_bound.json").read_text())
-    assert saved == records
-    ops = {(r["op"], r["provider"]) for r in records}
-    for op in ("layer_norm fwd", "layer_norm fwd+bwd", "add_layer_norm fwd", "softmax fwd", "softmax fwd+bwd"):
-        assert {(op, "ours"), (op, "torch")} <= ops
-    assert all(r["ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0 for r in records)
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = run.main(["--quick", "--out", str(out)])
+    return code, out, json.loads((out / "bench.json").read_text())
+
+
+def test_quick_run_writes_records_table_and_plots(quick_run):
+    code, out, records = quick_run
+    assert code == 0
+    for r in records:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["status"] in ("ok", "skipped", "error")
+        assert r["device"] == "cpu" and r["versions"]["torch"] == torch.__version__
+    ok = [r for r in records if r["status"] == "ok"]
+    assert {r["family"] for r in ok} == {"ceiling", "attention", "norm", "softmax", "model"}
+    for r in ok:
+        assert r["ms"] > 0 and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        assert r[r["metric"]] > 0, r
+    assert not [r for r in records if r["status"] == "error"]
+    # ours ran for every op of every family, through the reference on the CPU
+    ours = {(r["family"], r["op"], r["mode"]) for r in ok if r["provider"] == "ours"}
+    for fam_op in [("attention", "attention", "fwd"), ("attention", "attention", "fwd+bwd"),
+                   ("attention", "decode", "fwd"), ("norm", "layer_norm", "fwd+bwd"), ("norm", "rms_norm", "fwd"),
+                   ("norm", "add_layer_norm", "fwd+bwd"), ("softmax", "softmax", "fwd"),
+                   ("softmax", "softmax_masked", "fwd+bwd"), ("model", "gpt2", "train"),
+                   ("model", "bert-base", "infer"), ("model", "vit-b16", "infer")]:
+        assert fam_op in ours
+    assert all(r["impl"] == "reference" for r in ok if r["provider"] == "ours")
+    # every baseline that ran computed the same function as ours (same inputs, same weights)
+    checked = [r for r in ok if r["provider"] != "ours" and r["rel_err_vs_ours"] is not None]
+    assert checked and all(r["agrees_with_ours"] for r in checked)
+    # percentages of the ceilings measured in the same run
+    matmul = next(r for r in ok if r["op"] == "matmul")
+    copy = next(r for r in ok if r["op"] == "copy")
+    att = next(r for r in ok if r["family"] == "attention" and r["provider"] == "ours" and r["op"] == "attention")
+    assert math.isclose(att["pct_matmul"], 100 * att["tflops"] / matmul["tflops"], rel_tol=1e-9)
+    ln = next(r for r in ok if r["op"] == "layer_norm" and r["provider"] == "ours")
+    assert math.isclose(ln["pct_copy"], 100 * ln["gbps"] / copy["gbps"], rel_tol=1e-9)
+    summary = (out / "summary.md").read_text()
+    assert "| ours / best |" in summary and "they are not speeds" in summary
+    assert "| attention | attention | fwd | bf16 |" in summary and "| model | gpt2 | train |" in summary
+
+
+def test_quick_run_writes_plots(quick_run):
+    # matplotlib comes with the "bench" extra; without it the run still writes records and the table
+    pytest.importorskip("matplotlib")
+    _, out, _ = quick_run
+    for png in ("attention.png", "attention_shapes.png", "norms.png", "models.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unavailable_providers_are_recorded_as_skipped(quick_run):
+    _, _, records = quick_run
+    skipped = {(r["family"], r["provider"]): r["reason"] for r in records if r["status"] == "skipped"}
+    for fam, prov in [("attention", "flash-attn"), ("attention", "fa3"), ("attention", "flex"),
+                      ("attention", "sdpa-cudnn"), ("norm", "liger"), ("norm", "apex"), ("norm", "torch-compile"),
+                      ("softmax", "torch-compile"), ("model", "ours-compile"), ("model", "torch-sdpa-compile")]:
+        assert skipped.get((fam, prov)), (fam, prov)
+    assert all(r["ms"] is None for r in records if r["status"] == "skipped")
+
+
+def test_only_filters_families(tmp_path):
+    assert run.main(["--quick", "--only", "softmax", "--out", str(tmp_path), "--no-plots"]) == 0
+    records = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["family"] for r in records} == {"ceiling", "softmax"}
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_interrupted_run_still_writes_its_files(tmp_path, monkeypatch):
+    from bench.harness import Interrupted
+
+    def stop(env):
+        raise Interrupted("test")
+    monkeypatch.setitem(run.CASES, "norm", stop)
+    assert run.main(["--quick", "--only", "softmax", "--only", "norm", "--out", str(tmp_path), "--no-plots"]) == 2
+    records = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["op"] for r in records] == ["copy", "matmul"]       # stopped before the first norm case
+    assert (tmp_path / "summary.md").exists()
+
+
+def test_run_cases_skips_and_errors():
+    env = Env.detect(quick=True)
+    env.copy_gbps = env.matmul_tflops = 1.0
+    case = Case("norm", "layer_norm", "fwd", "rows", "bf16", dict(M=2, N=4), "gbps", bytes=64)
+    x = torch.ones(4)
+
+    def fine(c, e):
+        return Prepared(lambda: x + 1, output=lambda: x)
+
+    def unsupported(c, e):
+        raise Unsupported("no such kernel")
+
+    def broken(c, e):
+        raise RuntimeError("No available kernel")
+
+    def wrong(c, e):
+        return Prepared(lambda: x, output=lambda: -x)
+
+    sink = Sink(None)
+    providers = [Provider("ours", fine), Provider("a", unsupported), Provider("b", broken),
+                 Provider("c", fine, lambda e: "c not installed"), Provider("d", wrong), Provider("e", fine)]
+    case.skip["e"] = "grid says no"
+    run_cases([case], providers, env, Timer(env), sink, log=lambda s: None)
+    by = {r["provider"]: r for r in sink.records}
+    assert by["ours"]["status"] == "ok" and by["ours"]["gbps"] == pytest.approx(64 / by["ours"]["ms"] / 1e6)
+    assert (by["a"]["status"], by["a"]["reason"]) == ("skipped", "no such kernel")
+    assert by["b"]["status"] == "skipped" and "No available kernel" in by["b"]["reason"]
+    assert (by["c"]["status"], by["c"]["reason"]) == ("skipped", "c not installed")
+    assert by["d"]["status"] == "ok" and by["d"]["agrees_with_ours"] is False
+    assert (by["e"]["status"], by["e"]["reason"]) == ("skipped", "grid says no")
+    # ours failing is an error, not a skip
+    sink = Sink(None)
+    run_cases([case], [Provider("ours", broken)], env, Timer(env), sink, log=lambda s: None)
+    assert sink.records[0]["status"] == "error"
+    # past the deadline nothing more is started
+    sink = Sink(None)
+    run_cases([case], [Provider("ours", fine)], env, Timer(env), sink, deadline=0.0, log=lambda s: None)
+    assert sink.records[0]["status"] == "skipped" and "budget" in sink.records[0]["reason"]
+
+
+def test_attention_flops_by_hand():
+    # B=2, H=3, L=S=128, D=64: 4 * 2 * 3 * 128 * 128 * 64 = 25,165,824 FLOPs forward
+    assert attention.attention_flops(2, 3, 128, 128, 64) == 25_165_824
+    assert attention.attention_flops(2, 3, 128, 128, 64, causal=True) == 12_582_912          # halved
+    assert attention.attention_flops(2, 3, 128, 128, 64, mode="bwd") == 62_914_560          # 2.5x
+    assert attention.attention_flops(2, 3, 128, 128, 64, mode="fwd+bwd") == 88_080_384      # 3.5x
+    assert attention.attention_flops(2, 3, 128, 128, 64, causal=True, mode="fwd+bwd") == 44_040_192
+    # padding: only valid keys count (lengths 100 and 28 instead of 2 x 128)
+    assert attention.attention_flops(2, 3, 128, 128, 64, valid_keys=128) == 25_165_824 // 2
+
+
+def test_decode_and_norm_bytes_by_hand():
+    # K and V of (B=4, Hkv=2, S=1024, D=64) in bf16: 2 * 4 * 2 * 1024 * 64 * 2 bytes
+    assert attention.decode_bytes(4, 2, 1024, 64, 2) == 2_097_152
+    case = next(c for c in attention.cases(Env.detect(quick=True)) if c.op == "decode")
+    sh = case.shape
+    assert case.bytes == 2 * sh["B"] * sh["Hkv"] * sh["S"] * sh["D"] * 2
+    # layer_norm forward on (M=4, N=8) bf16 with bf16 weight and bias: x read + y written (2 * 64 bytes)
+    # + weight and bias read (2 * 16 bytes)
+    assert norms.norm_bytes("layer_norm", "fwd", 4, 8, 2) == 160
+    # + backward: x, dy read and dx written (3 * 64), weight read, dweight and dbias written (3 * 16)
+    assert norms.norm_bytes("layer_norm", "fwd+bwd", 4, 8, 2) == 160 + 240
+    assert norms.norm_bytes("add_layer_norm", "fwd", 4, 8, 2) == 4 * 64 + 2 * 16
+    assert norms.norm_bytes("softmax", "fwd+bwd", 4, 8, 2, mask_bytes=8) == 2 * 64 + 8 + 3 * 64
+
+
+def test_sdpa_baseline_matches_our_attention_semantics():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    k = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    v = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    lens = torch.tensor([9, 6])
+    pad = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    for kw in [dict(causal=True), dict(seqlens_k=lens), dict(causal=True, seqlens_k=lens), dict(attn_mask=pad),
+               dict(causal=True, attn_mask=torch.zeros(5, 9, dtype=torch.float64))]:
+        torch.testing.assert_close(models.sdpa_attention(q, k, v, **kw), attention_ref(q, k, v, **kw))
+    q = k = v = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    torch.testing.assert_close(models.sdpa_attention(q, k, v, causal=True), attention_ref(q, k, v, causal=True))
+
+
+def test_torch_ops_swaps_and_restores_the_kernels():
+    before = kernels.attention, kernels.add_layer_norm, kernels.nn.layer_norm
+    with models.torch_ops():
+        assert kernels.attention is models.sdpa_attention
+        x, r = torch.randn(3, 8), torch.randn(3, 8)
+        out, res = kernels.add_layer_norm(x, r)
+        torch.testing.assert_close(res, x + r)
+        torch.testing.assert_close(out, torch.nn.functional.layer_norm(x + r, (8,)))
+    assert (kernels.attention, kernels.add_layer_norm, kernels.nn.layer_norm) == before
+
+
+def test_every_family_has_ours_first():
+    for family in ("attention", "norm", "softmax", "model"):
+        assert REGISTRY.providers(family)[0].name == "ours"
+
+
+def test_pytest_benchmark_entry_point(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["BENCH_ROUNDS"] = "2"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+         "-k", "layer_norm-fwd- or decode", "--benchmark-json", str(tmp_path / "pb.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "pb.json").read_text())
+    names = {b["name"] for b in data["benchmarks"]}
+    assert any("decode" in n and n.endswith("-ours]") for n in names)
+    assert all(b["extra_info"].get("gbps", 0) > 0 for b in data["benchmarks"])
+
+
+def test_gpu_check_script_is_valid_bash():
+    script = os.path.join(ROOT, "bench", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    text = open(script).read()
+    for needed in ("timeout", "-m gpu", "python -m bench --quick", "TRITON_INTERPRET", "$OUT"):
+        assert needed in text, needed

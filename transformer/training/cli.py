@@ -42,6 +42,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default steps/5)")
     p.add_argument("--eval-batches", type=int, help="batches per periodic evaluation (the final one uses all)")
+    p.add_argument("--eval-batch-size", type=int, help="batch size of the evaluations (default: --batch-size)")
     p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines (default 10)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on a GPU, fp32 on the CPU")

@@ -1,0 +1,325 @@
+"""Attention benchmarks: the FlashAttention grid, BERT and ViT shapes, and decoding.
+
+Grids (GPU; ``--quick`` takes a subset, the CPU tiny shapes):
+- standard: batch x seq = 16k tokens, hidden 2048 (H = 2048 / D), seq 512..16k, head dim 64/128/256,
+  causal and not, bf16/fp16, forward and forward+backward: the grid FlashAttention's papers report.
+- bert: seq 128 / 512, 12 heads of 64, every sequence padded (key lengths drawn in [S/2, S], passed to
+  ours as ``seqlens_k`` and to the others as a (B, 1, 1, S) key-padding mask).
+- vit: 197 and 577 tokens (ViT-B/16 at 224 and 384 px), 12 heads of 64, not causal.
+- decode: one query over a KV cache of 1k..32k keys, batch 1..64, Llama-3-8B heads (32 query heads,
+  8 key/value heads, D 128): judged in GB/s of KV cache read.
+
+FLOPs (FlashAttention's convention): forward 4*B*H*L*S*D (two matmuls, 2 FLOPs per multiply-add),
+halved when causal; backward 2.5x forward (five matmuls instead of two), so forward+backward is 3.5x.
+With padding only the valid keys count: 4*H*D*L*sum(seqlens_k). Every provider of a case is credited
+with the same FLOPs, so TFLOP/s ratios are time ratios.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from bench.harness import (
+    DTYPES,
+    REGISTRY,
+    Case,
+    Env,
+    Prepared,
+    Rotation,
+    Unsupported,
+    all_of,
+    cuda_only,
+    module_available,
+    rotation_count,
+)
+
+FAMILY = "attention"
+
+
+# ----------------------------------------------------------------------------- work counts
+
+
+def attention_flops(b: int, h: int, l: int, s: int, d: int, *, causal: bool = False, mode: str = "fwd",
+                    valid_keys: int | None = None) -> float:
+    """FLOPs of attention on (B, H, L, D) queries and S keys.
+
+    ``valid_keys``: the sum over the batch of each row's key length (padding), replacing ``B * S``.
+    ``mode``: "fwd", "bwd" (2.5x forward) or "fwd+bwd" (3.5x)."""
+    keys = b * s if valid_keys is None else valid_keys
+    f = 4.0 * h * l * keys * d
+    if causal:
+        f /= 2
+    return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+
+def decode_bytes(b: int, hkv: int, s: int, d: int, element_size: int, dv: int | None = None) -> int:
+    """Bytes of KV cache one decoding step must read: K (B, Hkv, S, D) and V (B, Hkv, S, Dv), once."""
+    return b * hkv * s * (d + (dv or d)) * element_size
+
+
+def seqlens(b: int, s: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Key lengths of a padded batch: drawn in [S/2, S] from a fixed seed, the same for every provider."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(s // 2, s + 1, (b,), generator=g).to(device)
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def _case(grid: str, mode: str, dtype: str, b: int, h: int, hkv: int, l: int, s: int, d: int, causal: bool,
+          padded: bool = False, skip: dict[str, str] | None = None) -> Case:
+    # Hkv is recorded only for GQA (None: as many key/value heads as query heads).
+    shape = dict(B=b, H=h, Hkv=hkv if hkv != h else None, L=l, S=s, D=d, causal=causal, padded=padded)
+    elt = DTYPES[dtype].itemsize
+    if grid == "decode":
+        return Case(FAMILY, "decode", mode, grid, dtype, shape, "gbps",
+                    flops=attention_flops(b, h, l, s, d, mode=mode), bytes=decode_bytes(b, hkv, s, d, elt),
+                    skip=dict(skip or {}))
+    valid = int(seqlens(b, s).sum()) if padded else None
+    return Case(FAMILY, "attention", mode, grid, dtype, shape, "tflops",
+                flops=attention_flops(b, h, l, s, d, causal=causal, mode=mode, valid_keys=valid),
+                skip=dict(skip or {}))
+
+
+def cases(env: Env) -> list[Case]:
+    out: list[Case] = []
+    if not env.is_cuda:
+        # Tiny shapes through the reference: each grid and mode once, to test the harness.
+        for mode in ("fwd", "fwd+bwd"):
+            for causal in (False, True):
+                for l in (32, 64):
+                    out.append(_case("standard", mode, "bf16", 128 // l, 2, 2, l, l, 64, causal))
+        out.append(_case("bert", "fwd", "bf16", 2, 2, 2, 32, 32, 16, False, padded=True))
+        out.append(_case("bert", "fwd+bwd", "bf16", 2, 2, 2, 32, 32, 16, False, padded=True))
+        out.append(_case("vit", "fwd", "bf16", 2, 2, 2, 17, 17, 16, False))
+        for b in (1, 2):
+            out.append(_case("decode", "fwd", "bf16", b, 4, 2, 1, 64, 16, False))
+        return out
+
+    quick = env.quick
+    dtypes = ["bf16"] if quick else ["bf16", "fp16"]
+    dims = [64, 128] if quick else [64, 128, 256]
+    lens = [1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+    for dtype in dtypes:
+        for mode in ("fwd", "fwd+bwd"):
+            for d in dims:
+                for causal in (False, True):
+                    for l in lens:
+                        skip = {}
+                        # FlexAttention compiles a kernel per shape and mask (seconds each): the quick
+                        # run, which must fit in gpu_check's 8 minutes, compiles it for one shape, the
+                        # full run for bf16 only.
+                        if quick and not (d == 128 and l == 4096):
+                            skip["flex"] = "quick run: FlexAttention compiled for D=128, L=4096 only"
+                        elif dtype != "bf16":
+                            skip["flex"] = "FlexAttention timed in bf16 only (compile time)"
+                        out.append(_case("standard", mode, dtype, 16384 // l, 2048 // d, 2048 // d, l, l, d,
+                                         causal, skip=skip))
+    quick_skip = {"flex": "quick run: FlexAttention compiled for the standard grid only"} if quick else {}
+    for dtype in dtypes:
+        for mode in ("fwd", "fwd+bwd"):
+            for l, b in ((128, 128), (512, 32)):
+                out.append(_case("bert", mode, dtype, b, 12, 12, l, l, 64, False, padded=True, skip=quick_skip))
+            for l, b in ((197, 64), (577, 32)):
+                out.append(_case("vit", mode, dtype, b, 12, 12, l, l, 64, False, skip=quick_skip))
+    batches = [1, 16, 64] if quick else [1, 4, 16, 64]
+    caches = [4096, 32768] if quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    for dtype in ["bf16"]:
+        for b in batches:
+            for s in caches:
+                out.append(_case("decode", "fwd", dtype, b, 32, 8, 1, s, 128, False, skip=quick_skip))
+    if quick:
+        # If the time budget runs out, what is left is skipped: run one head dim of the standard grid, then
+        # decoding and the model shapes, then the rest.
+        rank = {"standard": 0, "decode": 1, "bert": 2, "vit": 2}
+        out.sort(key=lambda c: rank[c.grid] if c.grid != "standard" or c.shape["D"] == 128 else 3)
+    return out
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _dims(case: Case) -> tuple[int, int, int, int, int, int]:
+    sh = case.shape
+    return sh["B"], sh["H"], sh["Hkv"] or sh["H"], sh["L"], sh["S"], sh["D"]
+
+
+def _inputs(case: Case, env: Env, layout: str = "bhld") -> Rotation:
+    """Rotating (q, k, v, dout) sets in ``layout`` ("bhld": (B, H, L, D); "blhd": (B, L, H, D)),
+    contiguous in that layout, with gradients on when the case runs a backward."""
+    b, h, hkv, l, s, d = _dims(case)
+    dtype = DTYPES[case.dtype]
+    grad = case.mode != "fwd"
+
+    def make(heads: int, length: int) -> torch.Tensor:
+        t = torch.randn((b, heads, length, d), device=env.device, dtype=dtype)
+        return t if layout == "bhld" else t.transpose(1, 2).contiguous()
+
+    one = 2 * b * h * l * d + 2 * b * hkv * s * d        # q, out (or dout), k, v elements
+    n = rotation_count(one * DTYPES[case.dtype].itemsize, env)
+    torch.manual_seed(0)       # every provider of a case gets the same inputs: the agreement check needs it
+    sets = []
+    for _ in range(n):
+        q, k, v = make(h, l), make(hkv, s), make(hkv, s)
+        do = make(h, l) if grad else None
+        sets.append((q.requires_grad_(grad), k.requires_grad_(grad), v.requires_grad_(grad), do))
+    return Rotation(sets)
+
+
+def _prepared(case: Case, rot: Rotation, fwd: Callable[..., torch.Tensor], *, layout: str = "bhld",
+              context: Callable | None = None, impl: str | None = None) -> Prepared:
+    """The timed call (forward, or forward then backward with a fixed output gradient) over rotating inputs."""
+    if case.mode == "fwd":
+        def fn() -> object:
+            q, k, v, _ = rot.next()
+            with torch.no_grad():
+                return fwd(q, k, v)
+    else:
+        def fn() -> object:
+            q, k, v, do = rot.next()
+            fwd(q, k, v).backward(do)
+            return None
+
+    def output() -> torch.Tensor:
+        q, k, v, _ = rot.first
+        out = fwd(q, k, v)
+        return out if layout == "bhld" else out.transpose(1, 2)    # compared in (B, H, L, D)
+
+    leaves = [t for s in rot.sets for t in s[:3] if t.requires_grad]
+    kw = {} if context is None else {"context": context}
+    return Prepared(fn, output, leaves, impl=impl, **kw)
+
+
+def _padding_mask(case: Case, env: Env) -> torch.Tensor | None:
+    """(B, 1, 1, S) bool, True for valid keys: how the non-varlen baselines receive the padding."""
+    if not case.shape["padded"]:
+        return None
+    b, _, _, _, s, _ = _dims(case)
+    return (torch.arange(s, device=env.device) < seqlens(b, s, env.device)[:, None])[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def ours_context(env: Env) -> Callable:
+    """Our kernels on a GPU (never a silent fallback); the pure-PyTorch reference on the CPU, where the
+    Triton interpreter (on under pytest) would take minutes and time nothing meaningful."""
+    return lambda: kernels.use_backend("triton" if env.is_cuda else "torch")
+
+
+def _ours(case: Case, env: Env) -> Prepared:
+    rot = _inputs(case, env)
+    b, _, _, _, s, _ = _dims(case)
+    lens = seqlens(b, s, env.device) if case.shape["padded"] else None
+    causal = bool(case.shape["causal"])
+
+    def fwd(q, k, v):
+        return kernels.attention(q, k, v, causal=causal, seqlens_k=lens)
+    return _prepared(case, rot, fwd, context=ours_context(env), impl="triton" if env.is_cuda else "reference")
+
+
+# Scores above this many elements make the math backend (which materializes B*H*L*S scores and
+# probabilities, in fp32 for its softmax) too slow and too large to be worth timing.
+MATH_MAX_SCORES = 1 << 30
+
+
+def _sdpa(backend: str) -> Callable[[Case, Env], Prepared]:
+    def build(case: Case, env: Env) -> Prepared:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        b, h, hkv, l, s, _ = _dims(case)
+        if backend == "MATH" and b * h * l * s > MATH_MAX_SCORES:
+            raise Unsupported(f"math backend would materialize {b * h * l * s:.2e} scores (> {MATH_MAX_SCORES:.0e})")
+        which = getattr(SDPBackend, backend, None)
+        if which is None:
+            raise Unsupported(f"SDPBackend.{backend} not in torch {torch.__version__}")
+        mask = _padding_mask(case, env)
+        causal = bool(case.shape["causal"])
+        if causal and l != s:
+            raise Unsupported("SDPA's is_causal is top-left aligned; the grids only use causal with L == S")
+        kw = {"enable_gqa": True} if hkv != h else {}
+        rot = _inputs(case, env)
+
+        def fwd(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kw)
+        return _prepared(case, rot, fwd, context=lambda: sdpa_kernel(which), impl=f"sdpa:{backend.lower()}")
+    return build
+
+
+def _flex(case: Case, env: Env) -> Prepared:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, h, hkv, l, s, _ = _dims(case)
+    causal, padded = bool(case.shape["causal"]), bool(case.shape["padded"])
+    lens = seqlens(b, s, env.device) if padded else None
+    if causal and padded:
+        def mask_mod(bi, hi, qi, ki):
+            return (qi >= ki) & (ki < lens[bi])
+    elif causal:
+        def mask_mod(bi, hi, qi, ki):
+            return qi >= ki
+    elif padded:
+        def mask_mod(bi, hi, qi, ki):
+            return ki < lens[bi]
+    else:
+        mask_mod = None
+    block_mask = None
+    if mask_mod is not None:
+        block_mask = create_block_mask(mask_mod, b if padded else None, None, l, s, device=env.device)
+    # A fresh compile per case: every case is a new shape or mask anyway, and past dynamo's recompile
+    # limit a reused wrapper would silently run eager flex_attention (unfused, slow) under our label.
+    from torch import _dynamo
+    _dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=False)
+    kw = {"enable_gqa": True} if hkv != h else {}
+    rot = _inputs(case, env)
+
+    def fwd(q, k, v):
+        return compiled(q, k, v, block_mask=block_mask, **kw)
+    return _prepared(case, rot, fwd, impl="flex_attention (torch.compile)")
+
+
+def _flash_attn(module: str) -> Callable[[Case, Env], Prepared]:
+    def build(case: Case, env: Env) -> Prepared:
+        import importlib
+
+        if case.shape["padded"]:
+            raise Unsupported("padding needs flash_attn_varlen_func on unpadded tokens: not benchmarked")
+        func = importlib.import_module(module).flash_attn_func
+        causal = bool(case.shape["causal"])
+        rot = _inputs(case, env, layout="blhd")          # flash-attn's native (B, L, H, D)
+
+        def fwd(q, k, v):
+            out = func(q, k, v, causal=causal)
+            return out[0] if isinstance(out, tuple) else out   # some FA3 versions also return the lse
+        return _prepared(case, rot, fwd, layout="blhd", impl=module)
+    return build
+
+
+def _hopper(env: Env) -> str | None:
+    return None if env.capability is not None and env.capability[0] == 9 else "FlashAttention-3 needs a Hopper GPU"
+
+
+def _cudnn_available(env: Env) -> str | None:
+    if not env.is_cuda:
+        return "cuDNN attention needs a CUDA device"
+    return None if torch.backends.cudnn.is_available() else "cuDNN not available in this torch"
+
+
+REGISTRY.register(FAMILY, "ours", _ours)
+REGISTRY.register(FAMILY, "sdpa-flash", _sdpa("FLASH_ATTENTION"))
+REGISTRY.register(FAMILY, "sdpa-cudnn", _sdpa("CUDNN_ATTENTION"), _cudnn_available)
+REGISTRY.register(FAMILY, "sdpa-efficient", _sdpa("EFFICIENT_ATTENTION"))
+REGISTRY.register(FAMILY, "sdpa-math", _sdpa("MATH"))
+REGISTRY.register(FAMILY, "flex", _flex,
+                  all_of(cuda_only("FlexAttention needs torch.compile for speed: skipped on the CPU run"),
+                         module_available("torch.nn.attention.flex_attention", "FlexAttention (torch >= 2.5)")))
+REGISTRY.register(FAMILY, "flash-attn", _flash_attn("flash_attn"),
+                  all_of(cuda_only(), module_available("flash_attn", "flash-attn")))
+REGISTRY.register(FAMILY, "fa3", _flash_attn("flash_attn_interface"),
+                  all_of(cuda_only(), _hopper,
+                         module_available("flash_attn_interface", "FlashAttention-3 (flash_attn_interface)")))
