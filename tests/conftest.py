@@ -3,15 +3,18 @@
 The Triton interpreter must be switched on before anything imports ``triton`` (its ``jit`` decorator
 reads ``TRITON_INTERPRET`` at decoration time, i.e. when ``kernels`` is imported), so this module sets
 it first: on a machine without a GPU, every kernel test then runs the real Triton kernel code on CPU
-tensors. ``setdefault`` leaves an explicit choice made by the caller alone.
+tensors; with a GPU the kernels compile for it. (Importing torch and asking for CUDA does not import
+triton.) ``setdefault`` leaves an explicit choice made by the caller alone.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import _backend  # noqa: E402

@@ -39,7 +39,13 @@ _ACTIVATIONS = {
 
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.LayerNorm,
              dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``residual_out = residual + dropout(x)``; returns ``(norm(residual_out), residual_out)``: one kernel."""
+    """``residual_out = residual + dropout(x)``; returns ``(norm(residual_out), residual_out)``: one kernel.
+
+    Under autocast a sublayer's output arrives in bf16/fp16 while the residual stream is fp32: the sum is
+    taken in the wider dtype, as ``x + residual`` would promote in plain PyTorch."""
+    if residual is not None and residual.dtype != x.dtype:
+        wide = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(wide), residual.to(wide)
     return kernels.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p)
 
 
