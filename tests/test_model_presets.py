@@ -26,8 +26,9 @@ MODELS = {
                                                        next_sentence_label=torch.tensor([0, 1]))),
     ViTConfig: (ViT, lambda c, g: dict(pixel_values=torch.rand(2, c.num_channels, c.image_size, c.image_size,
                                                                generator=g), labels=torch.tensor([1, 0]))),
-    EncoderDecoderConfig: (EncoderDecoder, lambda c, g: dict(input_ids=torch.randint(3, c.vocab_size, (2, 9), generator=g),
-                                                             labels=torch.randint(3, c.vocab_size, (2, 7), generator=g))),
+    EncoderDecoderConfig: (EncoderDecoder, lambda c, g: dict(
+        input_ids=torch.randint(3, c.vocab_size, (2, 9), generator=g),
+        labels=torch.randint(3, c.vocab_size, (2, 7), generator=g))),
     MultimodalConfig: (Multimodal, lambda c, g: dict(
         pixel_values=torch.rand(2, c.num_channels, c.image_size, c.image_size, generator=g),
         input_ids=torch.randint(1, c.vocab_size, (2, 6), generator=g),
