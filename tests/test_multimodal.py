@@ -1,6 +1,8 @@
 """The multimodal model: shapes, padding masks, task heads, single-modality inputs, the Triton path against
 the reference, its digit/phrase data, and a short training run whose loss falls."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,6 @@ import kernels
 from transformer import Multimodal, MultimodalConfig
 from transformer.data import digit_phrases
 from transformer.training.trainer import TrainArgs, train
-
 
 
 @pytest.fixture
@@ -126,7 +127,6 @@ def test_a_short_training_run_lowers_the_loss(tmp_path):
     final = train(TrainArgs(task="multimodal", preset="tiny", steps=40, batch_size=32, eval_every=40, warmup=5,
                             eval_batches=2, eval_batch_size=64, backend="torch", progress=False,
                             out=str(tmp_path)))
-    import json
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     assert losses[-1] < losses[0] - 0.3

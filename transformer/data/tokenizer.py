@@ -3,8 +3,9 @@
 - ``CharTokenizer``: one id per character seen in the training text (nanoGPT's character-level recipe),
   plus the special tokens; characters never seen map to ``[UNK]``.
 - ``BPETokenizer``: byte-level BPE trained with the ``tokenizers`` library: every string round-trips.
+- ``HFTokenizer``: a Hugging Face model's own tokenizer, when fine-tuning that model.
 
-Both put the special tokens first, in ``SPECIALS`` order, so ``[PAD]`` is id 0 in every vocabulary (the
+Ours put the special tokens first, in ``SPECIALS`` order, so ``[PAD]`` is id 0 in every vocabulary (the
 models' default ``pad_token_id``).
 """
 
@@ -13,9 +14,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]")
 FILENAME = "tokenizer.json"
+HF_SUBDIR = "hf_tokenizer"
 
 
 class Tokenizer:
@@ -113,6 +116,52 @@ class BPETokenizer(Tokenizer):
         return path
 
 
+class HFTokenizer(Tokenizer):
+    """A transformers tokenizer (fine-tuning a Hugging Face model) behind the same interface; its special
+    tokens keep their own ids. Saved with the run under ``hf_tokenizer/``."""
+
+    kind = "hf"
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        ids = {name: getattr(backend, f"{name}_token_id", None) for name in ("pad", "unk", "cls", "sep", "mask",
+                                                                             "bos", "eos")}
+        missing = [n for n in ("pad", "cls", "sep") if ids[n] is None]
+        if missing:
+            raise ValueError(f"the Hugging Face tokenizer has no {missing} token(s)")
+        ids["bos"] = ids["bos"] if ids["bos"] is not None else ids["cls"]
+        ids["eos"] = ids["eos"] if ids["eos"] is not None else ids["sep"]
+        ids["unk"] = ids["unk"] if ids["unk"] is not None else ids["pad"]
+        ids["mask"] = ids["mask"] if ids["mask"] is not None else ids["unk"]
+        for name, value in ids.items():
+            setattr(self, f"{name}_id", value)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.backend)
+
+    @property
+    def special_ids(self) -> list[int]:
+        return sorted(set(self.backend.all_special_ids))
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> HFTokenizer:
+        from transformers import AutoTokenizer
+        return cls(AutoTokenizer.from_pretrained(str(directory)))
+
+    def save(self, directory: str | Path) -> Path:
+        self.backend.save_pretrained(str(Path(directory) / HF_SUBDIR))
+        path = Path(directory) / FILENAME
+        path.write_text(json.dumps({"kind": self.kind, "specials": list(SPECIALS), "path": HF_SUBDIR}))
+        return path
+
+
 def train_tokenizer(kind: str, text: str, vocab_size: int = 1024) -> Tokenizer:
     """``kind`` "char" or "bpe" (``vocab_size`` applies to BPE only)."""
     if kind == "char":
@@ -125,15 +174,21 @@ def train_tokenizer(kind: str, text: str, vocab_size: int = 1024) -> Tokenizer:
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer a training run saved in ``directory``; a clear error when it is missing or corrupt."""
     path = Path(directory) / FILENAME
+    if not path.is_file() and (Path(directory) / "tokenizer_config.json").is_file():
+        return HFTokenizer.load(directory)                # a Hugging Face directory (slow tokenizer)
     try:
         spec = json.loads(path.read_text())
+        if "kind" not in spec and "model" in spec:
+            return HFTokenizer.load(directory)            # a Hugging Face directory (its fast tokenizer file)
+        if spec.get("kind") == "hf":
+            return HFTokenizer.load(Path(directory) / spec["path"])
         if spec.get("specials") != list(SPECIALS):
             raise ValueError(f"special tokens {spec.get('specials')} differ from {list(SPECIALS)}")
         if spec["kind"] == "char":
             return CharTokenizer(spec["chars"])
         if spec["kind"] == "bpe":
-            from tokenizers import Tokenizer as HFTokenizer
-            return BPETokenizer(HFTokenizer.from_str(json.dumps(spec["tokenizer"])))
+            from tokenizers import Tokenizer as Backend
+            return BPETokenizer(Backend.from_str(json.dumps(spec["tokenizer"])))
         raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
     except FileNotFoundError:
         raise FileNotFoundError(f"no tokenizer in {directory}: expected {path}") from None

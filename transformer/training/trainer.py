@@ -36,6 +36,7 @@ import kernels
 from .. import lora
 from . import checkpoint as ckpt
 from . import distributed
+from .huggingface import is_hf_directory, load_hf_model
 from .plot import plot_losses
 from .task import Task, get_task
 
@@ -170,10 +171,9 @@ def apply_method(model: nn.Module, method: str, head: list[str], r: int, alpha: 
         params[name].requires_grad_(True)
 
 
-def initial_weights(model: nn.Module, directory: str) -> list[str]:
-    """Copy every weight the run in ``directory`` shares with ``model`` (same name and shape); returns the
+def initial_weights(model: nn.Module, weights: dict[str, torch.Tensor], directory: str) -> list[str]:
+    """Copy every weight of the run in ``directory`` that ``model`` shares (same name and shape); returns the
     names of the parameters that are new (a fine-tuning head)."""
-    weights = ckpt.load_weights(directory)
     own = model.state_dict()
     wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
     if wrong:
@@ -185,14 +185,6 @@ def initial_weights(model: nn.Module, directory: str) -> list[str]:
     return sorted(n for n, _ in model.named_parameters() if n not in shared)
 
 
-def finetune_config(task: Task, preset: str, saved_model: dict[str, Any]):
-    """The architecture of the run being fine-tuned, with what this task's data fixes (labels, vocabulary)."""
-    cls = task.config_class
-    base, fresh = cls.from_preset(preset).to_dict(), task.model_config(preset).to_dict()
-    fixed = {k: v for k, v in fresh.items() if v != base[k]}
-    return cls.from_dict({**saved_model, **fixed})
-
-
 def build(task: Task, run: dict[str, Any], saved: dict[str, Any] | None) -> tuple[nn.Module, list[str]]:
     """The model of a fresh, resumed or fine-tuning run, weights loaded, method applied."""
     if saved is not None:                                        # resume: exactly the saved architecture
@@ -202,10 +194,14 @@ def build(task: Task, run: dict[str, Any], saved: dict[str, Any] | None) -> tupl
         load_exact(model, run["resume"])
         return model, head
     if run["init"]:
-        source = ckpt.load_config(run["init"])
-        config = finetune_config(task, run["preset"], {**source["model"], **run["model_overrides"]})
+        if is_hf_directory(run["init"]):
+            source_model, weights = load_hf_model(run["init"], task.config_class)
+        else:
+            source_model, weights = ckpt.load_config(run["init"])["model"], ckpt.load_weights(run["init"])
+        # the source's architecture; a task still sets what its data fixes (e.g. the number of labels)
+        config = task.model_config(run["preset"], **{**source_model, **run["model_overrides"]})
         model = task.build_model(config)
-        head = initial_weights(model, run["init"])
+        head = initial_weights(model, weights, run["init"])
     else:
         model, head = task.build_model(task.model_config(run["preset"], **run["model_overrides"])), []
     apply_method(model, run["method"], head, run["lora_r"], run["lora_alpha"])
