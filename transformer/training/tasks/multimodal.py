@@ -28,7 +28,7 @@ class MultimodalTask(Task):
     config_class = MultimodalConfig
     default_preset = "digits-words"
     unit = "img"
-    defaults = dict(steps=1200, batch_size=64, lr=2e-3, warmup=60, weight_decay=0.05, eval_every=300,
+    defaults = dict(steps=2000, batch_size=128, lr=3e-3, warmup=100, weight_decay=0.05, eval_every=500,
                     eval_batches=None, eval_batch_size=360)
 
     def __init__(self, data: str | None = None, directory: str | Path | None = None, modalities: str = "both",
