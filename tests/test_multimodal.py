@@ -124,10 +124,21 @@ def test_task_batches_hold_the_chosen_modalities(modalities, present, absent):
 
 
 def test_a_short_training_run_lowers_the_loss(tmp_path):
-    final = train(TrainArgs(task="multimodal", preset="tiny", steps=40, batch_size=32, eval_every=40, warmup=5,
-                            eval_batches=2, eval_batch_size=64, backend="torch", progress=False,
-                            out=str(tmp_path)))
+    """Through the trainer, on a fixed set of 32 pairs (new random pairs need a few hundred steps to
+    leave the chance plateau; a fixed set shows within seconds that every part learns)."""
+    from transformer.training.task import register
+    from transformer.training.tasks.multimodal import MultimodalTask
+
+    @register
+    class FixedPairs(MultimodalTask):
+        name = "multimodal-fixed-pairs"
+
+        def train_batch(self, generator, batch_size):
+            return super().train_batch(torch.Generator().manual_seed(0), batch_size)
+
+    train(TrainArgs(task=FixedPairs.name, preset="tiny", steps=40, batch_size=32, lr=3e-3, warmup=5,
+                    eval_every=40, eval_batches=1, eval_batch_size=64, model_overrides={"dropout": 0.0},
+                    backend="torch", progress=False, out=str(tmp_path)))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records if "train_loss" in r]
-    assert losses[-1] < losses[0] - 0.3
-    assert final["val_loss"] < 2.3 + 2.3 + 0.69                          # below the three chance-level losses
+    assert losses[0] > 4.5 and losses[-1] < losses[0] - 1.0
