@@ -204,10 +204,11 @@ def test_every_family_has_ours_first():
 
 def test_pytest_benchmark_entry_point(tmp_path):
     pytest.importorskip("pytest_benchmark")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # an xdist worker's PYTEST_* variables would make pytest-benchmark believe it runs in parallel
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
     env["BENCH_ROUNDS"] = "2"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
          "-k", "layer_norm-fwd- or decode", "--benchmark-json", str(tmp_path / "pb.json")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
