@@ -16,6 +16,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist every worker is one process: one thread each keeps N workers on N cores instead of
+# N x (cores) threads spin-waiting for each other (which slows CPU training tests several-fold).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 import kernels  # noqa: E402
 from kernels import _backend  # noqa: E402
 
