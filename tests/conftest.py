@@ -52,3 +52,14 @@ def triton_backend():
         yield
 
 
+
+
+@pytest.fixture(scope="module")
+def reference_backend():
+    """The pure-PyTorch ops and one thread, for a test module that trains models for real steps: the
+    interpreter would make them slow, and tiny tensors gain nothing from intra-op threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with kernels.use_backend("torch"):
+        yield
+    torch.set_num_threads(threads)

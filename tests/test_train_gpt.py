@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
 from transformer.data.text import load_text, split_text
 from transformer.training.task import get_task
 from transformer.training.tasks.gpt import GPTTask, _sample
@@ -18,14 +17,7 @@ from transformer.training.tasks.gpt import GPTTask, _sample
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_shakespeare.txt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _torch_backend_one_thread():
-    """Reference kernels, one thread: tiny tensors gain nothing from intra-op threads on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with kernels.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 @pytest.fixture(scope="module")

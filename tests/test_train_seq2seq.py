@@ -8,7 +8,6 @@ Triton interpreter would take minutes for the same steps, and the kernels have t
 import pytest
 import torch
 
-import kernels
 from transformer.data.numbers import (
     HELD_OUT,
     NUMBERS,
@@ -24,15 +23,7 @@ from transformer.data.numbers import (
 from transformer.training.task import get_task
 from transformer.training.tasks.seq2seq import BOS, EOS, PAD, Seq2SeqTask, bleu, chrf, exact_match
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_backend_one_thread():
-    """Reference kernels, one thread: tiny tensors gain nothing from intra-op threads on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with kernels.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 @pytest.fixture(scope="module")
