@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-import kernels
 from transformer.data import docstrings
 from transformer.training import checkpoint
 from transformer.training.task import get_task
@@ -22,15 +21,7 @@ from transformer.training.tasks.bert import (
 )
 from transformer.training.trainer import TrainArgs, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_backend_one_thread():
-    """Reference kernels, one thread: tiny tensors gain nothing from intra-op threads on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with kernels.use_backend("torch"):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,8 @@ class BERTConfig(Config):
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=128, max_seq_len=64, dim=32, n_layers=2, n_heads=4, ffn_dim=64),
+        # the CPU pre-training / fine-tuning recipe of `python -m transformer train bert`
+        "mini": dict(vocab_size=1024, max_seq_len=64, dim=128, n_layers=2, n_heads=4, ffn_dim=512),
         "small": dict(vocab_size=4096, max_seq_len=128, dim=256, n_layers=4, n_heads=4, ffn_dim=1024),
         "bert-base": dict(),
         "bert-large": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096),

@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError
 from .task import get_task
 from .trainer import METHODS, PRECISIONS, TrainArgs, TrainingInterrupted, load_run, train
 
-TASK_NAMES = ("gpt", "bert", "seq2seq", "vit", "multimodal")
+TASK_NAMES = ("gpt", "bert", "bert-cls", "seq2seq", "vit", "multimodal")
 BACKENDS = ("auto", "triton", "torch")
 
 
