@@ -171,6 +171,12 @@ def train_tokenizer(kind: str, text: str, vocab_size: int = 1024) -> Tokenizer:
     raise ValueError(f"tokenizer must be 'char' or 'bpe', got {kind!r}")
 
 
+def saved_or_trained(directory: str | Path | None, kind: str, text: str, vocab_size: int = 1024) -> Tokenizer:
+    """The tokenizer saved in ``directory`` (an earlier run: the model's vocabulary wins over ``kind``), or
+    a new one trained on ``text``."""
+    return load_tokenizer(directory) if directory is not None else train_tokenizer(kind, text, vocab_size)
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """The tokenizer a training run saved in ``directory``; a clear error when it is missing or corrupt."""
     path = Path(directory) / FILENAME

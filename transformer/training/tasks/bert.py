@@ -37,7 +37,7 @@ from ...bert import IGNORE_INDEX, BERTForPreTraining, BERTForSequenceClassificat
 from ...config import BERTConfig
 from ...data.docstrings import load_classification
 from ...data.text import load_text
-from ...data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ...data.tokenizer import Tokenizer, saved_or_trained
 from ..task import Task, model_device, register
 
 VAL_FRACTION = 0.1
@@ -80,10 +80,6 @@ def unigram_entropy(train_ids: Sequence[int] | torch.Tensor, heldout_ids: Sequen
     return -log_p[held].mean().item()
 
 
-def _tokenizer(directory: str | Path | None, kind: str, text: str, bpe_vocab: int) -> Tokenizer:
-    return load_tokenizer(directory) if directory is not None else train_tokenizer(kind, text, bpe_vocab)
-
-
 def _configured(task: str, max_len: int | None) -> int:
     if max_len is None:
         raise RuntimeError(f"{task} task: call model_config() or build_model() first (sequences are cut to the "
@@ -119,7 +115,7 @@ class BERTPretrainTask(Task):
             raise ValueError(f"--data {data!r}: {len(sentences)} sentences; pre-training pairs need at least 20")
         cut = int(len(sentences) * (1 - VAL_FRACTION))
         self.train_sentences, self.val_sentences = sentences[:cut], sentences[cut:]
-        self.tokenizer = _tokenizer(directory, tokenizer, "\n".join(self.train_sentences), bpe_vocab)
+        self.tokenizer = saved_or_trained(directory, tokenizer, "\n".join(self.train_sentences), bpe_vocab)
         super().__init__(data, tokenizer=self.tokenizer.kind, bpe_vocab=bpe_vocab)
         self.train_ids = [self.tokenizer.encode(s) for s in self.train_sentences]
         self.val_ids = [self.tokenizer.encode(s) for s in self.val_sentences]
@@ -277,7 +273,7 @@ class BERTClassifyTask(Task):
             raise ValueError(f"bert-cls task: unknown options {sorted(options)}; it takes tokenizer and bpe_vocab")
         self.dataset = load_classification(data)
         train_text = "\n".join(text for text, _ in self.dataset.train)
-        self.tokenizer = _tokenizer(directory, tokenizer, train_text, bpe_vocab)
+        self.tokenizer = saved_or_trained(directory, tokenizer, train_text, bpe_vocab)
         super().__init__(data, tokenizer=self.tokenizer.kind, bpe_vocab=bpe_vocab)
         self.labels = self.dataset.labels
         self.train_ids = [self.tokenizer.encode(text) for text, _ in self.dataset.train]

@@ -25,7 +25,7 @@ from torch import nn
 
 from ...config import GPTConfig
 from ...data.text import load_text, split_text
-from ...data.tokenizer import load_tokenizer, train_tokenizer
+from ...data.tokenizer import saved_or_trained
 from ...gpt import GPT
 from ..task import Task, model_device, register
 
@@ -51,8 +51,7 @@ class GPTTask(Task):
         if options:
             raise ValueError(f"gpt task: unknown options {sorted(options)}; it takes tokenizer and bpe_vocab")
         train_text, self.val_text = split_text(load_text(data))
-        self.tokenizer = load_tokenizer(directory) if directory is not None else \
-            train_tokenizer(tokenizer, train_text, bpe_vocab)
+        self.tokenizer = saved_or_trained(directory, tokenizer, train_text, bpe_vocab)
         # the saved tokenizer wins over the option, and spec() records what is actually used
         super().__init__(data, tokenizer=self.tokenizer.kind, bpe_vocab=bpe_vocab)
         self.train_ids = torch.tensor(self.tokenizer.encode(train_text), dtype=torch.long)

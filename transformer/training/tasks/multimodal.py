@@ -15,7 +15,7 @@ from torch import nn
 from ...config import MultimodalConfig
 from ...data.digit_phrases import TASKS, Examples, all_phrases, draw, held_out
 from ...data.digits import IMAGE_SIZE, ascii_digit, load_digits_split, random_shift
-from ...data.tokenizer import CharTokenizer, load_tokenizer
+from ...data.tokenizer import saved_or_trained
 from ...multimodal import Multimodal
 from ..task import Task, model_device, register
 
@@ -40,8 +40,7 @@ class MultimodalTask(Task):
         super().__init__(data, modalities=modalities, shift=shift)
         self.modalities, self.shift = modalities, shift
         self.split = load_digits_split()
-        self.tokenizer = load_tokenizer(directory) if directory is not None else \
-            CharTokenizer.train("".join(all_phrases()))
+        self.tokenizer = saved_or_trained(directory, "char", "".join(all_phrases()))
         self.held = held_out(self.split)
 
     def save(self, directory: Path) -> None:

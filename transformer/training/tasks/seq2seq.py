@@ -23,7 +23,7 @@ from torch import nn
 
 from ...config import EncoderDecoderConfig
 from ...data.numbers import load_pairs
-from ...data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ...data.tokenizer import Tokenizer, saved_or_trained
 from ...encoder_decoder import EncoderDecoder
 from ..task import Task, model_device, register
 
@@ -70,10 +70,7 @@ class Seq2SeqTask(Task):
             raise ValueError(f"max_len must be at least 2 (a token and [EOS]), got {max_len}")
         self.max_len = max_len
         self.pairs = load_pairs(data)
-        if directory is not None:
-            self.tokenizer = load_tokenizer(directory)
-        else:
-            self.tokenizer = train_tokenizer(tokenizer, "\n".join(self.pairs.tokenizer_text()), vocab_size)
+        self.tokenizer = saved_or_trained(directory, tokenizer, "\n".join(self.pairs.tokenizer_text()), vocab_size)
         self.held_pairs = self.pairs.held
         self._held = [self._encode_pair(p) for p in self.held_pairs]
 
