@@ -80,6 +80,8 @@ from typing import Any
 
 import torch
 
+from . import sass
+
 ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), which
 # triton checks when it loads a kernel: 163 KB of the A100's 164 KB per SM, 227 KB of the H100's 228.
@@ -294,19 +296,22 @@ def _row_spec(family, kernel, dtype, n, args, options, label) -> Spec:
     block, single = args["BLOCK_N"], args["SINGLE_BLOCK"]
     config = f"{_SHORT[dtype]} BLOCK_N={block}{'' if single else ' multipass'} w{options.get('num_warps', 4)} {label}"
     return Spec(family, kernel, config, args, options,
-                meta=dict(dtype=_SHORT[dtype], n=n, BLOCK_N=block, SINGLE_BLOCK=single, flags=label))
+                meta=dict(dtype=_SHORT[dtype], n=n, BLOCK_N=block, SINGLE_BLOCK=single, flags=label,
+                          work=block, unit="elements"))
 
 
 def attention_specs() -> Iterator[Spec]:
     """Fused attention forward (main and flash-decoding with its combine) and backward (preprocess, dK/dV,
     dQ), recorded from the launchers themselves (``attention._fwd_launch`` / ``_bwd_launch`` on meta
     tensors, each kernel replaced by a recorder) with the configuration ``attention_config`` picks per
-    architecture: a spec is compiled only for the architecture it was chosen for. Typical shapes: batch
-    4, 16 query heads over 4 key/value heads, 1024 queries and keys (decode: 1 query, 4096 keys in 16
-    splits), head dims 64, 128 and 256. "plain" is no mask, no causal, no dropout; "heavy" is a bool
-    padding mask (B, 1, L, S) + causal + seqlens_k + dropout (+ lse gradient in the backward). fp16 runs
-    both, bf16/fp32/fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims
-    64 and 128: fp64 at head dim 256 spills, a known gap)."""
+    architecture: a spec is compiled only for the architecture it was chosen for. Shapes of FlashAttention's
+    benchmark grid: 16k tokens per batch (16 x 1024 queries and keys), H x D = 2048 with 4 query heads per
+    key/value head (GQA), head dims 64, 128 and 256 (decode: 1 query over 4096 keys in 16 splits).
+    "plain" is no mask, no causal, no dropout; "causal" adds the causal mask alone; "heavy" is a bool padding
+    mask (B, 1, L, S) + causal + seqlens_k + dropout (+ lse gradient in the backward). fp16 and bf16 run all
+    three, fp32 and fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims 64 and 128: fp64 at
+    head dim 256 spills, a known gap). A steady-state loop iteration of a kernel built on ``tl.dot`` covers
+    BLOCK_M x BLOCK_N scores (the SASS report's unit)."""
     at = importlib.import_module(".attention", __package__)  # the package's `attention` is the function
     names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
              "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
@@ -327,13 +332,17 @@ def attention_specs() -> Iterator[Spec]:
                 setattr(at, name, kernel)
         return [(originals[name], *launch) for name, rec in recorders.items() for launch in rec.launches]
 
-    b, h, hkv, l, s, s_dec, splits = 4, 16, 4, 1024, 1024, 4096, 16
-    cases = [(torch.float16, d, heavy) for d in (64, 128, 256) for heavy in (False, True)]
-    cases += [(torch.bfloat16, d, True) for d in (64, 128, 256)] + [(torch.float32, d, True) for d in (64, 128, 256)]
-    cases += [(torch.float64, d, True) for d in (64, 128)]
+    b, l, s, s_dec, splits = 16, 1024, 1024, 4096, 16
+    half = [(dtype, d, kind) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128, 256)
+            for kind in ("plain", "causal", "heavy")]
+    cases = half + [(torch.float32, d, "heavy") for d in (64, 128, 256)]
+    cases += [(torch.float64, d, "heavy") for d in (64, 128)]
     seen = set()
     for arch in ARCHS:
-        for dtype, d, heavy in cases:
+        for dtype, d, kind in cases:
+            h = 2048 // d
+            hkv = h // 4
+            heavy, causal = kind == "heavy", kind != "plain"
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             mask = empty(b, 1, l, s, dtype=torch.bool) if heavy else None
             seqlens = empty(b, dtype=torch.int32) if heavy else None
@@ -346,27 +355,56 @@ def attention_specs() -> Iterator[Spec]:
             dlse = empty(b, h, l, dtype=acc) if heavy else None
 
             def run(q=q, k=k, v=v, q1=q1, kd=kd, vd=vd, mask=mask, mask1=mask1, seqlens=seqlens, p=p, seed=seed,
-                    heavy=heavy, out=out, lse=lse, dlse=dlse, arch=arch):
-                at._fwd_launch(q, k, v, mask, seqlens, 0.125, heavy, 0, p, 0, seed, arch)
-                at._fwd_launch(q1, kd, vd, mask1, seqlens, 0.125, heavy, s_dec - 1, p, splits, seed, arch)
-                at._bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, heavy, 0, p, arch)
+                    causal=causal, out=out, lse=lse, dlse=dlse, arch=arch):
+                at._fwd_launch(q, k, v, mask, seqlens, 0.125, causal, 0, p, 0, seed, arch)
+                at._fwd_launch(q1, kd, vd, mask1, seqlens, 0.125, causal, s_dec - 1, p, splits, seed, arch)
+                at._bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, causal, 0, p, arch)
 
-            label = "heavy" if heavy else "plain"
             for kernel, args, options in record(run):
                 name = kernel.fn.__name__
                 key = (arch, name, repr(sorted((k_, str(v_.dtype) if isinstance(v_, torch.Tensor) else repr(v_))
                                                for k_, v_ in args.items())), repr(sorted(options.items())))
-                if key in seen:   # the combine / preprocess kernels repeat across head dims
+                if key in seen:   # the combine / preprocess kernels repeat across head dims and kinds
                     continue
                 seen.add(key)
                 tc = name in dot_kernels and dtype in (torch.float16, torch.bfloat16)
                 bm, bn = args.get("BLOCK_M", "-"), args.get("BLOCK_N", "-")
                 config = (f"{_SHORT[dtype]} d={d} M{bm} N{bn} w{options.get('num_warps', 4)} "
-                          f"s{options.get('num_stages', 3)} {label}")
+                          f"s{options.get('num_stages', 3)} {kind}")
                 cost = (bm if isinstance(bm, int) else 16) * (bn if isinstance(bn, int) else 16) * d
+                if name in dot_kernels:
+                    work, unit = bm * bn, "scores"
+                elif name == "_attn_combine_kernel":
+                    work, unit = args["BLOCK_S"] * args["BLOCK_DV"], "elements"
+                else:
+                    work, unit = args["BLOCK_M"] * args["BLOCK_DV"], "elements"
                 yield Spec("attention", kernel, config, args, options, tensor_cores=tc,
-                           meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=label,
-                                     archs=(arch,), cost=cost))
+                           meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=kind,
+                                     archs=(arch,), cost=cost, work=work, unit=unit))
+
+
+def quick_subset(specs: list[Spec]) -> list[Spec]:
+    """A representative subset for the test suite: every kernel on every arch, at the configurations that
+    bound the others. Row kernels (LayerNorm, softmax): per kernel, dtype and feature set, the largest
+    single-block configuration (the most registers) and the multi-pass one. Attention: every bf16
+    configuration at head dims 64 and 128 (the performance promises of the SASS report), and per kernel the
+    heaviest configuration of every other dtype (largest tiles x head dim, every feature on)."""
+    keep: dict[Any, Spec] = {}
+    for spec in specs:
+        m = spec.meta
+        if spec.family == "attention":
+            if m["dtype"] == "bf16" and m["head_dim"] <= 128:
+                key: Any = id(spec)
+            else:
+                key = (spec.name, m["dtype"], m["archs"])
+                if key in keep and keep[key].meta["cost"] >= m["cost"]:
+                    continue
+        else:
+            key = (spec.name, m["dtype"], m["flags"], m["SINGLE_BLOCK"])
+            if key in keep and keep[key].meta["BLOCK_N"] >= m["BLOCK_N"]:
+                continue
+        keep[key] = spec
+    return list(keep.values())
 
 
 # Per-family spec generators: (family name, generator). The attention family adds one line here.
@@ -538,6 +576,16 @@ def _init_worker() -> None:
         _worker_ready = True
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, the kernel kills this worker when the parent dies (a timeout that kills
+    ``python -m kernels.aot`` must not leave its compile workers running)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def compile_job(job: dict[str, Any]) -> dict[str, Any]:
     """Compile one (kernel, specialization, arch) and measure it; errors become part of the result."""
     _init_worker()
@@ -556,6 +604,9 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(job["options"]))
         ptx = compiled.asm["ptx"]
         result["shared"] = int(compiled.metadata.shared)
+        if job.get("sass"):
+            result["sass"] = sass.analyze(compiled.asm["cubin"], int(job["options"].get("num_warps", 4)),
+                                          job["work"], job["unit"])
         result.update(count_tensor_core_instructions(ptx))
         if "Used" in log.getvalue():         # the cubin's own ptxas run, triton's exact flags
             result.update(parse_ptxas(log.getvalue()), ptxas="triton")
@@ -572,7 +623,7 @@ def _normalized(specialization: tuple[dict, dict, dict]) -> tuple[dict, dict, di
     return signature, constexprs, {k: v for k, v in attrs.items() if v}
 
 
-def _make_jobs(specs: list[Spec], archs: list[int]) -> tuple[list[dict[str, Any]], list[str]]:
+def _make_jobs(specs: list[Spec], archs: list[int], with_sass: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     from triton.backends.compiler import GPUTarget
 
     jobs, mismatches = [], []
@@ -588,25 +639,66 @@ def _make_jobs(specs: list[Spec], archs: list[int]) -> tuple[list[dict[str, Any]
             jobs.append(dict(spec=index, module=spec.kernel.fn.__module__, kernel=spec.kernel.fn.__name__,
                              signature=signature,
                              constexprs=constexprs, attrs=attrs, options=dict(spec.options), arch=arch,
-                             cost=spec.meta.get("cost", spec.meta.get("BLOCK_N", 0))))
+                             cost=spec.meta.get("cost", spec.meta.get("BLOCK_N", 0)), sass=with_sass,
+                             work=spec.meta.get("work", 0), unit=spec.meta.get("unit", "elements")))
     return jobs, mismatches
 
 
-def run_jobs(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    if workers <= 1 or len(jobs) <= 1:
-        return [compile_job(job) for job in jobs]
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["cost"])  # the expensive ones first
+class _Progress:
+    """A tqdm bar on stderr when tqdm is installed (the ``train`` extra), else a line every 5%."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.failed, self._last = total, 0, 0, -1
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="compile", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+
+    def update(self, result: dict[str, Any]) -> None:
+        self.done += 1
+        self.failed += bool(result.get("error"))
+        if self.bar is not None:
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+            self.bar.update(1)
+            return
+        step = self.done * 20 // max(1, self.total)
+        if step != self._last or self.done == self.total:
+            self._last = step
+            print(f"  compiled {self.done}/{self.total} ({self.failed} failed)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_jobs(jobs: list[dict[str, Any]], workers: int, progress: bool = True) -> list[dict[str, Any]]:
     results: list[dict[str, Any] | None] = [None] * len(jobs)
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(compile_job, jobs[i]): i for i in order}
-        for future in concurrent.futures.as_completed(futures):
-            i = futures[future]
-            try:
-                results[i] = future.result()
-            except Exception as exc:  # a worker died
-                results[i] = {"error": f"{type(exc).__name__}: {exc}", "seconds": 0.0}
-    return results  # type: ignore[return-value]
+    bar = _Progress(len(jobs)) if progress else None
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                results[i] = compile_job(job)
+                if bar:
+                    bar.update(results[i])
+            return results  # type: ignore[return-value]
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["cost"])  # the expensive ones first
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                    initializer=_die_with_parent) as pool:
+            futures = {pool.submit(compile_job, jobs[i]): i for i in order}
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except Exception as exc:  # a worker died
+                    results[i] = {"error": f"{type(exc).__name__}: {exc}", "seconds": 0.0}
+                if bar:
+                    bar.update(results[i])
+        return results  # type: ignore[return-value]
+    finally:
+        if bar:
+            bar.close()
 
 
 def evaluate(spec: Spec, arch: int, result: dict[str, Any]) -> dict[str, Any]:
@@ -624,9 +716,63 @@ def evaluate(spec: Spec, arch: int, result: dict[str, Any]) -> dict[str, Any]:
             problems.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[arch]} B")
         if spec.tensor_cores and not row["tensor_core_instructions"]:
             problems.append("no tensor-core instructions")
+        if row.get("sass"):
+            problems += sass_problems(spec, row["sass"])
     row["problems"] = problems
     row["ok"] = not problems
     return row
+
+
+def sass_problems(spec: Spec, report: dict[str, Any]) -> list[str]:
+    """The structural promises of the SASS: no local memory (LDL/STL) anywhere; tensor-core instructions in
+    every steady-state loop of a kernel built on ``tl.dot``; per-unit limits of ``spec.meta["sass_limits"]``
+    (e.g. ``{"ex2": 1.1}``: at most 1.1 MUFU.EX2 per score) in each steady-state loop."""
+    problems = []
+    if report["local_memory"]:
+        problems.append(f"SASS: {report['local_memory']} local-memory instructions (LDL/STL)")
+    unit = report["unit"]
+    for i, loop in enumerate(report["loops"]):
+        if loop.get("straight_line"):
+            continue
+        if spec.tensor_cores and not loop["tensor_core"]:
+            problems.append(f"SASS loop {i}: no tensor-core instructions")
+        for key, limit in spec.meta.get("sass_limits", {}).items():
+            value = loop[f"{key}_per_{unit}"]
+            if value > limit:
+                problems.append(f"SASS loop {i}: {key.upper()} per {unit[:-1]} {value} > {limit}")
+    return problems
+
+
+def _short_counts(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}x{v}" for k, v in counts.items()) or "-"
+
+
+def print_sass_table(specs_rows: list[tuple[Spec, dict[str, Any]]]) -> None:
+    """One line per steady-state loop: what one iteration issues, normalized per 1,024 units of work."""
+    lines = []
+    for spec, row in specs_rows:
+        report = row.get("sass")
+        if not report:
+            continue
+        unit = report["unit"]
+        for i, loop in enumerate(report["loops"]):
+            label = "body" if loop.get("straight_line") else f"loop{i}"
+            lines.append((f"{spec.name}", spec.config, row["gpu_name"], label, str(loop["instructions"]),
+                          f"{loop[f'warp_instructions_per_1k_{unit}']:.0f}", f"{loop[f'ex2_per_{unit}']:.3g}",
+                          f"{loop[f'fmul_per_{unit}']:.3g}", f"{loop[f'ffma_per_{unit}']:.3g}",
+                          _short_counts(loop["wgmma_wait_depths"]), str(loop["cta_barriers"]),
+                          str(loop["int64_ops"]), str(report["local_memory"]),
+                          _short_counts(loop["global_loads"]), _short_counts(loop["tensor_core"])))
+    if not lines:
+        return
+    header = ("kernel", "config", "arch", "loop", "instr", "per1k", "EX2/u", "FMUL/u", "FFMA/u", "wgmma wait",
+              "BAR", "int64", "LDL/STL", "global loads", "tensor cores")
+    widths = [max(len(h), *(len(line[c]) for line in lines)) for c, h in enumerate(header[:-1])]
+    print("\nSASS steady-state loops (instr: per iteration and warp; per1k: warp-instructions per 1,024 units "
+          "(scores of attention, elements of row kernels); /u: lane instructions per unit)")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[-1])
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])
 
 
 def _tc_cell(spec: Spec, row: dict[str, Any]) -> str:
@@ -691,6 +837,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", nargs="+", choices=[name for name, _ in FAMILIES],
                         help="only these kernel families (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument("--sass", action="store_true",
+                        help="also disassemble every cubin and report its steady-state loops (kernels.sass), "
+                             "checking the structural promises (no local memory, tensor cores, EX2/FMUL limits)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a representative subset (what the test suite compiles): see quick_subset")
     opts = parser.parse_args(argv)
 
     own_cache = None
@@ -714,7 +865,9 @@ def _run(opts: argparse.Namespace) -> int:
     archs = list(dict.fromkeys(opts.arch))
     families = [(name, gen) for name, gen in FAMILIES if not opts.family or name in opts.family]
     specs = [s for s in all_specs(families) if opts.filter in s.name or opts.filter in s.config]
-    jobs, mismatches = _make_jobs(specs, archs)
+    if opts.quick:
+        specs = quick_subset(specs)
+    jobs, mismatches = _make_jobs(specs, archs, opts.sass)
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(specs)} configurations x "
           f"{len(archs)} archs = {len(jobs)} compiles on {max(1, min(opts.jobs, len(jobs)))} processes")
     for arch in archs:
@@ -728,8 +881,14 @@ def _run(opts: argparse.Namespace) -> int:
     specs_rows.sort(key=lambda sr: (sr[1]["arch"], sr[0].family, sr[0].name))
     print()
     print_table(specs_rows)
+    if opts.sass:
+        print_sass_table(specs_rows)
     rows = [row for _, row in specs_rows]
     print_summary(rows)
+    print("\ncompile time per family (CPU seconds, summed over processes):")
+    for family in sorted({r["family"] for r in rows}):
+        group = [r for r in rows if r["family"] == family]
+        print(f"  {family:<12} {len(group):>4} compiles  {sum(r['seconds'] for r in group):>7.0f} s")
     for spec, row in specs_rows:
         if row.get("error"):
             print(f"\n{spec.name} [{spec.config}] on {row['gpu_name']}:\n{row['error']}")
