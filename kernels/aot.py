@@ -461,7 +461,10 @@ def specialize(spec: Spec) -> tuple[dict[str, str], dict[tuple[int, ...], Any], 
             continue
         if isinstance(value, torch.Tensor):
             value = Ptr(value.dtype)
-        if isinstance(value, Ptr):
+        if type(value).__name__ == "TensorDescriptor":   # host-side TMA descriptor: typed by dtype and box
+            block = ", ".join(str(n) for n in value.block_shape)
+            signature[param.name] = f"tensordesc<{_TRITON_TYPE[value.base.dtype]}[{block}]>"
+        elif isinstance(value, Ptr):
             signature[param.name] = "*" + _TRITON_TYPE[value.dtype]
             attrs[(i,)] = divisible if value.aligned and align else []
         elif value is None:
@@ -645,15 +648,15 @@ def _make_jobs(specs: list[Spec], archs: list[int], with_sass: bool = False) -> 
 
 
 class _Progress:
-    """A tqdm bar on stderr when tqdm is installed (the ``train`` extra), else a line every 5%."""
+    """A tqdm bar on a terminal's stderr when tqdm is installed (the ``train`` extra), else a line every 5%."""
 
     def __init__(self, total: int) -> None:
         self.total, self.done, self.failed, self._last = total, 0, 0, -1
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="compile", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            self.bar = None
+        self.bar = None
+        if sys.stderr.isatty():   # a log file gets the plain lines
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit="compile", file=sys.stderr, dynamic_ncols=True)
 
     def update(self, result: dict[str, Any]) -> None:
         self.done += 1

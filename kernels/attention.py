@@ -36,6 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the pointer path only
+    TensorDescriptor = None
+
 from . import _backend, _checks
 from ._launch import acc_dtype, next_pow2, torch_acc_dtype
 from .reference import attention_ref, scaled_dot_product_attention_ref
@@ -55,23 +60,45 @@ DECODE_MIN_S = 256
 # ----------------------------------------------------------------------------- configs
 
 
+# Tiles of the 16-bit dtypes per kernel kind and head-dim bucket (64, 128, 256), for Ampere (sm_80) and
+# Hopper (sm_90): (BLOCK_M, BLOCK_N, num_warps, num_stages), and with dropout (the in-kernel RNG is
+# register-hungry). Each is what `python -m kernels.aot --sass` reads best among the configurations that
+# compile without spills; on Hopper the d <= 128 kernels load their streamed tiles with TMA.
+_TILES_16BIT = {
+    #                 ampere              hopper              ampere + dropout    hopper + dropout
+    ("fwd", 64):      ((128, 64, 4, 3),   (128, 128, 8, 3),   (128, 32, 8, 3),    (128, 32, 8, 3)),
+    ("fwd", 128):     ((128, 64, 8, 2),   (128, 128, 8, 2),   (128, 32, 8, 2),    (128, 32, 8, 2)),
+    ("fwd", 256):     ((64, 32, 4, 2),    (128, 32, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 2)),
+    ("decode", 64):   ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 3)),
+    ("decode", 128):  ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 3)),
+    ("decode", 256):  ((0, 32, 4, 2),     (0, 32, 4, 2),      (0, 32, 4, 2),      (0, 32, 4, 2)),
+    ("bwd_dkdv", 64): ((32, 64, 4, 2),    (64, 128, 8, 2),    (16, 64, 8, 2),     (16, 64, 8, 2)),
+    ("bwd_dkdv", 128): ((32, 64, 8, 2),   (32, 128, 8, 2),    (16, 64, 8, 2),     (16, 64, 8, 2)),
+    ("bwd_dkdv", 256): ((16, 32, 8, 1),   (16, 32, 8, 1),     (16, 16, 8, 1),     (16, 16, 8, 1)),
+    ("bwd_dq", 64):   ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 3)),
+    ("bwd_dq", 128):  ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 2)),
+    ("bwd_dq", 256):  ((32, 32, 4, 1),    (32, 32, 4, 1),     (32, 32, 8, 1),     (32, 32, 8, 1)),
+}
+
+
 def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None,
                      dropout: bool = False) -> dict:
-    """Block sizes, warps and stages of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
+    """Block sizes, warps, stages and TMA use of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
 
     ``arch`` is the CUDA compute capability as an int (80, 90, ...) or None under the interpreter (small
     blocks, so that small test shapes still cross several blocks). For "fwd" and "bwd_dq" BLOCK_M is the
     query block a program owns and BLOCK_N the key block of its loop; for "bwd_dkdv" BLOCK_N is the key
     block a program owns and BLOCK_M the query block of its loop; "decode" only sets BLOCK_N (its BLOCK_M
-    is the GQA group's query rows). ``dropout`` (the in-kernel RNG is register-hungry) takes more warps or
-    smaller key blocks. Every configuration is compiled by ``python -m kernels.aot`` for sm_80 and sm_90a
-    (no spills, shared memory within limits). Shared by the launcher and ``kernels.aot``."""
+    is the GQA group's query rows). ``TMA``: the kernel streams its tiles through tensor descriptors (the
+    launcher falls back to pointers where a tensor's strides or alignment do not allow it). Every
+    configuration is compiled by ``python -m kernels.aot`` for sm_80 and sm_90a (no spills, shared memory
+    within limits). Shared by the launcher and ``kernels.aot``."""
+    if kind not in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
+        raise ValueError(f"attention_config: unknown kernel kind {kind!r}")
     if arch is None:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     d = max(next_pow2(head_dim), next_pow2(head_dim_v), 16)
     hopper = arch >= 90
-    if kind not in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
-        raise ValueError(f"attention_config: unknown kernel kind {kind!r}")
     if dtype == torch.float64:          # correctness dtype: small tiles, no tensor-core tuning
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if d > 64 else 4, "num_stages": 1}
     if dtype == torch.float32:          # true-fp32 dots (or tf32): half the tile of a 16-bit dtype
@@ -80,31 +107,9 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
         else:
             bm, bn = 32, 32 if d <= 64 else 16
         return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 8 if d > 64 or dropout else 4, "num_stages": 1}
-    if kind == "fwd":
-        if d <= 64:
-            bm, bn, w, st = (128, 32, 8, 3) if dropout else (128, 64, 4, 3)
-        elif d <= 128:
-            bm, bn, w, st = (128, 32, 8, 2) if dropout else (128, 64, 8, 3 if hopper else 2)
-        else:
-            bm, bn, w, st = (64, 32, 8, 2) if dropout else ((128, 32, 8, 2) if hopper else (64, 32, 4, 2))
-    elif kind == "decode":
-        bm = 0
-        bn, w, st = (64, 4, 3) if d <= 128 else (32, 4, 2)
-    elif kind == "bwd_dkdv":
-        if d <= 64:
-            bm, bn, w, st = (16, 64, 8, 2) if dropout else (32, 64, 4, 3 if hopper else 2)
-        elif d <= 128:
-            bm, bn, w, st = (16, 64, 8, 2) if dropout else (32, 64, 8, 2)
-        else:
-            bm, bn, w, st = (16, 16, 8, 1) if dropout else (16, 32, 8, 1)
-    else:  # bwd_dq
-        if d <= 64:
-            bm, bn, w, st = 64, 32, 8 if dropout else 4, 3 if hopper else 2
-        elif d <= 128:
-            bm, bn, w, st = 64, 32, 8 if dropout else 4, 2
-        else:
-            bm, bn, w, st = 32, 32, 8 if dropout else 4, 1
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+    bm, bn, w, st = _TILES_16BIT[(kind, max(d, 64))][2 * dropout + hopper]
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st,
+            "TMA": hopper and not dropout and d <= 128 and kind != "decode"}
 
 
 def _arch(device: torch.device) -> int | None:
@@ -127,52 +132,92 @@ def _precision(dtype: torch.dtype, upcast: bool) -> str:
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, offs_c, C, CHECK_ROWS: tl.constexpr, EVEN_C: tl.constexpr):
+    """A (rows, cols) tile; masks only where rows may run past the end (CHECK_ROWS) or the head dim is not
+    the block width (not EVEN_C), so the steady-state loop loads without predicates."""
+    if CHECK_ROWS:
+        if EVEN_C:
+            return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        return tl.load(ptrs, mask=rows_ok[:, None] & (offs_c[None, :] < C), other=0.0)
+    if EVEN_C:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_c[None, :] < C, other=0.0)
+
+
+@triton.jit
 def _fwd_block(
     acc, m_i, l_i, q,
-    K, V,                   # key / value base pointers of this (b, kv head)
+    k_ptrs, v_ptrs, m_ptrs,  # (BLOCK_N, BLOCK_D) / (BLOCK_N, BLOCK_DV) / (BLOCK_M, BLOCK_N) pointers of this block
+    K_DESC, V_DESC, b, hk,   # TMA descriptors of (B, Hkv, S, D) k / v and this program's coordinates (TMA)
     start_n, offs_n, offs_d, offs_dv, D, DV, kv_len,
-    stride_kn, stride_vn,
     q_pos, row_ok, causal_offset,
-    MASK, m_row, stride_mn,
     seed, rng_row, dropout_p, qk_scale,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr, SAFE: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
+    ZERO_V_TAIL: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """One key block of the online softmax: returns the updated (acc, m_i, l_i); scores in log2 units."""
+    """One key block of the online softmax: returns the updated (acc, m_i, l_i); m_i in log2 units.
+
+    FOLD_SCALE (scale > 0, no float mask): the row max is taken on the raw dot products and the scale is
+    applied inside the exponent, ``exp2(s * qk_scale - m)``: one FFMA per score instead of FMUL + FADD.
+    SAFE: a row may have seen only masked scores so far (m_i = -inf): guard -inf - -inf.
+    TMA: k and v blocks come from tensor descriptors (zero-filled past S and D, one copy engine request per
+    block instead of per-thread addresses); ZERO_V_TAIL: keys past kv_len < S exist (seqlens_k) and their
+    values are zeroed in the bounds block."""
+    start_n = tl.multiple_of(start_n, BLOCK_N)
     cols = start_n + offs_n
-    if CHECK_BOUNDS:
-        col_ok = cols < kv_len
+    col_ok = cols < kv_len
+    if TMA:
+        k = K_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        if CHECK_BOUNDS and ZERO_V_TAIL:   # keys in [kv_len, S) are real memory: never 0 * NaN in p @ v
+            v = tl.where(col_ok[:, None], v, 0.0)
     else:
-        col_ok = cols >= 0
-    k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + cols[:, None] * stride_vn + offs_dv[None, :],
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        k = _load_tile(k_ptrs, col_ok, offs_d, D, CHECK_BOUNDS, EVEN_D)
+        v = _load_tile(v_ptrs, col_ok, offs_dv, DV, CHECK_BOUNDS, EVEN_DV)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale   # (BLOCK_M, BLOCK_N)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)          # (BLOCK_M, BLOCK_N)
+    if not FOLD_SCALE:
+        s = s * qk_scale
     if MASK_KIND == 1:
-        keep = tl.load(MASK + m_row[:, None] + cols[None, :] * stride_mn,
-                       mask=row_ok[:, None] & col_ok[None, :], other=0)
+        if CHECK_BOUNDS:
+            keep = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        else:
+            keep = tl.load(m_ptrs, mask=row_ok[:, None], other=0)
         s = tl.where(keep != 0, s, float("-inf"))
     if MASK_KIND == 2:
-        bias = tl.load(MASK + m_row[:, None] + cols[None, :] * stride_mn,
-                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if CHECK_BOUNDS:
+            bias = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            bias = tl.load(m_ptrs, mask=row_ok[:, None], other=0.0)
         s += bias.to(ACC) * 1.4426950408889634
-    if CHECK_BOUNDS:
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-    if IS_CAUSAL:
-        s = tl.where(cols[None, :] <= q_pos[:, None] + causal_offset, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row with nothing yet: no NaN from -inf - -inf
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
+    if CHECK_BOUNDS:   # key bound and causal limit as one compare: key j <= min(i + causal_offset, kv_len - 1)
+        if IS_CAUSAL:
+            last = tl.minimum(q_pos + causal_offset, kv_len - 1)
+            s = tl.where(cols[None, :] <= last[:, None], s, float("-inf"))
+        else:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+    if FOLD_SCALE:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = m_new
+    if SAFE:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing seen yet: no NaN from -inf - -inf
+    alpha = tl.math.exp2(m_i - m_use)
+    if FOLD_SCALE:
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    else:
+        p = tl.math.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_DROPOUT:
         keep_d = tl.rand(seed, rng_row[:, None] + cols[None, :]) >= dropout_p
         p = tl.where(keep_d, p, 0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION, out_dtype=ACC)
     return acc, m_new, l_i
 
 
@@ -181,6 +226,8 @@ def _attn_fwd_kernel(
     Q,          # (B, H, L, D) any strides, last dim contiguous
     K,          # (B, Hkv, S, D)
     V,          # (B, Hkv, S, DV)
+    K_DESC,     # TMA descriptor of K, block (1, 1, BLOCK_N, BLOCK_D) (TMA; otherwise K again)
+    V_DESC,     # TMA descriptor of V, block (1, 1, BLOCK_N, BLOCK_DV) (TMA; otherwise V again)
     MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
     SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
     O,          # (B, H, L, DV) output
@@ -193,10 +240,13 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:   # heaviest query blocks first, so that the last wave of programs is the lightest
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -207,13 +257,13 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   row_ok, offs_d, D, True, EVEN_D)
     if UPCAST:
         q = q.to(tl.float32)
-    Kb = K + b * stride_kb + hk * stride_kh
-    Vb = V + b * stride_vb + hk * stride_vh
-    m_row = b * stride_mb + h * stride_mh + offs_m.to(tl.int64) * stride_mm
+    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
+    m_ptrs = MASK + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
     rng_row = ((bh * L + offs_m) * S).to(tl.int64)
     kv_len = S
     if HAS_SEQLENS:
@@ -228,16 +278,32 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    b32 = b.to(tl.int32)
+    hk32 = hk.to(tl.int32)
     for start_n in range(0, full_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, Kb, Vb, start_n, offs_n, offs_d, offs_dv, D, DV, kv_len, stride_kn, stride_vn,
-            offs_m, row_ok, causal_offset, MASK, m_row, stride_mn, seed, rng_row, dropout_p, qk_scale,
-            MASK_KIND, False, False, HAS_DROPOUT, UPCAST, PRECISION, ACC)
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, m_ptrs, K_DESC, V_DESC, b32, hk32, start_n, offs_n, offs_d, offs_dv,
+            D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, SAFE=MASK_KIND != 0, FOLD_SCALE=FOLD_SCALE,
+            EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
+            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        if not TMA:
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+        if MASK_KIND != 0:
+            m_ptrs += BLOCK_N * stride_mn
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, Kb, Vb, start_n, offs_n, offs_d, offs_dv, D, DV, kv_len, stride_kn, stride_vn,
-            offs_m, row_ok, causal_offset, MASK, m_row, stride_mn, seed, rng_row, dropout_p, qk_scale,
-            MASK_KIND, IS_CAUSAL, True, HAS_DROPOUT, UPCAST, PRECISION, ACC)
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, m_ptrs, K_DESC, V_DESC, b32, hk32, start_n, offs_n, offs_d, offs_dv,
+            D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
+            EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
+            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        if not TMA:
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+        if MASK_KIND != 0:
+            m_ptrs += BLOCK_N * stride_mn
     empty = l_i == 0.0                                     # fully masked row: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
@@ -264,6 +330,7 @@ def _attn_fwd_split_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -281,12 +348,10 @@ def _attn_fwd_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_tile(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
+                   row_ok, offs_d, D, True, EVEN_D)
     if UPCAST:
         q = q.to(tl.float32)
-    Kb = K + b * stride_kb + hk * stride_kh
-    Vb = V + b * stride_vb + hk * stride_vh
     m_row = b * stride_mb + h.to(tl.int64) * stride_mh + i.to(tl.int64) * stride_mm
     rng_row = (((b * H + h) * L + i) * S).to(tl.int64)
     kv_len = S
@@ -297,14 +362,23 @@ def _attn_fwd_split_kernel(
         hi = tl.maximum(tl.minimum(kv_len, L + causal_offset), 0)
     lo = split * chunk
     hi = tl.minimum(hi, lo + chunk)
+    k_ptrs = K + b * stride_kb + hk * stride_kh + (lo + offs_n[:, None]) * stride_kn + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + hk * stride_vh + (lo + offs_n[:, None]) * stride_vn + offs_dv[None, :]
+    m_ptrs = MASK + m_row[:, None] + (lo + offs_n[None, :]) * stride_mn
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     for start_n in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, Kb, Vb, start_n, offs_n, offs_d, offs_dv, D, DV, hi, stride_kn, stride_vn,
-            i, row_ok, causal_offset, MASK, m_row, stride_mn, seed, rng_row, dropout_p, qk_scale,
-            MASK_KIND, IS_CAUSAL, True, HAS_DROPOUT, UPCAST, PRECISION, ACC)
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, m_ptrs, K, V, 0, 0, start_n, offs_n, offs_d, offs_dv, D, DV, hi,
+            i, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
+            EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=HAS_DROPOUT,
+            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        if MASK_KIND != 0:
+            m_ptrs += BLOCK_N * stride_mn
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
@@ -358,7 +432,9 @@ def _attn_bwd_preprocess_kernel(
     O,          # (B, H, L, DV) forward output
     DO,         # (B, H, L, DV) its gradient, any strides, last dim contiguous
     DLSE,       # (B, H, L) gradient of the lse, contiguous (HAS_DLSE)
+    LSE,        # (B, H, L) forward log-sum-exp (natural log), contiguous
     DELTA,      # (B, H, L) rowsum(dO * O) - dlse, contiguous, accumulation dtype
+    LSE2,       # (B, H, L) lse in log2 units, +inf for fully masked rows (p = exp2(s - lse2) = 0), contiguous
     H, L, DV,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
@@ -378,6 +454,70 @@ def _attn_bwd_preprocess_kernel(
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh * L + offs_m, mask=offs_m < L, other=0.0).to(ACC)
     tl.store(DELTA + bh * L + offs_m, delta, mask=offs_m < L)
+    lse = tl.load(LSE + bh * L + offs_m, mask=offs_m < L, other=0.0)
+    tl.store(LSE2 + bh * L + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
+             mask=offs_m < L)
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v,
+    q_ptrs, do_ptrs, m_ptrs,   # (BLOCK_M, BLOCK_D) / (BLOCK_M, BLOCK_DV) / (BLOCK_N, BLOCK_M) pointers of this block
+    Q_DESC, DO_DESC, b, h,     # TMA descriptors of (B, H, L, D) q / (B, H, L, DV) do, this program's coordinates
+    LSE2, DELTA,               # (L,) rows of this (b, h)
+    start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S, causal_offset,
+    seed, rng_base, dropout_p, qk_scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One query block's contribution to this program's dK, dV, on transposed scores (BLOCK_N, BLOCK_M).
+    Rows past L contribute nothing: their lse2 is +inf (p = 0) and q / do load as 0. Keys past kv_len are
+    not masked here: their rows of dK / dV are zeroed once at the end."""
+    offs_m = start_m + offs_m0
+    row_ok = offs_m < L
+    if TMA:
+        q = Q_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = DO_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+    else:
+        q = _load_tile(q_ptrs, row_ok, offs_d, D, CHECK_ROWS, EVEN_D)
+        do = _load_tile(do_ptrs, row_ok, offs_dv, DV, CHECK_ROWS, EVEN_DV)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    if CHECK_ROWS:
+        lse2 = tl.load(LSE2 + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse2 = tl.load(LSE2 + offs_m)
+        delta = tl.load(DELTA + offs_m)
+    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)     # (BLOCK_N, BLOCK_M)
+    if not FOLD_SCALE:
+        sT = sT * qk_scale
+    if MASK_KIND == 1:
+        keep = tl.load(m_ptrs, mask=row_ok[None, :] & (offs_n[:, None] < S), other=0)
+        sT = tl.where(keep != 0, sT, float("-inf"))
+    if MASK_KIND == 2:
+        bias = tl.load(m_ptrs, mask=row_ok[None, :] & (offs_n[:, None] < S), other=0.0)
+        sT += bias.to(ACC) * 1.4426950408889634
+    if IS_CAUSAL:
+        sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, sT, float("-inf"))
+    if FOLD_SCALE:
+        pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+    else:
+        pT = tl.math.exp2(sT - lse2[None, :])
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)    # (BLOCK_N, BLOCK_M)
+    if HAS_DROPOUT:
+        keep_d = tl.rand(seed, rng_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
+        pdT = tl.where(keep_d, pT * (1.0 / (1.0 - dropout_p)), 0.0)
+        dpT = tl.where(keep_d, dpT * (1.0 / (1.0 - dropout_p)), 0.0)
+    else:
+        pdT = pT
+    dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
+    return dk, dv
 
 
 @triton.jit
@@ -385,10 +525,12 @@ def _attn_bwd_dkdv_kernel(
     Q,          # (B, H, L, D) any strides, last dim contiguous
     K,          # (B, Hkv, S, D)
     V,          # (B, Hkv, S, DV)
+    Q_DESC,     # TMA descriptor of Q, block (1, 1, BLOCK_M, BLOCK_D) (TMA; otherwise Q again)
+    DO_DESC,    # TMA descriptor of DO, block (1, 1, BLOCK_M, BLOCK_DV) (TMA; otherwise DO again)
     MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
     SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
     DO,         # (B, H, L, DV) output gradient, any strides, last dim contiguous
-    LSE,        # (B, H, L) forward log-sum-exp, contiguous
+    LSE2,       # (B, H, L) lse in log2 units (+inf: fully masked row), contiguous
     DELTA,      # (B, H, L) from the preprocess kernel, contiguous
     DK,         # (B, Hkv, S, D) key gradient, contiguous
     DV_,        # (B, Hkv, S, DV) value gradient, contiguous
@@ -400,11 +542,13 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     sm_scale, qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One key block: dK, dV summed over every query block of every query head of its GQA group, in a
-    fixed order (deterministic, no atomics). Works on transposed scores (BLOCK_N, BLOCK_M)."""
+    fixed order (deterministic, no atomics). Per head: the diagonal query blocks (causal mask), the full
+    ones (no mask at all), the last partial one (row bounds)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
@@ -418,67 +562,64 @@ def _attn_bwd_dkdv_kernel(
     if HAS_SEQLENS:
         kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
     col_ok = offs_n < kv_len
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                   col_ok, offs_d, D, True, EVEN_D)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                   col_ok, offs_dv, DV, True, EVEN_DV)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
-    # First query that can see this key block (causal), on a block boundary; none when it is past kv_len.
+    # Query blocks [lo, diag_hi) see part of this key block (causal mask); [diag_hi, rows_full) all of it;
+    # [max(diag_hi, rows_full), L) is the last partial block. A key block past kv_len gets no work.
     lo = 0
+    diag_hi = 0
     if IS_CAUSAL:
-        lo = tl.maximum(start_n - causal_offset, 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        diag_hi = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, L)
+        diag_hi = tl.maximum(diag_hi, lo)
     hi = L
     if start_n >= kv_len:
         hi = 0
+    rows_full = (hi // BLOCK_M) * BLOCK_M
+    tail_lo = tl.maximum(diag_hi, rows_full)
+    b32 = b.to(tl.int32)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        Qb = Q + b * stride_qb + h * stride_qh
-        DOb = DO + b * stride_dob + h * stride_doh
-        m_base = b * stride_mb + h * stride_mh
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + offs_m0
-            row_ok = offs_m < L
-            q = tl.load(Qb + offs_m[:, None] * stride_qm + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DOb + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + bh * L + offs_m, mask=row_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # masked row: p = 0
-            delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
-            sT = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
-            if MASK_KIND == 1:
-                keep = tl.load(MASK + m_base + offs_m[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
-                               mask=row_ok[None, :] & col_ok[:, None], other=0)
-                sT = tl.where(keep != 0, sT, float("-inf"))
-            if MASK_KIND == 2:
-                bias = tl.load(MASK + m_base + offs_m[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
-                               mask=row_ok[None, :] & col_ok[:, None], other=0.0)
-                sT += bias.to(ACC) * 1.4426950408889634
-            sT = tl.where(col_ok[:, None], sT, float("-inf"))
-            if IS_CAUSAL:
-                sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, sT, float("-inf"))
-            pT = tl.math.exp2(sT - lse2[None, :])
-            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)       # (BLOCK_N, BLOCK_M)
-            if HAS_DROPOUT:
-                rng = ((bh * L + offs_m[None, :]) * S).to(tl.int64) + offs_n[:, None]
-                keep_d = tl.rand(seed, rng) >= dropout_p
-                pdT = tl.where(keep_d, pT * (1.0 / (1.0 - dropout_p)), 0.0)
-                dpT = tl.where(keep_d, dpT * (1.0 / (1.0 - dropout_p)), 0.0)
-            else:
-                pdT = pT
-            dv += tl.dot(pdT.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
-    dk *= sm_scale
+        h32 = h.to(tl.int32)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dom + offs_dv[None, :]
+        m_ptrs = (MASK + b * stride_mb + h * stride_mh + offs_m0[None, :].to(tl.int64) * stride_mm
+                  + offs_n[:, None] * stride_mn)
+        rng_base = bh * L * S
+        for start_m in range(lo, tl.minimum(diag_hi, hi), BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
+                Q_DESC, DO_DESC, b32, h32, LSE2 + bh * L, DELTA + bh * L, start_m, offs_m0, offs_n, offs_d, offs_dv,
+                D, DV, L, S, causal_offset, seed, rng_base, dropout_p, qk_scale,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        for start_m in range(diag_hi, rows_full, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
+                Q_DESC, DO_DESC, b32, h32, LSE2 + bh * L, DELTA + bh * L, start_m, offs_m0, offs_n, offs_d, offs_dv,
+                D, DV, L, S, causal_offset, seed, rng_base, dropout_p, qk_scale,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_ROWS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        for start_m in range(tail_lo, hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
+                Q_DESC, DO_DESC, b32, h32, LSE2 + bh * L, DELTA + bh * L, start_m, offs_m0, offs_n, offs_d, offs_dv,
+                D, DV, L, S, causal_offset, seed, rng_base, dropout_p, qk_scale,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_ROWS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)      # keys past kv_len: no gradient
+    dv = tl.where(col_ok[:, None], dv, 0.0)
     out_ok = offs_n[:, None] < S
     tl.store(DK + (bhk * S + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=out_ok & (offs_d[None, :] < D))
@@ -487,14 +628,72 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_block(
+    dq, q, do, lse2, delta,
+    k_ptrs, v_ptrs, m_ptrs,    # (BLOCK_N, BLOCK_D) / (BLOCK_N, BLOCK_DV) / (BLOCK_M, BLOCK_N) pointers of this block
+    K_DESC, V_DESC, b, hk,     # TMA descriptors of (B, Hkv, S, D) k / v, this program's coordinates
+    start_n, offs_m, offs_n, offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset,
+    seed, rng_row, dropout_p, qk_scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, ZERO_KV_TAIL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One key block's contribution to this program's dQ; masks (key bound + causal limit as one compare)
+    only in the CHECK_BOUNDS blocks. Keys in [kv_len, S) are zeroed (ZERO_KV_TAIL) where TMA loads them:
+    ds = 0 must not meet a NaN there."""
+    cols = start_n + offs_n
+    col_ok = cols < kv_len
+    if TMA:
+        k = K_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        if CHECK_BOUNDS and ZERO_KV_TAIL:
+            k = tl.where(col_ok[:, None], k, 0.0)
+            v = tl.where(col_ok[:, None], v, 0.0)
+    else:
+        k = _load_tile(k_ptrs, col_ok, offs_d, D, CHECK_BOUNDS, EVEN_D)
+        v = _load_tile(v_ptrs, col_ok, offs_dv, DV, CHECK_BOUNDS, EVEN_DV)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)          # (BLOCK_M, BLOCK_N)
+    if not FOLD_SCALE:
+        s = s * qk_scale
+    if MASK_KIND == 1:
+        keep = tl.load(m_ptrs, mask=row_ok[:, None] & (cols[None, :] < S), other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    if MASK_KIND == 2:
+        bias = tl.load(m_ptrs, mask=row_ok[:, None] & (cols[None, :] < S), other=0.0)
+        s += bias.to(ACC) * 1.4426950408889634
+    if CHECK_BOUNDS:
+        if IS_CAUSAL:
+            last = tl.minimum(offs_m + causal_offset, kv_len - 1)
+            s = tl.where(cols[None, :] <= last[:, None], s, float("-inf"))
+        else:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+    if FOLD_SCALE:
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)           # (BLOCK_M, BLOCK_N)
+    if HAS_DROPOUT:
+        keep_d = tl.rand(seed, rng_row[:, None] + cols[None, :]) >= dropout_p
+        dp = tl.where(keep_d, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q,          # (B, H, L, D) any strides, last dim contiguous
     K,          # (B, Hkv, S, D)
     V,          # (B, Hkv, S, DV)
+    K_DESC,     # TMA descriptor of K, block (1, 1, BLOCK_N, BLOCK_D) (TMA; otherwise K again)
+    V_DESC,     # TMA descriptor of V, block (1, 1, BLOCK_N, BLOCK_DV) (TMA; otherwise V again)
     MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
     SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
     DO,         # (B, H, L, DV) output gradient, any strides, last dim contiguous
-    LSE,        # (B, H, L) forward log-sum-exp, contiguous
+    LSE2,       # (B, H, L) lse in log2 units (+inf: fully masked row), contiguous
     DELTA,      # (B, H, L) from the preprocess kernel, contiguous
     DQ,         # (B, H, L, D) query gradient, contiguous
     H, L, S, D, DV, GROUP,
@@ -505,70 +704,72 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom,
     sm_scale, qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:   # heaviest query blocks first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < L
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   row_ok, offs_d, D, True, EVEN_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                    row_ok, offs_dv, DV, True, EVEN_DV)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + bh * L + offs_m, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
-    Kb = K + b * stride_kb + hk * stride_kh
-    Vb = V + b * stride_vb + hk * stride_vh
-    m_row = b * stride_mb + h * stride_mh + offs_m.to(tl.int64) * stride_mm
+    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
+    m_ptrs = MASK + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
     rng_row = ((bh * L + offs_m) * S).to(tl.int64)
     kv_len = S
     if HAS_SEQLENS:
         kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
     hi = kv_len
+    full_hi = kv_len
     if IS_CAUSAL:
         hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + causal_offset), 0)
+        full_hi = tl.maximum(tl.minimum(kv_len, start_m + causal_offset + 1), 0)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    b32 = b.to(tl.int32)
+    hk32 = hk.to(tl.int32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < kv_len
-        k = tl.load(Kb + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(Vb + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale   # (BLOCK_M, BLOCK_N)
-        if MASK_KIND == 1:
-            keep = tl.load(MASK + m_row[:, None] + offs_n[None, :] * stride_mn,
-                           mask=row_ok[:, None] & col_ok[None, :], other=0)
-            s = tl.where(keep != 0, s, float("-inf"))
-        if MASK_KIND == 2:
-            bias = tl.load(MASK + m_row[:, None] + offs_n[None, :] * stride_mn,
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            s += bias.to(ACC) * 1.4426950408889634
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        if IS_CAUSAL:
-            s = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_offset, s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)           # (BLOCK_M, BLOCK_N)
-        if HAS_DROPOUT:
-            keep_d = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
-            dp = tl.where(keep_d, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+    for start_n in range(0, full_hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, m_ptrs, K_DESC, V_DESC, b32, hk32, start_n, offs_m, offs_n,
+            offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+            EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
+            PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        if not TMA:
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+        if MASK_KIND != 0:
+            m_ptrs += BLOCK_N * stride_mn
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, m_ptrs, K_DESC, V_DESC, b32, hk32, start_n, offs_m, offs_n,
+            offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+            EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
+            PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        if not TMA:
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+        if MASK_KIND != 0:
+            m_ptrs += BLOCK_N * stride_mn
     dq *= sm_scale
     tl.store(DQ + (bh * L + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -579,6 +780,43 @@ def _attn_bwd_dq_kernel(
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _tma_desc(t: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor | None:
+    """A TMA descriptor of the (B, H, S, D) tensor ``t`` with a (1, 1, block_rows, block_cols) box, or None
+    where the copy engine cannot address it: TMA needs a 16-byte aligned base, 16-byte aligned strides
+    (broadcast stride-0 dims excluded) and a contiguous last dim. A size-1 dim's stride is never used, so it
+    gets the contiguous value."""
+    if TensorDescriptor is None or t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
+        return None
+    elem = t.element_size()
+    strides, inner = list(t.stride()), t.shape[-1]
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = inner
+        if strides[i] <= 0 or strides[i] * elem % 16:
+            return None
+        inner = strides[i] * t.shape[i]
+    if t.data_ptr() % 16:
+        return None
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_cols])
+
+
+def _kv_descs(k: torch.Tensor, v: torch.Tensor, cfg: dict, meta: dict) -> tuple:
+    """(k, v) TMA descriptors with a BLOCK_N-key box where the configuration asks for TMA and both tensors
+    allow it, else (None, None): the kernel then takes the pointer path."""
+    if not cfg.get("TMA"):
+        return None, None
+    k_desc = _tma_desc(k, cfg["BLOCK_N"], meta["BLOCK_D"])
+    v_desc = _tma_desc(v, cfg["BLOCK_N"], meta["BLOCK_DV"])
+    return (k_desc, v_desc) if k_desc is not None and v_desc is not None else (None, None)
+
+
+def _fold_flags(scale: float, d: int, dv: int, meta: dict) -> dict:
+    """FOLD_SCALE: the scale can go into the exponent (positive, no float mask added after scaling);
+    EVEN_D / EVEN_DV: the head dims fill their blocks, so no head-dim masks."""
+    return dict(FOLD_SCALE=scale > 0 and meta["MASK_KIND"] != MASK_FLOAT, EVEN_D=d == meta["BLOCK_D"],
+                EVEN_DV=dv == meta["BLOCK_DV"])
 
 
 def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like: torch.Tensor):
@@ -650,7 +888,7 @@ def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropo
     group = h // hkv
     args = (scale * LOG2E, causal_offset, dropout_p, seed)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms)
-    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **meta)
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     if num_splits > 0:
         cfg = attention_config("decode", d, dv, q.dtype, arch, dropout_p > 0)
         block_n = cfg["BLOCK_N"]
@@ -669,9 +907,10 @@ def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropo
     else:
         cfg = attention_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
         grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
+        k_desc, v_desc = _kv_descs(k, v, cfg, meta)
         _attn_fwd_kernel[grid](
-            q, k, v, m, seq, out, lse, h, l, s, d, dv, group, *strides, *out.stride()[:3], *args,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            q, k, v, k_desc or k, v_desc or v, m, seq, out, lse, h, l, s, d, dv, group, *strides,
+            *out.stride()[:3], *args, TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
     return out, lse
 
@@ -709,26 +948,31 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
     acc = torch_acc_dtype(q.dtype)
     group = h // hkv
     delta = torch.empty((b, h, l), dtype=acc, device=q.device)
+    lse2 = torch.empty((b, h, l), dtype=acc, device=q.device)
     dlse_c = dlse.contiguous() if dlse is not None else delta
     row_bytes = meta["BLOCK_DV"] * q.element_size()
     pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
     _attn_bwd_preprocess_kernel[(triton.cdiv(l, pre_block), b * h)](
-        out, do, dlse_c, delta, h, l, dv, *out.stride()[:3], *do.stride()[:3],
+        out, do, dlse_c, lse.contiguous(), delta, lse2, h, l, dv, *out.stride()[:3], *do.stride()[:3],
         HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
-    lse = lse.contiguous()
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *do.stride()[:3])
     args = (scale, scale * LOG2E, causal_offset, dropout_p, seed)
-    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **meta)
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
+    bm = cfg["BLOCK_M"]
+    q_desc = _tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
+    do_desc = _tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
+    tma = do_desc is not None
     _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
-        q, k, v, m, seq, do, lse, delta, dk, dvv, h, hkv, l, s, d, dv, group, *strides, *args,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **flags)
+        q, k, v, q_desc if tma else q, do_desc if tma else do, m, seq, do, lse2, delta, dk, dvv,
+        h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma,
+        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
     cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
+    k_desc, v_desc = _kv_descs(k, v, cfg, meta)
     _attn_bwd_dq_kernel[(triton.cdiv(l, cfg["BLOCK_M"]), b * h)](
-        q, k, v, m, seq, do, lse, delta, dq, h, l, s, d, dv, group, *strides, *args,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **flags)
+        q, k, v, k_desc or k, v_desc or v, m, seq, do, lse2, delta, dq, h, l, s, d, dv, group, *strides, *args,
+        TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **flags)
     return dq, dk, dvv
 
 
