@@ -60,25 +60,52 @@ DECODE_MIN_S = 256
 # ----------------------------------------------------------------------------- configs
 
 
-# Tiles of the 16-bit dtypes per kernel kind and head-dim bucket (64, 128, 256), for Ampere (sm_80) and
-# Hopper (sm_90): (BLOCK_M, BLOCK_N, num_warps, num_stages), and with dropout (the in-kernel RNG is
-# register-hungry). Each is what `python -m kernels.aot --sass` reads best among the configurations that
-# compile without spills; on Hopper the d <= 128 kernels load their streamed tiles with TMA.
-_TILES_16BIT = {
-    #                 ampere              hopper              ampere + dropout    hopper + dropout
-    ("fwd", 64):      ((128, 64, 4, 3),   (128, 128, 8, 3),   (128, 32, 8, 3),    (128, 32, 8, 3)),
-    ("fwd", 128):     ((128, 64, 8, 2),   (128, 128, 8, 2),   (128, 32, 8, 2),    (128, 32, 8, 2)),
-    ("fwd", 256):     ((64, 32, 4, 2),    (128, 32, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 2)),
-    ("decode", 64):   ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 3)),
-    ("decode", 128):  ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 3)),
-    ("decode", 256):  ((0, 32, 4, 2),     (0, 32, 4, 2),      (0, 32, 4, 2),      (0, 32, 4, 2)),
-    ("bwd_dkdv", 64): ((32, 64, 4, 2),    (64, 128, 8, 2),    (16, 64, 8, 2),     (16, 64, 8, 2)),
-    ("bwd_dkdv", 128): ((32, 64, 8, 2),   (32, 128, 8, 2),    (16, 64, 8, 2),     (16, 64, 8, 2)),
-    ("bwd_dkdv", 256): ((16, 32, 8, 1),   (16, 32, 8, 1),     (16, 16, 8, 1),     (16, 16, 8, 1)),
-    ("bwd_dq", 64):   ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 3)),
-    ("bwd_dq", 128):  ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 2)),
-    ("bwd_dq", 256):  ((32, 32, 4, 1),    (32, 32, 4, 1),     (32, 32, 8, 1),     (32, 32, 8, 1)),
+# Tiles per kernel kind and head-dim bucket (64, 128, 256): (BLOCK_M, BLOCK_N, num_warps, num_stages) for
+# Ampere (sm_80), Hopper (sm_90), and the same two with dropout (the in-kernel RNG is register-hungry).
+# 16-bit dtypes run on tensor cores; on Hopper their d <= 128 kernels stream tiles with TMA. float32 dots
+# are true fp32 (or tf32) and float64 is the correctness dtype: small tiles. Each entry is what
+# `python -m kernels.aot --sass` reads best among the configurations that compile without spills.
+_TILES = {
+    "16bit": {
+        #                  ampere              hopper              ampere + dropout    hopper + dropout
+        ("fwd", 64):       ((128, 128, 8, 3),  (128, 128, 8, 3),   (128, 32, 8, 3),    (128, 32, 8, 3)),
+        ("fwd", 128):      ((128, 64, 8, 2),   (128, 128, 8, 2),   (64, 32, 8, 2),     (128, 32, 8, 2)),
+        ("fwd", 256):      ((64, 64, 8, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 2)),
+        ("decode", 64):    ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 3)),
+        ("decode", 128):   ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 3)),
+        ("decode", 256):   ((0, 32, 4, 2),     (0, 32, 4, 2),      (0, 32, 4, 2),      (0, 32, 4, 2)),
+        ("bwd_dkdv", 64):  ((32, 64, 4, 1),    (64, 128, 8, 2),    (32, 32, 4, 1),     (32, 32, 4, 1)),
+        ("bwd_dkdv", 128): ((64, 64, 8, 1),    (32, 128, 8, 2),    (16, 32, 4, 2),     (32, 32, 8, 1)),
+        ("bwd_dkdv", 256): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 16, 8, 1),     (16, 16, 8, 1)),
+        ("bwd_dq", 64):    ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 3)),
+        ("bwd_dq", 128):   ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 2)),
+        ("bwd_dq", 256):   ((32, 32, 4, 1),    (32, 32, 4, 1),     (32, 32, 8, 1),     (32, 32, 8, 1)),
+    },
+    "fp32": {
+        ("fwd", 64):       ((32, 32, 4, 1),    (32, 32, 4, 1),     (32, 32, 8, 1),     (32, 32, 8, 1)),
+        ("fwd", 128):      ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
+        ("fwd", 256):      ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 4, 1),     (32, 16, 4, 1)),
+        ("decode", 64):    ((0, 32, 4, 1),     (0, 32, 4, 1),      (0, 32, 8, 1),      (0, 32, 8, 1)),
+        ("decode", 128):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
+        ("decode", 256):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
+        ("bwd_dkdv", 64):  ((16, 32, 4, 1),    (16, 32, 4, 1),     (16, 16, 8, 1),     (16, 16, 8, 1)),
+        ("bwd_dkdv", 128): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 16, 8, 1),     (16, 16, 8, 1)),
+        ("bwd_dkdv", 256): ((16, 16, 8, 1),    (16, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
+        ("bwd_dq", 64):    ((32, 32, 4, 1),    (32, 32, 4, 1),     (16, 32, 4, 1),     (16, 32, 4, 1)),
+        ("bwd_dq", 128):   ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
+        ("bwd_dq", 256):   ((32, 16, 8, 1),    (32, 16, 8, 1),     (16, 16, 4, 1),     (16, 16, 4, 1)),
+    },
+    "fp64": {key: ((16, 16, 8 if key[1] > 64 else 4, 1),) * 4
+             for key in [(kind, d) for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)]},
 }
+
+
+# Entries a triton release needs changed because its compiler allocates registers differently (found with
+# `python -m kernels.aot --sass` under that release): (major, minor) -> {(family, kind, d): {column: tile}}.
+_TILE_OVERRIDES = {
+    (3, 6): {("16bit", "bwd_dkdv", 64): {1: (64, 128, 8, 1)}, ("16bit", "bwd_dkdv", 128): {1: (32, 128, 8, 1)}},
+}
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
 def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None,
@@ -97,19 +124,14 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
         raise ValueError(f"attention_config: unknown kernel kind {kind!r}")
     if arch is None:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    d = max(next_pow2(head_dim), next_pow2(head_dim_v), 16)
+    d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
     hopper = arch >= 90
-    if dtype == torch.float64:          # correctness dtype: small tiles, no tensor-core tuning
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if d > 64 else 4, "num_stages": 1}
-    if dtype == torch.float32:          # true-fp32 dots (or tf32): half the tile of a 16-bit dtype
-        if kind == "bwd_dkdv":
-            bm, bn = 16, 32 if d <= 128 and not dropout else 16
-        else:
-            bm, bn = 32, 32 if d <= 64 else 16
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 8 if d > 64 or dropout else 4, "num_stages": 1}
-    bm, bn, w, st = _TILES_16BIT[(kind, max(d, 64))][2 * dropout + hopper]
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st,
-            "TMA": hopper and not dropout and d <= 128 and kind != "decode"}
+    family = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
+    column = 2 * dropout + hopper
+    bm, bn, w, st = _TILE_OVERRIDES.get(_TRITON_VERSION, {}).get((family, kind, d), {}).get(
+        column, _TILES[family][(kind, d)][column])
+    tma = family == "16bit" and hopper and not dropout and d <= 128 and kind != "decode"
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma}
 
 
 def _arch(device: torch.device) -> int | None:
@@ -261,9 +283,14 @@ def _attn_fwd_kernel(
                    row_ok, offs_d, D, True, EVEN_D)
     if UPCAST:
         q = q.to(tl.float32)
-    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
-    m_ptrs = MASK + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
+    # Scalar bases advanced by one key block per iteration + loop-invariant offset tiles (carrying 2-D pointer
+    # tiles through the loop costs two registers per element).
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_base = MASK + b * stride_mb + h * stride_mh
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
+    m_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
     rng_row = ((bh * L + offs_m) * S).to(tl.int64)
     kv_len = S
     if HAS_SEQLENS:
@@ -282,28 +309,28 @@ def _attn_fwd_kernel(
     hk32 = hk.to(tl.int32)
     for start_n in range(0, full_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, m_ptrs, K_DESC, V_DESC, b32, hk32, start_n, offs_n, offs_d, offs_dv,
+            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32, start_n, offs_n, offs_d, offs_dv,
             D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, SAFE=MASK_KIND != 0, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
         if not TMA:
-            k_ptrs += BLOCK_N * stride_kn
-            v_ptrs += BLOCK_N * stride_vn
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
         if MASK_KIND != 0:
-            m_ptrs += BLOCK_N * stride_mn
+            m_base += BLOCK_N * stride_mn
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, m_ptrs, K_DESC, V_DESC, b32, hk32, start_n, offs_n, offs_d, offs_dv,
+            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32, start_n, offs_n, offs_d, offs_dv,
             D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
         if not TMA:
-            k_ptrs += BLOCK_N * stride_kn
-            v_ptrs += BLOCK_N * stride_vn
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
         if MASK_KIND != 0:
-            m_ptrs += BLOCK_N * stride_mn
+            m_base += BLOCK_N * stride_mn
     empty = l_i == 0.0                                     # fully masked row: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
@@ -362,23 +389,26 @@ def _attn_fwd_split_kernel(
         hi = tl.maximum(tl.minimum(kv_len, L + causal_offset), 0)
     lo = split * chunk
     hi = tl.minimum(hi, lo + chunk)
-    k_ptrs = K + b * stride_kb + hk * stride_kh + (lo + offs_n[:, None]) * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + hk * stride_vh + (lo + offs_n[:, None]) * stride_vn + offs_dv[None, :]
-    m_ptrs = MASK + m_row[:, None] + (lo + offs_n[None, :]) * stride_mn
+    k_base = K + b * stride_kb + hk * stride_kh + lo * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + lo * stride_vn
+    m_base = MASK + lo * stride_mn
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
+    m_offs = m_row[:, None] + offs_n[None, :] * stride_mn
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     for start_n in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, m_ptrs, K, V, 0, 0, start_n, offs_n, offs_d, offs_dv, D, DV, hi,
+            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K, V, 0, 0, start_n, offs_n, offs_d, offs_dv, D, DV, hi,
             i, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        k_base += BLOCK_N * stride_kn
+        v_base += BLOCK_N * stride_vn
         if MASK_KIND != 0:
-            m_ptrs += BLOCK_N * stride_mn
+            m_base += BLOCK_N * stride_mn
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
@@ -521,6 +551,29 @@ def _dkdv_block(
 
 
 @triton.jit
+def _dkdv_loop(
+    dk, dv, k, v, lo, hi,
+    q_ptrs, do_ptrs, m_ptrs,   # (BLOCK_M, BLOCK_D) / (BLOCK_M, BLOCK_DV) / (BLOCK_N, BLOCK_M) pointers of query block 0
+    stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC, b, h, LSE2, DELTA,
+    offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S, causal_offset, seed, rng_base, dropout_p, qk_scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dK, dV over the query blocks [lo, hi) of one head, every block with the same masks."""
+    for start_m in range(lo, hi, BLOCK_M):
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
+            Q_DESC, DO_DESC, b, h, LSE2, DELTA, start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+            causal_offset, seed, rng_base, dropout_p, qk_scale,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+            EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
+            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,          # (B, H, L, D) any strides, last dim contiguous
     K,          # (B, Hkv, S, D)
@@ -543,12 +596,14 @@ def _attn_bwd_dkdv_kernel(
     sm_scale, qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One key block: dK, dV summed over every query block of every query head of its GQA group, in a
-    fixed order (deterministic, no atomics). Per head: the diagonal query blocks (causal mask), the full
-    ones (no mask at all), the last partial one (row bounds)."""
+    fixed order (deterministic, no atomics). Per head (SPLIT_BLOCKS, the tensor-core dtypes): the diagonal
+    query blocks (causal mask), the full ones (no mask at all), the last partial one (row bounds);
+    otherwise one loop with every mask."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
@@ -588,36 +643,33 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        h32 = h.to(tl.int32)
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :]
         do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dom + offs_dv[None, :]
         m_ptrs = (MASK + b * stride_mb + h * stride_mh + offs_m0[None, :].to(tl.int64) * stride_mm
                   + offs_n[:, None] * stride_mn)
-        rng_base = bh * L * S
-        for start_m in range(lo, tl.minimum(diag_hi, hi), BLOCK_M):
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
-                Q_DESC, DO_DESC, b32, h32, LSE2 + bh * L, DELTA + bh * L, start_m, offs_m0, offs_n, offs_d, offs_dv,
-                D, DV, L, S, causal_offset, seed, rng_base, dropout_p, qk_scale,
-                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
-                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
-        for start_m in range(diag_hi, rows_full, BLOCK_M):
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
-                Q_DESC, DO_DESC, b32, h32, LSE2 + bh * L, DELTA + bh * L, start_m, offs_m0, offs_n, offs_d, offs_dv,
-                D, DV, L, S, causal_offset, seed, rng_base, dropout_p, qk_scale,
-                MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_ROWS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
-                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
-        for start_m in range(tail_lo, hi, BLOCK_M):
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
-                Q_DESC, DO_DESC, b32, h32, LSE2 + bh * L, DELTA + bh * L, start_m, offs_m0, offs_n, offs_d, offs_dv,
-                D, DV, L, S, causal_offset, seed, rng_base, dropout_p, qk_scale,
-                MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_ROWS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
-                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        # Query blocks [lo, diag_hi): causal mask; [diag_hi, rows_full): no mask; then the partial tail.
+        if SPLIT_BLOCKS:
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, lo, tl.minimum(diag_hi, hi), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
+                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, diag_hi, rows_full, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
+                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, False, False, FOLD_SCALE,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, tail_lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
+                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, False, True, FOLD_SCALE,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+        else:   # one loop, every mask on: fewer live registers for the fp32 / fp64 tiles
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
+                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)      # keys past kv_len: no gradient
     dv = tl.where(col_ok[:, None], dv, 0.0)
     out_ok = offs_n[:, None] < S
@@ -730,9 +782,14 @@ def _attn_bwd_dq_kernel(
         do = do.to(tl.float32)
     lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
-    m_ptrs = MASK + b * stride_mb + h * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
+    # Scalar bases advanced by one key block per iteration + loop-invariant offset tiles (carrying 2-D pointer
+    # tiles through the loop costs two registers per element).
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_base = MASK + b * stride_mb + h * stride_mh
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
+    m_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
     rng_row = ((bh * L + offs_m) * S).to(tl.int64)
     kv_len = S
     if HAS_SEQLENS:
@@ -748,28 +805,28 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, full_hi, BLOCK_N):
         dq = _dq_block(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, m_ptrs, K_DESC, V_DESC, b32, hk32, start_n, offs_m, offs_n,
+            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32, start_n, offs_m, offs_n,
             offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
             EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
             PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
         if not TMA:
-            k_ptrs += BLOCK_N * stride_kn
-            v_ptrs += BLOCK_N * stride_vn
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
         if MASK_KIND != 0:
-            m_ptrs += BLOCK_N * stride_mn
+            m_base += BLOCK_N * stride_mn
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_block(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, m_ptrs, K_DESC, V_DESC, b32, hk32, start_n, offs_m, offs_n,
+            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32, start_n, offs_m, offs_n,
             offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
             EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
             PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
         if not TMA:
-            k_ptrs += BLOCK_N * stride_kn
-            v_ptrs += BLOCK_N * stride_vn
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
         if MASK_KIND != 0:
-            m_ptrs += BLOCK_N * stride_mn
+            m_base += BLOCK_N * stride_mn
     dq *= sm_scale
     tl.store(DQ + (bh * L + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -965,7 +1022,7 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
     tma = do_desc is not None
     _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
         q, k, v, q_desc if tma else q, do_desc if tma else do, m, seq, do, lse2, delta, dk, dvv,
-        h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma,
+        h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
     cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
     k_desc, v_desc = _kv_descs(k, v, cfg, meta)

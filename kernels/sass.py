@@ -35,6 +35,12 @@ _FUNC = re.compile(r"^\s*\.text\.(\S+):")
 _TARGET = re.compile(r"`\((\.L_\w+)\)")
 _WAIT_OPS = ("SYNCS", "NANOSLEEP", "BAR", "DEPBAR", "WARPSYNC", "YIELD")
 _BRANCHES = ("BRA", "BRX", "JMP", "JMX")
+
+
+def _is_branch(ins: Instr) -> bool:
+    """A jump: BRA/JMP (and their indirect forms), or ``CALL.REL.NOINC``, the loop-exit idiom of ptxas
+    (a call that never returns to its site)."""
+    return ins.base in _BRANCHES or (ins.base == "CALL" and "NOINC" in ins.modifiers)
 _ENDS = ("EXIT", "RET", "KILL")
 
 
@@ -109,7 +115,7 @@ def _blocks(instrs: list[Instr], labels: dict[str, int]) -> tuple[list[tuple[int
     """Basic blocks as [start, end) instruction ranges and their successor block indices."""
     leaders = {0} | {i for i in labels.values() if i < len(instrs)}
     for i, ins in enumerate(instrs):
-        if ins.base in _BRANCHES or ins.base in _ENDS:
+        if _is_branch(ins) or ins.base in _ENDS:
             leaders.add(i + 1)
     starts = sorted(i for i in leaders if i < len(instrs))
     ranges = [(s, e) for s, e in zip(starts, [*starts[1:], len(instrs)])]
@@ -118,7 +124,7 @@ def _blocks(instrs: list[Instr], labels: dict[str, int]) -> tuple[list[tuple[int
     for b, (_, e) in enumerate(ranges):
         last = instrs[e - 1]
         out = []
-        if last.base in _BRANCHES:
+        if _is_branch(last):
             for target in _TARGET.findall(last.operands):
                 if target in labels and labels[target] in block_of:
                     out.append(block_of[labels[target]])
