@@ -25,7 +25,7 @@ How the configurations are enumerated (one spec generator per kernel family, in 
 
 - Block sizes come from the launchers' own choice, never from numbers copied here: the row lengths
   ``n = 1, 2, 4, ...`` (and the largest ``n`` the single-block path takes) are run through the
-  launcher's block choice (``layer_norm._block`` with ``MAX_FUSED_FWD`` / ``MAX_FUSED_BWD``; for
+  launcher's block choice (``layer_norm._block`` with ``layer_norm.fused_limit``; for
   softmax ``softmax._launch_rows`` itself, handed a recorder instead of the kernel) until the
   multi-pass path is reached. That yields every power-of-two ``BLOCK_N`` up to the single-block limit
   plus ``MULTIPASS_BLOCK``, each with its ``num_warps`` (``_launch.row_warps``). The row length kept
@@ -207,8 +207,8 @@ def layer_norm_specs() -> Iterator[Spec]:
                              HAS_BIAS=heavy, IS_RMS_NORM=False)
             label = _flags({"res": heavy, "drop": heavy, "w": heavy, "b": heavy})
             specs = []
-            for n in _row_lengths(lambda n, dtype=dtype: ln._block(n, ln.MAX_FUSED_FWD, dtype)[1]):
-                block, single = ln._block(n, ln.MAX_FUSED_FWD, dtype)
+            for n in _row_lengths(lambda n, dtype=dtype: ln._block(n, ln.fused_limit(dtype, False))[1]):
+                block, single = ln._block(n, ln.fused_limit(dtype, False))
                 args, options = bind(ln._layer_norm_fwd_kernel, kwargs=dict(
                     X=x, R=x, W=p, B=p, Y=x, RES_OUT=x, MEAN=a, RSTD=a,
                     stride_xm=n, stride_xn=1, stride_rm=n, stride_rn=1, stride_ym=n, stride_om=n,
@@ -223,8 +223,8 @@ def layer_norm_specs() -> Iterator[Spec]:
             label = _flags({"w": heavy, "b": heavy, "dres_out": heavy, "drop": heavy, "dres": heavy})
             part = a if heavy else x             # dW/dB partials, or dx in their place when absent
             specs = []
-            for n in _row_lengths(lambda n, dtype=dtype: ln._block(n, ln.MAX_FUSED_BWD, dtype)[1]):
-                block, single = ln._block(n, ln.MAX_FUSED_BWD, dtype)
+            for n in _row_lengths(lambda n, dtype=dtype: ln._block(n, ln.fused_limit(dtype, True))[1]):
+                block, single = ln._block(n, ln.fused_limit(dtype, True))
                 args, options = bind(ln._layer_norm_bwd_kernel, kwargs=dict(
                     X=x, W=p, DY=x, DRES_OUT=x, DX=x, DRES=x, DW_PART=part, DB_PART=part, MEAN=a, RSTD=a,
                     stride_xm=n, stride_xn=1, stride_dym=n, stride_dyn=1, stride_drm=n, stride_drn=1,

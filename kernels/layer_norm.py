@@ -24,11 +24,12 @@ from . import _backend, _checks
 from ._launch import acc_dtype, next_pow2, num_persistent_programs, row_warps, torch_acc_dtype
 from .reference import add_layer_norm_ref, layer_norm_ref, rms_norm_ref
 
-# Largest row (elements) kept in registers; longer rows take the multi-pass path.
+# Largest row (elements) kept in registers; longer rows take the multi-pass path. The backward's row loop is
+# software-pipelined (the next row's loads land in shared memory while this row computes), which leaves the
+# registers for 8192-element rows in every dtype but float64 with every feature on (python -m kernels.aot,
+# triton 3.9 and 3.6: no spills at 8192; float64 spills 228+212 B at 4096 on sm_90a, so 2048 there).
 MAX_FUSED_FWD = 16384
-# 8192 spilled in the backward with every feature on (python -m kernels.aot, triton 3.9): sm_80 fp32 16+16 B,
-# sm_90a fp16/bf16 4+8 B, fp32 60+60 B, fp64 (at 4096) 232+256 B. At 4096: no spills.
-MAX_FUSED_BWD = 4096
+MAX_FUSED_BWD = 8192
 # Block of the multi-pass path (4096 spilled 12+12 B in the fp64 backward on sm_90a, triton 3.9).
 MULTIPASS_BLOCK = 2048
 
@@ -191,7 +192,7 @@ def _layer_norm_bwd_kernel(
     if SINGLE_BLOCK:
         dw = tl.zeros([BLOCK_N], dtype=ACC)
         db = tl.zeros([BLOCK_N], dtype=ACC)
-    for row in range(row_start, row_end):
+    for row in tl.range(row_start, row_end, num_stages=2):
         mean = 0.0
         if not IS_RMS_NORM:
             mean = tl.load(MEAN + row).to(ACC)
@@ -242,9 +243,16 @@ def _layer_norm_bwd_kernel(
             tl.store(DB_PART + part + offs, db, mask=offs < N)
 
 
-def _block(n: int, max_fused: int, dtype: torch.dtype) -> tuple[int, bool]:
-    """(BLOCK_N, SINGLE_BLOCK) for rows of n elements (float64 rows hold half as many in registers)."""
-    limit = max_fused // 2 if dtype == torch.float64 else max_fused
+def fused_limit(dtype: torch.dtype, backward: bool) -> int:
+    """Longest row the single-block path takes: float64 rows hold half as many elements in registers (a
+    quarter in the backward, whose pipelined loads keep two rows in flight)."""
+    if backward:
+        return MAX_FUSED_BWD // 4 if dtype == torch.float64 else MAX_FUSED_BWD
+    return MAX_FUSED_FWD // 2 if dtype == torch.float64 else MAX_FUSED_FWD
+
+
+def _block(n: int, limit: int) -> tuple[int, bool]:
+    """(BLOCK_N, SINGLE_BLOCK) for rows of n elements under a single-block ``limit``."""
     if n <= limit:
         return next_pow2(n), True
     return MULTIPASS_BLOCK, False
@@ -278,7 +286,7 @@ def layer_norm_fwd(
     seed = _checks.dropout_seed() if dropout_p > 0 else 0
     if m > 0 and n > 0:
         r2 = x2 if residual is None else residual.reshape(m, n)
-        block, single = _block(n, MAX_FUSED_FWD, x.dtype)
+        block, single = _block(n, fused_limit(x.dtype, backward=False))
         _layer_norm_fwd_kernel[(m,)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
             out, res_out if store_res else out, mean, rstd,
@@ -323,7 +331,7 @@ def layer_norm_bwd(
     db_part = torch.zeros((programs, n), dtype=part_dtype, device=prenorm.device) if has_bias else None
     if m > 0 and n > 0:
         dr2 = dy2 if dres_out is None else dres_out.reshape(m, n)
-        block, single = _block(n, MAX_FUSED_BWD, prenorm.dtype)
+        block, single = _block(n, fused_limit(prenorm.dtype, backward=True))
         _layer_norm_bwd_kernel[(programs,)](
             x2, weight if weight is not None else x2, dy2, dr2, dx, dres if store_dres else dx,
             dw_part if dw_part is not None else dx, db_part if db_part is not None else dx, mean, rstd,

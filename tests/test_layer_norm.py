@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from helpers import LAYOUTS, as_layout, assert_close, assert_fresh_contiguous, bounds_checked, grads, leaf
 
 import kernels
-from kernels.layer_norm import MAX_FUSED_BWD, MAX_FUSED_FWD
+from kernels.layer_norm import MAX_FUSED_BWD, MAX_FUSED_FWD, fused_limit
 
 ln_mod = importlib.import_module("kernels.layer_norm")  # the module (``kernels.layer_norm`` is the function)
 
@@ -146,11 +146,12 @@ LONG_ROWS = [
         (torch.float32, MAX_FUSED_BWD + 1, "fp32-bwd-multipass"),
         (torch.float32, MAX_FUSED_FWD + 1, "fp32-fwd-multipass"),
         (torch.float16, 70_000, "fp16-70000"),
-        (torch.float64, MAX_FUSED_BWD // 2 + 1, "fp64-bwd-multipass"),
+        (torch.float64, fused_limit(torch.float64, backward=True) + 1, "fp64-bwd-multipass"),
         (torch.bfloat16, 70_000, "bf16-70000"),
     ]],
     pytest.param("layer_norm", torch.float32, 70_000, id="layer_norm-fp32-70000"),
-    pytest.param("layer_norm", torch.float64, MAX_FUSED_FWD // 2 + 1, id="layer_norm-fp64-fwd-multipass"),
+    pytest.param("layer_norm", torch.float64, fused_limit(torch.float64, backward=False) + 1,
+                 id="layer_norm-fp64-fwd-multipass"),
 ]
 
 
