@@ -178,6 +178,7 @@ def _fwd_block(
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     ZERO_V_TAIL: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ROWSUM_MMA: tl.constexpr,
 ):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i); m_i in log2 units.
 
@@ -186,7 +187,9 @@ def _fwd_block(
     SAFE: a row may have seen only masked scores so far (m_i = -inf): guard -inf - -inf.
     TMA: k and v blocks come from tensor descriptors (zero-filled past S and D, one copy engine request per
     block instead of per-thread addresses); ZERO_V_TAIL: keys past kv_len < S exist (seqlens_k) and their
-    values are zeroed in the bounds block."""
+    values are zeroed in the bounds block. ROWSUM_MMA: the row sums l_i (BLOCK_M, 16) come from the tensor
+    cores, p @ ones, instead of a per-score FADD and shuffles; they sum the same bf16/fp16-rounded p the
+    output's p @ v uses (l_i is (BLOCK_M, 1) otherwise)."""
     start_n = tl.multiple_of(start_n, BLOCK_N)
     cols = start_n + offs_n
     col_ok = cols < kv_len
@@ -234,7 +237,11 @@ def _fwd_block(
         p = tl.math.exp2(s * qk_scale - m_use[:, None])
     else:
         p = tl.math.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if ROWSUM_MMA:
+        ones = tl.full([BLOCK_N, 16], 1.0, dtype=v.dtype)
+        l_i = tl.dot(p.to(v.dtype), ones, l_i * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+    else:
+        l_i = l_i * alpha[:, None] + tl.sum(p, 1, keep_dims=True)
     if HAS_DROPOUT:
         keep_d = tl.rand(seed, rng_row[:, None] + cols[None, :]) >= dropout_p
         p = tl.where(keep_d, p, 0.0)
@@ -303,7 +310,7 @@ def _attn_fwd_kernel(
         full_hi = tl.maximum(tl.minimum(kv_len, start_m + causal_offset + 1), 0)
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    l_i = tl.zeros([BLOCK_M, 16 if TMA else 1], dtype=ACC)    # row sums, in 16 equal columns with TMA
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     b32 = b.to(tl.int32)
     hk32 = hk.to(tl.int32)
@@ -313,7 +320,8 @@ def _attn_fwd_kernel(
             D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, SAFE=MASK_KIND != 0, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
-            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            ROWSUM_MMA=TMA)
         if not TMA:
             k_base += BLOCK_N * stride_kn
             v_base += BLOCK_N * stride_vn
@@ -325,12 +333,14 @@ def _attn_fwd_kernel(
             D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
-            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            ROWSUM_MMA=TMA)
         if not TMA:
             k_base += BLOCK_N * stride_kn
             v_base += BLOCK_N * stride_vn
         if MASK_KIND != 0:
             m_base += BLOCK_N * stride_mn
+    l_i = tl.max(l_i, 1)
     empty = l_i == 0.0                                     # fully masked row: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
@@ -396,7 +406,7 @@ def _attn_fwd_split_kernel(
     v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
     m_offs = m_row[:, None] + offs_n[None, :] * stride_mn
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    l_i = tl.zeros([BLOCK_M, 1], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     for start_n in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
@@ -404,11 +414,13 @@ def _attn_fwd_split_kernel(
             i, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=HAS_DROPOUT,
-            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            ROWSUM_MMA=False)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         if MASK_KIND != 0:
             m_base += BLOCK_N * stride_mn
+    l_i = tl.max(l_i, 1)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
