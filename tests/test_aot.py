@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 pytest.importorskip("triton")
 from triton.runtime.jit import KernelInterface  # noqa: E402  (JITFunction, or InterpretedFunction under the interpreter)
@@ -57,9 +58,26 @@ def kernel_modules() -> dict[str, list[str]]:
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def aot(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
-    tmp = tmp_path_factory.mktemp("aot")
+    """One run for the whole session, shared by the pytest-xdist workers through a lock in their common
+    temporary directory: the first worker to get here compiles, the others read its results."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):    # the workers' base directories share this session's parent
+        shared = shared.parent
+    with FileLock(str(shared / "aot.lock")):
+        saved = shared / "aot-run.json"
+        if saved.exists():
+            run = json.loads(saved.read_text())
+            proc = subprocess.CompletedProcess(run["args"], run["returncode"], run["stdout"], run["stderr"])
+            return proc, json.loads((shared / "aot.json").read_text())
+        proc, report = _run_aot(shared)
+        saved.write_text(json.dumps(dict(args=proc.args, returncode=proc.returncode, stdout=proc.stdout,
+                                         stderr=proc.stderr)))
+        return proc, report
+
+
+def _run_aot(tmp: Path) -> tuple[subprocess.CompletedProcess, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
     report = tmp / "aot.json"
@@ -154,7 +172,10 @@ def test_sass_tensor_cores_in_attention_loops(aot):
     for r, lp in loops:
         shapes = lp["tensor_core"]
         assert shapes, f"{r['kernel']} [{r['config']}] {r['gpu_name']}: a loop without tensor-core instructions"
-        if r["gpu_name"] == "sm_90a" and r["kernel"] != "_attn_fwd_split_kernel":
+        # warpgroup MMA on Hopper wherever the tiles have 64-row warpgroups (not the decode kernel's 16 rows,
+        # nor the small d = 256 backward tiles)
+        if r["gpu_name"] == "sm_90a" and r["kernel"] != "_attn_fwd_split_kernel" and r["head_dim"] <= 128 \
+                and r["flags"] != "heavy":
             assert any(k.startswith("HGMMA") for k in shapes), (r["kernel"], r["config"], shapes)
 
 
