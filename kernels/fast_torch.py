@@ -122,7 +122,7 @@ class _Softmax(torch.autograd.Function):
         (y,) = ctx.saved_tensors
         dx = torch._softmax_backward_data(dy, y, ctx.dim, y.dtype)
         if ctx.scale != 1.0:
-            dx = dx * ctx.scale
+            dx.mul_(ctx.scale)     # a fresh tensor: no second full-size one
         return dx, None, None, None, None
 
 
