@@ -770,11 +770,7 @@ def _check_mask(op: str, mask: object, shape: tuple[int, ...], ref: torch.Tensor
         raise TypeError(f"{op}: {name} must be bool (True = attend) or a float additive mask, got {mask.dtype}")
     if mask.device != ref.device:
         raise ValueError(f"{op}: {name} is on {mask.device} but query is on {ref.device}")
-    try:
-        fits = mask.dim() <= len(shape) and torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not _checks.broadcasts_to(mask.shape, shape):
         raise ValueError(f"{op}: {name} of shape {tuple(mask.shape)} does not broadcast to {tuple(shape)}")
     if mask.requires_grad:
         raise ValueError(f"{op}: {name} must not require grad (attention gives no gradient to the mask)")

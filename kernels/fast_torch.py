@@ -39,8 +39,13 @@ from .reference import attention_ref, causal_mask
 
 NEG_INF = float("-inf")
 
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+def _op(name: str):
+    packet = getattr(torch.ops.aten, name, None)
+    return None if packet is None else packet.default
+
+
+_FLASH = _op("_scaled_dot_product_flash_attention_for_cpu")
+_FLASH_BWD = _op("_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
 # ----------------------------------------------------------------------------- norms
@@ -210,7 +215,6 @@ def _sanitize(device: torch.device) -> bool:
     """Whether fully masked rows must be handled here: torch gives them NaN (old torch, other devices)."""
     return not (device.type == "cpu" and _TORCH_ZEROES_DEAD_ROWS)
 
-
 def _materialize_causal(mask: torch.Tensor | None, l: int, s: int, device: torch.device) -> torch.Tensor:
     return _combine(mask, causal_mask(l, s, device))
 
@@ -250,17 +254,28 @@ class _FlashWithLse(torch.autograd.Function):
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
             scale: float, dropout_p: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, H, L, D) attention with a mask (bool or float, broadcastable) and top-left ``is_causal``;
-    fully masked rows give 0 (and lse -inf). Returns (out, lse or None); ``need_lse`` only on the flash path."""
+    fully masked rows give 0 (and lse -inf). Returns (out, lse or None); ``need_lse`` only on the flash path.
+
+    torch's flash kernel runs wherever it applies: through ``F.scaled_dot_product_attention`` (the least
+    overhead per call) unless the call needs what only the op itself takes (the lse, a mask together with
+    ``is_causal``, GQA without repeating heads on every torch version)."""
     l, s = q.shape[-2], k.shape[-2]
-    flash = _FLASH is not None and q.device.type == "cpu" and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]
-    sanitize = mask is not None and _sanitize(q.device)
+    cpu = q.device.type == "cpu"
+    flash = _FLASH is not None and cpu and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]
+    if mask is not None:
+        mask = _compact(mask)
+        if mask.dim() < 4:
+            mask = mask[(None,) * (4 - mask.dim())]
+    sanitize = mask is not None and not (cpu and _TORCH_ZEROES_DEAD_ROWS)
     dead = _dead_rows(mask, is_causal, l, s) if mask is not None and (sanitize or need_lse) else None
     if sanitize:  # let dead rows see every key, so that nothing NaN reaches the output or the gradients
         mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
     lse = None
+    gqa = k.shape[1] != q.shape[1]
     if flash:
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-        fmask = None if mask is None else to_4d(_additive(mask, q.dtype))
+    if flash and (need_lse or gqa or (is_causal and mask is not None)):
+        fmask = None if mask is None else _additive(mask, q.dtype)
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if need_lse and grad:
             out, lse = _FlashWithLse.apply(q, k, v, fmask, is_causal, scale)
@@ -271,8 +286,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     else:
         if is_causal and mask is not None:  # torch's function takes one or the other
             mask, is_causal = _materialize_causal(mask, l, s, q.device), False
-        if k.shape[1] != q.shape[1]:   # GQA (torch's enable_gqa repeats the heads on this path too)
+        if gqa:   # the math path (dropout, Ev != E, other devices): torch's enable_gqa repeats the heads too
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+        if mask is not None and flash:   # rows contiguous, as the kernel reads them; a float mask in q's dtype
+            mask = _unit_last_stride(mask) if mask.dtype == torch.bool else _additive(mask, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                              scale=scale)
     if sanitize:
@@ -284,6 +301,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
               seqlens_k: torch.Tensor | None, scale: float, dropout_p: float,
               return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``kernels.attention`` (validated arguments; ``scale`` resolved): see the module docstring."""
+    if (q.is_cpu and dropout_p == 0.0 and seqlens_k is None and not return_lse and q.shape == k.shape == v.shape
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None):
+        # The common case in as few steps as possible (a call's Python work shows at short sequences):
+        # self-attention (L == S, so causal is top-left too) without a mask, or with a plain key mask.
+        if attn_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        if (not causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.stride(-1) == 1
+                and _TORCH_ZEROES_DEAD_ROWS and 0 not in attn_mask.stride()):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     b, h, l, _ = q.shape
     s = k.shape[2]
     flash_lse = _FLASH is not None and q.device.type == "cpu" and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]

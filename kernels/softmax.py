@@ -249,11 +249,7 @@ def _check_mask(op: str, mask: torch.Tensor | None, input: torch.Tensor) -> None
         raise TypeError(f"{op}: mask must be bool (True = keep) or a float additive mask, got {mask.dtype}")
     if mask.device != input.device:
         raise ValueError(f"{op}: mask is on {mask.device} but input is on {input.device}")
-    try:
-        fits = torch.broadcast_shapes(mask.shape, input.shape) == input.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not _checks.broadcasts_to(mask.shape, input.shape):
         raise ValueError(f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to the input shape "
                          f"{tuple(input.shape)}")
     if mask.requires_grad:

@@ -67,20 +67,28 @@ class _Allocations(TorchDispatchMode):
         return sum(torch.Size(s).numel() >= numel for _, shapes in self.ops for s in shapes)
 
 
+class _FlashCalls(TorchDispatchMode):
+    """Arguments of every call into torch's CPU flash kernel, whichever way it is reached (our direct
+    call or ``F.scaled_dot_product_attention``): shapes of q, k and the mask, is_causal."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            mask = kwargs.get("attn_mask")
+            causal = args[4] if len(args) > 4 else kwargs.get("is_causal", False)
+            self.calls.append(dict(q=tuple(args[0].shape), k=tuple(args[1].shape), is_causal=causal,
+                                   mask=None if mask is None else tuple(mask.shape)))
+        return func(*args, **kwargs)
+
+
 @pytest.fixture
-def flash_calls(monkeypatch) -> list[dict]:
-    """Arguments of every call into torch's CPU flash kernel (shapes of q, k and the mask, is_causal)."""
-    calls: list[dict] = []
-    original = fast_torch._FLASH
-
-    def spy(q, k, v, dropout_p, is_causal, attn_mask=None, scale=None):
-        calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), is_causal=is_causal,
-                          mask=None if attn_mask is None else tuple(attn_mask.shape),
-                          mask_strides=None if attn_mask is None else attn_mask.stride()))
-        return original(q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
-
-    monkeypatch.setattr(fast_torch, "_FLASH", spy)
-    return calls
+def flash_calls():
+    with _FlashCalls() as mode:
+        yield mode.calls
 
 
 # ----------------------------------------------------------------------------- attention: what runs
