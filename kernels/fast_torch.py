@@ -134,6 +134,12 @@ class _Softmax(torch.autograd.Function):
 def softmax(input: torch.Tensor, dim: int, mask: torch.Tensor | None, scale: float,
             is_causal: bool) -> torch.Tensor:
     """``kernels.softmax`` (validated arguments, ``dim`` normalized, ``input`` at least 1-D)."""
+    if mask is None and not is_causal and scale == 1.0 and input.numel() and not torch.compiler.is_compiling():
+        # Nothing to apply: torch's softmax with its own autograd (the least work per call), unless a row
+        # came out NaN (a whole row does): then it may be a row of -inf, which must give 0 and gradient 0.
+        y = torch.softmax(input, dim)
+        if not bool(y.select(dim, 0).isnan().any()):
+            return y
     return _Softmax.apply(input, mask, dim, float(scale), is_causal)
 
 
