@@ -48,6 +48,19 @@ TARGET_TIME, TARGET_MEMORY = 1.05, 1.05
 # ----------------------------------------------------------------------------- the grid
 
 
+def smoke_grid() -> list[dict]:
+    """One tiny case per family and kind: what the tests run to check the machinery, not a speed."""
+    cases = [dict(family="attention", op="attention", B=1, H=2, L=16, D=16, mask=m) for m in ("none", "causal",
+                                                                                             "padding")]
+    cases += [dict(family="softmax", op="softmax", M=8, N=16, kind=k) for k in ("plain", "masked")]
+    cases += [dict(family="softmax", op="softmax", shape=[1, 2, 8, 8], kind="scale+causal")]
+    cases += [dict(family="norm", op=op, M=4, N=32) for op in ("layer_norm", "rms_norm", "add_layer_norm")]
+    cases += [dict(family="model", op="gpt", preset="tiny", B=2, L=16), dict(family="model", op="bert", preset="tiny",
+                                                                             B=2, L=16),
+              dict(family="model", op="vit", preset="tiny", B=4)]
+    return cases
+
+
 def grid(full: bool = False, only: list[str] | None = None) -> list[dict]:
     """Every case as a JSON-able spec (a child process rebuilds it from the spec)."""
     cases: list[dict] = []
@@ -400,6 +413,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--out", default=os.path.join("bench", "results", "tmp"))
     p.add_argument("--note", default="", help="a sentence about the machine's state, added to the table")
+    p.add_argument("--smoke", action="store_true", help="one tiny case per kind, few pairs: checks the machinery")
     p.add_argument("--child", nargs=2, metavar=("SPEC", "PROVIDER"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -420,7 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     info = machine()
     info["note"] = args.note
-    cases = grid(args.full, args.only)
+    cases = smoke_grid() if args.smoke else grid(args.full, args.only)
+    if args.smoke:
+        global MIN_PAIRS, MIN_SECONDS
+        MIN_PAIRS, MIN_SECONDS = 2, 0.0
     os.makedirs(args.out, exist_ok=True)
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, 1 thread; {len(cases)} cases", flush=True)
     records: list[dict] = []

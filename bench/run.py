@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(families)}  out: {args.out}", flush=True)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(env.versions.items())), flush=True)
     if not env.is_cuda:
-        print("no GPU: tiny shapes through the reference path; the numbers test the harness, not speed", flush=True)
+        print("no GPU: tiny shapes through the PyTorch path; the numbers test the harness, not speed "
+              "(python -m bench --device cpu measures the CPU)", flush=True)
     threads = torch.get_num_threads()
     if not env.is_cuda:
         # The CPU run only tests the harness: one thread keeps it from competing for the cores (CI
