@@ -138,7 +138,7 @@ def softmax(input: torch.Tensor, dim: int, mask: torch.Tensor | None, scale: flo
         # Nothing to apply: torch's softmax with its own autograd (the least work per call), unless a row
         # came out NaN (a whole row does): then it may be a row of -inf, which must give 0 and gradient 0.
         y = torch.softmax(input, dim)
-        if not bool(y.select(dim, 0).isnan().any()):
+        if not math.isnan(y.select(dim, 0).sum()):      # one read per row; NaN anywhere makes the sum NaN
             return y
     return _Softmax.apply(input, mask, dim, float(scale), is_causal)
 

@@ -157,7 +157,7 @@ def test_inductor():
 
 
 def test_no_graph_break_under_torch_backend_either():
-    """With the "torch" backend the references are traced instead: still one graph, same results."""
+    """With the "torch" backend the PyTorch ops are traced instead: still one graph, same results."""
     fn, inputs = _cases()["add_layer_norm"]
     with kernels.use_backend("torch"):
         eager = _run(fn, inputs)

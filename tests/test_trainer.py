@@ -1,6 +1,6 @@
 """The shared training loop: schedule, argument resolution, run directory, resume after Ctrl-C (the same
 result as an uninterrupted run), corrupt and mismatched checkpoints, fine-tuning methods, the CLI, and
-the Triton path against the reference path over a few steps."""
+the Triton path against the PyTorch path over a few steps."""
 
 import json
 import pickle
@@ -233,7 +233,7 @@ def test_cli_eval_prints_the_metrics(tmp_path, capsys):
 
 def test_triton_and_reference_paths_give_the_same_loss_curve(tmp_path):
     """The convergence test: a few steps through the real kernels (the interpreter here) and through the
-    PyTorch reference follow the same curve."""
+    PyTorch path follow the same curve."""
     if not kernels._backend.INTERPRET and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
     curves = {}
