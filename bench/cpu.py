@@ -426,6 +426,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join("bench", "results", "tmp"))
     p.add_argument("--note", default="", help="a sentence about the machine's state, added to the table")
     p.add_argument("--smoke", action="store_true", help="one tiny case per kind, few pairs: checks the machinery")
+    p.add_argument("--aa", action="store_true",
+                   help="time torch against itself (both sides the torch call): the noise floor of the ratios")
+    p.add_argument("--match", action="append", metavar="TEXT",
+                   help="only the cases whose label contains TEXT (repeatable)")
     p.add_argument("--child", nargs=2, metavar=("SPEC", "PROVIDER"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -445,8 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     info = machine()
-    info["note"] = args.note
+    info["note"] = args.note + (" A/A run: both columns are the torch call (the noise floor)." if args.aa else "")
     cases = smoke_grid() if args.smoke else grid(args.full, args.only)
+    if args.match:
+        cases = [c for c in cases if any(m in label(c) for m in args.match)]
     if args.smoke:
         global MIN_PAIRS, MIN_SECONDS
         MIN_PAIRS, MIN_SECONDS = 2, 0.0
@@ -457,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for case in cases:
             calls = BUILDERS[case["family"]](case)
+            if args.aa:
+                calls["ours"] = calls["torch"]
             for mode in modes(case):
                 t = time_pair(calls, mode != "fwd")
                 rec = dict(case=case, family=case["family"], op=case["op"], label=label(case), mode=mode, **t)
@@ -464,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{case['family']:9s} {case['op']:14s} {label(case):34s} {mode:7s} ours {t['ours_ms']:9.3f} ms  "
                       f"torch {t['torch_ms']:9.3f} ms  {t['ratio']:.3f}", flush=True)
             del calls
-        if not args.no_memory:
+        if not args.no_memory and not args.aa:
             print("peak memory: one process per case and provider, two at a time", flush=True)
             jobs = [(case, p) for case in cases for p in ("ours", "torch")]
             with ThreadPoolExecutor(2) as pool:
