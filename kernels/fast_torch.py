@@ -6,11 +6,13 @@ their arguments first, then call one of these with the validated values, so the 
 same on every path. Each computes what the kernel computes, on torch's own fused kernels:
 
 - attention: torch's flash-attention kernel (on a CPU ``aten._scaled_dot_product_flash_attention_for_cpu``,
-  what ``F.scaled_dot_product_attention`` runs there: it takes a mask together with ``is_causal``, reads
-  broadcast (stride-0) masks and inputs in place, does GQA without repeating key/value heads, and
-  returns the log-sum-exp). On top of it: bottom-right causal (rows that see no key are cut off and
-  padded with zeros; L < S takes a (L, S) mask), ``seqlens_k`` as a (B, 1, 1, S) key mask, ``return_lse``
-  (-inf for fully masked rows, differentiable), and fully masked rows give 0 with zero gradients.
+  what ``F.scaled_dot_product_attention`` runs there), called through that function where it can (the
+  least work per call) and directly where only the op will do: it takes a mask together with
+  ``is_causal``, does GQA without repeating key/value heads on every torch version, and returns the
+  log-sum-exp. Masks reach it at their broadcast size. On top of it: bottom-right causal (rows that see
+  no key are cut off and padded with zeros; L < S takes a (L, S) mask), ``seqlens_k`` as a (B, 1, 1, S)
+  key mask, ``return_lse`` (-inf for fully masked rows, differentiable), and fully masked rows give 0
+  with zero gradients.
   Dropout, ``Ev != E`` and non-CPU tensors take ``F.scaled_dot_product_attention`` (torch's generator
   draws the dropout mask, as the reference does).
 - softmax: ``torch.softmax`` of one temporary ``scale * x + mask`` (none when there is nothing to apply);
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from .reference import attention_ref, causal_mask
 
 NEG_INF = float("-inf")
+
 
 def _op(name: str):
     packet = getattr(torch.ops.aten, name, None)
@@ -138,7 +141,7 @@ def softmax(input: torch.Tensor, dim: int, mask: torch.Tensor | None, scale: flo
         # Nothing to apply: torch's softmax with its own autograd (the least work per call), unless a row
         # came out NaN (a whole row does): then it may be a row of -inf, which must give 0 and gradient 0.
         y = torch.softmax(input, dim)
-        if not math.isnan(y.select(dim, 0).sum()):      # one read per row; NaN anywhere makes the sum NaN
+        if not math.isnan(y.detach().select(dim, 0).sum()):   # one read per row; a NaN makes the sum NaN
             return y
     return _Softmax.apply(input, mask, dim, float(scale), is_causal)
 
@@ -220,6 +223,7 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _sanitize(device: torch.device) -> bool:
     """Whether fully masked rows must be handled here: torch gives them NaN (old torch, other devices)."""
     return not (device.type == "cpu" and _TORCH_ZEROES_DEAD_ROWS)
+
 
 def _materialize_causal(mask: torch.Tensor | None, l: int, s: int, device: torch.device) -> torch.Tensor:
     return _combine(mask, causal_mask(l, s, device))

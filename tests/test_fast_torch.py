@@ -279,3 +279,20 @@ def test_softmax_dead_rows_compiled_match_eager():
     for t in (y, dx):
         assert not t.isnan().any()
         assert torch.equal(t[1, 2], torch.zeros(9)) and torch.equal(t[2, 1], torch.zeros(9))
+
+
+def test_no_warnings_from_the_pytorch_path():
+    """Nothing of ours warns on a training step's calls (inputs that require grad, masks, lse)."""
+    import warnings
+
+    q = _rand(1, 2, 6, 8, dtype=torch.float32).requires_grad_()
+    keep = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    x = _rand(3, 8, dtype=torch.float32).requires_grad_()
+    w = torch.ones(8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outs = [kernels.softmax(x), kernels.softmax(x, scale=0.5), kernels.attention(q, q, q, causal=True),
+                kernels.attention(q, q, q, attn_mask=keep, return_lse=True)[1],
+                kernels.scaled_dot_product_attention(q, q, q, attn_mask=keep), kernels.layer_norm(x, (8,), w),
+                kernels.rms_norm(x, (8,), w), *kernels.add_layer_norm(x, x, w, dropout_p=0.1)]
+        torch.autograd.grad(sum(o.sum() for o in outs), [q, x, w])
