@@ -88,7 +88,7 @@ def _case(grid: str, mode: str, dtype: str, b: int, h: int, hkv: int, l: int, s:
 def cases(env: Env) -> list[Case]:
     out: list[Case] = []
     if not env.is_cuda:
-        # Tiny shapes through the reference: each grid and mode once, to test the harness.
+        # Tiny shapes through the PyTorch path: each grid and mode once, to test the harness.
         for mode in ("fwd", "fwd+bwd"):
             for causal in (False, True):
                 for l in (32, 64):
@@ -206,8 +206,8 @@ def _padding_mask(case: Case, env: Env) -> torch.Tensor | None:
 
 
 def ours_context(env: Env) -> Callable:
-    """Our kernels on a GPU (never a silent fallback); the pure-PyTorch reference on the CPU, where the
-    Triton interpreter (on under pytest) would take minutes and time nothing meaningful."""
+    """Our kernels on a GPU (never a silent fallback); the PyTorch path (kernels.fast_torch) on the CPU,
+    where the Triton interpreter (on under pytest) would take minutes and time nothing meaningful."""
     return lambda: kernels.use_backend("triton" if env.is_cuda else "torch")
 
 
@@ -219,7 +219,7 @@ def _ours(case: Case, env: Env) -> Prepared:
 
     def fwd(q, k, v):
         return kernels.attention(q, k, v, causal=causal, seqlens_k=lens)
-    return _prepared(case, rot, fwd, context=ours_context(env), impl="triton" if env.is_cuda else "reference")
+    return _prepared(case, rot, fwd, context=ours_context(env), impl="triton" if env.is_cuda else "fast_torch")
 
 
 # Scores above this many elements make the math backend (which materializes B*H*L*S scores and

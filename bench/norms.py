@@ -212,7 +212,7 @@ def eager_fwd(op: str) -> Fwd:
 
 def _ours(case: Case, env: Env) -> Prepared:
     return _prepared(case, env, _ours_fwd(case.op), context=ours_context(env),
-                     impl="triton" if env.is_cuda else "reference")
+                     impl="triton" if env.is_cuda else "fast_torch")
 
 
 def _eager(case: Case, env: Env) -> Prepared:

@@ -72,7 +72,7 @@ def table(records: list[dict[str, Any]], env: Env) -> str:
         f"{_num(env.matmul_tflops)} TFLOP/s",
     ]
     if not env.is_cuda:
-        lines.append("- CPU run: tiny shapes through the pure-PyTorch reference. These numbers test the "
+        lines.append("- CPU run: tiny shapes through the PyTorch path. These numbers test the "
                      "harness; they are not speeds.")
     lines += ["", "| family | op | mode | dtype | shape | unit | ours | % ceiling | best other | its value "
               "| ours / best | notes |", "|---|---|---|---|---|---|---:|---:|---|---:|---:|---|"]

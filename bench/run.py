@@ -1,6 +1,7 @@
 """``python -m bench``: the benchmark suite.
 
     python -m bench [--quick] [--only attention|norm|softmax|model ...] [--out DIR] [--budget-s S]
+    python -m bench --device cpu [--full] [--only ...] [--no-memory] [--out DIR]   (bench/cpu.py)
 
 Measures the device's copy bandwidth and bf16 matmul rate, then times every selected family on every
 available provider, writing into ``--out`` (default ``$OUT``, else ``bench/results``):
@@ -11,8 +12,10 @@ available provider, writing into ``--out`` (default ``$OUT``, else ``bench/resul
 Exit status: 0, or 1 when one of our kernels failed, or 2 when the run was interrupted (the files are
 written either way).
 
-On a machine without a GPU it runs tiny shapes through the pure-PyTorch reference: that tests the
-harness, not the speed. See bench/NOTES.md for the method and the results so far.
+On a machine without a GPU it runs tiny shapes through the PyTorch path: that tests the harness, not
+the speed. ``--device cpu`` is the CPU benchmark instead (bench/cpu.py): our ops against torch eager at
+real sizes, one thread, interleaved pairs, peak memory per case. See bench/NOTES.md for the method and
+the results so far.
 """
 
 from __future__ import annotations
@@ -65,10 +68,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help=f"stop starting new measurements after this many seconds (default: {QUICK_BUDGET_S:g} "
                              "with --quick on a GPU, else none); what is left is recorded as skipped")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                        help="cpu: the CPU benchmark of bench/cpu.py (its own options: python -m bench --device cpu "
+                             "--help)")
     return parser.parse_args(argv)
 
 
+def _cpu_argv(argv: list[str]) -> list[str] | None:
+    """The arguments for bench/cpu.py when ``--device cpu`` is among ``argv``, else None."""
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv) and argv[i + 1] == "cpu":
+            return argv[:i] + argv[i + 2:]
+        if a == "--device=cpu":
+            return argv[:i] + argv[i + 1:]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    cpu_argv = _cpu_argv(sys.argv[1:] if argv is None else list(argv))
+    if cpu_argv is not None:
+        from bench import cpu
+        return cpu.main(cpu_argv)
     args = parse(argv)
     families = [f for f in FAMILIES if not args.only or f in args.only]
     env = Env.detect(quick=args.quick)
@@ -83,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(families)}  out: {args.out}", flush=True)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(env.versions.items())), flush=True)
     if not env.is_cuda:
-        print("no GPU: tiny shapes through the reference path; the numbers test the harness, not speed", flush=True)
+        print("no GPU: tiny shapes through the PyTorch path; the numbers test the harness, not speed "
+              "(python -m bench --device cpu measures the CPU)", flush=True)
     threads = torch.get_num_threads()
     if not env.is_cuda:
         # The CPU run only tests the harness: one thread keeps it from competing for the cores (CI

@@ -2,7 +2,7 @@
 
     pytest bench/ --benchmark-only [-k "attention and ours"] [--benchmark-json out.json]
 
-One test per (case, provider) of the ``--quick`` grid (tiny shapes through the reference on the CPU);
+One test per (case, provider) of the ``--quick`` grid (tiny shapes through the PyTorch path on the CPU);
 unavailable providers and unsupported cases are skipped with their reason. The extra info of each
 benchmark carries the case, its FLOPs/bytes/tokens and the TFLOP/s, GB/s or tokens/s of the median.
 Each test runs ``BENCH_ROUNDS`` timed rounds (default 20) after two warm-up rounds, with gradients reset

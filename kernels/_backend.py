@@ -1,10 +1,17 @@
-"""Which implementation an op runs: the Triton kernel or the pure-PyTorch reference.
+"""Which implementation an op runs: our Triton kernel, or the fastest PyTorch implementation of the op.
 
 - "auto" (default): the Triton kernel on CUDA tensors, and on CPU tensors when the Triton
-  interpreter is on (``TRITON_INTERPRET=1``); the reference otherwise.
+  interpreter is on (``TRITON_INTERPRET=1``); the PyTorch implementation (``kernels.fast_torch``)
+  otherwise, i.e. on CPU tensors in normal use.
 - "triton": always the Triton kernel; a CPU tensor without the interpreter is an error, never a
   silent fallback.
-- "torch": always the reference.
+- "torch": always the PyTorch implementation: torch's fused ops (flash attention, softmax, native
+  LayerNorm/RMSNorm) with our semantics on top. The float64-capable references in ``kernels.reference``
+  are not a backend: they are what the tests compare every implementation with.
+
+``choose`` is the one place where that decision is taken. A case for which torch's own fused kernel
+is faster than ours on a GPU can be routed to the PyTorch implementation there too (``torch_faster``);
+no caller asks for that yet: on CUDA, "auto" runs our kernels.
 
 The default comes from the environment variable ``KERNELS_BACKEND``; ``use_backend`` overrides it
 for a block of code. The choice is a plain module global so that ``torch.compile`` can read it
@@ -45,7 +52,7 @@ def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed code with backend ``name`` ("auto", "triton" or "torch").
 
     >>> with kernels.use_backend("torch"):
-    ...     y = kernels.layer_norm(x, (x.shape[-1],))   # pure-PyTorch reference
+    ...     y = kernels.layer_norm(x, (x.shape[-1],))   # torch's native LayerNorm
     """
     global _backend
     previous, _backend = _backend, _validate(name)
@@ -63,13 +70,16 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(x: torch.Tensor, op: str) -> bool:
-    """Whether ``op`` on tensor ``x`` runs its Triton kernel (True) or its reference (False)."""
+def choose(x: torch.Tensor, op: str, *, torch_faster: bool = False) -> str:
+    """The implementation ``op`` runs on tensor ``x``: "triton" (our kernel) or "torch" (``kernels.fast_torch``).
+
+    ``torch_faster``: the caller knows that torch's fused kernel beats ours for this case on a GPU;
+    under "auto" such a case then runs the PyTorch implementation on CUDA as well."""
     if _backend == "torch":
-        return False
+        return "torch"
     kernel_device = x.is_cuda or (INTERPRET and x.device.type == "cpu")
     if _backend == "auto":
-        return kernel_device and triton_available()
+        return "triton" if kernel_device and not torch_faster and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError(f"{op}: backend 'triton' was requested but triton is not installed")
     if not kernel_device:
@@ -77,7 +87,12 @@ def use_triton(x: torch.Tensor, op: str) -> bool:
             f"{op}: backend 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before importing "
             f"kernels to run the kernel on the CPU; got a tensor on {x.device}"
         )
-    return True
+    return "triton"
+
+
+def use_triton(x: torch.Tensor, op: str) -> bool:
+    """Whether ``op`` on tensor ``x`` runs its Triton kernel (True) or its PyTorch implementation (False)."""
+    return choose(x, op) == "triton"
 
 
 def describe() -> str:
@@ -86,7 +101,7 @@ def describe() -> str:
     probe = torch.empty(0, device=device)
     try:
         impl = "triton kernels" + (" (interpreter)" if device == "cpu" else "") if use_triton(probe, "") \
-            else "PyTorch reference"
+            else "PyTorch ops (kernels.fast_torch)"
     except RuntimeError as err:
         impl = f"unavailable: {err}"
     return f"backend={_backend} device={device} -> {impl}"

@@ -41,9 +41,8 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: the pointer path only
     TensorDescriptor = None
 
-from . import _backend, _checks
+from . import _backend, _checks, fast_torch
 from ._launch import acc_dtype, next_pow2, torch_acc_dtype
-from .reference import attention_ref, scaled_dot_product_attention_ref
 
 MAX_HEAD_DIM = 256
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -1084,11 +1083,7 @@ def _check_mask(op: str, mask: object, shape: tuple[int, ...], ref: torch.Tensor
         raise TypeError(f"{op}: {name} must be bool (True = attend) or a float additive mask, got {mask.dtype}")
     if mask.device != ref.device:
         raise ValueError(f"{op}: {name} is on {mask.device} but query is on {ref.device}")
-    try:
-        fits = mask.dim() <= len(shape) and torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not _checks.broadcasts_to(mask.shape, shape):
         raise ValueError(f"{op}: {name} of shape {tuple(mask.shape)} does not broadcast to {tuple(shape)}")
     if mask.requires_grad:
         raise ValueError(f"{op}: {name} must not require grad (attention gives no gradient to the mask)")
@@ -1170,9 +1165,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(op, scale, d)
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
-    if not _backend.use_triton(q, op):
-        return attention_ref(q, k, v, causal=causal, attn_mask=attn_mask, seqlens_k=seqlens_k, scale=scale,
-                             dropout_p=dropout_p, return_lse=return_lse)
+    if _backend.choose(q, op) == "torch":
+        return fast_torch.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse)
     splits = decode_splits(b, hkv, l, h, s, q.device)
     out, lse, _ = attention_fwd(q, k, v, attn_mask, seqlens_k, scale, causal, s - l, dropout_p, splits)
     if return_lse:
@@ -1235,22 +1229,15 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     _check_mask(op, attn_mask, full, query)
     scale = _check_scale(op, scale, e)
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
-    if not _backend.use_triton(query, op):
-        return scaled_dot_product_attention_ref(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                enable_gqa)
+    if _backend.choose(query, op) == "torch":
+        return fast_torch.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                       batch, gqa)
     # To (B, H, L, E): the dim before (L, E) is the head dim (where GQA happens), the others the batch.
     hk = hkv if gqa else None
+    _to_4d = fast_torch.to_4d
     q4 = _to_4d(query.expand(*batch, hq, l, e) if gqa else query.expand(*batch, l, e))
     k4 = _to_4d(key.expand(*batch, hk, s, e) if gqa else key.expand(*batch, s, e))
     v4 = _to_4d(value.expand(*batch, hk, s, ev) if gqa else value.expand(*batch, s, ev))
     mask4 = None if attn_mask is None else _to_4d(attn_mask.expand(full))
     out, _, _ = attention_fwd(q4, k4, v4, mask4, None, scale, is_causal, 0, dropout_p, 0)
     return out.reshape(*full[:-1], ev)
-
-
-def _to_4d(t: torch.Tensor) -> torch.Tensor:
-    """(..., X, Y) to (B, H, X, Y): size-1 dims in front of fewer dims (a view), leading dims merged
-    into the batch beyond four (a view where the strides allow, a copy otherwise)."""
-    if t.dim() < 4:
-        return t[(None,) * (4 - t.dim())]
-    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t

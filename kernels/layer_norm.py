@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend, _checks
+from . import _backend, _checks, fast_torch
 from ._launch import acc_dtype, next_pow2, num_persistent_programs, row_warps, torch_acc_dtype
-from .reference import add_layer_norm_ref, layer_norm_ref, rms_norm_ref
 
 # Largest row (elements) kept in registers; longer rows take the multi-pass path. The backward's row loop is
 # software-pipelined (the next row's loads land in shared memory while this row computes), which leaves the
@@ -412,8 +411,8 @@ def layer_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weigh
     shape = _check_normalized(op, input, normalized_shape)
     _checks.check_like("weight", weight, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
     _checks.check_like("bias", bias, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
-    if not _backend.use_triton(input, op):
-        return layer_norm_ref(input, shape, weight, bias, eps)
+    if _backend.choose(input, op) == "torch":
+        return fast_torch.layer_norm(input, shape, weight, bias, eps)
     x = input.reshape(*input.shape[: input.dim() - len(shape)], math.prod(shape))
     out = layer_norm_fwd(x, None, _flat_param(weight), _flat_param(bias), float(eps), 0.0, False)[0]
     return out.view(input.shape)
@@ -428,8 +427,8 @@ def rms_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weight:
     _checks.check_float_tensor("input", input, op)
     shape = _check_normalized(op, input, normalized_shape)
     _checks.check_like("weight", weight, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
-    if not _backend.use_triton(input, op):
-        return rms_norm_ref(input, shape, weight, eps)
+    if _backend.choose(input, op) == "torch":
+        return fast_torch.rms_norm(input, shape, weight, eps)
     eps = torch.finfo(torch_acc_dtype(input.dtype)).eps if eps is None else eps
     x = input.reshape(*input.shape[: input.dim() - len(shape)], math.prod(shape))
     out = layer_norm_fwd(x, None, _flat_param(weight), None, float(eps), 0.0, True)[0]
@@ -458,7 +457,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     _checks.check_like("weight", weight, x, op, shape=(n,), dtypes=_checks.param_dtypes(x))
     _checks.check_like("bias", bias, x, op, shape=(n,), dtypes=_checks.param_dtypes(x))
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
-    if not _backend.use_triton(x, op):
-        return add_layer_norm_ref(x, residual, weight, bias, eps, dropout_p)
+    if _backend.choose(x, op) == "torch":
+        return fast_torch.add_layer_norm(x, residual, weight, bias, eps, dropout_p)
     out, res_out, *_ = layer_norm_fwd(x, residual, weight, bias, float(eps), dropout_p, False)
     return out, (res_out if residual is not None or dropout_p > 0 else x)

@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend, _checks
+from . import _backend, _checks, fast_torch
 from ._launch import acc_dtype, next_pow2, row_warps
-from .reference import softmax_ref
 
 MAX_FUSED = 16384     # longest row (elements) kept in registers
 MULTIPASS_BLOCK = 4096
@@ -250,11 +249,7 @@ def _check_mask(op: str, mask: torch.Tensor | None, input: torch.Tensor) -> None
         raise TypeError(f"{op}: mask must be bool (True = keep) or a float additive mask, got {mask.dtype}")
     if mask.device != input.device:
         raise ValueError(f"{op}: mask is on {mask.device} but input is on {input.device}")
-    try:
-        fits = torch.broadcast_shapes(mask.shape, input.shape) == input.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not _checks.broadcasts_to(mask.shape, input.shape):
         raise ValueError(f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to the input shape "
                          f"{tuple(input.shape)}")
     if mask.requires_grad:
@@ -281,6 +276,6 @@ def softmax(input: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None
     if input.dim() == 0:
         input_1d = input.reshape(1)
         return softmax(input_1d, 0, None if mask is None else mask.reshape(1), scale).reshape(())
-    if not _backend.use_triton(input, op):
-        return softmax_ref(input, dim, mask, scale, is_causal)
+    if _backend.choose(input, op) == "torch":
+        return fast_torch.softmax(input, dim, mask, float(scale), bool(is_causal))
     return softmax_fwd(input, mask, dim, float(scale), bool(is_causal))

@@ -28,7 +28,18 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need a CUDA device: skip them (visibly) without one."""
+    """Tests marked ``gpu`` need a CUDA device: skip them (visibly) without one. Tests marked
+    ``triton_only`` check a kernel property: their ``op_backend="torch"`` variants are deselected."""
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("op_backend") == "torch" and item.get_closest_marker("triton_only"):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marker 'gpu')")
@@ -47,17 +58,23 @@ def device() -> str:
 
 @pytest.fixture
 def triton_backend():
-    """Force the Triton kernels (never a silent fallback to the reference) for the test's duration."""
+    """Force the Triton kernels (never a silent fallback to the PyTorch path) for the test's duration."""
     with kernels.use_backend("triton"):
         yield
 
 
+@pytest.fixture(params=["triton", "torch"])
+def op_backend(request):
+    """Run the test twice: on our Triton kernels (the interpreter on a CPU) and on the PyTorch path
+    (``kernels.fast_torch``, what a CPU tensor runs in normal use). Yields the backend's name."""
+    with kernels.use_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
 def reference_backend():
-    """The pure-PyTorch ops and one thread, for a test module that trains models for real steps: the
-    interpreter would make them slow, and tiny tensors gain nothing from intra-op threads."""
+    """The PyTorch ops (backend "torch") and one thread, for a test module that trains models for real
+    steps: the interpreter would make them slow, and tiny tensors gain nothing from intra-op threads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with kernels.use_backend("torch"):

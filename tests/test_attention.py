@@ -22,7 +22,7 @@ attn_mod = importlib.import_module("kernels.attention")
 KERNELS = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
            "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
-pytestmark = pytest.mark.usefixtures("triton_backend")
+pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -202,6 +202,7 @@ def test_seqlens_k(causal, device):
     check_attention(q, k, v, causal=causal, seqlens_k=seqlens, **FP32_TOL)
 
 
+@pytest.mark.triton_only   # the PyTorch path masks those keys but reads them (see kernels.fast_torch)
 def test_seqlens_skip_blocks(device):
     """Key blocks past seqlens_k are never read: NaN there does not reach the output or gradients."""
     q, k, v = _qkv(2, 2, 2, 16, 96, 32, device=device)
@@ -463,6 +464,7 @@ def test_sdpa_dropout_always_drops(device):
 # ----------------------------------------------------------------------------- decoding path
 
 
+@pytest.mark.triton_only
 @pytest.mark.parametrize("l, h, hkv, kw", [
     (1, 2, 2, {}), (1, 4, 1, dict(causal=True)), (4, 4, 2, dict(causal=True, seqlens=True)),
     (16, 2, 1, dict(mask=True)), (3, 2, 2, dict(dropout=True))])
@@ -486,6 +488,7 @@ def test_decode_matches_main_path(l, h, hkv, kw, device):
     torch.testing.assert_close(dec_lse, main_lse, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.triton_only
 def test_decode_public_path_and_backward(device):
     """attention() routes a short query over a long cache to the decoding path; its backward is exact."""
     q, k, v = _qkv(1, 4, 2, 2, 300, 32, device=device)
@@ -497,6 +500,7 @@ def test_decode_public_path_and_backward(device):
 # ----------------------------------------------------------------------------- layouts and memory
 
 
+@pytest.mark.triton_only
 def test_strided_qkv_views_and_bounds(device):
     """q, k, v as views of one (B, L, 3, H, D) projection (no copy), NaN around them, every kernel run
     under guard bytes; non-contiguous incoming gradient."""

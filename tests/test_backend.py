@@ -1,4 +1,5 @@
-"""Backend selection: ``use_backend`` and ``KERNELS_BACKEND``, "auto" / "triton" / "torch".
+"""Backend selection: ``use_backend`` and ``KERNELS_BACKEND``, "auto" / "triton" / "torch" ("torch" and a
+CPU tensor under "auto" without the interpreter run ``kernels.fast_torch``, never a kernel).
 
 ``KERNELS_BACKEND`` and ``TRITON_INTERPRET`` are read when ``kernels`` is imported, so the cases that
 depend on them run in fresh Python processes (started together, once per session, to save time).
@@ -19,7 +20,7 @@ import torch
 from helpers import bounds_checked
 
 import kernels
-from kernels import _backend
+from kernels import _backend, fast_torch
 from kernels import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,16 @@ def _launches(op: str, device: str = "cpu") -> int:
     return sum(ln.values()) + sum(sm.values())
 
 
+@pytest.fixture
+def fast_torch_calls(monkeypatch) -> list[str]:
+    """Names of the ``kernels.fast_torch`` functions called while the test runs."""
+    calls: list[str] = []
+    for name in ("layer_norm", "rms_norm", "add_layer_norm", "softmax", "attention", "scaled_dot_product_attention"):
+        original = getattr(fast_torch, name)
+        monkeypatch.setattr(fast_torch, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
 # ----------------------------------------------------------------------------- in this process
 
 
@@ -66,11 +77,43 @@ def test_auto_runs_the_kernel_on_cpu_under_the_interpreter(op):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_torch_backend_runs_the_reference(op):
+def test_torch_backend_runs_the_pytorch_path(op, fast_torch_calls):
     with kernels.use_backend("torch"):
         assert _launches(op) == 0
-        out, want = _run_op(op)
-    assert torch.equal(out, want)  # the reference itself, bit for bit
+    assert fast_torch_calls == [op]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_paths_never_call_the_pytorch_path(op, fast_torch_calls):
+    if not (_backend.INTERPRET or torch.cuda.is_available()):
+        pytest.skip("needs the interpreter or a GPU")
+    for backend in ("auto", "triton"):
+        with kernels.use_backend(backend):
+            assert _launches(op) == 1
+    assert fast_torch_calls == []
+
+
+def test_attention_dispatch(fast_torch_calls):
+    q = torch.randn(1, 2, 5, 16)
+    with kernels.use_backend("torch"):
+        kernels.attention(q, q, q, causal=True)
+        kernels.scaled_dot_product_attention(q, q, q)
+    assert fast_torch_calls == ["attention", "scaled_dot_product_attention"]
+
+
+def test_choose_routes_a_case_to_torch_only_under_auto():
+    """``torch_faster``: the hook for routing a CUDA case to torch's fused kernel; "triton" still means
+    the kernel, "torch" always torch."""
+    x = torch.empty(0)
+    kernel_here = _backend.INTERPRET or torch.cuda.is_available()
+    with kernels.use_backend("auto"):
+        assert _backend.choose(x, "op", torch_faster=True) == "torch"
+        assert _backend.choose(x, "op") == ("triton" if kernel_here else "torch")
+    with kernels.use_backend("torch"):
+        assert _backend.choose(x, "op") == "torch"
+    if kernel_here:
+        with kernels.use_backend("triton"):
+            assert _backend.choose(x, "op", torch_faster=True) == "triton"
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -108,7 +151,7 @@ def test_use_backend_rejects_unknown_names(name):
 
 def test_describe_names_backend_and_implementation():
     with kernels.use_backend("torch"):
-        assert "backend=torch" in _backend.describe() and "PyTorch reference" in _backend.describe()
+        assert "backend=torch" in _backend.describe() and "PyTorch ops" in _backend.describe()
     if _backend.INTERPRET and not torch.cuda.is_available():
         with kernels.use_backend("auto"):
             assert "triton kernels (interpreter)" in _backend.describe()
@@ -126,7 +169,7 @@ def test_auto_runs_the_kernel_on_cuda(op):
 # Each script prints one JSON line of findings; the tests below judge them.
 _PRELUDE = """
 import json, torch, kernels
-from kernels import _backend, reference as ref
+from kernels import _backend, fast_torch, reference as ref
 import importlib
 ln_mod = importlib.import_module("kernels.layer_norm")
 sm_mod = importlib.import_module("kernels.softmax")
@@ -143,16 +186,21 @@ REFS = {
     "add_layer_norm": lambda: ref.add_layer_norm_ref(x, r, w)[0],
     "softmax": lambda: ref.softmax_ref(x, mask=x > 0),
 }
+RAN = []
+for _name in CALLS:  # record every call into the PyTorch path
+    setattr(fast_torch, _name, lambda *a, _f=getattr(fast_torch, _name), _n=_name, **k: RAN.append(_n) or _f(*a, **k))
 def outcome(name):
+    RAN.clear()
     try:
-        return "equal" if torch.equal(CALLS[name](), REFS[name]()) else "different"
+        close = torch.allclose(CALLS[name](), REFS[name](), rtol=1e-5, atol=1e-6)
     except RuntimeError as err:
         return "RuntimeError: " + str(err)
+    return ("close" if close else "different") + (" (fast_torch)" if RAN == [name] else " (kernel)")
 found = {"backend": kernels.get_backend(), "interpret": _backend.INTERPRET}
 """
 
 SCRIPTS = {
-    # No interpreter, no KERNELS_BACKEND: "auto" runs the reference on the CPU, "triton" refuses.
+    # No interpreter, no KERNELS_BACKEND: "auto" runs the PyTorch path on the CPU, "triton" refuses.
     "plain": """
 found["auto"] = {op: outcome(op) for op in CALLS}
 with kernels.use_backend("triton"):
@@ -161,7 +209,7 @@ with kernels.use_backend("torch"):
     found["torch"] = {op: outcome(op) for op in CALLS}
 found["describe"] = _backend.describe()
 """,
-    # KERNELS_BACKEND=" Torch " (case and spaces ignored) with the interpreter on: the reference runs,
+    # KERNELS_BACKEND=" Torch " (case and spaces ignored) with the interpreter on: the PyTorch path runs,
     # the kernels are never touched (they are replaced by None), until use_backend overrides it.
     "env-torch": """
 kernels_saved = ln_mod._layer_norm_fwd_kernel, sm_mod._softmax_fwd_kernel
@@ -214,12 +262,12 @@ def _found(processes, name) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_default_is_auto_and_runs_the_reference_without_the_interpreter(processes):
+def test_default_is_auto_and_runs_the_pytorch_path_without_the_interpreter(processes):
     found = _found(processes, "plain")
     assert found["backend"] == "auto" and found["interpret"] is False
-    assert found["auto"] == {op: "equal" for op in OPS}
-    assert found["torch"] == {op: "equal" for op in OPS}
-    assert "PyTorch reference" in found["describe"]
+    assert found["auto"] == {op: "close (fast_torch)" for op in OPS}
+    assert found["torch"] == {op: "close (fast_torch)" for op in OPS}
+    assert "PyTorch ops" in found["describe"]
 
 
 def test_triton_backend_on_cpu_without_interpreter_raises_a_clear_error(processes):
@@ -233,7 +281,7 @@ def test_triton_backend_on_cpu_without_interpreter_raises_a_clear_error(processe
 def test_env_var_selects_torch(processes):
     found = _found(processes, "env-torch")
     assert found["backend"] == "torch" and found["interpret"] is True
-    assert found["env"] == {op: "equal" for op in OPS}
+    assert found["env"] == {op: "close (fast_torch)" for op in OPS}
     assert found["triton"] == {op: "ran" for op in OPS}
 
 

@@ -1,4 +1,4 @@
-"""The benchmark harness (``python -m bench``) end to end on the CPU: tiny shapes through the reference path.
+"""The benchmark harness (``python -m bench``) end to end on the CPU: tiny shapes through the PyTorch path.
 
 These tests check the harness (records, table, plots, skips, work formulas), never a speed."""
 
@@ -45,7 +45,7 @@ def test_quick_run_writes_records_table_and_plots(quick_run):
         assert r["ms"] > 0 and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
         assert r[r["metric"]] > 0, r
     assert not [r for r in records if r["status"] == "error"]
-    # ours ran for every op of every family, through the reference on the CPU
+    # ours ran for every op of every family, through the PyTorch path on the CPU
     ours = {(r["family"], r["op"], r["mode"]) for r in ok if r["provider"] == "ours"}
     for fam_op in [("attention", "attention", "fwd"), ("attention", "attention", "fwd+bwd"),
                    ("attention", "decode", "fwd"), ("norm", "layer_norm", "fwd+bwd"), ("norm", "rms_norm", "fwd"),
@@ -53,7 +53,7 @@ def test_quick_run_writes_records_table_and_plots(quick_run):
                    ("softmax", "softmax_masked", "fwd+bwd"), ("model", "gpt2", "train"),
                    ("model", "bert-base", "infer"), ("model", "vit-b16", "infer")]:
         assert fam_op in ours
-    assert all(r["impl"] == "reference" for r in ok if r["provider"] == "ours")
+    assert all(r["impl"] == "fast_torch" for r in ok if r["provider"] == "ours")
     # every baseline that ran computed the same function as ours (same inputs, same weights)
     checked = [r for r in ok if r["provider"] != "ours" and r["rel_err_vs_ours"] is not None]
     assert checked and all(r["agrees_with_ours"] for r in checked)
@@ -224,3 +224,48 @@ def test_gpu_check_script_is_valid_bash():
     text = open(script).read()
     for needed in ("timeout", "-m gpu", "python -m bench --quick", "TRITON_INTERPRET", "$OUT"):
         assert needed in text, needed
+
+
+# ----------------------------------------------------------------------------- python -m bench --device cpu
+
+
+def _clean_env() -> dict[str, str]:
+    """What a user's shell has: no interpreter, no forced backend, no pytest worker variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "KERNELS_BACKEND") and not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def test_cpu_benchmark_smoke_run(tmp_path):
+    """Every family and kind through the CPU benchmark (tiny shapes, no memory processes): a table row per
+    case and mode with both providers timed, what the CPU tensors ran recorded as the PyTorch path."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "--device", "cpu", "--smoke", "--no-memory", "--out",
+                           str(tmp_path)], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    records = data["records"]
+    assert {r["family"] for r in records} == {"attention", "softmax", "norm", "model"}
+    assert all(r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["pairs"] >= 2 for r in records)
+    assert {r["mode"] for r in records} == {"fwd", "fwd+bwd", "train"}
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["cores"] >= 1
+    table = (tmp_path / "cpu.md").read_text()
+    assert "| family | op | case | mode | ours ms | torch ms | ours / torch |" in table
+    assert table.count("\n| attention |") == 6 and "| model | vit |" in table
+
+
+def test_cpu_benchmark_memory_child():
+    """The peak-memory process of one case: a forward peak at least the output's size, and a larger
+    forward + backward peak."""
+    spec = {"family": "norm", "op": "layer_norm", "M": 1024, "N": 1024}          # 4 MiB per tensor
+    proc = subprocess.run([sys.executable, "-m", "bench.cpu", "--child", json.dumps(spec), "ours"], cwd=ROOT,
+                          env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 3.5 <= found["fwd_mb"] < found["fwd+bwd_mb"] < 100, found
+
+
+def test_cpu_benchmark_refuses_the_interpreter(monkeypatch):
+    from bench import cpu
+    monkeypatch.setattr(kernels._backend, "INTERPRET", True)
+    assert cpu.main(["--smoke", "--no-memory"]) == 2

@@ -1,5 +1,5 @@
 """BERT encoder and heads (transformer/bert.py): every head trains on the tiny preset, the Triton path
-(interpreter) equals the reference path, converted Hugging Face models give Hugging Face's numbers,
+(interpreter) equals the PyTorch path, converted Hugging Face models give Hugging Face's numbers,
 padding is invisible to real tokens, and the masked-LM collator corrupts 15% / 80-10-10 as specified."""
 
 import math
@@ -179,7 +179,7 @@ def test_big_presets_match_huggingface_parameter_counts(preset):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Triton path (interpreter) vs reference path
+# Triton path (interpreter) vs PyTorch path
 
 
 def test_triton_path_matches_reference_float64():

@@ -16,7 +16,7 @@ import kernels
 from kernels.layer_norm import layer_norm_bwd, layer_norm_fwd
 from kernels.softmax import softmax_bwd, softmax_fwd
 
-pytestmark = pytest.mark.usefixtures("triton_backend")
+pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +135,7 @@ def test_compiled_module_matches_eager():
     _assert_same(_module_run(compiled, x, keep), eager)
 
 
+@pytest.mark.triton_only   # inductor would generate C++ for the PyTorch path's ops (slow to compile)
 def test_inductor():
     """The default backend: inductor calls the custom ops as opaque kernels (kept to custom ops only,
     so that no C++ code generation is needed and the case stays quick)."""
@@ -156,7 +157,7 @@ def test_inductor():
 
 
 def test_no_graph_break_under_torch_backend_either():
-    """With the "torch" backend the references are traced instead: still one graph, same results."""
+    """With the "torch" backend the PyTorch ops are traced instead: still one graph, same results."""
     fn, inputs = _cases()["add_layer_norm"]
     with kernels.use_backend("torch"):
         eager = _run(fn, inputs)
@@ -187,6 +188,7 @@ def _opcheck_cases():
     ]
 
 
+@pytest.mark.triton_only   # the kernels' custom ops (the PyTorch path has none)
 @pytest.mark.parametrize("case", _opcheck_cases(), ids=lambda c: c[0])
 def test_opcheck(case):
     """Schema, fake implementation, autograd registration and AOT dispatch of each custom op (the

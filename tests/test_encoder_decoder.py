@@ -1,12 +1,12 @@
 """EncoderDecoder (the original Transformer) on our kernels: presets and variants, Triton path vs
-reference path, mask semantics (source padding, causality, target padding), the decode-step API over
+PyTorch path, mask semantics (source padding, causality, target padding), the decode-step API over
 the KV caches, greedy and beam-search translation, Hugging Face MarianMTModel equivalence (logits, loss,
 greedy generate) and a short copy/reverse learning run.
 
 Shapes stay tiny (B <= 2, L <= 8): under the Triton interpreter one attention program costs tens of
 milliseconds. The default backend runs the Triton kernels (through the interpreter on CPU);
-``kernels.use_backend("torch")`` runs the pure-PyTorch references. Search-logic tests (beam vs greedy,
-cache vs recompute) run on the references: they test the search, and the decode step they repeat is
+``kernels.use_backend("torch")`` runs the PyTorch ops (``kernels.fast_torch``). Search-logic tests (beam vs greedy,
+cache vs recompute) run on the PyTorch ops: they test the search, and the decode step they repeat is
 checked on the Triton path by ``test_decode_steps_over_cache_equal_full_decode``."""
 
 import contextlib
@@ -19,7 +19,7 @@ import kernels
 from transformer.config import EncoderDecoderConfig
 from transformer.encoder_decoder import EncoderDecoder, shift_right
 
-BACKENDS = ["auto", "torch"]          # "auto": the Triton kernels (interpreter on CPU); "torch": references
+BACKENDS = ["auto", "torch"]          # "auto": the Triton kernels (interpreter on CPU); "torch": the PyTorch ops
 
 
 def _backend(name: str):
@@ -80,7 +80,7 @@ def test_preset_forward_backward_state_dict(preset):
     cfg = EncoderDecoderConfig.from_preset(preset)
     model = EncoderDecoder(cfg)                                # training mode, dropout on
     src, tgt = _ids(1, 5, cfg.vocab_size), _ids(1, 4, cfg.vocab_size, seed=2)
-    # tiny on the Triton kernels; the wider preset on the references (its Triton path is the same code)
+    # tiny on the Triton kernels; the wider preset on the PyTorch ops (its Triton path is the same code)
     with _backend("auto" if preset == "tiny" else "torch"):
         out = model(src, labels=tgt)                           # decoder inputs: labels shifted right
         out.loss.backward()

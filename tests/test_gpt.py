@@ -1,10 +1,10 @@
-"""GPT (GPT-2) on our kernels: presets, Triton path vs reference path, masks and causality, the loss
+"""GPT (GPT-2) on our kernels: presets, Triton path vs PyTorch path, masks and causality, the loss
 convention, KV-cache generation against full recomputation, sampling, Hugging Face equivalence and
 weight loading (new and old key names), GPT-2 init and a short convergence run.
 
 Everything runs the tiny preset with B <= 2, L <= 16: under the Triton interpreter each LayerNorm row
 and attention block iteration costs milliseconds. The default backend runs the Triton kernels (through
-the interpreter on CPU); ``kernels.use_backend("torch")`` runs the pure-PyTorch references."""
+the interpreter on CPU); ``kernels.use_backend("torch")`` runs the PyTorch ops (``kernels.fast_torch``)."""
 
 import contextlib
 import importlib
@@ -17,7 +17,7 @@ import kernels
 from transformer.config import GPTConfig
 from transformer.gpt import GPT, config_from_huggingface, convert_huggingface_state_dict
 
-BACKENDS = ["auto", "torch"]          # "auto": the Triton kernels (interpreter on CPU); "torch": references
+BACKENDS = ["auto", "torch"]          # "auto": the Triton kernels (interpreter on CPU); "torch": the PyTorch ops
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -105,7 +105,7 @@ def test_untied_head_has_its_own_weight():
     assert model.num_parameters() == _tiny().num_parameters() + 96 * 32
 
 
-# ---------------------------------------------------------------------- Triton path vs reference path
+# ---------------------------------------------------------------------- Triton path vs PyTorch path
 
 
 def test_triton_path_matches_reference_float64():

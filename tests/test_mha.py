@@ -7,6 +7,8 @@ import torch
 import kernels
 from kernels.nn import MultiheadAttention
 
+pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
+
 
 def _pair(**kwargs):
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from kernels.softmax import MAX_FUSED
 
 sm_mod = importlib.import_module("kernels.softmax")  # the module (``kernels.softmax`` is the function)
 
-pytestmark = pytest.mark.usefixtures("triton_backend")
+pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 KERNELS = ("_softmax_fwd_kernel", "_softmax_bwd_kernel")
@@ -76,7 +76,9 @@ def check_softmax(dtype: torch.dtype, device: str, x: torch.Tensor, *, dim: int 
         (r_dx,) = grads(r_y, [r_x], dy.double())
     assert dx.dtype == dtype
     assert_close(dx, r_dx, t_dx, grad=True, name="softmax dx")
-    if x.numel():
+    if kernels.get_backend() == "torch":
+        assert not launches, launches                 # the PyTorch path never touches a kernel
+    elif x.numel():
         assert launches.get(KERNELS[0], 0) >= 1 and launches.get(KERNELS[1], 0) >= 1, launches
     return y
 
@@ -155,6 +157,7 @@ def test_mask_strides(kind, mask_layout, device):
     check_softmax(torch.float32, device, _randn(B, H, L, S), mask=mask, mask_layout=mask_layout)
 
 
+@pytest.mark.triton_only   # the PyTorch path's counterpart is in test_fast_torch.py
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_is_not_materialized(kind, device):
     """A broadcast mask reaches the kernel with stride 0 where it broadcasts, not expanded in memory."""

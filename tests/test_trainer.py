@@ -1,6 +1,6 @@
 """The shared training loop: schedule, argument resolution, run directory, resume after Ctrl-C (the same
 result as an uninterrupted run), corrupt and mismatched checkpoints, fine-tuning methods, the CLI, and
-the Triton path against the reference path over a few steps."""
+the Triton path against the PyTorch path over a few steps."""
 
 import json
 import pickle
@@ -233,7 +233,7 @@ def test_cli_eval_prints_the_metrics(tmp_path, capsys):
 
 def test_triton_and_reference_paths_give_the_same_loss_curve(tmp_path):
     """The convergence test: a few steps through the real kernels (the interpreter here) and through the
-    PyTorch reference follow the same curve."""
+    PyTorch path follow the same curve."""
     if not kernels._backend.INTERPRET and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
     curves = {}
@@ -244,3 +244,36 @@ def test_triton_and_reference_paths_give_the_same_loss_curve(tmp_path):
     assert len(curves["triton"]) == 4
     assert curves["triton"] == pytest.approx(curves["torch"], rel=2e-4, abs=2e-4)
     assert curves["triton"][-1] < curves["triton"][0]
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+
+def test_cpu_threads_rule(monkeypatch):
+    from transformer.training.trainer import cpu_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads(None, "cpu") == 1               # one thread on the CPU by default
+    assert cpu_threads(3, "cpu") == 3 and cpu_threads(2, "cuda") == 2
+    assert cpu_threads(None, "cuda") is None          # torch's default on a GPU
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(None, "cpu") is None           # the user's OMP_NUM_THREADS wins (torch follows it)
+    assert cpu_threads(4, "cpu") == 4                 # and --threads over both
+
+
+def test_a_run_sets_its_threads_and_restores_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = []
+    original = CountTask.train_batch
+    monkeypatch.setattr(CountTask, "train_batch", lambda self, g, b: seen.append(torch.get_num_threads())
+                        or original(self, g, b))
+    before = torch.get_num_threads()
+    for threads, want in ((None, 1), (2, 2)):
+        seen.clear()
+        run(tmp_path, f"t{threads}", steps=2, eval_every=2, threads=threads)
+        assert set(seen) == {want}
+        assert torch.get_num_threads() == before
+        assert f"{want} CPU thread" in capsys.readouterr().out
+    config = json.loads((tmp_path / "t2" / "config.json").read_text())
+    assert "threads" not in config["train"]            # how a run executed, not what it trains
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        resolve(TrainArgs(task="count", threads=0))

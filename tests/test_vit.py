@@ -1,5 +1,5 @@
 """ViT: every cheap preset runs forward + backward and survives a state-dict round trip; the Triton path
-(interpreter) equals the reference path; odd token counts (10, 17, 50: no multiple of a kernel block,
+(interpreter) equals the PyTorch path; odd token counts (10, 17, 50: no multiple of a kernel block,
 as 197 is for 224/16); tiny random Hugging Face ViTs (current and legacy key names) give the same
 outputs after ``from_huggingface``, through both backends."""
 
@@ -60,7 +60,7 @@ def test_big_preset_parameter_counts(preset, expected):
 
 @pytest.mark.parametrize("image, patch, tokens, batch", [(8, 2, 17, 2), (6, 2, 10, 2), (14, 2, 50, 1)])
 def test_triton_matches_reference_odd_tokens(image, patch, tokens, batch):
-    """Same weights, float64: the interpreter's Triton kernels vs the pure-PyTorch references, forward
+    """Same weights, float64: the interpreter's Triton kernels vs the PyTorch ops, forward
     and every gradient, on sequence lengths that no kernel block divides."""
     model = _model(dtype=torch.float64, image_size=image, patch_size=patch)
     x = _pixels(model.config, batch=batch, dtype=torch.float64)

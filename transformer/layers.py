@@ -2,8 +2,9 @@
 
 Attention runs on ``kernels.attention`` (or, when the weights are asked for, ``kernels.softmax`` over
 explicit scores); every residual add + LayerNorm is one ``kernels.add_layer_norm``. No model
-re-implements either. Under ``kernels.use_backend("torch")`` the same modules with the same weights run
-the pure-PyTorch references: that is the reference implementation the tests compare with.
+re-implements either. On CPU tensors (and under ``kernels.use_backend("torch")``) the same modules with
+the same weights run the PyTorch path (``kernels.fast_torch``: torch's flash attention and native norms),
+which the tests compare with the Triton kernels.
 
 Pre-LN blocks pass a (hidden, residual) pair along the stack, so the residual add that ends one
 sublayer fuses with the norm that starts the next:

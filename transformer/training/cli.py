@@ -50,7 +50,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (default runs/TASK)")
     p.add_argument("--fsdp", action="store_true", default=None, help="shard the model with FSDP (under torchrun)")
     p.add_argument("--backend", choices=BACKENDS,
-                   help="kernels backend: auto (Triton on GPU), triton, torch (the PyTorch reference)")
+                   help="kernels backend: auto (Triton on a GPU, PyTorch ops on the CPU), triton, torch")
+    p.add_argument("--threads", type=int,
+                   help="intra-op CPU threads (default: 1 on the CPU unless OMP_NUM_THREADS is set; torch's on a GPU)")
     p.add_argument("--tokenizer", choices=("char", "bpe"), help="text tasks: the tokenizer to train")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a task option (repeatable), e.g. --option bpe_vocab=2048")

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ DEFAULTS: dict[str, Any] = dict(
     steps=200, batch_size=32, lr=1e-3, warmup=None, weight_decay=0.1, min_lr_ratio=0.1, grad_clip=1.0,
     grad_accum=1, eval_every=None, eval_batches=20, eval_batch_size=None, log_every=10, device="auto",
     precision="auto", seed=0, method="full", lora_r=8, lora_alpha=16.0, fsdp=False, backend=None, progress=True,
-    task_options={}, model_overrides={},
+    task_options={}, model_overrides={}, threads=None,
 )
 METHODS = ("full", "lora", "bitfit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -81,6 +82,7 @@ class TrainArgs:
     fsdp: bool | None = None
     backend: str | None = None             # kernels backend: auto | triton | torch
     progress: bool | None = None
+    threads: int | None = None             # intra-op CPU threads (None: see cpu_threads)
     task_options: dict[str, Any] | None = None
     model_overrides: dict[str, Any] | None = None   # model config fields over the preset's, e.g. dropout
 
@@ -134,6 +136,8 @@ def _validate(run: dict[str, Any]) -> None:
             continue
         if not isinstance(run[name], int) or run[name] < 1:
             raise ValueError(f"{name} must be a positive integer, got {run[name]!r}")
+    if run["threads"] is not None and (not isinstance(run["threads"], int) or run["threads"] < 1):
+        raise ValueError(f"threads must be a positive integer, got {run['threads']!r}")
     if not run["lr"] > 0:
         raise ValueError(f"lr must be > 0, got {run['lr']}")
     if run["method"] not in METHODS:
@@ -251,10 +255,28 @@ def _shard(batch: dict[str, torch.Tensor], info: distributed.Dist, device: torch
     return out
 
 
+def cpu_threads(requested: int | None, device: str) -> int | None:
+    """The intra-op thread count a run sets: ``requested`` (``--threads``) if given; else, on the CPU, one
+    thread, unless ``OMP_NUM_THREADS`` is set (torch then follows it); on a GPU, torch's default (None).
+
+    Why one on the CPU: torch's worker threads spin-wait for each other, so a run with one thread per
+    core slows to a crawl as soon as another process takes a core (measured here: the README's Training
+    section), while the small models these tasks train gain little from a second thread. One process
+    per core (``torchrun --nproc_per_node``) is the way to use several cores."""
+    if requested is not None:
+        return requested
+    if device != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return 1
+
+
 def train(args: TrainArgs) -> dict[str, Any]:
     """Run (or resume, or fine-tune) a training job; returns the final held-out metrics (also written to
     ``out/metrics.json``). Raises ``TrainingInterrupted`` after saving a checkpoint on Ctrl-C."""
     run, saved = resolve(args)
+    threads, previous = cpu_threads(run["threads"], run["device"]), torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     info, device = distributed.setup(run["device"])
     try:
         backend = kernels.use_backend(run["backend"]) if run["backend"] else contextlib.nullcontext()
@@ -262,6 +284,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             return _train(run, saved, info, device)
     finally:
         distributed.teardown()
+        torch.set_num_threads(previous)
 
 
 def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.Dist,
@@ -301,8 +324,8 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
 
     counts = lora.parameter_counts(model)
     config = {"task": run["task"], "task_spec": task.spec(), "model": model.config.to_dict(),
-              "train": {k: v for k, v in run.items() if k not in ("resume", "out", "progress")}, "head": head,
-              "parameters": counts}
+              "train": {k: v for k, v in run.items() if k not in ("resume", "out", "progress", "threads")},
+              "head": head, "parameters": counts}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.save_config(out, config)
@@ -311,7 +334,8 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
         print(f"{run['task']}: {counts['total']:,} parameters ({counts['trainable']:,} trainable), "
               f"{run['steps']} steps of {run['batch_size']} on {device}"
               f"{f' x {info.world_size} processes' if info.enabled else ''}, {run['precision']}, "
-              f"kernels backend {kernels.get_backend()}")
+              f"kernels backend {kernels.get_backend()}, {torch.get_num_threads()} CPU thread"
+              f"{'s' if torch.get_num_threads() > 1 else ''}")
 
     def record(r: dict[str, Any]) -> None:
         records.append(r)

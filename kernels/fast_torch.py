@@ -1,0 +1,395 @@
+"""The fastest PyTorch implementation of every op, with our semantics: what an op runs wherever its Triton
+kernel does not (a CPU tensor without the interpreter, and backend "torch" on any device).
+
+The public functions (``kernels.attention``, ``kernels.softmax``, ``kernels.layer_norm``, ...) validate
+their arguments first, then call one of these with the validated values, so the error messages are the
+same on every path. Each computes what the kernel computes, on torch's own fused kernels:
+
+- attention: torch's flash-attention kernel (on a CPU ``aten._scaled_dot_product_flash_attention_for_cpu``,
+  what ``F.scaled_dot_product_attention`` runs there), called through that function where it can (the
+  least work per call) and directly where only the op will do: it takes a mask together with
+  ``is_causal``, does GQA without repeating key/value heads on every torch version, and returns the
+  log-sum-exp. Masks reach it at their broadcast size. On top of it: bottom-right causal (rows that see
+  no key are cut off and padded with zeros; L < S takes a (L, S) mask), ``seqlens_k`` as a (B, 1, 1, S)
+  key mask, ``return_lse`` (-inf for fully masked rows, differentiable), and fully masked rows give 0
+  with zero gradients.
+  Dropout, ``Ev != E`` and non-CPU tensors take ``F.scaled_dot_product_attention`` (torch's generator
+  draws the dropout mask, as the reference does).
+- softmax: ``torch.softmax`` of one temporary ``scale * x + mask`` (none when there is nothing to apply);
+  rows with nothing left are found from the output (a NaN first entry) instead of a separate pass.
+- layer_norm, rms_norm, add_layer_norm: ``F.layer_norm`` / ``F.rms_norm`` in the input's dtype (torch
+  accumulates half precision in float32), add_layer_norm as one add (after ``F.dropout``) plus one
+  ``F.layer_norm``.
+
+Where torch's own result differs from ours: torch gives NaN for a fully masked attention row in old
+versions and on some GPU backends; ``_TORCH_ZEROES_DEAD_ROWS`` (probed once at import on the CPU) says
+whether this torch already gives 0 and zero gradients, otherwise the rows are found from the mask,
+unmasked before the call and zeroed after it. One documented difference from the kernels: keys past
+``seqlens_k`` (and keys under a mask) are read, so NaN/inf stored there propagate as in torch's SDPA;
+the kernels never read blocks past ``seqlens_k``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .reference import attention_ref, causal_mask
+
+NEG_INF = float("-inf")
+
+
+def _op(name: str):
+    packet = getattr(torch.ops.aten, name, None)
+    return None if packet is None else packet.default
+
+
+_FLASH = _op("_scaled_dot_product_flash_attention_for_cpu")
+_FLASH_BWD = _op("_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def layer_norm(input: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None,
+               bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def rms_norm(input: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None,
+             eps: float | None) -> torch.Tensor:
+    if eps is None:  # torch's default is the input dtype's epsilon; ours the computation dtype's
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    return F.rms_norm(input, normalized_shape, weight, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    residual_out = F.dropout(x, dropout_p) if dropout_p > 0 else x
+    if residual is not None:
+        residual_out = residual + residual_out
+    if residual_out is not x:  # a fresh contiguous tensor, as the kernel writes it (whatever the inputs' strides)
+        residual_out = residual_out.contiguous()
+    return F.layer_norm(residual_out, (x.shape[-1],), weight, bias, eps), residual_out
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def _zero_dead_rows(y: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
+    """Set the rows of ``y = softmax(z)`` whose every entry of ``z`` is -inf to 0 (torch gives NaN).
+
+    torch's softmax makes a whole row NaN or none of it, so only rows whose first entry is NaN are
+    looked at (their entries of ``z`` decide between "nothing left" and a NaN input); in eager mode
+    this costs one strided read of a column instead of a pass over ``z``."""
+    if y.numel() == 0:
+        return y
+    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: one fused reduction
+        return y.masked_fill((z == NEG_INF).all(dim, keepdim=True), 0.0)
+    nan_rows = y.select(dim, 0).isnan()
+    if not bool(nan_rows.any()):
+        return y
+    index = nan_rows.nonzero(as_tuple=True)
+    dead = (z.movedim(dim, -1)[index] == NEG_INF).all(-1)
+    y.movedim(dim, -1)[tuple(i[dead] for i in index)] = 0.0
+    return y
+
+
+class _Softmax(torch.autograd.Function):
+    """softmax(scale * x + mask) along ``dim``: saves only the output; the backward is torch's softmax
+    backward times ``scale``, which is 0 wherever the output is 0 (masked entries, dead rows)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, dim, scale, is_causal):
+        keep = causal_mask(x.shape[-2], x.shape[-1], x.device) if is_causal else None
+        if mask is not None and mask.dtype == torch.bool:
+            keep = mask if keep is None else keep & mask
+        float_mask = mask if mask is not None and mask.dtype != torch.bool else None
+        if scale == 1.0 and float_mask is None:
+            z = x if keep is None else torch.where(keep, x, NEG_INF)
+        else:  # one temporary, contiguous whatever x's strides, updated in place
+            z = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            torch.mul(x, scale, out=z) if scale != 1.0 else z.copy_(x)
+            if float_mask is not None:
+                z.add_(float_mask)
+            if keep is not None:
+                z.masked_fill_(~keep, NEG_INF)
+        y = _zero_dead_rows(torch.softmax(z, dim), z, dim)
+        ctx.save_for_backward(y)
+        ctx.dim, ctx.scale = dim, scale
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None, None
+        (y,) = ctx.saved_tensors
+        dx = torch._softmax_backward_data(dy, y, ctx.dim, y.dtype)
+        if ctx.scale != 1.0:
+            dx.mul_(ctx.scale)     # a fresh tensor: no second full-size one
+        return dx, None, None, None, None
+
+
+def softmax(input: torch.Tensor, dim: int, mask: torch.Tensor | None, scale: float,
+            is_causal: bool) -> torch.Tensor:
+    """``kernels.softmax`` (validated arguments, ``dim`` normalized, ``input`` at least 1-D)."""
+    if mask is None and not is_causal and scale == 1.0 and input.numel() and not torch.compiler.is_compiling():
+        # Nothing to apply: torch's softmax with its own autograd (the least work per call), unless a row
+        # came out NaN (a whole row does): then it may be a row of -inf, which must give 0 and gradient 0.
+        y = torch.softmax(input, dim)
+        if not math.isnan(y.detach().select(dim, 0).sum()):   # one read per row; a NaN makes the sum NaN
+            return y
+    return _Softmax.apply(input, mask, dim, float(scale), is_causal)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _probe_dead_rows() -> bool:
+    """Whether this torch's CPU attention (flash kernel and math path) gives a fully masked row output 0
+    and finite, zero gradients (torch >= 2.5 does; earlier versions give NaN)."""
+    if _FLASH is None:
+        return False
+    try:
+        with torch.enable_grad():
+            gen = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, 1, n, 8, generator=gen, dtype=torch.float64).requires_grad_()
+                       for n in (3, 4, 4))
+            keep = torch.ones(3, 4, dtype=torch.bool)
+            keep[1] = False
+            bias = torch.zeros(3, 4, dtype=torch.float64).masked_fill(~keep, NEG_INF)
+            out = _FLASH(q, k, v, 0.0, False, attn_mask=bias)[0]
+            math_out = F.scaled_dot_product_attention(q, k, v[..., :5], attn_mask=keep)   # Ev != E: math
+            ok = True
+            for o in (out, math_out):
+                grads = torch.autograd.grad(o.sum(), (q, k, v))
+                ok &= bool((o[0, 0, 1] == 0).all()) and all(bool(g.isfinite().all()) for g in grads)
+                ok &= bool((grads[0][0, 0, 1] == 0).all())
+            return ok
+    except Exception:  # an unexpected torch: take the safe path
+        return False
+
+
+# Probed once at import (a few microseconds of work), never while torch.compile traces.
+_TORCH_ZEROES_DEAD_ROWS = _probe_dead_rows()
+
+
+def _combine(mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """``mask`` (bool True = keep, or float added) restricted to ``keep`` (bool), broadcasting."""
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, NEG_INF)
+
+
+def _dead_rows(mask: torch.Tensor, is_causal: bool, l: int, s: int) -> torch.Tensor:
+    """Bool (..., L, 1), broadcastable to (B, H, L, S): rows that no key takes part in, for ``mask``
+    and top-left ``is_causal`` (key j visible to query i when j <= i)."""
+    visible = mask if mask.dtype == torch.bool else mask != NEG_INF
+    if not is_causal:
+        return ~visible.any(-1, keepdim=True)
+    visible = visible.expand(*visible.shape[:-2], l, s)
+    first = torch.where(visible.any(-1), visible.to(torch.uint8).argmax(-1), s)   # first visible key
+    return (first > torch.arange(l, device=mask.device))[..., None]
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The flash kernel reads rows as contiguous: a last dim with another stride is copied (as the kernels do)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _compact(mask: torch.Tensor) -> torch.Tensor:
+    """The smallest view of ``mask`` that broadcasts the same: expanded (stride-0) dims back to size 1."""
+    if 0 in mask.stride():
+        mask = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    return mask
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as the flash kernel takes it: additive (0 / -inf for a bool mask), in the query's dtype,
+    at the mask's own (broadcast) size, rows contiguous."""
+    mask = _unit_last_stride(_compact(mask))
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, torch.full((), NEG_INF, dtype=dtype, device=mask.device))
+    return mask if mask.dtype == dtype else mask.to(dtype)
+
+
+def _sanitize(device: torch.device) -> bool:
+    """Whether fully masked rows must be handled here: torch gives them NaN (old torch, other devices)."""
+    return not (device.type == "cpu" and _TORCH_ZEROES_DEAD_ROWS)
+
+
+def _materialize_causal(mask: torch.Tensor | None, l: int, s: int, device: torch.device) -> torch.Tensor:
+    return _combine(mask, causal_mask(l, s, device))
+
+
+class _FlashWithLse(torch.autograd.Function):
+    """The CPU flash kernel with a differentiable log-sum-exp (torch's own derivative treats it as a
+    constant). d lse_i / d s_ij = P_ij, so the lse gradient adds ``scale * dlse * (P @ K)`` to dq (P @ K:
+    one more flash forward, with K as the values) and ``scale * P^T (dlse * Q)`` to dk (the value
+    gradient of one more flash backward, with ``dlse * Q`` as the output gradient)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal, scale):
+        out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None
+        flags = dict(attn_mask=mask, scale=ctx.scale)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _FLASH_BWD(dout, q, k, v, out, lse, 0.0, ctx.is_causal, **flags)
+        if dlse is not None:
+            pk = _FLASH(q, k, k, 0.0, ctx.is_causal, **flags)[0]                  # P @ K
+            g = dlse.unsqueeze(-1)
+            dq = dq + (ctx.scale * g * pk).to(dq.dtype)
+            dk_lse = _FLASH_BWD((g * q).to(q.dtype), q, k, k, pk, lse, 0.0, ctx.is_causal, **flags)[2]
+            dk = dk + ctx.scale * dk_lse
+        return dq, dk, dv, None, None, None
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+            scale: float, dropout_p: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, H, L, D) attention with a mask (bool or float, broadcastable) and top-left ``is_causal``;
+    fully masked rows give 0 (and lse -inf). Returns (out, lse or None); ``need_lse`` only on the flash path.
+
+    torch's flash kernel runs wherever it applies: through ``F.scaled_dot_product_attention`` (the least
+    overhead per call) unless the call needs what only the op itself takes (the lse, a mask together with
+    ``is_causal``, GQA without repeating heads on every torch version)."""
+    l, s = q.shape[-2], k.shape[-2]
+    cpu = q.device.type == "cpu"
+    flash = _FLASH is not None and cpu and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]
+    if mask is not None:
+        mask = _compact(mask)
+        if mask.dim() < 4:
+            mask = mask[(None,) * (4 - mask.dim())]
+    sanitize = mask is not None and not (cpu and _TORCH_ZEROES_DEAD_ROWS)
+    dead = _dead_rows(mask, is_causal, l, s) if mask is not None and (sanitize or need_lse) else None
+    if sanitize:  # let dead rows see every key, so that nothing NaN reaches the output or the gradients
+        mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
+    lse = None
+    gqa = k.shape[1] != q.shape[1]
+    if flash:
+        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    if flash and (need_lse or gqa or (is_causal and mask is not None)):
+        fmask = None if mask is None else _additive(mask, q.dtype)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if need_lse and grad:
+            out, lse = _FlashWithLse.apply(q, k, v, fmask, is_causal, scale)
+        else:
+            out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale)
+        if need_lse and dead is not None:
+            lse = lse.masked_fill(dead.squeeze(-1), NEG_INF)
+    else:
+        if is_causal and mask is not None:  # torch's function takes one or the other
+            mask, is_causal = _materialize_causal(mask, l, s, q.device), False
+        if gqa:   # the math path (dropout, Ev != E, other devices): torch's enable_gqa repeats the heads too
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+        if mask is not None and flash:   # rows contiguous, as the kernel reads them; a float mask in q's dtype
+            mask = _unit_last_stride(mask) if mask.dtype == torch.bool else _additive(mask, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                             scale=scale)
+    if sanitize:
+        out = out.masked_fill(dead, 0.0)
+    return out, lse
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, attn_mask: torch.Tensor | None,
+              seqlens_k: torch.Tensor | None, scale: float, dropout_p: float,
+              return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.attention`` (validated arguments; ``scale`` resolved): see the module docstring."""
+    if (q.is_cpu and dropout_p == 0.0 and seqlens_k is None and not return_lse and q.shape == k.shape == v.shape
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None):
+        # The common case in as few steps as possible (a call's Python work shows at short sequences):
+        # self-attention (L == S, so causal is top-left too) without a mask, or with a plain key mask.
+        if attn_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        if (not causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.stride(-1) == 1
+                and _TORCH_ZEROES_DEAD_ROWS and 0 not in attn_mask.stride()):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    b, h, l, _ = q.shape
+    s = k.shape[2]
+    flash_lse = _FLASH is not None and q.device.type == "cpu" and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]
+    if q.numel() == 0 or s == 0 or (return_lse and not flash_lse):
+        # Nothing to compute (torch's flash kernel does not take empty sequences), or an lse that only
+        # the flash kernel returns: the reference (with dropout it materializes the scores anyway).
+        return attention_ref(q, k, v, causal=causal, attn_mask=attn_mask, seqlens_k=seqlens_k, scale=scale,
+                             dropout_p=dropout_p, return_lse=return_lse)
+    mask = attn_mask
+    if seqlens_k is not None:
+        valid = torch.arange(s, device=q.device) < seqlens_k.to(q.device)[:, None]        # (B, S)
+        mask = _combine(mask, valid[:, None, None, :])
+    is_causal, first_row = False, 0
+    if causal and l > 1:                 # one query sees every key: nothing to mask
+        if s > l:                        # bottom-right, keys ahead: key j <= i + S - L
+            mask = _combine(mask, causal_mask(l, s, q.device, bottom_right=True))
+        else:                            # rows i < L - S see no key; the others are top-left causal
+            is_causal, first_row = True, l - s
+    if first_row:
+        q = q[:, :, first_row:]
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] == l:
+            mask = mask[..., first_row:, :]
+    out, lse = _attend(q, k, v, mask, is_causal, scale, dropout_p, return_lse)
+    if first_row:
+        out = F.pad(out, (0, 0, first_row, 0))
+        lse = None if lse is None else F.pad(lse, (first_row, 0), value=NEG_INF)
+    if not return_lse:
+        return out
+    return out, (lse if lse.dtype == torch.float64 else lse.float())
+
+
+def to_4d(t: torch.Tensor) -> torch.Tensor:
+    """(..., X, Y) to (B, H, X, Y): size-1 dims in front of fewer dims (a view), leading dims merged
+    into the batch beyond four (a view where the strides allow, a copy otherwise)."""
+    if t.dim() < 4:
+        return t[(None,) * (4 - t.dim())]
+    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float,
+                                 batch: Sequence[int], gqa: bool) -> torch.Tensor:
+    """``kernels.scaled_dot_product_attention`` (validated; ``batch``: the broadcast leading dims before
+    the head dim when ``gqa``, before (L, E) otherwise)."""
+    l, e = query.shape[-2:]
+    s, ev = value.shape[-2:]
+    hq = query.shape[-3] if gqa else None
+    full = (*batch, hq, l, s) if gqa else (*batch, l, s)
+    if math.prod(full) == 0 or ev == 0:
+        from .reference import scaled_dot_product_attention_ref
+        return scaled_dot_product_attention_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, gqa)
+    if ev != e or dropout_p > 0 or query.device.type != "cpu" or _FLASH is None:
+        # torch's function does these on its math path; ours only adds the dead-row convention
+        if gqa:
+            rep = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+        mask = attn_mask
+        sanitize = mask is not None and _sanitize(query.device)
+        dead = _dead_rows(mask, is_causal, l, s) if sanitize else None
+        if sanitize:
+            mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale)
+        return out.masked_fill(dead, 0.0) if sanitize else out
+    hk = key.shape[-3] if gqa else None
+    q4 = to_4d(query.expand(*batch, hq, l, e) if gqa else query.expand(*batch, l, e))
+    k4 = to_4d(key.expand(*batch, hk, s, e) if gqa else key.expand(*batch, s, e))
+    v4 = to_4d(value.expand(*batch, hk, s, ev) if gqa else value.expand(*batch, s, ev))
+    mask4 = None
+    if attn_mask is not None:  # converted at its own (broadcast) size, then a stride-0 view
+        mask4 = to_4d(_additive(attn_mask, query.dtype).expand(full))
+    out, _ = _attend(q4, k4, v4, mask4, is_causal, scale, 0.0, False)
+    return out.reshape(*full[:-1], ev)
