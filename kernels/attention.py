@@ -315,7 +315,8 @@ def _attn_fwd_kernel(
     hk32 = hk.to(tl.int32)
     for start_n in range(0, full_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32, start_n, offs_n, offs_d, offs_dv,
+            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+            start_n, offs_n, offs_d, offs_dv,
             D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, SAFE=MASK_KIND != 0, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
@@ -328,7 +329,8 @@ def _attn_fwd_kernel(
             m_base += BLOCK_N * stride_mn
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32, start_n, offs_n, offs_d, offs_dv,
+            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+            start_n, offs_n, offs_d, offs_dv,
             D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
@@ -409,7 +411,8 @@ def _attn_fwd_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     for start_n in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K, V, 0, 0, start_n, offs_n, offs_d, offs_dv, D, DV, hi,
+            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K, V, 0, 0,
+            start_n, offs_n, offs_d, offs_dv, D, DV, hi,
             i, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=HAS_DROPOUT,
@@ -661,12 +664,14 @@ def _attn_bwd_dkdv_kernel(
         # Query blocks [lo, diag_hi): causal mask; [diag_hi, rows_full): no mask; then the partial tail.
         if SPLIT_BLOCKS:
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, lo, tl.minimum(diag_hi, hi), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
+                dk, dv, k, v, lo, tl.minimum(diag_hi, hi), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
+                Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
                 causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
                 EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, diag_hi, rows_full, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
+                dk, dv, k, v, diag_hi, rows_full, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
+                Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
                 causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, False, False, FOLD_SCALE,
                 EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
@@ -816,7 +821,8 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, full_hi, BLOCK_N):
         dq = _dq_block(
-            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32, start_n, offs_m, offs_n,
+            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+            start_n, offs_m, offs_n,
             offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
             EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
@@ -828,7 +834,8 @@ def _attn_bwd_dq_kernel(
             m_base += BLOCK_N * stride_mn
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_block(
-            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32, start_n, offs_m, offs_n,
+            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+            start_n, offs_m, offs_n,
             offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
             EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
