@@ -329,3 +329,21 @@ def test_cli_triton_backend_on_the_cpu_exits_2_with_one_line(tmp_path):
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: --backend triton on cpu: the Triton kernels need a CUDA device")
     assert proc.stdout == "" and not out.exists()
+
+
+# ----------------------------------------------------------------------------- loss.png
+
+
+def test_loss_plot_draws_labelled_losses_and_held_out_accuracies(tmp_path):
+    from transformer.training.plot import accuracy_keys, plot_losses
+    records = [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5},
+               {"step": 2, "val_loss": 1.2, "accuracy": 0.5, "exact_match": 0.25, "bleu": 30.0},
+               {"step": 4, "train_loss": 1.0}, {"step": 4, "val_loss": 0.9, "accuracy": 0.75, "exact_match": 0.5}]
+    assert accuracy_keys(records) == ["accuracy", "exact_match"]   # fractions only: not bleu
+    drawn = plot_losses(records, tmp_path / "a.png", "t", ("training loss: smoothed", "held-out loss: plain"))
+    assert drawn == {"loss": ["training loss: smoothed", "held-out loss: plain"],
+                     "accuracy": ["held-out accuracy", "held-out exact match"]}
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    losses_only = [r for r in records if "accuracy" not in r]
+    assert plot_losses(losses_only, tmp_path / "b.png", "t") == {"loss": ["training loss"]}
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"

@@ -458,7 +458,8 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
     examples = on_one_device(task.examples)
     if info.is_main:
         (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-        plot_losses(records, out / "loss.png", f"{run['task']} ({run['preset']}, {run['steps']} steps)")
+        plot_losses(records, out / "loss.png", f"{run['task']} ({run['preset']}, {run['steps']} steps)",
+                    task.loss_labels(model.config))
         print("held-out: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in final.items()))
         if examples:
