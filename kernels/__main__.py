@@ -19,6 +19,11 @@ from . import _backend
 from .selfcheck import CASES, run_case
 
 
+def row(op: str, err: str, tol: str, seconds: str, result: str, width: int) -> str:
+    """One line of the table: the op name padded to ``width`` (the longest case name), numbers right-aligned."""
+    return f"{op:<{width}} {err:>10} {tol:>9} {seconds:>7}  {result}"
+
+
 def main() -> int:
     if not torch.cuda.is_available() and not _backend.INTERPRET:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -34,7 +39,8 @@ def main() -> int:
     print(f"device: {device} ({name})  interpreter: {_backend.INTERPRET}")
     print(f"{_backend.describe()}")
     print(f"self-check: Triton kernel vs float64 reference, forward and gradients, on {device}\n")
-    header = f"{'op':<44} {'max err':>10} {'tol':>9} {'time':>7}  result"
+    width = max(len(case_name) for case_name, _ in CASES)
+    header = row("op", "max err", "tol", "time", "result", width)
     print(header)
     print("-" * len(header))
     failures = 0
@@ -43,12 +49,11 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             err, tol = run_case(case, device)
-            ok = err <= tol
-            detail = f"{err:>10.2e} {tol:>9.1e}"
+            ok, errors, note = err <= tol, (f"{err:.2e}", f"{tol:.1e}"), ""
         except Exception as exc:  # a crash is a failure to report, not a reason to stop checking
-            ok, detail = False, f"{type(exc).__name__}: {exc}"[:60]
+            ok, errors, note = False, ("-", "-"), f"  {type(exc).__name__}: {exc}"[:80]
         failures += not ok
-        print(f"{case[0]:<44} {detail} {time.perf_counter() - t0:>6.2f}s  {'PASS' if ok else 'FAIL'}")
+        print(row(case[0], *errors, f"{time.perf_counter() - t0:.2f}s", "PASS" if ok else "FAIL", width) + note)
     print(f"\n{len(CASES) - failures} passed, {failures} failed")
     return 1 if failures else 0
 

@@ -347,3 +347,16 @@ def test_loss_plot_draws_labelled_losses_and_held_out_accuracies(tmp_path):
     losses_only = [r for r in records if "accuracy" not in r]
     assert plot_losses(losses_only, tmp_path / "b.png", "t") == {"loss": ["training loss"]}
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_help_is_plain_text(capsys):
+    """argparse prints descriptions as they are: no reStructuredText markup (``...``) in any --help."""
+    from transformer.training.cli import parser
+    top = parser()
+    texts = [top.format_help()]
+    for command in ("train", "finetune", "eval", "generate", "translate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts.append(capsys.readouterr().out)
+    assert all("``" not in text for text in texts), [t for t in texts if "``" in t][0]
+    assert "COMMAND --help" in texts[0]
