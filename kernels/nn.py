@@ -55,8 +55,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     Constructor, parameters (``in_proj_weight``/``in_proj_bias``, ``q/k/v_proj_weight`` when kdim/vdim
     differ, ``bias_k``/``bias_v``, ``out_proj``), masks (bool True = masked, float added) and return
-    values are torch's. One difference: a query whose keys are all masked gets a zero output (and
-    zero weights) instead of NaN."""
+    values are torch's. One difference: a query whose keys are all masked gets a zero output (and zero
+    weights) in every mode. torch's (2.13, CPU) gives NaN there with ``need_weights=True``, and with
+    ``need_weights=False`` in eval mode under ``no_grad`` (its fast path); otherwise 0 as well."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
