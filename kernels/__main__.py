@@ -7,6 +7,7 @@ Without a GPU the kernels run in Triton's interpreter: the command re-executes i
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -24,7 +25,14 @@ def row(op: str, err: str, tol: str, seconds: str, result: str, width: int) -> s
     return f"{op:<{width}} {err:>10} {tol:>9} {seconds:>7}  {result}"
 
 
+DESCRIPTION = ("Print the environment and check every op's Triton kernel (forward and every gradient) against its "
+               "float64 reference on the available device, as a PASS/FAIL table; exit status 1 on any failure. "
+               "Without a GPU it re-executes itself with TRITON_INTERPRET=1, so that the kernels run in Triton's "
+               "interpreter (about a minute).")
+
+
 def main() -> int:
+    argparse.ArgumentParser(prog="python -m kernels", description=DESCRIPTION).parse_args(sys.argv[1:])
     if not torch.cuda.is_available() and not _backend.INTERPRET:
         os.environ["TRITON_INTERPRET"] = "1"
         os.execv(sys.executable, [sys.executable, "-m", "kernels", *sys.argv[1:]])

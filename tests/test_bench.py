@@ -69,6 +69,15 @@ def test_quick_run_writes_records_table_and_plots(quick_run):
     assert "% ceiling column stays empty" in summary
 
 
+def test_help_is_plain_text(capsys):
+    from bench import cpu
+    for parse in (run.parse, cpu.parse):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        out = capsys.readouterr().out
+        assert out.startswith("usage: python -m bench") and "``" not in out
+
+
 def test_percent_of_ceiling_on_a_gpu_is_of_the_ceilings_measured_in_the_run():
     from bench.harness import record
     from bench.report import table

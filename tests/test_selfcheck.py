@@ -23,6 +23,7 @@ def test_table_columns_line_up(monkeypatch, capsys):
         return outcome
 
     monkeypatch.setattr(main_mod, "run_case", fake)
+    monkeypatch.setattr(main_mod.sys, "argv", ["python -m kernels"])
     assert main_mod.main() == 1
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("op "))
@@ -37,3 +38,13 @@ def test_table_columns_line_up(monkeypatch, capsys):
     assert rows[-1].endswith("RuntimeError: boom")
     assert lines[-1] == f"{len(CASES) - 2} passed, 2 failed"
     assert max(len(name) for name, _ in CASES) > 44   # the case name that broke the old fixed width
+
+
+def test_help_prints_usage_and_runs_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(main_mod.sys, "argv", ["python -m kernels", "--help"])
+    monkeypatch.setattr(main_mod, "run_case", lambda *a: pytest.fail("--help must not run the self-check"))
+    monkeypatch.setattr(main_mod.os, "execv", lambda *a: pytest.fail("--help must not re-execute"))
+    with pytest.raises(SystemExit) as exit_:
+        main_mod.main()
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage: python -m kernels") and "``" not in out
