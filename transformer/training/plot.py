@@ -3,6 +3,7 @@ the task reports any (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 
@@ -44,12 +45,12 @@ def plot_losses(records: list[dict], path: Path, title: str,
     ax = axes[0][0]
     for points, label, style in ((train, labels[0], "-"), (val, labels[1], "o-")):
         if points:
-            ax.plot(*zip(*points), style, label=label, markersize=3)
+            ax.plot(*zip(*points), style, label=textwrap.fill(label, 52), markersize=3)
             drawn["loss"].append(label)
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper right")   # losses fall from the upper left: that corner is empty
     if accuracies:
         ax = axes[1][0]
         drawn["accuracy"] = []
@@ -60,7 +61,7 @@ def plot_losses(records: list[dict], path: Path, title: str,
             drawn["accuracy"].append(label)
         ax.set_ylabel("held-out accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="lower right")
     axes[-1][0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path)
