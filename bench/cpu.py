@@ -418,7 +418,7 @@ def table(records: list[dict], info: dict) -> str:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench --device cpu", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench --device cpu", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="attention at L = 128, 256, ..., 2048 and more norm widths")
     p.add_argument("--only", action="append", choices=FAMILIES, metavar="FAMILY")

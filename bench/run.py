@@ -57,7 +57,7 @@ QUICK_BUDGET_S = 200.0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small grid (~3 minutes on an H100)")
     parser.add_argument("--only", action="append", choices=FAMILIES, metavar="FAMILY",

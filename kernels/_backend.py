@@ -90,6 +90,21 @@ def choose(x: torch.Tensor, op: str, *, torch_faster: bool = False) -> str:
     return "triton"
 
 
+def unavailable(device: str, backend: str | None = None) -> str | None:
+    """Why ``backend`` (default: the one in force) cannot run the ops on ``device`` ("cpu" or "cuda"), in one
+    sentence; None when it can. What ``choose`` would raise at the first op, asked before any work starts."""
+    backend = _validate(backend or _backend)
+    if backend != "triton":
+        return None
+    if not triton_available():
+        return "the Triton kernels need triton, which is not installed"
+    if device == "cpu" and not INTERPRET:
+        return ("the Triton kernels need a CUDA device; on the CPU use backend 'auto' or 'torch' (the PyTorch "
+                "path). TRITON_INTERPRET=1 would run the kernels in Triton's interpreter, which is for tests: "
+                "far too slow to train")
+    return None
+
+
 def use_triton(x: torch.Tensor, op: str) -> bool:
     """Whether ``op`` on tensor ``x`` runs its Triton kernel (True) or its PyTorch implementation (False)."""
     return choose(x, op) == "triton"

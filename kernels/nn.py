@@ -2,6 +2,8 @@
 
 Each subclasses its ``torch.nn`` counterpart and overrides only ``forward``: constructor, attributes,
 ``state_dict`` keys and ``isinstance`` checks are torch's own, so a torch state dict loads unchanged.
+``LayerNorm``, ``RMSNorm``, ``Softmax`` and ``MultiheadAttention`` run our ops; ``TransformerEncoderLayer``
+only routes around torch's inference fast path, which would otherwise skip its (swapped) submodules.
 """
 
 from __future__ import annotations
@@ -47,31 +49,15 @@ _REPLACEMENTS: dict[type, type] = {
 }
 
 
-def replace_modules(model: torch.nn.Module) -> int:
-    """Swap every ``torch.nn.LayerNorm``, ``RMSNorm`` and ``Softmax`` in ``model`` (itself included)
-    for ours, in place; returns how many were swapped.
-
-    The swap changes each module's class and nothing else, so parameters stay the very same tensors
-    (device, dtype, an optimizer's references to them and hooks all survive)."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"replace_modules: model must be a torch.nn.Module, got {type(model).__name__}")
-    swapped = 0
-    for module in model.modules():
-        ours = _REPLACEMENTS.get(type(module))
-        if ours is not None:
-            module.__class__ = ours
-            swapped += 1
-    return swapped
-
-
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` on our kernels: the fused attention kernel when
     ``need_weights=False``, our masked softmax kernel when the weights are asked for.
 
     Constructor, parameters (``in_proj_weight``/``in_proj_bias``, ``q/k/v_proj_weight`` when kdim/vdim
     differ, ``bias_k``/``bias_v``, ``out_proj``), masks (bool True = masked, float added) and return
-    values are torch's. One difference: a query whose keys are all masked gets a zero output (and
-    zero weights) instead of NaN."""
+    values are torch's. One difference: a query whose keys are all masked gets a zero output (and zero
+    weights) in every mode. torch's (2.13, CPU) gives NaN there with ``need_weights=True``, and with
+    ``need_weights=False`` in eval mode under ``no_grad`` (its fast path); otherwise 0 as well."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
@@ -171,4 +157,71 @@ def _merge_masks(attn_mask, key_padding_mask, bsz, heads, tgt_len, src_len, dtyp
     return total
 
 
+class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """``torch.nn.TransformerEncoderLayer`` that always runs its submodules' ``forward``.
+
+    In eval mode with autograd off (``torch.no_grad()`` / ``torch.inference_mode()``), torch's layer
+    normally hands its weights to one fused op (``torch._transformer_encoder_layer_fwd``), which never calls
+    ``self_attn``, ``norm1`` or ``norm2``: after ``replace_modules`` our kernels would silently not run.
+    This subclass computes what torch's layer computes on its standard path (the one it takes in training),
+    in every mode: ``norm1``/``norm2`` (our LayerNorm), ``self_attn`` (our MultiheadAttention with
+    ``need_weights=False``: the fused attention kernel), torch's linear layers, activation and dropout.
+    Results equal torch's fast path up to rounding, except that a query whose keys are all masked gives 0
+    where the fast path gives NaN. Nested-tensor inputs (which only torch's fast path accepts) are refused:
+    ``replace_modules`` turns off ``torch.nn.TransformerEncoder``'s conversion to them.
+
+    Built directly (same constructor as torch's), its ``self_attn``, ``norm1`` and ``norm2`` are ours."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        replace_modules(self)
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
+                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if src.is_nested:
+            raise ValueError("kernels.nn.TransformerEncoderLayer: nested-tensor input (torch.nn.TransformerEncoder "
+                             "makes it in eval mode from a padding mask): build the encoder with "
+                             "enable_nested_tensor=False, or call kernels.nn.replace_modules on the encoder")
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+
 _REPLACEMENTS[torch.nn.MultiheadAttention] = MultiheadAttention
+_REPLACEMENTS[torch.nn.TransformerEncoderLayer] = TransformerEncoderLayer
+
+
+def replace_modules(model: torch.nn.Module) -> int:
+    """Swap every exact ``torch.nn.MultiheadAttention``, ``LayerNorm``, ``RMSNorm``, ``Softmax`` and
+    ``TransformerEncoderLayer`` in ``model`` (itself included) for ours, in place; returns how many modules
+    were swapped (a ``torch.nn.TransformerEncoderLayer`` counts 4: itself, ``self_attn``, ``norm1``, ``norm2``).
+
+    The swap changes each module's class and nothing else, so parameters stay the very same tensors
+    (device, dtype, an optimizer's references to them and hooks all survive). Subclasses of these torch
+    classes (a user's own ``forward``) are left alone.
+
+    When our kernels run: the swapped MultiheadAttention, LayerNorm, RMSNorm and Softmax run them in every
+    mode (training, eval, ``no_grad``). A swapped ``TransformerEncoderLayer`` calls them in every mode too:
+    torch's own layer, in eval mode under ``no_grad``, would pass its weights to one fused op
+    (``torch._transformer_encoder_layer_fwd``) and skip its submodules. A ``torch.nn.TransformerEncoder``
+    holding swapped layers gets ``use_nested_tensor = False`` (as if built with ``enable_nested_tensor=False``).
+    Not covered: a subclass of ``TransformerEncoderLayer`` (not swapped) still takes torch's fast path in
+    eval mode under ``no_grad``, and then our swapped submodules inside it do not run."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"replace_modules: model must be a torch.nn.Module, got {type(model).__name__}")
+    swapped = 0
+    for module in model.modules():
+        ours = _REPLACEMENTS.get(type(module))
+        if ours is not None:
+            module.__class__ = ours
+            swapped += 1
+    for module in model.modules():
+        if isinstance(module, torch.nn.TransformerEncoder) and \
+                any(type(layer) is TransformerEncoderLayer for layer in module.layers):
+            module.use_nested_tensor = False
+    return swapped

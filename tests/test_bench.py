@@ -57,16 +57,41 @@ def test_quick_run_writes_records_table_and_plots(quick_run):
     # every baseline that ran computed the same function as ours (same inputs, same weights)
     checked = [r for r in ok if r["provider"] != "ours" and r["rel_err_vs_ours"] is not None]
     assert checked and all(r["agrees_with_ours"] for r in checked)
-    # percentages of the ceilings measured in the same run
-    matmul = next(r for r in ok if r["op"] == "matmul")
-    copy = next(r for r in ok if r["op"] == "copy")
-    att = next(r for r in ok if r["family"] == "attention" and r["provider"] == "ours" and r["op"] == "attention")
-    assert math.isclose(att["pct_matmul"], 100 * att["tflops"] / matmul["tflops"], rel_tol=1e-9)
-    ln = next(r for r in ok if r["op"] == "layer_norm" and r["provider"] == "ours")
-    assert math.isclose(ln["pct_copy"], 100 * ln["gbps"] / copy["gbps"], rel_tol=1e-9)
+    # no percentages of the CPU's "ceilings" (a cache-sized copy, a small matmul: other ops beat them)
+    assert all(r["pct_matmul"] is None and r["pct_copy"] is None for r in records)
     summary = (out / "summary.md").read_text()
     assert "| ours / best |" in summary and "they are not speeds" in summary
     assert "| attention | attention | fwd | bf16 |" in summary and "| model | gpt2 | train |" in summary
+    header = next(line for line in summary.splitlines() if line.startswith("| family |"))
+    column = header.split("|").index(" % ceiling ")
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and line != header]
+    assert rows and all(line.split("|")[column] == "  " for line in rows)   # the column left empty
+    assert "% ceiling column stays empty" in summary
+
+
+def test_help_is_plain_text(capsys):
+    from bench import cpu
+    for parse in (run.parse, cpu.parse):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        out = capsys.readouterr().out
+        assert out.startswith("usage: python -m bench") and "``" not in out
+
+
+def test_percent_of_ceiling_on_a_gpu_is_of_the_ceilings_measured_in_the_run():
+    from bench.harness import record
+    from bench.report import table
+    env = Env("cuda", "a GPU", 50 << 20, True, {"torch": "x"}, copy_gbps=3000.0, matmul_tflops=800.0)
+    att = record(env, dict(family="attention", op="attention", mode="fwd", grid="standard", dtype="bf16",
+                           shape={}, provider="ours", status="ok", reason=None, metric="tflops", label="L"),
+                 None, tflops=400.0)
+    ln = record(env, dict(family="norm", op="layer_norm", mode="fwd", grid="rows", dtype="bf16", shape={},
+                          provider="ours", status="ok", reason=None, metric="gbps", label="N"), None, gbps=2400.0)
+    assert math.isclose(att["pct_matmul"], 50.0) and att["pct_copy"] is None
+    assert math.isclose(ln["pct_copy"], 80.0) and ln["pct_matmul"] is None
+    assert "| 50.0 |" in table([att, ln], env) and "| 80.0 |" in table([att, ln], env)
+    cpu = Env("cpu", "cpu", 1 << 20, True, {"torch": "x"}, copy_gbps=3000.0, matmul_tflops=800.0)
+    assert record(cpu, dict(metric="tflops"), None, tflops=4000.0)["pct_matmul"] is None
 
 
 def test_quick_run_writes_plots(quick_run):

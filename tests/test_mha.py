@@ -141,7 +141,7 @@ def test_replace_modules_swaps_transformer_layers():
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     want = layer(x)
     params = list(layer.parameters())
-    assert kernels.nn.replace_modules(layer) == 3                # self_attn, norm1, norm2
+    assert kernels.nn.replace_modules(layer) == 4                # the layer, self_attn, norm1, norm2
     assert type(layer.self_attn) is MultiheadAttention
     assert list(layer.parameters()) == params
     torch.testing.assert_close(layer(x), want, rtol=1e-9, atol=1e-10)

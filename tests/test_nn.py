@@ -164,7 +164,8 @@ def test_replace_modules_in_transformer_encoder_layer(norm_first, device):
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(device)
     params = list(model.parameters())
     want, want_grads = _outputs_and_grads(model, x)
-    assert knn.replace_modules(model) == 3  # self_attn, norm1, norm2
+    assert knn.replace_modules(model) == 4  # the layer, self_attn, norm1, norm2
+    assert type(model) is knn.TransformerEncoderLayer
     assert type(model.norm1) is knn.LayerNorm and type(model.norm2) is knn.LayerNorm
     assert type(model.self_attn) is knn.MultiheadAttention
     assert all(a is b for a, b in zip(model.parameters(), params))  # the very same tensors
@@ -199,7 +200,7 @@ def test_replace_modules_counts_only_exact_torch_classes(device):
 def test_replace_modules_keeps_dtype_and_state_dict(device):
     model = _encoder(False).to(device=device, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert knn.replace_modules(model) == 3
+    assert knn.replace_modules(model) == 4
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) and after[k].dtype == torch.float64 for k in before)
@@ -212,6 +213,141 @@ def test_replace_modules_on_a_bare_norm_and_bad_argument():
         knn.replace_modules(torch.randn(3))
 
 
+# ------------------------------------------- when our kernels run: torch's inference fast path
+
+
+class _Spy:
+    """Counts the calls into our ops from ``kernels.nn`` (the names its modules call at run time), and into
+    torch's fused inference ops that would bypass them."""
+
+    OURS = ("layer_norm", "scaled_dot_product_attention", "softmax")
+    TORCH = ("_transformer_encoder_layer_fwd", "_native_multi_head_attention")
+
+    def __init__(self, monkeypatch):
+        self.calls = dict.fromkeys(self.OURS + self.TORCH, 0)
+        for owner, names in ((knn, self.OURS), (torch, self.TORCH)):
+            for name in names:
+                monkeypatch.setattr(owner, name, self._counting(name, getattr(owner, name)))
+
+    def _counting(self, name, fn):
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    def reset(self):
+        self.calls = dict.fromkeys(self.calls, 0)
+
+
+MODES = {  # name -> (training, autograd context)
+    "train": (True, torch.enable_grad),
+    "eval": (False, torch.enable_grad),
+    "eval-no_grad": (False, torch.no_grad),
+    "eval-inference_mode": (False, torch.inference_mode),
+}
+
+
+def _run(model, mode, *args, **kwargs):
+    training, context = MODES[mode]
+    model.train(training)
+    with context():
+        return model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_swapped_encoder_layer_runs_our_kernels_in_every_mode(mode, norm_first, device, monkeypatch):
+    """torch's layer in eval mode under no_grad runs one fused op on its weights; the swapped layer calls
+    our LayerNorm twice and our attention once in every mode, and its result equals torch's."""
+    import copy
+    theirs = _encoder(norm_first).to(device)
+    ours = copy.deepcopy(theirs)
+    assert knn.replace_modules(ours) == 4
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2], device=device)   # the second row's last 2 keys
+    spy = _Spy(monkeypatch)
+    want = _run(theirs, mode, x, src_key_padding_mask=pad)
+    fast = mode.startswith("eval-")
+    assert spy.calls["_transformer_encoder_layer_fwd"] == int(fast)   # the spy sees torch's fast path
+    assert spy.calls["layer_norm"] == 0
+    spy.reset()
+    with bounds_checked(ln_mod, "_layer_norm_fwd_kernel") as launches:
+        got = _run(ours, mode, x, src_key_padding_mask=pad)
+    assert spy.calls == {"layer_norm": 2, "scaled_dot_product_attention": 1, "softmax": 0,
+                         "_transformer_encoder_layer_fwd": 0, "_native_multi_head_attention": 0}
+    assert launches["_layer_norm_fwd_kernel"] == 2   # and they really launch the kernel (triton backend)
+    assert_close(got, want.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_direct_construction_is_ours_throughout(device):
+    layer = knn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True, device=device)
+    assert isinstance(layer, torch.nn.TransformerEncoderLayer)
+    assert (type(layer.self_attn), type(layer.norm1), type(layer.norm2)) == \
+        (knn.MultiheadAttention, knn.LayerNorm, knn.LayerNorm)
+    assert list(layer.state_dict()) == list(_encoder(False).state_dict())
+    assert knn.replace_modules(layer) == 0
+
+
+@pytest.mark.parametrize("mode", ["train", "eval-no_grad"])
+def test_swapped_encoder_stack_and_transformer_run_our_kernels(mode, device, monkeypatch):
+    """torch.nn.TransformerEncoder in eval mode under no_grad with a padding mask turns its input into a
+    nested tensor for the fast path; after replace_modules it does not, and nn.Transformer's decoder runs
+    our modules too."""
+    import copy
+    torch.manual_seed(0)
+    theirs = torch.nn.Transformer(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=1,
+                                  dim_feedforward=32, dropout=0.0, batch_first=True).to(device)
+    ours = copy.deepcopy(theirs)
+    # per encoder layer: itself, self_attn, norm1, norm2; the encoder's norm; the decoder layer's self_attn,
+    # multihead_attn, norm1-3; the decoder's norm
+    assert knn.replace_modules(ours) == 2 * 4 + 1 + 5 + 1
+    assert ours.encoder.use_nested_tensor is False
+    g = torch.Generator().manual_seed(2)
+    src, tgt = torch.randn(2, 6, 16, generator=g).to(device), torch.randn(2, 3, 16, generator=g).to(device)
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2], device=device)
+    kwargs = dict(src_key_padding_mask=pad, memory_key_padding_mask=pad)
+    spy = _Spy(monkeypatch)
+    want = _run(theirs, mode, src, tgt, **kwargs)
+    assert spy.calls["_transformer_encoder_layer_fwd"] == (2 if mode == "eval-no_grad" else 0)
+    spy.reset()
+    got = _run(ours, mode, src, tgt, **kwargs)
+    assert spy.calls["layer_norm"] == 2 * 2 + 1 + 3 + 1
+    assert spy.calls["scaled_dot_product_attention"] == 2 + 2
+    assert spy.calls["_transformer_encoder_layer_fwd"] == spy.calls["_native_multi_head_attention"] == 0
+    assert_close(got, want.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_built_from_a_swapped_layer_refuses_nested_input(device):
+    layer = knn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True, device=device)
+    encoder = torch.nn.TransformerEncoder(layer, 2).to(device).eval()     # enable_nested_tensor=True
+    x = torch.randn(2, 5, 16, device=device)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2], device=device)
+    with torch.no_grad(), pytest.raises(ValueError, match="enable_nested_tensor=False"):
+        encoder(x, src_key_padding_mask=pad)
+    assert knn.replace_modules(encoder) == 0 and encoder.use_nested_tensor is False
+    with torch.no_grad():
+        assert encoder(x, src_key_padding_mask=pad).isfinite().all()
+
+
+class _OwnEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """A user's subclass: replace_modules leaves the layer itself alone."""
+
+
+def test_unswapped_layer_subclass_bypasses_our_kernels_in_inference(device, monkeypatch):
+    """The documented limit: a subclass of TransformerEncoderLayer keeps torch's fast path, so in eval mode
+    under no_grad its swapped submodules do not run (and in training they do)."""
+    torch.manual_seed(0)
+    layer = _OwnEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True).to(device)
+    assert knn.replace_modules(layer) == 3 and type(layer) is _OwnEncoderLayer
+    x = torch.randn(2, 5, 16, device=device)
+    spy = _Spy(monkeypatch)
+    _run(layer, "eval-no_grad", x)
+    assert spy.calls["layer_norm"] == 0 and spy.calls["_transformer_encoder_layer_fwd"] == 1
+    spy.reset()
+    _run(layer, "train", x)
+    assert spy.calls["layer_norm"] == 2 and spy.calls["_transformer_encoder_layer_fwd"] == 0
+
+
 @pytest.mark.gpu
 def test_modules_on_cuda():
     ours = knn.LayerNorm(64, device="cuda", dtype=torch.bfloat16)
@@ -221,5 +357,5 @@ def test_modules_on_cuda():
     ref = torch.nn.functional.layer_norm(x.double(), (64,))
     assert_close(ours(x), ref, theirs(x))
     model = _encoder(True).cuda()
-    assert kernels.nn.replace_modules(model) == 3
+    assert kernels.nn.replace_modules(model) == 4
     assert model(torch.randn(2, 5, 16, device="cuda")).isfinite().all()

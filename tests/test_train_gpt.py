@@ -169,3 +169,27 @@ def test_tiny_shakespeare_vocabulary_and_short_run():
     before = task.evaluate(model, 32, max_batches=4)["val_loss"]
     _train(task, model, steps=40)
     assert task.evaluate(model, 32, max_batches=4)["val_loss"] < before - 1.0
+
+
+def test_readme_nanogpt_recipes_run(tmp_path):
+    """The README's two nanoGPT recipes, as written there, for 2 steps: on the pydoc text that ships with
+    Python, and on Tiny Shakespeare (which the README says where to fetch; never committed here)."""
+    import re
+    import shlex
+
+    from transformer.training.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    assert f"curl -o tiny_shakespeare.txt {url}" in readme
+    commands = re.findall(r"`python -m transformer (train gpt --preset char-64[^`]*)`", readme)
+    assert len(commands) == 2 and sum("--data tiny_shakespeare.txt" in c for c in commands) == 1
+    for i, command in enumerate(commands):
+        args = shlex.split(command)
+        if "--data" in args:
+            if not SHAKESPEARE.is_file():
+                continue
+            args[args.index("--data") + 1] = str(SHAKESPEARE)
+        args += ["--steps", "2", "--eval-batches", "1", "--out", str(tmp_path / str(i)), "--no-progress"]
+        assert main(args) == 0, command
+        assert (tmp_path / str(i) / "metrics.json").is_file()

@@ -191,6 +191,22 @@ def test_training_loss_is_smoothed_cross_entropy(task):
         ViTTask(label_smoothing=1.0)
 
 
+def test_loss_plot_labels_say_what_each_loss_is(task):
+    """Training loss is label-smoothed cross entropy, which cannot go below the smoothed target's entropy
+    (0.50 at 0.1 over 10 classes); the held-out loss is plain cross entropy: the legend says so."""
+    from transformer.training.plot import smoothed_minimum
+    config = task.model_config("tiny")
+    train_label, held_label = task.loss_labels(config)
+    assert train_label == "training loss: cross entropy with label smoothing 0.1 (its minimum: 0.50), augmented images"
+    assert "plain cross entropy" in held_label
+    target = torch.full((1, 10), 0.1 / 10)
+    target[0, 3] += 0.9
+    floor = F.cross_entropy(target.log(), torch.tensor([3]), label_smoothing=0.1).item()   # logits = the target
+    assert math.isclose(smoothed_minimum(0.1, 10), floor, rel_tol=1e-6) and round(floor, 2) == 0.50
+    plain = ViTTask(label_smoothing=0).loss_labels(config)
+    assert "smoothing" not in plain[0] and plain[1] == "held-out loss: cross entropy"
+
+
 @torch.no_grad()
 def test_evaluate_and_examples_on_the_vit(task):
     torch.manual_seed(0)
@@ -219,14 +235,23 @@ def test_ascii_digit_maps_ink_to_dark_characters():
     assert art[3] == " " * 8 + "@@" + " " * 6 and all(line.strip() == "" for i, line in enumerate(art) if i != 3)
 
 
-def test_short_training_run_learns(tmp_path):
+def test_short_training_run_learns(tmp_path, monkeypatch):
     """300 steps of the tiny ViT through the trainer (torch backend), no augmentation (which slows the
-    first hundreds of steps): well above chance (10%); seeds 0-3 reach 92-94%."""
+    first hundreds of steps): well above chance (10%); seeds 0-3 reach 92-94%. Its loss.png labels both
+    losses and draws the held-out accuracy."""
+    from transformer.training import trainer
+    drawn = []
+    original = trainer.plot_losses
+    monkeypatch.setattr(trainer, "plot_losses", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
     result = train(TrainArgs(task="vit", preset="tiny", steps=300, batch_size=64, lr=3e-3, warmup=30,
                              eval_every=300, out=str(tmp_path), backend="torch", progress=False,
                              task_options=dict(shift=0, degrees=0, scale=0)))
     assert result["accuracy"] > 0.7, result
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == result["accuracy"]
+    assert drawn == [{"loss": ["training loss: cross entropy with label smoothing 0.1 (its minimum: 0.50)",
+                               "held-out loss: plain cross entropy (no smoothing)"],
+                      "accuracy": ["held-out accuracy"]}]
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     task, model = load_run(str(tmp_path))
     with kernels.use_backend("torch"), torch.no_grad():
         assert task.evaluate(model, 360)["accuracy"] == result["accuracy"]   # the saved run evaluates the same

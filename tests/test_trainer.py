@@ -277,3 +277,86 @@ def test_a_run_sets_its_threads_and_restores_them(tmp_path, monkeypatch, capsys)
     assert "threads" not in config["train"]            # how a run executed, not what it trains
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         resolve(TrainArgs(task="count", threads=0))
+
+
+# ----------------------------------------------------------------------------- backend against device
+
+
+def test_triton_backend_on_the_cpu_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """Without the interpreter, backend 'triton' cannot run on the CPU: resolve (hence the CLI) says so in
+    one line before anything is built or written, whether it comes from --backend or KERNELS_BACKEND."""
+    monkeypatch.setattr(kernels._backend, "INTERPRET", False)
+    with pytest.raises(ValueError, match=r"--backend triton on cpu: the Triton kernels need a CUDA device"):
+        resolve(TrainArgs(task="count", backend="triton", device="cpu"))
+    from transformer.training.trainer import check_backend
+    with kernels.use_backend("triton"), pytest.raises(ValueError, match="KERNELS_BACKEND"):
+        check_backend(None, "cpu")                                      # no --backend: the one in force
+    resolve(TrainArgs(task="count", backend="torch", device="cpu"))
+    out = tmp_path / "run"
+    assert main(["train", "vit", "--backend", "triton", "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --backend triton on cpu:") and err.count("\n") == 1 and "interpreter" in err
+    assert not out.exists()
+    _, trained = run(tmp_path, "trained", steps=2, eval_every=2)          # eval of a run, same check
+    with kernels.use_backend("triton"):
+        assert main(["eval", trained]) == 2
+    assert "need a CUDA device" in capsys.readouterr().err
+    monkeypatch.setattr(kernels._backend, "INTERPRET", True)              # with the interpreter it may run
+    resolve(TrainArgs(task="count", backend="triton", device="cpu"))
+
+
+def test_interpreter_note_is_printed_when_the_kernels_would_run_interpreted(monkeypatch):
+    from transformer.training.trainer import interpreter_note
+    monkeypatch.setattr(kernels._backend, "INTERPRET", True)
+    assert "for tests" in interpreter_note("triton", "cpu") and interpreter_note(None, "cpu")
+    assert interpreter_note("torch", "cpu") is None and interpreter_note("triton", "cuda") is None
+    monkeypatch.setattr(kernels._backend, "INTERPRET", False)
+    assert interpreter_note("auto", "cpu") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cli_triton_backend_on_the_cpu_exits_2_with_one_line(tmp_path):
+    """The real command, in a process without TRITON_INTERPRET: exit status 2, one line, no traceback, no
+    progress bar, nothing written."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KERNELS_BACKEND")}
+    out = tmp_path / "vit"
+    proc = subprocess.run([sys.executable, "-m", "transformer", "train", "vit", "--backend", "triton", "--out",
+                           str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --backend triton on cpu: the Triton kernels need a CUDA device")
+    assert proc.stdout == "" and not out.exists()
+
+
+# ----------------------------------------------------------------------------- loss.png
+
+
+def test_loss_plot_draws_labelled_losses_and_held_out_accuracies(tmp_path):
+    from transformer.training.plot import accuracy_keys, plot_losses
+    records = [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5},
+               {"step": 2, "val_loss": 1.2, "accuracy": 0.5, "exact_match": 0.25, "bleu": 30.0},
+               {"step": 4, "train_loss": 1.0}, {"step": 4, "val_loss": 0.9, "accuracy": 0.75, "exact_match": 0.5}]
+    assert accuracy_keys(records) == ["accuracy", "exact_match"]   # fractions only: not bleu
+    drawn = plot_losses(records, tmp_path / "a.png", "t", ("training loss: smoothed", "held-out loss: plain"))
+    assert drawn == {"loss": ["training loss: smoothed", "held-out loss: plain"],
+                     "accuracy": ["held-out accuracy", "held-out exact match"]}
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    losses_only = [r for r in records if "accuracy" not in r]
+    assert plot_losses(losses_only, tmp_path / "b.png", "t") == {"loss": ["training loss"]}
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_help_is_plain_text(capsys):
+    """argparse prints descriptions as they are: no reStructuredText markup (``...``) in any --help."""
+    from transformer.training.cli import parser
+    top = parser()
+    texts = [top.format_help()]
+    for command in ("train", "finetune", "eval", "generate", "translate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts.append(capsys.readouterr().out)
+    assert all("``" not in text for text in texts), [t for t in texts if "``" in t][0]
+    assert "COMMAND --help" in texts[0]

@@ -70,8 +70,13 @@ def _train_args(ns: argparse.Namespace, **extra: Any) -> TrainArgs:
                         "model_overrides": dict(ns.model_overrides) or None})
 
 
+DESCRIPTION = ("Train, fine-tune, evaluate and use the reference models (GPT, BERT, the encoder-decoder, ViT, "
+               "multimodal) on built-in offline data or your own files. "
+               "'python -m transformer COMMAND --help' explains each command.")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m transformer", description=__doc__)
+    top = argparse.ArgumentParser(prog="python -m transformer", description=DESCRIPTION)
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from scratch (or --resume a run)",

@@ -80,6 +80,11 @@ class Task(ABC):
         (``accuracy``, ``exact_match``, ``bleu``, ...). ``max_batches`` bounds the cost of the periodic
         evaluations during training; the final one passes None (the whole held-out split)."""
 
+    def loss_labels(self, config: Config) -> tuple[str, str]:
+        """What the training loss and ``val_loss`` are, for the legend of loss.png (they may differ: a
+        label-smoothed training loss against a plain held-out cross entropy)."""
+        return "training loss", "held-out loss"
+
     def examples(self, model: nn.Module, n: int = 4) -> list[str]:
         """A few real, human-readable outputs (generated text, translations, predictions)."""
         return []

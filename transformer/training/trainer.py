@@ -150,6 +150,28 @@ def _validate(run: dict[str, Any]) -> None:
         raise ValueError(f"device must be auto, cpu or cuda, got {run['device']!r}")
     if run["device"] == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    check_backend(run["backend"], run["device"])
+
+
+def check_backend(backend: str | None, device: str) -> None:
+    """Refuse, before any work, a kernels backend that cannot run on ``device`` (``--backend triton`` or
+    ``KERNELS_BACKEND=triton`` on a CPU without the interpreter), rather than fail at the first op."""
+    if backend is not None and backend not in kernels._backend.BACKENDS:
+        raise ValueError(f"backend must be one of {kernels._backend.BACKENDS}, got {backend!r}")
+    if (why := kernels._backend.unavailable(device, backend)) is not None:
+        source = f"--backend {backend}" if backend else f"kernels backend {kernels.get_backend()!r} " \
+            f"(--backend or KERNELS_BACKEND)"
+        raise ValueError(f"{source} on {device}: {why}")
+
+
+def interpreter_note(backend: str | None, device: str) -> str | None:
+    """The warning a run prints when its ops would run in Triton's interpreter (``TRITON_INTERPRET=1`` on the
+    CPU): correct, but built for tests, not for training."""
+    if device != "cpu" or not kernels._backend.INTERPRET or (backend or kernels.get_backend()) == "torch":
+        return None
+    return ("note: TRITON_INTERPRET=1: the Triton kernels run in Triton's interpreter (NumPy, about 4 ms per "
+            "kernel loop iteration), which is for tests; training this way takes minutes or more per step. "
+            "Unset it, or pass --backend torch")
 
 
 def lr_at(step: int, run: dict[str, Any]) -> float:
@@ -222,6 +244,7 @@ def load_run(directory: str, device: str = "cpu", data: str | None = None) -> tu
     """A trained run, ready for evaluation or generation (eval mode, on ``device``); ``data`` evaluates it
     on another dataset with its own tokenizer."""
     saved = ckpt.load_config(directory)
+    check_backend(None, torch.device(device).type)
     spec = {**saved["task_spec"], **({"data": data} if data is not None else {})}
     task = get_task(saved["task"])(directory=directory, **spec)
     train = saved["train"]
@@ -321,6 +344,8 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
             raise ValueError(f"--resume {run['resume']}: the run already did {step} steps; pass --steps > {step}")
     elif info.is_main and (out / ckpt.CONFIG).exists():
         print(f"note: overwriting the run in {out}")
+    if info.is_main and (note := interpreter_note(run["backend"], device.type)):
+        print(note)
 
     counts = lora.parameter_counts(model)
     config = {"task": run["task"], "task_spec": task.spec(), "model": model.config.to_dict(),
@@ -433,7 +458,8 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
     examples = on_one_device(task.examples)
     if info.is_main:
         (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-        plot_losses(records, out / "loss.png", f"{run['task']} ({run['preset']}, {run['steps']} steps)")
+        plot_losses(records, out / "loss.png", f"{run['task']} ({run['preset']}, {run['steps']} steps)",
+                    task.loss_labels(model.config))
         print("held-out: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in final.items()))
         if examples:

@@ -193,6 +193,10 @@ class BERTPretrainTask(Task):
                 "mlm_accuracy": mlm_hits / max(masked, 1), "nsp_accuracy": nsp_hits / len(pairs),
                 "unigram_entropy": self.unigram_entropy}
 
+    def loss_labels(self, config: BERTConfig) -> tuple[str, str]:
+        return ("training loss: masked-LM + next-sentence cross entropy",
+                "held-out loss: masked-LM + next-sentence cross entropy")
+
     def examples(self, model: nn.Module, n: int = 4) -> list[str]:
         """Fill-mask on ``n`` evenly spaced held-out sentences: about 15% of their tokens (at least one)
         replaced by [MASK], each shown with the model's top predictions and the truth."""
@@ -348,6 +352,9 @@ class BERTClassifyTask(Task):
             f1.append(2 * tp / denominator if denominator else 1.0)
         return {"val_loss": loss / len(labels), "accuracy": (pred == labels).float().mean().item(),
                 "macro_f1": sum(f1) / len(f1), "majority_accuracy": (labels == self.majority).float().mean().item()}
+
+    def loss_labels(self, config: BERTConfig) -> tuple[str, str]:
+        return "training loss: cross entropy per example", "held-out loss: cross entropy per example"
 
     def examples(self, model: nn.Module, n: int = 4) -> list[str]:
         """``n`` evenly spaced held-out texts with the predicted class (its probability) and the true one."""

@@ -114,6 +114,9 @@ class GPTTask(Task):
         chars_per_token = len(self.val_text) / len(self.val_ids)
         return {"val_loss": loss, "val_ppl": math.exp(loss), "bits_per_char": loss / math.log(2) / chars_per_token}
 
+    def loss_labels(self, config: GPTConfig) -> tuple[str, str]:
+        return "training loss: cross entropy per token", "held-out loss: cross entropy per token (held-out text)"
+
     def examples(self, model: nn.Module, n: int = 4, max_new_tokens: int = 200) -> list[str]:
         """``n`` continuations of prompts from the held-out text, each the start of the first line after an
         evenly spaced offset that begins with a word character (not indentation nor a table rule); "▌"

@@ -98,6 +98,9 @@ class MultimodalTask(Task):
             count += m
         return {k: v / count for k, v in totals.items()}
 
+    def loss_labels(self, config: MultimodalConfig) -> tuple[str, str]:
+        return ("training loss: sum of the heads' cross entropies", "held-out loss: sum of the heads' cross entropies")
+
     def examples(self, model: nn.Module, n: int = 4) -> list[str]:
         device = model_device(model)
         batch = self._batch(Examples(self.held.images[:n], self.held.texts[:n],

@@ -25,6 +25,7 @@ from ...config import EncoderDecoderConfig
 from ...data.numbers import load_pairs
 from ...data.tokenizer import Tokenizer, saved_or_trained
 from ...encoder_decoder import EncoderDecoder
+from ..plot import smoothed_minimum
 from ..task import Task, model_device, register
 
 PAD, BOS, EOS = Tokenizer.pad_id, Tokenizer.bos_id, Tokenizer.eos_id
@@ -132,6 +133,14 @@ class Seq2SeqTask(Task):
         references = [target for _, target in self.held_pairs[:n]]
         return {"val_loss": nll / tokens, "exact_match": exact_match(hypotheses, references),
                 "bleu": bleu(hypotheses, references), "chrf": chrf(hypotheses, references)}
+
+    def loss_labels(self, config: EncoderDecoderConfig) -> tuple[str, str]:
+        held = "held-out loss: cross entropy per target token (teacher forcing, no smoothing)"
+        if not config.label_smoothing:
+            return "training loss: cross entropy per target token", held
+        floor = smoothed_minimum(config.label_smoothing, config.vocab_size)
+        return (f"training loss: cross entropy per target token, label smoothing {config.label_smoothing:g} "
+                f"(its minimum: {floor:.2f})", held)
 
     def examples(self, model: nn.Module, n: int = 4) -> list[str]:
         pairs = self.held_pairs[:n]

@@ -27,6 +27,7 @@ from torch import nn
 from ...config import ViTConfig
 from ...data.digits import IMAGE_SIZE, NUM_CLASSES, ascii_digit, check_augmentation, load_digits_split, random_affine
 from ...vit import ViT
+from ..plot import smoothed_minimum
 from ..task import Task, model_device, register
 
 DATASETS = ("digits",)
@@ -98,6 +99,14 @@ class ViTTask(Task):
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()
         return {"val_loss": loss_sum / len(labels), "accuracy": correct / len(labels)}
+
+    def loss_labels(self, config: ViTConfig) -> tuple[str, str]:
+        images = ", augmented images" if any(self.augmentation.values()) else ""
+        if not self.label_smoothing:
+            return f"training loss: cross entropy{images}", "held-out loss: cross entropy"
+        floor = smoothed_minimum(self.label_smoothing, NUM_CLASSES)
+        return (f"training loss: cross entropy with label smoothing {self.label_smoothing:g} (its minimum: "
+                f"{floor:.2f}){images}", "held-out loss: plain cross entropy (no smoothing)")
 
     def examples(self, model: nn.Module, n: int = 4) -> list[str]:
         """``n`` test digits spread over the split, as ASCII art under the predicted and true labels."""
