@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _grad
 from .reference import attention_ref, causal_mask
 
 NEG_INF = float("-inf")
@@ -100,7 +101,9 @@ def _zero_dead_rows(y: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
 
 class _Softmax(torch.autograd.Function):
     """softmax(scale * x + mask) along ``dim``: saves only the output; the backward is torch's softmax
-    backward times ``scale``, which is 0 wherever the output is 0 (masked entries, dead rows)."""
+    backward times ``scale``, which is 0 wherever the output is 0 (masked entries, dead rows). A float mask
+    that requires grad gets the softmax-input gradient summed to its shape; when a graph of the backward is
+    built (double backward) the backward is made of differentiable ops."""
 
     @staticmethod
     def forward(ctx, x, mask, dim, scale, is_causal):
@@ -120,6 +123,8 @@ class _Softmax(torch.autograd.Function):
         y = _zero_dead_rows(torch.softmax(z, dim), z, dim)
         ctx.save_for_backward(y)
         ctx.dim, ctx.scale = dim, scale
+        ctx.mask_shape = None if mask is None else tuple(mask.shape)
+        ctx.mask_dtype = None if mask is None else mask.dtype
         ctx.set_materialize_grads(False)
         return y
 
@@ -128,10 +133,19 @@ class _Softmax(torch.autograd.Function):
         if dy is None:
             return None, None, None, None, None
         (y,) = ctx.saved_tensors
-        dx = torch._softmax_backward_data(dy, y, ctx.dim, y.dtype)
-        if ctx.scale != 1.0:
-            dx.mul_(ctx.scale)     # a fresh tensor: no second full-size one
-        return dx, None, None, None, None
+        need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if _grad.create_graph():
+            dz = _grad.softmax_input_grad(y, dy, ctx.dim)
+            dx = dz * ctx.scale if need_x else None
+        else:
+            dz = torch._softmax_backward_data(dy, y, ctx.dim, y.dtype)
+            if not need_mask:
+                if ctx.scale != 1.0:
+                    dz.mul_(ctx.scale)     # a fresh tensor: no second full-size one
+                return dz, None, None, None, None
+            dx = dz * ctx.scale if need_x else None
+        dmask = _grad.sum_to(dz, ctx.mask_shape, ctx.mask_dtype) if need_mask else None
+        return dx, dmask, None, None, None
 
 
 def softmax(input: torch.Tensor, dim: int, mask: torch.Tensor | None, scale: float,

@@ -63,7 +63,7 @@ def check_softmax(dtype: torch.dtype, device: str, x: torch.Tensor, *, dim: int 
         k_mask = as_layout(t_mask.to(device), mask_layout)
         t_mask = t_mask.to(device)
     with bounds_checked(sm_mod, *KERNELS) as launches:
-        y = kernels.softmax(k_x, dim, k_mask, scale, is_causal)
+        y = kernels.softmax(k_x, dim, mask=k_mask, scale=scale, is_causal=is_causal)
         assert y.dtype == dtype and y.shape == x.shape
         assert_fresh_contiguous(y, k_x, name="softmax output")
         t_y = softmax_reference(t_x, dim, t_mask, scale, is_causal)
