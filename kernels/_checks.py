@@ -5,9 +5,10 @@ raises for the same input, so code written for torch (``except RuntimeError``, `
 catches ours too:
 
 - ``ArgumentValueError(ValueError, RuntimeError)``: a wrong shape, length, range or device (torch: RuntimeError);
-- ``ArgumentTypeError(TypeError, RuntimeError)``: a wrong or mismatched dtype (torch: RuntimeError, or its
-  subclass NotImplementedError for an integer input); an argument that is not a tensor at all stays a plain
-  ``TypeError``, as torch's argument parser raises;
+- ``ArgumentTypeError(TypeError, RuntimeError)``: a mismatched dtype (torch: RuntimeError);
+- ``DtypeNotImplementedError(TypeError, NotImplementedError)``: an input of a dtype the op does not compute in,
+  such as an integer tensor (torch: NotImplementedError, a RuntimeError, "... not implemented for 'Long'");
+  an argument that is not a tensor at all stays a plain ``TypeError``, as torch's argument parser raises;
 - ``DimIndexError(ValueError, IndexError)``: a dim out of range (torch: IndexError);
 - ``ShapeAssertionError(ValueError, AssertionError)``: the checks ``torch.nn.MultiheadAttention`` makes with
   ``assert``-style AssertionErrors.
@@ -28,6 +29,10 @@ class ArgumentValueError(ValueError, RuntimeError):
 
 class ArgumentTypeError(TypeError, RuntimeError):
     """A bad or mismatched dtype: a TypeError, and the RuntimeError torch raises."""
+
+
+class DtypeNotImplementedError(TypeError, NotImplementedError):
+    """An input dtype the op does not compute in: a TypeError, and the NotImplementedError torch raises."""
 
 
 class DimIndexError(ValueError, IndexError):
@@ -57,7 +62,7 @@ def check_float_tensor(name: str, t: object, op: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ArgumentTypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        raise DtypeNotImplementedError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     return t
 
 

@@ -134,13 +134,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return _grads([out, lse], [dout, dlse], wanted)
 
 
-def _reduced_dims(mask: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """For a mask viewed as 4-D (size-1 dims in front): the dims it is broadcast along (size 1, or stride 0
-    as an expanded view) and the shape its gradient is computed at (1 there, its size elsewhere)."""
-    m4 = mask[(None,) * (4 - mask.dim())] if mask.dim() < 4 else mask
-    dims = tuple(i for i in range(4) if m4.shape[i] == 1 or m4.stride(i) == 0)
-    shape = tuple(1 if i in dims else m4.shape[i] for i in range(4))
-    return dims, shape
+def _as_4d(mask: torch.Tensor) -> torch.Tensor:
+    return mask[(None,) * (4 - mask.dim())] if mask.dim() < 4 else mask
 
 
 def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -154,18 +149,18 @@ def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
     group = h // hkv
     ct = _compute_dtype(q)
-    dims, red_shape = _reduced_dims(mask)
-    m4 = mask[(None,) * (4 - mask.dim())] if mask.dim() < 4 else mask
-    grad = torch.zeros(red_shape, dtype=ct, device=q.device)
+    m4 = _as_4d(mask)
+    dims = tuple(i for i in range(4) if m4.shape[i] == 1)          # the dims the mask is broadcast along
+    grad = torch.zeros(m4.shape, dtype=ct, device=q.device)
     if (dout is None and dlse is None) or b * h * l * s == 0:
-        return _as_mask(grad, m4, mask)
+        return grad.reshape(mask.shape).to(mask.dtype)
     delta = torch.zeros((b, h, l), dtype=ct, device=q.device)
     if dout is not None:
         delta = (dout.to(ct) * out.to(ct)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(ct)
     lse_c = lse.to(ct)
-    dead = lse_c == float("-inf")
+    dead = ~torch.isfinite(lse_c)          # rows that see no key (-inf; whatever a kernel stores there)
     lse_c = lse_c.masked_fill(dead, 0.0)
     # (B, Hkv, G, rows, .): the query heads of a GQA group against their key/value head, no repeated k/v.
     qg = q.reshape(b, hkv, group, l, d)
@@ -193,13 +188,7 @@ def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
             grad += ds.sum(2, keepdim=True)
         else:
             grad[:, :, rows] += ds
-    return _as_mask(grad, m4, mask)
-
-
-def _as_mask(grad: torch.Tensor, m4: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The reduced 4-D gradient at ``mask``'s shape (expanded where the mask is broadcast) and dtype."""
-    grad = grad.to(mask.dtype).expand(m4.shape)
-    return grad[(0,) * (4 - mask.dim())] if mask.dim() < 4 else grad
+    return grad.reshape(mask.shape).to(mask.dtype)
 
 
 def mask_requires_grad(mask: object) -> bool:

@@ -243,11 +243,16 @@ def _materialize_causal(mask: torch.Tensor | None, l: int, s: int, device: torch
     return _combine(mask, causal_mask(l, s, device))
 
 
-class _FlashWithLse(torch.autograd.Function):
-    """The CPU flash kernel with a differentiable log-sum-exp (torch's own derivative treats it as a
-    constant). d lse_i / d s_ij = P_ij, so the lse gradient adds ``scale * dlse * (P @ K)`` to dq (P @ K:
-    one more flash forward, with K as the values) and ``scale * P^T (dlse * Q)`` to dk (the value
-    gradient of one more flash backward, with ``dlse * Q`` as the output gradient)."""
+class _Flash(torch.autograd.Function):
+    """The CPU flash kernel (top-left ``is_causal``, an additive mask at its broadcast size) with every gradient:
+    q/k/v from torch's flash backward, a differentiable log-sum-exp (torch's own derivative treats it as a
+    constant), the gradient of a float mask that requires grad (``_grad.attention_mask_grad``, chunked over
+    query blocks; the flash op itself refuses such a mask), and, when a graph of the backward is built, a
+    backward of differentiable ops (double backward, which torch's flash backward does not have).
+
+    The lse terms: d lse_i / d s_ij = P_ij, so the lse gradient adds ``scale * dlse * (P @ K)`` to dq (P @ K:
+    one more flash forward, with K as the values) and ``scale * P^T (dlse * Q)`` to dk (the value gradient of
+    one more flash backward, with ``dlse * Q`` as the output gradient)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, scale):
@@ -262,17 +267,28 @@ class _FlashWithLse(torch.autograd.Function):
         q, k, v, out, lse, mask = ctx.saved_tensors
         if dout is None and dlse is None:
             return None, None, None, None, None, None
+        needs = tuple(ctx.needs_input_grad[:4])
+        if _grad.create_graph():
+            return (*_grad.attention_backward(q, k, v, mask, None, dout, dlse, ctx.scale, ctx.is_causal, 0, 0.0,
+                                              needs), None, None)
+        dq = dk = dv = dmask = None
         flags = dict(attn_mask=mask, scale=ctx.scale)
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _FLASH_BWD(dout, q, k, v, out, lse, 0.0, ctx.is_causal, **flags)
-        if dlse is not None:
-            pk = _FLASH(q, k, k, 0.0, ctx.is_causal, **flags)[0]                  # P @ K
-            g = dlse.unsqueeze(-1)
-            dq = dq + (ctx.scale * g * pk).to(dq.dtype)
-            dk_lse = _FLASH_BWD((g * q).to(q.dtype), q, k, k, pk, lse, 0.0, ctx.is_causal, **flags)[2]
-            dk = dk + ctx.scale * dk_lse
-        return dq, dk, dv, None, None, None
+        if any(needs[:3]):
+            g_out = dout if dout is not None else torch.zeros_like(out)
+            dq, dk, dv = _FLASH_BWD(g_out, q, k, v, out, lse, 0.0, ctx.is_causal, **flags)
+            if dlse is not None:
+                pk = _FLASH(q, k, k, 0.0, ctx.is_causal, **flags)[0]                  # P @ K
+                g = dlse.unsqueeze(-1)
+                dq = dq + (ctx.scale * g * pk).to(dq.dtype)
+                dk_lse = _FLASH_BWD((g * q).to(q.dtype), q, k, k, pk, lse, 0.0, ctx.is_causal, **flags)[2]
+                dk = dk + ctx.scale * dk_lse
+        if needs[3]:
+            dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, ctx.scale, ctx.is_causal, 0, None)
+        return dq, dk, dv, dmask, None, None
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -282,7 +298,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
     torch's flash kernel runs wherever it applies: through ``F.scaled_dot_product_attention`` (the least
     overhead per call) unless the call needs what only the op itself takes (the lse, a mask together with
-    ``is_causal``, GQA without repeating heads on every torch version)."""
+    ``is_causal``, GQA without repeating heads on every torch version) or a gradient is wanted (``_Flash``:
+    mask gradients and second derivatives, which torch's flash path lacks)."""
     l, s = q.shape[-2], k.shape[-2]
     cpu = q.device.type == "cpu"
     flash = _FLASH is not None and cpu and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]
@@ -298,11 +315,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     gqa = k.shape[1] != q.shape[1]
     if flash:
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    if flash and (need_lse or gqa or (is_causal and mask is not None)):
+    grad = flash and _needs_grad(q, k, v, mask)
+    if flash and (grad or need_lse or gqa or (is_causal and mask is not None)):
         fmask = None if mask is None else _additive(mask, q.dtype)
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if need_lse and grad:
-            out, lse = _FlashWithLse.apply(q, k, v, fmask, is_causal, scale)
+        if grad:   # every gradient, the mask's and second derivatives included
+            out, lse = _Flash.apply(q, k, v, fmask, is_causal, scale)
         else:
             out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale)
         if need_lse and dead is not None:
@@ -329,10 +346,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
             and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None):
         # The common case in as few steps as possible (a call's Python work shows at short sequences):
         # self-attention (L == S, so causal is top-left too) without a mask, or with a plain key mask.
+        grad = _needs_grad(q, k, v)
         if attn_mask is None:
+            if grad:
+                return _Flash.apply(q, k, v, None, causal, scale)[0]
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-        if (not causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.stride(-1) == 1
-                and _TORCH_ZEROES_DEAD_ROWS and 0 not in attn_mask.stride()):
+        if (not grad and not causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4
+                and attn_mask.stride(-1) == 1 and _TORCH_ZEROES_DEAD_ROWS and 0 not in attn_mask.stride()):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     b, h, l, _ = q.shape
     s = k.shape[2]
@@ -375,22 +395,27 @@ def to_4d(t: torch.Tensor) -> torch.Tensor:
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float,
-                                 batch: Sequence[int], gqa: bool) -> torch.Tensor:
+                                 batch: Sequence[int], gqa: bool, causal_offset: int = 0) -> torch.Tensor:
     """``kernels.scaled_dot_product_attention`` (validated; ``batch``: the broadcast leading dims before
-    the head dim when ``gqa``, before (L, E) otherwise)."""
+    the head dim when ``gqa``, before (L, E) otherwise; ``is_causal`` with ``causal_offset``: key j <= i +
+    causal_offset, 0 for top-left, S - L for a ``causal_lower_right`` CausalBias, which comes without a mask)."""
     l, e = query.shape[-2:]
     s, ev = value.shape[-2:]
     hq = query.shape[-3] if gqa else None
     full = (*batch, hq, l, s) if gqa else (*batch, l, s)
-    if math.prod(full) == 0 or ev == 0:
+    if math.prod(full) == 0 or ev == 0:   # nothing to compute: no row sees a key, or nothing to see
         from .reference import scaled_dot_product_attention_ref
         return scaled_dot_product_attention_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, gqa)
+    if is_causal and causal_offset and (ev != e or dropout_p > 0 or query.device.type != "cpu" or _FLASH is None):
+        attn_mask, is_causal = causal_mask(l, s, query.device, bottom_right=True), False   # torch's math path
     if ev != e or dropout_p > 0 or query.device.type != "cpu" or _FLASH is None:
         # torch's function does these on its math path; ours only adds the dead-row convention
         if gqa:
             rep = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
         mask = attn_mask
+        if is_causal and mask is not None:   # both apply; torch's math path takes one or the other
+            mask, is_causal = _materialize_causal(mask, l, s, query.device), False
         sanitize = mask is not None and _sanitize(query.device)
         dead = _dead_rows(mask, is_causal, l, s) if sanitize else None
         if sanitize:
@@ -402,6 +427,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     q4 = to_4d(query.expand(*batch, hq, l, e) if gqa else query.expand(*batch, l, e))
     k4 = to_4d(key.expand(*batch, hk, s, e) if gqa else key.expand(*batch, s, e))
     v4 = to_4d(value.expand(*batch, hk, s, ev) if gqa else value.expand(*batch, s, ev))
+    if is_causal and causal_offset:   # bottom-right (CausalBias lower-right, L != S): our attention's causal
+        return attention(q4, k4, v4, True, None, None, scale, 0.0, False).reshape(*full[:-1], ev)
     mask4 = None
     if attn_mask is not None:  # converted at its own (broadcast) size, then a stride-0 view
         mask4 = to_4d(_additive(attn_mask, query.dtype).expand(full))

@@ -301,7 +301,8 @@ def softmax(input: torch.Tensor, dim: int | None = -1, _stacklevel: int = 3, dty
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"{op}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
         if dtype not in _checks.FLOAT_DTYPES:
-            raise _checks.ArgumentTypeError(f"{op}: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+            raise _checks.DtypeNotImplementedError(f"{op}: dtype must be float16, bfloat16, float32 or float64, got "
+                                                   f"{dtype}")
         if isinstance(input, torch.Tensor) and input.dtype != dtype:
             input = input.to(dtype)
     _checks.check_float_tensor("input", input, op)

@@ -393,8 +393,6 @@ def _bad_cases():
          ValueError, "mask"),
         ("int mask", lambda: kernels.softmax(x, mask=torch.ones(4, dtype=torch.int32)), TypeError, "mask"),
         ("mask not a tensor", lambda: kernels.softmax(x, mask=[True] * 4), TypeError, "mask"),
-        ("mask requires grad", lambda: kernels.softmax(x, mask=torch.zeros(4, requires_grad=True)), ValueError,
-         "mask"),
         ("is_causal along dim 1", lambda: kernels.softmax(x, 1, is_causal=True), ValueError, "is_causal"),
         ("is_causal on 1-D", lambda: kernels.softmax(torch.randn(4), is_causal=True), ValueError, "is_causal"),
         ("scale not a number", lambda: kernels.softmax(x, scale="2"), TypeError, "scale"),
