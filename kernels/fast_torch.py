@@ -244,11 +244,12 @@ def _materialize_causal(mask: torch.Tensor | None, l: int, s: int, device: torch
 
 
 class _Flash(torch.autograd.Function):
-    """The CPU flash kernel (top-left ``is_causal``, an additive mask at its broadcast size) with every gradient:
-    q/k/v from torch's flash backward, a differentiable log-sum-exp (torch's own derivative treats it as a
-    constant), the gradient of a float mask that requires grad (``_grad.attention_mask_grad``, chunked over
-    query blocks; the flash op itself refuses such a mask), and, when a graph of the backward is built, a
-    backward of differentiable ops (double backward, which torch's flash backward does not have).
+    """The CPU flash kernel (top-left ``is_causal``, an additive mask at its broadcast size) with the gradients
+    torch's own derivative of the op lacks: a differentiable log-sum-exp (torch's treats it as a constant), the
+    gradient of a float mask that requires grad (``_grad.attention_mask_grad``, chunked over query blocks; the
+    flash op itself refuses such a mask), and, when a graph of the backward is built, a backward of
+    differentiable ops (double backward). Used only where those are needed: an autograd.Function costs more
+    Python work per call than torch's own node with ``_differentiable_backward`` hooked on.
 
     The lse terms: d lse_i / d s_ij = P_ij, so the lse gradient adds ``scale * dlse * (P @ K)`` to dq (P @ K:
     one more flash forward, with K as the values) and ``scale * P^T (dlse * Q)`` to dk (the value gradient of
@@ -291,6 +292,31 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_FLASH_NODE = "ScaledDotProductFlashAttentionForCpuBackward0"
+
+
+def _differentiable_backward(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor | None, is_causal: bool, scale: float) -> torch.Tensor:
+    """Give torch's CPU flash node (``out.grad_fn``; its backward has no derivative) second derivatives: a hook
+    that, only when a graph of the backward is built, replaces the node's (dq, dk, dv) by the same gradients
+    from differentiable PyTorch ops (``_grad.attention_backward`` on the node's inputs). Costs a hook per call
+    (a few microseconds) instead of an autograd.Function; torch's other attention nodes have their own."""
+    node = out.grad_fn
+    if node is None or type(node).__name__ != _FLASH_NODE or torch.compiler.is_compiling():
+        return out
+    needs = (q.requires_grad, k.requires_grad, v.requires_grad, False)
+
+    def hook(grad_inputs, grad_outputs):
+        if not _grad.create_graph() or grad_outputs[0] is None:
+            return None
+        dq, dk, dv, _ = _grad.attention_backward(q, k, v, mask, None, grad_outputs[0], None, scale, is_causal, 0,
+                                                 0.0, needs)
+        return (dq, dk, dv, *grad_inputs[3:])
+
+    node.register_hook(hook)
+    return out
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
             scale: float, dropout_p: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, H, L, D) attention with a mask (bool or float, broadcastable) and top-left ``is_causal``;
@@ -298,8 +324,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
     torch's flash kernel runs wherever it applies: through ``F.scaled_dot_product_attention`` (the least
     overhead per call) unless the call needs what only the op itself takes (the lse, a mask together with
-    ``is_causal``, GQA without repeating heads on every torch version) or a gradient is wanted (``_Flash``:
-    mask gradients and second derivatives, which torch's flash path lacks)."""
+    ``is_causal``, GQA without repeating heads on every torch version). With gradients, torch's flash node
+    gets a hook for second derivatives (``_differentiable_backward``), and ``_Flash`` runs where torch's node
+    cannot give what is asked (a mask gradient, a differentiable lse)."""
     l, s = q.shape[-2], k.shape[-2]
     cpu = q.device.type == "cpu"
     flash = _FLASH is not None and cpu and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]
@@ -316,12 +343,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     if flash:
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     grad = flash and _needs_grad(q, k, v, mask)
-    if flash and (grad or need_lse or gqa or (is_causal and mask is not None)):
+    mask_grad = grad and _needs_grad(mask)
+    if flash and (mask_grad or need_lse or gqa or (is_causal and mask is not None)):
         fmask = None if mask is None else _additive(mask, q.dtype)
-        if grad:   # every gradient, the mask's and second derivatives included
+        if grad and (mask_grad or need_lse):   # the gradients torch's node lacks (see _Flash)
             out, lse = _Flash.apply(q, k, v, fmask, is_causal, scale)
         else:
             out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale)
+            if grad:
+                out = _differentiable_backward(out, q, k, v, fmask, is_causal, scale)
         if need_lse and dead is not None:
             lse = lse.masked_fill(dead.squeeze(-1), NEG_INF)
     else:
@@ -333,6 +363,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
             mask = _unit_last_stride(mask) if mask.dtype == torch.bool else _additive(mask, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                              scale=scale)
+        if grad:
+            out = _differentiable_backward(out, q, k, v, mask, is_causal, scale)
     if sanitize:
         out = out.masked_fill(dead, 0.0)
     return out, lse
@@ -346,14 +378,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
             and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None):
         # The common case in as few steps as possible (a call's Python work shows at short sequences):
         # self-attention (L == S, so causal is top-left too) without a mask, or with a plain key mask.
-        grad = _needs_grad(q, k, v)
         if attn_mask is None:
-            if grad:
-                return _Flash.apply(q, k, v, None, causal, scale)[0]
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-        if (not grad and not causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4
-                and attn_mask.stride(-1) == 1 and _TORCH_ZEROES_DEAD_ROWS and 0 not in attn_mask.stride()):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+            return _differentiable_backward(out, q, k, v, None, causal, scale) if out.requires_grad else out
+        if (not causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.stride(-1) == 1
+                and _TORCH_ZEROES_DEAD_ROWS and 0 not in attn_mask.stride()):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            return _differentiable_backward(out, q, k, v, attn_mask, False, scale) if out.requires_grad else out
     b, h, l, _ = q.shape
     s = k.shape[2]
     flash_lse = _FLASH is not None and q.device.type == "cpu" and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]

@@ -29,11 +29,16 @@ from kernels.nn import MultiheadAttention
 
 pytestmark = pytest.mark.usefixtures("op_backend")
 F64 = torch.float64
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # the ``device`` fixture's choice: the kernels run there
 
 
 def _rand(*shape, dtype=F64, seed=0, grad=False):
-    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEV)
     return t.requires_grad_() if grad else t
+
+
+def _keep(*shape):
+    return torch.ones(*shape, dtype=torch.bool, device=DEV)
 
 
 def _error(call):
@@ -89,9 +94,9 @@ def _sdpa_cases():
         "value dtype": ((q, k, v.half()), {}),
         "int inputs": ((q.int(), k.int(), v.int()), {}),
         "query not a tensor": (("q", k, v), {}),
-        "mask does not broadcast": ((q, k, v), dict(attn_mask=torch.ones(8, 9, **bool_))),
-        "5-D mask": ((q, k, v), dict(attn_mask=torch.ones(1, 2, 3, 8, 10))),
-        "int mask": ((q, k, v), dict(attn_mask=torch.ones(8, 10, dtype=torch.int32))),
+        "mask does not broadcast": ((q, k, v), dict(attn_mask=torch.ones(8, 9, **bool_, device=DEV))),
+        "5-D mask": ((q, k, v), dict(attn_mask=torch.ones(1, 2, 3, 8, 10, device=DEV))),
+        "int mask": ((q, k, v), dict(attn_mask=torch.ones(8, 10, dtype=torch.int32, device=DEV))),
         "heads differ": ((q, kg, vg), {}),
         "gqa heads do not divide": ((q[:, :3], kg, vg), dict(enable_gqa=True)),
         "dims differ and do not broadcast": ((q, kg[0], vg[0]), {}),
@@ -124,15 +129,15 @@ def _softmax_cases():
     x = _rand(2, 3, 4, dtype=torch.float32)
     return {
         "input not a tensor": (lambda: torch.softmax([1.0, 2.0], -1), lambda: kernels.softmax([1.0, 2.0])),
-        "int input": (lambda: F.softmax(torch.ones(3, 4, dtype=torch.int64), -1),
-                      lambda: kernels.softmax(torch.ones(3, 4, dtype=torch.int64), -1)),
+        "int input": (lambda: F.softmax(torch.ones(3, 4, dtype=torch.int64, device=DEV), -1),
+                      lambda: kernels.softmax(torch.ones(3, 4, dtype=torch.int64, device=DEV), -1)),
         "dim out of range": (lambda: F.softmax(x, 3), lambda: kernels.softmax(x, 3)),
         "dim not an int": (lambda: F.softmax(x, 1.0), lambda: kernels.softmax(x, 1.0)),
         "int dtype": (lambda: F.softmax(x, -1, dtype=torch.int64), lambda: kernels.softmax(x, -1, dtype=torch.int64)),
-        "mask does not broadcast": (lambda: torch.softmax(x.masked_fill(~torch.ones(5, dtype=torch.bool), 0), -1),
-                                    lambda: kernels.softmax(x, mask=torch.ones(5, dtype=torch.bool))),
-        "float mask does not broadcast": (lambda: torch.softmax(x + torch.zeros(3, 5), -1),
-                                          lambda: kernels.softmax(x, mask=torch.zeros(3, 5))),
+        "mask does not broadcast": (lambda: torch.softmax(x.masked_fill(~_keep(5), 0), -1),
+                                    lambda: kernels.softmax(x, mask=_keep(5))),
+        "float mask does not broadcast": (lambda: torch.softmax(x + torch.zeros(3, 5, device=DEV), -1),
+                                          lambda: kernels.softmax(x, mask=torch.zeros(3, 5, device=DEV))),
     }
 
 
@@ -146,10 +151,10 @@ def _norm_cases():
     x, w = _rand(4, 8, dtype=torch.float32), _rand(8, dtype=torch.float32, seed=1)
     return {
         "input not a tensor": ((F.layer_norm, kernels.layer_norm), ([1.0, 2.0], (2,))),
-        "int input": ((F.layer_norm, kernels.layer_norm), (torch.ones(4, 8, dtype=torch.int32), (8,))),
+        "int input": ((F.layer_norm, kernels.layer_norm), (torch.ones(4, 8, dtype=torch.int32, device=DEV), (8,))),
         "weight shape": ((F.layer_norm, kernels.layer_norm), (x, (8,), _rand(7, dtype=torch.float32))),
         "bias shape": ((F.layer_norm, kernels.layer_norm), (x, (8,), w, _rand(4, 8, dtype=torch.float32))),
-        "int weight": ((F.layer_norm, kernels.layer_norm), (x, (8,), torch.ones(8, dtype=torch.int64))),
+        "int weight": ((F.layer_norm, kernels.layer_norm), (x, (8,), torch.ones(8, dtype=torch.int64, device=DEV))),
         "fp16 weight, fp32 input": ((F.layer_norm, kernels.layer_norm), (x, (8,), w.half())),
         "fp64 bias, fp32 input": ((F.layer_norm, kernels.layer_norm), (x, (8,), w, w.double())),
         "normalized_shape mismatch": ((F.layer_norm, kernels.layer_norm), (x, (4,))),
@@ -193,7 +198,7 @@ def test_attention_errors_are_runtime_errors_too():
     q, k = _rand(2, 4, 8, 16), _rand(2, 2, 10, 16, seed=1)
     for call in (lambda: kernels.attention(q[0], k[0], k[0]), lambda: kernels.attention(q, k, k[:, :, :9]),
                  lambda: kernels.attention(q[:, :3], k, k), lambda: kernels.attention(q, k.float(), k),
-                 lambda: kernels.attention(q, k, k, attn_mask=torch.ones(8, 9, dtype=torch.bool))):
+                 lambda: kernels.attention(q, k, k, attn_mask=torch.ones(8, 9, dtype=torch.bool, device=DEV))):
         assert isinstance(_error(call), RuntimeError)
 
 
@@ -205,17 +210,18 @@ def test_mask_and_is_causal_both_apply_as_torch_cpu(mask_kind):
     """torch's CPU flash path (4-D) applies the mask and the top-left causal mask; ours does too, everywhere."""
     q, k, v = _rand(2, 3, 6, 8, grad=True), _rand(2, 3, 9, 8, seed=1, grad=True), _rand(2, 3, 9, 8, seed=2, grad=True)
     if mask_kind == "bool":
-        mask = torch.rand(6, 9, generator=torch.Generator().manual_seed(3)) > 0.3
+        mask = torch.rand(6, 9, generator=torch.Generator().manual_seed(3)).to(DEV) > 0.3
         mask[:, 0] = True
     elif mask_kind == "float":
         mask = _rand(6, 9, seed=3)
     else:
-        mask = torch.arange(9) < torch.tensor([9, 5])[:, None, None, None]
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+        mask = torch.arange(9, device=DEV) < torch.tensor([9, 5], device=DEV)[:, None, None, None]
+    tq, tk, tv = (t.detach().cpu().requires_grad_() for t in (q, k, v))   # torch's CPU behaviour
+    want = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask.cpu(), is_causal=True)
     got = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
-    _close(got, want)
-    for a, b in zip(_grads(got, (q, k, v)), _grads(want, (q, k, v))):
-        _close(a, b)
+    _close(got.cpu(), want)
+    for a, b in zip(_grads(got, (q, k, v)), _grads(want, (tq, tk, tv))):
+        _close(a.cpu(), b)
 
 
 def test_mask_and_is_causal_where_torchs_math_path_refuses():
@@ -225,7 +231,7 @@ def test_mask_and_is_causal_where_torchs_math_path_refuses():
     mask = _rand(5, 7, seed=3)
     with pytest.raises(RuntimeError, match="Explicit attn_mask should not be set when is_causal=True"):
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
-    combined = mask.masked_fill(~torch.ones(5, 7, dtype=torch.bool).tril(), float("-inf"))
+    combined = mask.masked_fill(~torch.ones(5, 7, dtype=torch.bool, device=DEV).tril(), float("-inf"))
     _close(kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True),
            F.scaled_dot_product_attention(q, k, v, attn_mask=combined))
 
@@ -258,19 +264,20 @@ def test_causal_bias_matches_torch(variant, ls, gqa, op_backend):
     hk = 1 if gqa else 2
     q = _rand(2, 2, l, 8, grad=True)
     k, v = _rand(2, hk, s, 8, seed=1, grad=True), _rand(2, hk, s, 8, seed=2, grad=True)
+    tq, tk, tv = (t.detach().cpu().requires_grad_() for t in (q, k, v))   # torch's CPU behaviour
     with warnings.catch_warnings():   # torch warns that lower-right with L > S gives NaN (both give 0 here)
         warnings.simplefilter("ignore")
         bias = variant(l, s)
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
+        want = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=bias, enable_gqa=gqa)
     with _AttentionOps() as ops:
         got = kernels.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
-    _close(got, want)
-    for a, b in zip(_grads(got, (q, k, v)), _grads(want, (q, k, v))):
-        _close(a, b)
+    _close(got.cpu(), want)
+    for a, b in zip(_grads(got, (q, k, v)), _grads(want, (tq, tk, tv))):
+        _close(a.cpu(), b)
     lower = variant is causal_lower_right and l != s
     if op_backend == "triton":   # never materialized: the kernel's causal flag with the alignment's offset
         assert ops.calls == [("kernel", None, True, s - l if lower else 0)], ops.calls
-    elif not (lower and s > l):  # the PyTorch path: flash's is_causal (bottom-right with L < S takes a mask)
+    elif DEV == "cpu" and not (lower and s > l):   # torch's CPU flash with is_causal (L < S bottom-right: a mask)
         assert [c[:3] for c in ops.calls] == [("flash", None, True)], ops.calls
 
 
@@ -292,7 +299,7 @@ class _Relabelled(torch.Tensor):
 
 def test_unknown_tensor_subclass_is_refused_not_read():
     q, k = _rand(1, 2, 4, 8), _rand(1, 2, 6, 8, seed=1)
-    mask = torch.zeros(4, 6, dtype=F64).as_subclass(_Relabelled)
+    mask = torch.zeros(4, 6, dtype=F64, device=DEV).as_subclass(_Relabelled)
     for call in (lambda: kernels.scaled_dot_product_attention(q, k, k, attn_mask=mask),
                  lambda: kernels.attention(q, k, k, attn_mask=mask),
                  lambda: kernels.softmax(q, mask=mask[0, :4].reshape(4, 1).expand(4, 8))):
@@ -313,7 +320,7 @@ def test_sdpa_mask_gradient_matches_torch(shape, causal):
     q, k, v = _rand(2, 3, 5, 8, grad=True), _rand(2, 3, 7, 8, seed=1, grad=True), _rand(2, 3, 7, 8, seed=2, grad=True)
     mask = _rand(*shape, seed=3, grad=True)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if not causal else
-                                          mask.masked_fill(~torch.ones(5, 7, dtype=torch.bool).tril(), float("-inf")))
+                                          mask.masked_fill(~_keep(5, 7).tril(), float("-inf")))
     got = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     _close(got, want)
     g_got, g_want = _grads(got, (q, k, v, mask)), _grads(want, (q, k, v, mask))
@@ -325,7 +332,7 @@ def test_mask_gradcheck_through_every_feature():
     q = _rand(2, 4, 5, 8, grad=True)
     k, v = _rand(2, 2, 7, 8, seed=1, grad=True), _rand(2, 2, 7, 6, seed=2, grad=True)
     mask = _rand(1, 4, 5, 7, seed=3, grad=True)
-    seqlens = torch.tensor([7, 4])
+    seqlens = torch.tensor([7, 4], device=DEV)
     fn = lambda a, b, c, m: kernels.attention(a, b, c, attn_mask=m, causal=True, seqlens_k=seqlens, return_lse=True)
     assert torch.autograd.gradcheck(fn, (q, k, v, mask), fast_mode=True)
     fn = lambda m: kernels.scaled_dot_product_attention(q[0], k[0].repeat(2, 1, 1), v[0].repeat(2, 1, 1), attn_mask=m)
@@ -398,7 +405,7 @@ def test_softmax_dtype_and_torchs_positional_signature():
         assert ga.dtype == gb.dtype == torch.float32
         _close(ga, gb, rtol=1e-2 if got.dtype == torch.float16 else 1e-6, atol=1e-3 if got.dtype == torch.float16
                else 1e-7)
-    ints = torch.arange(12).reshape(3, 4)
+    ints = torch.arange(12, device=DEV).reshape(3, 4)
     _close(kernels.softmax(ints, -1, dtype=torch.float32), F.softmax(ints, -1, dtype=torch.float32), rtol=1e-6,
            atol=1e-7)
 
@@ -406,9 +413,9 @@ def test_softmax_dtype_and_torchs_positional_signature():
 def test_softmax_extra_arguments_are_keyword_only():
     x = _rand(2, 3)
     with pytest.raises(TypeError, match="keyword-only"):
-        kernels.softmax(x, -1, torch.ones(3, dtype=torch.bool))
+        kernels.softmax(x, -1, torch.ones(3, dtype=torch.bool, device=DEV))
     with pytest.raises(TypeError):
-        kernels.softmax(x, -1, 3, None, torch.ones(3, dtype=torch.bool))
+        kernels.softmax(x, -1, 3, None, torch.ones(3, dtype=torch.bool, device=DEV))
 
 
 def test_softmax_dim_none_is_torchs_legacy_choice():
@@ -474,14 +481,14 @@ def test_softmax_second_derivatives(case):
     if case == "plain":
         ours, theirs, args = (lambda a: kernels.softmax(a, -1), lambda a: F.softmax(a, -1), (x,))
     elif case == "mask-scale":
-        keep = torch.tensor([True, False, True, True, True])
+        keep = torch.tensor([True, False, True, True, True], device=DEV)
         ours = lambda a: kernels.softmax(a, -1, mask=keep, scale=0.5)
         theirs = lambda a: F.softmax((0.5 * a).masked_fill(~keep, float("-inf")), -1)
         args = (x,)
     elif case == "causal":
         x = _rand(2, 5, 5, grad=True)
         ours = lambda a: kernels.softmax(a, is_causal=True)
-        theirs = lambda a: F.softmax(a.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf")), -1)
+        theirs = lambda a: F.softmax(a.masked_fill(~_keep(5, 5).tril(), float("-inf")), -1)
         args = (x,)
     else:
         m = _rand(1, 3, 5, seed=1, grad=True)
@@ -495,16 +502,32 @@ def test_softmax_second_derivatives(case):
         _close(a, b)
 
 
-@pytest.mark.parametrize("case", ["attention-causal-lse", "attention-gqa-seqlens-mask", "sdpa-mask-causal",
-                                  "sdpa-3d", "sdpa-causal-bias", "sdpa-ev"])
+@pytest.mark.parametrize("case", ["attention-self", "attention-gqa-causal", "attention-bool-mask",
+                                  "attention-causal-lse", "attention-gqa-seqlens-mask", "sdpa-mask-causal",
+                                  "sdpa-fixed-mask-causal", "sdpa-3d", "sdpa-causal-bias", "sdpa-ev"])
 def test_attention_second_derivatives(case):
+    """Every route: on the PyTorch path torch's own flash node (with our hook), ``_Flash``, torch's math path."""
     q = _rand(1, 2, 5, 8, grad=True)
     k, v = _rand(1, 2, 7, 8, seed=1, grad=True), _rand(1, 2, 7, 8, seed=2, grad=True)
-    if case == "attention-causal-lse":
+    if case == "attention-self":
+        x, y, z = (_rand(1, 2, 6, 8, seed=i, grad=True) for i in range(3))
+        _gradgrad(lambda a, b, c: kernels.attention(a, b, c, causal=True), (x, y, z))
+    elif case == "attention-gqa-causal":
+        _gradgrad(lambda a, b, c: kernels.attention(a, b, c, causal=True), (q, k[:, :1], v[:, :1]))
+    elif case == "attention-bool-mask":
+        x, y, z = (_rand(2, 2, 6, 8, seed=i, grad=True) for i in range(3))
+        keep = torch.arange(6, device=DEV) < torch.tensor([6, 4], device=DEV)[:, None, None, None]
+        _gradgrad(lambda a, b, c: kernels.attention(a, b, c, attn_mask=keep.expand(2, 2, 6, 6).contiguous()),
+                  (x, y, z))
+    elif case == "sdpa-fixed-mask-causal":
+        mask = _rand(5, 7, seed=3)
+        _gradgrad(lambda a, b, c: kernels.scaled_dot_product_attention(a, b, c, attn_mask=mask, is_causal=True),
+                  (q, k, v))
+    elif case == "attention-causal-lse":
         _gradgrad(lambda a, b, c: kernels.attention(a, b, c, causal=True, return_lse=True), (q, k, v))
     elif case == "attention-gqa-seqlens-mask":
         mask = _rand(5, 7, seed=3, grad=True)
-        _gradgrad(lambda a, b, c, m: kernels.attention(a, b, c, attn_mask=m, seqlens_k=torch.tensor([6])),
+        _gradgrad(lambda a, b, c, m: kernels.attention(a, b, c, attn_mask=m, seqlens_k=torch.tensor([6], device=DEV)),
                   (q, k[:, :1], v[:, :1], mask))
     elif case == "sdpa-mask-causal":
         mask = _rand(1, 2, 5, 7, seed=3, grad=True)
@@ -553,7 +576,7 @@ def _mha_pair(**kwargs):
     ref = torch.nn.MultiheadAttention(**kwargs, dtype=F64)
     ours = MultiheadAttention(**kwargs, dtype=F64)
     ours.load_state_dict(ref.state_dict())
-    return ref.eval(), ours.eval()
+    return ref.to(DEV).eval(), ours.to(DEV).eval()
 
 
 def _mha_bad_cases():
@@ -567,18 +590,19 @@ def _mha_bad_cases():
         "4-D query": dict(args=(q[None], k[None], k[None])),
         "1-D query": dict(args=(q[0, 0], k[0, 0], k[0, 0])),
         "2-D key with 3-D query": dict(args=(q, k[:, 0], k[:, 0])),
-        "3-D key_padding_mask": dict(args=(q, k, k), key_padding_mask=torch.zeros(N, S, 1, **b)),
-        "4-D attn_mask": dict(args=(q, k, k), attn_mask=torch.zeros(1, 1, L, S, **b)),
-        "2-D attn_mask shape": dict(args=(q, k, k), attn_mask=torch.zeros(L, 6, **b)),
-        "3-D attn_mask shape": dict(args=(q, k, k), attn_mask=torch.zeros(N, L, S, **b)),
-        "key_padding_mask length": dict(args=(q, k, k), key_padding_mask=torch.zeros(N, 6, **b)),
-        "key_padding_mask batch": dict(args=(q, k, k), key_padding_mask=torch.zeros(3, S, **b)),
-        "int attn_mask": dict(args=(q, k, k), attn_mask=torch.zeros(L, S, dtype=torch.int32)),
-        "int key_padding_mask": dict(args=(q, k, k), key_padding_mask=torch.zeros(N, S, dtype=torch.int32)),
+        "3-D key_padding_mask": dict(args=(q, k, k), key_padding_mask=torch.zeros(N, S, 1, **b, device=DEV)),
+        "4-D attn_mask": dict(args=(q, k, k), attn_mask=torch.zeros(1, 1, L, S, **b, device=DEV)),
+        "2-D attn_mask shape": dict(args=(q, k, k), attn_mask=torch.zeros(L, 6, **b, device=DEV)),
+        "3-D attn_mask shape": dict(args=(q, k, k), attn_mask=torch.zeros(N, L, S, **b, device=DEV)),
+        "key_padding_mask length": dict(args=(q, k, k), key_padding_mask=torch.zeros(N, 6, **b, device=DEV)),
+        "key_padding_mask batch": dict(args=(q, k, k), key_padding_mask=torch.zeros(3, S, **b, device=DEV)),
+        "int attn_mask": dict(args=(q, k, k), attn_mask=torch.zeros(L, S, dtype=torch.int32, device=DEV)),
+        "int key_padding_mask": dict(args=(q, k, k), key_padding_mask=torch.zeros(N, S, dtype=torch.int32, device=DEV)),
         "is_causal without a mask": dict(args=(q, k, k), is_causal=True),
         "is_causal, mask needed for the weights": dict(args=(q, q, q), is_causal=True,
-                                                       attn_mask=torch.zeros(3, 3, **b)),
-        "unbatched 3-D attn_mask": dict(args=(q[:, 0], k[:, 0], k[:, 0]), attn_mask=torch.zeros(3, L, S, **b)),
+                                                       attn_mask=torch.zeros(3, 3, **b, device=DEV)),
+        "unbatched 3-D attn_mask": dict(args=(q[:, 0], k[:, 0], k[:, 0]),
+                                        attn_mask=torch.zeros(3, L, S, **b, device=DEV)),
         "kdim: key and value lengths differ": dict(args=(q, _rand(S, N, 8), _rand(6, N, 12)), kdim=8, vdim=12),
         "kdim: wrong key dim": dict(args=(q, _rand(S, N, 9), _rand(S, N, 12)), kdim=8, vdim=12),
     }
@@ -608,12 +632,12 @@ def test_mha_is_causal_is_a_hint_as_in_torch(batch_first):
     and applies the top-left causal mask; with either it uses the mask."""
     ref, ours = _mha_pair(embed_dim=16, num_heads=4, batch_first=batch_first)
     x = _rand(2, 6, 16, grad=True) if batch_first else _rand(6, 2, 16, grad=True)
-    wrong = torch.zeros(3, 3, dtype=torch.bool)
+    wrong = torch.zeros(3, 3, dtype=torch.bool, device=DEV)
     want, _ = ref(x, x, x, attn_mask=wrong, is_causal=True, need_weights=False)
     got, _ = ours(x, x, x, attn_mask=wrong, is_causal=True, need_weights=False)
     _close(got, want)
-    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
-    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    causal = torch.ones(6, 6, dtype=torch.bool, device=DEV).triu(1)
+    kpm = torch.zeros(2, 6, dtype=torch.bool, device=DEV)
     kpm[1, 4:] = True
     for kw in (dict(need_weights=True), dict(key_padding_mask=kpm, need_weights=False)):
         want, w_want = ref(x, x, x, attn_mask=causal, is_causal=True, **kw)
@@ -627,7 +651,7 @@ def _transformers():
     torch.manual_seed(0)
     kw = dict(d_model=16, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=32, dropout=0.0,
               dtype=F64)
-    return [torch.nn.Transformer(**kw, batch_first=True), torch.nn.Transformer(**kw, norm_first=True)]
+    return [torch.nn.Transformer(**kw, batch_first=True).to(DEV), torch.nn.Transformer(**kw, norm_first=True).to(DEV)]
 
 
 @pytest.mark.parametrize("index", [0, 1])
@@ -638,8 +662,8 @@ def test_replace_modules_on_nn_transformer_gives_torchs_results(index):
     bf = ref.batch_first
     src = _rand(2, 7, 16, seed=1) if bf else _rand(7, 2, 16, seed=1)
     tgt = _rand(2, 5, 16, seed=2) if bf else _rand(5, 2, 16, seed=2)
-    tgt_mask = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=F64)
-    src_kpm = torch.zeros(2, 7, dtype=torch.bool)
+    tgt_mask = torch.nn.Transformer.generate_square_subsequent_mask(5, device=DEV, dtype=F64)
+    src_kpm = torch.zeros(2, 7, dtype=torch.bool, device=DEV)
     src_kpm[1, 5:] = True
     learned = torch.nn.Parameter(_rand(7, 7, seed=3))
     for kw in (dict(tgt_mask=tgt_mask, tgt_is_causal=True), dict(tgt_mask=tgt_mask, src_key_padding_mask=src_kpm),
@@ -663,12 +687,12 @@ def test_replace_modules_on_nn_transformer_gives_torchs_results(index):
 
 def test_fully_masked_rows_give_zero_where_torch_may_give_nan():
     q, k = _rand(1, 2, 4, 8, grad=True), _rand(1, 2, 6, 8, seed=1, grad=True)
-    keep = torch.ones(4, 6, dtype=torch.bool)
+    keep = torch.ones(4, 6, dtype=torch.bool, device=DEV)
     keep[2] = False
     out = kernels.scaled_dot_product_attention(q, k, k, attn_mask=keep)
     assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
     (gq,) = torch.autograd.grad(out.sum(), q)
     assert torch.equal(gq[:, :, 2], torch.zeros_like(gq[:, :, 2]))
-    dead = torch.full((2, 3), float("-inf"), dtype=F64)
+    dead = torch.full((2, 3), float("-inf"), dtype=F64, device=DEV)
     y = kernels.softmax(dead)
     assert torch.equal(y, torch.zeros_like(y)) and torch.isnan(torch.softmax(dead, -1)).all()
