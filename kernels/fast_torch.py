@@ -301,8 +301,10 @@ def _differentiable_backward(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     that, only when a graph of the backward is built, replaces the node's (dq, dk, dv) by the same gradients
     from differentiable PyTorch ops (``_grad.attention_backward`` on the node's inputs). Costs a hook per call
     (a few microseconds) instead of an autograd.Function; torch's other attention nodes have their own."""
+    if torch.compiler.is_compiling():   # no double backward under torch.compile: nothing to hook
+        return out
     node = out.grad_fn
-    if node is None or type(node).__name__ != _FLASH_NODE or torch.compiler.is_compiling():
+    if node is None or type(node).__name__ != _FLASH_NODE:
         return out
     needs = (q.requires_grad, k.requires_grad, v.requires_grad, False)
 
