@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _grad
 from .reference import attention_ref, causal_mask
 
 NEG_INF = float("-inf")
@@ -100,7 +101,9 @@ def _zero_dead_rows(y: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
 
 class _Softmax(torch.autograd.Function):
     """softmax(scale * x + mask) along ``dim``: saves only the output; the backward is torch's softmax
-    backward times ``scale``, which is 0 wherever the output is 0 (masked entries, dead rows)."""
+    backward times ``scale``, which is 0 wherever the output is 0 (masked entries, dead rows). A float mask
+    that requires grad gets the softmax-input gradient summed to its shape; when a graph of the backward is
+    built (double backward) the backward is made of differentiable ops."""
 
     @staticmethod
     def forward(ctx, x, mask, dim, scale, is_causal):
@@ -120,6 +123,8 @@ class _Softmax(torch.autograd.Function):
         y = _zero_dead_rows(torch.softmax(z, dim), z, dim)
         ctx.save_for_backward(y)
         ctx.dim, ctx.scale = dim, scale
+        ctx.mask_shape = None if mask is None else tuple(mask.shape)
+        ctx.mask_dtype = None if mask is None else mask.dtype
         ctx.set_materialize_grads(False)
         return y
 
@@ -128,10 +133,19 @@ class _Softmax(torch.autograd.Function):
         if dy is None:
             return None, None, None, None, None
         (y,) = ctx.saved_tensors
-        dx = torch._softmax_backward_data(dy, y, ctx.dim, y.dtype)
-        if ctx.scale != 1.0:
-            dx.mul_(ctx.scale)     # a fresh tensor: no second full-size one
-        return dx, None, None, None, None
+        need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if _grad.create_graph():
+            dz = _grad.softmax_input_grad(y, dy, ctx.dim)
+            dx = dz * ctx.scale if need_x else None
+        else:
+            dz = torch._softmax_backward_data(dy, y, ctx.dim, y.dtype)
+            if not need_mask:
+                if ctx.scale != 1.0:
+                    dz.mul_(ctx.scale)     # a fresh tensor: no second full-size one
+                return dz, None, None, None, None
+            dx = dz * ctx.scale if need_x else None
+        dmask = _grad.sum_to(dz, ctx.mask_shape, ctx.mask_dtype) if need_mask else None
+        return dx, dmask, None, None, None
 
 
 def softmax(input: torch.Tensor, dim: int, mask: torch.Tensor | None, scale: float,
@@ -229,11 +243,17 @@ def _materialize_causal(mask: torch.Tensor | None, l: int, s: int, device: torch
     return _combine(mask, causal_mask(l, s, device))
 
 
-class _FlashWithLse(torch.autograd.Function):
-    """The CPU flash kernel with a differentiable log-sum-exp (torch's own derivative treats it as a
-    constant). d lse_i / d s_ij = P_ij, so the lse gradient adds ``scale * dlse * (P @ K)`` to dq (P @ K:
-    one more flash forward, with K as the values) and ``scale * P^T (dlse * Q)`` to dk (the value
-    gradient of one more flash backward, with ``dlse * Q`` as the output gradient)."""
+class _Flash(torch.autograd.Function):
+    """The CPU flash kernel (top-left ``is_causal``, an additive mask at its broadcast size) with the gradients
+    torch's own derivative of the op lacks: a differentiable log-sum-exp (torch's treats it as a constant), the
+    gradient of a float mask that requires grad (``_grad.attention_mask_grad``, chunked over query blocks; the
+    flash op itself refuses such a mask), and, when a graph of the backward is built, a backward of
+    differentiable ops (double backward). Used only where those are needed: an autograd.Function costs more
+    Python work per call than torch's own node with ``_differentiable_backward`` hooked on.
+
+    The lse terms: d lse_i / d s_ij = P_ij, so the lse gradient adds ``scale * dlse * (P @ K)`` to dq (P @ K:
+    one more flash forward, with K as the values) and ``scale * P^T (dlse * Q)`` to dk (the value gradient of
+    one more flash backward, with ``dlse * Q`` as the output gradient)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, scale):
@@ -248,17 +268,55 @@ class _FlashWithLse(torch.autograd.Function):
         q, k, v, out, lse, mask = ctx.saved_tensors
         if dout is None and dlse is None:
             return None, None, None, None, None, None
+        needs = tuple(ctx.needs_input_grad[:4])
+        if _grad.create_graph():
+            return (*_grad.attention_backward(q, k, v, mask, None, dout, dlse, ctx.scale, ctx.is_causal, 0, 0.0,
+                                              needs), None, None)
+        dq = dk = dv = dmask = None
         flags = dict(attn_mask=mask, scale=ctx.scale)
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _FLASH_BWD(dout, q, k, v, out, lse, 0.0, ctx.is_causal, **flags)
-        if dlse is not None:
-            pk = _FLASH(q, k, k, 0.0, ctx.is_causal, **flags)[0]                  # P @ K
-            g = dlse.unsqueeze(-1)
-            dq = dq + (ctx.scale * g * pk).to(dq.dtype)
-            dk_lse = _FLASH_BWD((g * q).to(q.dtype), q, k, k, pk, lse, 0.0, ctx.is_causal, **flags)[2]
-            dk = dk + ctx.scale * dk_lse
-        return dq, dk, dv, None, None, None
+        if any(needs[:3]):
+            g_out = dout if dout is not None else torch.zeros_like(out)
+            dq, dk, dv = _FLASH_BWD(g_out, q, k, v, out, lse, 0.0, ctx.is_causal, **flags)
+            if dlse is not None:
+                pk = _FLASH(q, k, k, 0.0, ctx.is_causal, **flags)[0]                  # P @ K
+                g = dlse.unsqueeze(-1)
+                dq = dq + (ctx.scale * g * pk).to(dq.dtype)
+                dk_lse = _FLASH_BWD((g * q).to(q.dtype), q, k, k, pk, lse, 0.0, ctx.is_causal, **flags)[2]
+                dk = dk + ctx.scale * dk_lse
+        if needs[3]:
+            dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, ctx.scale, ctx.is_causal, 0, None)
+        return dq, dk, dv, dmask, None, None
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+_FLASH_NODE = "ScaledDotProductFlashAttentionForCpuBackward0"
+
+
+def _differentiable_backward(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor | None, is_causal: bool, scale: float) -> torch.Tensor:
+    """Give torch's CPU flash node (``out.grad_fn``; its backward has no derivative) second derivatives: a hook
+    that, only when a graph of the backward is built, replaces the node's (dq, dk, dv) by the same gradients
+    from differentiable PyTorch ops (``_grad.attention_backward`` on the node's inputs). Costs a hook per call
+    (a few microseconds) instead of an autograd.Function; torch's other attention nodes have their own."""
+    if torch.compiler.is_compiling():   # no double backward under torch.compile: nothing to hook
+        return out
+    node = out.grad_fn
+    if node is None or type(node).__name__ != _FLASH_NODE:
+        return out
+    needs = (q.requires_grad, k.requires_grad, v.requires_grad, False)
+
+    def hook(grad_inputs, grad_outputs):
+        if not _grad.create_graph() or grad_outputs[0] is None:
+            return None
+        dq, dk, dv, _ = _grad.attention_backward(q, k, v, mask, None, grad_outputs[0], None, scale, is_causal, 0,
+                                                 0.0, needs)
+        return (dq, dk, dv, *grad_inputs[3:])
+
+    node.register_hook(hook)
+    return out
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -268,7 +326,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
     torch's flash kernel runs wherever it applies: through ``F.scaled_dot_product_attention`` (the least
     overhead per call) unless the call needs what only the op itself takes (the lse, a mask together with
-    ``is_causal``, GQA without repeating heads on every torch version)."""
+    ``is_causal``, GQA without repeating heads on every torch version). With gradients, torch's flash node
+    gets a hook for second derivatives (``_differentiable_backward``), and ``_Flash`` runs where torch's node
+    cannot give what is asked (a mask gradient, a differentiable lse)."""
     l, s = q.shape[-2], k.shape[-2]
     cpu = q.device.type == "cpu"
     flash = _FLASH is not None and cpu and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]
@@ -284,13 +344,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     gqa = k.shape[1] != q.shape[1]
     if flash:
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    if flash and (need_lse or gqa or (is_causal and mask is not None)):
+    grad = flash and _needs_grad(q, k, v, mask)
+    mask_grad = grad and _needs_grad(mask)
+    if flash and (mask_grad or need_lse or gqa or (is_causal and mask is not None)):
         fmask = None if mask is None else _additive(mask, q.dtype)
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if need_lse and grad:
-            out, lse = _FlashWithLse.apply(q, k, v, fmask, is_causal, scale)
+        if grad and (mask_grad or need_lse):   # the gradients torch's node lacks (see _Flash)
+            out, lse = _Flash.apply(q, k, v, fmask, is_causal, scale)
         else:
             out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale)
+            if grad:
+                out = _differentiable_backward(out, q, k, v, fmask, is_causal, scale)
         if need_lse and dead is not None:
             lse = lse.masked_fill(dead.squeeze(-1), NEG_INF)
     else:
@@ -302,6 +365,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
             mask = _unit_last_stride(mask) if mask.dtype == torch.bool else _additive(mask, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                              scale=scale)
+        if grad:
+            out = _differentiable_backward(out, q, k, v, mask, is_causal, scale)
     if sanitize:
         out = out.masked_fill(dead, 0.0)
     return out, lse
@@ -316,10 +381,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
         # The common case in as few steps as possible (a call's Python work shows at short sequences):
         # self-attention (L == S, so causal is top-left too) without a mask, or with a plain key mask.
         if attn_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+            return _differentiable_backward(out, q, k, v, None, causal, scale) if out.requires_grad else out
         if (not causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.stride(-1) == 1
                 and _TORCH_ZEROES_DEAD_ROWS and 0 not in attn_mask.stride()):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            return _differentiable_backward(out, q, k, v, attn_mask, False, scale) if out.requires_grad else out
     b, h, l, _ = q.shape
     s = k.shape[2]
     flash_lse = _FLASH is not None and q.device.type == "cpu" and dropout_p == 0.0 and v.shape[-1] == q.shape[-1]
@@ -361,22 +428,27 @@ def to_4d(t: torch.Tensor) -> torch.Tensor:
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float,
-                                 batch: Sequence[int], gqa: bool) -> torch.Tensor:
+                                 batch: Sequence[int], gqa: bool, causal_offset: int = 0) -> torch.Tensor:
     """``kernels.scaled_dot_product_attention`` (validated; ``batch``: the broadcast leading dims before
-    the head dim when ``gqa``, before (L, E) otherwise)."""
+    the head dim when ``gqa``, before (L, E) otherwise; ``is_causal`` with ``causal_offset``: key j <= i +
+    causal_offset, 0 for top-left, S - L for a ``causal_lower_right`` CausalBias, which comes without a mask)."""
     l, e = query.shape[-2:]
     s, ev = value.shape[-2:]
     hq = query.shape[-3] if gqa else None
     full = (*batch, hq, l, s) if gqa else (*batch, l, s)
-    if math.prod(full) == 0 or ev == 0:
+    if math.prod(full) == 0 or ev == 0:   # nothing to compute: no row sees a key, or nothing to see
         from .reference import scaled_dot_product_attention_ref
         return scaled_dot_product_attention_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, gqa)
+    if is_causal and causal_offset and (ev != e or dropout_p > 0 or query.device.type != "cpu" or _FLASH is None):
+        attn_mask, is_causal = causal_mask(l, s, query.device, bottom_right=True), False   # torch's math path
     if ev != e or dropout_p > 0 or query.device.type != "cpu" or _FLASH is None:
         # torch's function does these on its math path; ours only adds the dead-row convention
         if gqa:
             rep = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
         mask = attn_mask
+        if is_causal and mask is not None:   # both apply; torch's math path takes one or the other
+            mask, is_causal = _materialize_causal(mask, l, s, query.device), False
         sanitize = mask is not None and _sanitize(query.device)
         dead = _dead_rows(mask, is_causal, l, s) if sanitize else None
         if sanitize:
@@ -388,6 +460,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     q4 = to_4d(query.expand(*batch, hq, l, e) if gqa else query.expand(*batch, l, e))
     k4 = to_4d(key.expand(*batch, hk, s, e) if gqa else key.expand(*batch, s, e))
     v4 = to_4d(value.expand(*batch, hk, s, ev) if gqa else value.expand(*batch, s, ev))
+    if is_causal and causal_offset:   # bottom-right (CausalBias lower-right, L != S): our attention's causal
+        return attention(q4, k4, v4, True, None, None, scale, 0.0, False).reshape(*full[:-1], ev)
     mask4 = None
     if attn_mask is not None:  # converted at its own (broadcast) size, then a stride-0 view
         mask4 = to_4d(_additive(attn_mask, query.dtype).expand(full))

@@ -8,9 +8,12 @@ only routes around torch's inference fast path, which would otherwise skip its (
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
+from . import _checks
 from .attention import scaled_dot_product_attention
 from .layer_norm import layer_norm, rms_norm
 from .softmax import softmax
@@ -54,24 +57,34 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ``need_weights=False``, our masked softmax kernel when the weights are asked for.
 
     Constructor, parameters (``in_proj_weight``/``in_proj_bias``, ``q/k/v_proj_weight`` when kdim/vdim
-    differ, ``bias_k``/``bias_v``, ``out_proj``), masks (bool True = masked, float added) and return
-    values are torch's. One difference: a query whose keys are all masked gets a zero output (and zero
-    weights) in every mode. torch's (2.13, CPU) gives NaN there with ``need_weights=True``, and with
-    ``need_weights=False`` in eval mode under ``no_grad`` (its fast path); otherwise 0 as well."""
+    differ, ``bias_k``/``bias_v``, ``out_proj``), masks (bool True = masked, float added; a float mask may
+    require grad), return values and argument checks (the checks torch makes, in its order, with its exception
+    types, before any projection) are torch's. ``is_causal=True`` is a hint, as in torch: it needs
+    ``attn_mask``, and with no ``key_padding_mask`` and ``need_weights=False`` the mask is not used (nor
+    checked) and the top-left causal mask is applied instead. One difference: a query whose keys are all
+    masked gets a zero output (and zero weights) in every mode. torch's (2.13, CPU) gives NaN there with
+    ``need_weights=True``, and with ``need_weights=False`` in eval mode under ``no_grad`` (its fast path);
+    otherwise 0 as well."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = self._check(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
-            raise RuntimeError("MultiheadAttention: is_causal is a hint that attn_mask is the causal mask; "
-                               "pass attn_mask too (as torch.nn.MultiheadAttention requires)")
-        batched = query.dim() == 3
+            raise _checks.ArgumentValueError(
+                "MultiheadAttention: Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                "module method `generate_square_subsequent_mask` to create this mask.")
+        # torch's hint: without a key padding mask and weights, attn_mask is replaced by top-left is_causal.
+        causal = is_causal and key_padding_mask is None and not need_weights
+        if causal:
+            attn_mask = None
         if not batched:  # (L, E) -> (L, 1, E) in the sequence-first layout below
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         elif self.batch_first:  # (N, L, E) -> (L, N, E): a view, no copy
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        self._check_shapes(query, key, value, key_padding_mask, attn_mask)
         tgt_len, bsz, _ = query.shape
         heads, head_dim = self.num_heads, self.head_dim
 
@@ -97,7 +110,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 weights = torch.nn.functional.dropout(weights, dropout_p)
             out = weights @ v                                    # (N, H, L, D)
         else:
-            out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
             weights = None
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)     # (L, N, E)
         out = self.out_proj(out)
@@ -109,6 +122,103 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _check(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """torch's mask dtype and dimension checks (``F._canonical_mask``, ``F._mha_shape_check``), with its
+        AssertionErrors (as ``ShapeAssertionError``) and messages; returns whether the input is batched."""
+        op = "MultiheadAttention"
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is None:
+                continue
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+            _checks.check_tensor_type(name, mask, op)
+            if mask.dtype != torch.bool and not torch.is_floating_point(mask):
+                raise _checks.ShapeAssertionError(f"{op}: only bool and floating types of {name} are supported")
+        if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+            warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for "
+                          "both instead.", stacklevel=3)
+        fail = _checks.ShapeAssertionError
+        if query.dim() == 3:
+            if key.dim() != 3 or value.dim() != 3:
+                raise fail(f"{op}: For batched (3-D) `query`, expected `key` and `value` to be 3-D but found "
+                           f"{key.dim()}-D and {value.dim()}-D tensors respectively")
+            if key_padding_mask is not None and key_padding_mask.dim() != 2:
+                raise fail(f"{op}: For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D but "
+                           f"found {key_padding_mask.dim()}-D tensor instead")
+            if attn_mask is not None and attn_mask.dim() not in (2, 3):
+                raise fail(f"{op}: For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D but "
+                           f"found {attn_mask.dim()}-D tensor instead")
+            return True
+        if query.dim() == 2:
+            if key.dim() != 2 or value.dim() != 2:
+                raise fail(f"{op}: For unbatched (2-D) `query`, expected `key` and `value` to be 2-D but found "
+                           f"{key.dim()}-D and {value.dim()}-D tensors respectively")
+            if key_padding_mask is not None and key_padding_mask.dim() != 1:
+                raise fail(f"{op}: For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or 1-D "
+                           f"but found {key_padding_mask.dim()}-D tensor instead")
+            if attn_mask is not None:
+                if attn_mask.dim() not in (2, 3):
+                    raise fail(f"{op}: For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D "
+                               f"but found {attn_mask.dim()}-D tensor instead")
+                if attn_mask.dim() == 3:
+                    expected = (self.num_heads, query.shape[0], key.shape[0])
+                    if tuple(attn_mask.shape) != expected:
+                        raise fail(f"{op}: Expected `attn_mask` shape to be {expected} but got "
+                                   f"{tuple(attn_mask.shape)}")
+            return False
+        raise fail(f"{op}: query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query "
+                   f"tensor")
+
+    def _check_shapes(self, query, key, value, key_padding_mask, attn_mask) -> None:
+        """torch's shape checks of ``F.multi_head_attention_forward`` on the (T, N, E) layout, before any
+        projection: embedding dims, key vs value, the masks' sizes (AssertionError or RuntimeError, as torch)."""
+        op = "MultiheadAttention"
+        tgt_len, bsz, embed_dim = query.shape
+        src_len = key.shape[0]
+        if embed_dim != self.embed_dim:
+            raise _checks.ShapeAssertionError(f"{op}: was expecting embedding dimension of {self.embed_dim}, but got "
+                                              f"{embed_dim}")
+        if not self._qkv_same_embed_dim:
+            if key.shape[:2] != value.shape[:2]:
+                raise _checks.ShapeAssertionError(f"{op}: key's sequence and batch dims {tuple(key.shape[:2])} do not "
+                                                  f"match value's {tuple(value.shape[:2])}")
+        elif key.shape != value.shape:
+            raise _checks.ShapeAssertionError(f"{op}: key shape {tuple(key.shape)} does not match value shape "
+                                              f"{tuple(value.shape)}")
+        for name, t, want in (("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] == want:
+                continue
+            if not self._qkv_same_embed_dim:   # torch's _in_projection asserts the weight shapes
+                raise _checks.ShapeAssertionError(f"{op}: expecting {name} weights shape of "
+                                                  f"{(self.embed_dim, t.shape[-1])}, but got "
+                                                  f"{(self.embed_dim, want)}")
+            # torch's packed projection (F.linear) fails with a RuntimeError here
+            raise _checks.ArgumentValueError(f"{op}: {name} has embedding dimension {t.shape[-1]}, but the module's "
+                                             f"{'kdim' if name == 'key' else 'vdim'} is {want}")
+        if attn_mask is not None:
+            if attn_mask.dim() == 2 and tuple(attn_mask.shape) != (tgt_len, src_len):
+                raise _checks.ArgumentValueError(f"{op}: The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, "
+                                                 f"but should be {(tgt_len, src_len)}.")
+            if attn_mask.dim() == 3 and tuple(attn_mask.shape) != (bsz * self.num_heads, tgt_len, src_len):
+                raise _checks.ArgumentValueError(f"{op}: The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, "
+                                                 f"but should be {(bsz * self.num_heads, tgt_len, src_len)}.")
+            if attn_mask.device != query.device:
+                raise _checks.ArgumentValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on "
+                                                 f"{query.device}")
+        if key_padding_mask is not None:
+            if key_padding_mask.shape[0] != bsz:
+                raise _checks.ShapeAssertionError(f"{op}: Expected key_padded_mask.shape[0] to be {bsz}, but got "
+                                                  f"{key_padding_mask.shape[0]}")
+            if key_padding_mask.shape[1] != src_len:
+                raise _checks.ShapeAssertionError(f"{op}: Expected key_padded_mask.shape[1] to be {src_len}, but got "
+                                                  f"{key_padding_mask.shape[1]}")
+            if key_padding_mask.device != query.device:
+                raise _checks.ArgumentValueError(f"{op}: key_padding_mask is on {key_padding_mask.device} but query "
+                                                 f"is on {query.device}")
 
     def _project(self, query, key, value):
         e = self.embed_dim

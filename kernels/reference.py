@@ -146,9 +146,9 @@ def scaled_dot_product_attention_ref(query: torch.Tensor, key: torch.Tensor, val
     l, s_len = q.shape[-2], k.shape[-2]
     keep = causal_mask(l, s_len, q.device) if is_causal else None
     bias = None
-    if attn_mask is not None:
+    if attn_mask is not None:   # together with is_causal both apply
         if attn_mask.dtype == torch.bool:
-            keep = attn_mask
+            keep = attn_mask if keep is None else keep & attn_mask
         else:
             bias = attn_mask.to(ct)
     out, _ = _attention_core(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, keep, bias, dropout_p)

@@ -12,11 +12,13 @@ path (one pass for the running max and sum, one to write). Fully masked rows giv
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
-from . import _backend, _checks, fast_torch
+from . import _backend, _checks, _grad, fast_torch
 from ._launch import acc_dtype, next_pow2, row_warps
 
 MAX_FUSED = 16384     # longest row (elements) kept in registers
@@ -224,17 +226,31 @@ def _(y, dy, dim, scale):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, _, dim, scale, _ = inputs
+    _, mask, dim, scale, _ = inputs
     ctx.save_for_backward(output)
     ctx.set_materialize_grads(False)
     ctx.dim, ctx.scale = dim, scale
+    ctx.mask_shape = None if mask is None else tuple(mask.shape)
+    ctx.mask_dtype = None if mask is None else mask.dtype
 
 
 def _backward(ctx, dy):
+    """dx = scale * dz and dmask = dz summed to the mask's shape, with dz the gradient of the softmax input;
+    differentiable PyTorch ops when a graph of the backward is built (double backward)."""
     (y,) = ctx.saved_tensors
     if dy is None:
         return None, None, None, None, None
-    return softmax_bwd(y, dy, ctx.dim, ctx.scale), None, None, None, None
+    need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if _grad.create_graph():
+        dz = _grad.softmax_input_grad(y, dy, ctx.dim)
+        dx = dz * ctx.scale if need_x else None
+    elif need_mask:
+        dz = softmax_bwd(y, dy, ctx.dim, 1.0)
+        dx = dz * ctx.scale if need_x else None
+    else:
+        return softmax_bwd(y, dy, ctx.dim, ctx.scale), None, None, None, None
+    dmask = _grad.sum_to(dz, ctx.mask_shape, ctx.mask_dtype) if need_mask else None
+    return dx, dmask, None, None, None
 
 
 softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -245,37 +261,65 @@ def _check_mask(op: str, mask: torch.Tensor | None, input: torch.Tensor) -> None
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{op}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    _checks.check_tensor_type("mask", mask, op)
     if mask.dtype != torch.bool and mask.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"{op}: mask must be bool (True = keep) or a float additive mask, got {mask.dtype}")
+        raise _checks.ArgumentTypeError(f"{op}: mask must be bool (True = keep) or a float additive mask, got "
+                                        f"{mask.dtype}")
     if mask.device != input.device:
-        raise ValueError(f"{op}: mask is on {mask.device} but input is on {input.device}")
+        raise _checks.ArgumentValueError(f"{op}: mask is on {mask.device} but input is on {input.device}")
     if not _checks.broadcasts_to(mask.shape, input.shape):
-        raise ValueError(f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to the input shape "
-                         f"{tuple(input.shape)}")
-    if mask.requires_grad:
-        raise ValueError(f"{op}: mask must not require grad (gradients flow to the input only)")
+        raise _checks.ArgumentValueError(f"{op}: mask of shape {tuple(mask.shape)} does not broadcast to the input "
+                                         f"shape {tuple(input.shape)}")
 
 
-def softmax(input: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None, scale: float = 1.0,
-            is_causal: bool = False) -> torch.Tensor:
+def _legacy_softmax_dim(ndim: int) -> int:
+    """torch's implicit dim for ``dim=None`` (deprecated there): 0 for 0-, 1- and 3-D inputs, else 1."""
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def softmax(input: torch.Tensor, dim: int | None = -1, _stacklevel: int = 3, dtype: torch.dtype | None = None, *,
+            mask: torch.Tensor | None = None, scale: float = 1.0, is_causal: bool = False) -> torch.Tensor:
     """Softmax of ``scale * input`` along ``dim``, with masking.
 
-    ``mask``: bool (True = keep) or float (added to the scaled input), broadcastable to ``input``.
+    The positional arguments are ``torch.nn.functional.softmax``'s ``(input, dim, _stacklevel, dtype)``:
+    ``dtype`` casts the input before the softmax (the output has that dtype; ``torch.softmax``'s third
+    positional ``dtype`` is accepted there too), ``_stacklevel`` only places torch's warning for
+    ``dim=None`` (torch's legacy implicit dim: 0 for 0-, 1- and 3-D inputs, else 1). Our default ``dim`` is -1.
+    The extra arguments are keyword-only:
+    ``mask``: bool (True = keep) or float (added to the scaled input), broadcastable to ``input``; a float
+    mask may require grad (it gets the gradient of the softmax input, summed over its broadcast dims).
     ``is_causal``: mask the upper triangle of the last two dims (key j > query i, top-left aligned as
     in ``scaled_dot_product_attention``); needs ``dim`` to be the last dim. Masked entries get 0; a row
     with every entry masked (or -inf) gives 0 and a zero gradient, never NaN. NaN inputs propagate."""
     op = "softmax"
+    if isinstance(_stacklevel, torch.dtype) and dtype is None:   # torch.softmax(input, dim, dtype)
+        _stacklevel, dtype = 3, _stacklevel
+    elif isinstance(_stacklevel, torch.Tensor):
+        raise TypeError(f"{op}: the third positional argument is torch's _stacklevel (an int); pass the mask as "
+                        f"mask=... (mask, scale and is_causal are keyword-only)")
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{op}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+        if dtype not in _checks.FLOAT_DTYPES:
+            raise _checks.DtypeNotImplementedError(f"{op}: dtype must be float16, bfloat16, float32 or float64, got "
+                                                   f"{dtype}")
+        if isinstance(input, torch.Tensor) and input.dtype != dtype:
+            input = input.to(dtype)
     _checks.check_float_tensor("input", input, op)
+    if dim is None:
+        warnings.warn("Implicit dimension choice for softmax has been deprecated. Change the call to include "
+                      "dim=X as an argument.", stacklevel=_stacklevel if isinstance(_stacklevel, int) else 3)
+        dim = _legacy_softmax_dim(input.dim())
     dim = _checks.normalize_dim(dim, input.dim(), op)
     _check_mask(op, mask, input)
     if is_causal and (input.dim() < 2 or dim != input.dim() - 1):
-        raise ValueError(f"{op}: is_causal needs an input of at least 2 dims softmaxed along its last dim, "
-                         f"got shape {tuple(input.shape)} and dim={dim}")
+        raise _checks.ArgumentValueError(f"{op}: is_causal needs an input of at least 2 dims softmaxed along its "
+                                         f"last dim, got shape {tuple(input.shape)} and dim={dim}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__}")
     if input.dim() == 0:
         input_1d = input.reshape(1)
-        return softmax(input_1d, 0, None if mask is None else mask.reshape(1), scale).reshape(())
+        return softmax(input_1d, 0, mask=None if mask is None else mask.reshape(1), scale=scale).reshape(())
     if _backend.choose(input, op) == "torch":
         return fast_torch.softmax(input, dim, mask, float(scale), bool(is_causal))
     return softmax_fwd(input, mask, dim, float(scale), bool(is_causal))

@@ -135,6 +135,30 @@ def test_compiled_module_matches_eager():
     _assert_same(_module_run(compiled, x, keep), eager)
 
 
+def test_attention_with_a_learned_mask_compiles():
+    """Attention (both causal alignments, a float mask that requires grad, CausalBias) in one graph: the same
+    output and gradients as eager, the mask's included."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    bias = causal_lower_right(5, 7)     # built outside: dynamo cannot construct the subclass in a graph
+
+    def fn(q, k, v, m):
+        a = kernels.attention(q, k, v, causal=True, attn_mask=m)
+        b = kernels.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)
+        c = kernels.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return a + b + c
+
+    inputs = [_randn(1, 2, 5, 8), _randn(1, 2, 7, 8, seed=1), _randn(1, 2, 7, 8, seed=2), _randn(5, 7, seed=3)]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = run(*leaves)
+        results.append([out.detach()] + grads(out, leaves, _randn(*out.shape, seed=4)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.triton_only   # inductor would generate C++ for the PyTorch path's ops (slow to compile)
 def test_inductor():
     """The default backend: inductor calls the custom ops as opaque kernels (kept to custom ops only,

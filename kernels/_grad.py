@@ -1,0 +1,199 @@
+"""Gradients beyond what the fused kernels' backward computes: second derivatives, and the gradient of a float
+attention mask. Both paths (the Triton kernels' custom ops and ``kernels.fast_torch``) call these.
+
+- **Double backward.** When autograd builds a graph of the backward (``torch.autograd.grad(...,
+  create_graph=True)``, ``.backward(create_graph=True)``: grad mode is on inside a backward only then), an op's
+  backward is computed with differentiable PyTorch ops from its reference formula (``torch.autograd.grad`` of the
+  formula re-run on the saved inputs) instead of the kernel backward, so every higher derivative exists. Speed
+  matters less there: attention materializes the (L, S) scores of that backward. Under ``torch.compile`` the
+  backward is traced without grad mode and keeps the kernels.
+- **Attention mask gradient.** The gradient of a float ``attn_mask`` that requires grad is ``dS``, the gradient of
+  the softmax input, summed over the dims the mask is broadcast along. ``attention_mask_grad`` computes it in
+  PyTorch from the saved output and log-sum-exp, one block of queries at a time (at most ``MASK_GRAD_BLOCK``
+  scores in memory, plus the mask-sized result), deterministically. It is the one place to swap for a fused
+  kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .reference import _attention_core
+
+# Scores of one block of queries in ``attention_mask_grad``: about 4M elements (16 MB in float32).
+MASK_GRAD_BLOCK = 1 << 22
+
+
+def create_graph() -> bool:
+    """Whether the backward being run must itself be differentiable (``create_graph=True``)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _grads(outputs: Sequence[torch.Tensor | None], cotangents: Sequence[torch.Tensor | None],
+           inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """``torch.autograd.grad`` with a graph, skipping absent outputs/cotangents and inputs (None for those)."""
+    pairs = [(o, c.to(o.dtype)) for o, c in zip(outputs, cotangents) if o is not None and c is not None]
+    wanted = [t for t in inputs if t is not None]
+    if not pairs or not wanted:
+        return [None] * len(inputs)
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [c for _, c in pairs], create_graph=True,
+                                     allow_unused=True))
+    return [None if t is None else next(found) for t in inputs]
+
+
+# ----------------------------------------------------------------------------- norms and softmax
+
+
+def norm_backward(prenorm: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor, eps: float,
+                  is_rms_norm: bool, need_input: bool, need_weight: bool) -> tuple[torch.Tensor | None, ...]:
+    """Differentiable ``(d prenorm, d weight)`` of a LayerNorm / RMSNorm over the last dim of ``prenorm``
+    (no bias term: its gradient is ``dy`` summed over the rows), statistics in float32 (float64 for float64)."""
+    ct = _compute_dtype(prenorm)
+    x = prenorm.to(ct)
+    w = None if weight is None else weight.to(ct)
+    if is_rms_norm:
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        out = out if w is None else out * w
+    else:
+        out = F.layer_norm(x, (x.shape[-1],), w, None, eps)
+    dx, dw = _grads([out], [dy], [prenorm if need_input else None, weight if need_weight and w is not None else None])
+    dx = None if dx is None else dx.to(prenorm.dtype)
+    dw = None if dw is None else dw.to(weight.dtype)
+    return dx, dw
+
+
+def softmax_input_grad(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
+    """Differentiable gradient of the softmax input ``z`` from the output ``y = softmax(z)``: ``y * (dy - <dy, y>)``
+    (0 wherever ``y`` is 0: masked entries, rows with nothing left)."""
+    ct = _compute_dtype(y)
+    yc, dyc = y.to(ct), dy.to(ct)
+    return (yc * (dyc - (dyc * yc).sum(dim, keepdim=True))).to(y.dtype)
+
+
+def sum_to(t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``t`` summed over the dims that a tensor of ``shape`` is broadcast along to ``t``'s shape."""
+    return t.sum_to_size(tuple(shape)).to(dtype) if tuple(t.shape) != tuple(shape) else t.to(dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _keep(l: int, s: int, rows: slice, is_causal: bool, causal_offset: int, seqlens_k: torch.Tensor | None,
+          device: torch.device) -> torch.Tensor | None:
+    """Bool, broadcastable to (B, H, rows, S): key j visible to query i (causal j <= i + offset, j < seqlens_k)."""
+    keep = None
+    if is_causal:
+        i = torch.arange(l, device=device)[rows, None]
+        keep = torch.arange(s, device=device)[None, :] <= i + causal_offset
+    if seqlens_k is not None:
+        valid = (torch.arange(s, device=device) < seqlens_k.to(device)[:, None])[:, None, None, :]
+        keep = valid if keep is None else keep & valid
+    return keep
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   seqlens_k: torch.Tensor | None, scale: float, is_causal: bool,
+                   causal_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable (B, H, L, D) attention with the kernels' semantics: (out in q's dtype, lse in the compute
+    dtype). GQA by repeating key/value heads; causal ``j <= i + causal_offset``; fully masked rows give 0."""
+    ct = _compute_dtype(q)
+    h, hkv, l, s = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    if hkv != h:
+        kc, vc = kc.repeat_interleave(h // hkv, dim=1), vc.repeat_interleave(h // hkv, dim=1)
+    keep = _keep(l, s, slice(None), is_causal, causal_offset, seqlens_k, q.device)
+    bias = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = mask if keep is None else keep & mask
+        else:
+            bias = mask.to(ct)
+    out, lse = _attention_core(qc, kc, vc, scale, keep, bias, 0.0)
+    return out.to(q.dtype), lse
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       seqlens_k: torch.Tensor | None, dout: torch.Tensor | None, dlse: torch.Tensor | None,
+                       scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
+                       needs: Sequence[bool]) -> list[torch.Tensor | None]:
+    """Differentiable (dq, dk, dv, dmask) of attention (``needs``: which of the four are wanted)."""
+    if dropout_p > 0:
+        raise NotImplementedError(
+            "attention: double backward (create_graph=True) with dropout_p > 0 is not supported: the dropout "
+            "mask is drawn inside the kernel; use dropout_p=0 there, or the 'torch' backend with a dropout outside "
+            "the attention")
+    out, lse = attention_math(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset)
+    wanted = [t if need else None for t, need in zip((q, k, v, mask), needs)]
+    return _grads([out, lse], [dout, dlse], wanted)
+
+
+def _as_4d(mask: torch.Tensor) -> torch.Tensor:
+    return mask[(None,) * (4 - mask.dim())] if mask.dim() < 4 else mask
+
+
+def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        dout: torch.Tensor | None, dlse: torch.Tensor | None, mask: torch.Tensor, scale: float,
+                        is_causal: bool, causal_offset: int, seqlens_k: torch.Tensor | None) -> torch.Tensor:
+    """Gradient of the float ``mask`` (broadcastable to (B, H, L, S), added to the scaled scores) of (B, H, L, D)
+    attention, from its output ``out`` and natural-log ``lse`` (B, H, L): ``dS = P * (dO V^T - delta)`` with
+    ``delta = rowsum(dO * O) - dlse``, summed over the mask's broadcast dims. Returns a tensor of ``mask``'s
+    shape (an expanded view where the mask itself is one) and dtype."""
+    b, h, l, d = q.shape
+    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = h // hkv
+    ct = _compute_dtype(q)
+    m4 = _as_4d(mask)
+    dims = tuple(i for i in range(4) if m4.shape[i] == 1)          # the dims the mask is broadcast along
+    grad = torch.zeros(m4.shape, dtype=ct, device=q.device)
+    if (dout is None and dlse is None) or b * h * l * s == 0:
+        return grad.reshape(mask.shape).to(mask.dtype)
+    delta = torch.zeros((b, h, l), dtype=ct, device=q.device)
+    if dout is not None:
+        delta = (dout.to(ct) * out.to(ct)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(ct)
+    lse_c = lse.to(ct)
+    dead = ~torch.isfinite(lse_c)          # rows that see no key (-inf; whatever a kernel stores there)
+    lse_c = lse_c.masked_fill(dead, 0.0)
+    # (B, Hkv, G, rows, .): the query heads of a GQA group against their key/value head, no repeated k/v.
+    qg = q.reshape(b, hkv, group, l, d)
+    kt = k.to(ct)[:, :, None].transpose(-1, -2)                     # (B, Hkv, 1, D, S)
+    vt = v.to(ct)[:, :, None].transpose(-1, -2)                     # (B, Hkv, 1, Dv, S)
+    dog = None if dout is None else dout.reshape(b, hkv, group, l, dv)
+    rows_per_block = max(1, min(l, MASK_GRAD_BLOCK // max(1, b * h * s)))
+    mexp = m4.expand(b, h, l, s)
+    for i0 in range(0, l, rows_per_block):
+        rows = slice(i0, min(l, i0 + rows_per_block))
+        scores = (qg[:, :, :, rows].to(ct) @ kt).reshape(b, h, -1, s) * scale + mexp[:, :, rows].to(ct)
+        p = torch.exp(scores - lse_c[:, :, rows, None])
+        keep = _keep(l, s, rows, is_causal, causal_offset, seqlens_k, q.device)
+        if keep is not None:
+            p = p.masked_fill(~keep, 0.0)
+        p = p.masked_fill(dead[:, :, rows, None], 0.0)
+        dp = -delta[:, :, rows, None]
+        if dog is not None:
+            dp = (dog[:, :, :, rows].to(ct) @ vt).reshape(b, h, -1, s) + dp
+        ds = p * dp                                                  # (B, H, rows, S)
+        other = tuple(i for i in dims if i != 2)
+        if other:
+            ds = ds.sum(other, keepdim=True)
+        if 2 in dims:
+            grad += ds.sum(2, keepdim=True)
+        else:
+            grad[:, :, rows] += ds
+    return grad.reshape(mask.shape).to(mask.dtype)
+
+
+def mask_requires_grad(mask: object) -> bool:
+    """A float mask whose gradient autograd will ask for."""
+    return (isinstance(mask, torch.Tensor) and mask.requires_grad and mask.is_floating_point()
+            and torch.is_grad_enabled())
+
+
