@@ -26,7 +26,8 @@ from ._launch import acc_dtype, next_pow2, num_persistent_programs, row_warps, t
 # Largest row (elements) kept in registers; longer rows take the multi-pass path. The backward's row loop is
 # software-pipelined (the next row's loads land in shared memory while this row computes), which leaves the
 # registers for 8192-element rows in every dtype but float64 with every feature on (python -m kernels.aot,
-# triton 3.9 and 3.6: no spills at 8192; float64 spills 228+212 B at 4096 on sm_90a, so 2048 there).
+# triton 3.9 and 3.6: no spills at 8192; float64 with every feature on spills 228+212 B at 4096 on sm_90a
+# (3.9) and 8+12 B at 2048 on sm_80 (3.6), so 1024 there).
 MAX_FUSED_FWD = 16384
 MAX_FUSED_BWD = 8192
 # Block of the multi-pass path (4096 spilled 12+12 B in the fp64 backward on sm_90a, triton 3.9).
@@ -243,10 +244,10 @@ def _layer_norm_bwd_kernel(
 
 
 def fused_limit(dtype: torch.dtype, backward: bool) -> int:
-    """Longest row the single-block path takes: float64 rows hold half as many elements in registers (a
-    quarter in the backward, whose pipelined loads keep two rows in flight)."""
+    """Longest row the single-block path takes: float64 rows hold half as many elements in registers (an
+    eighth in the backward, whose pipelined loads keep two rows in flight)."""
     if backward:
-        return MAX_FUSED_BWD // 4 if dtype == torch.float64 else MAX_FUSED_BWD
+        return MAX_FUSED_BWD // 8 if dtype == torch.float64 else MAX_FUSED_BWD
     return MAX_FUSED_FWD // 2 if dtype == torch.float64 else MAX_FUSED_FWD
 
 
