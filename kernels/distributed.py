@@ -255,7 +255,7 @@ class _Ring:
     def exchange(self, tensors: Sequence[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
         """Post sends of ``tensors`` to the next rank and receives of as many from the previous one; returns
         (requests to wait on, the buffers being received)."""
-        recv = [torch.empty_like(t) for t in tensors]
+        recv = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]   # contiguous
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
         return dist.batch_isend_irecv(ops), recv

@@ -52,3 +52,14 @@ def test_two_processes_match_one(tmp_path, text, single, mode):
     assert len(losses) == 4 and losses == pytest.approx(expected, rel=1e-4)
     assert records[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-4)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("processes,extra", [(2, ()), (2, ("--fsdp",))], ids=["cp2", "cp2-fsdp"])
+def test_context_parallel_matches_one_process(tmp_path, text, single, processes, extra):
+    """--context-parallel 2 with 2 processes: every sequence split over the two ranks (ring attention), the
+    same global batch, the same loss curve as one process."""
+    records = _train(tmp_path, text, processes, "--context-parallel", "2", *extra)
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    expected = [r["train_loss"] for r in single if "train_loss" in r]
+    assert len(losses) == 4 and losses == pytest.approx(expected, rel=1e-4)
+    assert records[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-4)

@@ -55,7 +55,8 @@ def _check_case(rank: int, world: int, case: tuple, group: dist.ProcessGroup | N
     v = torch.randn(b, hkv, total, dv, generator=gen, dtype=torch.float64)
     seqlens = None if fractions is None else torch.tensor([int(f * total) for f in fractions])
     pos = kd.shard_positions(total, world, rank, layout)
-    local = [t[:, :, pos].to(dtype).requires_grad_() for t in (q, k, v)]
+    # strided as a model's heads are (views of (B, L, H, D)), last dim contiguous
+    local = [t[:, :, pos].to(dtype).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v)]
     out = kd.ring_attention(*local, group=group, causal=causal, layout=layout, seqlens_k=seqlens)
     got = (out, *torch.autograd.grad(out, local, do[:, :, pos].to(dtype)))
 

@@ -27,8 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.distributed import ring_attention
 from kernels.nn import LayerNorm
 from kernels.reference import causal_mask
+
+from . import context_parallel
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -218,6 +221,10 @@ class Attention(nn.Module):
                                                   else mask.masked_fill(~keep, float("-inf")))
             weights = kernels.softmax(q @ k.transpose(-2, -1), mask=mask, scale=self.head_dim ** -0.5)
             out = (F.dropout(weights, p) if p > 0 else weights) @ v              # (B, H, L, D)
+        elif (ring := context_parallel.active()) is not None and not self.cross and cache is None:
+            if attn_mask is not None:
+                raise ValueError("context parallel attention takes no attn_mask (padding): pass full sequences")
+            out = ring_attention(q, k, v, ring.group, causal=causal, layout=ring.layout, dropout_p=p)
         else:
             out = kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(b, l, self.dim)), weights

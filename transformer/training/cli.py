@@ -49,6 +49,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory (default runs/TASK)")
     p.add_argument("--fsdp", action="store_true", default=None, help="shard the model with FSDP (under torchrun)")
+    p.add_argument("--context-parallel", type=int, metavar="N",
+                   help="gpt under torchrun: groups of N ranks split every sequence (ring attention, zigzag layout); "
+                        "data parallel across the groups")
     p.add_argument("--backend", choices=BACKENDS,
                    help="kernels backend: auto (Triton on a GPU, PyTorch ops on the CPU), triton, torch")
     p.add_argument("--threads", type=int,

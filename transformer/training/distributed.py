@@ -4,6 +4,13 @@ Every rank draws the same global batch (same seed, same step) and trains on its 
 with batch B follow the same trajectory as one process with batch B. DDP (NCCL on GPUs, gloo on CPUs)
 by default; ``--fsdp`` shards parameters, gradients and optimizer state over the ranks
 (``torch.distributed.fsdp.fully_shard``) for models that do not fit one device.
+
+``--context-parallel C`` (``context_parallel_group``): groups of C consecutive ranks split every sequence of
+their batch slice (ring attention over the group); the world is W / C data-parallel replicas of such groups.
+Each rank's loss is the mean over its own tokens and DDP/FSDP average the gradients over the whole world,
+which is exactly the gradient of the global mean: a rank's backward already holds the share of every token of
+its group that flows through its activations (the ring returns dK/dV to their owners), so the group's sum
+divided by C is the group's mean, and averaging over the W / C groups is data parallelism.
 """
 
 from __future__ import annotations
@@ -46,6 +53,34 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return info, dev
+
+
+@dataclass
+class ContextParallel:
+    """This rank's place in the context-parallel layout: its ring (group of ``size`` consecutive ranks, its
+    ``rank`` in it) and the data-parallel slice of the batch its group trains on (``dp_rank`` of ``dp_size``)."""
+
+    size: int = 1
+    rank: int = 0
+    group: dist.ProcessGroup | None = None
+    dp_rank: int = 0
+    dp_size: int = 1
+
+
+def context_parallel_group(info: Dist, size: int) -> ContextParallel:
+    """Split the world into rings of ``size`` consecutive ranks (every rank creates every group, as
+    ``new_group`` requires); ``size`` 1 is plain data parallelism."""
+    if size == 1:
+        return ContextParallel(dp_rank=info.rank, dp_size=info.world_size)
+    if info.world_size % size:
+        raise ValueError(f"--context-parallel {size} must divide the number of processes ({info.world_size}): "
+                         f"launch with torchrun --nproc_per_node=a multiple of {size}")
+    own = None
+    for first in range(0, info.world_size, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= info.rank < first + size:
+            own = group
+    return ContextParallel(size, info.rank % size, own, info.rank // size, info.world_size // size)
 
 
 def teardown() -> None:

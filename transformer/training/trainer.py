@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 import kernels
 
 from .. import lora
+from ..context_parallel import context_parallel, shard_sequence
 from . import checkpoint as ckpt
 from . import distributed
 from .huggingface import is_hf_directory, load_hf_model
@@ -45,7 +46,7 @@ DEFAULTS: dict[str, Any] = dict(
     steps=200, batch_size=32, lr=1e-3, warmup=None, weight_decay=0.1, min_lr_ratio=0.1, grad_clip=1.0,
     grad_accum=1, eval_every=None, eval_batches=20, eval_batch_size=None, log_every=10, device="auto",
     precision="auto", seed=0, method="full", lora_r=8, lora_alpha=16.0, fsdp=False, backend=None, progress=True,
-    task_options={}, model_overrides={}, threads=None,
+    task_options={}, model_overrides={}, threads=None, context_parallel=1,
 )
 METHODS = ("full", "lora", "bitfit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -83,6 +84,7 @@ class TrainArgs:
     backend: str | None = None             # kernels backend: auto | triton | torch
     progress: bool | None = None
     threads: int | None = None             # intra-op CPU threads (None: see cpu_threads)
+    context_parallel: int | None = None    # ranks that split every sequence (ring attention); gpt only
     task_options: dict[str, Any] | None = None
     model_overrides: dict[str, Any] | None = None   # model config fields over the preset's, e.g. dropout
 
@@ -136,6 +138,12 @@ def _validate(run: dict[str, Any]) -> None:
             continue
         if not isinstance(run[name], int) or run[name] < 1:
             raise ValueError(f"{name} must be a positive integer, got {run[name]!r}")
+    cp = run["context_parallel"]
+    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+        raise ValueError(f"context_parallel must be a positive integer, got {cp!r}")
+    if cp > 1 and run["task"] != "gpt":
+        raise ValueError(f"--context-parallel splits the sequences of causal language modelling: task 'gpt' only, "
+                         f"not {run['task']!r}")
     if run["threads"] is not None and (not isinstance(run["threads"], int) or run["threads"] < 1):
         raise ValueError(f"threads must be a positive integer, got {run['threads']!r}")
     if not run["lr"] > 0:
@@ -266,16 +274,37 @@ def _evaluating(model: nn.Module, autocast) -> Iterator[None]:
         model.train()
 
 
-def _shard(batch: dict[str, torch.Tensor], info: distributed.Dist, device: torch.device) -> dict[str, torch.Tensor]:
+def _shard(batch: dict[str, torch.Tensor], cp: distributed.ContextParallel,
+           device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's part of a global batch: its data-parallel slice of the examples and, under context
+    parallelism, its slice of every sequence (dim 1, zigzag layout) with the slice's global ``position_ids``."""
     out = {}
     for k, v in batch.items():
-        if info.enabled:
-            if v.shape[0] % info.world_size:
-                raise ValueError(f"the batch ({v.shape[0]}) must divide evenly over {info.world_size} processes")
-            per = v.shape[0] // info.world_size
-            v = v[info.rank * per:(info.rank + 1) * per]
+        if cp.dp_size > 1:
+            if v.shape[0] % cp.dp_size:
+                raise ValueError(f"the batch ({v.shape[0]}) must divide evenly over {cp.dp_size} data-parallel "
+                                 f"replicas")
+            per = v.shape[0] // cp.dp_size
+            v = v[cp.dp_rank * per:(cp.dp_rank + 1) * per]
+        if cp.size > 1:
+            v, out["position_ids"] = shard_sequence(v, cp.size, cp.rank)
         out[k] = v.to(device, non_blocking=True)
+    if "position_ids" in out:
+        out["position_ids"] = out["position_ids"].to(device)
     return out
+
+
+def check_context_parallel(cp: distributed.ContextParallel, model: nn.Module) -> None:
+    """Refuse, before any step, a model whose sequences the rings cannot split."""
+    if cp.size == 1:
+        return
+    length, parts = model.config.max_seq_len, 2 * cp.size
+    if length % parts:
+        raise ValueError(f"--context-parallel {cp.size}: the sequence length (max_seq_len {length}) must be "
+                         f"divisible by {parts} (two zigzag chunks per rank)")
+    if model.config.attn_dropout > 0:
+        raise ValueError(f"--context-parallel: ring attention has no attention dropout; pass --model "
+                         f"attn_dropout=0 (it is {model.config.attn_dropout})")
 
 
 def cpu_threads(requested: int | None, device: str) -> int | None:
@@ -317,6 +346,8 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
     task = task_cls(data=run["data"], directory=source, **run["task_options"])
     torch.manual_seed(run["seed"])                                       # the initial weights
     model, head = build(task, run, saved)
+    cp = distributed.context_parallel_group(info, run["context_parallel"])
+    check_context_parallel(cp, model)
     model.to(device)
     wrapped = distributed.wrap(model, info, device, run["fsdp"])
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -411,10 +442,11 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
             step_loss = 0.0
             for micro in range(accum):
                 seed = run["seed"] * 1_000_003 + step * accum + micro
-                batch = _shard(task.train_batch(torch.Generator().manual_seed(seed), run["batch_size"]), info, device)
+                batch = _shard(task.train_batch(torch.Generator().manual_seed(seed), run["batch_size"]), cp, device)
                 torch.manual_seed(seed + 7919 * info.rank)               # dropout
                 no_sync = info.enabled and not run["fsdp"] and micro < accum - 1
-                with (wrapped.no_sync() if no_sync else contextlib.nullcontext()), autocast():
+                ring = context_parallel(cp.group) if cp.size > 1 else contextlib.nullcontext()
+                with (wrapped.no_sync() if no_sync else contextlib.nullcontext()), autocast(), ring:
                     loss, n = task.loss(wrapped, batch)
                 scaler.scale(loss / accum).backward()
                 step_loss += loss.item() / accum

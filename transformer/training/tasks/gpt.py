@@ -85,8 +85,9 @@ class GPTTask(Task):
         return {"input_ids": x, "targets": y}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        targets = batch["targets"]
-        return _token_loss(model, batch["input_ids"], targets, reduction="mean"), targets.numel()
+        targets = batch["targets"]   # position_ids: a context-parallel slice of the sequences (trainer._shard)
+        loss = _token_loss(model, batch["input_ids"], targets, reduction="mean", position_ids=batch.get("position_ids"))
+        return loss, targets.numel()
 
     def evaluate(self, model: nn.Module, batch_size: int, max_batches: int | None = None) -> dict[str, float]:
         """``val_loss`` (nats per token), ``val_ppl`` and ``bits_per_char`` (the loss in bits spread over
@@ -164,9 +165,10 @@ def _random_windows(ids: torch.Tensor, t: int, n: int, generator: torch.Generato
     return windows[:, :-1], windows[:, 1:]
 
 
-def _token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+def _token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Cross entropy of every position's logits against its target, in float32."""
-    logits = model(x).logits                                                 # (B, T, vocab)
+    logits = model(x, position_ids=position_ids).logits                      # (B, T, vocab)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
 
 
