@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from . import _backend, _checks
 from .attention import attention_bwd, attention_fwd
@@ -296,6 +297,7 @@ class RingAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable      # the ring's backward has no derivative of its own: refuse create_graph=True
     def backward(ctx, dout):
         q, k, v, out, lse, seqlens_k = ctx.saved_tensors
         ring = ctx.ring

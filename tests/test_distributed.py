@@ -95,3 +95,22 @@ def test_context_parallel_refusals(tmp_path, text, capsys):
         trainer.check_context_parallel(cp, GPT(GPTConfig.from_preset("tiny", max_seq_len=30, attn_dropout=0.0)))
     with pytest.raises(ValueError, match="attn_dropout=0"):
         trainer.check_context_parallel(cp, GPT(GPTConfig.from_preset("tiny", attn_dropout=0.1)))
+
+
+def test_context_parallel_attention_refuses_a_mask():
+    """Inside ``context_parallel`` a self-attention layer runs the ring, which takes no padding mask."""
+    import torch
+
+    from transformer.context_parallel import active, context_parallel
+    from transformer.layers import Attention
+
+    attn = Attention(16, 2)
+    x = torch.randn(1, 4, 16)
+    with context_parallel(None) as ring:
+        assert active() is ring and ring.layout == "zigzag"
+        with pytest.raises(ValueError, match="no attn_mask"):
+            attn(x, causal=True, attn_mask=torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    assert active() is None
+    with pytest.raises(ValueError, match="layout must be one of"):
+        with context_parallel(None, layout="striped"):
+            pass
