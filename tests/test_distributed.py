@@ -65,11 +65,11 @@ def single_sharp(tmp_path_factory, text):
     return _train(tmp_path_factory.mktemp("single-sharp"), text, 1, *SHARP)
 
 
-@pytest.mark.parametrize("extra", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
-def test_context_parallel_matches_one_process(tmp_path, text, single_sharp, extra):
-    """--context-parallel 2 with 2 processes: every sequence split over the two ranks (ring attention), the
-    same global batch, the same loss curve as one process."""
-    records = _train(tmp_path, text, 2, "--context-parallel", "2", *SHARP, *extra)
+@pytest.mark.parametrize("processes,extra", [(2, ()), (2, ("--fsdp",)), (4, ())], ids=["ddp", "fsdp", "dp2-cp2"])
+def test_context_parallel_matches_one_process(tmp_path, text, single_sharp, processes, extra):
+    """--context-parallel 2: every sequence split over two ranks (ring attention), the same global batch, the
+    same loss curve as one process; with 4 processes, two data-parallel replicas of such a ring."""
+    records = _train(tmp_path, text, processes, "--context-parallel", "2", *SHARP, *extra)
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     expected = [r["train_loss"] for r in single_sharp if "train_loss" in r]
     assert len(losses) == 4 and losses == pytest.approx(expected, rel=1e-4)
