@@ -25,10 +25,10 @@ Layouts (``layout=``), position p of a sequence of length T = N * L_local:
   ``zigzag_unshard`` (and ``shard_positions``) convert between the full sequence and this layout; the caller
   lays the sequence out once (e.g. the token ids of a batch) and every layer keeps it.
 
-Communication per rank and step: forward, the K and V slices (``2 * B * Hkv * L_local * D`` elements of the
+Communication per rank and step: forward, the K and V slices (``B * Hkv * L_local * (D + Dv)`` elements of the
 input dtype, N - 1 sends per call); backward, K and V again (N - 1 sends) plus dK and dV in the accumulation
-dtype (N sends). With ``causal=True`` and the contiguous layout the ring still passes every slice (the
-skipped steps save computation, not traffic).
+dtype, float32 or float64 (N sends). With ``causal=True`` and the contiguous layout the ring still passes every
+slice (the skipped steps save computation, not traffic).
 """
 
 from __future__ import annotations
