@@ -37,6 +37,7 @@ CASES = {
     "seqlens-causal-zigzag": (2, 2, 2, 16, 16, 16, True, "zigzag", (0.0, 0.6), torch.float32),
     "seqlens-plain": (2, 2, 1, 16, 16, 16, False, "contiguous", (0.1, 0.9), torch.float32),
     "float64-gqa-causal": (1, 4, 1, 16, 16, 16, True, "contiguous", None, torch.float64),
+    "bfloat16-gqa-causal-zigzag": (1, 4, 2, 16, 16, 16, True, "zigzag", None, torch.bfloat16),
 }
 
 
@@ -67,10 +68,16 @@ def _check_case(rank: int, world: int, case: tuple, group: dist.ProcessGroup | N
     ref = attention_ref(*exact, causal=causal, seqlens_k=seqlens)
     ref = (ref, *torch.autograd.grad(ref, exact, do))
     for name, mine, one, want in zip(("out", "dq", "dk", "dv"), got, single, ref):
+        if dtype in (torch.float16, torch.bfloat16):   # the 2x rule: single-process attention's error is the yardstick
+            assert_close(mine, want[:, :, pos], one[:, :, pos], name=name, grad=name != "out")
+            continue
         assert_close(mine, one[:, :, pos], name=f"{name} vs one process", grad=name != "out")
         assert_close(mine, want[:, :, pos].to(dtype), name=f"{name} vs float64", grad=name != "out")
     if layout == "zigzag":
-        assert_close(kd.zigzag_unshard(out.detach(), group, dim=2), single[0], name="zigzag_unshard(out)")
+        full_out = kd.zigzag_unshard(out.detach(), group, dim=2)
+        assert torch.equal(full_out[:, :, pos], out.detach())
+        if dtype not in (torch.float16, torch.bfloat16):
+            assert_close(full_out, single[0], name="zigzag_unshard(out)")
     if seqlens is not None and int(seqlens.min()) == 0:
         dead = seqlens == 0
         assert bool((out[dead] == 0).all()) and bool((got[1][dead] == 0).all())
