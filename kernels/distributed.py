@@ -82,13 +82,14 @@ def zigzag_shard(x: torch.Tensor, world_size: int, rank: int, dim: int = -2) -> 
 def zigzag_unshard(local: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = -2) -> torch.Tensor:
     """The full sequence from every rank's zigzag slice along ``dim`` (an all-gather; not differentiable)."""
     n = dist.get_world_size(group)
-    parts = [torch.empty_like(local) for _ in range(n)]
+    parts = [torch.empty(local.shape, dtype=local.dtype, device=local.device) for _ in range(n)]
     dist.all_gather(parts, local.contiguous(), group=group)
-    seq_len = local.shape[dim] * n
-    full = torch.empty((*local.shape[:dim % local.dim()], seq_len, *local.shape[dim % local.dim() + 1:]),
-                       dtype=local.dtype, device=local.device)
+    axis = dim % local.dim()
+    seq_len = local.shape[axis] * n
+    full = torch.empty((*local.shape[:axis], seq_len, *local.shape[axis + 1:]), dtype=local.dtype,
+                       device=local.device)
     for r, part in enumerate(parts):
-        full.index_copy_(dim % local.dim(), shard_positions(seq_len, n, r, "zigzag", local.device), part)
+        full.index_copy_(axis, shard_positions(seq_len, n, r, "zigzag", local.device), part)
     return full
 
 
@@ -253,13 +254,15 @@ class _Ring:
         to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
         self.next, self.prev = to_global((self.rank + 1) % self.size), to_global((self.rank - 1) % self.size)
 
-    def exchange(self, tensors: Sequence[torch.Tensor]) -> tuple[list, list[torch.Tensor]]:
+    def exchange(self, tensors: Sequence[torch.Tensor]) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
         """Post sends of ``tensors`` to the next rank and receives of as many from the previous one; returns
-        (requests to wait on, the buffers being received)."""
+        (requests to wait on, the buffers being received, the buffers being sent: the caller holds them until
+        the wait)."""
         recv = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]   # contiguous
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        sent = [t.contiguous() for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in sent]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
-        return dist.batch_isend_irecv(ops), recv
+        return dist.batch_isend_irecv(ops), recv, sent
 
 
 def _wait(requests: list) -> None:
@@ -327,7 +330,7 @@ class RingAttentionFunction(torch.autograd.Function):
                 dk += grads[1][0]
                 dv += grads[1][1]
             # after the last step this returns them to their owner (one process: already there)
-            grads = ring.exchange((dk, dv)) if n > 1 else ([], [dk, dv])
+            grads = ring.exchange((dk, dv)) if n > 1 else ([], [dk, dv], [])
             if pending is not None:
                 _wait(pending[0])
                 cur = tuple(pending[1])
