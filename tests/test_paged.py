@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close, bounds_checked
 
 import kernels
 import kernels.paged as paged
 from kernels import PagedKVCache, paged_append, paged_attention
 from kernels.reference import attention_ref
-from tests.helpers import assert_close, bounds_checked
 
 KERNELS = ("_paged_append_kernel", "_paged_attn_fwd_kernel", "_attn_combine_kernel")
 

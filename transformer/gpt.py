@@ -192,11 +192,16 @@ class GPT(nn.Module):
         return torch.multinomial(probs, num_samples=1).squeeze(-1)                         # (B,)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+    def generate(self, input_ids: torch.Tensor | list[torch.Tensor], max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | None = None, use_cache: bool = True,
-                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+                 max_batch: int | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Continue the prompts (B, L) by ``max_new_tokens`` tokens -> (B, L + max_new_tokens), prompt first.
+
+        A list of 1-D prompts of different lengths runs on the paged KV cache with continuous batching
+        (``transformer.serving.serve``, at most ``max_batch`` sequences at once, default all): no padding,
+        -> a list of 1-D tensors, prompt then new tokens, each ending at its first ``eos_token_id``.
 
         With the cache: one prefill over the prompt, then one ``decode_one_token`` per new token. Without
         (``use_cache=False``): the whole sequence is recomputed each step; the tokens are the same.
@@ -206,6 +211,11 @@ class GPT(nn.Module):
         ``eos_token_id`` it keeps emitting ``pad_token_id`` (default: ``eos_token_id``); generation stops
         early when every sequence has finished, the rest filled with that token. Runs in the model's
         current mode: call ``model.eval()`` first, or dropout stays on."""
+        if isinstance(input_ids, (list, tuple)):
+            from transformer.serving import serve
+            return serve(self, input_ids, max_new_tokens, max_batch=max_batch or max(1, len(input_ids)),
+                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_token_id=eos_token_id)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty (batch, seq), got shape {tuple(input_ids.shape)}")
         if max_new_tokens < 0:
