@@ -302,6 +302,12 @@ def paged_append(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torc
     if _backend.choose(k_new, op) == "torch":
         _append_torch(k_cache, v_cache, bt, sl, k_new, v_new)
         return
+    _append_launch(k_cache, v_cache, bt, sl, k_new, v_new)
+
+
+def _append_launch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
+    """Launch the append kernel (validated arguments); also what ``kernels.aot`` runs on meta tensors."""
+    b, hkv, lnew, d = k_new.shape
     k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
     v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
     dv = v_new.shape[3]
@@ -326,13 +332,14 @@ def _append_torch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
 def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch: int | None) -> dict:
     """Tiles of the paged attention kernel for ``rows`` = G * Lq query rows per (sequence, kv head): one row
     tile of the GQA group (the flash-decoding configuration) up to ``DECODE_MAX_ROWS`` rows, else row tiles of
-    the forward kernel's BLOCK_M. The key tile is the configuration's BLOCK_N, lowered to the block size when
+    the forward kernel's BLOCK_M with key tiles of at most 64. The key tile is lowered to the block size when
     the block size is a smaller power of two (>= 16), so that a key tile never spans two physical blocks.
     Shared by the launcher and ``kernels.aot``."""
     kind = "decode" if rows <= DECODE_MAX_ROWS else "fwd"
     cfg = dict(attention_config(kind, d, dv, dtype, arch))
     block_m = max(16, next_pow2(rows)) if kind == "decode" else cfg["BLOCK_M"]
-    block_n = cfg["BLOCK_N"]
+    # The forward's 128 x 128 tiles (sm_90a, 16-bit, d = 128) rely on its TMA path: with pointer loads they spill.
+    block_n = cfg["BLOCK_N"] if kind == "decode" else min(cfg["BLOCK_N"], 64)
     if page >= 16 and page & (page - 1) == 0:
         block_n = min(block_n, page)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PAGE=page % block_n == 0,
