@@ -316,3 +316,39 @@ def test_unused_block_table_entries_are_not_checked_nor_read(op_backend):
         out = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32))
     assert_close(out, _reference(q, k, v, lens)[0])
     assert math.isfinite(out.abs().sum().item())
+
+
+# ----------------------------------------------------------------------------- GPU (compiled kernels, bf16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size, lq", [(16, 1), (256, 1), (24, 1), (16, 64)])
+def test_gpu_realistic(dtype, block_size, lq):
+    """Llama-3-8B heads (32 over 8, D 128), lengths up to 8k, decode and a 64-token prefill: the 2x rule
+    against float64, PyTorch's error being SDPA in ``dtype`` on the gathered sequences."""
+    lens = [8000, 1, 3000, 777, 64, 5000]
+    k_cache, v_cache, table, k, v = _filled(lens, block_size, 8, 128, dtype, seed=block_size)
+    q = torch.randn(len(lens), 32, lq, 128, generator=torch.Generator().manual_seed(0)).to(dtype)
+    k_cache, v_cache, table, q = k_cache.cuda(), v_cache.cuda(), table.cuda(), q.cuda()
+    with kernels.use_backend("triton"):
+        out = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device="cuda"))
+    ref, _ = _reference(q.cpu(), k, v, lens)
+    base = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[i:i + 1], k[i:i + 1, :, :n].cuda(), v[i:i + 1, :, :n].cuda(), enable_gqa=True,
+        attn_mask=torch.ones(lq, n, dtype=torch.bool, device="cuda").tril(n - lq)) for i, n in enumerate(lens)])
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, base)
+
+
+@pytest.mark.gpu
+def test_gpu_append_then_attend_is_deterministic():
+    lens = [4000, 17, 900]
+    k_cache, v_cache, table, k, v = _filled(lens, 16, 8, 128, torch.bfloat16, seed=1)
+    k_cache, v_cache, table = k_cache.cuda(), v_cache.cuda(), table.cuda()
+    q = torch.randn(3, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    with kernels.use_backend("triton"):
+        first = paged_attention(q, k_cache, v_cache, table, lengths)
+        for _ in range(5):
+            assert torch.equal(paged_attention(q, k_cache, v_cache, table, lengths), first)
