@@ -105,6 +105,8 @@ def test_bad_requests():
         serving.serve(model, _prompts([60]), 5)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         serving.serve(model, [torch.tensor([1]), torch.tensor([], dtype=torch.long)], 2)
+    with pytest.raises(ValueError, match="no attention_mask"):
+        model.generate(_prompts([3]), 2, attention_mask=torch.ones(1, 3))
     with pytest.raises(ValueError, match="max_batch"):
         serving.serve(model, _prompts([3]), 2, max_batch=0)
     assert [p.tolist() for p in serving.serve(model, _prompts([3, 4]), 0)] == [p.tolist() for p in _prompts([3, 4])]

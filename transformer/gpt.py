@@ -15,7 +15,8 @@ Generation is split as gpt-fast splits it: ``prefill`` runs the prompt once and 
 ``KVCache`` per block, ``decode_one_token`` feeds a single token over the caches (the attention
 kernel's decoding path: L = 1 query over a long cache, bottom-right causal), and ``sample`` turns
 the last logits into the next token. ``use_cache=False`` recomputes the whole sequence every step;
-it is the slow check that the cache is right (both give the same tokens).
+it is the slow check that the cache is right (both give the same tokens). A list of prompts of different
+lengths runs on the paged KV cache with continuous batching instead (``transformer.serving``).
 
 Parameter names follow nanoGPT (``wte``, ``wpe``, ``blocks.{i}``, ``ln_f``, ``lm_head``) so that
 Hugging Face GPT-2 weights load with the short key map in ``_HF_BLOCK_KEYS`` (plus the Conv1D
@@ -212,6 +213,8 @@ class GPT(nn.Module):
         early when every sequence has finished, the rest filled with that token. Runs in the model's
         current mode: call ``model.eval()`` first, or dropout stays on."""
         if isinstance(input_ids, (list, tuple)):
+            if attention_mask is not None or not use_cache:
+                raise ValueError("a list of prompts runs on the paged KV cache: no attention_mask, use_cache=True")
             from transformer.serving import serve
             return serve(self, input_ids, max_new_tokens, max_batch=max_batch or max(1, len(input_ids)),
                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
