@@ -36,6 +36,7 @@ import kernels
 from transformer.config import GPTConfig
 from transformer.layers import BlockSpec, EncoderBlock, KVCache, add_norm, init_weights, key_padding_mask
 from transformer.outputs import LMOutput
+from transformer.serving import serve
 
 IGNORE_INDEX = -100  # label value left out of the loss (HF's convention)
 
@@ -215,7 +216,6 @@ class GPT(nn.Module):
         if isinstance(input_ids, (list, tuple)):
             if attention_mask is not None or not use_cache:
                 raise ValueError("a list of prompts runs on the paged KV cache: no attention_mask, use_cache=True")
-            from transformer.serving import serve
             return serve(self, input_ids, max_new_tokens, max_batch=max_batch or max(1, len(input_ids)),
                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_token_id=eos_token_id)

@@ -27,6 +27,7 @@ from ...config import GPTConfig
 from ...data.text import load_text, split_text
 from ...data.tokenizer import saved_or_trained
 from ...gpt import GPT
+from ...serving import serve
 from ..task import Task, model_device, register
 
 EVAL_SEED = 1234          # the fixed windows of the periodic (max_batches) evaluations
@@ -159,7 +160,6 @@ class GPTTask(Task):
         on the paged KV cache (``transformer.serving.serve``); greedy when ``temperature`` is 0, which gives
         what ``generate`` gives each prompt alone. Every prompt + ``max_new_tokens`` must fit the context (no
         sliding window here). An empty prompt starts from a newline."""
-        from ...serving import serve
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
         device = model_device(model)
