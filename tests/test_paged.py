@@ -352,3 +352,16 @@ def test_gpu_append_then_attend_is_deterministic():
         first = paged_attention(q, k_cache, v_cache, table, lengths)
         for _ in range(5):
             assert torch.equal(paged_attention(q, k_cache, v_cache, table, lengths), first)
+
+
+def test_empty_sequences_and_batches_give_zeros(op_backend):
+    k_cache, v_cache, table, k, v = _filled([5, 5], 16, 1, 8, torch.float32, seed=7)
+    q = torch.randn(2, 2, 3, 8, generator=torch.Generator().manual_seed(5))
+    with bounds_checked(paged, *KERNELS):
+        out, lse = paged_attention(q, k_cache, v_cache, table, torch.tensor([0, 5], dtype=torch.int32),
+                                   return_lse=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and bool((lse[0] == float("-inf")).all())
+    assert_close(out[1:], _reference(q[1:], k[1:], v[1:], [5])[0])
+    empty = paged_attention(q[:0], k_cache, v_cache, table[:0], torch.zeros(0, dtype=torch.int32))
+    assert empty.shape == (0, 2, 3, 8)
+    paged_append(k_cache, v_cache, table[:0], torch.zeros(0, dtype=torch.int32), k[:0, :, :1], v[:0, :, :1])
