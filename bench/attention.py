@@ -11,7 +11,7 @@ Grids (GPU; ``--quick`` takes a subset, the CPU tiny shapes):
 - paged: the same decoding over a paged KV cache (``kernels.paged_attention``, 16-position blocks in shuffled
   physical order), the sequences of a batch of different lengths (drawn in [S/8, S]); judged in GB/s of the
   valid keys/values read. The baselines attend over the same sequences gathered into a dense padded cache
-  with a key-padding mask (what a non-paged server would hold).
+  (what a non-paged server would hold): ours ("ours-dense", ``seqlens_k``) and SDPA with a key-padding mask.
 
 FLOPs (FlashAttention's convention): forward 4*B*H*L*S*D (two matmuls, 2 FLOPs per multiply-add),
 halved when causal; backward 2.5x forward (five matmuls instead of two), so forward+backward is 3.5x.
@@ -291,6 +291,19 @@ def _ours(case: Case, env: Env) -> Prepared:
     return _prepared(case, rot, fwd, context=ours_context(env), impl="triton" if env.is_cuda else "fast_torch")
 
 
+def _ours_dense(case: Case, env: Env) -> Prepared:
+    """A paged case on our dense attention over the padded cache (``seqlens_k``): what paging costs or saves."""
+    if case.grid != "paged":
+        raise Unsupported("the dense baseline of the paged cases only")
+    b, _, _, _, s, _ = _dims(case)
+    lens = torch.tensor(paged_lengths(b, s), device=env.device)
+
+    def fwd(q, k, v):
+        return kernels.attention(q, k, v, seqlens_k=lens)
+    return _prepared(case, _inputs(case, env), fwd, context=ours_context(env),
+                     impl="triton" if env.is_cuda else "fast_torch")
+
+
 # Scores above this many elements make the math backend (which materializes B*H*L*S scores and
 # probabilities, in fp32 for its softmax) too slow and too large to be worth timing.
 MATH_MAX_SCORES = 1 << 30
@@ -380,6 +393,7 @@ def _cudnn_available(env: Env) -> str | None:
 
 
 REGISTRY.register(FAMILY, "ours", _ours)
+REGISTRY.register(FAMILY, "ours-dense", _ours_dense)
 REGISTRY.register(FAMILY, "sdpa-flash", _sdpa("FLASH_ATTENTION"))
 REGISTRY.register(FAMILY, "sdpa-cudnn", _sdpa("CUDNN_ATTENTION"), _cudnn_available)
 REGISTRY.register(FAMILY, "sdpa-efficient", _sdpa("EFFICIENT_ATTENTION"))
