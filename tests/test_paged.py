@@ -123,14 +123,21 @@ def test_thousands_of_keys_gqa_on_the_torch_path():
     assert_close(out, _reference(q, k, v, lens)[0])
 
 
-def test_float16_two_x_rule(op_backend):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_two_x_rule(op_backend, dtype):
+    """16-bit pools (bf16 upcast in the interpreter): the 2x rule, PyTorch's error being float32 attention
+    rounded to the dtype; the append copies the 16-bit values exactly."""
     lens, h, hkv, d, lq = [50, 130], 4, 2, 64, 2
-    k_cache, v_cache, table, k, v = _filled(lens, 32, hkv, d, torch.float16, seed=12)
-    q = torch.randn(len(lens), h, lq, d, generator=torch.Generator().manual_seed(12)).half()
+    k_cache, v_cache, table, k, v = _filled(lens, 32, hkv, d, dtype, seed=12)
+    nan_k, nan_v = k_cache.clone(), v_cache.clone()
+    n = min(lens)
+    paged_append(nan_k, nan_v, table, torch.zeros(2, dtype=torch.int32), k[:, :, :n], v[:, :, :n])
+    assert torch.equal(paged.gather_pages(nan_v, table, torch.tensor([n, n]), n), v[:, :, :n])
+    q = torch.randn(len(lens), h, lq, d, generator=torch.Generator().manual_seed(12)).to(dtype)
     out = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32))
     ref, _ = _reference(q, k, v, lens)
     torch_out = torch.cat([attention_ref(q[i:i + 1].float(), k[i:i + 1, :, :n].float(), v[i:i + 1, :, :n].float(),
-                                         causal=True).half() for i, n in enumerate(lens)])
+                                         causal=True).to(dtype) for i, n in enumerate(lens)])
     assert_close(out, ref, torch_out)
 
 
