@@ -129,10 +129,11 @@ def test_half_precision_two_x_rule(op_backend, dtype):
     rounded to the dtype; the append copies the 16-bit values exactly."""
     lens, h, hkv, d, lq = [50, 130], 4, 2, 64, 2
     k_cache, v_cache, table, k, v = _filled(lens, 32, hkv, d, dtype, seed=12)
-    nan_k, nan_v = k_cache.clone(), v_cache.clone()
+    nan_k, nan_v = torch.full_like(k_cache, float("nan")), torch.full_like(v_cache, float("nan"))
     n = min(lens)
     paged_append(nan_k, nan_v, table, torch.zeros(2, dtype=torch.int32), k[:, :, :n], v[:, :, :n])
-    assert torch.equal(paged.gather_pages(nan_v, table, torch.tensor([n, n]), n), v[:, :, :n])
+    for pool, want in ((nan_k, k), (nan_v, v)):
+        assert torch.equal(paged.gather_pages(pool, table, torch.tensor([n, n]), n), want[:, :, :n])
     q = torch.randn(len(lens), h, lq, d, generator=torch.Generator().manual_seed(12)).to(dtype)
     out = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32))
     ref, _ = _reference(q, k, v, lens)
