@@ -89,7 +89,7 @@ def test_attention_equals_the_dense_attention_kernel(op_backend):
     lens, h, hkv, d, lq = [70, 9], 4, 1, 40, 3
     k_cache, v_cache, table, k, v = _filled(lens, 32, hkv, d, torch.float32, seed=3)
     q = torch.randn(len(lens), h, lq, d, generator=torch.Generator().manual_seed(8))
-    out = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32))
+    out = paged_attention(q, k_cache, v_cache, table.long(), torch.tensor(lens, dtype=torch.int64))   # int64 indices
     for i, n in enumerate(lens):
         dense = kernels.attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], causal=True)
         torch.testing.assert_close(out[i:i + 1], dense, atol=2e-6, rtol=2e-6)
