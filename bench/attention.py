@@ -8,6 +8,10 @@ Grids (GPU; ``--quick`` takes a subset, the CPU tiny shapes):
 - vit: 197 and 577 tokens (ViT-B/16 at 224 and 384 px), 12 heads of 64, not causal.
 - decode: one query over a KV cache of 1k..32k keys, batch 1..64, Llama-3-8B heads (32 query heads,
   8 key/value heads, D 128): judged in GB/s of KV cache read.
+- paged: the same decoding over a paged KV cache (``kernels.paged_attention``, 16-position blocks in shuffled
+  physical order), the sequences of a batch of different lengths (drawn in [S/8, S]); judged in GB/s of the
+  valid keys/values read. The baselines attend over the same sequences gathered into a dense padded cache
+  (what a non-paged server would hold): ours ("ours-dense", ``seqlens_k``) and SDPA with a key-padding mask.
 
 FLOPs (FlashAttention's convention): forward 4*B*H*L*S*D (two matmuls, 2 FLOPs per multiply-add),
 halved when causal; backward 2.5x forward (five matmuls instead of two), so forward+backward is 3.5x.
@@ -56,6 +60,15 @@ def attention_flops(b: int, h: int, l: int, s: int, d: int, *, causal: bool = Fa
     return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
 
+PAGE = 16          # block size of the paged cases
+
+
+def paged_lengths(b: int, s: int) -> list[int]:
+    """Cache lengths of a paged batch: drawn in [S/8, S] from a fixed seed, the same for every provider."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(max(1, s // 8), s + 1, (b,), generator=g).tolist()
+
+
 def decode_bytes(b: int, hkv: int, s: int, d: int, element_size: int, dv: int | None = None) -> int:
     """Bytes of KV cache one decoding step must read: K (B, Hkv, S, D) and V (B, Hkv, S, Dv), once."""
     return b * hkv * s * (d + (dv or d)) * element_size
@@ -75,6 +88,11 @@ def _case(grid: str, mode: str, dtype: str, b: int, h: int, hkv: int, l: int, s:
     # Hkv is recorded only for GQA (None: as many key/value heads as query heads).
     shape = dict(B=b, H=h, Hkv=hkv if hkv != h else None, L=l, S=s, D=d, causal=causal, padded=padded)
     elt = DTYPES[dtype].itemsize
+    if grid == "paged":
+        valid = sum(paged_lengths(b, s))
+        return Case(FAMILY, "paged_decode", mode, grid, dtype, shape, "gbps",
+                    flops=attention_flops(b, h, l, s, d, valid_keys=valid), bytes=valid * hkv * 2 * d * elt,
+                    skip=dict(skip or {}))
     if grid == "decode":
         return Case(FAMILY, "decode", mode, grid, dtype, shape, "gbps",
                     flops=attention_flops(b, h, l, s, d, mode=mode), bytes=decode_bytes(b, hkv, s, d, elt),
@@ -98,6 +116,7 @@ def cases(env: Env) -> list[Case]:
         out.append(_case("vit", "fwd", "bf16", 2, 2, 2, 17, 17, 16, False))
         for b in (1, 2):
             out.append(_case("decode", "fwd", "bf16", b, 4, 2, 1, 64, 16, False))
+        out.append(_case("paged", "fwd", "bf16", 4, 4, 2, 1, 256, 16, False))
         return out
 
     quick = env.quick
@@ -132,10 +151,15 @@ def cases(env: Env) -> list[Case]:
         for b in batches:
             for s in caches:
                 out.append(_case("decode", "fwd", dtype, b, 32, 8, 1, s, 128, False, skip=quick_skip))
+    paged_skip = {"flex": "paged cases: not run on FlexAttention", "flash-attn": "paged cases: not benchmarked",
+                  "fa3": "paged cases: not benchmarked"}
+    for b in batches:
+        for s in caches:
+            out.append(_case("paged", "fwd", "bf16", b, 32, 8, 1, s, 128, False, skip=paged_skip))
     if quick:
         # If the time budget runs out, what is left is skipped: run one head dim of the standard grid, then
         # decoding and the model shapes, then the rest.
-        rank = {"standard": 0, "decode": 1, "bert": 2, "vit": 2}
+        rank = {"standard": 0, "decode": 1, "paged": 1, "bert": 2, "vit": 2}
         out.sort(key=lambda c: rank[c.grid] if c.grid != "standard" or c.shape["D"] == 128 else 3)
     return out
 
@@ -170,6 +194,33 @@ def _inputs(case: Case, env: Env, layout: str = "bhld") -> Rotation:
     return Rotation(sets)
 
 
+def _paged_inputs(case: Case, env: Env) -> tuple[Rotation, list[tuple]]:
+    """The decode inputs (``_inputs``) and, per set, the same sequences in a paged pool: (k_cache, v_cache,
+    block_table, cache_seqlens) with the blocks of all sequences in one shuffled order."""
+    b, _, hkv, _, s, d = _dims(case)
+    rot = _inputs(case, env)
+    lens = paged_lengths(b, s)
+    need = [-(-n // PAGE) for n in lens]
+    width = -(-s // PAGE)
+    pools = []
+    for _, k, v, _ in rot.sets:
+        perm = torch.randperm(sum(need), generator=torch.Generator().manual_seed(2)).tolist()
+        table = torch.zeros(b, width, dtype=torch.int32)
+        at = 0
+        for i, n in enumerate(need):
+            table[i, :n] = torch.tensor(perm[at:at + n], dtype=torch.int32)
+            at += n
+        table = table.to(env.device)
+        k_cache = k.new_zeros(sum(need), PAGE, hkv, d)
+        v_cache = v.new_zeros(sum(need), PAGE, hkv, d)
+        zero = torch.zeros(1, dtype=torch.int32, device=env.device)
+        with ours_context(env)():
+            for i, n in enumerate(lens):
+                kernels.paged_append(k_cache, v_cache, table[i:i + 1], zero, k[i:i + 1, :, :n], v[i:i + 1, :, :n])
+        pools.append((k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device=env.device)))
+    return rot, pools
+
+
 def _prepared(case: Case, rot: Rotation, fwd: Callable[..., torch.Tensor], *, layout: str = "bhld",
               context: Callable | None = None, impl: str | None = None) -> Prepared:
     """The timed call (forward, or forward then backward with a fixed output gradient) over rotating inputs."""
@@ -195,11 +246,16 @@ def _prepared(case: Case, rot: Rotation, fwd: Callable[..., torch.Tensor], *, la
 
 
 def _padding_mask(case: Case, env: Env) -> torch.Tensor | None:
-    """(B, 1, 1, S) bool, True for valid keys: how the non-varlen baselines receive the padding."""
-    if not case.shape["padded"]:
-        return None
+    """(B, 1, 1, S) bool, True for valid keys: how the non-varlen baselines receive the padding (and the
+    different lengths of a paged case)."""
     b, _, _, _, s, _ = _dims(case)
-    return (torch.arange(s, device=env.device) < seqlens(b, s, env.device)[:, None])[:, None, None, :]
+    if case.grid == "paged":
+        lens = torch.tensor(paged_lengths(b, s), device=env.device)
+    elif case.shape["padded"]:
+        lens = seqlens(b, s, env.device)
+    else:
+        return None
+    return (torch.arange(s, device=env.device) < lens[:, None])[:, None, None, :]
 
 
 # ----------------------------------------------------------------------------- providers
@@ -211,7 +267,20 @@ def ours_context(env: Env) -> Callable:
     return lambda: kernels.use_backend("triton" if env.is_cuda else "torch")
 
 
+def _ours_paged(case: Case, env: Env) -> Prepared:
+    rot, pools = _paged_inputs(case, env)
+    sets = Rotation([(q, *pool) for (q, _, _, _), pool in zip(rot.sets, pools)])
+
+    def call(q, k_cache, v_cache, table, lens):
+        with torch.no_grad():
+            return kernels.paged_attention(q, k_cache, v_cache, table, lens, check=False)
+    return Prepared(lambda: call(*sets.next()), lambda: call(*sets.first), [], context=ours_context(env),
+                    impl="triton" if env.is_cuda else "fast_torch")
+
+
 def _ours(case: Case, env: Env) -> Prepared:
+    if case.grid == "paged":
+        return _ours_paged(case, env)
     rot = _inputs(case, env)
     b, _, _, _, s, _ = _dims(case)
     lens = seqlens(b, s, env.device) if case.shape["padded"] else None
@@ -220,6 +289,19 @@ def _ours(case: Case, env: Env) -> Prepared:
     def fwd(q, k, v):
         return kernels.attention(q, k, v, causal=causal, seqlens_k=lens)
     return _prepared(case, rot, fwd, context=ours_context(env), impl="triton" if env.is_cuda else "fast_torch")
+
+
+def _ours_dense(case: Case, env: Env) -> Prepared:
+    """A paged case on our dense attention over the padded cache (``seqlens_k``): what paging costs or saves."""
+    if case.grid != "paged":
+        raise Unsupported("the dense baseline of the paged cases only")
+    b, _, _, _, s, _ = _dims(case)
+    lens = torch.tensor(paged_lengths(b, s), device=env.device)
+
+    def fwd(q, k, v):
+        return kernels.attention(q, k, v, seqlens_k=lens)
+    return _prepared(case, _inputs(case, env), fwd, context=ours_context(env),
+                     impl="triton" if env.is_cuda else "fast_torch")
 
 
 # Scores above this many elements make the math backend (which materializes B*H*L*S scores and
@@ -311,6 +393,7 @@ def _cudnn_available(env: Env) -> str | None:
 
 
 REGISTRY.register(FAMILY, "ours", _ours)
+REGISTRY.register(FAMILY, "ours-dense", _ours_dense)
 REGISTRY.register(FAMILY, "sdpa-flash", _sdpa("FLASH_ATTENTION"))
 REGISTRY.register(FAMILY, "sdpa-cudnn", _sdpa("CUDNN_ATTENTION"), _cudnn_available)
 REGISTRY.register(FAMILY, "sdpa-efficient", _sdpa("EFFICIENT_ATTENTION"))

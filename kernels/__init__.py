@@ -10,6 +10,7 @@ from . import nn
 from ._backend import get_backend, use_backend
 from .attention import attention, scaled_dot_product_attention
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
+from .paged import PagedKVCache, paged_append, paged_attention
 from .softmax import softmax
 
 __version__ = "0.1.0"
@@ -20,6 +21,9 @@ __all__ = [
     "get_backend",
     "layer_norm",
     "nn",
+    "PagedKVCache",
+    "paged_append",
+    "paged_attention",
     "rms_norm",
     "scaled_dot_product_attention",
     "softmax",

@@ -46,7 +46,7 @@ How the configurations are enumerated (one spec generator per kernel family, in 
   backward's ``rows_per_program`` as for 8192 rows on 432 programs, 4 per SM of an A100), and for
   softmax 4-D ``(B, H, L, N)`` inputs laid out by the launcher (a padding mask ``(B, 1, 1, N)`` for
   the bool mask, a per-query mask ``(B, 1, L, N)`` for the float one, ``L = N`` when causal).
-- Attention: see ``attention_specs``.
+- Attention: see ``attention_specs``; the paged KV cache: ``paged_specs``.
 
 To add a kernel family, write one generator yielding ``Spec`` objects and append it to ``FAMILIES``;
 set ``tensor_cores=True`` on specs whose kernel must use tensor cores (``tl.dot``).
@@ -403,16 +403,84 @@ def attention_specs() -> Iterator[Spec]:
                                      archs=(arch,), cost=cost, work=work, unit=unit, sass_limits=limits))
 
 
+def paged_specs() -> Iterator[Spec]:
+    """Paged KV cache: the append kernel and the paged attention (with the combine kernel), recorded from the
+    launchers (``paged._append_launch`` / ``paged._paged_launch`` on meta tensors, kernels replaced by
+    recorders) with the tiles ``paged.paged_config`` picks per architecture. Shapes: 16 sequences, 32 query
+    heads over 8 kv heads (GQA 4), block tables of 4096 positions; "decode" is 1 new query per sequence (one row
+    tile of the 4 heads' rows, split keys), "prefill" 256 new queries (row tiles of the forward's BLOCK_M);
+    block sizes 16 (a key tile of 16), 256 (the configuration's key tile, one page per tile) and 24 (not a
+    multiple of the key tile: per-row page lookups). Every dtype, head dims 64, 128 and 256."""
+    pg = importlib.import_module(".paged", __package__)
+    names = ("_paged_append_kernel", "_paged_attn_fwd_kernel", "_attn_combine_kernel")
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    b, h, hkv, capacity = 16, 32, 8, 4096
+    seen = set()
+    for arch in ARCHS:
+        for dtype in DTYPES:
+            for d in (64, 128, 256):
+                for page in (16, 256, 24):
+                    for kind, lq in (("decode", 1), ("prefill", 256)):
+                        max_blocks = -(-capacity // page)
+                        k_cache = empty(b * max_blocks, page, hkv, d, dtype=dtype)
+                        table, lens = empty(b, max_blocks, dtype=torch.int32), empty(b, dtype=torch.int32)
+                        q = empty(b, h, lq, d, dtype=dtype)
+                        k_new = empty(b, lq, hkv, d, dtype=dtype).transpose(1, 2)   # a model's head split
+                        recorders = {name: _Recorder(getattr(pg, name)) for name in names}
+                        originals = {name: getattr(pg, name) for name in names}
+                        try:
+                            for name, rec in recorders.items():
+                                setattr(pg, name, rec)
+                            pg._append_launch(k_cache, k_cache, table, lens, k_new, k_new)
+                            pg._paged_launch(q, k_cache, k_cache, table, lens, 0.125, True, None, arch)
+                        finally:
+                            for name, kernel in originals.items():
+                                setattr(pg, name, kernel)
+                        for name, rec in recorders.items():
+                            for args, options in rec.launches:
+                                key = (arch, name, repr(sorted((k_, str(v_.dtype) if isinstance(v_, torch.Tensor)
+                                                                else repr(v_)) for k_, v_ in args.items())),
+                                       repr(sorted(options.items())))
+                                if key in seen:
+                                    continue
+                                seen.add(key)
+                                bm, bn = args.get("BLOCK_M", "-"), args.get("BLOCK_N", "-")
+                                label = f"{kind} page={page}" if name == "_paged_attn_fwd_kernel" else kind
+                                config = (f"{_SHORT[dtype]} d={d} M{bm} N{bn} w{options.get('num_warps', 4)} "
+                                          f"s{options.get('num_stages', 3)} {label}")
+                                attn = name == "_paged_attn_fwd_kernel"
+                                if attn:
+                                    work, unit = bm * bn, "scores"
+                                elif name == "_attn_combine_kernel":
+                                    work, unit = args["BLOCK_S"] * args["BLOCK_DV"], "elements"
+                                else:
+                                    work, unit = args["BLOCK_T"] * args["BLOCK_D"], "elements"
+                                yield Spec("paged", originals[name], config, args, options,
+                                           tensor_cores=attn and dtype in (torch.float16, torch.bfloat16),
+                                           meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn,
+                                                     flags=label, archs=(arch,), cost=work * d, work=work,
+                                                     unit=unit))
+
+
 def quick_subset(specs: list[Spec]) -> list[Spec]:
     """A representative subset for the test suite: every kernel on every arch, at the configurations that
     bound the others. Row kernels (LayerNorm, softmax): per kernel, dtype and feature set, the largest
     single-block configuration (the most registers) and the multi-pass one. Attention: every bf16
     configuration at head dims 64 and 128 (the performance promises of the SASS report), and per kernel the
-    heaviest configuration of every other dtype (largest tiles x head dim, every feature on)."""
+    heaviest configuration of every other dtype (largest tiles x head dim, every feature on). Paged attention:
+    per dtype and arch the heaviest decode and prefill configuration, each with whole-page key tiles and with
+    per-row page lookups."""
     keep: dict[Any, Spec] = {}
     for spec in specs:
         m = spec.meta
-        if spec.family == "attention":
+        if spec.family == "paged":   # per kernel, dtype and arch (and kind) the largest tiles x head dim
+            key = (spec.name, m["dtype"], m["archs"], m["flags"].split(" ")[0], "page=24" in m["flags"])
+            if key in keep and keep[key].meta["cost"] >= m["cost"]:
+                continue
+        elif spec.family == "attention":
             if m["dtype"] == "bf16" and m["head_dim"] <= 128:
                 key: Any = id(spec)
             else:
@@ -432,6 +500,7 @@ FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
     ("layer_norm", layer_norm_specs),
     ("softmax", softmax_specs),
     ("attention", attention_specs),
+    ("paged", paged_specs),
 ]
 
 

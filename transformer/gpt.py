@@ -15,7 +15,8 @@ Generation is split as gpt-fast splits it: ``prefill`` runs the prompt once and 
 ``KVCache`` per block, ``decode_one_token`` feeds a single token over the caches (the attention
 kernel's decoding path: L = 1 query over a long cache, bottom-right causal), and ``sample`` turns
 the last logits into the next token. ``use_cache=False`` recomputes the whole sequence every step;
-it is the slow check that the cache is right (both give the same tokens).
+it is the slow check that the cache is right (both give the same tokens). A list of prompts of different
+lengths runs on the paged KV cache with continuous batching instead (``transformer.serving``).
 
 Parameter names follow nanoGPT (``wte``, ``wpe``, ``blocks.{i}``, ``ln_f``, ``lm_head``) so that
 Hugging Face GPT-2 weights load with the short key map in ``_HF_BLOCK_KEYS`` (plus the Conv1D
@@ -35,6 +36,7 @@ import kernels
 from transformer.config import GPTConfig
 from transformer.layers import BlockSpec, EncoderBlock, KVCache, add_norm, init_weights, key_padding_mask
 from transformer.outputs import LMOutput
+from transformer.serving import serve
 
 IGNORE_INDEX = -100  # label value left out of the loss (HF's convention)
 
@@ -192,11 +194,16 @@ class GPT(nn.Module):
         return torch.multinomial(probs, num_samples=1).squeeze(-1)                         # (B,)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
+    def generate(self, input_ids: torch.Tensor | list[torch.Tensor], max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | None = None, use_cache: bool = True,
-                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+                 max_batch: int | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Continue the prompts (B, L) by ``max_new_tokens`` tokens -> (B, L + max_new_tokens), prompt first.
+
+        A list of 1-D prompts of different lengths runs on the paged KV cache with continuous batching
+        (``transformer.serving.serve``, at most ``max_batch`` sequences at once, default all): no padding,
+        -> a list of 1-D tensors, prompt then new tokens, each ending at its first ``eos_token_id``.
 
         With the cache: one prefill over the prompt, then one ``decode_one_token`` per new token. Without
         (``use_cache=False``): the whole sequence is recomputed each step; the tokens are the same.
@@ -206,6 +213,12 @@ class GPT(nn.Module):
         ``eos_token_id`` it keeps emitting ``pad_token_id`` (default: ``eos_token_id``); generation stops
         early when every sequence has finished, the rest filled with that token. Runs in the model's
         current mode: call ``model.eval()`` first, or dropout stays on."""
+        if isinstance(input_ids, (list, tuple)):
+            if attention_mask is not None or not use_cache:
+                raise ValueError("a list of prompts runs on the paged KV cache: no attention_mask, use_cache=True")
+            return serve(self, input_ids, max_new_tokens, max_batch=max_batch or max(1, len(input_ids)),
+                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_token_id=eos_token_id)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty (batch, seq), got shape {tuple(input_ids.shape)}")
         if max_new_tokens < 0:

@@ -195,7 +195,8 @@ class Attention(nn.Module):
         """x (B, L, dim), memory (B, S, kv_dim) for cross-attention -> ((B, L, dim), weights (B, H, L, S) or None).
 
         With a cache, self-attention appends this step's keys/values to it; cross-attention fills it
-        from ``memory`` on the first call and reuses it afterwards (memory may then be None)."""
+        from ``memory`` on the first call and reuses it afterwards (memory may then be None). A paged cache
+        layer (``kernels.paged.PagedLayer``, sequences of different lengths) appends and attends itself."""
         b, l, _ = x.shape
         if self.cross:
             (q,) = self._heads(self.q_proj(x), 1)
@@ -209,6 +210,11 @@ class Attention(nn.Module):
                     k, v = cache.append(k, v)
         else:
             q, k, v = self._heads(self.qkv_proj(x), 3)
+            if getattr(cache, "paged", False):   # a kernels.PagedKVCache layer: append and attend via its block table
+                if attn_mask is not None or need_weights:
+                    raise ValueError("a paged KV cache takes no attn_mask and returns no attention weights")
+                out = cache.attend(q, k, v, causal=causal)
+                return self.out_proj(out.transpose(1, 2).reshape(b, l, self.dim)), None
             if cache is not None:
                 k, v = cache.append(k, v)
         p = self.dropout if self.training else 0.0

@@ -114,6 +114,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="continue every line of FILE instead of --prompt, with continuous batching on the paged KV "
+                        "cache; prints one continuation per line, in input order (newlines as \\n, backslashes "
+                        "doubled); prompt + --max-new-tokens must fit the model's context")
+    p.add_argument("--max-batch", type=int, default=8, help="with --prompts: sequences decoded together")
 
     p = sub.add_parser("translate", help="translate sentences with a trained seq2seq run")
     p.add_argument("run")
@@ -142,8 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif ns.command == "generate":
             task, model = load_run(ns.run, ns.device)
             _needs(task, "generate", ns.run)
-            print(task.generate(model, ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                                top_k=ns.top_k, seed=ns.seed))
+            if ns.prompts:
+                with open(ns.prompts, encoding="utf-8") as f:
+                    prompts = f.read().splitlines()
+                for text in task.generate_batch(model, prompts, max_new_tokens=ns.max_new_tokens,
+                                                temperature=ns.temperature, top_k=ns.top_k, seed=ns.seed,
+                                                max_batch=ns.max_batch):
+                    print(text.replace("\\", "\\\\").replace("\n", "\\n"))
+            else:
+                print(task.generate(model, ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                                    top_k=ns.top_k, seed=ns.seed))
         elif ns.command == "translate":
             task, model = load_run(ns.run, ns.device)
             _needs(task, "translate", ns.run)

@@ -27,6 +27,7 @@ from ...config import GPTConfig
 from ...data.text import load_text, split_text
 from ...data.tokenizer import saved_or_trained
 from ...gpt import GPT
+from ...serving import serve
 from ..task import Task, model_device, register
 
 EVAL_SEED = 1234          # the fixed windows of the periodic (max_batches) evaluations
@@ -152,6 +153,28 @@ class GPTTask(Task):
         finally:
             model.train(was_training)
         return prompt + self.tokenizer.decode(new[0].tolist())
+
+    def generate_batch(self, model: nn.Module, prompts: list[str], max_new_tokens: int = 200,
+                       temperature: float = 0.8, top_k: int | None = 20, seed: int = 0,
+                       max_batch: int = 8) -> list[str]:
+        """The continuations (new text only) of many prompts, in order, served together with continuous batching
+        on the paged KV cache (``transformer.serving.serve``); greedy when ``temperature`` is 0, which gives
+        what ``generate`` gives each prompt alone. Every prompt + ``max_new_tokens`` must fit the context (no
+        sliding window here). An empty prompt starts from a newline."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        device = model_device(model)
+        ids = [torch.tensor(self.tokenizer.encode(p or "\n"), dtype=torch.long, device=device) for p in prompts]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                outs = serve(model, ids, max_new_tokens, max_batch=max_batch, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else 1.0, top_k=top_k)
+        finally:
+            model.train(was_training)
+        return [self.tokenizer.decode(o[len(i):].tolist()) for o, i in zip(outs, ids)]
 
 
 def _random_windows(ids: torch.Tensor, t: int, n: int, generator: torch.Generator,
