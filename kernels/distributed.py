@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import _backend, _checks
-from .attention import attention_bwd, attention_fwd
+from .attention import _check_scale, attention_bwd, attention_fwd
 from .fast_torch import _FLASH, _FLASH_BWD
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -416,10 +416,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
     _check_layout(layout)
     if layout == "zigzag" and length % 2:
         raise ValueError(f"{op}: layout 'zigzag' needs an even L_local (two chunks per rank), got {length}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    scale = _check_scale(op, scale, d)
     if _checks.check_probability("dropout_p", dropout_p, op) > 0:
         raise ValueError(f"{op}: dropout_p must be 0 (got {dropout_p}): ring attention has no attention dropout")
     if seqlens_k is not None:

@@ -34,7 +34,6 @@ differentiable.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -49,7 +48,9 @@ from .attention import (
     MAX_HEAD_DIM,
     _arch,
     _attn_combine_kernel,
+    _check_scale,
     _fwd_block,
+    _last_dim_contiguous,
     _load_tile,
     _precision,
     attention_config,
@@ -308,8 +309,7 @@ def paged_append(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torc
 def _append_launch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
     """Launch the append kernel (validated arguments); also what ``kernels.aot`` runs on meta tensors."""
     b, hkv, lnew, d = k_new.shape
-    k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
-    v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
+    k_new, v_new = _last_dim_contiguous(k_new), _last_dim_contiguous(v_new)
     dv = v_new.shape[3]
     _paged_append_kernel[(triton.cdiv(lnew, APPEND_BLOCK_T), b * hkv)](
         k_new, v_new, k_cache, v_cache, bt, sl, hkv, lnew, d, dv, k_cache.shape[1],
@@ -397,10 +397,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
                                    or num_splits < 1):
         raise _checks.ArgumentValueError(f"{op}: num_splits must be an int >= 1 or None, got {num_splits!r}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    scale = _check_scale(op, scale, d)
     bt, sl = _check_tables(op, k_cache, block_table, cache_seqlens, b, 0, check)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     if needs_grad or _backend.choose(q, op) == "torch":
@@ -415,7 +412,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _paged_launch(q, k_cache, v_cache, bt, sl, scale, causal, num_splits, arch):
     """Allocate and launch the paged attention for compute capability ``arch`` (None: interpreter); also what
     ``kernels.aot`` runs on meta tensors (kernels replaced by recorders) to see the launches."""
-    q = q if q.stride(-1) == 1 or q.shape[-1] <= 1 else q.contiguous()
+    q = _last_dim_contiguous(q)
     b, h, lq, d = q.shape
     _, page, hkv, dv = v_cache.shape
     acc = torch_acc_dtype(q.dtype)
