@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import _backend, _checks
+from . import _backend, _checks, _grad
 from .attention import _check_scale, attention_bwd, attention_fwd
 from .fast_torch import _FLASH, _FLASH_BWD
 
@@ -137,18 +137,6 @@ def _key_mask(lens: torch.Tensor | None, s: int, dtype: torch.dtype) -> torch.Te
     return torch.zeros(keep.shape, dtype=dtype, device=lens.device).masked_fill(~keep, -math.inf)[:, None, None]
 
 
-def _rows_keep(l: int, s: int, causal: bool, lens: torch.Tensor | None, device: torch.device,
-               rows: slice) -> torch.Tensor | None:
-    """Bool, broadcastable to (B, H, rows, S): key j visible to query i (top-left causal, j < lens)."""
-    keep = None
-    if causal:
-        keep = torch.arange(s, device=device)[None, :] <= torch.arange(l, device=device)[rows, None]
-    if lens is not None:
-        valid = (torch.arange(s, device=device) < lens.to(device)[:, None])[:, None, None, :]
-        keep = valid if keep is None else keep & valid
-    return keep
-
-
 def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
     b, h, l, d = q.shape
     return q.reshape(b, hkv, h // hkv, l, d)
@@ -167,7 +155,7 @@ def _math_fwd(q, k, v, lens, causal, scale):
     for i in range(0, l, step):
         rows = slice(i, min(l, i + step))
         scores = (qg[:, :, :, rows] @ kt).reshape(b, h, -1, s) * scale
-        keep = _rows_keep(l, s, causal, lens, q.device, rows)
+        keep = _grad._keep(l, s, rows, causal, 0, lens, q.device)
         if keep is not None:
             scores = scores.masked_fill(~keep, -math.inf)
         m = torch.logsumexp(scores, -1)
@@ -196,7 +184,7 @@ def _math_bwd(do, q, k, v, out, lse, lens, causal, scale):
         n = len(range(*rows.indices(l)))
         scores = (qg[:, :, :, rows] @ kc.transpose(-1, -2)) * scale               # (B, Hkv, G, n, S)
         p = torch.exp(scores - lse[:, :, rows].reshape(b, hkv, g, n, 1))
-        keep = _rows_keep(l, s, causal, lens, q.device, rows)
+        keep = _grad._keep(l, s, rows, causal, 0, lens, q.device)
         if keep is not None:
             p = p.masked_fill(~keep[(None,) * (4 - keep.dim())][:, :, None], 0.0)     # (B|1, 1, 1, n|1, S)
         dp = dog[:, :, :, rows] @ vc.transpose(-1, -2)
