@@ -329,7 +329,7 @@ def attention_specs() -> Iterator[Spec]:
     three, fp32 and fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims 64 and 128: fp64 at
     head dim 256 spills, a known gap). A steady-state loop iteration of a kernel built on ``tl.dot`` covers
     BLOCK_M x BLOCK_N scores (the SASS report's unit)."""
-    at = importlib.import_module(".attention", __package__)  # the package's `attention` is the function
+    at = importlib.import_module(".attention.launch", __package__)  # the launchers and the kernels they call
     names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
              "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     dot_kernels = {"_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}

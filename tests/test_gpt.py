@@ -234,7 +234,7 @@ def test_generate_sampling_cache_equals_recompute(kwargs):
 def test_decode_step_over_long_cache_takes_the_flash_decoding_path(monkeypatch):
     """One token after 269 cached ones: the Triton kernel splits the keys (flash-decoding) and gives the
     reference's logits, equal to the last position of a full forward."""
-    attention_module = importlib.import_module("kernels.attention")
+    attention_module = importlib.import_module("kernels.attention.api")   # where attention() looks it up
     splits = []
     real = attention_module.decode_splits
     monkeypatch.setattr(attention_module, "decode_splits", lambda *a: splits.append(real(*a)) or splits[-1])

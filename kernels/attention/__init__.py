@@ -1,0 +1,56 @@
+"""Fused attention (FlashAttention-2 style): forward, deterministic backward, and a flash-decoding path.
+
+``softmax(scale * q @ k^T + mask) @ v`` without ever materializing the (L, S) score matrix: each program
+keeps a block of queries in registers and streams key/value blocks through an online softmax (base-2
+exponentials, fp32 accumulation, fp64 for fp64). Supports GQA/MQA natively (a query head h reads key/value
+head ``h // (H // Hkv)``), bool/float masks read through broadcast strides, per-batch key lengths
+(``seqlens_k``: key blocks past the length are skipped), two causal alignments, in-kernel dropout, any head
+dim up to 256 (padded to a power of two with masked loads) and strided q/k/v (last dim contiguous).
+
+Causal conventions (``j`` key index, ``i`` query index, ``L`` queries, ``S`` keys):
+- ``attention(causal=True)``: **bottom-right** aligned, ``j <= i + S - L`` (the last query sees every key:
+  what a KV cache and chunked prefill need);
+- ``scaled_dot_product_attention(is_causal=True)``: **top-left** aligned, ``j <= i``, as torch.
+They agree when ``L == S``. In the kernels both are ``j <= i + causal_offset``.
+
+The forward saves only the output and the log-sum-exp (natural log, accumulation dtype). The backward
+is atomics-free and therefore deterministic: a preprocess kernel computes ``delta = rowsum(dO * O)``
+(minus the incoming lse gradient), one kernel per key block accumulates dK and dV over every query block
+of every query head of its GQA group, one kernel per query block accumulates dQ.
+
+Decoding (few queries, long cache): ``_attn_fwd_split_kernel`` packs all the queries of a GQA group
+(``G * L`` rows) into one tile, splits the keys across programs, and writes a partial output and lse per
+split; ``_attn_combine_kernel`` merges the splits by their lse.
+
+    _attn_fwd_kernel, _attn_fwd_split_kernel, _attn_combine_kernel      (Triton, forward)
+    _attn_bwd_preprocess_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel   (Triton, backward)
+    attention_fwd / attention_bwd        (torch.library custom ops, registered autograd)
+    attention, scaled_dot_product_attention   (public functions)
+
+Files, in pipeline order: ``config`` (tiles, constants), ``forward`` (``_load_tile``, ``_fwd_block``, the
+main kernel), ``decode`` (split-KV and combine), ``backward`` (preprocess, dK/dV, dQ), ``launch`` (custom
+ops, autograd), ``api`` (public functions and checks).
+"""
+
+from .api import _check_scale, attention, scaled_dot_product_attention
+from .config import (
+    DECODE_MAX_L,
+    DECODE_MAX_ROWS,
+    DECODE_MIN_S,
+    LN2,
+    LOG2E,
+    MAX_HEAD_DIM,
+    _arch,
+    _precision,
+    attention_config,
+    decode_splits,
+)
+from .decode import _attn_combine_kernel
+from .forward import _fwd_block, _load_tile
+from .launch import _last_dim_contiguous, _tma_desc, attention_bwd, attention_fwd
+
+__all__ = [
+    "DECODE_MAX_L", "DECODE_MAX_ROWS", "DECODE_MIN_S", "LN2", "LOG2E", "MAX_HEAD_DIM", "_arch", "_attn_combine_kernel",
+    "_check_scale", "_fwd_block", "_last_dim_contiguous", "_load_tile", "_precision", "_tma_desc", "attention",
+    "attention_bwd", "attention_config", "attention_fwd", "decode_splits", "scaled_dot_product_attention",
+]

@@ -1,0 +1,237 @@
+"""Public functions: ``attention`` (bottom-right causal, GQA, seqlens_k, lse) and the SDPA drop-in
+``scaled_dot_product_attention`` (top-left causal, torch's broadcasting), with their argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend, _checks, _grad, fast_torch
+from .config import MAX_HEAD_DIM, decode_splits
+from .launch import attention_fwd
+
+try:  # torch's causal-mask tensor subclass (torch >= 2.3), understood as a causal alignment
+    from torch.nn.attention.bias import CausalBias as _CausalBias
+    from torch.nn.attention.bias import CausalVariant as _CausalVariant
+except ImportError:  # pragma: no cover
+    _CausalBias = _CausalVariant = None
+
+
+def _is_causal_bias(mask: object) -> bool:
+    return _CausalBias is not None and isinstance(mask, _CausalBias)
+
+
+def _check_mask(op: str, mask: object, shape: tuple[int, ...], ref: torch.Tensor, name: str = "attn_mask") -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    _checks.check_tensor_type(name, mask, op)
+    if mask.dtype != torch.bool and mask.dtype not in _checks.FLOAT_DTYPES:
+        raise _checks.ArgumentTypeError(f"{op}: {name} must be bool (True = attend) or a float additive mask, got "
+                                        f"{mask.dtype}")
+    if mask.device != ref.device:
+        raise _checks.ArgumentValueError(f"{op}: {name} is on {mask.device} but query is on {ref.device}")
+    if not _checks.broadcasts_to(mask.shape, shape):
+        raise _checks.ArgumentValueError(f"{op}: {name} of shape {tuple(mask.shape)} does not broadcast to "
+                                         f"{tuple(shape)}")
+
+
+def _check_qkv(op: str, q: object, k: object, v: object, names=("q", "k", "v")) -> None:
+    for name, t in zip(names, (q, k, v)):
+        _checks.check_float_tensor(name, t, op)
+        _checks.check_tensor_type(name, t, op)
+    for name, t in zip(names[1:], (k, v)):
+        if t.dtype != q.dtype:
+            raise _checks.ArgumentTypeError(f"{op}: {name} has dtype {t.dtype} but {names[0]} has {q.dtype}; they "
+                                            f"must match")
+        if t.device != q.device:
+            raise _checks.ArgumentValueError(f"{op}: {name} is on {t.device} but {names[0]} is on {q.device}")
+
+
+def _mask_4d(mask: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
+    """A mask broadcastable to ``full`` (..., L, S) as a 4-D mask broadcastable to ``full`` viewed as (B, H, L, S),
+    size-1 dims kept (the kernel broadcasts them by stride 0; a float mask's gradient is summed over them).
+    Beyond four dims the leading ones merge into the batch, expanded (a copy) only where the mask has sizes
+    other than 1 there."""
+    m = mask[(None,) * (len(full) - mask.dim())]
+    if m.dim() <= 4:
+        return m[(None,) * (4 - m.dim())]
+    if all(size == 1 for size in m.shape[:-3]):
+        return m.reshape(1, *m.shape[-3:])
+    return m.expand(*full[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
+
+
+def _choose(q: torch.Tensor, op: str, attn_mask: torch.Tensor | None, dropout_p: float) -> str:
+    """The backend's choice, except that a float mask whose gradient is wanted together with dropout runs the
+    PyTorch path (the kernels' dropout mask is drawn inside them; the mask gradient is computed outside)."""
+    impl = _backend.choose(q, op)
+    if impl == "triton" and dropout_p > 0 and _grad.mask_requires_grad(attn_mask):
+        return "torch"
+    return impl
+
+
+def _check_scale(op: str, scale: object, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d > 0 else 1.0
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _check_head_dims(op: str, d: int, dv: int, names=("q/k", "v")) -> None:
+    for name, size in zip(names, (d, dv)):
+        if not 1 <= size <= MAX_HEAD_DIM:
+            raise _checks.ArgumentValueError(f"{op}: head dim of {name} must be in [1, {MAX_HEAD_DIM}], got {size}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              attn_mask: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
+              scale: float | None = None, dropout_p: float = 0.0,
+              return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` for models and decoding.
+
+    Shapes: ``q`` (B, H, L, D), ``k`` (B, Hkv, S, D), ``v`` (B, Hkv, S, Dv), with Hkv dividing H (GQA;
+    Hkv = 1 is MQA; query head h uses key/value head h // (H // Hkv)); D, Dv up to 256. Returns
+    (B, H, L, Dv) in q's dtype, and with ``return_lse=True`` also the log-sum-exp of the scaled, masked
+    scores (B, H, L), float32 (float64 for float64 inputs), -inf for fully masked rows.
+
+    - ``causal=True`` is **bottom-right** aligned: query i attends keys j <= i + S - L (the last query
+      sees every key, as a KV cache needs); equal to torch's top-left ``is_causal`` when L == S. Rows with
+      i + S - L < 0 are fully masked.
+    - ``attn_mask``: bool (True = attend) or float (added to the scaled scores), broadcastable to
+      (B, H, L, S), read through broadcast strides; may be combined with ``causal`` and ``seqlens_k``. A float
+      mask may require grad: it gets the gradient of the softmax input, summed over its broadcast dims.
+    - ``seqlens_k``: int tensor (B,) of valid key lengths: keys j >= seqlens_k[b] are masked and their
+      blocks skipped.
+    - ``dropout_p``: dropout on the attention probabilities (always applied when > 0), kept values scaled
+      by 1 / (1 - p), drawn in the kernel from a seed taken from torch's default generator.
+    Fully masked rows give output 0, lse -inf and zero gradients. With few queries (L <= 16) and long
+    keys the forward splits the keys across programs (flash-decoding) with the same results."""
+    op = "attention"
+    _check_qkv(op, q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise _checks.ArgumentValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape "
+                                             f"{tuple(t.shape)}")
+    b, h, l, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise _checks.ArgumentValueError(f"{op}: batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise _checks.ArgumentValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same "
+                                         f"heads and length")
+    if k.shape[3] != d:
+        raise _checks.ArgumentValueError(f"{op}: k's head dim {k.shape[3]} differs from q's {d}")
+    hkv, s = k.shape[1], k.shape[2]
+    if hkv == 0 or h % hkv != 0:
+        raise _checks.ArgumentValueError(f"{op}: k/v heads ({hkv}) must divide q heads ({h})")
+    _check_head_dims(op, d, v.shape[3])
+    if _is_causal_bias(attn_mask):
+        raise TypeError(f"{op}: attn_mask is a torch.nn.attention.bias.CausalBias; pass causal=True instead "
+                        f"(bottom-right aligned, as causal_lower_right), or use scaled_dot_product_attention, "
+                        f"which takes both CausalBias variants")
+    _check_mask(op, attn_mask, (b, h, l, s), q)
+    if seqlens_k is not None:
+        if not isinstance(seqlens_k, torch.Tensor):
+            raise TypeError(f"{op}: seqlens_k must be an int tensor or None, got {type(seqlens_k).__name__}")
+        if seqlens_k.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+            raise _checks.ArgumentTypeError(f"{op}: seqlens_k must be an integer tensor, got {seqlens_k.dtype}")
+        if tuple(seqlens_k.shape) != (b,):
+            raise _checks.ArgumentValueError(f"{op}: seqlens_k must have shape ({b},), got {tuple(seqlens_k.shape)}")
+        if seqlens_k.device != q.device:
+            raise _checks.ArgumentValueError(f"{op}: seqlens_k is on {seqlens_k.device} but q is on {q.device}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
+    scale = _check_scale(op, scale, d)
+    dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
+    if _choose(q, op, attn_mask, dropout_p) == "torch":
+        return fast_torch.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse)
+    splits = decode_splits(b, hkv, l, h, s, q.device)
+    out, lse, _ = attention_fwd(q, k, v, attn_mask, seqlens_k, scale, causal, s - l, dropout_p, splits)
+    if return_lse:
+        return out, (lse if lse.dtype == torch.float64 else lse.float())
+    return out
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` on the fused kernel.
+
+    ``query`` (..., L, E), ``key`` (..., S, E), ``value`` (..., S, Ev); leading dims broadcast like torch's (also
+    between different numbers of dims).
+    ``is_causal=True`` is **top-left** aligned, as in torch: query i attends keys j <= i (for L != S this
+    differs from ``kernels.attention(causal=True)``, which is bottom-right aligned). ``attn_mask``: bool
+    (True = take part) or float (added to the scaled scores), broadcastable to (..., L, S); a float mask may
+    require grad. Together with ``is_causal=True`` both apply (the mask and the top-left causal mask), as torch's
+    CPU flash path does on 4-D inputs (torch's math path refuses the pair instead). ``attn_mask`` may also be a
+    ``torch.nn.attention.bias.CausalBias`` for (L, S): ``causal_upper_left`` is ``is_causal=True``,
+    ``causal_lower_right`` the bottom-right alignment of ``kernels.attention(causal=True)``, neither
+    materialized; together with ``is_causal=True`` it is refused, as by torch. ``enable_gqa=True``: key/value
+    heads (dim -3) divide query heads. ``dropout_p > 0`` always drops, like torch's function. One difference: a
+    fully masked row gives 0 (torch gives NaN)."""
+    op = "scaled_dot_product_attention"
+    _check_qkv(op, query, key, value, ("query", "key", "value"))
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise _checks.ArgumentValueError(f"{op}: {name} must have at least 2 dims (..., seq, head_dim), got "
+                                             f"shape {tuple(t.shape)}")
+    l, e = query.shape[-2:]
+    s, ev = value.shape[-2:]
+    if key.shape[-1] != e:
+        raise _checks.ArgumentValueError(f"{op}: key's last dim {key.shape[-1]} differs from query's {e}")
+    if key.shape[-2] != s:
+        raise _checks.ArgumentValueError(f"{op}: key's length {key.shape[-2]} differs from value's {s}")
+    _check_head_dims(op, e, ev, ("query/key", "value"))
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
+    causal_offset = 0
+    if _is_causal_bias(attn_mask):
+        if is_causal:
+            raise _checks.ArgumentValueError(f"{op}: CausalBias should not be used with causal=True (Explicit "
+                                             f"attn_mask should not be set when is_causal=True)")
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (l, s):
+            raise _checks.ArgumentValueError(
+                f"{op}: attn_mask is a CausalBias for {attn_mask.seq_len_q} queries and {attn_mask.seq_len_kv} "
+                f"keys, but query has {l} and key {s}")
+        if attn_mask.variant == _CausalVariant.LOWER_RIGHT:
+            causal_offset = s - l
+        attn_mask, is_causal = None, True
+    lead_q, lead_k, lead_v = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    gqa = enable_gqa and min(query.dim(), key.dim(), value.dim()) >= 3 and (
+        key.shape[-3] != query.shape[-3] or value.shape[-3] != query.shape[-3])
+    if gqa:
+        hq, hkv = query.shape[-3], key.shape[-3]
+        if value.shape[-3] != hkv:
+            raise _checks.ArgumentValueError(f"{op}: with enable_gqa key and value must have the same number of "
+                                             f"heads, got {hkv} and {value.shape[-3]}")
+        if hkv == 0 or hq % hkv != 0:
+            raise _checks.ArgumentValueError(f"{op}: with enable_gqa the key/value heads ({hkv}) must divide the "
+                                             f"query heads ({hq})")
+        leads = (lead_q[:-1], lead_k[:-1], lead_v[:-1])
+    else:
+        leads = (lead_q, lead_k, lead_v)
+    try:   # the leading (batch) dims of query, key and value broadcast together, as in torch
+        batch = tuple(torch.broadcast_shapes(*leads))
+    except RuntimeError:
+        raise _checks.ArgumentValueError(f"{op}: the leading dims of query {tuple(query.shape)}, key "
+                                         f"{tuple(key.shape)} and value {tuple(value.shape)} do not "
+                                         f"broadcast") from None
+    full = (*batch, hq, l, s) if gqa else (*batch, l, s)
+    _check_mask(op, attn_mask, full, query)
+    scale = _check_scale(op, scale, e)
+    dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
+    if _choose(query, op, attn_mask, dropout_p) == "torch":
+        return fast_torch.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                       batch, gqa, causal_offset)
+    # To (B, H, L, E): the dim before (L, E) is the head dim (where GQA happens), the others the batch.
+    hk = hkv if gqa else None
+    _to_4d = fast_torch.to_4d
+    q4 = _to_4d(query.expand(*batch, hq, l, e) if gqa else query.expand(*batch, l, e))
+    k4 = _to_4d(key.expand(*batch, hk, s, e) if gqa else key.expand(*batch, s, e))
+    v4 = _to_4d(value.expand(*batch, hk, s, ev) if gqa else value.expand(*batch, s, ev))
+    mask4 = None if attn_mask is None else _mask_4d(attn_mask, full)
+    out, _, _ = attention_fwd(q4, k4, v4, mask4, None, scale, is_causal, causal_offset, dropout_p, 0)
+    return out.reshape(*full[:-1], ev)

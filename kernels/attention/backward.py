@@ -1,0 +1,388 @@
+"""Backward kernels, atomics-free and deterministic: ``delta = rowsum(dO * O)`` (preprocess), dK/dV per key
+block over every query block of its GQA group, dQ per query block."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .forward import _load_tile
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O,          # (B, H, L, DV) forward output
+    DO,         # (B, H, L, DV) its gradient, any strides, last dim contiguous
+    DLSE,       # (B, H, L) gradient of the lse, contiguous (HAS_DLSE)
+    LSE,        # (B, H, L) forward log-sum-exp (natural log), contiguous
+    DELTA,      # (B, H, L) rowsum(dO * O) - dlse, contiguous, accumulation dtype
+    LSE2,       # (B, H, L) lse in log2 units, +inf for fully masked rows (p = exp2(s - lse2) = 0), contiguous
+    H, L, DV,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+                mask=ok, other=0.0).to(ACC)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                 mask=ok, other=0.0).to(ACC)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * L + offs_m, mask=offs_m < L, other=0.0).to(ACC)
+    tl.store(DELTA + bh * L + offs_m, delta, mask=offs_m < L)
+    lse = tl.load(LSE + bh * L + offs_m, mask=offs_m < L, other=0.0)
+    tl.store(LSE2 + bh * L + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
+             mask=offs_m < L)
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v,
+    q_ptrs, do_ptrs, m_ptrs,   # (BLOCK_M, BLOCK_D) / (BLOCK_M, BLOCK_DV) / (BLOCK_N, BLOCK_M) pointers of this block
+    Q_DESC, DO_DESC, b, h,     # TMA descriptors of (B, H, L, D) q / (B, H, L, DV) do, this program's coordinates
+    LSE2, DELTA,               # (L,) rows of this (b, h)
+    start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S, causal_offset,
+    seed, rng_base, dropout_p, qk_scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One query block's contribution to this program's dK, dV, on transposed scores (BLOCK_N, BLOCK_M).
+    Rows past L contribute nothing: their lse2 is +inf (p = 0) and q / do load as 0. Keys past kv_len are
+    not masked here: their rows of dK / dV are zeroed once at the end."""
+    offs_m = start_m + offs_m0
+    row_ok = offs_m < L
+    if TMA:
+        q = Q_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = DO_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+    else:
+        q = _load_tile(q_ptrs, row_ok, offs_d, D, CHECK_ROWS, EVEN_D)
+        do = _load_tile(do_ptrs, row_ok, offs_dv, DV, CHECK_ROWS, EVEN_DV)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    if CHECK_ROWS:
+        lse2 = tl.load(LSE2 + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse2 = tl.load(LSE2 + offs_m)
+        delta = tl.load(DELTA + offs_m)
+    sT = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)     # (BLOCK_N, BLOCK_M)
+    if not FOLD_SCALE:
+        sT = sT * qk_scale
+    if MASK_KIND == 1:
+        keep = tl.load(m_ptrs, mask=row_ok[None, :] & (offs_n[:, None] < S), other=0)
+        sT = tl.where(keep != 0, sT, float("-inf"))
+    if MASK_KIND == 2:
+        bias = tl.load(m_ptrs, mask=row_ok[None, :] & (offs_n[:, None] < S), other=0.0)
+        sT += bias.to(ACC) * 1.4426950408889634
+    if IS_CAUSAL:
+        sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, sT, float("-inf"))
+    if FOLD_SCALE:
+        pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+    else:
+        pT = tl.math.exp2(sT - lse2[None, :])
+    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)    # (BLOCK_N, BLOCK_M)
+    if HAS_DROPOUT:
+        keep_d = tl.rand(seed, rng_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
+        pdT = tl.where(keep_d, pT * (1.0 / (1.0 - dropout_p)), 0.0)
+        dpT = tl.where(keep_d, dpT * (1.0 / (1.0 - dropout_p)), 0.0)
+    else:
+        pdT = pT
+    dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_loop(
+    dk, dv, k, v, lo, hi,
+    q_ptrs, do_ptrs, m_ptrs,   # (BLOCK_M, BLOCK_D) / (BLOCK_M, BLOCK_DV) / (BLOCK_N, BLOCK_M) pointers of query block 0
+    stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC, b, h, LSE2, DELTA,
+    offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S, causal_offset, seed, rng_base, dropout_p, qk_scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dK, dV over the query blocks [lo, hi) of one head, every block with the same masks."""
+    for start_m in range(lo, hi, BLOCK_M):
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
+            Q_DESC, DO_DESC, b, h, LSE2, DELTA, start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+            causal_offset, seed, rng_base, dropout_p, qk_scale,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+            EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
+            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,          # (B, H, L, D) any strides, last dim contiguous
+    K,          # (B, Hkv, S, D)
+    V,          # (B, Hkv, S, DV)
+    Q_DESC,     # TMA descriptor of Q, block (1, 1, BLOCK_M, BLOCK_D) (TMA; otherwise Q again)
+    DO_DESC,    # TMA descriptor of DO, block (1, 1, BLOCK_M, BLOCK_DV) (TMA; otherwise DO again)
+    MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
+    SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
+    DO,         # (B, H, L, DV) output gradient, any strides, last dim contiguous
+    LSE2,       # (B, H, L) lse in log2 units (+inf: fully masked row), contiguous
+    DELTA,      # (B, H, L) from the preprocess kernel, contiguous
+    DK,         # (B, Hkv, S, D) key gradient, contiguous
+    DV_,        # (B, Hkv, S, DV) value gradient, contiguous
+    H, HKV, L, S, D, DV, GROUP,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    sm_scale, qk_scale, causal_offset, dropout_p, seed,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """One key block: dK, dV summed over every query block of every query head of its GQA group, in a
+    fixed order (deterministic, no atomics). Per head (SPLIT_BLOCKS, the tensor-core dtypes): the diagonal
+    query blocks (causal mask), the full ones (no mask at all), the last partial one (row bounds);
+    otherwise one loop with every mask."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // HKV
+    hk = bhk % HKV
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kv_len = S
+    if HAS_SEQLENS:
+        kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
+    col_ok = offs_n < kv_len
+    k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                   col_ok, offs_d, D, True, EVEN_D)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                   col_ok, offs_dv, DV, True, EVEN_DV)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    # Query blocks [lo, diag_hi) see part of this key block (causal mask); [diag_hi, rows_full) all of it;
+    # [max(diag_hi, rows_full), L) is the last partial block. A key block past kv_len gets no work.
+    lo = 0
+    diag_hi = 0
+    if IS_CAUSAL:
+        lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        diag_hi = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, L)
+        diag_hi = tl.maximum(diag_hi, lo)
+    hi = L
+    if start_n >= kv_len:
+        hi = 0
+    rows_full = (hi // BLOCK_M) * BLOCK_M
+    tail_lo = tl.maximum(diag_hi, rows_full)
+    b32 = b.to(tl.int32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dom + offs_dv[None, :]
+        m_ptrs = (MASK + b * stride_mb + h * stride_mh + offs_m0[None, :].to(tl.int64) * stride_mm
+                  + offs_n[:, None] * stride_mn)
+        # Query blocks [lo, diag_hi): causal mask; [diag_hi, rows_full): no mask; then the partial tail.
+        if SPLIT_BLOCKS:
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, lo, tl.minimum(diag_hi, hi), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
+                Q_DESC, DO_DESC,
+                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, diag_hi, rows_full, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
+                Q_DESC, DO_DESC,
+                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, False, False, FOLD_SCALE,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, tail_lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
+                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, False, True, FOLD_SCALE,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+        else:   # one loop, every mask on: fewer live registers for the fp32 / fp64 tiles
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
+                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+    dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)      # keys past kv_len: no gradient
+    dv = tl.where(col_ok[:, None], dv, 0.0)
+    out_ok = offs_n[:, None] < S
+    tl.store(DK + (bhk * S + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=out_ok & (offs_d[None, :] < D))
+    tl.store(DV_ + (bhk * S + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=out_ok & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, lse2, delta,
+    k_ptrs, v_ptrs, m_ptrs,    # (BLOCK_N, BLOCK_D) / (BLOCK_N, BLOCK_DV) / (BLOCK_M, BLOCK_N) pointers of this block
+    K_DESC, V_DESC, b, hk,     # TMA descriptors of (B, Hkv, S, D) k / v, this program's coordinates
+    start_n, offs_m, offs_n, offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset,
+    seed, rng_row, dropout_p, qk_scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, ZERO_KV_TAIL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One key block's contribution to this program's dQ; masks (key bound + causal limit as one compare)
+    only in the CHECK_BOUNDS blocks. Keys in [kv_len, S) are zeroed (ZERO_KV_TAIL) where TMA loads them:
+    ds = 0 must not meet a NaN there."""
+    cols = start_n + offs_n
+    col_ok = cols < kv_len
+    if TMA:
+        k = K_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        if CHECK_BOUNDS and ZERO_KV_TAIL:
+            k = tl.where(col_ok[:, None], k, 0.0)
+            v = tl.where(col_ok[:, None], v, 0.0)
+    else:
+        k = _load_tile(k_ptrs, col_ok, offs_d, D, CHECK_BOUNDS, EVEN_D)
+        v = _load_tile(v_ptrs, col_ok, offs_dv, DV, CHECK_BOUNDS, EVEN_DV)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)          # (BLOCK_M, BLOCK_N)
+    if not FOLD_SCALE:
+        s = s * qk_scale
+    if MASK_KIND == 1:
+        keep = tl.load(m_ptrs, mask=row_ok[:, None] & (cols[None, :] < S), other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    if MASK_KIND == 2:
+        bias = tl.load(m_ptrs, mask=row_ok[:, None] & (cols[None, :] < S), other=0.0)
+        s += bias.to(ACC) * 1.4426950408889634
+    if CHECK_BOUNDS:
+        if IS_CAUSAL:
+            last = tl.minimum(offs_m + causal_offset, kv_len - 1)
+            s = tl.where(cols[None, :] <= last[:, None], s, float("-inf"))
+        else:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+    if FOLD_SCALE:
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)           # (BLOCK_M, BLOCK_N)
+    if HAS_DROPOUT:
+        keep_d = tl.rand(seed, rng_row[:, None] + cols[None, :]) >= dropout_p
+        dp = tl.where(keep_d, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,          # (B, H, L, D) any strides, last dim contiguous
+    K,          # (B, Hkv, S, D)
+    V,          # (B, Hkv, S, DV)
+    K_DESC,     # TMA descriptor of K, block (1, 1, BLOCK_N, BLOCK_D) (TMA; otherwise K again)
+    V_DESC,     # TMA descriptor of V, block (1, 1, BLOCK_N, BLOCK_DV) (TMA; otherwise V again)
+    MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
+    SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
+    DO,         # (B, H, L, DV) output gradient, any strides, last dim contiguous
+    LSE2,       # (B, H, L) lse in log2 units (+inf: fully masked row), contiguous
+    DELTA,      # (B, H, L) from the preprocess kernel, contiguous
+    DQ,         # (B, H, L, D) query gradient, contiguous
+    H, L, S, D, DV, GROUP,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    sm_scale, qk_scale, causal_offset, dropout_p, seed,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:   # heaviest query blocks first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < L
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   row_ok, offs_d, D, True, EVEN_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                    row_ok, offs_dv, DV, True, EVEN_DV)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
+    # Scalar bases advanced by one key block per iteration + loop-invariant offset tiles (carrying 2-D pointer
+    # tiles through the loop costs two registers per element).
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_base = MASK + b * stride_mb + h * stride_mh
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
+    m_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
+    rng_row = ((bh * L + offs_m) * S).to(tl.int64)
+    kv_len = S
+    if HAS_SEQLENS:
+        kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
+    hi = kv_len
+    full_hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + causal_offset), 0)
+        full_hi = tl.maximum(tl.minimum(kv_len, start_m + causal_offset + 1), 0)
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    b32 = b.to(tl.int32)
+    hk32 = hk.to(tl.int32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, full_hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+            start_n, offs_m, offs_n,
+            offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+            EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
+            PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        if not TMA:
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
+        if MASK_KIND != 0:
+            m_base += BLOCK_N * stride_mn
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+            start_n, offs_m, offs_n,
+            offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+            EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
+            PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        if not TMA:
+            k_base += BLOCK_N * stride_kn
+            v_base += BLOCK_N * stride_vn
+        if MASK_KIND != 0:
+            m_base += BLOCK_N * stride_mn
+    dq *= sm_scale
+    tl.store(DQ + (bh * L + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))

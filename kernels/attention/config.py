@@ -1,0 +1,126 @@
+"""Attention constants and launch configurations: the tile table per kernel kind, head dim, dtype family and
+architecture (``attention_config``), the dot precision, and the flash-decoding split count."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .._launch import next_pow2
+
+MAX_HEAD_DIM = 256
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Flash-decoding: used when there are at most this many queries, the GQA group's rows fit one tile
+# and the keys are long enough to be worth splitting.
+DECODE_MAX_L = 16
+DECODE_MAX_ROWS = 64
+DECODE_MIN_S = 256
+
+# ----------------------------------------------------------------------------- configs
+
+
+# Tiles per kernel kind and head-dim bucket (64, 128, 256): (BLOCK_M, BLOCK_N, num_warps, num_stages) for
+# Ampere (sm_80), Hopper (sm_90), and the same two with dropout (the in-kernel RNG is register-hungry).
+# 16-bit dtypes run on tensor cores; on Hopper their d <= 128 kernels stream tiles with TMA. float32 dots
+# are true fp32 (or tf32) and float64 is the correctness dtype: small tiles. Each entry is what
+# `python -m kernels.aot --sass` reads best among the configurations that compile without spills.
+_TILES = {
+    "16bit": {
+        #                  ampere              hopper              ampere + dropout    hopper + dropout
+        ("fwd", 64):       ((128, 128, 8, 3),  (128, 128, 8, 3),   (128, 32, 8, 3),    (128, 32, 8, 3)),
+        ("fwd", 128):      ((128, 64, 8, 2),   (128, 128, 8, 2),   (64, 32, 8, 2),     (128, 32, 8, 2)),
+        ("fwd", 256):      ((64, 64, 8, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 2)),
+        ("decode", 64):    ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 2)),
+        ("decode", 128):   ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 3)),
+        ("decode", 256):   ((0, 32, 4, 2),     (0, 32, 4, 2),      (0, 32, 4, 2),      (0, 32, 4, 2)),
+        ("bwd_dkdv", 64):  ((32, 64, 4, 1),    (64, 128, 8, 2),    (32, 32, 4, 1),     (32, 32, 4, 1)),
+        ("bwd_dkdv", 128): ((64, 64, 8, 1),    (32, 128, 8, 2),    (16, 32, 4, 2),     (32, 32, 8, 1)),
+        ("bwd_dkdv", 256): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 16, 8, 1),     (16, 16, 8, 1)),
+        ("bwd_dq", 64):    ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 3)),
+        ("bwd_dq", 128):   ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 2)),
+        ("bwd_dq", 256):   ((32, 32, 4, 1),    (32, 32, 4, 1),     (32, 32, 8, 1),     (32, 32, 8, 1)),
+    },
+    "fp32": {
+        ("fwd", 64):       ((32, 32, 4, 1),    (32, 32, 4, 1),     (32, 32, 8, 1),     (32, 32, 8, 1)),
+        ("fwd", 128):      ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
+        ("fwd", 256):      ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 4, 1),     (32, 16, 4, 1)),
+        ("decode", 64):    ((0, 32, 4, 1),     (0, 32, 4, 1),      (0, 32, 8, 1),      (0, 32, 8, 1)),
+        ("decode", 128):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
+        ("decode", 256):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
+        ("bwd_dkdv", 64):  ((16, 32, 4, 1),    (16, 32, 4, 1),     (16, 16, 4, 1),     (16, 16, 8, 1)),
+        ("bwd_dkdv", 128): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 32, 8, 1),     (16, 16, 8, 1)),
+        ("bwd_dkdv", 256): ((16, 16, 8, 1),    (16, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
+        ("bwd_dq", 64):    ((32, 32, 4, 1),    (32, 32, 4, 1),     (16, 32, 4, 1),     (16, 32, 4, 1)),
+        ("bwd_dq", 128):   ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
+        ("bwd_dq", 256):   ((32, 16, 8, 1),    (32, 16, 8, 1),     (16, 16, 4, 1),     (16, 16, 4, 1)),
+    },
+    "fp64": {key: ((16, 16, 8 if key[1] > 64 else 4, 1),) * 4
+             for key in [(kind, d) for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)]},
+}
+
+
+# Entries a triton release needs changed because its compiler allocates registers differently (found with
+# `python -m kernels.aot --sass` under that release): (major, minor) -> {(family, kind, d): {column: tile}}.
+_TILE_OVERRIDES = {
+    (3, 6): {("16bit", "bwd_dkdv", 64): {1: (64, 128, 8, 1)}, ("16bit", "bwd_dkdv", 128): {1: (32, 128, 8, 1)},
+             ("fp32", "bwd_dkdv", 128): {2: (16, 16, 4, 1)}},
+}
+_TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None,
+                     dropout: bool = False) -> dict:
+    """Block sizes, warps, stages and TMA use of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
+
+    ``arch`` is the CUDA compute capability as an int (80, 90, ...) or None under the interpreter (small
+    blocks, so that small test shapes still cross several blocks). For "fwd" and "bwd_dq" BLOCK_M is the
+    query block a program owns and BLOCK_N the key block of its loop; for "bwd_dkdv" BLOCK_N is the key
+    block a program owns and BLOCK_M the query block of its loop; "decode" only sets BLOCK_N (its BLOCK_M
+    is the GQA group's query rows). ``TMA``: the kernel streams its tiles through tensor descriptors (the
+    launcher falls back to pointers where a tensor's strides or alignment do not allow it). Every
+    configuration is compiled by ``python -m kernels.aot`` for sm_80 and sm_90a (no spills, shared memory
+    within limits). Shared by the launcher and ``kernels.aot``."""
+    if kind not in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
+        raise ValueError(f"attention_config: unknown kernel kind {kind!r}")
+    if arch is None:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
+    hopper = arch >= 90
+    family = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
+    column = 2 * dropout + hopper
+    bm, bn, w, st = _TILE_OVERRIDES.get(_TRITON_VERSION, {}).get((family, kind, d), {}).get(
+        column, _TILES[family][(kind, d)][column])
+    tma = family == "16bit" and hopper and not dropout and d <= 128 and kind != "decode"
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma}
+
+
+def _arch(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _precision(dtype: torch.dtype, upcast: bool) -> str:
+    """tl.dot input precision: true fp32 for fp32 (unless TF32 is allowed), fp64 and upcast bf16."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if dtype == torch.float64 or upcast:
+        return "ieee"
+    return "tf32"  # the default; irrelevant for 16-bit inputs
+
+
+def decode_splits(b: int, hkv: int, l: int, h: int, s: int, device: torch.device) -> int:
+    """Number of key splits of the flash-decoding path, or 0 for the main path."""
+    if l > DECODE_MAX_L or (h // hkv) * l > DECODE_MAX_ROWS or s < DECODE_MIN_S:
+        return 0
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(2 * sms, max(1, b * hkv))                # about two waves of programs
+    else:
+        splits = 4
+    return max(1, min(splits, triton.cdiv(s, 128), 128))
+

@@ -1,0 +1,246 @@
+"""Launchers: the ``torch.library`` custom ops ``kernels::attention_fwd`` / ``kernels::attention_bwd`` with
+their registered autograd, TMA descriptors and the flags every kernel shares. ``_fwd_launch`` and
+``_bwd_launch`` are also what ``kernels.aot`` records (meta tensors, kernels replaced by recorders)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the pointer path only
+    TensorDescriptor = None
+
+from .. import _backend, _checks, _grad
+from .._launch import acc_dtype, next_pow2, torch_acc_dtype
+from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .config import LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _arch, _precision, attention_config
+from .decode import _attn_combine_kernel, _attn_fwd_split_kernel
+from .forward import _attn_fwd_kernel
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _tma_desc(t: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor | None:
+    """A TMA descriptor of the (B, H, S, D) tensor ``t`` with a (1, 1, block_rows, block_cols) box, or None
+    where the copy engine cannot address it: TMA needs a 16-byte aligned base, 16-byte aligned strides
+    (broadcast stride-0 dims excluded) and a contiguous last dim. A size-1 dim's stride is never used, so it
+    gets the contiguous value."""
+    if TensorDescriptor is None or t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
+        return None
+    elem = t.element_size()
+    strides, inner = list(t.stride()), t.shape[-1]
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = inner
+        if strides[i] <= 0 or strides[i] * elem % 16:
+            return None
+        inner = strides[i] * t.shape[i]
+    if t.data_ptr() % 16:
+        return None
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_cols])
+
+
+def _kv_descs(k: torch.Tensor, v: torch.Tensor, cfg: dict, meta: dict) -> tuple:
+    """(k, v) TMA descriptors with a BLOCK_N-key box where the configuration asks for TMA and both tensors
+    allow it, else (None, None): the kernel then takes the pointer path."""
+    if not cfg.get("TMA"):
+        return None, None
+    k_desc = _tma_desc(k, cfg["BLOCK_N"], meta["BLOCK_D"])
+    v_desc = _tma_desc(v, cfg["BLOCK_N"], meta["BLOCK_DV"])
+    return (k_desc, v_desc) if k_desc is not None and v_desc is not None else (None, None)
+
+
+def _fold_flags(scale: float, d: int, dv: int, meta: dict) -> dict:
+    """FOLD_SCALE: the scale can go into the exponent (positive, no float mask added after scaling);
+    EVEN_D / EVEN_DV: the head dims fill their blocks, so no head-dim masks."""
+    return dict(FOLD_SCALE=scale > 0 and meta["MASK_KIND"] != MASK_FLOAT, EVEN_D=d == meta["BLOCK_D"],
+                EVEN_DV=dv == meta["BLOCK_DV"])
+
+
+def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like: torch.Tensor):
+    """(tensor, kind, strides) of a mask broadcast to (B, H, L, S) as a view (stride 0 where broadcast)."""
+    if mask is None:
+        return like, MASK_NONE, (0, 0, 0, 0)
+    m = mask.expand(shape)
+    kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
+    if kind == MASK_BOOL:
+        m = m.view(torch.uint8)
+    return m, kind, tuple(m.stride())
+
+
+def _common(q, k, v, mask, seqlens_k):
+    b, h, l, d = q.shape
+    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+    m, kind, mstrides = _mask_args(mask, (b, h, l, s), q)
+    upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
+    meta = dict(MASK_KIND=kind, HAS_SEQLENS=seqlens_k is not None,
+                BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
+                UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype))
+    seq = seqlens_k if seqlens_k is not None else q
+    return (b, h, l, d, hkv, s, dv), m, mstrides, seq, meta
+
+
+@torch.library.custom_op("kernels::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, seqlens_k: torch.Tensor | None,
+    scale: float, is_causal: bool, causal_offset: int, dropout_p: float, num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of (B, H, L, D) ``q`` over (B, Hkv, S, D) ``k`` / (B, Hkv, S, Dv) ``v``.
+
+    ``mask`` broadcastable to (B, H, L, S), bool (True = attend) or float (added to the scaled scores);
+    causal: key j <= i + ``causal_offset``; ``num_splits`` > 0 runs the flash-decoding path. Returns
+    ``(out (B, H, L, Dv), lse (B, H, L) in the accumulation dtype, seed)``; ``seed`` is the dropout seed
+    as an int64 CPU tensor of one element."""
+    seed = _checks.dropout_seed() if dropout_p > 0 else 0
+    out, lse = _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed,
+                           _arch(q.device))
+    return out, lse, torch.tensor([seed], dtype=torch.int64)
+
+
+def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed, arch):
+    """Allocate and launch the forward for compute capability ``arch`` (None: interpreter); also what
+    ``kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
+    acc = torch_acc_dtype(q.dtype)
+    out = torch.empty((b, h, l, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, l), dtype=acc, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if s == 0 or out.numel() == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    group = h // hkv
+    args = (scale * LOG2E, causal_offset, dropout_p, seed)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms)
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
+    if num_splits > 0:
+        cfg = attention_config("decode", d, dv, q.dtype, arch, dropout_p > 0)
+        block_n = cfg["BLOCK_N"]
+        chunk = triton.cdiv(triton.cdiv(s, num_splits), block_n) * block_n
+        splits = triton.cdiv(s, chunk)
+        rows = group * l
+        opart = torch.empty((b * hkv, splits, rows, dv), dtype=acc, device=q.device)
+        lsepart = torch.empty((b * hkv, splits, rows), dtype=acc, device=q.device)
+        _attn_fwd_split_kernel[(splits, b * hkv)](
+            q, k, v, m, seq, opart, lsepart, h, hkv, l, s, d, dv, group, splits, chunk, *strides, *args,
+            BLOCK_M=max(16, next_pow2(rows)), BLOCK_N=block_n,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+        _attn_combine_kernel[(rows, b * hkv)](
+            opart, lsepart, out, lse, h, hkv, l, dv, group, splits, *out.stride()[:3],
+            BLOCK_S=next_pow2(splits), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
+    else:
+        cfg = attention_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
+        grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
+        k_desc, v_desc = _kv_descs(k, v, cfg, meta)
+        _attn_fwd_kernel[grid](
+            q, k, v, k_desc or k, v_desc or v, m, seq, out, lse, h, l, s, d, dv, group, *strides,
+            *out.stride()[:3], *args, TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+    return out, lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits):
+    b, h, l, _ = q.shape
+    return (q.new_empty((b, h, l, v.shape[3])), q.new_empty((b, h, l), dtype=torch_acc_dtype(q.dtype)),
+            torch.empty(1, dtype=torch.int64))
+
+
+@torch.library.custom_op("kernels::attention_bwd", mutates_args=())
+def attention_bwd(
+    do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, seqlens_k: torch.Tensor | None,
+    seed: torch.Tensor, scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of ``attention_fwd``; for GQA dk/dv are summed over each group's query
+    heads. ``dlse`` (optional) is the gradient of the returned lse. No atomics: deterministic."""
+    return _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, int(seed[0]), scale, is_causal, causal_offset,
+                       dropout_p, _arch(q.device))
+
+
+def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
+                arch):
+    """Allocate and launch the backward for compute capability ``arch`` (None: interpreter)."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    do = _last_dim_contiguous(do)
+    (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
+    dq = torch.empty((b, h, l, d), dtype=q.dtype, device=q.device)     # every element is written
+    dk = torch.empty((b, hkv, s, d), dtype=k.dtype, device=k.device)
+    dvv = torch.empty((b, hkv, s, dv), dtype=v.dtype, device=v.device)
+    if b * h * l == 0 or s == 0:
+        return dq.zero_(), dk.zero_(), dvv.zero_()
+    acc = torch_acc_dtype(q.dtype)
+    group = h // hkv
+    delta = torch.empty((b, h, l), dtype=acc, device=q.device)
+    lse2 = torch.empty((b, h, l), dtype=acc, device=q.device)
+    dlse_c = dlse.contiguous() if dlse is not None else delta
+    row_bytes = meta["BLOCK_DV"] * q.element_size()
+    pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(l, pre_block), b * h)](
+        out, do, dlse_c, lse.contiguous(), delta, lse2, h, l, dv, *out.stride()[:3], *do.stride()[:3],
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *do.stride()[:3])
+    args = (scale, scale * LOG2E, causal_offset, dropout_p, seed)
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
+    cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
+    bm = cfg["BLOCK_M"]
+    q_desc = _tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
+    do_desc = _tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
+    tma = do_desc is not None
+    _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
+        q, k, v, q_desc if tma else q, do_desc if tma else do, m, seq, do, lse2, delta, dk, dvv,
+        h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16),
+        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
+    k_desc, v_desc = _kv_descs(k, v, cfg, meta)
+    _attn_bwd_dq_kernel[(triton.cdiv(l, cfg["BLOCK_M"]), b * h)](
+        q, k, v, k_desc or k, v_desc or v, m, seq, do, lse2, delta, dq, h, l, s, d, dv, group, *strides, *args,
+        TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **flags)
+    return dq, dk, dvv
+
+
+@attention_bwd.register_fake
+def _(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, _ = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seqlens_k, seed)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+    ctx.scale, ctx.is_causal, ctx.causal_offset, ctx.dropout_p = scale, is_causal, causal_offset, dropout_p
+
+
+def _backward(ctx, dout, dlse, _dseed):
+    """(dq, dk, dv) from the kernel backward; a float mask that requires grad gets ``dS`` summed to its shape
+    (``_grad.attention_mask_grad``); when a graph of the backward is built (double backward) every gradient is
+    computed with differentiable PyTorch ops instead (``_grad.attention_backward``)."""
+    q, k, v, out, lse, mask, seqlens_k, seed = ctx.saved_tensors
+    rest = (None,) * 6
+    if dout is None and dlse is None:
+        return (None,) * 4 + rest
+    needs = tuple(ctx.needs_input_grad[:4])
+    if _grad.create_graph():
+        return (*_grad.attention_backward(q, k, v, mask, seqlens_k, dout, dlse, ctx.scale, ctx.is_causal,
+                                          ctx.causal_offset, ctx.dropout_p, needs), *rest)
+    dq = dk = dv = dmask = None
+    if any(needs[:3]):
+        dq, dk, dv = attention_bwd(dout if dout is not None else torch.zeros_like(out), dlse, q, k, v, out, lse,
+                                   mask, seqlens_k, seed, ctx.scale, ctx.is_causal, ctx.causal_offset, ctx.dropout_p)
+    if needs[3]:
+        if ctx.dropout_p > 0:   # the public functions send this case to the PyTorch path
+            raise NotImplementedError("attention: the kernels give no attn_mask gradient with dropout_p > 0")
+        dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, ctx.scale, ctx.is_causal,
+                                          ctx.causal_offset, seqlens_k)
+    return dq, dk, dv, dmask, *rest
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
