@@ -12,6 +12,7 @@ from .attention import attention, scaled_dot_product_attention
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
 from .paged import PagedKVCache, paged_append, paged_attention
 from .softmax import softmax
+from .varlen import varlen_attention
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,5 @@ __all__ = [
     "scaled_dot_product_attention",
     "softmax",
     "use_backend",
+    "varlen_attention",
 ]

@@ -153,3 +153,22 @@ def scaled_dot_product_attention_ref(query: torch.Tensor, key: torch.Tensor, val
             bias = attn_mask.to(ct)
     out, _ = _attention_core(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, keep, bias, dropout_p)
     return out.to(query.dtype)
+
+
+def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                         scale: float | None = None, dropout_p: float = 0.0, return_lse: bool = False,
+                         check: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``kernels.varlen_attention``: ``attention_ref`` on each packed sequence; out (total_q, H, Dv),
+    lse (H, total_q)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        qb, kb, vb = (t[lo:hi].transpose(0, 1)[None] for t, lo, hi in
+                      ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]), (v, ck[b], ck[b + 1])))
+        out, lse = attention_ref(qb, kb, vb, causal=causal, scale=scale, dropout_p=dropout_p, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    out = torch.cat(outs, 0) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
+    lse = torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=_compute_dtype(q))
+    return (out, lse) if return_lse else out
