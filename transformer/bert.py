@@ -33,7 +33,7 @@ from torch import nn
 from kernels.nn import LayerNorm
 
 from .config import BERTConfig
-from .layers import _ACTIVATIONS, BlockSpec, EncoderBlock, init_weights, key_padding_mask
+from .layers import _ACTIVATIONS, BlockSpec, EncoderBlock, Packing, init_weights, key_padding_mask, repad, unpad
 from .outputs import ClassificationOutput, PreTrainingOutput, QuestionAnsweringOutput
 
 __all__ = [
@@ -88,7 +88,8 @@ class BERT(nn.Module):
                 attention_mask: torch.Tensor | None = None, output_attentions: bool = False) -> BERTOutput:
         """input_ids (B, L) int; token_type_ids (B, L) segment ids (default all 0); attention_mask (B, L)
         1 = real token, 0 = padding (default: all real). Padded positions still get (meaningless)
-        outputs; nothing at a real position depends on them."""
+        outputs; nothing at a real position depends on them. With ``config.padding_free`` (and a mask, no
+        attention weights asked for) the blocks run on the packed real tokens and padded positions get 0."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, l = input_ids.shape
@@ -99,12 +100,20 @@ class BERT(nn.Module):
         pos = torch.arange(l, device=input_ids.device)
         x = self.word_embed(input_ids) + self.pos_embed(pos) + self.type_embed(token_type_ids)   # (B, L, dim)
         x = F.dropout(self.embed_norm(x), self.config.dropout, self.training)                 # (B, L, dim)
-        mask = key_padding_mask(attention_mask)                                               # (B, 1, 1, L)
         attentions = [] if output_attentions else None
-        for block in self.blocks:
-            x, _, w = block(x, attn_mask=mask, need_weights=output_attentions)                # (B, L, dim)
-            if attentions is not None:
-                attentions.append(w)
+        if self.config.padding_free and attention_mask is not None and not output_attentions:
+            # Positions were added above in the padded layout, so each token keeps its own position.
+            packing = Packing.from_mask(attention_mask)
+            x = unpad(x, packing)                                                             # (1, total, dim)
+            for block in self.blocks:
+                x, _, _ = block(x, packing=packing)                                           # (1, total, dim)
+            x = repad(x, packing)                                                             # (B, L, dim)
+        else:
+            mask = key_padding_mask(attention_mask)                                           # (B, 1, 1, L)
+            for block in self.blocks:
+                x, _, w = block(x, attn_mask=mask, need_weights=output_attentions)            # (B, L, dim)
+                if attentions is not None:
+                    attentions.append(w)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None      # (B, dim)
         return BERTOutput(x, pooled, attentions)
 

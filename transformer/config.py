@@ -90,6 +90,9 @@ class BERTConfig(Config):
     pad_token_id: int = 0
     num_labels: int = 2             # sequence / token classification heads
     classifier_dropout: float | None = None
+    # Given an attention_mask, run the blocks on the packed real tokens (kernels.varlen_attention) instead
+    # of the padded batch; off by default: the padded path is the one that returns attention weights.
+    padding_free: bool = False
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=128, max_seq_len=64, dim=32, n_layers=2, n_heads=4, ffn_dim=64),
@@ -161,6 +164,9 @@ class EncoderDecoderConfig(Config):
     pad_token_id: int = 0
     bos_token_id: int = 1                # decoder start token
     eos_token_id: int = 2
+    # Teacher-forced passes with padding masks run on the packed real tokens (kernels.varlen_attention);
+    # cached decoding (generate) always runs padded.
+    padding_free: bool = False
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=64, max_seq_len=64, dim=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2,

@@ -12,6 +12,12 @@ projection up follows the embedding and a projection down precedes the tied outp
 can serve as both. Positions are the fixed sinusoids, in the paper's interleaved layout or Marian's
 concatenated one.
 
+Padding-free training (``config.padding_free``): a teacher-forced ``forward`` with a source mask packs the
+real source tokens and the real target tokens (the target mask is ``decoder_attention_mask``, else every
+position up to the last counted label), runs every block on the packed tokens (``kernels.varlen_attention``:
+per-sequence self-attention, causal in the decoder; cross-attention from each target to its own source) and
+re-pads the logits (zeros at padded target positions, which the loss ignores).
+
 Generation (``generate``): greedy or beam search over a per-block ``DecoderCache``: the self-attention
 cache grows by one position per step, the cross-attention keys/values are computed once per source.
 ``from_huggingface`` converts a ``transformers`` ``MarianMTModel`` (post-LN, concat sinusoids, swish).
@@ -34,10 +40,13 @@ from .layers import (
     DecoderCache,
     EncoderBlock,
     KVCache,
+    Packing,
     SinusoidalPositions,
     add_norm,
     embedding_scale,
     key_padding_mask,
+    repad,
+    unpad,
 )
 from .outputs import LMOutput
 
@@ -50,6 +59,19 @@ def shift_right(labels: torch.Tensor, start_token_id: int, pad_token_id: int) ->
     shifted[:, 0] = start_token_id
     shifted[:, 1:] = labels[:, :-1]
     return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
+
+
+def _target_mask(decoder_input_ids: torch.Tensor, labels: torch.Tensor | None, pad_token_id: int) -> torch.Tensor:
+    """(B, T) mask of the target positions a padding-free pass must keep when no decoder mask is given: all
+    up to the last position whose label counts in the loss. Later positions feed nothing (causal) and are
+    not scored, so dropping them changes no loss or gradient; without labels every position is kept."""
+    b, t = decoder_input_ids.shape
+    if labels is None:
+        return torch.ones(b, t, dtype=torch.bool, device=decoder_input_ids.device)
+    counted = (labels != pad_token_id) & (labels != IGNORE_INDEX)                   # (B, T)
+    pos = torch.arange(1, t + 1, device=labels.device)
+    length = (counted * pos).amax(1)                                                 # (B,) last counted + 1
+    return pos[None] <= length[:, None]
 
 
 class EncoderDecoder(nn.Module):
@@ -111,7 +133,11 @@ class EncoderDecoder(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Source ids (B, S), 1/0 padding mask (B, S) -> the memory (B, S, dim) the decoder attends to.
 
-        Rows of padded source positions hold values that nothing reads (they are masked as keys)."""
+        Rows of padded source positions hold values that nothing reads (they are masked as keys); zeros
+        with ``config.padding_free``."""
+        if self.config.padding_free and attention_mask is not None:
+            memory, packing = self._encode_packed(input_ids, attention_mask)
+            return repad(memory, packing)                                   # (B, S, dim)
         mask = key_padding_mask(attention_mask)                             # (B, 1, 1, S) or None
         hidden, residual = self._embed(self._source_table(), input_ids), None
         for block in self.encoder_blocks:
@@ -119,6 +145,30 @@ class EncoderDecoder(nn.Module):
         if self.config.pre_ln:
             hidden, _ = add_norm(hidden, residual, self.encoder_norm, self.config.dropout if self.training else 0.0)
         return hidden                                                       # (B, S, dim)
+
+    def _encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+        """-> the memory of the real source tokens (1, total_src, dim) and its packing."""
+        packing = Packing.from_mask(attention_mask)
+        # Embedded (positions included) in the padded layout, then packed: each token keeps its position.
+        hidden, residual = unpad(self._embed(self._source_table(), input_ids), packing), None   # (1, total, dim)
+        for block in self.encoder_blocks:
+            hidden, residual, _ = block(hidden, residual, packing=packing)
+        if self.config.pre_ln:
+            hidden, _ = add_norm(hidden, residual, self.encoder_norm, self.config.dropout if self.training else 0.0)
+        return hidden, packing
+
+    def _forward_packed(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, decoder_mask: torch.Tensor) -> torch.Tensor:
+        """The padding-free teacher-forced pass -> logits (B, T, vocab), zeros at padded target positions."""
+        memory, memory_packing = self._encode_packed(input_ids, attention_mask)        # (1, total_src, dim)
+        packing = Packing.from_mask(decoder_mask)
+        hidden, residual = unpad(self._embed(self.embed, decoder_input_ids), packing), None   # (1, total_tgt, dim)
+        for block in self.decoder_blocks:
+            hidden, residual, _ = block(hidden, residual, memory, packing=packing, memory_packing=memory_packing)
+        if self.config.pre_ln:
+            hidden, _ = add_norm(hidden, residual, self.decoder_norm, self.config.dropout if self.training else 0.0)
+        # The vocabulary projection is the widest matmul: done on real tokens only, then re-padded.
+        return repad(self.output_logits(hidden), packing)                   # (B, T, vocab)
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor | None,
                attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
@@ -168,8 +218,14 @@ class EncoderDecoder(nn.Module):
             if labels is None:
                 raise ValueError("forward needs decoder_input_ids or labels")
             decoder_input_ids = shift_right(labels, c.bos_token_id, c.pad_token_id)
-        memory = self.encode(input_ids, attention_mask)                     # (B, S, dim)
-        logits = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+        if c.padding_free and attention_mask is not None:
+            decoder_mask = decoder_attention_mask
+            if decoder_mask is None:
+                decoder_mask = _target_mask(decoder_input_ids, labels, c.pad_token_id)
+            logits = self._forward_packed(input_ids, decoder_input_ids, attention_mask, decoder_mask)
+        else:
+            memory = self.encode(input_ids, attention_mask)                 # (B, S, dim)
+            logits = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
         loss = None
         if labels is not None:
             targets = labels.masked_fill(labels == c.pad_token_id, IGNORE_INDEX)

@@ -15,6 +15,12 @@ sublayer fuses with the norm that starts the next:
     out, _ = add_norm(hidden, residual, final_norm)
 
 Post-LN blocks take and return the hidden state (residual is None).
+
+Padding-free (packed) encoders: ``Packing.from_mask(attention_mask)`` once per forward, ``unpad`` the
+embeddings to (1, total, dim) before the first block, pass ``packing=`` to every block (its attention then
+runs ``kernels.varlen_attention`` over the packed tokens: no work on padding, no mask), ``repad`` after
+the last one (zeros at padded positions). Norms and feed-forwards are per token, so they take the packed
+(1, total, dim) tensor unchanged.
 """
 
 from __future__ import annotations
@@ -60,6 +66,51 @@ def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
     return attention_mask.bool()[:, None, None, :]
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a padded (B, L) batch go once packed one sequence after another.
+
+    Built once per forward from the padding mask and shared by every layer: ``indices`` (total,) int64 are
+    the flat positions ``b * L + t`` of the kept tokens in row order, ``cu_seqlens`` (B + 1,) int32 the
+    cumulative lengths ``kernels.varlen_attention`` takes, ``max_seqlen`` the longest row."""
+
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    batch: int
+    seqlen: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> Packing:
+        """(B, L) 1/0 (or bool) mask -> the packing of its kept positions (any pattern: right or left padding,
+        holes; a row with no kept token is an empty sequence)."""
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
+        keep = attention_mask.bool()
+        b, l = keep.shape
+        lengths = keep.sum(1, dtype=torch.int32)                                     # (B,)
+        cu = torch.zeros(b + 1, dtype=torch.int32, device=keep.device)
+        cu[1:] = lengths.cumsum(0)
+        # One host sync per forward (not per layer): the launch grid of varlen_attention needs an int.
+        max_seqlen = int(lengths.max()) if b else 0
+        return cls(keep.flatten().nonzero().squeeze(1), cu, max_seqlen, b, l)
+
+    @property
+    def total(self) -> int:
+        return self.indices.numel()
+
+
+def unpad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """(B, L, ...) -> (1, total, ...): the kept tokens, one sequence after another (a gather; differentiable)."""
+    return x.reshape(packing.batch * packing.seqlen, *x.shape[2:]).index_select(0, packing.indices)[None]
+
+
+def repad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """(1, total, ...) -> (B, L, ...) with zeros at the padded positions (a scatter; differentiable)."""
+    flat = x.new_zeros(packing.batch * packing.seqlen, *x.shape[2:])
+    return flat.index_copy(0, packing.indices, x[0]).view(packing.batch, packing.seqlen, *x.shape[2:])
 
 
 def sinusoidal_table(n_positions: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
@@ -168,7 +219,9 @@ class Attention(nn.Module):
     no copies); cross-attention has ``q_proj`` and a fused ``kv_proj`` over the memory. ``causal`` is
     bottom-right aligned (the last query sees every key), so the same call serves training, prefill
     and one-token decoding over a ``KVCache``. ``attn_mask``: bool (True = attend) or float, broadcast
-    to (B, H, L, S), e.g. ``key_padding_mask(attention_mask)``."""
+    to (B, H, L, S), e.g. ``key_padding_mask(attention_mask)``. With ``packing`` (padding-free, see the
+    module docstring) x is (1, total, dim) packed tokens and the call is one ``kernels.varlen_attention``;
+    cross-attention then also needs ``memory_packing``, the packing of the (1, total_k, kv_dim) memory."""
 
     def __init__(self, dim: int, n_heads: int, *, cross: bool = False, kv_dim: int | None = None,
                  bias: bool = True, out_bias: bool | None = None, dropout: float = 0.0) -> None:
@@ -189,14 +242,48 @@ class Attention(nn.Module):
         t = t.view(b, n, parts, self.n_heads, self.head_dim)
         return tuple(x.transpose(1, 2) for x in t.unbind(2))        # parts x (B, H, T, D) strided views
 
+    def _packed(self, x: torch.Tensor, memory: torch.Tensor | None, causal: bool, packing: Packing,
+                memory_packing: Packing | None) -> torch.Tensor:
+        """Packed tokens x (1, total_q, dim) [memory (1, total_k, kv_dim)] -> (1, total_q, dim)."""
+        t = x.shape[1]
+        heads = (self.n_heads, self.head_dim)
+        if self.cross:
+            if memory is None or memory_packing is None:
+                raise ValueError("packed cross-attention needs the packed memory and its memory_packing")
+            if memory_packing.batch != packing.batch:
+                raise ValueError(f"packed cross-attention: {packing.batch} query sequences but "
+                                 f"{memory_packing.batch} memory sequences")
+            q = self.q_proj(x[0]).view(t, *heads)                                 # (total_q, H, D)
+            k, v = self.kv_proj(memory[0]).view(memory.shape[1], 2, *heads).unbind(1)   # (total_k, H, D) views
+            kv_packing = memory_packing
+        else:
+            q, k, v = self.qkv_proj(x[0]).view(t, 3, *heads).unbind(1)           # 3 x (total, H, D) views
+            kv_packing = packing
+        p = self.dropout if self.training else 0.0
+        # check=False: the packings are built by Packing.from_mask, correct by construction, and the
+        # checks would read cu_seqlens on the host in every layer.
+        out = kernels.varlen_attention(q, k, v, packing.cu_seqlens, kv_packing.cu_seqlens, packing.max_seqlen,
+                                       kv_packing.max_seqlen, causal=causal, dropout_p=p, check=False)
+        return self.out_proj(out.reshape(1, t, self.dim))
+
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, *, causal: bool = False,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                need_weights: bool = False, packing: Packing | None = None,
+                memory_packing: Packing | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, L, dim), memory (B, S, kv_dim) for cross-attention -> ((B, L, dim), weights (B, H, L, S) or None).
 
         With a cache, self-attention appends this step's keys/values to it; cross-attention fills it
         from ``memory`` on the first call and reuses it afterwards (memory may then be None). A paged cache
-        layer (``kernels.paged.PagedLayer``, sequences of different lengths) appends and attends itself."""
+        layer (``kernels.paged.PagedLayer``, sequences of different lengths) appends and attends itself.
+        With ``packing`` x (and memory) are packed tokens (see the class docstring); no mask, cache or
+        weights then."""
+        if packing is not None:
+            if attn_mask is not None or cache is not None or need_weights:
+                raise ValueError("packed (padding-free) attention takes no attn_mask or cache and returns no "
+                                 "attention weights")
+            if context_parallel.active() is not None:
+                raise ValueError("context parallel attention takes full sequences, not packed ones")
+            return self._packed(x, memory, causal, packing, memory_packing), None
         b, l, _ = x.shape
         if self.cross:
             (q,) = self._heads(self.q_proj(x), 1)
@@ -269,15 +356,19 @@ class EncoderBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, *, causal: bool = False,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """-> (hidden, residual, attention weights or None); see the module docstring for the pair."""
+                need_weights: bool = False, packing: Packing | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """-> (hidden, residual, attention weights or None); see the module docstring for the pair.
+        ``packing``: hidden (and residual) are packed (1, total, dim) tokens."""
         p = self.dropout if self.training else 0.0
         if self.pre_ln:
             normed, residual = add_norm(hidden, residual, self.ln1, p if residual is not None else 0.0)
-            a, w = self.attn(normed, causal=causal, attn_mask=attn_mask, cache=cache, need_weights=need_weights)
+            a, w = self.attn(normed, causal=causal, attn_mask=attn_mask, cache=cache, need_weights=need_weights,
+                             packing=packing)
             normed, residual = add_norm(a, residual, self.ln2, p)
             return self.ffn(normed), residual, w
-        a, w = self.attn(hidden, causal=causal, attn_mask=attn_mask, cache=cache, need_weights=need_weights)
+        a, w = self.attn(hidden, causal=causal, attn_mask=attn_mask, cache=cache, need_weights=need_weights,
+                         packing=packing)
         hidden, _ = add_norm(a, hidden, self.ln1, p)
         hidden, _ = add_norm(self.ffn(hidden), hidden, self.ln2, p)
         return hidden, None, w
@@ -316,26 +407,28 @@ class DecoderBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, memory: torch.Tensor | None, *,
                 self_mask: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
                 cache: DecoderCache | None = None, need_weights: bool = False, causal: bool = True,
+                packing: Packing | None = None, memory_packing: Packing | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """-> (hidden, residual, (self-attention weights, cross-attention weights)). ``causal=False`` lets
-        every input see every other (a set of learned queries rather than a sequence being generated)."""
+        every input see every other (a set of learned queries rather than a sequence being generated).
+        ``packing`` / ``memory_packing``: hidden and memory are packed (1, total, dim) tokens (padding-free)."""
         p = self.dropout if self.training else 0.0
         self_cache = cache.self_attn if cache is not None else None
         cross_cache = cache.cross_attn if cache is not None else None
         if self.pre_ln:
             normed, residual = add_norm(hidden, residual, self.ln1, p if residual is not None else 0.0)
             a, w_self = self.self_attn(normed, causal=causal, attn_mask=self_mask, cache=self_cache,
-                                       need_weights=need_weights)
+                                       need_weights=need_weights, packing=packing)
             normed, residual = add_norm(a, residual, self.ln2, p)
             c, w_cross = self.cross_attn(normed, memory, attn_mask=memory_mask, cache=cross_cache,
-                                         need_weights=need_weights)
+                                         need_weights=need_weights, packing=packing, memory_packing=memory_packing)
             normed, residual = add_norm(c, residual, self.ln3, p)
             return self.ffn(normed), residual, (w_self, w_cross)
         a, w_self = self.self_attn(hidden, causal=causal, attn_mask=self_mask, cache=self_cache,
-                                   need_weights=need_weights)
+                                   need_weights=need_weights, packing=packing)
         hidden, _ = add_norm(a, hidden, self.ln1, p)
         c, w_cross = self.cross_attn(hidden, memory, attn_mask=memory_mask, cache=cross_cache,
-                                     need_weights=need_weights)
+                                     need_weights=need_weights, packing=packing, memory_packing=memory_packing)
         hidden, _ = add_norm(c, hidden, self.ln2, p)
         hidden, _ = add_norm(self.ffn(hidden), hidden, self.ln3, p)
         return hidden, None, (w_self, w_cross)
