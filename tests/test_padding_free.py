@@ -239,3 +239,24 @@ def test_seq2seq_encode_and_generate_with_padding_free():
         ids = packed.greedy_search(batch["input_ids"], batch["attention_mask"], max_new_tokens=4)
         want_ids = padded.greedy_search(batch["input_ids"], batch["attention_mask"], max_new_tokens=4)
     assert torch.equal(ids[0], want_ids[0])
+
+
+# --------------------------------------------------------------------------------------- multimodal
+
+
+def test_multimodal_text_encoder_padding_free():
+    """The text encoder packs its tokens; the memory's padded text rows (zeros now) are masked as keys."""
+    from transformer.config import MultimodalConfig
+    from transformer.multimodal import Multimodal
+
+    config = MultimodalConfig.from_preset("tiny", vocab_size=40, max_text_len=32, dropout=0.0)
+    padded, packed = _twins(Multimodal, config)
+    mask = _mask((3, 17, 1, 30))
+    g = torch.Generator().manual_seed(3)
+    batch = dict(pixel_values=torch.randn(4, 1, 8, 8, generator=g),
+                 input_ids=torch.randint(7, 40, mask.shape, generator=g) * mask, attention_mask=mask,
+                 labels={"match": torch.tensor([0, 1, 1, 0]), "digit": torch.tensor([3, 7, 1, 0])})
+    with kernels.use_backend("torch"):
+        want = _loss_and_grads(padded, batch)
+        got = _loss_and_grads(packed, batch)
+    _assert_same(got, want)

@@ -212,6 +212,9 @@ class MultimodalConfig(Config):
     eps: float = 1e-5
     activation: str = "gelu"
     pad_token_id: int = 0
+    # The text encoder's BERTConfig.padding_free (the image encoder has no padding; the decoder's queries
+    # are unpadded and attend to the memory under its padding mask).
+    padding_free: bool = False
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(dim=32, ffn_dim=64, image_layers=1, text_layers=1, decoder_layers=1, n_queries=2),

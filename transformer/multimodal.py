@@ -51,7 +51,8 @@ class Multimodal(nn.Module):
                                            num_channels=c.num_channels, n_layers=c.image_layers, num_classes=0,
                                            **shared))
         self.text_encoder = BERT(BERTConfig(vocab_size=c.vocab_size, max_seq_len=c.max_text_len,
-                                            n_layers=c.text_layers, pad_token_id=c.pad_token_id, **shared),
+                                            n_layers=c.text_layers, pad_token_id=c.pad_token_id,
+                                            padding_free=c.padding_free, **shared),
                                  add_pooling_layer=False)
         self.modality = nn.Embedding(2, c.dim)
         self.queries = nn.ParameterDict({t: nn.Parameter(torch.empty(c.n_queries, c.dim)) for t in c.tasks})

@@ -7,7 +7,9 @@
 The encoder is the shared pre-LN ``EncoderBlock`` stack passing the (hidden, residual) pair, so every
 residual add fuses with the LayerNorm after it (``add_norm``), the last one with the final norm. The
 sequence is 1 + (image / patch)^2 tokens: 197 for ViT-B/16 at 224 pixels, which is no multiple of any
-kernel block; the attention and norm kernels mask the ragged tail.
+kernel block; the attention and norm kernels mask the ragged tail. Every image of a batch has the same
+size, so every sequence has the same length: there is no padding, hence no padding-free mode (the packed
+path of BERT and the encoder-decoder would run the same attention with extra gathers).
 
 Parameter names follow timm's layout (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N``,
 ``norm``, ``head``); ``from_huggingface`` maps transformers' ``ViTForImageClassification`` / ``ViTModel``
