@@ -65,3 +65,76 @@ def test_vit(name):
     model = transformers.ViTModel(cfg)
     got, want = _compare(model, name, pixel_values=torch.randn(2, 3, 16, 16))
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- packed (padding-free) batches
+
+PACK_LENGTHS = (3, 17, 1, 30)
+
+
+def _tiny_llama():
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=100)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).train()
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("flash_kwargs", [True, False], ids=["cu_seq_lens", "position_ids"])
+def test_llama_packed_batch_matches_padded_batch(name, monkeypatch, flash_kwargs):
+    """A DataCollatorWithFlattening batch (one row of concatenated sequences) runs kernels.varlen_attention
+    in every layer and gives the loss and gradients of the padded batch of the same sequences."""
+    import kernels
+
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 100, (n,), generator=g) for n in PACK_LENGTHS]
+    features = [{"input_ids": s.tolist()} for s in seqs]
+    packed = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs,
+                                                     return_tensors="pt")(features)
+    assert packed["input_ids"].shape == (1, sum(PACK_LENGTHS))
+    assert ("cu_seq_lens_q" in packed) == flash_kwargs
+    width = max(PACK_LENGTHS)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    padded = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+    model = _tiny_llama()
+    model.set_attn_implementation("sdpa")
+    want = _loss_and_grads(model, padded)
+    model.set_attn_implementation(name)
+    calls = []
+    real = kernels.varlen_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[3].tolist())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "varlen_attention", spy)
+    with kernels.use_backend("torch"):
+        got = _loss_and_grads(model, dict(packed))
+    cu = [0, 3, 20, 21, 51]
+    assert calls == [cu] * model.config.num_hidden_layers
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert got[1].keys() == want[1].keys()
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_unpacked_position_ids_keep_the_dense_path(name, monkeypatch):
+    """One sequence (position ids that never restart) is not a packed batch: no varlen call."""
+    import kernels
+
+    monkeypatch.setattr(kernels, "varlen_attention", lambda *a, **k: pytest.fail("varlen path taken"))
+    model = _tiny_llama().eval()
+    model.set_attn_implementation(name)
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=torch.arange(9)[None])
