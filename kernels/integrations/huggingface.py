@@ -71,8 +71,11 @@ def _packed_sequences(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     As transformers' ``_flash_attention_forward``: the four varlen kwargs when all are given, else
     ``position_ids`` of one row (batch 1, several queries, no cache) that restart somewhere. A sliding
-    window or a position bias is only in the mask, so such calls keep the masked dense path."""
+    window or a position bias is only in the mask, so such calls keep the masked dense path, as do
+    transformers' paged-cache calls (``block_table``)."""
     if position_bias is not None or getattr(module, "sliding_window", None) is not None:
+        return None
+    if kwargs.get("block_table") is not None:       # continuous batching's paged decode: not a packed batch
         return None
     names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
     given = [kwargs.get(n) for n in names]
