@@ -79,6 +79,15 @@ def _tiny_llama():
     return transformers.LlamaForCausalLM(cfg).train()
 
 
+def _padded(seqs):
+    """The right-padded batch of the same sequences (the reference: padding masks are what sdpa is sure of)."""
+    ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
@@ -99,16 +108,9 @@ def test_llama_packed_batch_matches_padded_batch(name, monkeypatch, flash_kwargs
                                                      return_tensors="pt")(features)
     assert packed["input_ids"].shape == (1, sum(PACK_LENGTHS))
     assert ("cu_seq_lens_q" in packed) == flash_kwargs
-    width = max(PACK_LENGTHS)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = s, 1
-    padded = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-
     model = _tiny_llama()
     model.set_attn_implementation("sdpa")
-    want = _loss_and_grads(model, padded)
+    want = _loss_and_grads(model, _padded(seqs))
     model.set_attn_implementation(name)
     calls = []
     real = kernels.varlen_attention
@@ -138,3 +140,23 @@ def test_unpacked_position_ids_keep_the_dense_path(name, monkeypatch):
     ids = torch.randint(0, 100, (1, 9))
     with torch.no_grad():
         model(input_ids=ids, position_ids=torch.arange(9)[None])
+
+
+def test_llama_packed_batch_on_triton_kernels(name, triton_backend):
+    """The same check through the Triton varlen path (the interpreter on a CPU), a smaller batch."""
+    import kernels
+
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 100, (n,), generator=g) for n in (5, 1, 12)]
+    packed = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(
+        [{"input_ids": s.tolist()} for s in seqs])
+    model = _tiny_llama()
+    model.set_attn_implementation("sdpa")
+    with kernels.use_backend("torch"):
+        want = _loss_and_grads(model, _padded(seqs))
+    model.set_attn_implementation(name)
+    got = _loss_and_grads(model, dict(packed))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    assert got[1].keys() == want[1].keys()
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
