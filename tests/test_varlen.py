@@ -311,3 +311,18 @@ def test_check_false_skips_host_checks(device):
     a = kernels.varlen_attention(q, k, v, cq, ck, 9, 6)
     b = kernels.varlen_attention(q, k, v, cq, ck, 9, 6, check=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.triton_only   # the kernels' custom ops (the PyTorch path has none)
+def test_opcheck(device):
+    """Schema, fake implementation (shapes and strides), autograd registration and AOT dispatch of the
+    packed forward and backward ops."""
+    lq, lk = [3, 0, 5], [4, 2, 1]
+    q, k, v = (t.requires_grad_() for t in _packed(lq, lk, 2, 1, 16, 8, device=device))
+    cq, ck = _cu(lq, device), _cu(lk, device)
+    torch.library.opcheck(varlen_mod.varlen_attention_fwd, (q, k, v, cq, ck, 5, 4, 0.25, True, 0.0))
+    out, lse, seed = varlen_mod.varlen_attention_fwd(q, k, v, cq, ck, 5, 4, 0.25, True, 0.0)
+    do, dl = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(varlen_mod.varlen_attention_bwd,
+                          (do, dl, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cq, ck, 5, 4,
+                           seed, 0.25, True, 0.0))
