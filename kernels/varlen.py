@@ -148,6 +148,35 @@ def _meta(q: torch.Tensor, d: int, dv: int) -> dict:
                 ACC=acc_dtype(q.dtype))
 
 
+# Varlen tiles: the Ampere column of ``attention_config`` on every architecture (its Hopper 16-bit tiles are sized
+# for TMA, which the packed path does not use: with pointer loads they spill), with these replacements where
+# the per-sequence bookkeeping pushed a configuration into spills (``python -m kernels.aot --family varlen``):
+# (dtype family, kind, head-dim bucket, dropout[, "hopper"]) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); an
+# entry with "hopper" applies on sm_90+ and wins there over the one without.
+_VARLEN_TILES = {
+    ("16bit", "bwd_dkdv", 128, False, "hopper"): (32, 32, 8, 1),
+    ("16bit", "bwd_dkdv", 128, True, "hopper"): (16, 16, 8, 1),
+    ("16bit", "fwd", 64, True): (64, 32, 4, 2),
+    ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 2),
+    ("fp32", "fwd", 64, True): (16, 32, 4, 1),
+    ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1),
+}
+
+
+def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: int | None, dropout: bool) -> dict:
+    """Tiles of the packed kernels (``attention_config``'s Ampere column, no TMA, ``_VARLEN_TILES``)."""
+    if arch is None:
+        return attention_config(kind, d, dv, dtype, None, dropout)
+    cfg = dict(attention_config(kind, d, dv, dtype, min(arch, 80), dropout), TMA=False)
+    family = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
+    key = (family, kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
+    tile = _VARLEN_TILES.get((*key, "hopper")) if arch >= 90 else None
+    tile = tile or _VARLEN_TILES.get(key)
+    if tile is not None:
+        cfg.update(BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=tile[2], num_stages=tile[3])
+    return cfg
+
+
 def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, head, row) strides of a packed (total, heads, dim) tensor seen as (1, heads, total, dim)."""
     return 0, t.stride(1), t.stride(0)
@@ -180,7 +209,7 @@ def _varlen_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, drop
     if total_k == 0 or batch == 0 or max_q == 0:   # no keys anywhere: every row is fully masked
         return out.zero_(), lse.fill_(float("-inf"))
     meta = _meta(q, d, dv)
-    cfg = attention_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
+    cfg = varlen_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0)
     _attn_fwd_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h)](
@@ -237,13 +266,13 @@ def _varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, se
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0, *_packed_strides(do))
     args = (scale, scale * LOG2E, 0, dropout_p, seed)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
-    cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
+    cfg = varlen_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg["BLOCK_N"]), batch * hkv)](
         q, k, v, q, do, q, cu_q, do, lse2, delta, dk, dvv, cu_q, cu_k, h, hkv, total_q, total_k, d, dv, h // hkv,
         *strides, *args, TMA=False, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), VARLEN=True,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **flags)
-    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
+    cfg = varlen_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
     _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h)](
         q, k, v, k, v, q, cu_q, do, lse2, delta, dq, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv, *strides,
         *args, TMA=False, VARLEN=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
