@@ -12,6 +12,11 @@ Grids (GPU; ``--quick`` takes a subset, the CPU tiny shapes):
   physical order), the sequences of a batch of different lengths (drawn in [S/8, S]); judged in GB/s of the
   valid keys/values read. The baselines attend over the same sequences gathered into a dense padded cache
   (what a non-paged server would hold): ours ("ours-dense", ``seqlens_k``) and SDPA with a key-padding mask.
+- varlen: packed variable-length self-attention (``kernels.varlen_attention``, one launch over every
+  sequence) of B sequences whose lengths spread log-uniformly over [S/32, S] (``varlen_lengths``), against the
+  same sequences padded to S: our dense kernel with the key lengths ("ours-dense", ``seqlens_k``) and SDPA with
+  a key-padding mask. Only the valid tokens' work counts (4*H*D*sum(len^2)); outputs are compared on the valid
+  query rows. GPU cases (Llama-like 32 heads of 128, bf16, 16k tokens of padding capacity) and one tiny CPU case.
 
 FLOPs (FlashAttention's convention): forward 4*B*H*L*S*D (two matmuls, 2 FLOPs per multiply-add),
 halved when causal; backward 2.5x forward (five matmuls instead of two), so forward+backward is 3.5x.
@@ -69,6 +74,15 @@ def paged_lengths(b: int, s: int) -> list[int]:
     return torch.randint(max(1, s // 8), s + 1, (b,), generator=g).tolist()
 
 
+def varlen_lengths(b: int, s: int) -> list[int]:
+    """Sequence lengths of a packed batch: log-uniform in [S/32, S] (many short documents, a few long ones, as
+    in packed pre-training or a serving batch), from a fixed seed, the same for every provider."""
+    g = torch.Generator().manual_seed(3)
+    lo = max(1, s // 32)
+    u = torch.rand(b, generator=g, dtype=torch.float64)
+    return [min(s, max(lo, int(round(lo * (s / lo) ** x)))) for x in u.tolist()]
+
+
 def decode_bytes(b: int, hkv: int, s: int, d: int, element_size: int, dv: int | None = None) -> int:
     """Bytes of KV cache one decoding step must read: K (B, Hkv, S, D) and V (B, Hkv, S, Dv), once."""
     return b * hkv * s * (d + (dv or d)) * element_size
@@ -93,6 +107,11 @@ def _case(grid: str, mode: str, dtype: str, b: int, h: int, hkv: int, l: int, s:
         return Case(FAMILY, "paged_decode", mode, grid, dtype, shape, "gbps",
                     flops=attention_flops(b, h, l, s, d, valid_keys=valid), bytes=valid * hkv * 2 * d * elt,
                     skip=dict(skip or {}))
+    if grid == "varlen":
+        lens = varlen_lengths(b, s)
+        f = 4.0 * h * d * sum(n * n for n in lens) / (2 if causal else 1)
+        return Case(FAMILY, "varlen_attention", mode, grid, dtype, shape, "tflops",
+                    flops=f * {"fwd": 1.0, "fwd+bwd": 3.5}[mode], skip=dict(skip or {}))
     if grid == "decode":
         return Case(FAMILY, "decode", mode, grid, dtype, shape, "gbps",
                     flops=attention_flops(b, h, l, s, d, mode=mode), bytes=decode_bytes(b, hkv, s, d, elt),
@@ -117,6 +136,8 @@ def cases(env: Env) -> list[Case]:
         for b in (1, 2):
             out.append(_case("decode", "fwd", "bf16", b, 4, 2, 1, 64, 16, False))
         out.append(_case("paged", "fwd", "bf16", 4, 4, 2, 1, 256, 16, False))
+        out.append(_case("varlen", "fwd", "bf16", 4, 2, 2, 64, 64, 16, False, padded=True))
+        out.append(_case("varlen", "fwd+bwd", "bf16", 4, 2, 2, 64, 64, 16, False, padded=True))
         return out
 
     quick = env.quick
@@ -156,10 +177,17 @@ def cases(env: Env) -> list[Case]:
     for b in batches:
         for s in caches:
             out.append(_case("paged", "fwd", "bf16", b, 32, 8, 1, s, 128, False, skip=paged_skip))
+    varlen_skip = {"flex": "varlen cases: not run on FlexAttention",
+                   "flash-attn": "varlen cases: flash_attn_varlen_func not benchmarked",
+                   "fa3": "varlen cases: not benchmarked"}
+    for mode in ("fwd", "fwd+bwd"):
+        for s in ([2048, 8192] if quick else [1024, 2048, 4096, 8192]):
+            out.append(_case("varlen", mode, "bf16", 16384 // s * 2, 32, 8, s, s, 128, False, padded=True,
+                             skip=varlen_skip))
     if quick:
         # If the time budget runs out, what is left is skipped: run one head dim of the standard grid, then
         # decoding and the model shapes, then the rest.
-        rank = {"standard": 0, "decode": 1, "paged": 1, "bert": 2, "vit": 2}
+        rank = {"standard": 0, "decode": 1, "paged": 1, "varlen": 1, "bert": 2, "vit": 2}
         out.sort(key=lambda c: rank[c.grid] if c.grid != "standard" or c.shape["D"] == 128 else 3)
     return out
 
@@ -238,7 +266,10 @@ def _prepared(case: Case, rot: Rotation, fwd: Callable[..., torch.Tensor], *, la
     def output() -> torch.Tensor:
         q, k, v, _ = rot.first
         out = fwd(q, k, v)
-        return out if layout == "bhld" else out.transpose(1, 2)    # compared in (B, H, L, D)
+        out = out if layout == "bhld" else out.transpose(1, 2)    # compared in (B, H, L, D)
+        if case.grid == "varlen":                                 # padded query rows are not part of the answer
+            out = _varlen_pack(out, varlen_lengths(case.shape["B"], case.shape["S"]))
+        return out
 
     leaves = [t for s in rot.sets for t in s[:3] if t.requires_grad]
     kw = {} if context is None else {"context": context}
@@ -251,6 +282,8 @@ def _padding_mask(case: Case, env: Env) -> torch.Tensor | None:
     b, _, _, _, s, _ = _dims(case)
     if case.grid == "paged":
         lens = torch.tensor(paged_lengths(b, s), device=env.device)
+    elif case.grid == "varlen":
+        lens = torch.tensor(varlen_lengths(b, s), device=env.device)
     elif case.shape["padded"]:
         lens = seqlens(b, s, env.device)
     else:
@@ -278,9 +311,52 @@ def _ours_paged(case: Case, env: Env) -> Prepared:
                     impl="triton" if env.is_cuda else "fast_torch")
 
 
+def _varlen_pack(t: torch.Tensor, lens: list[int]) -> torch.Tensor:
+    """(B, H, L, D) padded -> (sum(lens), H, D) packed: the valid rows of each sequence, one after another."""
+    return torch.cat([t[i, :, :n].transpose(0, 1) for i, n in enumerate(lens)], 0)
+
+
+def _ours_varlen(case: Case, env: Env) -> Prepared:
+    """The padded inputs' valid tokens packed, one ``kernels.varlen_attention`` call over all sequences."""
+    rot = _inputs(case, env)
+    b, _, _, _, s, _ = _dims(case)
+    lens = varlen_lengths(b, s)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=env.device)
+    grad = case.mode != "fwd"
+    sets = []
+    for q, k, v, do in rot.sets:
+        packed = [_varlen_pack(t.detach(), lens).requires_grad_(grad) for t in (q, k, v)]
+        sets.append((*packed, _varlen_pack(do, lens) if grad else None))
+    prot = Rotation(sets)
+    causal = bool(case.shape["causal"])
+
+    def call(q, k, v):
+        return kernels.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=causal, check=False)
+
+    if grad:
+        def fn() -> object:
+            q, k, v, do = prot.next()
+            call(q, k, v).backward(do)
+            return None
+    else:
+        def fn() -> object:
+            q, k, v, _ = prot.next()
+            with torch.no_grad():
+                return call(q, k, v)
+
+    def output() -> torch.Tensor:
+        q, k, v, _ = prot.first
+        return call(q, k, v)
+
+    leaves = [t for st in sets for t in st[:3] if t.requires_grad]
+    return Prepared(fn, output, leaves, context=ours_context(env), impl="triton" if env.is_cuda else "fast_torch")
+
+
 def _ours(case: Case, env: Env) -> Prepared:
     if case.grid == "paged":
         return _ours_paged(case, env)
+    if case.grid == "varlen":
+        return _ours_varlen(case, env)
     rot = _inputs(case, env)
     b, _, _, _, s, _ = _dims(case)
     lens = seqlens(b, s, env.device) if case.shape["padded"] else None
@@ -292,11 +368,12 @@ def _ours(case: Case, env: Env) -> Prepared:
 
 
 def _ours_dense(case: Case, env: Env) -> Prepared:
-    """A paged case on our dense attention over the padded cache (``seqlens_k``): what paging costs or saves."""
-    if case.grid != "paged":
-        raise Unsupported("the dense baseline of the paged cases only")
+    """A paged (varlen) case on our dense attention over the padded cache (batch), the key lengths as
+    ``seqlens_k``: what paging (packing) costs or saves."""
+    if case.grid not in ("paged", "varlen"):
+        raise Unsupported("the dense baseline of the paged and varlen cases only")
     b, _, _, _, s, _ = _dims(case)
-    lens = torch.tensor(paged_lengths(b, s), device=env.device)
+    lens = torch.tensor((paged_lengths if case.grid == "paged" else varlen_lengths)(b, s), device=env.device)
 
     def fwd(q, k, v):
         return kernels.attention(q, k, v, seqlens_k=lens)

@@ -46,7 +46,8 @@ How the configurations are enumerated (one spec generator per kernel family, in 
   backward's ``rows_per_program`` as for 8192 rows on 432 programs, 4 per SM of an A100), and for
   softmax 4-D ``(B, H, L, N)`` inputs laid out by the launcher (a padding mask ``(B, 1, 1, N)`` for
   the bool mask, a per-query mask ``(B, 1, L, N)`` for the float one, ``L = N`` when causal).
-- Attention: see ``attention_specs``; the paged KV cache: ``paged_specs``.
+- Attention: see ``attention_specs``; the paged KV cache: ``paged_specs``; packed variable-length attention:
+  ``varlen_specs``.
 
 To add a kernel family, write one generator yielding ``Spec`` objects and append it to ``FAMILIES``;
 set ``tensor_cores=True`` on specs whose kernel must use tensor cores (``tl.dot``).
@@ -465,6 +466,69 @@ def paged_specs() -> Iterator[Spec]:
                                                      unit=unit))
 
 
+def varlen_specs() -> Iterator[Spec]:
+    """Packed variable-length attention (``kernels.varlen_attention``): the attention forward, dK/dV and dQ
+    kernels with ``VARLEN=True`` and the dense preprocess over the packed rows, recorded from the launchers
+    (``varlen._varlen_fwd_launch`` / ``_varlen_bwd_launch`` on meta tensors, kernels replaced by recorders)
+    with the tiles ``attention_config`` picks per architecture. Shapes: 16 sequences packed into 16k tokens
+    (longest 2048), H x D = 2048 with GQA 4; "plain", "causal" and "heavy" (causal + dropout + lse gradient)
+    as ``attention_specs``: fp16 / bf16 all three, fp32 heavy, fp64 heavy at head dims 64 and 128."""
+    vl = importlib.import_module(".varlen", __package__)
+    names = ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+    dot_kernels = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    batch, total, longest = 16, 16384, 2048
+    half = [(dtype, d, kind) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128, 256)
+            for kind in ("plain", "causal", "heavy")]
+    cases = half + [(torch.float32, d, "heavy") for d in (64, 128, 256)]
+    cases += [(torch.float64, d, "heavy") for d in (64, 128)]
+    seen = set()
+    for arch in ARCHS:
+        for dtype, d, kind in cases:
+            h = 2048 // d
+            hkv = h // 4
+            heavy, causal = kind == "heavy", kind != "plain"
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            p, seed = (0.1, 12345) if heavy else (0.0, 0)
+            q, k, v = (empty(total, n, d, dtype=dtype) for n in (h, hkv, hkv))
+            cu = empty(batch + 1, dtype=torch.int32)
+            out, lse = empty(total, h, d, dtype=dtype), empty(h, total, dtype=acc)
+            dlse = empty(h, total, dtype=acc) if heavy else None
+            recorders = {name: _Recorder(getattr(vl, name)) for name in names}
+            originals = {name: getattr(vl, name) for name in names}
+            try:
+                for name, rec in recorders.items():
+                    setattr(vl, name, rec)
+                vl._varlen_fwd_launch(q, k, v, cu, cu, longest, longest, 0.125, causal, p, seed, arch)
+                vl._varlen_bwd_launch(out, dlse, q, k, v, out, lse, cu, cu, longest, longest, seed, 0.125, causal, p,
+                                      arch)
+            finally:
+                for name, kernel in originals.items():
+                    setattr(vl, name, kernel)
+            for name, rec in recorders.items():
+                for args, options in rec.launches:
+                    key = (arch, name, repr(sorted((k_, str(v_.dtype) if isinstance(v_, torch.Tensor) else repr(v_))
+                                                   for k_, v_ in args.items())), repr(sorted(options.items())))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    bm, bn = args.get("BLOCK_M", "-"), args.get("BLOCK_N", "-")
+                    config = (f"{_SHORT[dtype]} d={d} M{bm} N{bn} w{options.get('num_warps', 4)} "
+                              f"s{options.get('num_stages', 3)} {kind} varlen")
+                    if name in dot_kernels:
+                        work, unit = bm * bn, "scores"
+                    else:
+                        work, unit = args["BLOCK_M"] * args["BLOCK_DV"], "elements"
+                    cost = (bm if isinstance(bm, int) else 16) * (bn if isinstance(bn, int) else 16) * d
+                    yield Spec("varlen", originals[name], config, args, options,
+                               tensor_cores=name in dot_kernels and dtype in (torch.float16, torch.bfloat16),
+                               meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=kind,
+                                         archs=(arch,), cost=cost, work=work, unit=unit))
+
+
 def quick_subset(specs: list[Spec]) -> list[Spec]:
     """A representative subset for the test suite: every kernel on every arch, at the configurations that
     bound the others. Row kernels (LayerNorm, softmax): per kernel, dtype and feature set, the largest
@@ -472,12 +536,17 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
     configuration at head dims 64 and 128 (the performance promises of the SASS report), and per kernel the
     heaviest configuration of every other dtype (largest tiles x head dim, every feature on). Paged attention:
     per dtype and arch the heaviest decode and prefill configuration, each with whole-page key tiles and with
-    per-row page lookups."""
+    per-row page lookups. Packed varlen attention: per kernel and arch the heaviest 16-bit and the heaviest
+    fp32 / fp64 configuration."""
     keep: dict[Any, Spec] = {}
     for spec in specs:
         m = spec.meta
         if spec.family == "paged":   # per kernel, dtype and arch (and kind) the largest tiles x head dim
             key = (spec.name, m["dtype"], m["archs"], m["flags"].split(" ")[0], "page=24" in m["flags"])
+            if key in keep and keep[key].meta["cost"] >= m["cost"]:
+                continue
+        elif spec.family == "varlen":   # per kernel, dtype family and arch the heaviest configuration
+            key = (spec.name, m["dtype"] in ("fp16", "bf16"), m["archs"])
             if key in keep and keep[key].meta["cost"] >= m["cost"]:
                 continue
         elif spec.family == "attention":
@@ -501,6 +570,7 @@ FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
     ("softmax", softmax_specs),
     ("attention", attention_specs),
     ("paged", paged_specs),
+    ("varlen", varlen_specs),
 ]
 
 

@@ -13,15 +13,31 @@ Conventions (FlashAttention's ``flash_attn_varlen_func``):
   sequence b attends keys j <= i + S_b - L_b. Rows that see no key give 0 (lse -inf, zero gradients).
 - Returns ``out`` (total_q, H, Dv) and with ``return_lse=True`` also the lse (H, total_q), float32 (float64
   for float64 inputs), as FlashAttention's ``softmax_lse``.
+
+The Triton path is one launch per kernel over every sequence (custom ops ``kernels::varlen_attention_fwd`` /
+``kernels::varlen_attention_bwd``): the dense attention kernels with ``VARLEN=True``, programs over (query
+block, sequence x head) on a grid of cdiv(max_seqlen_q, BLOCK_M) x (B * H) (dK/dV: key blocks of
+max_seqlen_k); a program whose block lies past its sequence returns at once, so padding costs no work. Each
+program reads its sequence's start and length from ``cu_seqlens`` on the device. It always runs the main
+kernel (no flash-decoding split-KV path, even for L_b = 1) and streams tiles through pointers (no TMA).
+Dropout draws the same in-kernel mask in forward and backward, its stream indexed by the packed row (sequences
+get distinct streams). The backward is deterministic (no atomics). The PyTorch path runs one
+``fast_torch.attention`` per sequence.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
-from . import _backend, _checks, fast_torch
+from . import _backend, _checks, _grad, fast_torch
+from ._launch import acc_dtype, next_pow2, torch_acc_dtype
 from .attention import attention
 from .attention.api import _check_head_dims, _check_qkv, _check_scale
+from .attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .attention.config import LOG2E, MASK_NONE, _arch, _precision, attention_config
+from .attention.forward import _attn_fwd_kernel
+from .attention.launch import _fold_flags, _last_dim_contiguous
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -94,7 +110,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = _check_scale(op, scale, d)
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
     impl = _backend.choose(q, op)
-    return _per_sequence(q, k, v, cu_q, cu_k, causal, scale, dropout_p, return_lse, impl)
+    if impl == "torch":
+        return _per_sequence(q, k, v, cu_q, cu_k, causal, scale, dropout_p, return_lse, impl)
+    out, lse, _ = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, causal, dropout_p)
+    return (out, lse) if return_lse else out
 
 
 def _per_sequence(q, k, v, cu_q, cu_k, causal, scale, dropout_p, return_lse, impl):
@@ -117,3 +136,177 @@ def _per_sequence(q, k, v, cu_q, cu_k, causal, scale, dropout_p, return_lse, imp
     else:
         out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
     return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- packed kernels
+
+
+def _meta(q: torch.Tensor, d: int, dv: int) -> dict:
+    upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
+    return dict(MASK_KIND=MASK_NONE, HAS_SEQLENS=False, BLOCK_D=max(16, next_pow2(d)),
+                BLOCK_DV=max(16, next_pow2(dv)), UPCAST=upcast, PRECISION=_precision(q.dtype, upcast),
+                ACC=acc_dtype(q.dtype))
+
+
+# Varlen tiles: the Ampere column of ``attention_config`` on every architecture (its Hopper 16-bit tiles are sized
+# for TMA, which the packed path does not use: with pointer loads they spill), with these replacements where
+# the per-sequence bookkeeping pushed a configuration into spills (``python -m kernels.aot --family varlen``):
+# (dtype family, kind, head-dim bucket, dropout[, "hopper"]) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); an
+# entry with "hopper" applies on sm_90+ and wins there over the one without.
+_VARLEN_TILES = {
+    ("16bit", "bwd_dkdv", 128, False, "hopper"): (32, 32, 8, 1),
+    ("16bit", "bwd_dkdv", 128, True, "hopper"): (16, 16, 8, 1),
+    ("16bit", "fwd", 64, True): (64, 32, 4, 2),
+    ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 2),
+    ("fp32", "fwd", 64, True): (16, 32, 4, 1),
+    ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1),
+}
+
+
+def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: int | None, dropout: bool) -> dict:
+    """Tiles of the packed kernels (``attention_config``'s Ampere column, no TMA, ``_VARLEN_TILES``)."""
+    if arch is None:
+        return attention_config(kind, d, dv, dtype, None, dropout)
+    cfg = dict(attention_config(kind, d, dv, dtype, min(arch, 80), dropout), TMA=False)
+    family = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
+    key = (family, kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
+    tile = _VARLEN_TILES.get((*key, "hopper")) if arch >= 90 else None
+    tile = tile or _VARLEN_TILES.get(key)
+    if tile is not None:
+        cfg.update(BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=tile[2], num_stages=tile[3])
+    return cfg
+
+
+def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a packed (total, heads, dim) tensor seen as (1, heads, total, dim)."""
+    return 0, t.stride(1), t.stride(0)
+
+
+@torch.library.custom_op("kernels::varlen_attention_fwd", mutates_args=())
+def varlen_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed attention (module docstring): ``(out (total_q, H, Dv), lse (H, total_q), seed)``; ``seed`` is
+    the dropout seed as an int64 CPU tensor of one element."""
+    seed = _checks.dropout_seed() if dropout_p > 0 else 0
+    out, lse = _varlen_fwd_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                  is_causal, dropout_p, seed, _arch(q.device))
+    return out, lse, torch.tensor([seed], dtype=torch.int64)
+
+
+def _varlen_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, dropout_p, seed, arch):
+    """Allocate and launch the packed forward for compute capability ``arch`` (None: interpreter); also what
+    ``kernels.aot`` records (meta tensors, kernel replaced by a recorder)."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    total_q, h, d = q.shape
+    total_k, hkv, dv = v.shape
+    batch = cu_q.shape[0] - 1
+    out = torch.empty((total_q, h, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((h, total_q), dtype=torch_acc_dtype(q.dtype), device=q.device)
+    if total_q == 0 or h == 0:
+        return out, lse
+    if total_k == 0 or batch == 0 or max_q == 0:   # no keys anywhere: every row is fully masked
+        return out.zero_(), lse.fill_(float("-inf"))
+    meta = _meta(q, d, dv)
+    cfg = varlen_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
+    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0)
+    _attn_fwd_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h)](
+        q, k, v, k, v, q, cu_q, out, lse, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv, *strides,
+        *_packed_strides(out), scale * LOG2E, 0, dropout_p, seed, TMA=False, VARLEN=True,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **flags)
+    return out, lse
+
+
+@varlen_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is_causal, dropout_p):
+    return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch_acc_dtype(q.dtype)), torch.empty(1, dtype=torch.int64))
+
+
+@torch.library.custom_op("kernels::varlen_attention_bwd", mutates_args=())
+def varlen_attention_bwd(
+    do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, seed: torch.Tensor, scale: float, is_causal: bool, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of ``varlen_attention_fwd``; ``dlse`` (optional, (H, total_q)) is the gradient of
+    its lse. dk / dv are summed over each GQA group's query heads. No atomics: deterministic."""
+    return _varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              int(seed[0]), scale, is_causal, dropout_p, _arch(q.device))
+
+
+def _varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
+                       arch):
+    """Allocate and launch the packed backward for compute capability ``arch`` (None: interpreter). The
+    preprocess (delta, lse in log2 units) is the dense kernel over the packed rows as one (1, H, total_q)
+    batch: it has no per-sequence work. dq / dk / dv are written as (H, total, D) and returned as
+    (total, H, D) views."""
+    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    total_q, h, d = q.shape
+    total_k, hkv, dv = v.shape
+    batch = cu_q.shape[0] - 1
+    dq = torch.empty((h, total_q, d), dtype=q.dtype, device=q.device).transpose(0, 1)
+    dk = torch.empty((hkv, total_k, d), dtype=k.dtype, device=k.device).transpose(0, 1)
+    dvv = torch.empty((hkv, total_k, dv), dtype=v.dtype, device=v.device).transpose(0, 1)
+    if total_q == 0 or total_k == 0 or h == 0 or batch == 0:
+        return dq.zero_(), dk.zero_(), dvv.zero_()
+    meta = _meta(q, d, dv)
+    acc = torch_acc_dtype(q.dtype)
+    delta = torch.empty((h, total_q), dtype=acc, device=q.device)
+    lse2 = torch.empty((h, total_q), dtype=acc, device=q.device)
+    dlse_c = dlse.contiguous() if dlse is not None else delta
+    row_bytes = meta["BLOCK_DV"] * q.element_size()
+    pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(total_q, pre_block), h)](
+        out, do, dlse_c, lse.contiguous(), delta, lse2, h, total_q, dv, *_packed_strides(out), *_packed_strides(do),
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
+    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0, *_packed_strides(do))
+    args = (scale, scale * LOG2E, 0, dropout_p, seed)
+    flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
+    cfg = varlen_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg["BLOCK_N"]), batch * hkv)](
+        q, k, v, q, do, q, cu_q, do, lse2, delta, dk, dvv, cu_q, cu_k, h, hkv, total_q, total_k, d, dv, h // hkv,
+        *strides, *args, TMA=False, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), VARLEN=True,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **flags)
+    cfg = varlen_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
+    _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h)](
+        q, k, v, k, v, q, cu_q, do, lse2, delta, dq, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv, *strides,
+        *args, TMA=False, VARLEN=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+    return dq, dk, dvv
+
+
+@varlen_attention_bwd.register_fake
+def _(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, scale, is_causal,
+      dropout_p):
+    def packed(t):
+        return t.new_empty((t.shape[1], t.shape[0], t.shape[2])).transpose(0, 1)
+    return packed(q), packed(k), packed(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, dropout_p = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+    ctx.max_q, ctx.max_k, ctx.scale, ctx.is_causal, ctx.dropout_p = max_q, max_k, scale, is_causal, dropout_p
+
+
+def _backward(ctx, dout, dlse, _dseed):
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+    rest = (None,) * 7
+    if (dout is None and dlse is None) or not any(ctx.needs_input_grad[:3]):
+        return (None,) * 3 + rest
+    if _grad.create_graph():
+        raise NotImplementedError("varlen_attention: no double backward through the packed kernels")
+    dq, dk, dv = varlen_attention_bwd(dout if dout is not None else torch.zeros_like(out), dlse, q, k, v, out, lse,
+                                      cu_q, cu_k, ctx.max_q, ctx.max_k, seed, ctx.scale, ctx.is_causal,
+                                      ctx.dropout_p)
+    return dq, dk, dv, *rest
+
+
+varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

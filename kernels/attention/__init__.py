@@ -22,6 +22,10 @@ Decoding (few queries, long cache): ``_attn_fwd_split_kernel`` packs all the que
 (``G * L`` rows) into one tile, splits the keys across programs, and writes a partial output and lse per
 split; ``_attn_combine_kernel`` merges the splits by their lse.
 
+Packed variable-length sequences (``kernels.varlen``): the main forward, dK/dV and dQ kernels take a
+``VARLEN`` constexpr (default False, generating the same code as before when off) that reads each
+program's sequence start and length from ``cu_seqlens`` pointers and offsets its base pointers by them.
+
     _attn_fwd_kernel, _attn_fwd_split_kernel, _attn_combine_kernel      (Triton, forward)
     _attn_bwd_preprocess_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel   (Triton, backward)
     attention_fwd / attention_bwd        (torch.library custom ops, registered autograd)

@@ -139,6 +139,8 @@ def _attn_bwd_dkdv_kernel(
     DELTA,      # (B, H, L) from the preprocess kernel, contiguous
     DK,         # (B, Hkv, S, D) key gradient, contiguous
     DV_,        # (B, Hkv, S, DV) value gradient, contiguous
+    CU_Q,       # (B + 1,) cumulative query lengths (VARLEN; otherwise unused)
+    CU_K,       # (B + 1,) cumulative key lengths (VARLEN; otherwise unused)
     H, HKV, L, S, D, DV, GROUP,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -150,22 +152,44 @@ def _attn_bwd_dkdv_kernel(
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """One key block: dK, dV summed over every query block of every query head of its GQA group, in a
     fixed order (deterministic, no atomics). Per head (SPLIT_BLOCKS, the tensor-core dtypes): the diagonal
     query blocks (causal mask), the full ones (no mask at all), the last partial one (row bounds);
-    otherwise one loop with every mask."""
+    otherwise one loop with every mask. VARLEN: packed sequences as in the forward (L = total_q, S = total_k,
+    LSE2 / DELTA (H, total_q), DK / DV_ (Hkv, total_k, D)); a key block past its sequence returns at once."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
     start_n = pid_n * BLOCK_N
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seq_l = (tl.load(CU_Q + b + 1).to(tl.int64) - q_start).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seq_s = (tl.load(CU_K + b + 1).to(tl.int64) - k_start).to(tl.int32)
+        if start_n >= seq_s:
+            return
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        c_off = seq_s - seq_l
+        krow0 = hk * S + k_start
+        out_lim = seq_s
+    else:
+        seq_l = L
+        c_off = causal_offset
+        krow0 = bhk * S
+        out_lim = S
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_len = S
+    if VARLEN:
+        kv_len = seq_s
     if HAS_SEQLENS:
         kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
     col_ok = offs_n < kv_len
@@ -183,10 +207,10 @@ def _attn_bwd_dkdv_kernel(
     lo = 0
     diag_hi = 0
     if IS_CAUSAL:
-        lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
-        diag_hi = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M, L)
+        lo = (tl.maximum(start_n - c_off, 0) // BLOCK_M) * BLOCK_M
+        diag_hi = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - c_off, 0), BLOCK_M) * BLOCK_M, seq_l)
         diag_hi = tl.maximum(diag_hi, lo)
-    hi = L
+    hi = seq_l
     if start_n >= kv_len:
         hi = 0
     rows_full = (hi // BLOCK_M) * BLOCK_M
@@ -195,6 +219,10 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
+        if VARLEN:
+            row0 = h * L + q_start
+        else:
+            row0 = bh * L
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :]
         do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dom + offs_dv[None, :]
         m_ptrs = (MASK + b * stride_mb + h * stride_mh + offs_m0[None, :].to(tl.int64) * stride_mm
@@ -204,32 +232,32 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, lo, tl.minimum(diag_hi, hi), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
                 Q_DESC, DO_DESC,
-                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
-                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
+                b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
+                c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
                 EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, diag_hi, rows_full, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
                 Q_DESC, DO_DESC,
-                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
-                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, False, False, FOLD_SCALE,
+                b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
+                c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, False, FOLD_SCALE,
                 EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, tail_lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
-                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
-                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, False, True, FOLD_SCALE,
+                b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
+                c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, True, FOLD_SCALE,
                 EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
         else:   # one loop, every mask on: fewer live registers for the fp32 / fp64 tiles
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
-                b32, h.to(tl.int32), LSE2 + bh * L, DELTA + bh * L, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
-                causal_offset, seed, bh * L * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
+                b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
+                c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
                 EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)      # keys past kv_len: no gradient
     dv = tl.where(col_ok[:, None], dv, 0.0)
-    out_ok = offs_n[:, None] < S
-    tl.store(DK + (bhk * S + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+    out_ok = offs_n[:, None] < out_lim
+    tl.store(DK + (krow0 + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=out_ok & (offs_d[None, :] < D))
-    tl.store(DV_ + (bhk * S + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+    tl.store(DV_ + (krow0 + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
              mask=out_ok & (offs_dv[None, :] < DV))
 
 
@@ -302,6 +330,8 @@ def _attn_bwd_dq_kernel(
     LSE2,       # (B, H, L) lse in log2 units (+inf: fully masked row), contiguous
     DELTA,      # (B, H, L) from the preprocess kernel, contiguous
     DQ,         # (B, H, L, D) query gradient, contiguous
+    CU_Q,       # (B + 1,) cumulative query lengths (VARLEN; otherwise unused)
+    CU_K,       # (B + 1,) cumulative key lengths (VARLEN; otherwise unused)
     H, L, S, D, DV, GROUP,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -312,8 +342,10 @@ def _attn_bwd_dq_kernel(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
+    """VARLEN: packed sequences as in the forward (L = total_q, S = total_k, LSE2 / DELTA (H, total_q),
+    DQ (H, total_q, D))."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:   # heaviest query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -322,11 +354,28 @@ def _attn_bwd_dq_kernel(
     h = bh % H
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seq_l = (tl.load(CU_Q + b + 1).to(tl.int64) - q_start).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seq_s = (tl.load(CU_K + b + 1).to(tl.int64) - k_start).to(tl.int32)
+        if start_m >= seq_l:
+            return
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        row0 = h * L + q_start
+        c_off = seq_s - seq_l
+    else:
+        seq_l = L
+        row0 = bh * L
+        c_off = causal_offset
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < L
+    row_ok = offs_m < seq_l
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                    row_ok, offs_d, D, True, EVEN_D)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
@@ -334,8 +383,8 @@ def _attn_bwd_dq_kernel(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = tl.load(LSE2 + bh * L + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.load(LSE2 + row0 + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
     # Scalar bases advanced by one key block per iteration + loop-invariant offset tiles (carrying 2-D pointer
     # tiles through the loop costs two registers per element).
     k_base = K + b * stride_kb + hk * stride_kh
@@ -344,15 +393,17 @@ def _attn_bwd_dq_kernel(
     k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
     m_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
-    rng_row = ((bh * L + offs_m) * S).to(tl.int64)
+    rng_row = ((row0 + offs_m) * S).to(tl.int64)
     kv_len = S
+    if VARLEN:
+        kv_len = seq_s
     if HAS_SEQLENS:
         kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
     hi = kv_len
     full_hi = kv_len
     if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + causal_offset), 0)
-        full_hi = tl.maximum(tl.minimum(kv_len, start_m + causal_offset + 1), 0)
+        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + c_off), 0)
+        full_hi = tl.maximum(tl.minimum(kv_len, start_m + c_off + 1), 0)
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
     b32 = b.to(tl.int32)
     hk32 = hk.to(tl.int32)
@@ -361,7 +412,7 @@ def _attn_bwd_dq_kernel(
         dq = _dq_block(
             dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
             start_n, offs_m, offs_n,
-            offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            offs_d, offs_dv, D, DV, S, kv_len, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
             EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
             PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
@@ -374,7 +425,7 @@ def _attn_bwd_dq_kernel(
         dq = _dq_block(
             dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
             start_n, offs_m, offs_n,
-            offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            offs_d, offs_dv, D, DV, S, kv_len, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
             EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
             PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
@@ -384,5 +435,5 @@ def _attn_bwd_dq_kernel(
         if MASK_KIND != 0:
             m_base += BLOCK_N * stride_mn
     dq *= sm_scale
-    tl.store(DQ + (bh * L + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))

@@ -115,6 +115,8 @@ def _attn_fwd_kernel(
     SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
     O,          # (B, H, L, DV) output
     LSE,        # (B, H, L) log-sum-exp, contiguous, accumulation dtype
+    CU_Q,       # (B + 1,) cumulative query lengths (VARLEN; otherwise unused)
+    CU_K,       # (B + 1,) cumulative key lengths (VARLEN; otherwise unused)
     H, L, S, D, DV, GROUP,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -125,8 +127,12 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
+    """VARLEN: packed sequences, q (total_q, H, D) / k, v (total_k, Hkv, D) seen as (1, H, total, D)
+    (stride_*b unused, 0), L = total_q, S = total_k, LSE (H, total_q); program (query block, b * H + h) reads
+    its sequence's rows from CU_Q / CU_K, returns at once when its block is past the sequence, and uses the
+    sequence's own key count and bottom-right causal offset (causal_offset is ignored)."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:   # heaviest query blocks first, so that the last wave of programs is the lightest
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -135,11 +141,28 @@ def _attn_fwd_kernel(
     h = bh % H
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seq_l = (tl.load(CU_Q + b + 1).to(tl.int64) - q_start).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seq_s = (tl.load(CU_K + b + 1).to(tl.int64) - k_start).to(tl.int32)
+        if start_m >= seq_l:
+            return
+        Q += q_start * stride_qm
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        O += q_start * stride_om
+        row0 = h * L + q_start
+        c_off = seq_s - seq_l
+    else:
+        seq_l = L
+        row0 = bh * L
+        c_off = causal_offset
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < L
+    row_ok = offs_m < seq_l
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                    row_ok, offs_d, D, True, EVEN_D)
     if UPCAST:
@@ -152,16 +175,18 @@ def _attn_fwd_kernel(
     k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
     v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
     m_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
-    rng_row = ((bh * L + offs_m) * S).to(tl.int64)
+    rng_row = ((row0 + offs_m) * S).to(tl.int64)
     kv_len = S
+    if VARLEN:
+        kv_len = seq_s
     if HAS_SEQLENS:
         kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
     # Key range [0, hi) this query block can see; blocks below full_hi need no bound or causal masks.
     hi = kv_len
     full_hi = kv_len
     if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + causal_offset), 0)
-        full_hi = tl.maximum(tl.minimum(kv_len, start_m + causal_offset + 1), 0)
+        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + c_off), 0)
+        full_hi = tl.maximum(tl.minimum(kv_len, start_m + c_off + 1), 0)
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M, 16 if TMA else 1], dtype=ACC)    # row sums, in 16 equal columns with TMA
@@ -172,7 +197,7 @@ def _attn_fwd_kernel(
         acc, m_i, l_i = _fwd_block(
             acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
             start_n, offs_n, offs_d, offs_dv,
-            D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            D, DV, kv_len, offs_m, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, SAFE=MASK_KIND != 0, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
@@ -186,7 +211,7 @@ def _attn_fwd_kernel(
         acc, m_i, l_i = _fwd_block(
             acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
             start_n, offs_n, offs_d, offs_dv,
-            D, DV, kv_len, offs_m, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            D, DV, kv_len, offs_m, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
@@ -204,4 +229,4 @@ def _attn_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + bh * L + offs_m, lse, mask=row_ok)
+    tl.store(LSE + row0 + offs_m, lse, mask=row_ok)

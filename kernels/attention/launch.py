@@ -139,7 +139,7 @@ def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropo
         grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         k_desc, v_desc = _kv_descs(k, v, cfg, meta)
         _attn_fwd_kernel[grid](
-            q, k, v, k_desc or k, v_desc or v, m, seq, out, lse, h, l, s, d, dv, group, *strides,
+            q, k, v, k_desc or k, v_desc or v, m, seq, out, lse, q, q, h, l, s, d, dv, group, *strides,
             *out.stride()[:3], *args, TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
     return out, lse
@@ -194,13 +194,14 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
     do_desc = _tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
     tma = do_desc is not None
     _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
-        q, k, v, q_desc if tma else q, do_desc if tma else do, m, seq, do, lse2, delta, dk, dvv,
+        q, k, v, q_desc if tma else q, do_desc if tma else do, m, seq, do, lse2, delta, dk, dvv, q, q,
         h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
     cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
     k_desc, v_desc = _kv_descs(k, v, cfg, meta)
     _attn_bwd_dq_kernel[(triton.cdiv(l, cfg["BLOCK_M"]), b * h)](
-        q, k, v, k_desc or k, v_desc or v, m, seq, do, lse2, delta, dq, h, l, s, d, dv, group, *strides, *args,
+        q, k, v, k_desc or k, v_desc or v, m, seq, do, lse2, delta, dq, q, q, h, l, s, d, dv, group, *strides,
+        *args,
         TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **flags)
     return dq, dk, dvv
