@@ -23,6 +23,12 @@ import triton.language as tl
 
 from .. import _backend
 
+try:  # under TRITON_INTERPRET=1 ``@triton.jit`` returns an InterpretedFunction, not a JITFunction
+    from triton.runtime.interpreter import InterpretedFunction as _Interpreted
+except ImportError:  # pragma: no cover
+    _Interpreted = triton.runtime.JITFunction
+_JIT_TYPES = (triton.runtime.JITFunction, _Interpreted)
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _CHUNK = 1 << 22   # elements of a (.., rows, cols) keep tensor evaluated at once on the torch side
 
@@ -40,6 +46,10 @@ def _block_mask_kernel(out, args, L, S, HM, NN, MASK_MOD: tl.constexpr, HAS_ARGS
     q_idx = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]   # (BM, 1) int32
     kv_idx = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]  # (1, BN) int32
     valid = (q_idx < L) & (kv_idx < S)
+    # the mod sees indices clamped into range: out-of-range elements do not count anyway, and a mod that
+    # looks its indices up in a tensor (mod_args) then never reads past its end
+    q_idx = tl.minimum(q_idx, L - 1)
+    kv_idx = tl.minimum(kv_idx, S - 1)
     if HAS_ARGS:
         keep = MASK_MOD(b, h, q_idx, kv_idx, args)
     else:
@@ -78,7 +88,9 @@ def _tile_reduce(keep_fn, X: int, Y: int, L: int, S: int, bm: int, bn: int, devi
             n1 = min(nn, n0 + cols_blocks)
             k = torch.arange(n0 * bn, n1 * bn, device=device)
             valid = (q[:, None] < L) & (k[None, :] < S)
-            keep = torch.as_tensor(keep_fn(q.view(1, 1, -1, 1), k.view(1, 1, 1, -1)), device=device)
+            # clamped indices, as in the kernel: out-of-range elements do not count, lookups stay in bounds
+            qc, kc = q.clamp(max=L - 1).view(1, 1, -1, 1), k.clamp(max=S - 1).view(1, 1, 1, -1)
+            keep = torch.as_tensor(keep_fn(qc, kc), device=device)
             keep = torch.broadcast_to(keep != 0, (X, Y, q.numel(), k.numel())) & valid
             shape = (X, Y, m1 - m0, bm, n1 - n0, bn)
             n_kept = keep.reshape(shape).sum(dim=(3, 5))
@@ -185,15 +197,16 @@ def block_mask(mask_mod, B: int | None, H: int | None, L: int, S: int, *, block:
     if not isinstance(mod_args, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in mod_args):
         raise TypeError(f"block_mask: mod_args must be a tuple of tensors, got {mod_args!r}")
     mod_args = tuple(mod_args)
-    is_jit = isinstance(mask_mod, triton.runtime.JITFunction)
+    is_jit = isinstance(mask_mod, _JIT_TYPES)
     if not is_jit and not callable(mask_mod):
         raise TypeError(f"block_mask: mask_mod must be a @triton.jit function, got {type(mask_mod).__name__}")
     want = 5 if mod_args else 4
-    if is_jit and len(mask_mod.arg_names) != want:
+    arg_names = list(getattr(mask_mod, "arg_names", None) or mask_mod.fn.__code__.co_varnames[
+        :mask_mod.fn.__code__.co_argcount]) if is_jit else None
+    if is_jit and len(arg_names) != want:
         raise TypeError(
             f"block_mask: mask_mod must take {want} arguments (b, h, q_idx, kv_idx{', args' if mod_args else ''})"
-            f"{' since mod_args is non-empty' if mod_args else ''}, got {len(mask_mod.arg_names)}: "
-            f"{mask_mod.arg_names}")
+            f"{' since mod_args is non-empty' if mod_args else ''}, got {len(arg_names)}: {arg_names}")
     if device is None:
         device = mod_args[0].device if mod_args else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -247,8 +260,7 @@ def document_classes(q_ids: torch.Tensor, k_ids: torch.Tensor, block_m: int, blo
     rows = []
     for b in range(B):
         qb, kb = q_ids[b], k_ids[b]
-        # indices past L / S are clamped (those elements are masked out as out of range anyway)
-        keep = lambda q, k, qb=qb, kb=kb: qb[q.clamp(max=max(L - 1, 0))] == kb[k.clamp(max=max(S - 1, 0))]
+        keep = lambda q, k, qb=qb, kb=kb: qb[q] == kb[k]   # q, k come clamped into range
         rows.append(_tile_reduce(keep, 1, 1, L, S, block_m, block_n, q_ids.device))
     if not rows:
         return torch.empty((0, 1, triton.cdiv(L, block_m), triton.cdiv(S, block_n)), dtype=torch.int8,
