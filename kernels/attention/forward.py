@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .mods import _mask, _mod_scores
+
 
 @triton.jit
 def _load_tile(ptrs, rows_ok, offs_c, C, CHECK_ROWS: tl.constexpr, EVEN_C: tl.constexpr):
@@ -33,6 +35,11 @@ def _fwd_block(
     ZERO_V_TAIL: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ROWSUM_MMA: tl.constexpr,
+    h=0, seq_l=1, c_off=0, c_lo=0, prefix_len=0, sm_scale=1.0, softcap=1.0, slope=0.0, S=1,
+    DOC_Q=0, DOC_K=0, MOD_ARGS=0,
+    BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False, DOCS: tl.constexpr = False,
+    MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    SCORE_MOD: tl.constexpr = None, MOD_HAS_ARGS: tl.constexpr = False,
 ):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i); m_i in log2 units.
 
@@ -43,7 +50,12 @@ def _fwd_block(
     block instead of per-thread addresses); ZERO_V_TAIL: keys past kv_len < S exist (seqlens_k) and their
     values are zeroed in the bounds block. ROWSUM_MMA: the row sums l_i (BLOCK_M, 16) come from the tensor
     cores, p @ ones, instead of a per-score FADD and shuffles; they sum the same bf16/fp16-rounded p the
-    output's p @ v uses (l_i is (BLOCK_M, 1) otherwise)."""
+    output's p @ v uses (l_i is (BLOCK_M, 1) otherwise).
+
+    ``causal_offset`` is the upper diagonal of the band (key j <= i + causal_offset under IS_CAUSAL); the
+    variants (``kernels.attention.mods``: BAND_LO, PREFIX, DOCS, MASK_MOD on CHECK_BOUNDS blocks; SOFTCAP, ALIBI,
+    SCORE_MOD on every block, with FOLD_SCALE off) default to off, so the callers that do not pass them
+    (decode, paged) compile as before."""
     start_n = tl.multiple_of(start_n, BLOCK_N)
     cols = start_n + offs_n
     col_ok = cols < kv_len
@@ -59,26 +71,32 @@ def _fwd_block(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)          # (BLOCK_M, BLOCK_N)
-    if not FOLD_SCALE:
-        s = s * qk_scale
+    bias = 0.0
+    if MASK_KIND == 2:
+        if CHECK_BOUNDS:
+            bias = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
+        else:
+            bias = tl.load(m_ptrs, mask=row_ok[:, None], other=0.0).to(ACC)
+    if SOFTCAP or ALIBI or SCORE_MOD is not None:   # scores in natural units through the mods, then log2
+        z, _ = _mod_scores(s * sm_scale, q_pos[:, None], cols[None, :], b, h, c_off, softcap, slope, bias,
+                           seq_l, S, MOD_ARGS, SOFTCAP=SOFTCAP, ALIBI=ALIBI, HAS_BIAS=MASK_KIND == 2,
+                           SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=None, MOD_HAS_ARGS=MOD_HAS_ARGS, NEED_GRAD=False)
+        s = z * 1.4426950408889634
+    else:
+        if not FOLD_SCALE:
+            s = s * qk_scale
+        if MASK_KIND == 2:
+            s += bias * 1.4426950408889634
     if MASK_KIND == 1:
         if CHECK_BOUNDS:
             keep = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
         else:
             keep = tl.load(m_ptrs, mask=row_ok[:, None], other=0)
         s = tl.where(keep != 0, s, float("-inf"))
-    if MASK_KIND == 2:
-        if CHECK_BOUNDS:
-            bias = tl.load(m_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        else:
-            bias = tl.load(m_ptrs, mask=row_ok[:, None], other=0.0)
-        s += bias.to(ACC) * 1.4426950408889634
-    if CHECK_BOUNDS:   # key bound and causal limit as one compare: key j <= min(i + causal_offset, kv_len - 1)
-        if IS_CAUSAL:
-            last = tl.minimum(q_pos + causal_offset, kv_len - 1)
-            s = tl.where(cols[None, :] <= last[:, None], s, float("-inf"))
-        else:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+    if CHECK_BOUNDS:
+        s = _mask(s, q_pos[:, None], cols[None, :], b, h, kv_len, causal_offset, c_lo, prefix_len, DOC_Q, DOC_K,
+                  seq_l, S, MOD_ARGS, CHECK_KV=True, CAUSAL=IS_CAUSAL, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
+                  MASK_MOD=MASK_MOD, MOD_HAS_ARGS=MOD_HAS_ARGS)
     if FOLD_SCALE:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     else:
@@ -128,11 +146,28 @@ def _attn_fwd_kernel(
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
+    # Variants (kernels.attention.mods), all off by default: the plain kernels compile as before.
+    SLOPES=None,       # (B, H) float32 ALiBi slopes, contiguous (ALIBI)
+    PREFIX_LEN=None,   # (B,) int32 prefix lengths (PREFIX)
+    DOC_Q=None,        # (B, L) int32 query document ids, contiguous (DOCS)
+    DOC_K=None,        # (B, S) int32 key document ids, contiguous (DOCS)
+    MOD_ARGS=None,     # tuple of tensors handed to the user mods (MOD_HAS_ARGS)
+    LIST_CNT=None,     # (2, Bm, Hm, n_query_blocks) int32 counts of full / partial key blocks (SPARSE)
+    LIST_IDX=None,     # (2, Bm, Hm, n_query_blocks, NN) int32 their key-block indices, ascending (SPARSE)
+    stride_lk=0, stride_lb=0, stride_lh=0, NN=0, sm_scale=1.0, win_left=0, win_right=0, softcap=1.0,
+    SPARSE: tl.constexpr = False, BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False,
+    DOCS: tl.constexpr = False, MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False,
+    ALIBI: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, MOD_HAS_ARGS: tl.constexpr = False,
 ):
     """VARLEN: packed sequences, q (total_q, H, D) / k, v (total_k, Hkv, D) seen as (1, H, total, D)
     (stride_*b unused, 0), L = total_q, S = total_k, LSE (H, total_q); program (query block, b * H + h) reads
     its sequence's rows from CU_Q / CU_K, returns at once when its block is past the sequence, and uses the
-    sequence's own key count and bottom-right causal offset (causal_offset is ignored)."""
+    sequence's own key count and bottom-right causal offset (causal_offset is ignored).
+
+    SPARSE: the key blocks come from a block table's lists (the launcher builds them from the window, prefix,
+    document and mask_mod classes and the bounds): the full ones without any mask, the partial ones through
+    ``_mods._mask``; the band is then key j in [i + causal_offset - win_left, i + causal_offset + win_right]
+    (IS_CAUSAL: upper side bounded; BAND_LO: lower side). SOFTCAP / ALIBI / SCORE_MOD change every score."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:   # heaviest query blocks first, so that the last wave of programs is the lightest
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -193,34 +228,63 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     b32 = b.to(tl.int32)
     hk32 = hk.to(tl.int32)
-    for start_n in range(0, full_hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
-            start_n, offs_n, offs_d, offs_dv,
-            D, DV, kv_len, offs_m, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
-            MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, SAFE=MASK_KIND != 0, FOLD_SCALE=FOLD_SCALE,
-            EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
-            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            ROWSUM_MMA=TMA)
-        if not TMA:
-            k_base += BLOCK_N * stride_kn
-            v_base += BLOCK_N * stride_vn
-        if MASK_KIND != 0:
-            m_base += BLOCK_N * stride_mn
-    for start_n in range(full_hi, hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
-            start_n, offs_n, offs_d, offs_dv,
-            D, DV, kv_len, offs_m, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
-            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
-            EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
-            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            ROWSUM_MMA=TMA)
-        if not TMA:
-            k_base += BLOCK_N * stride_kn
-            v_base += BLOCK_N * stride_vn
-        if MASK_KIND != 0:
-            m_base += BLOCK_N * stride_mn
+    h32 = h.to(tl.int32)
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(SLOPES + bh)
+    prefix_len = 0
+    if PREFIX:
+        prefix_len = tl.minimum(tl.load(PREFIX_LEN + b), kv_len)
+    SAFE_FULL: tl.constexpr = MASK_KIND != 0 or SCORE_MOD is not None
+    if SPARSE:
+        row = b * stride_lb + h * stride_lh + pid_m
+        for kind in tl.static_range(2):    # the full key blocks (no mask), then the partial ones
+            n_blocks = tl.load(LIST_CNT + kind * stride_lk + row)
+            for t in range(0, n_blocks):
+                start_n = tl.load(LIST_IDX + (kind * stride_lk + row) * NN + t) * BLOCK_N
+                acc, m_i, l_i = _fwd_block(
+                    acc, m_i, l_i, q, k_base + start_n * stride_kn + k_offs, v_base + start_n * stride_vn + v_offs,
+                    m_base + start_n * stride_mn + m_offs, K_DESC, V_DESC, b32, hk32, start_n, offs_n, offs_d,
+                    offs_dv, D, DV, kv_len, offs_m, row_ok, c_off + win_right, seed, rng_row, dropout_p, qk_scale,
+                    MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=kind == 1, SAFE=True,
+                    FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS,
+                    HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, ROWSUM_MMA=TMA,
+                    h=h32, seq_l=seq_l, c_off=c_off, c_lo=c_off - win_left, prefix_len=prefix_len,
+                    sm_scale=sm_scale, softcap=softcap, slope=slope, S=S, DOC_Q=DOC_Q, DOC_K=DOC_K,
+                    MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS, MASK_MOD=MASK_MOD,
+                    SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, MOD_HAS_ARGS=MOD_HAS_ARGS)
+    else:
+        for start_n in range(0, full_hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+                start_n, offs_n, offs_d, offs_dv,
+                D, DV, kv_len, offs_m, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, SAFE=SAFE_FULL, FOLD_SCALE=FOLD_SCALE,
+                EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
+                UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                ROWSUM_MMA=TMA, h=h32, seq_l=seq_l, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, S=S,
+                MOD_ARGS=MOD_ARGS, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, MOD_HAS_ARGS=MOD_HAS_ARGS)
+            if not TMA:
+                k_base += BLOCK_N * stride_kn
+                v_base += BLOCK_N * stride_vn
+            if MASK_KIND != 0:
+                m_base += BLOCK_N * stride_mn
+        for start_n in range(full_hi, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+                start_n, offs_n, offs_d, offs_dv,
+                D, DV, kv_len, offs_m, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
+                EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
+                UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                ROWSUM_MMA=TMA, h=h32, seq_l=seq_l, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, S=S,
+                MOD_ARGS=MOD_ARGS, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, MOD_HAS_ARGS=MOD_HAS_ARGS)
+            if not TMA:
+                k_base += BLOCK_N * stride_kn
+                v_base += BLOCK_N * stride_vn
+            if MASK_KIND != 0:
+                m_base += BLOCK_N * stride_mn
     l_i = tl.max(l_i, 1)
     empty = l_i == 0.0                                     # fully masked row: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -18,6 +18,7 @@ from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_prep
 from .config import LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _arch, _precision, attention_config
 from .decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .forward import _attn_fwd_kernel
+from . import sparse
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -101,9 +102,32 @@ def attention_fwd(
     return out, lse, torch.tensor([seed], dtype=torch.int64)
 
 
-def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed, arch):
+def _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags) -> dict:
+    """``flags`` with the variants' kernel arguments (``sparse.kernel_args``): the band's upper side replaces
+    IS_CAUSAL, and a score modification turns FOLD_SCALE off (the mods need the scaled scores)."""
+    if var is None:
+        return flags
+    kw, upper = sparse.kernel_args(var, q, s, seqlens_k, is_causal, causal_offset, scale)
+    flags = dict(flags, IS_CAUSAL=upper, **kw)
+    if kw["SOFTCAP"] or kw["ALIBI"] or kw["SCORE_MOD"] is not None:
+        flags["FOLD_SCALE"] = False
+    return flags
+
+
+def _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, block_m, block_n, by_query) -> dict:
+    """The sparse lists of the call at one kernel's tiles (nothing when the call takes the analytic loops)."""
+    if not flags.get("SPARSE"):
+        return {}
+    b, h, l = q.shape[:3]
+    cls = sparse.classes(var, b, h, l, k.shape[2], seqlens_k, is_causal, causal_offset, block_m, block_n, q.device)
+    return sparse.lists(cls, by_query)
+
+
+def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed, arch,
+                var=None):
     """Allocate and launch the forward for compute capability ``arch`` (None: interpreter); also what
-    ``kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches."""
+    ``kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches. ``var``: the
+    call's variants (``kernels.attention.variants.Variants``; never with ``num_splits``)."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
     acc = torch_acc_dtype(q.dtype)
@@ -119,6 +143,7 @@ def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropo
     args = (scale * LOG2E, causal_offset, dropout_p, seed)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
+    flags = _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags)
     if num_splits > 0:
         cfg = attention_config("decode", d, dv, q.dtype, arch, dropout_p > 0)
         block_n = cfg["BLOCK_N"]
@@ -138,10 +163,11 @@ def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropo
         cfg = attention_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
         grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         k_desc, v_desc = _kv_descs(k, v, cfg, meta)
+        lists = _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True)
         _attn_fwd_kernel[grid](
             q, k, v, k_desc or k, v_desc or v, m, seq, out, lse, q, q, h, l, s, d, dv, group, *strides,
             *out.stride()[:3], *args, TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **lists)
     return out, lse
 
 
