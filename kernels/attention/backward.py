@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .forward import _load_tile
+from .mods import _mask, _mod_scores
 
 
 @triton.jit
@@ -53,10 +54,15 @@ def _dkdv_block(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    c_off=0, c_lo=0, prefix_len=0, kv_len=0, sm_scale=1.0, softcap=1.0, slope=0.0, DOC_Q=0, DOC_K=0, MOD_ARGS=0,
+    BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False, DOCS: tl.constexpr = False,
+    MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None, MOD_HAS_ARGS: tl.constexpr = False,
 ):
     """One query block's contribution to this program's dK, dV, on transposed scores (BLOCK_N, BLOCK_M).
     Rows past L contribute nothing: their lse2 is +inf (p = 0) and q / do load as 0. Keys past kv_len are
-    not masked here: their rows of dK / dV are zeroed once at the end."""
+    not masked here: their rows of dK / dV are zeroed once at the end. ``causal_offset`` is the band's upper
+    diagonal; the variants as in ``_fwd_block``, on the transposed index tiles."""
     offs_m = start_m + offs_m0
     row_ok = offs_m < L
     if TMA:
@@ -75,16 +81,27 @@ def _dkdv_block(
         lse2 = tl.load(LSE2 + offs_m)
         delta = tl.load(DELTA + offs_m)
     sT = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)     # (BLOCK_N, BLOCK_M)
-    if not FOLD_SCALE:
-        sT = sT * qk_scale
+    bias = 0.0
+    if MASK_KIND == 2:
+        bias = tl.load(m_ptrs, mask=row_ok[None, :] & (offs_n[:, None] < S), other=0.0).to(ACC)
+    g = 1.0
+    if SOFTCAP or ALIBI or SCORE_MOD is not None:
+        z, g = _mod_scores(sT * sm_scale, offs_m[None, :], offs_n[:, None], b, h, c_off, softcap, slope, bias, L, S,
+                           MOD_ARGS, SOFTCAP=SOFTCAP, ALIBI=ALIBI, HAS_BIAS=MASK_KIND == 2, SCORE_MOD=SCORE_MOD,
+                           SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS, NEED_GRAD=True)
+        sT = z * 1.4426950408889634
+    else:
+        if not FOLD_SCALE:
+            sT = sT * qk_scale
+        if MASK_KIND == 2:
+            sT += bias * 1.4426950408889634
     if MASK_KIND == 1:
         keep = tl.load(m_ptrs, mask=row_ok[None, :] & (offs_n[:, None] < S), other=0)
         sT = tl.where(keep != 0, sT, float("-inf"))
-    if MASK_KIND == 2:
-        bias = tl.load(m_ptrs, mask=row_ok[None, :] & (offs_n[:, None] < S), other=0.0)
-        sT += bias.to(ACC) * 1.4426950408889634
-    if IS_CAUSAL:
-        sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, sT, float("-inf"))
+    if IS_CAUSAL or BAND_LO or DOCS or MASK_MOD is not None:
+        sT = _mask(sT, offs_m[None, :], offs_n[:, None], b, h, kv_len, causal_offset, c_lo, prefix_len, DOC_Q,
+                   DOC_K, L, S, MOD_ARGS, CHECK_KV=False, CAUSAL=IS_CAUSAL, BAND_LO=BAND_LO, PREFIX=PREFIX,
+                   DOCS=DOCS, MASK_MOD=MASK_MOD, MOD_HAS_ARGS=MOD_HAS_ARGS)
     if FOLD_SCALE:
         pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
     else:
@@ -98,6 +115,8 @@ def _dkdv_block(
         pdT = pT
     dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
     dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP or SCORE_MOD is not None:
+        dsT = dsT * g
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
     return dk, dv
 
@@ -112,16 +131,39 @@ def _dkdv_loop(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    LIST=0, FROM_LIST: tl.constexpr = False,
+    c_off=0, c_lo=0, prefix_len=0, kv_len=0, sm_scale=1.0, softcap=1.0, slope=0.0, DOC_Q=0, DOC_K=0, MOD_ARGS=0,
+    BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False, DOCS: tl.constexpr = False,
+    MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None, MOD_HAS_ARGS: tl.constexpr = False,
 ):
-    """dK, dV over the query blocks [lo, hi) of one head, every block with the same masks."""
-    for start_m in range(lo, hi, BLOCK_M):
-        dk, dv = _dkdv_block(
-            dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
-            Q_DESC, DO_DESC, b, h, LSE2, DELTA, start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
-            causal_offset, seed, rng_base, dropout_p, qk_scale,
-            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-            EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
-            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    """dK, dV over the query blocks [lo, hi) of one head, every block with the same masks; FROM_LIST: over the
+    query blocks ``LIST[lo:hi]`` (a sparse list of the block table)."""
+    if FROM_LIST:
+        for it in range(lo, hi):
+            start_m = tl.load(LIST + it) * BLOCK_M
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
+                Q_DESC, DO_DESC, b, h, LSE2, DELTA, start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, rng_base, dropout_p, qk_scale,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, c_off=c_off, c_lo=c_lo, prefix_len=prefix_len, kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
+                slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K, MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
+                MASK_MOD=MASK_MOD, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
+                MOD_HAS_ARGS=MOD_HAS_ARGS)
+    else:
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
+                Q_DESC, DO_DESC, b, h, LSE2, DELTA, start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
+                causal_offset, seed, rng_base, dropout_p, qk_scale,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, c_off=c_off, c_lo=c_lo, prefix_len=prefix_len, kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
+                slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K, MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
+                MASK_MOD=MASK_MOD, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
+                MOD_HAS_ARGS=MOD_HAS_ARGS)
     return dk, dv
 
 
@@ -153,12 +195,20 @@ def _attn_bwd_dkdv_kernel(
     SPLIT_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
+    # Variants as in the forward kernel (kernels.attention.mods), all off by default.
+    SLOPES=None, PREFIX_LEN=None, DOC_Q=None, DOC_K=None, MOD_ARGS=None, LIST_CNT=None, LIST_IDX=None,
+    stride_lk=0, stride_lb=0, stride_lh=0, NN=0, win_left=0, win_right=0, softcap=1.0,
+    SPARSE: tl.constexpr = False, BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False,
+    DOCS: tl.constexpr = False, MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False,
+    ALIBI: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None,
+    MOD_HAS_ARGS: tl.constexpr = False,
 ):
     """One key block: dK, dV summed over every query block of every query head of its GQA group, in a
     fixed order (deterministic, no atomics). Per head (SPLIT_BLOCKS, the tensor-core dtypes): the diagonal
     query blocks (causal mask), the full ones (no mask at all), the last partial one (row bounds);
     otherwise one loop with every mask. VARLEN: packed sequences as in the forward (L = total_q, S = total_k,
-    LSE2 / DELTA (H, total_q), DK / DV_ (Hkv, total_k, D)); a key block past its sequence returns at once."""
+    LSE2 / DELTA (H, total_q), DK / DV_ (Hkv, total_k, D)); a key block past its sequence returns at once.
+    SPARSE: per head, the full query blocks of the block table's lists (no mask), then its partial ones."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
@@ -216,6 +266,9 @@ def _attn_bwd_dkdv_kernel(
     rows_full = (hi // BLOCK_M) * BLOCK_M
     tail_lo = tl.maximum(diag_hi, rows_full)
     b32 = b.to(tl.int32)
+    prefix_len = 0
+    if PREFIX:
+        prefix_len = tl.minimum(tl.load(PREFIX_LEN + b), kv_len)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -227,31 +280,62 @@ def _attn_bwd_dkdv_kernel(
         do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dom + offs_dv[None, :]
         m_ptrs = (MASK + b * stride_mb + h * stride_mh + offs_m0[None, :].to(tl.int64) * stride_mm
                   + offs_n[:, None] * stride_mn)
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(SLOPES + bh)
+        if SPARSE:
+            row = b * stride_lb + h * stride_lh + pid_n
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, 0, tl.load(LIST_CNT + row), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
+                Q_DESC, DO_DESC, b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D,
+                DV, seq_l, S, c_off + win_right, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, True,
+                FOLD_SCALE, EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV,
+                LIST=LIST_IDX + row * NN, FROM_LIST=True, c_off=c_off, kv_len=kv_len, sm_scale=sm_scale,
+                softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD,
+                SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS)
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, 0, tl.load(LIST_CNT + stride_lk + row), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom,
+                stride_mm, Q_DESC, DO_DESC, b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d,
+                offs_dv, D, DV, seq_l, S, c_off + win_right, seed, row0 * S, dropout_p, qk_scale, MASK_KIND,
+                IS_CAUSAL, True, FOLD_SCALE, EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M,
+                BLOCK_D, BLOCK_DV, LIST=LIST_IDX + (stride_lk + row) * NN, FROM_LIST=True, c_off=c_off,
+                c_lo=c_off - win_left, prefix_len=prefix_len, kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
+                slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K, MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
+                MASK_MOD=MASK_MOD, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
+                MOD_HAS_ARGS=MOD_HAS_ARGS)
         # Query blocks [lo, diag_hi): causal mask; [diag_hi, rows_full): no mask; then the partial tail.
-        if SPLIT_BLOCKS:
+        elif SPLIT_BLOCKS:
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, lo, tl.minimum(diag_hi, hi), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
                 Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
                 c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
+                SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
+                MOD_HAS_ARGS=MOD_HAS_ARGS)
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, diag_hi, rows_full, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
                 Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
                 c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, False, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
+                SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
+                MOD_HAS_ARGS=MOD_HAS_ARGS)
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, tail_lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
                 c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, True, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
+                SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
+                MOD_HAS_ARGS=MOD_HAS_ARGS)
         else:   # one loop, every mask on: fewer live registers for the fp32 / fp64 tiles
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
                 c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV)
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
+                SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
+                MOD_HAS_ARGS=MOD_HAS_ARGS)
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)      # keys past kv_len: no gradient
     dv = tl.where(col_ok[:, None], dv, 0.0)
     out_ok = offs_n[:, None] < out_lim
@@ -272,10 +356,16 @@ def _dq_block(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, ZERO_KV_TAIL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    h=0, seq_l=1, c_off=0, c_lo=0, prefix_len=0, sm_scale=1.0, softcap=1.0, slope=0.0,
+    DOC_Q=0, DOC_K=0, MOD_ARGS=0,
+    BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False, DOCS: tl.constexpr = False,
+    MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+    SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None, MOD_HAS_ARGS: tl.constexpr = False,
 ):
     """One key block's contribution to this program's dQ; masks (key bound + causal limit as one compare)
     only in the CHECK_BOUNDS blocks. Keys in [kv_len, S) are zeroed (ZERO_KV_TAIL) where TMA loads them:
-    ds = 0 must not meet a NaN there."""
+    ds = 0 must not meet a NaN there. The variants as in ``_fwd_block``; ``ds`` is taken back through the score
+    mods by their derivative (``_mod_scores``)."""
     cols = start_n + offs_n
     col_ok = cols < kv_len
     if TMA:
@@ -291,20 +381,27 @@ def _dq_block(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)          # (BLOCK_M, BLOCK_N)
-    if not FOLD_SCALE:
-        s = s * qk_scale
+    bias = 0.0
+    if MASK_KIND == 2:
+        bias = tl.load(m_ptrs, mask=row_ok[:, None] & (cols[None, :] < S), other=0.0).to(ACC)
+    g = 1.0
+    if SOFTCAP or ALIBI or SCORE_MOD is not None:
+        z, g = _mod_scores(s * sm_scale, offs_m[:, None], cols[None, :], b, h, c_off, softcap, slope, bias, seq_l,
+                           S, MOD_ARGS, SOFTCAP=SOFTCAP, ALIBI=ALIBI, HAS_BIAS=MASK_KIND == 2, SCORE_MOD=SCORE_MOD,
+                           SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS, NEED_GRAD=True)
+        s = z * 1.4426950408889634
+    else:
+        if not FOLD_SCALE:
+            s = s * qk_scale
+        if MASK_KIND == 2:
+            s += bias * 1.4426950408889634
     if MASK_KIND == 1:
         keep = tl.load(m_ptrs, mask=row_ok[:, None] & (cols[None, :] < S), other=0)
         s = tl.where(keep != 0, s, float("-inf"))
-    if MASK_KIND == 2:
-        bias = tl.load(m_ptrs, mask=row_ok[:, None] & (cols[None, :] < S), other=0.0)
-        s += bias.to(ACC) * 1.4426950408889634
     if CHECK_BOUNDS:
-        if IS_CAUSAL:
-            last = tl.minimum(offs_m + causal_offset, kv_len - 1)
-            s = tl.where(cols[None, :] <= last[:, None], s, float("-inf"))
-        else:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+        s = _mask(s, offs_m[:, None], cols[None, :], b, h, kv_len, causal_offset, c_lo, prefix_len, DOC_Q, DOC_K,
+                  seq_l, S, MOD_ARGS, CHECK_KV=True, CAUSAL=IS_CAUSAL, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
+                  MASK_MOD=MASK_MOD, MOD_HAS_ARGS=MOD_HAS_ARGS)
     if FOLD_SCALE:
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
     else:
@@ -314,6 +411,8 @@ def _dq_block(
         keep_d = tl.rand(seed, rng_row[:, None] + cols[None, :]) >= dropout_p
         dp = tl.where(keep_d, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP or SCORE_MOD is not None:
+        ds = ds * g
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
 
 
@@ -343,9 +442,16 @@ def _attn_bwd_dq_kernel(
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
+    # Variants as in the forward kernel (kernels.attention.mods), all off by default.
+    SLOPES=None, PREFIX_LEN=None, DOC_Q=None, DOC_K=None, MOD_ARGS=None, LIST_CNT=None, LIST_IDX=None,
+    stride_lk=0, stride_lb=0, stride_lh=0, NN=0, win_left=0, win_right=0, softcap=1.0,
+    SPARSE: tl.constexpr = False, BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False,
+    DOCS: tl.constexpr = False, MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False,
+    ALIBI: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None,
+    MOD_HAS_ARGS: tl.constexpr = False,
 ):
     """VARLEN: packed sequences as in the forward (L = total_q, S = total_k, LSE2 / DELTA (H, total_q),
-    DQ (H, total_q, D))."""
+    DQ (H, total_q, D)). SPARSE and the other variants as in the forward kernel."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:   # heaviest query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -407,33 +513,64 @@ def _attn_bwd_dq_kernel(
     full_hi = (full_hi // BLOCK_N) * BLOCK_N
     b32 = b.to(tl.int32)
     hk32 = hk.to(tl.int32)
+    h32 = h.to(tl.int32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for start_n in range(0, full_hi, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
-            start_n, offs_m, offs_n,
-            offs_d, offs_dv, D, DV, S, kv_len, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
-            MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-            EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
-            PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
-        if not TMA:
-            k_base += BLOCK_N * stride_kn
-            v_base += BLOCK_N * stride_vn
-        if MASK_KIND != 0:
-            m_base += BLOCK_N * stride_mn
-    for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
-            start_n, offs_m, offs_n,
-            offs_d, offs_dv, D, DV, S, kv_len, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
-            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-            EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
-            PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
-        if not TMA:
-            k_base += BLOCK_N * stride_kn
-            v_base += BLOCK_N * stride_vn
-        if MASK_KIND != 0:
-            m_base += BLOCK_N * stride_mn
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(SLOPES + bh)
+    prefix_len = 0
+    if PREFIX:
+        prefix_len = tl.minimum(tl.load(PREFIX_LEN + b), kv_len)
+    if SPARSE:
+        row = b * stride_lb + h * stride_lh + pid_m
+        for kind in tl.static_range(2):    # the full key blocks (no mask), then the partial ones
+            n_blocks = tl.load(LIST_CNT + kind * stride_lk + row)
+            for t in range(0, n_blocks):
+                start_n = tl.load(LIST_IDX + (kind * stride_lk + row) * NN + t) * BLOCK_N
+                dq = _dq_block(
+                    dq, q, do, lse2, delta, k_base + start_n * stride_kn + k_offs,
+                    v_base + start_n * stride_vn + v_offs, m_base + start_n * stride_mn + m_offs, K_DESC, V_DESC,
+                    b32, hk32, start_n, offs_m, offs_n, offs_d, offs_dv, D, DV, S, kv_len, row_ok,
+                    c_off + win_right, seed, rng_row, dropout_p, qk_scale,
+                    MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=kind == 1, FOLD_SCALE=FOLD_SCALE,
+                    EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
+                    UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                    BLOCK_DV=BLOCK_DV, h=h32, seq_l=seq_l, c_off=c_off, c_lo=c_off - win_left,
+                    prefix_len=prefix_len, sm_scale=sm_scale, softcap=softcap, slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K,
+                    MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS, MASK_MOD=MASK_MOD,
+                    SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
+                    MOD_HAS_ARGS=MOD_HAS_ARGS)
+    else:
+        for start_n in range(0, full_hi, BLOCK_N):
+            dq = _dq_block(
+                dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+                start_n, offs_m, offs_n,
+                offs_d, offs_dv, D, DV, S, kv_len, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
+                PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, h=h32, seq_l=seq_l,
+                c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS, SOFTCAP=SOFTCAP,
+                ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS)
+            if not TMA:
+                k_base += BLOCK_N * stride_kn
+                v_base += BLOCK_N * stride_vn
+            if MASK_KIND != 0:
+                m_base += BLOCK_N * stride_mn
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq = _dq_block(
+                dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
+                start_n, offs_m, offs_n,
+                offs_d, offs_dv, D, DV, S, kv_len, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
+                EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
+                PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, h=h32, seq_l=seq_l,
+                c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS, SOFTCAP=SOFTCAP,
+                ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS)
+            if not TMA:
+                k_base += BLOCK_N * stride_kn
+                v_base += BLOCK_N * stride_vn
+            if MASK_KIND != 0:
+                m_base += BLOCK_N * stride_mn
     dq *= sm_scale
     tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))

@@ -191,8 +191,9 @@ def attention_bwd(
 
 
 def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
-                arch):
-    """Allocate and launch the backward for compute capability ``arch`` (None: interpreter)."""
+                arch, var=None):
+    """Allocate and launch the backward for compute capability ``arch`` (None: interpreter); ``var`` as in
+    ``_fwd_launch``."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     do = _last_dim_contiguous(do)
     (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
@@ -214,6 +215,10 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *do.stride()[:3])
     args = (scale, scale * LOG2E, causal_offset, dropout_p, seed)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
+    flags = _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags)
+    flags.pop("sm_scale", None)     # the backward kernels take it positionally
+    if var is not None:
+        flags["SCORE_MOD_GRAD"] = var.score_mod_grad
     cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
     bm = cfg["BLOCK_M"]
     q_desc = _tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
@@ -222,14 +227,16 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
     _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
         q, k, v, q_desc if tma else q, do_desc if tma else do, m, seq, do, lse2, delta, dk, dvv, q, q,
         h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16),
-        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
+        **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
     cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
     k_desc, v_desc = _kv_descs(k, v, cfg, meta)
     _attn_bwd_dq_kernel[(triton.cdiv(l, cfg["BLOCK_M"]), b * h)](
         q, k, v, k_desc or k, v_desc or v, m, seq, do, lse2, delta, dq, q, q, h, l, s, d, dv, group, *strides,
         *args,
         TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **flags)
+        num_stages=cfg["num_stages"], **flags,
+        **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True))
     return dq, dk, dvv
 
 

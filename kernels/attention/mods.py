@@ -83,10 +83,10 @@ def _mod_scores(
         ki = tl.minimum(kv_idx, S - 1)
         if MOD_HAS_ARGS:
             if NEED_GRAD:
-                g = g * SCORE_MOD_GRAD(x, b, h, qi, ki, MOD_ARGS).to(x.dtype)
+                g = g * SCORE_MOD_GRAD(x, b, h, qi, ki, MOD_ARGS)
             x = SCORE_MOD(x, b, h, qi, ki, MOD_ARGS).to(x.dtype)
         else:
             if NEED_GRAD:
-                g = g * SCORE_MOD_GRAD(x, b, h, qi, ki).to(x.dtype)
+                g = g * SCORE_MOD_GRAD(x, b, h, qi, ki)
             x = SCORE_MOD(x, b, h, qi, ki).to(x.dtype)
     return x, g
