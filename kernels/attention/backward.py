@@ -143,24 +143,28 @@ def _dkdv_loop(
         for it in range(lo, hi):
             start_m = tl.load(LIST + it) * BLOCK_M
             dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
+                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom,
+                m_ptrs + start_m * stride_mm,
                 Q_DESC, DO_DESC, b, h, LSE2, DELTA, start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
                 causal_offset, seed, rng_base, dropout_p, qk_scale,
                 MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
                 EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
-                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, c_off=c_off, c_lo=c_lo, prefix_len=prefix_len, kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, c_off=c_off, c_lo=c_lo, prefix_len=prefix_len,
+                kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
                 slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K, MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
                 MASK_MOD=MASK_MOD, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
                 MOD_HAS_ARGS=MOD_HAS_ARGS)
     else:
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom, m_ptrs + start_m * stride_mm,
+                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom,
+                m_ptrs + start_m * stride_mm,
                 Q_DESC, DO_DESC, b, h, LSE2, DELTA, start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
                 causal_offset, seed, rng_base, dropout_p, qk_scale,
                 MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
                 EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
-                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, c_off=c_off, c_lo=c_lo, prefix_len=prefix_len, kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
+                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, c_off=c_off, c_lo=c_lo, prefix_len=prefix_len,
+                kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
                 slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K, MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
                 MASK_MOD=MASK_MOD, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
                 MOD_HAS_ARGS=MOD_HAS_ARGS)
@@ -310,7 +314,8 @@ def _attn_bwd_dkdv_kernel(
                 Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
                 c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off,
+                sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
                 SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
                 MOD_HAS_ARGS=MOD_HAS_ARGS)
             dk, dv = _dkdv_loop(
@@ -318,14 +323,16 @@ def _attn_bwd_dkdv_kernel(
                 Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
                 c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, False, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off,
+                sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
                 SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
                 MOD_HAS_ARGS=MOD_HAS_ARGS)
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, tail_lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
                 c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, True, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off,
+                sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
                 SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
                 MOD_HAS_ARGS=MOD_HAS_ARGS)
         else:   # one loop, every mask on: fewer live registers for the fp32 / fp64 tiles
@@ -333,7 +340,8 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv, k, v, lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
                 b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
                 c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
+                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off,
+                sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
                 SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
                 MOD_HAS_ARGS=MOD_HAS_ARGS)
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)      # keys past kv_len: no gradient

@@ -14,11 +14,11 @@ except ImportError:  # pragma: no cover - older triton: the pointer path only
 
 from .. import _backend, _checks, _grad
 from .._launch import acc_dtype, next_pow2, torch_acc_dtype
+from . import sparse
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .config import LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _arch, _precision, attention_config
 from .decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .forward import _attn_fwd_kernel
-from . import sparse
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -278,3 +278,49 @@ def _backward(ctx, dout, dlse, _dseed):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _VariantAttention(torch.autograd.Function):
+    """Attention with variants (window, ALiBi, softcap, documents, prefix, user mods): the same kernels as the
+    custom ops, through a plain autograd Function because the user mods (Triton functions) and the variant
+    tensors are no ``torch.library`` argument types."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var):
+        seed = _checks.dropout_seed() if dropout_p > 0 else 0
+        out, lse = _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, 0, seed,
+                               _arch(q.device), var=var)
+        ctx.save_for_backward(q, k, v, out, lse, mask, seqlens_k)
+        ctx.set_materialize_grads(False)
+        ctx.params = (scale, is_causal, causal_offset, dropout_p, seed, var)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask, seqlens_k = ctx.saved_tensors
+        scale, is_causal, causal_offset, dropout_p, seed, var = ctx.params
+        rest = (None,) * 6
+        if dout is None and dlse is None:
+            return (None,) * 4 + rest
+        needs = tuple(ctx.needs_input_grad[:4])
+        if _grad.create_graph():
+            return (*_grad.attention_backward(q, k, v, mask, seqlens_k, dout, dlse, scale, is_causal, causal_offset,
+                                              dropout_p, needs, variants=var), *rest)
+        dq = dk = dv = dmask = None
+        if any(needs[:3]):
+            dq, dk, dv = _bwd_launch(dout if dout is not None else torch.zeros_like(out), dlse, q, k, v, out, lse,
+                                     mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
+                                     _arch(q.device), var=var)
+        if needs[3]:
+            if dropout_p > 0:
+                raise NotImplementedError("attention: the kernels give no attn_mask gradient with dropout_p > 0")
+            dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, scale, is_causal, causal_offset,
+                                              seqlens_k, variants=var)
+        return dq, dk, dv, dmask, *rest
+
+
+def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      seqlens_k: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int,
+                      dropout_p: float, var) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, L, Dv), lse (B, H, L)) of attention with the validated variants ``var`` on the kernels."""
+    return _VariantAttention.apply(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var)

@@ -11,7 +11,6 @@ document classes, the ``mask_mod`` table and the bounds. A tile is full only whe
 from __future__ import annotations
 
 import torch
-import triton
 
 from .blockmask import EMPTY, FULL, PARTIAL, band_classes, block_mask, combine, document_classes, kv_lists, q_lists
 
@@ -95,9 +94,24 @@ def kernel_args(var, q: torch.Tensor, s: int, seqlens_k: torch.Tensor | None, ca
     return kw, right >= 0
 
 
-def tile_count(cls: torch.Tensor, b: int, h: int) -> dict[str, int]:
-    """Tiles a kernel visits over the whole (B, H) call: the partial and full entries of ``cls`` expanded to
-    (b, h)."""
-    full = cls.expand(b, h, *cls.shape[2:])
-    return {"full": int((full == FULL).sum()), "partial": int((full == PARTIAL).sum()),
-            "empty": int((full == EMPTY).sum()), "blocks": tuple(triton.cdiv(n, 1) for n in cls.shape[2:])}
+def tile_counts(var, q: torch.Tensor, k: torch.Tensor, seqlens_k: torch.Tensor | None, causal: bool,
+                block_m: int, block_n: int) -> dict:
+    """Tiles of (block_m, block_n) one kernel visits over the call's (B, H): ``visited`` = ``full`` + ``partial``
+    (the non-empty tiles: the lists of the sparse path; the plain / causal loops visit the same tiles), out of
+    ``total``."""
+    b, h, l = q.shape[:3]
+    var = var if var is not None else _NO_VARIANTS
+    cls = classes(var, b, h, l, k.shape[2], seqlens_k, causal, k.shape[2] - l, block_m, block_n, q.device)
+    cls = cls.expand(b, h, *cls.shape[2:])
+    full, partial = int((cls == FULL).sum()), int((cls == PARTIAL).sum())
+    return {"visited": full + partial, "full": full, "partial": partial, "total": cls.numel(),
+            "block": (block_m, block_n)}
+
+
+class _None:
+    window = alibi_slopes = softcap = q_ids = k_ids = prefix_lengths = None
+    score_mod = score_mod_grad = mask_mod = block_mask = None
+    mod_args = ()
+
+
+_NO_VARIANTS = _None()
