@@ -106,7 +106,8 @@ def _tensor(op: str, name: str, t: object, q: torch.Tensor, shape: tuple[int, ..
 
 def _check_mod(op: str, name: str, mod: object, nparams: int, has_args: bool) -> None:
     import triton
-    if not isinstance(mod, triton.JITFunction):
+    from triton.runtime.interpreter import InterpretedFunction  # what triton.jit makes under TRITON_INTERPRET=1
+    if not isinstance(mod, (triton.JITFunction, InterpretedFunction)) or not callable(getattr(mod, "fn", None)):
         raise TypeError(f"{op}: {name} must be a @triton.jit function, got {type(mod).__name__}")
     want = nparams + (1 if has_args else 0)
     got = len(inspect.signature(mod.fn).parameters)
