@@ -100,9 +100,14 @@ def _keep(l: int, s: int, rows: slice, is_causal: bool, causal_offset: int, seql
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    seqlens_k: torch.Tensor | None, scale: float, is_causal: bool,
-                   causal_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   causal_offset: int, variants=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable (B, H, L, D) attention with the kernels' semantics: (out in q's dtype, lse in the compute
-    dtype). GQA by repeating key/value heads; causal ``j <= i + causal_offset``; fully masked rows give 0."""
+    dtype). GQA by repeating key/value heads; causal ``j <= i + causal_offset``; fully masked rows give 0.
+    With ``variants`` (kernels.attention.variants.Variants; causal_offset must be S - L) the variant math path."""
+    if variants is not None:
+        from .fast_torch import _attention_variants  # fast_torch imports this module
+        out, lse = _attention_variants(q, k, v, is_causal, mask, seqlens_k, scale, 0.0, True, variants)
+        return out, lse
     ct = _compute_dtype(q)
     h, hkv, l, s = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
@@ -122,14 +127,14 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        seqlens_k: torch.Tensor | None, dout: torch.Tensor | None, dlse: torch.Tensor | None,
                        scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
-                       needs: Sequence[bool]) -> list[torch.Tensor | None]:
+                       needs: Sequence[bool], variants=None) -> list[torch.Tensor | None]:
     """Differentiable (dq, dk, dv, dmask) of attention (``needs``: which of the four are wanted)."""
     if dropout_p > 0:
         raise NotImplementedError(
             "attention: double backward (create_graph=True) with dropout_p > 0 is not supported: the dropout "
             "mask is drawn inside the kernel; use dropout_p=0 there, or the 'torch' backend with a dropout outside "
             "the attention")
-    out, lse = attention_math(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset)
+    out, lse = attention_math(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, variants)
     wanted = [t if need else None for t, need in zip((q, k, v, mask), needs)]
     return _grads([out, lse], [dout, dlse], wanted)
 

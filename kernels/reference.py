@@ -86,10 +86,10 @@ def softmax_ref(input: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = 
 
 def _attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     keep: torch.Tensor | None, bias: torch.Tensor | None,
-                    dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    dropout_p: float, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(scale * q @ k^T + bias, masked where ~keep) @ v`` in q's (float32/float64) dtype, with
     the log-sum-exp of the masked scaled scores. Masked entries and fully masked rows give 0 (lse -inf)."""
-    s = (q @ k.transpose(-2, -1)) * scale
+    s = (q @ k.transpose(-2, -1)) * scale if scores is None else scores
     if bias is not None:
         s = s + bias
     if keep is not None:
@@ -107,9 +107,13 @@ def _attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                   attn_mask: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
                   scale: float | None = None, dropout_p: float = 0.0,
-                  return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  return_lse: bool = False, window=None, alibi_slopes=None, softcap=None, document_ids=None,
+                  prefix_lengths=None, score_mod=None, score_mod_grad=None, mask_mod=None, mod_args=(),
+                  block_mask=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``kernels.attention``: (B, H, L, D) q, (B, Hkv, S, D) k, (B, Hkv, S, Dv) v, GQA by
-    repeating key/value heads; ``causal`` is bottom-right aligned (key j <= i + S - L)."""
+    repeating key/value heads; ``causal`` is bottom-right aligned (key j <= i + S - L). The variants straight
+    from their definitions on dense index tensors (``score_mod_grad`` unused: autograd differentiates this;
+    ``block_mask`` ignored); mods may be triton JITFunctions (their ``.fn`` runs) or plain callables."""
     ct = _compute_dtype(q)
     b, h, l, d = q.shape
     hkv, s_len = k.shape[1], k.shape[2]
@@ -121,13 +125,45 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         keep = keep & causal_mask(l, s_len, q.device, bottom_right=True)
     if seqlens_k is not None:
         keep = keep & (torch.arange(s_len, device=q.device) < seqlens_k.to(q.device)[:, None, None, None])
-    bias = None
+    sc = d ** -0.5 if scale is None else scale
+    dev, off = q.device, s_len - l
+    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    hi = torch.arange(h, device=dev).view(1, h, 1, 1)
+    ii = torch.arange(l, device=dev).view(1, 1, l, 1)
+    jj = torch.arange(s_len, device=dev).view(1, 1, 1, s_len)
+    extra = tuple(mod_args) if mod_args else ()
+
+    def call(mod, *args):
+        fn = getattr(mod, "fn", mod)
+        return fn(*args, extra) if extra else fn(*args)
+    x = (qc @ kc.transpose(-2, -1)) * sc
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(ct).expand(b, h).reshape(b, h, 1, 1)
+        x = x - slopes * (ii + off - jj).abs().to(ct)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             keep = keep & attn_mask
         else:
-            bias = attn_mask.to(ct)
-    out, lse = _attention_core(qc, kc, vc, d ** -0.5 if scale is None else scale, keep, bias, dropout_p)
+            x = x + attn_mask.to(ct)
+    if score_mod is not None:
+        x = call(score_mod, x, bi, hi, ii, jj)
+    if window is not None:
+        left, right = window
+        right = 0 if causal else right
+        if left != -1:
+            keep = keep & (jj >= ii + off - left)
+        if right != -1:
+            keep = keep & (jj <= ii + off + right)
+    if prefix_lengths is not None:
+        keep = keep & ((jj <= ii + off) | (jj < prefix_lengths.view(b, 1, 1, 1)))
+    if document_ids is not None:
+        qi, ki = document_ids if isinstance(document_ids, (tuple, list)) else (document_ids, document_ids)
+        keep = keep & (qi.view(b, 1, l, 1) == ki.view(b, 1, 1, s_len))
+    if mask_mod is not None:
+        keep = keep & torch.as_tensor(call(mask_mod, bi, hi, ii, jj), device=dev).to(torch.bool)
+    out, lse = _attention_core(qc, kc, vc, 1.0, keep, None, dropout_p, scores=x)
     out = out.to(q.dtype)
     return (out, lse.to(ct if ct == torch.float64 else torch.float32)) if return_lse else out
 
