@@ -8,7 +8,7 @@ forces a choice. The float64-capable references (``kernels.reference``) are what
 
 from . import nn
 from ._backend import get_backend, use_backend
-from .attention import BlockMask, attention, block_mask, scaled_dot_product_attention
+from .attention import BlockMask, attention, attention_tiles, block_mask, scaled_dot_product_attention
 from .layer_norm import add_layer_norm, layer_norm, rms_norm
 from .paged import PagedKVCache, paged_append, paged_attention
 from .softmax import softmax
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "add_layer_norm",
     "attention",
+    "attention_tiles",
     "block_mask",
     "BlockMask",
     "get_backend",

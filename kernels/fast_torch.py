@@ -430,7 +430,7 @@ def _attention_variants(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p,
         kc, vc = kc.repeat_interleave(h // hkv, dim=1), vc.repeat_interleave(h // hkv, dim=1)
     x = variants.scores((qc @ kc.transpose(-2, -1)) * scale, attn_mask)
     keep = torch.ones(1, 1, l, s, dtype=torch.bool, device=q.device)
-    if causal:
+    if causal and variants.prefix_lengths is None:   # with a prefix, variants.keep has causal OR prefix
         keep = keep & causal_mask(l, s, q.device, bottom_right=True)
     if seqlens_k is not None:
         keep = keep & (torch.arange(s, device=q.device) < seqlens_k.to(q.device)[:, None, None, None])

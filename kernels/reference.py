@@ -121,7 +121,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if hkv != h:
         kc, vc = kc.repeat_interleave(h // hkv, dim=1), vc.repeat_interleave(h // hkv, dim=1)
     keep = torch.ones(1, 1, l, s_len, dtype=torch.bool, device=q.device)
-    if causal:
+    if causal and prefix_lengths is None:   # prefix-LM: causal OR inside the prefix, below
         keep = keep & causal_mask(l, s_len, q.device, bottom_right=True)
     if seqlens_k is not None:
         keep = keep & (torch.arange(s_len, device=q.device) < seqlens_k.to(q.device)[:, None, None, None])

@@ -36,7 +36,7 @@ main kernel), ``decode`` (split-KV and combine), ``backward`` (preprocess, dK/dV
 ops, autograd), ``api`` (public functions and checks).
 """
 
-from .api import _check_scale, attention, scaled_dot_product_attention
+from .api import _check_scale, attention, attention_tiles, scaled_dot_product_attention
 from .blockmask import BlockMask, block_mask
 from .config import (
     DECODE_MAX_L,
@@ -55,7 +55,7 @@ from .forward import _fwd_block, _load_tile
 from .launch import _last_dim_contiguous, _tma_desc, attention_bwd, attention_fwd
 
 __all__ = [
-    "BlockMask", "block_mask",
+    "BlockMask", "attention_tiles", "block_mask",
     "DECODE_MAX_L", "DECODE_MAX_ROWS", "DECODE_MIN_S", "LN2", "LOG2E", "MAX_HEAD_DIM", "_arch", "_attn_combine_kernel",
     "_check_scale", "_fwd_block", "_last_dim_contiguous", "_load_tile", "_precision", "_tma_desc", "attention",
     "attention_bwd", "attention_config", "attention_fwd", "decode_splits", "scaled_dot_product_attention",

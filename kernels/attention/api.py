@@ -8,8 +8,10 @@ import math
 import torch
 
 from .. import _backend, _checks, _grad, fast_torch
-from .config import MAX_HEAD_DIM, decode_splits
-from .launch import attention_fwd
+from . import sparse
+from .blockmask import BlockMask
+from .config import MAX_HEAD_DIM, _arch, attention_config, decode_splits
+from .launch import attention_fwd, variant_attention
 from .variants import Variants, check_variants
 
 try:  # torch's causal-mask tensor subclass (torch >= 2.3), understood as a causal alignment
@@ -90,7 +92,50 @@ def _check_head_dims(op: str, d: int, dv: int, names=("q/k", "v")) -> None:
 def _attention_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                         seqlens_k: torch.Tensor | None, scale: float, causal: bool, dropout_p: float,
                         return_lse: bool, variants: Variants):
-    raise NotImplementedError("kernels for variants: in progress")   # TEMPORARY: the lead's kernel launch
+    """The kernels with the variants: always the main kernel (no flash-decoding split), any number of queries."""
+    out, lse = variant_attention(q, k, v, attn_mask, seqlens_k, scale, causal, k.shape[2] - q.shape[2], dropout_p,
+                                 variants)
+    if return_lse:
+        return out, (lse if lse.dtype == torch.float64 else lse.float())
+    return out
+
+
+def _check_block_mask(op: str, block_mask: object, mask_mod: object, b: int, h: int, l: int, s: int) -> None:
+    if block_mask is None:
+        return
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"{op}: block_mask must be a kernels.BlockMask (from kernels.block_mask), got "
+                        f"{type(block_mask).__name__}")
+    if block_mask.mask_mod is not mask_mod:
+        raise _checks.ArgumentValueError(f"{op}: block_mask was made for mask_mod {block_mask.mask_mod!r}, but "
+                                         f"mask_mod is {mask_mod!r}; pass the same function to both")
+    bb, hh, ll, ss = block_mask.shape
+    if (ll, ss) != (l, s) or bb not in (None, b) or hh not in (None, h):
+        raise _checks.ArgumentValueError(f"{op}: block_mask has shape {block_mask.shape} (B, H, L, S), but the call "
+                                         f"is ({b}, {h}, {l}, {s})")
+
+
+def attention_tiles(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
+                    seqlens_k: torch.Tensor | None = None, kernel: str = "fwd", window: tuple[int, int] | None = None,
+                    document_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+                    prefix_lengths: torch.Tensor | None = None, mask_mod=None, mod_args: tuple = (),
+                    block_mask=None) -> dict:
+    """How many (query block, key block) tiles one attention kernel visits for a call with these masks.
+
+    ``kernel``: "fwd", "bwd_dq" or "bwd_dkdv" (each has its own tiles, ``attention_config`` for q's device and
+    dtype). Returns ``{"visited", "full", "partial", "total", "block": (block_m, block_n)}`` over all (B, H):
+    full tiles run without evaluating any mask, partial ones evaluate them, the others are skipped. Score
+    modifications (softcap, ALiBi, score_mod) do not change the counts."""
+    op = "attention_tiles"
+    if kernel not in ("fwd", "bwd_dq", "bwd_dkdv"):
+        raise _checks.ArgumentValueError(f"{op}: kernel must be 'fwd', 'bwd_dq' or 'bwd_dkdv', got {kernel!r}")
+    b, h, l, d = q.shape
+    s = k.shape[2]
+    variants = check_variants(op, q, k, causal, window, None, None, document_ids, prefix_lengths, None, None,
+                              mask_mod, mod_args, block_mask)
+    _check_block_mask(op, block_mask, mask_mod, b, h, l, s)
+    cfg = attention_config(kernel, d, d, q.dtype, _arch(q.device))
+    return sparse.tile_counts(variants, q, k, seqlens_k, causal, cfg["BLOCK_M"], cfg["BLOCK_N"])
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -176,6 +221,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
     variants = check_variants(op, q, k, causal, window, alibi_slopes, softcap, document_ids, prefix_lengths,
                               score_mod, score_mod_grad, mask_mod, mod_args, block_mask)
+    _check_block_mask(op, block_mask, mask_mod, b, h, l, s)
     if _choose(q, op, attn_mask, dropout_p) == "torch":
         return fast_torch.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse,
                                     variants=variants)

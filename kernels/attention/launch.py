@@ -314,8 +314,10 @@ class _VariantAttention(torch.autograd.Function):
         if needs[3]:
             if dropout_p > 0:
                 raise NotImplementedError("attention: the kernels give no attn_mask gradient with dropout_p > 0")
-            dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, scale, is_causal, causal_offset,
-                                              seqlens_k, variants=var)
+            with torch.enable_grad():   # dS at the mask's point of the pipeline, from the PyTorch variant math
+                dmask = _grad.attention_backward(q.detach(), k.detach(), v.detach(), mask.detach().requires_grad_(),
+                                                 seqlens_k, dout, dlse, scale, is_causal, causal_offset, 0.0,
+                                                 (False, False, False, True), variants=var)[3].detach()
         return dq, dk, dv, dmask, *rest
 
 

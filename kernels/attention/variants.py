@@ -136,7 +136,7 @@ def check_variants(op: str, q: torch.Tensor, k: torch.Tensor, causal: bool, wind
         left, right = int(window[0]), int(window[1])
         if causal:
             right = 0
-        if (left, right) != (-1, -1):
+        if (left, right) != (-1, -1) and not (causal and left == -1):   # causal with (-1, .) is plain causal
             win = (left, right)
     slopes = None
     if alibi_slopes is not None:
