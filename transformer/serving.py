@@ -53,6 +53,13 @@ def serve(model: GPT, prompts: Sequence[torch.Tensor | Sequence[int]], max_new_t
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    cfg = model.config
+    variants = [f"{name}={getattr(cfg, name)!r}" for name, default in (("window", None), ("positions", "learned"))
+                if getattr(cfg, name, default) != default]
+    if variants:
+        # kernels.PagedKVCache.attention has no window / alibi_slopes (yet): refuse rather than attend wrongly
+        raise ValueError(f"serve (the paged KV cache) does not support GPTConfig {', '.join(variants)}: generate "
+                         f"with GPT.generate on a (batch, seq) tensor (a dense KV cache) instead")
     w = model.wte.weight
     ids = [torch.as_tensor(p, dtype=torch.long, device=w.device).reshape(-1) for p in prompts]
     for i, p in enumerate(ids):
@@ -68,7 +75,6 @@ def serve(model: GPT, prompts: Sequence[torch.Tensor | Sequence[int]], max_new_t
         num_blocks = max_batch * max(worst)
     if max(worst) > num_blocks:
         raise ValueError(f"a prompt needs {max(worst)} blocks of {block_size} positions, the pool has {num_blocks}")
-    cfg = model.config
     cache = PagedKVCache(num_blocks, block_size, cfg.n_heads, cfg.dim // cfg.n_heads, num_layers=len(model.blocks),
                          dtype=w.dtype, device=w.device)
     sample_kw: dict[str, Any] = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
