@@ -206,3 +206,7 @@ def test_sliding_window_alibi_preset_trains_and_generates(task):
     assert after < before - 1.0
     text = task.generate(model, "def main(", max_new_tokens=80, seed=0)
     assert text.startswith("def main(") and len(text) > len("def main(")
+    # no paged cache for a window / ALiBi: each prompt runs alone on the dense cache, greedily the same text
+    prompts = ["def main(", "class X:", ""]
+    batch = task.generate_batch(model, prompts, max_new_tokens=12, temperature=0.0)
+    assert batch == [task.generate(model, p, max_new_tokens=12, temperature=0.0)[len(p):] for p in prompts]

@@ -28,6 +28,13 @@ if TYPE_CHECKING:
     from transformer.gpt import GPT
 
 
+def unsupported_options(config: Any) -> list[str]:
+    """The GPTConfig options in force that the paged path cannot honour, as ``name=value`` ('' list: none):
+    ``kernels.PagedKVCache.attention`` has no sliding window nor ALiBi."""
+    return [f"{name}={getattr(config, name)!r}" for name, default in (("window", None), ("positions", "learned"))
+            if getattr(config, name, default) != default]
+
+
 def _step(model: GPT, cache: PagedKVCache, seqs: list[int], ids: torch.Tensor,
           positions: torch.Tensor) -> torch.Tensor:
     """(B, L) tokens of the sequences ``seqs`` at ``positions`` (B, L) through the model, their keys/values
@@ -54,8 +61,7 @@ def serve(model: GPT, prompts: Sequence[torch.Tensor | Sequence[int]], max_new_t
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
     cfg = model.config
-    variants = [f"{name}={getattr(cfg, name)!r}" for name, default in (("window", None), ("positions", "learned"))
-                if getattr(cfg, name, default) != default]
+    variants = unsupported_options(cfg)
     if variants:
         # kernels.PagedKVCache.attention has no window / alibi_slopes (yet): refuse rather than attend wrongly
         raise ValueError(f"serve (the paged KV cache) does not support GPTConfig {', '.join(variants)}: generate "
