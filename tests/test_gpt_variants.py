@@ -262,6 +262,21 @@ def test_fused_attention_matches_explicit_weights_path(padded):
     torch.testing.assert_close(fused, explicit, rtol=1e-9, atol=1e-9)
 
 
+def test_fused_gradients_match_explicit_weights_path():
+    """The backward of kernels.attention with window and ALiBi: every parameter's gradient equals the one
+    through the explicit softmax (float64)."""
+    ids = _ids(2, 16)
+    grads = []
+    for explicit in (False, True):
+        model = _model(dtype=torch.float64).train()
+        model.zero_grad()
+        model(ids, labels=ids, output_attentions=explicit).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-8, atol=1e-10, msg=name)
+    assert grads[0]["blocks.0.attn.qkv_proj.weight"].abs().max() > 1e-4
+
+
 def test_triton_path_matches_torch_path():
     """The Triton kernels (interpreter on CPU) on a one-layer model, 12 tokens: window and ALiBi forward."""
     model = _model(n_layers=1)
