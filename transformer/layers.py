@@ -26,6 +26,7 @@ the last one (zeros at padded positions). Norms and feed-forwards are per token,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -277,7 +278,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=bias if out_bias is None else out_bias)
         self.dropout = dropout
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Attention:
         # model.to(dtype) / .half() / to_empty() would cast or blank the slopes buffer like any other;
         # recompute it, exact and float32 (what kernels.attention takes), on wherever it went.
         out = super()._apply(fn, recurse)
