@@ -374,8 +374,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, attn_mask: torch.Tensor | None,
               seqlens_k: torch.Tensor | None, scale: float, dropout_p: float,
-              return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              return_lse: bool, variants=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``kernels.attention`` (validated arguments; ``scale`` resolved): see the module docstring."""
+    if variants is not None:
+        return _attention_variants(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse, variants)
     if (q.is_cpu and dropout_p == 0.0 and seqlens_k is None and not return_lse and q.shape == k.shape == v.shape
             and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None):
         # The common case in as few steps as possible (a call's Python work shows at short sequences):
@@ -416,6 +418,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
     if not return_lse:
         return out
     return out, (lse if lse.dtype == torch.float64 else lse.float())
+
+
+def _attention_variants(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse, variants):
+    """The variants on materialized scores (float32, float64 for float64), gradients through autograd."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, h, l, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    if hkv != h:
+        kc, vc = kc.repeat_interleave(h // hkv, dim=1), vc.repeat_interleave(h // hkv, dim=1)
+    x = variants.scores((qc @ kc.transpose(-2, -1)) * scale, attn_mask)
+    keep = torch.ones(1, 1, l, s, dtype=torch.bool, device=q.device)
+    if causal:
+        keep = keep & causal_mask(l, s, q.device, bottom_right=True)
+    if seqlens_k is not None:
+        keep = keep & (torch.arange(s, device=q.device) < seqlens_k.to(q.device)[:, None, None, None])
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = keep & attn_mask
+    vk = variants.keep(b, h, l, s, q.device)
+    if vk is not None:
+        keep = keep & vk
+    x = x.masked_fill(~keep, NEG_INF)
+    empty = (x == NEG_INF).all(dim=-1, keepdim=True)
+    x = torch.where(empty, torch.zeros_like(x), x)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    p = torch.where(empty | ~keep, torch.zeros_like(x), torch.exp(x - lse))
+    lse = torch.where(empty, torch.full_like(lse, NEG_INF), lse).squeeze(-1)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    out = (p @ vc).to(q.dtype)
+    return (out, lse if ct == torch.float64 else lse.float()) if return_lse else out
 
 
 def to_4d(t: torch.Tensor) -> torch.Tensor:

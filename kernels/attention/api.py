@@ -10,6 +10,7 @@ import torch
 from .. import _backend, _checks, _grad, fast_torch
 from .config import MAX_HEAD_DIM, decode_splits
 from .launch import attention_fwd
+from .variants import Variants, check_variants
 
 try:  # torch's causal-mask tensor subclass (torch >= 2.3), understood as a causal alignment
     from torch.nn.attention.bias import CausalBias as _CausalBias
@@ -86,10 +87,20 @@ def _check_head_dims(op: str, d: int, dv: int, names=("q/k", "v")) -> None:
             raise _checks.ArgumentValueError(f"{op}: head dim of {name} must be in [1, {MAX_HEAD_DIM}], got {size}")
 
 
+def _attention_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                        seqlens_k: torch.Tensor | None, scale: float, causal: bool, dropout_p: float,
+                        return_lse: bool, variants: Variants):
+    raise NotImplementedError("kernels for variants: in progress")   # TEMPORARY: the lead's kernel launch
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               attn_mask: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
               scale: float | None = None, dropout_p: float = 0.0,
-              return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              return_lse: bool = False, window: tuple[int, int] | None = None,
+              alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
+              document_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+              prefix_lengths: torch.Tensor | None = None, score_mod=None, score_mod_grad=None, mask_mod=None,
+              mod_args: tuple = (), block_mask=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` for models and decoding.
 
     Shapes: ``q`` (B, H, L, D), ``k`` (B, Hkv, S, D), ``v`` (B, Hkv, S, Dv), with Hkv dividing H (GQA;
@@ -108,7 +119,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     - ``dropout_p``: dropout on the attention probabilities (always applied when > 0), kept values scaled
       by 1 / (1 - p), drawn in the kernel from a seed taken from torch's default generator.
     Fully masked rows give output 0, lse -inf and zero gradients. With few queries (L <= 16) and long
-    keys the forward splits the keys across programs (flash-decoding) with the same results."""
+    keys the forward splits the keys across programs (flash-decoding) with the same results.
+
+    Variants (off = None; ``off = S - L``, query i, key j, batch b, query head h):
+
+    - ``window=(left, right)``: ints >= -1 (-1 unbounded): keys ``i + off - left <= j <= i + off + right``;
+      with ``causal=True`` right is 0.
+    - ``prefix_lengths`` (B,) ints, needs ``causal=True``, no window: also keys ``j < prefix_lengths[b]``.
+    - ``document_ids``: (B, S) ints when L == S, or a pair ``(q_ids (B, L), k_ids (B, S))``: keys of the
+      query's document only.
+    - ``alibi_slopes`` float32 (H,) or (B, H): adds ``-slope * |i + off - j|``.
+    - ``softcap > 0``: the scaled score x becomes ``softcap * tanh(x / softcap)``.
+    - ``score_mod(score, b, h, q_idx, kv_idx)``, ``mask_mod(b, h, q_idx, kv_idx) -> bool``: ``@triton.jit``
+      functions (one more parameter ``args`` when ``mod_args``, a tuple of tensors, is non-empty);
+      ``score_mod_grad`` (same signature, d score_mod / d score) is required when a gradient is wanted.
+      On the PyTorch path their Python body runs on torch int64 index tensors broadcastable to (B, H, L, S).
+    - ``block_mask``: a ``kernels.block_mask(...)`` for the same mask_mod (block skipping), optional.
+
+    Score pipeline: ``scale * q.k``, softcap, alibi, + float attn_mask, score_mod; then keep = seqlens_k &
+    causal/window/prefix & documents & bool attn_mask & mask_mod; softmax over kept keys."""
     op = "attention"
     _check_qkv(op, q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -145,8 +174,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(op, scale, d)
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
+    variants = check_variants(op, q, k, causal, window, alibi_slopes, softcap, document_ids, prefix_lengths,
+                              score_mod, score_mod_grad, mask_mod, mod_args, block_mask)
     if _choose(q, op, attn_mask, dropout_p) == "torch":
-        return fast_torch.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse)
+        return fast_torch.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse,
+                                    variants=variants)
+    if variants is not None:
+        return _attention_variants(q, k, v, attn_mask, seqlens_k, scale, causal, dropout_p, return_lse, variants)
     splits = decode_splits(b, hkv, l, h, s, q.device)
     out, lse, _ = attention_fwd(q, k, v, attn_mask, seqlens_k, scale, causal, s - l, dropout_p, splits)
     if return_lse:
