@@ -35,7 +35,8 @@ MODELS = {
         labels={t: torch.randint(0, n, (2,), generator=g) for t, n in c.tasks.items()})),
 }
 CASES = [(cfg, preset) for cfg in MODELS for preset in cfg.presets]
-SMALL = [(cfg, p) for cfg, p in CASES if p in ("tiny", "small-char", "char-64", "digits", "digits-words")]
+SMALL = [(cfg, p) for cfg, p in CASES
+         if p in ("tiny", "small-char", "char-64", "digits", "digits-words", "sliding-alibi-tiny")]
 
 
 @pytest.mark.parametrize("config_class, preset", CASES, ids=[f"{c.__name__}-{p}" for c, p in CASES])

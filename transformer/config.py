@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+GPT_POSITIONS = ("learned", "alibi")
 
 
 @dataclass
@@ -45,7 +46,22 @@ class Config:
 
 @dataclass
 class GPTConfig(Config):
-    """GPT-2: pre-LN, learned positions, GELU (tanh), final LN, LM head tied to the token embeddings."""
+    """GPT-2: pre-LN, learned positions, GELU (tanh), final LN, LM head tied to the token embeddings.
+
+    Attention variants (``kernels.attention``'s ``window`` / ``alibi_slopes``, in every block):
+
+    - ``window``: sliding-window attention (Mistral, Longformer's causal band): each token attends the
+      ``window`` most recent positions, itself included (``causal=True, window=(window - 1, 0)``). ``None``:
+      the whole causal prefix. KV-cached decoding stays exact; each cached step reads only the last
+      ``window`` positions of the cache.
+    - ``positions``: ``"learned"`` (GPT-2's ``wpe`` table) or ``"alibi"`` (Press et al. 2022): no position
+      table; every head adds ``-slope_h * (i - j)`` to the score of query i on key j, with the paper's
+      geometric slopes for any head count (``transformer.layers.alibi_slopes``, a non-persistent float32
+      buffer of each attention layer: not in the state dict). ``position_ids`` then play no part (the bias
+      is the distance within the sequence; left padding leaves the distances between real tokens alone).
+      ``max_seq_len`` stays the limit on sequence length with ALiBi too (the same checks, cache sizes and
+      training windows as learned positions), although nothing would index past it.
+    """
 
     vocab_size: int = 50257
     max_seq_len: int = 1024
@@ -59,9 +75,19 @@ class GPTConfig(Config):
     activation: str = "gelu_tanh"
     bias: bool = True
     tie_embeddings: bool = True
+    window: int | None = None      # sliding-window attention: the most recent `window` positions, self included
+    positions: str = "learned"     # "learned" (a wpe table) or "alibi" (linear distance biases, no table)
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=96, max_seq_len=64, dim=32, n_layers=2, n_heads=4, ffn_dim=128),
+        # Sliding-window attention with ALiBi, for the tests: a window of 8 inside a context of 64, and 6 heads
+        # (ALiBi's slopes for a head count that is not a power of two).
+        "sliding-alibi-tiny": dict(vocab_size=96, max_seq_len=64, dim=48, n_layers=2, n_heads=6, ffn_dim=128,
+                                   window=8, positions="alibi", dropout=0.0, attn_dropout=0.0),
+        # A small CPU-trainable model of the same kind (the window a quarter of the context). Not called
+        # "mistral": Mistral's RoPE, grouped-query attention, RMSNorm and SwiGLU are not part of this GPT.
+        "sliding-alibi-small": dict(vocab_size=128, max_seq_len=256, dim=128, n_layers=4, n_heads=4, ffn_dim=512,
+                                    window=64, positions="alibi", dropout=0.0, attn_dropout=0.0),
         "small-char": dict(vocab_size=128, max_seq_len=128, dim=128, n_layers=4, n_heads=4, ffn_dim=512,
                            dropout=0.0, attn_dropout=0.0),
         # nanoGPT's character-level CPU recipe (Tiny Shakespeare, val loss ~1.88 after 2,000 iterations)
@@ -70,6 +96,15 @@ class GPTConfig(Config):
         "gpt2": dict(),
         "gpt2-medium": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096),
     }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        w = self.window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"GPTConfig: window must be None (full causal attention) or an int >= 1 (the number "
+                             f"of most recent positions each token attends, itself included), got {w!r}")
+        if self.positions not in GPT_POSITIONS:
+            raise ValueError(f"GPTConfig: positions must be one of {GPT_POSITIONS}, got {self.positions!r}")
 
 
 @dataclass

@@ -18,6 +18,12 @@ the last logits into the next token. ``use_cache=False`` recomputes the whole se
 it is the slow check that the cache is right (both give the same tokens). A list of prompts of different
 lengths runs on the paged KV cache with continuous batching instead (``transformer.serving``).
 
+Variants (``GPTConfig.window``, ``GPTConfig.positions="alibi"``, e.g. the preset ``"sliding-alibi-tiny"``):
+sliding-window attention and ALiBi run in every block through the shared ``transformer.layers.Attention``
+(``kernels.attention``'s ``window`` / ``alibi_slopes``); an ALiBi model has no ``wpe``. Dense KV-cache
+generation is exact with both; the paged serving path (a list of prompts) and Hugging Face GPT-2 weights
+(learned positions, full attention) raise a ValueError naming the option.
+
 Parameter names follow nanoGPT (``wte``, ``wpe``, ``blocks.{i}``, ``ln_f``, ``lm_head``) so that
 Hugging Face GPT-2 weights load with the short key map in ``_HF_BLOCK_KEYS`` (plus the Conv1D
 transposes: HF stores those weights as (in, out)).
@@ -47,11 +53,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        # window w: the w most recent positions, itself included: w - 1 to the left, none to the right
         spec = BlockSpec(dim=config.dim, n_heads=config.n_heads, ffn_dim=config.ffn_dim,
                          activation=config.activation, pre_ln=True, dropout=config.dropout,
-                         attn_dropout=config.attn_dropout, eps=config.eps, bias=config.bias)
+                         attn_dropout=config.attn_dropout, eps=config.eps, bias=config.bias,
+                         window=None if config.window is None else (config.window - 1, 0),
+                         alibi=config.positions == "alibi")
         self.wte = nn.Embedding(config.vocab_size, config.dim)
-        self.wpe = nn.Embedding(config.max_seq_len, config.dim)
+        # ALiBi: positions enter as distance biases in attention, no table
+        self.wpe = nn.Embedding(config.max_seq_len, config.dim) if config.positions == "learned" else None
         self.blocks = nn.ModuleList(EncoderBlock(spec) for _ in range(config.n_layers))
         self.ln_f = kernels.nn.LayerNorm(config.dim, eps=config.eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -74,7 +84,8 @@ class GPT(nn.Module):
         embeddings (and the token embeddings when the head is untied), as nanoGPT reports model size."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.wpe.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.wte.weight.numel()
         return n
@@ -102,7 +113,9 @@ class GPT(nn.Module):
             raise ValueError(f"attention_mask must be (batch, cached + new tokens) = {(b, offset + l)}, "
                              f"got {tuple(attention_mask.shape)}")
         mask = key_padding_mask(attention_mask)                                            # (B, 1, 1, S)
-        x = self.wte(input_ids) + self.wpe(position_ids)                                   # (B, L, dim)
+        x = self.wte(input_ids)                                                            # (B, L, dim)
+        if self.wpe is not None:       # (ALiBi: the blocks' biases depend on distances only, not position_ids)
+            x = x + self.wpe(position_ids)
         p = self.config.dropout if self.training else 0.0
         if p > 0:
             x = F.dropout(x, p)
@@ -285,7 +298,13 @@ class GPT(nn.Module):
         causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` are ignored; Conv1D weights (in, out) are
         transposed; ``c_attn`` is already the fused q|k|v projection. A tied head takes ``wte``'s weight
         (an ``lm_head.weight`` in the dict is ignored). Strict: any missing or unexpected key raises a
-        ValueError listing them all."""
+        ValueError listing them all; so does a model with ``window`` or ALiBi, which GPT-2 weights were not
+        trained for."""
+        variants = [f"{name}={getattr(self.config, name)!r}" for name, default in (("window", None),
+                    ("positions", "learned")) if getattr(self.config, name) != default]
+        if variants:
+            raise ValueError(f"GPT.load_huggingface_state_dict: Hugging Face GPT-2 has learned positions and full "
+                             f"causal attention; this model has {', '.join(variants)}")
         ours = convert_huggingface_state_dict(state_dict, tied=self.config.tie_embeddings)
         expected = set(self.state_dict())
         if self.config.tie_embeddings:

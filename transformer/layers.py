@@ -26,6 +26,7 @@ the last one (zeros at padded positions). Norms and feed-forwards are per token,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,22 @@ def repad(x: torch.Tensor, packing: Packing) -> torch.Tensor:
     """(1, total, ...) -> (B, L, ...) with zeros at the padded positions (a scatter; differentiable)."""
     flat = x.new_zeros(packing.batch * packing.seqlen, *x.shape[2:])
     return flat.index_copy(0, packing.indices, x[0]).view(packing.batch, packing.seqlen, *x.shape[2:])
+
+
+def alibi_slopes(n_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022), float32 (n_heads,): for a power of two n, the geometric
+    sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8); otherwise the n' = 2^floor(log2 n) slopes of n' heads followed
+    by every other slope of 2n' heads (the odd-numbered ones) for the remaining n - n' heads, as the paper's
+    reference code does."""
+    if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
+        raise ValueError(f"alibi_slopes: n_heads must be an int >= 1, got {n_heads!r}")
+
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    closest = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = geometric(closest) + geometric(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
 
 
 def sinusoidal_table(n_positions: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
@@ -221,14 +238,38 @@ class Attention(nn.Module):
     and one-token decoding over a ``KVCache``. ``attn_mask``: bool (True = attend) or float, broadcast
     to (B, H, L, S), e.g. ``key_padding_mask(attention_mask)``. With ``packing`` (padding-free, see the
     module docstring) x is (1, total, dim) packed tokens and the call is one ``kernels.varlen_attention``;
-    cross-attention then also needs ``memory_packing``, the packing of the (1, total_k, kv_dim) memory."""
+    cross-attention then also needs ``memory_packing``, the packing of the (1, total_k, kv_dim) memory.
+
+    Self-attention variants, passed on to ``kernels.attention``: ``window=(left, right)`` (its band, -1 =
+    unbounded; with ``causal`` the right side is 0) and ``alibi=True`` (ALiBi distance biases with
+    ``alibi_slopes(n_heads)``, kept as the non-persistent float32 buffer ``alibi_slopes``: not in the state
+    dict, recomputed whenever the module moves or is cast, so ``.to(bfloat16)`` leaves it exact and float32).
+    Both are relative to the bottom-right alignment, so a ``KVCache`` call stays exact; with a window only the
+    keys some query can still see are read from the cache. Paths that cannot honour them (packed, paged cache,
+    context parallel) raise a ValueError naming the option."""
 
     def __init__(self, dim: int, n_heads: int, *, cross: bool = False, kv_dim: int | None = None,
-                 bias: bool = True, out_bias: bool | None = None, dropout: float = 0.0) -> None:
+                 bias: bool = True, out_bias: bool | None = None, dropout: float = 0.0,
+                 window: tuple[int, int] | None = None, alibi: bool = False) -> None:
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
         self.dim, self.n_heads, self.head_dim, self.cross = dim, n_heads, dim // n_heads, cross
+        if window is not None:
+            if (not isinstance(window, (tuple, list)) or len(window) != 2
+                    or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
+                raise ValueError(f"Attention: window must be None or (left, right), two ints >= -1 (-1: unbounded), "
+                                 f"got {window!r}")
+            window = None if tuple(window) == (-1, -1) else (int(window[0]), int(window[1]))
+        if cross and (window is not None or alibi):
+            raise ValueError("Attention: window and alibi are for self-attention; cross-attention has no common "
+                             "positions for queries and keys")
+        self.window: tuple[int, int] | None = window
+        self.alibi_slopes: torch.Tensor | None
+        if alibi:
+            self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
         if cross:
             self.q_proj = nn.Linear(dim, dim, bias=bias)
             self.kv_proj = nn.Linear(kv_dim or dim, 2 * dim, bias=bias)
@@ -236,6 +277,57 @@ class Attention(nn.Module):
             self.qkv_proj = nn.Linear(dim, 3 * dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias if out_bias is None else out_bias)
         self.dropout = dropout
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Attention:
+        # model.to(dtype) / .half() / to_empty() would cast or blank the slopes buffer like any other;
+        # recompute it, exact and float32 (what kernels.attention takes), on wherever it went.
+        out = super()._apply(fn, recurse)
+        if self.alibi_slopes is not None:
+            self.alibi_slopes = alibi_slopes(self.n_heads, device=self.alibi_slopes.device)
+        return out
+
+    def _variant_names(self) -> str:
+        """The options in force that only kernels.attention's dense path honours ('' when none)."""
+        names = ([f"window={self.window}"] if self.window is not None else []) + (
+            ["alibi_slopes (ALiBi)"] if self.alibi_slopes is not None else [])
+        return " and ".join(names)
+
+    def _variant_kwargs(self) -> dict:
+        """kernels.attention's window / alibi_slopes arguments, only those in force (plain attention passes none)."""
+        kw: dict = {}
+        if self.window is not None:
+            kw["window"] = self.window
+        if self.alibi_slopes is not None:
+            kw["alibi_slopes"] = self.alibi_slopes
+        return kw
+
+    def _explicit_mask(self, l: int, s: int, causal: bool, attn_mask: torch.Tensor | None,
+                       dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The mask of the explicit-weights path (``need_weights``): ``attn_mask`` with the causal band, the
+        window and the ALiBi biases of kernels.attention folded in (bool, or float with -inf where not kept)."""
+        left, right = self.window if self.window is not None else (-1, -1)
+        if causal:
+            right = 0
+        i = torch.arange(l, device=device)[:, None] + (s - l)          # bottom-right: query i sits at i + off
+        j = torch.arange(s, device=device)[None, :]
+        keep = None
+        if right != -1:
+            keep = j <= i + right
+        if left != -1:
+            keep = (j >= i - left) if keep is None else keep & (j >= i - left)
+        mask = attn_mask
+        if self.alibi_slopes is not None:
+            bias = -self.alibi_slopes.to(dtype)[:, None, None] * (i - j).abs().to(dtype)    # (H, L, S)
+            if mask is None:
+                mask = bias
+            elif mask.dtype == torch.bool:
+                mask = torch.where(mask, bias, float("-inf"))               # broadcast: (B, H, L, S)
+            else:
+                mask = mask + bias
+        if keep is not None:
+            mask = keep if mask is None else (keep & mask if mask.dtype == torch.bool
+                                              else torch.where(keep, mask, float("-inf")))
+        return mask
 
     def _heads(self, t: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         b, n, _ = t.shape                                            # (B, T, parts * dim)
@@ -283,6 +375,9 @@ class Attention(nn.Module):
                                  "attention weights")
             if context_parallel.active() is not None:
                 raise ValueError("context parallel attention takes full sequences, not packed ones")
+            if self._variant_names():
+                raise ValueError(f"packed (padding-free) attention does not support {self._variant_names()}: "
+                                 f"run the padded batch (padding_free=False)")
             return self._packed(x, memory, causal, packing, memory_packing), None
         b, l, _ = x.shape
         if self.cross:
@@ -300,6 +395,9 @@ class Attention(nn.Module):
             if getattr(cache, "paged", False):   # a kernels.PagedKVCache layer: append and attend via its block table
                 if attn_mask is not None or need_weights:
                     raise ValueError("a paged KV cache takes no attn_mask and returns no attention weights")
+                if self._variant_names():
+                    raise ValueError(f"the paged KV cache does not support {self._variant_names()}: use a dense "
+                                     f"KVCache (GPT.generate on a (batch, seq) tensor)")
                 out = cache.attend(q, k, v, causal=causal)
                 return self.out_proj(out.transpose(1, 2).reshape(b, l, self.dim)), None
             if cache is not None:
@@ -308,7 +406,10 @@ class Attention(nn.Module):
         weights = None
         if need_weights:
             mask = attn_mask
-            if causal:
+            if self._variant_names():
+                dtype = torch.promote_types(q.dtype, torch.float32)
+                mask = self._explicit_mask(l, k.shape[2], causal, attn_mask, dtype, q.device)
+            elif causal:
                 keep = causal_mask(l, k.shape[2], q.device, bottom_right=True)
                 mask = keep if mask is None else (keep & mask if mask.dtype == torch.bool
                                                   else mask.masked_fill(~keep, float("-inf")))
@@ -317,9 +418,21 @@ class Attention(nn.Module):
         elif (ring := context_parallel.active()) is not None and not self.cross and cache is None:
             if attn_mask is not None:
                 raise ValueError("context parallel attention takes no attn_mask (padding): pass full sequences")
+            if self._variant_names():
+                raise ValueError(f"context parallel (ring) attention does not support {self._variant_names()}")
             out = ring_attention(q, k, v, ring.group, causal=causal, layout=ring.layout, dropout_p=p)
         else:
-            out = kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=p)
+            if self.window is not None and self.window[0] != -1:
+                # Keys left of the first query's band are seen by no query: with a cache (S = cached + L) only
+                # the last window[0] + L keys are read. Window and ALiBi are relative to the bottom-right
+                # offset S - L, so dropping a prefix of the keys changes nothing else.
+                start = max(0, k.shape[2] - l - self.window[0])
+                if start > 0:
+                    k, v = k[:, :, start:], v[:, :, start:]
+                    if attn_mask is not None and attn_mask.shape[-1] != 1:
+                        attn_mask = attn_mask[..., start:]
+            out = kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=p,
+                                    **self._variant_kwargs())
         return self.out_proj(out.transpose(1, 2).reshape(b, l, self.dim)), weights
 
 
@@ -338,6 +451,8 @@ class BlockSpec:
     eps: float = 1e-5
     bias: bool = True                 # every linear layer
     qkv_bias: bool | None = None      # overrides bias for the q/k/v projections
+    window: tuple[int, int] | None = None   # self-attention band (left, right), kernels.attention's window
+    alibi: bool = False               # ALiBi distance biases in self-attention (Attention's alibi)
 
 
 class EncoderBlock(nn.Module):
@@ -349,7 +464,8 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.pre_ln, self.dropout = spec.pre_ln, spec.dropout
         qkv_bias = spec.bias if spec.qkv_bias is None else spec.qkv_bias
-        self.attn = Attention(spec.dim, spec.n_heads, bias=qkv_bias, out_bias=spec.bias, dropout=spec.attn_dropout)
+        self.attn = Attention(spec.dim, spec.n_heads, bias=qkv_bias, out_bias=spec.bias, dropout=spec.attn_dropout,
+                              window=spec.window, alibi=spec.alibi)
         self.ln1 = LayerNorm(spec.dim, eps=spec.eps)
         self.ffn = FeedForward(spec.dim, spec.ffn_dim, spec.activation, spec.activation_dropout, spec.bias)
         self.ln2 = LayerNorm(spec.dim, eps=spec.eps)
@@ -396,7 +512,7 @@ class DecoderBlock(nn.Module):
         self.pre_ln, self.dropout = spec.pre_ln, spec.dropout
         qkv_bias = spec.bias if spec.qkv_bias is None else spec.qkv_bias
         self.self_attn = Attention(spec.dim, spec.n_heads, bias=qkv_bias, out_bias=spec.bias,
-                                   dropout=spec.attn_dropout)
+                                   dropout=spec.attn_dropout, window=spec.window, alibi=spec.alibi)
         self.ln1 = LayerNorm(spec.dim, eps=spec.eps)
         self.cross_attn = Attention(spec.dim, spec.n_heads, cross=True, kv_dim=memory_dim, bias=qkv_bias,
                                     out_bias=spec.bias, dropout=spec.attn_dropout)

@@ -28,6 +28,13 @@ if TYPE_CHECKING:
     from transformer.gpt import GPT
 
 
+def unsupported_options(config: Any) -> list[str]:
+    """The GPTConfig options in force that the paged path cannot honour, as ``name=value`` ('' list: none):
+    ``kernels.PagedKVCache.attention`` has no sliding window nor ALiBi."""
+    return [f"{name}={getattr(config, name)!r}" for name, default in (("window", None), ("positions", "learned"))
+            if getattr(config, name, default) != default]
+
+
 def _step(model: GPT, cache: PagedKVCache, seqs: list[int], ids: torch.Tensor,
           positions: torch.Tensor) -> torch.Tensor:
     """(B, L) tokens of the sequences ``seqs`` at ``positions`` (B, L) through the model, their keys/values
@@ -53,6 +60,12 @@ def serve(model: GPT, prompts: Sequence[torch.Tensor | Sequence[int]], max_new_t
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    cfg = model.config
+    variants = unsupported_options(cfg)
+    if variants:
+        # kernels.PagedKVCache.attention has no window / alibi_slopes (yet): refuse rather than attend wrongly
+        raise ValueError(f"serve (the paged KV cache) does not support GPTConfig {', '.join(variants)}: generate "
+                         f"with GPT.generate on a (batch, seq) tensor (a dense KV cache) instead")
     w = model.wte.weight
     ids = [torch.as_tensor(p, dtype=torch.long, device=w.device).reshape(-1) for p in prompts]
     for i, p in enumerate(ids):
@@ -68,7 +81,6 @@ def serve(model: GPT, prompts: Sequence[torch.Tensor | Sequence[int]], max_new_t
         num_blocks = max_batch * max(worst)
     if max(worst) > num_blocks:
         raise ValueError(f"a prompt needs {max(worst)} blocks of {block_size} positions, the pool has {num_blocks}")
-    cfg = model.config
     cache = PagedKVCache(num_blocks, block_size, cfg.n_heads, cfg.dim // cfg.n_heads, num_layers=len(model.blocks),
                          dtype=w.dtype, device=w.device)
     sample_kw: dict[str, Any] = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -27,7 +27,7 @@ from ...config import GPTConfig
 from ...data.text import load_text, split_text
 from ...data.tokenizer import saved_or_trained
 from ...gpt import GPT
-from ...serving import serve
+from ...serving import serve, unsupported_options
 from ..task import Task, model_device, register
 
 EVAL_SEED = 1234          # the fixed windows of the periodic (max_batches) evaluations
@@ -160,7 +160,9 @@ class GPTTask(Task):
         """The continuations (new text only) of many prompts, in order, served together with continuous batching
         on the paged KV cache (``transformer.serving.serve``); greedy when ``temperature`` is 0, which gives
         what ``generate`` gives each prompt alone. Every prompt + ``max_new_tokens`` must fit the context (no
-        sliding window here). An empty prompt starts from a newline."""
+        sliding window here). An empty prompt starts from a newline. A model with ``window`` or ALiBi, which the
+        paged cache does not support, generates each prompt alone on the dense cache instead (greedily the same
+        tokens)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
         device = model_device(model)
@@ -170,8 +172,12 @@ class GPTTask(Task):
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                outs = serve(model, ids, max_new_tokens, max_batch=max_batch, do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else 1.0, top_k=top_k)
+                kw: dict[str, Any] = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0
+                                          else 1.0, top_k=top_k)
+                if unsupported_options(getattr(model, "config", None)):
+                    outs = [model.generate(i[None], max_new_tokens, **kw)[0] for i in ids]
+                else:
+                    outs = serve(model, ids, max_new_tokens, max_batch=max_batch, **kw)
         finally:
             model.train(was_training)
         return [self.tokenizer.decode(o[len(i):].tolist()) for o, i in zip(outs, ids)]
