@@ -17,6 +17,13 @@ Grids (GPU; ``--quick`` takes a subset, the CPU tiny shapes):
   same sequences padded to S: our dense kernel with the key lengths ("ours-dense", ``seqlens_k``) and SDPA with
   a key-padding mask. Only the valid tokens' work counts (4*H*D*sum(len^2)); outputs are compared on the valid
   query rows. GPU cases (Llama-like 32 heads of 128, bf16, 16k tokens of padding capacity) and one tiny CPU case.
+- variants: causal attention with one variant each (``VARIANTS``): a sliding window of 1024 keys, ALiBi, a
+  softcap of 50, packed documents of mixed lengths (``document_lengths``) and a prefix-LM prefix
+  (``prefix_lengths``); bf16, 16k tokens, 16 heads of 128, L 4k / 16k. Ours takes the variant's argument;
+  FlexAttention gets the same mask as a ``mask_mod`` with a ``BlockMask`` (built once per case) and ALiBi /
+  softcap as a ``score_mod``; flash-attn 2 its ``window_size`` / ``alibi_slopes`` / ``softcap``
+  (no documents outside varlen, no prefix-LM); SDPA the mask materialized (bool, or a float bias for
+  ALiBi; no softcap). Only the unmasked (query, key) pairs count: 4*H*D*pairs.
 
 FLOPs (FlashAttention's convention): forward 4*B*H*L*S*D (two matmuls, 2 FLOPs per multiply-add),
 halved when causal; backward 2.5x forward (five matmuls instead of two), so forward+backward is 3.5x.
@@ -83,6 +90,80 @@ def varlen_lengths(b: int, s: int) -> list[int]:
     return [min(s, max(lo, int(round(lo * (s / lo) ** x)))) for x in u.tolist()]
 
 
+VARIANTS = ("window", "alibi", "softcap", "document", "prefix")
+WINDOW = 1024       # keys a query of the window cases sees (itself included): window=(WINDOW - 1, 0)
+SOFTCAP = 50.0      # Gemma 2's attention softcap
+
+
+def alibi_slopes(h: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """ALiBi's slopes for H heads, 2^(-8 (i + 1) / H), float32 (H,)."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], dtype=torch.float32, device=device)
+
+
+def document_lengths(b: int, s: int) -> list[list[int]]:
+    """Per batch row, document lengths that fill S exactly: log-uniform in [S/64, S/2] (many short documents,
+    some long ones, as in packed pre-training), the last one cut to fit; fixed seed, the same for every provider."""
+    g = torch.Generator().manual_seed(4)
+    lo, hi = max(1, s // 64), max(1, s // 2)
+    rows = []
+    for _ in range(b):
+        row: list[int] = []
+        while sum(row) < s:
+            x = float(torch.rand(1, generator=g, dtype=torch.float64))
+            row.append(min(s - sum(row), max(lo, int(round(lo * (hi / lo) ** x)))))
+        rows.append(row)
+    return rows
+
+
+def document_ids(b: int, s: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, S) int32 document index of every position (``document_lengths``)."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r))
+                        for r in document_lengths(b, s)]).to(device=device, dtype=torch.int32)
+
+
+def prefix_lengths(b: int, s: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B,) int32 prefix-LM prefix lengths, drawn in [S/8, S/2] from a fixed seed."""
+    g = torch.Generator().manual_seed(5)
+    return torch.randint(max(1, s // 8), max(2, s // 2) + 1, (b,), generator=g).to(device=device, dtype=torch.int32)
+
+
+def window_keys(l: int) -> int:
+    """Keys a query of a window case sees: ``WINDOW``, a quarter of the sequence on the CPU's tiny shapes."""
+    return WINDOW if l >= 4 * WINDOW else max(1, l // 4)
+
+
+def variant_pairs(variant: str, b: int, l: int, s: int) -> int:
+    """Unmasked (query, key) pairs of a causal variant case (L == S), summed over the batch."""
+    i = torch.arange(l, dtype=torch.int64)
+    if variant == "window":
+        return b * int(torch.clamp(i + 1, max=window_keys(l)).sum())
+    if variant == "document":
+        return sum(n * (n + 1) // 2 for row in document_lengths(b, s) for n in row)
+    if variant == "prefix":
+        return sum(int(torch.clamp(i + 1, min=p).sum()) for p in prefix_lengths(b, s).tolist())
+    return b * l * (l + 1) // 2          # alibi, softcap: the causal triangle
+
+
+def variant_mask(case: Case, device: str | torch.device) -> torch.Tensor | None:
+    """The variant's mask materialized, True where a key is kept: (B or 1, 1, L, S) bool; None for softcap.
+    For ALiBi the causal mask (the bias is added by the caller)."""
+    b, _, _, l, s, _ = _dims(case)
+    variant = case.shape["variant"]
+    if variant == "softcap":
+        return None
+    i = torch.arange(l, device=device)[:, None]
+    j = torch.arange(s, device=device)[None, :]
+    keep = (j <= i + (s - l))[None, None]
+    if variant == "window":
+        keep = keep & (j >= i + (s - l) - (window_keys(l) - 1))[None, None]
+    elif variant == "document":
+        ids = document_ids(b, s, device)
+        keep = keep & (ids[:, None, :, None] == ids[:, None, None, :])
+    elif variant == "prefix":
+        keep = keep | (j[None, None] < prefix_lengths(b, s, device)[:, None, None, None])
+    return keep
+
+
 def decode_bytes(b: int, hkv: int, s: int, d: int, element_size: int, dv: int | None = None) -> int:
     """Bytes of KV cache one decoding step must read: K (B, Hkv, S, D) and V (B, Hkv, S, Dv), once."""
     return b * hkv * s * (d + (dv or d)) * element_size
@@ -98,7 +179,7 @@ def seqlens(b: int, s: int, device: str | torch.device = "cpu") -> torch.Tensor:
 
 
 def _case(grid: str, mode: str, dtype: str, b: int, h: int, hkv: int, l: int, s: int, d: int, causal: bool,
-          padded: bool = False, skip: dict[str, str] | None = None) -> Case:
+          padded: bool = False, skip: dict[str, str] | None = None, variant: str | None = None) -> Case:
     # Hkv is recorded only for GQA (None: as many key/value heads as query heads).
     shape = dict(B=b, H=h, Hkv=hkv if hkv != h else None, L=l, S=s, D=d, causal=causal, padded=padded)
     elt = DTYPES[dtype].itemsize
@@ -111,6 +192,14 @@ def _case(grid: str, mode: str, dtype: str, b: int, h: int, hkv: int, l: int, s:
         lens = varlen_lengths(b, s)
         f = 4.0 * h * d * sum(n * n for n in lens) / (2 if causal else 1)
         return Case(FAMILY, "varlen_attention", mode, grid, dtype, shape, "tflops",
+                    flops=f * {"fwd": 1.0, "fwd+bwd": 3.5}[mode], skip=dict(skip or {}))
+    if grid == "variants":
+        assert variant in VARIANTS and causal and l == s, (variant, causal, l, s)
+        shape["variant"] = variant
+        if variant == "window":
+            shape["W"] = window_keys(l)
+        f = 4.0 * h * d * variant_pairs(variant, b, l, s)
+        return Case(FAMILY, "attention_" + variant, mode, grid, dtype, shape, "tflops",
                     flops=f * {"fwd": 1.0, "fwd+bwd": 3.5}[mode], skip=dict(skip or {}))
     if grid == "decode":
         return Case(FAMILY, "decode", mode, grid, dtype, shape, "gbps",
@@ -138,6 +227,9 @@ def cases(env: Env) -> list[Case]:
         out.append(_case("paged", "fwd", "bf16", 4, 4, 2, 1, 256, 16, False))
         out.append(_case("varlen", "fwd", "bf16", 4, 2, 2, 64, 64, 16, False, padded=True))
         out.append(_case("varlen", "fwd+bwd", "bf16", 4, 2, 2, 64, 64, 16, False, padded=True))
+        for variant in VARIANTS:
+            for mode in ("fwd", "fwd+bwd"):
+                out.append(_case("variants", mode, "bf16", 2, 2, 2, 64, 64, 16, True, variant=variant))
         return out
 
     quick = env.quick
@@ -184,10 +276,17 @@ def cases(env: Env) -> list[Case]:
         for s in ([2048, 8192] if quick else [1024, 2048, 4096, 8192]):
             out.append(_case("varlen", mode, "bf16", 16384 // s * 2, 32, 8, s, s, 128, False, padded=True,
                              skip=varlen_skip))
+    # Variants: the full run only (one FlexAttention compile per case does not fit gpu_check's budget).
+    if not quick:
+        for mode in ("fwd", "fwd+bwd"):
+            for variant in VARIANTS:
+                for l in (4096, 16384):
+                    out.append(_case("variants", mode, "bf16", 16384 // l, 16, 16, l, l, 128, True,
+                                     variant=variant))
     if quick:
         # If the time budget runs out, what is left is skipped: run one head dim of the standard grid, then
         # decoding and the model shapes, then the rest.
-        rank = {"standard": 0, "decode": 1, "paged": 1, "varlen": 1, "bert": 2, "vit": 2}
+        rank = {"standard": 0, "decode": 1, "paged": 1, "varlen": 1, "bert": 2, "vit": 2, "variants": 4}
         out.sort(key=lambda c: rank[c.grid] if c.grid != "standard" or c.shape["D"] == 128 else 3)
     return out
 
@@ -352,11 +451,33 @@ def _ours_varlen(case: Case, env: Env) -> Prepared:
     return Prepared(fn, output, leaves, context=ours_context(env), impl="triton" if env.is_cuda else "fast_torch")
 
 
+def ours_variant_kwargs(case: Case, env: Env) -> dict:
+    """The keyword arguments of ``kernels.attention`` (besides ``causal=True``) for a variants case."""
+    b, h, _, l, s, _ = _dims(case)
+    variant = case.shape["variant"]
+    if variant == "window":
+        return {"window": (window_keys(l) - 1, 0)}
+    if variant == "alibi":
+        return {"alibi_slopes": alibi_slopes(h, env.device)}
+    if variant == "softcap":
+        return {"softcap": SOFTCAP}
+    if variant == "document":
+        return {"document_ids": document_ids(b, s, env.device)}
+    return {"prefix_lengths": prefix_lengths(b, s, env.device)}
+
+
 def _ours(case: Case, env: Env) -> Prepared:
     if case.grid == "paged":
         return _ours_paged(case, env)
     if case.grid == "varlen":
         return _ours_varlen(case, env)
+    if case.grid == "variants":
+        kw = ours_variant_kwargs(case, env)
+
+        def fwd_variant(q, k, v):
+            return kernels.attention(q, k, v, causal=True, **kw)
+        return _prepared(case, _inputs(case, env), fwd_variant, context=ours_context(env),
+                         impl="triton" if env.is_cuda else "fast_torch")
     rot = _inputs(case, env)
     b, _, _, _, s, _ = _dims(case)
     lens = seqlens(b, s, env.device) if case.shape["padded"] else None
@@ -386,6 +507,21 @@ def _ours_dense(case: Case, env: Env) -> Prepared:
 MATH_MAX_SCORES = 1 << 30
 
 
+def sdpa_variant_mask(case: Case, env: Env, dtype: torch.dtype) -> torch.Tensor:
+    """The materialized ``attn_mask`` of a variants case (causal included): bool (B or 1, 1, L, S), or for
+    ALiBi a float (1, H, L, S) bias, -slope[h] * |i - j|, -inf above the diagonal. Softcap has no mask form."""
+    _, h, _, l, s, _ = _dims(case)
+    if case.shape["variant"] == "softcap":
+        raise Unsupported("softcap: SDPA has no form of it")
+    keep = variant_mask(case, env.device)
+    if case.shape["variant"] != "alibi":
+        return keep
+    i = torch.arange(l, device=env.device)[:, None] + (s - l)
+    j = torch.arange(s, device=env.device)[None, :]
+    bias = -alibi_slopes(h, env.device)[:, None, None] * (i - j).abs()
+    return bias.masked_fill(~keep[0], float("-inf"))[None].to(dtype)
+
+
 def _sdpa(backend: str) -> Callable[[Case, Env], Prepared]:
     def build(case: Case, env: Env) -> Prepared:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -398,6 +534,8 @@ def _sdpa(backend: str) -> Callable[[Case, Env], Prepared]:
             raise Unsupported(f"SDPBackend.{backend} not in torch {torch.__version__}")
         mask = _padding_mask(case, env)
         causal = bool(case.shape["causal"])
+        if case.grid == "variants":
+            mask, causal = sdpa_variant_mask(case, env, DTYPES[case.dtype]), False
         if causal and l != s:
             raise Unsupported("SDPA's is_causal is top-left aligned; the grids only use causal with L == S")
         kw = {"enable_gqa": True} if hkv != h else {}
@@ -409,13 +547,56 @@ def _sdpa(backend: str) -> Callable[[Case, Env], Prepared]:
     return build
 
 
+def flex_variant_mods(case: Case, env: Env) -> tuple[Callable, Callable | None, bool]:
+    """FlexAttention's form of a variants case: (mask_mod, score_mod or None, whether the mask differs per
+    batch row). The mask always includes causal; ALiBi and softcap are score_mods on the scaled score."""
+    b, h, _, l, s, _ = _dims(case)
+    variant, off = case.shape["variant"], s - l
+
+    def causal_mod(bi, hi, qi, ki):
+        return qi + off >= ki
+    mask_mod, score_mod, per_batch = causal_mod, None, False
+    if variant == "window":
+        left = window_keys(l) - 1
+
+        def mask_mod(bi, hi, qi, ki):
+            return (qi + off >= ki) & (qi + off - ki <= left)
+    elif variant == "document":
+        ids = document_ids(b, s, env.device)
+        per_batch = True
+
+        def mask_mod(bi, hi, qi, ki):
+            return (qi + off >= ki) & (ids[bi, qi + off] == ids[bi, ki])
+    elif variant == "prefix":
+        prefix = prefix_lengths(b, s, env.device)
+        per_batch = True
+
+        def mask_mod(bi, hi, qi, ki):
+            return (qi + off >= ki) | (ki < prefix[bi])
+    elif variant == "alibi":
+        slopes = alibi_slopes(h, env.device)
+
+        def score_mod(score, bi, hi, qi, ki):
+            return score - slopes[hi] * (qi + off - ki).abs()
+    else:
+        cap = SOFTCAP
+
+        def score_mod(score, bi, hi, qi, ki):
+            return cap * torch.tanh(score / cap)
+    return mask_mod, score_mod, per_batch
+
+
 def _flex(case: Case, env: Env) -> Prepared:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     b, h, hkv, l, s, _ = _dims(case)
     causal, padded = bool(case.shape["causal"]), bool(case.shape["padded"])
     lens = seqlens(b, s, env.device) if padded else None
-    if causal and padded:
+    score_mod = None
+    if case.grid == "variants":
+        mask_mod, score_mod, per_batch = flex_variant_mods(case, env)
+        block_mask = create_block_mask(mask_mod, b if per_batch else None, None, l, s, device=env.device)
+    elif causal and padded:
         def mask_mod(bi, hi, qi, ki):
             return (qi >= ki) & (ki < lens[bi])
     elif causal:
@@ -426,9 +607,10 @@ def _flex(case: Case, env: Env) -> Prepared:
             return ki < lens[bi]
     else:
         mask_mod = None
-    block_mask = None
-    if mask_mod is not None:
-        block_mask = create_block_mask(mask_mod, b if padded else None, None, l, s, device=env.device)
+    if case.grid != "variants":
+        block_mask = None
+        if mask_mod is not None:
+            block_mask = create_block_mask(mask_mod, b if padded else None, None, l, s, device=env.device)
     # A fresh compile per case: every case is a new shape or mask anyway, and past dynamo's recompile
     # limit a reused wrapper would silently run eager flex_attention (unfused, slow) under our label.
     from torch import _dynamo
@@ -438,8 +620,24 @@ def _flex(case: Case, env: Env) -> Prepared:
     rot = _inputs(case, env)
 
     def fwd(q, k, v):
-        return compiled(q, k, v, block_mask=block_mask, **kw)
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, **kw)
     return _prepared(case, rot, fwd, impl="flex_attention (torch.compile)")
+
+
+def flash_variant_kwargs(case: Case, env: Env, module: str = "flash_attn") -> dict:
+    """flash_attn_func's keyword arguments (besides ``causal=True``) for a variants case; Unsupported where it
+    has no form of the variant (documents need flash_attn_varlen_func, no prefix-LM; FA3 has no ALiBi)."""
+    _, h, _, l, _, _ = _dims(case)
+    variant = case.shape["variant"]
+    if variant == "window":
+        return {"window_size": (window_keys(l) - 1, 0)}
+    if variant == "softcap":
+        return {"softcap": SOFTCAP}
+    if variant == "alibi" and module == "flash_attn":
+        return {"alibi_slopes": alibi_slopes(h, env.device)}
+    if variant == "document":
+        raise Unsupported("documents: flash-attn needs flash_attn_varlen_func (not benchmarked)")
+    raise Unsupported(f"{variant}: no such argument in {module}.flash_attn_func")
 
 
 def _flash_attn(module: str) -> Callable[[Case, Env], Prepared]:
@@ -448,12 +646,13 @@ def _flash_attn(module: str) -> Callable[[Case, Env], Prepared]:
 
         if case.shape["padded"]:
             raise Unsupported("padding needs flash_attn_varlen_func on unpadded tokens: not benchmarked")
-        func = importlib.import_module(module).flash_attn_func
         causal = bool(case.shape["causal"])
+        kw = flash_variant_kwargs(case, env, module) if case.grid == "variants" else {}
+        func = importlib.import_module(module).flash_attn_func
         rot = _inputs(case, env, layout="blhd")          # flash-attn's native (B, L, H, D)
 
         def fwd(q, k, v):
-            out = func(q, k, v, causal=causal)
+            out = func(q, k, v, causal=causal, **kw)
             return out[0] if isinstance(out, tuple) else out   # some FA3 versions also return the lse
         return _prepared(case, rot, fwd, layout="blhd", impl=module)
     return build

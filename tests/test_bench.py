@@ -4,14 +4,17 @@ These tests check the harness (records, table, plots, skips, work formulas), nev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from bench import attention, models, norms, run
@@ -294,3 +297,77 @@ def test_cpu_benchmark_refuses_the_interpreter(monkeypatch):
     from bench import cpu
     monkeypatch.setattr(kernels._backend, "INTERPRET", True)
     assert cpu.main(["--smoke", "--no-memory"]) == 2
+
+
+def _variant_cases(env: Env) -> list[Case]:
+    return [c for c in attention.cases(env) if c.grid == "variants"]
+
+
+def test_variant_cases_on_the_gpu_grid_and_the_cpu():
+    gpu = Env("cuda", "fake", 50 << 20, quick=False)
+    cases = _variant_cases(gpu)
+    assert {(c.shape["variant"], c.mode, c.shape["L"]) for c in cases} == {
+        (v, m, l) for v in attention.VARIANTS for m in ("fwd", "fwd+bwd") for l in (4096, 16384)}
+    for c in cases:
+        sh = c.shape
+        assert c.dtype == "bf16" and sh["B"] * sh["L"] == 16384 and sh["D"] == 128 and sh["H"] == 16 and sh["causal"]
+        assert c.op == "attention_" + sh["variant"] and c.flops > 0
+    window = next(c for c in cases if c.shape["variant"] == "window")
+    assert window.shape["W"] == 1024 and "window W1024" in window.label()
+    assert not _variant_cases(Env("cuda", "fake", 50 << 20, quick=True))     # full run only
+    assert {c.shape["variant"] for c in _variant_cases(Env.detect())} == set(attention.VARIANTS)
+
+
+def test_variant_flops_count_the_unmasked_pairs():
+    for c in _variant_cases(Env.detect()):
+        b, h, _, l, s, d = attention._dims(c)
+        keep = attention.variant_mask(c, "cpu")
+        pairs = b * l * (l + 1) // 2 if keep is None else int(keep.expand(b, 1, l, s).sum())
+        assert attention.variant_pairs(c.shape["variant"], b, l, s) == pairs
+        assert c.flops == 4.0 * h * d * pairs * {"fwd": 1.0, "fwd+bwd": 3.5}[c.mode]
+    assert attention.variant_pairs("window", 1, 4096, 4096) == 1024 * 1025 // 2 + (4096 - 1024) * 1024
+    docs = attention.document_lengths(4, 4096)
+    assert all(sum(r) == 4096 and len(r) > 1 for r in docs)
+
+
+def test_variant_baselines_compute_what_ours_computes():
+    """FlexAttention's mods (run eagerly on the CPU here), SDPA's materialized masks and flash-attn's
+    arguments describe the same attention as ours' variant arguments."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    env = Env.detect()
+    for c in _variant_cases(env):
+        if c.mode != "fwd":
+            continue
+        b, h, _, l, s, d = attention._dims(c)
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(b, h, l, d, dtype=torch.float64) for _ in range(3))
+        with kernels.use_backend("torch"):
+            ref = kernels.attention(q, k, v, causal=True, **attention.ours_variant_kwargs(c, env))
+        mask_mod, score_mod, per_batch = attention.flex_variant_mods(c, env)
+        block_mask = flex.create_block_mask(mask_mod, b if per_batch else None, None, l, s, device="cpu")
+        with _quiet():
+            out = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        torch.testing.assert_close(out, ref, msg=c.label())
+        if c.shape["variant"] == "softcap":
+            with pytest.raises(Unsupported):
+                attention.sdpa_variant_mask(c, env, torch.float64)
+        else:
+            mask = attention.sdpa_variant_mask(c, env, torch.float64)
+            torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), ref, msg=c.label())
+        if c.shape["variant"] in ("document", "prefix"):
+            with pytest.raises(Unsupported):
+                attention.flash_variant_kwargs(c, env)
+        else:
+            kw = attention.flash_variant_kwargs(c, env)
+            assert set(kw) == {"window": {"window_size"}, "alibi": {"alibi_slopes"},
+                               "softcap": {"softcap"}}[c.shape["variant"]]
+    alibi = next(c for c in _variant_cases(env) if c.shape["variant"] == "alibi")
+    with pytest.raises(Unsupported):
+        attention.flash_variant_kwargs(alibi, env, "flash_attn_interface")      # FA3 has no ALiBi
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # eager flex_attention warns that it is not compiled
+        yield
