@@ -978,8 +978,8 @@ def _make_jobs(specs: list[Spec], archs: list[int], with_sass: bool = False) -> 
             if arch not in spec.meta.get("archs", archs):   # a configuration chosen for another arch
                 continue
             jobs.append(dict(spec=index, module=spec.kernel.fn.__module__, kernel=spec.kernel.fn.__name__,
-                             signature=signature,
-                             constexprs={k: _JitRef.of(v) for k, v in constexprs.items()}, attrs=attrs, options=dict(spec.options), arch=arch,
+                             signature=signature, constexprs={k: _JitRef.of(v) for k, v in constexprs.items()},
+                             attrs=attrs, options=dict(spec.options), arch=arch,
                              cost=spec.meta.get("cost", spec.meta.get("BLOCK_N", 0)), sass=with_sass,
                              work=spec.meta.get("work", 0), unit=spec.meta.get("unit", "elements")))
     return jobs, mismatches
