@@ -47,7 +47,8 @@ How the configurations are enumerated (one spec generator per kernel family, in 
   softmax 4-D ``(B, H, L, N)`` inputs laid out by the launcher (a padding mask ``(B, 1, 1, N)`` for
   the bool mask, a per-query mask ``(B, 1, L, N)`` for the float one, ``L = N`` when causal).
 - Attention: see ``attention_specs``; the paged KV cache: ``paged_specs``; packed variable-length attention:
-  ``varlen_specs``.
+  ``varlen_specs``; the attention variants (windows, ALiBi, softcap, documents, prefix-LM, score and mask mods):
+  ``variants_specs``.
 
 To add a kernel family, write one generator yielding ``Spec`` objects and append it to ``FAMILIES``;
 set ``tensor_cores=True`` on specs whose kernel must use tensor cores (``tl.dot``).
@@ -529,6 +530,134 @@ def varlen_specs() -> Iterator[Spec]:
                                          archs=(arch,), cost=cost, work=work, unit=unit))
 
 
+# Variant configurations of ``variants_specs``: name -> (causal, the variant attributes set); "all" combines every
+# mask and score variant that takes no mod_args (a call's mods share one MOD_ARGS, so relative_bias stands alone).
+_VARIANT_CASES = {
+    "window": (True, dict(window=(255, 0))),
+    "alibi": (False, dict(alibi=True)),
+    "softcap": (False, dict(softcap=30.0)),
+    "document": (False, dict(document=True)),
+    "prefix": (True, dict(prefix=True)),
+    "score_mod": (False, dict(score_mod=("distance_penalty", "distance_penalty_grad"))),
+    "mask_mod": (False, dict(mask_mod="stripes")),
+    "mod_args": (False, dict(score_mod=("relative_bias", "relative_bias_grad"), mod_args=True)),
+    "all": (True, dict(window=(255, 0), prefix=True, document=True, alibi=True, softcap=30.0,
+                       score_mod=("distance_penalty", "distance_penalty_grad"), mask_mod="stripes")),
+}
+
+
+def variants_specs() -> Iterator[Spec]:
+    """Attention variants (programmable attention): the forward, dK/dV and dQ kernels with each variant alone
+    and all at once, recorded from the launchers (``attention.launch._fwd_launch`` / ``_bwd_launch`` with a
+    ``var``, on meta tensors, kernels replaced by recorders; the sparse lists of the mask variants are built by
+    ``attention.sparse`` on meta tensors too, only their shapes reach the kernels) with the tiles
+    ``attention_config`` picks per architecture. Variants (``_VARIANT_CASES``): "window" (255, 0) causal,
+    "alibi", "softcap" (30), "document" (q_ids / k_ids), "prefix" (prefix-LM, causal), "score_mod"
+    (``examples.distance_penalty``), "mask_mod" (``examples.stripes``), "mod_args" (``examples.relative_bias``
+    with its table) and "all" (window + prefix + document + alibi + softcap + distance_penalty + stripes);
+    without the window / prefix, non-causal. The mask variants run the SPARSE path (full then partial tile lists;
+    its steady-state loop is the full-tile one). Shapes as ``attention_specs`` (16 x 1024 queries and keys,
+    H x D = 2048, GQA 4); bf16 and fp16 at head dims 64 and 128, fp32 "all" at 128. The mods are module-level
+    ``@triton.jit`` functions of ``kernels.attention.examples``: they travel to the compile processes by
+    (module, name), see ``_JitRef``."""
+    at = importlib.import_module(".attention.launch", __package__)
+    ex = importlib.import_module(".attention.examples", __package__)
+    from types import SimpleNamespace
+    names = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_preprocess_kernel")
+    kept = names[:3]                      # the preprocess kernel is that of the attention family
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    b, l, s = 16, 1024, 1024
+    cases = [(dtype, d, v) for dtype in (torch.bfloat16, torch.float16) for d in (64, 128) for v in _VARIANT_CASES]
+    cases.append((torch.float32, 128, "all"))
+    seen = set()
+    for arch in ARCHS:
+        for dtype, d, variant in cases:
+            h = 2048 // d
+            hkv = h // 4
+            causal, on = _VARIANT_CASES[variant]
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            score_mod = on.get("score_mod")
+            var = SimpleNamespace(
+                window=on.get("window"), softcap=on.get("softcap"),
+                alibi_slopes=empty(b, h, dtype=torch.float32) if on.get("alibi") else None,
+                q_ids=empty(b, l, dtype=torch.int32) if on.get("document") else None,
+                k_ids=empty(b, s, dtype=torch.int32) if on.get("document") else None,
+                prefix_lengths=empty(b, dtype=torch.int32) if on.get("prefix") else None,
+                score_mod=getattr(ex, score_mod[0]) if score_mod else None,
+                score_mod_grad=getattr(ex, score_mod[1]) if score_mod else None,
+                mask_mod=getattr(ex, on["mask_mod"]) if on.get("mask_mod") else None,
+                mod_args=(empty(h, 2 * ex.REL_R.value + 1, dtype=torch.float32),) if on.get("mod_args") else (),
+                block_mask=None)
+            q, k, v = empty(b, h, l, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype)
+            out, lse = empty(b, h, l, d, dtype=dtype), empty(b, h, l, dtype=acc)
+            recorders = {name: _Recorder(getattr(at, name)) for name in names}
+            originals = {name: getattr(at, name) for name in names}
+            try:
+                for name, rec in recorders.items():
+                    setattr(at, name, rec)
+                with _shape_only_tables():
+                    at._fwd_launch(q, k, v, None, None, 0.125, causal, 0, 0.0, 0, 0, arch, var=var)
+                    at._bwd_launch(out, None, q, k, v, out, lse, None, None, 0, 0.125, causal, 0, 0.0, arch, var=var)
+            finally:
+                for name, kernel in originals.items():
+                    setattr(at, name, kernel)
+            for name in kept:
+                for args, options in recorders[name].launches:
+                    key = (arch, name, repr(sorted((k_, _arg_key(v_)) for k_, v_ in args.items())),
+                           repr(sorted(options.items())))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    bm, bn = args["BLOCK_M"], args["BLOCK_N"]
+                    config = (f"{_SHORT[dtype]} d={d} M{bm} N{bn} w{options.get('num_warps', 4)} "
+                              f"s{options.get('num_stages', 3)} {variant}")
+                    yield Spec("variants", originals[name], config, args, options,
+                               tensor_cores=dtype in (torch.float16, torch.bfloat16),
+                               meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=variant,
+                                         causal=causal, sparse=bool(args.get("SPARSE")), archs=(arch,),
+                                         cost=bm * bn * d, work=bm * bn, unit="scores"))
+
+
+@contextlib.contextmanager
+def _shape_only_tables() -> Iterator[None]:
+    """While recording on meta tensors: ``attention.sparse``'s document and ``mask_mod`` tile tables as empty
+    tensors of their shapes, (B, 1, nm, nn) and (B, H, nm, nn) int8 (the real ones evaluate every score of the
+    call, minutes of meta-tensor bookkeeping at these shapes; the kernels see only the lists' shapes)."""
+    import triton
+
+    sp = importlib.import_module(".attention.sparse", __package__)
+    bmk = importlib.import_module(".attention.blockmask", __package__)
+
+    def document_classes(q_ids, k_ids, block_m, block_n):
+        shape = (q_ids.shape[0], 1, triton.cdiv(q_ids.shape[1], block_m), triton.cdiv(k_ids.shape[1], block_n))
+        return torch.empty(shape, dtype=torch.int8, device=q_ids.device)
+
+    def block_mask(mask_mod, B, H, L, S, *, block, mod_args=(), device=None):
+        bm, bn = block
+        classes = torch.empty((B or 1, H or 1, triton.cdiv(L, bm), triton.cdiv(S, bn)), dtype=torch.int8,
+                              device=device)
+        return bmk.BlockMask(classes, (bm, bn), (B, H, L, S), mask_mod, tuple(mod_args))
+
+    saved = sp.document_classes, sp.block_mask
+    sp.document_classes, sp.block_mask = document_classes, block_mask
+    try:
+        yield
+    finally:
+        sp.document_classes, sp.block_mask = saved
+
+
+def _arg_key(value) -> str:
+    """A launch argument for de-duplication: tensors by dtype (and tuples of them), others by repr."""
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype)
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_arg_key(v) for v in value) + ")"
+    return repr(value)
+
+
 def quick_subset(specs: list[Spec]) -> list[Spec]:
     """A representative subset for the test suite: every kernel on every arch, at the configurations that
     bound the others. Row kernels (LayerNorm, softmax): per kernel, dtype and feature set, the largest
@@ -537,7 +666,8 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
     heaviest configuration of every other dtype (largest tiles x head dim, every feature on). Paged attention:
     per dtype and arch the heaviest decode and prefill configuration, each with whole-page key tiles and with
     per-row page lookups. Packed varlen attention: per kernel and arch the heaviest 16-bit and the heaviest
-    fp32 / fp64 configuration."""
+    fp32 / fp64 configuration. Attention variants: per kernel and arch the "all" variant (every mask and score
+    variant at once) in bf16 at head dim 128."""
     keep: dict[Any, Spec] = {}
     for spec in specs:
         m = spec.meta
@@ -549,6 +679,10 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
             key = (spec.name, m["dtype"] in ("fp16", "bf16"), m["archs"])
             if key in keep and keep[key].meta["cost"] >= m["cost"]:
                 continue
+        elif spec.family == "variants":   # the "all" variant per kernel and arch, bf16 at head dim 128
+            if m["flags"] != "all" or m["dtype"] != "bf16" or m["head_dim"] != 128:
+                continue
+            key = (spec.name, m["archs"], "variants")
         elif spec.family == "attention":
             if m["dtype"] == "bf16" and m["head_dim"] <= 128:
                 key: Any = id(spec)
@@ -571,6 +705,7 @@ FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
     ("attention", attention_specs),
     ("paged", paged_specs),
     ("varlen", varlen_specs),
+    ("variants", variants_specs),
 ]
 
 
@@ -620,6 +755,16 @@ def specialize(spec: Spec) -> tuple[dict[str, str], dict[tuple[int, ...], Any], 
             continue
         if isinstance(value, torch.Tensor):
             value = Ptr(value.dtype)
+        if isinstance(value, tuple):   # a tuple of tensors (the mods' MOD_ARGS): one typed pointer per element
+            types = []
+            for j, item in enumerate(value):
+                item = Ptr(item.dtype) if isinstance(item, torch.Tensor) else item
+                if not isinstance(item, Ptr):
+                    raise TypeError(f"{spec.name}: cannot specialize tuple argument {param.name}[{j}]={item!r}")
+                types.append("*" + _TRITON_TYPE[item.dtype])
+                attrs[(i, j)] = divisible if item.aligned and align else []
+            signature[param.name] = tuple(types)
+            continue
         if type(value).__name__ == "TensorDescriptor":   # host-side TMA descriptor: typed by dtype and box
             block = ", ".join(str(n) for n in value.block_shape)
             signature[param.name] = f"tensordesc<{_TRITON_TYPE[value.base.dtype]}[{block}]>"
@@ -660,7 +805,12 @@ def _runtime_specialization(spec: Spec, target) -> tuple[dict, dict, dict] | Non
     try:
         backend = make_backend(target)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-        args = {k: MockTensor(v.dtype) if isinstance(v, (Ptr, torch.Tensor)) else v for k, v in spec.args.items()}
+        def mock(v):
+            if isinstance(v, tuple):
+                return tuple(mock(x) for x in v)
+            return MockTensor(v.dtype) if isinstance(v, (Ptr, torch.Tensor)) else v
+
+        args = {k: mock(v) for k, v in spec.args.items()}
         bound, specialization, _ = binder(**args)
     except Exception:  # internal API of another shape: nothing to compare with
         return None
@@ -760,7 +910,8 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
-        src = ASTSource(fn=kernel, signature=job["signature"], constexprs=job["constexprs"], attrs=job["attrs"])
+        constexprs = {k: v.resolve() if isinstance(v, _JitRef) else v for k, v in job["constexprs"].items()}
+        src = ASTSource(fn=kernel, signature=job["signature"], constexprs=constexprs, attrs=job["attrs"])
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: triton prints its ptxas -v log
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(job["options"]))
@@ -785,6 +936,34 @@ def _normalized(specialization: tuple[dict, dict, dict]) -> tuple[dict, dict, di
     return signature, constexprs, {k: v for k, v in attrs.items() if v}
 
 
+@dataclass(frozen=True)
+class _JitRef:
+    """A ``@triton.jit`` function passed as a constexpr (a score / mask mod), by (module, qualified name): a
+    ``JITFunction`` does not pickle, so the compile processes re-import it (``resolve``). Such a function must
+    be defined at module level (``kernels.attention.examples``)."""
+
+    module: str
+    qualname: str
+
+    @staticmethod
+    def of(value: Any) -> Any:
+        from triton.runtime.jit import JITFunction
+        if not isinstance(value, JITFunction):
+            return value
+        fn = value.fn
+        ref = _JitRef(fn.__module__, fn.__qualname__)
+        if ref.resolve() is not value:
+            raise TypeError(f"{fn.__qualname__}: a @triton.jit constexpr must be a module-level function that "
+                            f"{fn.__module__}.{fn.__qualname__} names (the compile processes re-import it)")
+        return ref
+
+    def resolve(self) -> Any:
+        value: Any = importlib.import_module(self.module)
+        for part in self.qualname.split("."):
+            value = getattr(value, part)
+        return value
+
+
 def _make_jobs(specs: list[Spec], archs: list[int], with_sass: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     from triton.backends.compiler import GPUTarget
 
@@ -799,8 +978,8 @@ def _make_jobs(specs: list[Spec], archs: list[int], with_sass: bool = False) -> 
             if arch not in spec.meta.get("archs", archs):   # a configuration chosen for another arch
                 continue
             jobs.append(dict(spec=index, module=spec.kernel.fn.__module__, kernel=spec.kernel.fn.__name__,
-                             signature=signature,
-                             constexprs=constexprs, attrs=attrs, options=dict(spec.options), arch=arch,
+                             signature=signature, constexprs={k: _JitRef.of(v) for k, v in constexprs.items()},
+                             attrs=attrs, options=dict(spec.options), arch=arch,
                              cost=spec.meta.get("cost", spec.meta.get("BLOCK_N", 0)), sass=with_sass,
                              work=spec.meta.get("work", 0), unit=spec.meta.get("unit", "elements")))
     return jobs, mismatches

@@ -146,6 +146,20 @@ def test_every_kernel_family_and_arch_covered(aot):
     assert set(report["kernels"]) >= {n for names in modules.values() for n in names}
 
 
+def test_attention_variants_covered(aot):
+    """The "variants" family (``kernels.aot.variants_specs``): the quick subset compiles the forward, dK/dV and
+    dQ kernels with every mask and score variant at once (window, prefix, documents, ALiBi, softcap, a score_mod
+    and a mask_mod of ``kernels.attention.examples``, passed to the compile processes by module and name) on
+    both archs, on the sparse block-list path."""
+    _, report = aot
+    rows = [r for r in report["rows"] if r["family"] == "variants"]
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        for arch in ARCHS:
+            hits = [r for r in rows if r["kernel"] == name and r["gpu_name"] == arch and r["flags"] == "all"]
+            assert hits, f"no 'all' variants configuration of {name} on {arch}"
+            assert all(r["sparse"] and r["ok"] for r in hits), _describe(hits)
+
+
 def _loops(report: dict, kernel: str | None = None) -> list[tuple[dict, dict]]:
     return [(r, loop) for r in report["rows"] if not r.get("error") and (kernel is None or r["kernel"] == kernel)
             for loop in r["sass"]["loops"]]
