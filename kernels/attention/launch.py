@@ -114,6 +114,17 @@ def _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags)
     return flags
 
 
+def _heavy(var, dropout_p: float) -> bool:
+    """Whether the call takes the register-lean tile column (``attention_config``'s dropout column): dropout, or
+    score modifications that do not fit the plain tiles' registers / shared memory on sm_90a (``python -m
+    kernels.aot --family variants --sass``: ALiBi, a mod reading ``mod_args``, softcap together with a score_mod
+    spill or overflow there; softcap alone or a score_mod alone fit)."""
+    if dropout_p > 0:
+        return True
+    return var is not None and (var.alibi_slopes is not None or bool(var.mod_args)
+                                or (var.softcap is not None and var.score_mod is not None))
+
+
 def _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, block_m, block_n, by_query) -> dict:
     """The sparse lists of the call at one kernel's tiles (nothing when the call takes the analytic loops)."""
     if not flags.get("SPARSE"):
@@ -160,7 +171,7 @@ def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropo
             opart, lsepart, out, lse, h, hkv, l, dv, group, splits, *out.stride()[:3],
             BLOCK_S=next_pow2(splits), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
     else:
-        cfg = attention_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
+        cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p))
         grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         k_desc, v_desc = _kv_descs(k, v, cfg, meta)
         lists = _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True)
@@ -219,7 +230,7 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
     flags.pop("sm_scale", None)     # the backward kernels take it positionally
     if var is not None:
         flags["SCORE_MOD_GRAD"] = var.score_mod_grad
-    cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
+    cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p))
     bm = cfg["BLOCK_M"]
     q_desc = _tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
     do_desc = _tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
@@ -229,7 +240,7 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
         h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
         **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
-    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
+    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p))
     k_desc, v_desc = _kv_descs(k, v, cfg, meta)
     _attn_bwd_dq_kernel[(triton.cdiv(l, cfg["BLOCK_M"]), b * h)](
         q, k, v, k_desc or k, v_desc or v, m, seq, do, lse2, delta, dq, q, q, h, l, s, d, dv, group, *strides,
