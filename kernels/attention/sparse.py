@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .blockmask import EMPTY, FULL, PARTIAL, band_classes, block_mask, combine, document_classes, kv_lists, q_lists
+from .variants import Variants
 
 
 def is_sparse(var) -> bool:
@@ -52,7 +53,7 @@ def classes(var, b: int, h: int, l: int, s: int, seqlens_k: torch.Tensor | None,
     kv_len = torch.full((1,), s, device=device) if seqlens_k is None else seqlens_k.to(device).clamp(0, s)
     kv_len = kv_len.to(torch.int64)[:, None, None, None]
     tables.append(torch.where(k1 <= kv_len, FULL, torch.where(k0 < kv_len, PARTIAL, EMPTY)).to(torch.int8))
-    q0, q1 = _ramp(l, block_m, device)
+    _, q1 = _ramp(l, block_m, device)
     tables.append(torch.where(q1 <= l, FULL, PARTIAL).to(torch.int8)[None, None, :, None])
     return combine(*tables)
 
@@ -100,18 +101,10 @@ def tile_counts(var, q: torch.Tensor, k: torch.Tensor, seqlens_k: torch.Tensor |
     (the non-empty tiles: the lists of the sparse path; the plain / causal loops visit the same tiles), out of
     ``total``."""
     b, h, l = q.shape[:3]
-    var = var if var is not None else _NO_VARIANTS
+    var = var if var is not None else Variants()     # no variants: the causal band and the bounds alone
     cls = classes(var, b, h, l, k.shape[2], seqlens_k, causal, k.shape[2] - l, block_m, block_n, q.device)
     cls = cls.expand(b, h, *cls.shape[2:])
     full, partial = int((cls == FULL).sum()), int((cls == PARTIAL).sum())
     return {"visited": full + partial, "full": full, "partial": partial, "total": cls.numel(),
             "block": (block_m, block_n)}
 
-
-class _None:
-    window = alibi_slopes = softcap = q_ids = k_ids = prefix_lengths = None
-    score_mod = score_mod_grad = mask_mod = block_mask = None
-    mod_args = ()
-
-
-_NO_VARIANTS = _None()
