@@ -8,11 +8,11 @@ Grids (GPU; ``--quick`` takes a subset, the CPU tiny shapes):
 - vit: 197 and 577 tokens (ViT-B/16 at 224 and 384 px), 12 heads of 64, not causal.
 - decode: one query over a KV cache of 1k..32k keys, batch 1..64, Llama-3-8B heads (32 query heads,
   8 key/value heads, D 128): judged in GB/s of KV cache read.
-- paged: the same decoding over a paged KV cache (``kernels.paged_attention``, 16-position blocks in shuffled
+- paged: the same decoding over a paged KV cache (``fused_kernels.paged_attention``, 16-position blocks in shuffled
   physical order), the sequences of a batch of different lengths (drawn in [S/8, S]); judged in GB/s of the
   valid keys/values read. The baselines attend over the same sequences gathered into a dense padded cache
   (what a non-paged server would hold): ours ("ours-dense", ``seqlens_k``) and SDPA with a key-padding mask.
-- varlen: packed variable-length self-attention (``kernels.varlen_attention``, one launch over every
+- varlen: packed variable-length self-attention (``fused_kernels.varlen_attention``, one launch over every
   sequence) of B sequences whose lengths spread log-uniformly over [S/32, S] (``varlen_lengths``), against the
   same sequences padded to S: our dense kernel with the key lengths ("ours-dense", ``seqlens_k``) and SDPA with
   a key-padding mask. Only the valid tokens' work counts (4*H*D*sum(len^2)); outputs are compared on the valid
@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fused_kernels
 from bench.harness import (
     DTYPES,
     REGISTRY,
@@ -343,7 +343,7 @@ def _paged_inputs(case: Case, env: Env) -> tuple[Rotation, list[tuple]]:
         zero = torch.zeros(1, dtype=torch.int32, device=env.device)
         with ours_context(env)():
             for i, n in enumerate(lens):
-                kernels.paged_append(k_cache, v_cache, table[i:i + 1], zero, k[i:i + 1, :, :n], v[i:i + 1, :, :n])
+                fused_kernels.paged_append(k_cache, v_cache, table[i:i + 1], zero, k[i:i + 1, :, :n], v[i:i + 1, :, :n])
         pools.append((k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device=env.device)))
     return rot, pools
 
@@ -394,9 +394,9 @@ def _padding_mask(case: Case, env: Env) -> torch.Tensor | None:
 
 
 def ours_context(env: Env) -> Callable:
-    """Our kernels on a GPU (never a silent fallback); the PyTorch path (kernels.fast_torch) on the CPU,
+    """Our kernels on a GPU (never a silent fallback); the PyTorch path (fused_kernels.fast_torch) on the CPU,
     where the Triton interpreter (on under pytest) would take minutes and time nothing meaningful."""
-    return lambda: kernels.use_backend("triton" if env.is_cuda else "torch")
+    return lambda: fused_kernels.use_backend("triton" if env.is_cuda else "torch")
 
 
 def _ours_paged(case: Case, env: Env) -> Prepared:
@@ -405,7 +405,7 @@ def _ours_paged(case: Case, env: Env) -> Prepared:
 
     def call(q, k_cache, v_cache, table, lens):
         with torch.no_grad():
-            return kernels.paged_attention(q, k_cache, v_cache, table, lens, check=False)
+            return fused_kernels.paged_attention(q, k_cache, v_cache, table, lens, check=False)
     return Prepared(lambda: call(*sets.next()), lambda: call(*sets.first), [], context=ours_context(env),
                     impl="triton" if env.is_cuda else "fast_torch")
 
@@ -416,7 +416,7 @@ def _varlen_pack(t: torch.Tensor, lens: list[int]) -> torch.Tensor:
 
 
 def _ours_varlen(case: Case, env: Env) -> Prepared:
-    """The padded inputs' valid tokens packed, one ``kernels.varlen_attention`` call over all sequences."""
+    """The padded inputs' valid tokens packed, one ``fused_kernels.varlen_attention`` call over all sequences."""
     rot = _inputs(case, env)
     b, _, _, _, s, _ = _dims(case)
     lens = varlen_lengths(b, s)
@@ -430,7 +430,7 @@ def _ours_varlen(case: Case, env: Env) -> Prepared:
     causal = bool(case.shape["causal"])
 
     def call(q, k, v):
-        return kernels.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=causal, check=False)
+        return fused_kernels.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=causal, check=False)
 
     if grad:
         def fn() -> object:
@@ -452,7 +452,7 @@ def _ours_varlen(case: Case, env: Env) -> Prepared:
 
 
 def ours_variant_kwargs(case: Case, env: Env) -> dict:
-    """The keyword arguments of ``kernels.attention`` (besides ``causal=True``) for a variants case."""
+    """The keyword arguments of ``fused_kernels.attention`` (besides ``causal=True``) for a variants case."""
     b, h, _, l, s, _ = _dims(case)
     variant = case.shape["variant"]
     if variant == "window":
@@ -475,7 +475,7 @@ def _ours(case: Case, env: Env) -> Prepared:
         kw = ours_variant_kwargs(case, env)
 
         def fwd_variant(q, k, v):
-            return kernels.attention(q, k, v, causal=True, **kw)
+            return fused_kernels.attention(q, k, v, causal=True, **kw)
         return _prepared(case, _inputs(case, env), fwd_variant, context=ours_context(env),
                          impl="triton" if env.is_cuda else "fast_torch")
     rot = _inputs(case, env)
@@ -484,7 +484,7 @@ def _ours(case: Case, env: Env) -> Prepared:
     causal = bool(case.shape["causal"])
 
     def fwd(q, k, v):
-        return kernels.attention(q, k, v, causal=causal, seqlens_k=lens)
+        return fused_kernels.attention(q, k, v, causal=causal, seqlens_k=lens)
     return _prepared(case, rot, fwd, context=ours_context(env), impl="triton" if env.is_cuda else "fast_torch")
 
 
@@ -497,7 +497,7 @@ def _ours_dense(case: Case, env: Env) -> Prepared:
     lens = torch.tensor((paged_lengths if case.grid == "paged" else varlen_lengths)(b, s), device=env.device)
 
     def fwd(q, k, v):
-        return kernels.attention(q, k, v, seqlens_k=lens)
+        return fused_kernels.attention(q, k, v, seqlens_k=lens)
     return _prepared(case, _inputs(case, env), fwd, context=ours_context(env),
                      impl="triton" if env.is_cuda else "fast_torch")
 

@@ -1,4 +1,4 @@
-"""``python -m bench --device cpu``: our ops on CPU tensors (the PyTorch path, ``kernels.fast_torch``)
+"""``python -m bench --device cpu``: our ops on CPU tensors (the PyTorch path, ``fused_kernels.fast_torch``)
 against plain torch eager, in one process, one thread.
 
     python -m bench --device cpu [--full] [--only attention|norm|softmax|model ...] [--no-memory]
@@ -112,7 +112,7 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 def _attention(case: dict) -> dict[str, Call]:
-    import kernels
+    import fused_kernels
 
     b, h, l, d = case["B"], case["H"], case["L"], case["D"]
     g = _gen()
@@ -125,7 +125,7 @@ def _attention(case: dict) -> dict[str, Call]:
         keep = (torch.arange(l) < lens[:, None])[:, None, None, :]
 
     def ours(backward: bool) -> None:
-        out = kernels.attention(q, k, v, causal=causal, attn_mask=keep)
+        out = fused_kernels.attention(q, k, v, causal=causal, attn_mask=keep)
         if backward:
             out.backward(do)
 
@@ -137,7 +137,7 @@ def _attention(case: dict) -> dict[str, Call]:
 
 
 def _softmax(case: dict) -> dict[str, Call]:
-    import kernels
+    import fused_kernels
 
     shape = case.get("shape") or [4, case["M"] // 4, case["N"]]
     g = _gen()
@@ -152,7 +152,7 @@ def _softmax(case: dict) -> dict[str, Call]:
     upper = torch.ones(shape[-2], shape[-1], dtype=torch.bool).triu(1) if causal else None
 
     def ours(backward: bool) -> None:
-        y = kernels.softmax(x, -1, mask=keep, scale=scale, is_causal=causal)
+        y = fused_kernels.softmax(x, -1, mask=keep, scale=scale, is_causal=causal)
         if backward:
             y.backward(dy)
 
@@ -169,7 +169,7 @@ def _softmax(case: dict) -> dict[str, Call]:
 
 
 def _norm(case: dict) -> dict[str, Call]:
-    import kernels
+    import fused_kernels
 
     m, n, op = case["M"], case["N"], case["op"]
     g = _gen()
@@ -185,12 +185,12 @@ def _norm(case: dict) -> dict[str, Call]:
             out.backward(dy)
 
     if op == "layer_norm":
-        fns = (lambda: kernels.layer_norm(x, (n,), w, b, eps), lambda: F.layer_norm(x, (n,), w, b, eps))
+        fns = (lambda: fused_kernels.layer_norm(x, (n,), w, b, eps), lambda: F.layer_norm(x, (n,), w, b, eps))
     elif op == "rms_norm":
-        fns = (lambda: kernels.rms_norm(x, (n,), w, eps), lambda: F.rms_norm(x, (n,), w, eps))
+        fns = (lambda: fused_kernels.rms_norm(x, (n,), w, eps), lambda: F.rms_norm(x, (n,), w, eps))
     else:   # the gradient reaches both outputs through their sum
         def ours_aln() -> torch.Tensor:
-            out, r = kernels.add_layer_norm(x, res, w, b, eps)
+            out, r = fused_kernels.add_layer_norm(x, res, w, b, eps)
             return out + r
 
         def eager_aln() -> torch.Tensor:
@@ -394,7 +394,7 @@ def child(spec: dict, provider: str) -> dict:
 
 
 def _run_child(spec: dict, provider: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KERNELS_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_KERNELS_BACKEND")}
     env["OMP_NUM_THREADS"] = "1"
     # glibc's malloc moves its mmap threshold as large blocks are freed, so whether a tensor's memory
     # comes back as fresh pages or reused heap (and so the resident peak) would depend on the history
@@ -494,11 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child[0]), args.child[1])))
         return 0
-    import kernels
-    from kernels import _backend
+    import fused_kernels
+    from fused_kernels import _backend
 
-    if _backend.INTERPRET or kernels.get_backend() != "auto":
-        print("run without TRITON_INTERPRET and KERNELS_BACKEND: this measures what a CPU tensor runs by default",
+    if _backend.INTERPRET or fused_kernels.get_backend() != "auto":
+        print("run without TRITON_INTERPRET and FUSED_KERNELS_BACKEND: this measures what a CPU tensor runs by default",
               file=sys.stderr)
         return 2
     threads = torch.get_num_threads()

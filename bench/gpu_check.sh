@@ -4,7 +4,7 @@
 #
 #   stage                                  time limit
 #   environment + offline install          ~15 s + 45 s
-#   self-check (python -m kernels)         45 s
+#   self-check (python -m fused_kernels)         45 s
 #   GPU test suite (pytest -m gpu):        150 s
 #     bf16/fp16 correctness at realistic sizes, determinism
 #   python -m bench --quick                220 s (measurement budget 170 s, then table and plots)
@@ -65,10 +65,10 @@ PY
 if [ "${GPU_CHECK_INSTALL:-1}" = 1 ]; then     # GPU_CHECK_INSTALL=0: leave the environment alone
     run "install" 45 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
 fi
-"$PY" -c "import kernels, transformer, bench; print('import ok:', kernels.__file__)" 2>&1 | tee -a "$LOG"
+"$PY" -c "import fused_kernels, transformer, bench; print('import ok:', fused_kernels.__file__)" 2>&1 | tee -a "$LOG"
 
 stage "self-check: every kernel against its float64 reference"
-run "self-check" 45 "$PY" -m kernels
+run "self-check" 45 "$PY" -m fused_kernels
 
 stage "GPU test suite (marker gpu)"
 # tests/conftest.py turns the interpreter on unless TRITON_INTERPRET is already set: set it to 0.

@@ -92,11 +92,11 @@ class Env:
 
     @classmethod
     def detect(cls, quick: bool = False) -> Env:
-        import kernels
+        import fused_kernels
 
         versions = {name: v for name in _VERSIONED if (v := _version(name)) is not None}
         versions["torch"] = torch.__version__
-        versions["kernels"] = kernels.__version__
+        versions["fused_kernels"] = fused_kernels.__version__
         versions["python"] = platform.python_version()
         versions["git"] = _git_commit()
         if torch.cuda.is_available():

@@ -3,10 +3,10 @@ BERT-base / ViT-B/16 inference, each on our kernels and on torch SDPA + torch La
 ``torch.compile``d.
 
 The baseline is the same model object with the same weights: ``torch_ops()`` swaps the functions the
-models call (``kernels.attention``, ``kernels.add_layer_norm`` and the ``layer_norm`` behind
-``kernels.nn.LayerNorm``) for ``F.scaled_dot_product_attention`` and ``F.layer_norm`` with the same
-semantics: plain torch modules, with none of our code on the path. (``kernels.use_backend("torch")`` runs
-our PyTorch path, ``kernels.fast_torch``, which is what is compared with this baseline on the CPU.)
+models call (``fused_kernels.attention``, ``fused_kernels.add_layer_norm`` and the ``layer_norm`` behind
+``fused_kernels.nn.LayerNorm``) for ``F.scaled_dot_product_attention`` and ``F.layer_norm`` with the same
+semantics: plain torch modules, with none of our code on the path. (``fused_kernels.use_backend("torch")`` runs
+our PyTorch path, ``fused_kernels.fast_torch``, which is what is compared with this baseline on the CPU.)
 
 Precision: weights, activations and optimizer state in bf16 (``model.to(torch.bfloat16)``). torch.autocast
 does not work with these models today: ``add_layer_norm`` requires the residual (fp32 under autocast) and
@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-import kernels
-import kernels.nn
+import fused_kernels
+import fused_kernels.nn
 from bench.attention import ours_context
 from bench.harness import REGISTRY, Case, Env, Prepared, Unsupported, cuda_only
-from kernels.reference import causal_mask
+from fused_kernels.reference import causal_mask
 
 FAMILY = "model"
 
@@ -37,7 +37,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
                    attn_mask: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
                    scale: float | None = None, dropout_p: float = 0.0,
                    return_lse: bool = False) -> torch.Tensor:
-    """``kernels.attention``'s semantics on ``F.scaled_dot_product_attention`` (bottom-right causal)."""
+    """``fused_kernels.attention``'s semantics on ``F.scaled_dot_product_attention`` (bottom-right causal)."""
     if return_lse:
         raise NotImplementedError("the SDPA baseline does not return the log-sum-exp")
     l, s = q.shape[2], k.shape[2]
@@ -64,7 +64,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 def torch_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None, eps: float = 1e-5,
                          dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kernels.add_layer_norm`` as separate torch ops: dropout, residual add, ``F.layer_norm``."""
+    """``fused_kernels.add_layer_norm`` as separate torch ops: dropout, residual add, ``F.layer_norm``."""
     r = F.dropout(x, dropout_p) if dropout_p > 0 else x
     if residual is not None:
         r = residual + r
@@ -74,13 +74,13 @@ def torch_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight:
 @contextlib.contextmanager
 def torch_ops() -> Iterator[None]:
     """Run the models on torch SDPA + torch LayerNorm: swap the module attributes they look up at call time."""
-    saved = kernels.attention, kernels.add_layer_norm, kernels.nn.layer_norm
-    kernels.attention, kernels.add_layer_norm = sdpa_attention, torch_add_layer_norm
-    kernels.nn.layer_norm = F.layer_norm
+    saved = fused_kernels.attention, fused_kernels.add_layer_norm, fused_kernels.nn.layer_norm
+    fused_kernels.attention, fused_kernels.add_layer_norm = sdpa_attention, torch_add_layer_norm
+    fused_kernels.nn.layer_norm = F.layer_norm
     try:
         yield
     finally:
-        kernels.attention, kernels.add_layer_norm, kernels.nn.layer_norm = saved
+        fused_kernels.attention, fused_kernels.add_layer_norm, fused_kernels.nn.layer_norm = saved
 
 
 # ----------------------------------------------------------------------------- grids

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fused_kernels
 from bench.attention import ours_context
 from bench.harness import (
     DTYPES,
@@ -184,12 +184,12 @@ def _ours_fwd(op: str) -> Fwd:
     def fwd(x, res, w, b, mask):
         n = x.shape[-1]
         if op == "layer_norm":
-            return (kernels.layer_norm(x, (n,), w, b, EPS),)
+            return (fused_kernels.layer_norm(x, (n,), w, b, EPS),)
         if op == "rms_norm":
-            return (kernels.rms_norm(x, (n,), w, EPS),)
+            return (fused_kernels.rms_norm(x, (n,), w, EPS),)
         if op == "add_layer_norm":
-            return kernels.add_layer_norm(x, res, w, b, EPS)
-        return (kernels.softmax(x, -1, mask=mask),)
+            return fused_kernels.add_layer_norm(x, res, w, b, EPS)
+        return (fused_kernels.softmax(x, -1, mask=mask),)
     return fwd
 
 

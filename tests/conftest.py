@@ -1,7 +1,7 @@
 """Test setup shared by every test file.
 
 The Triton interpreter must be switched on before anything imports ``triton`` (its ``jit`` decorator
-reads ``TRITON_INTERPRET`` at decoration time, i.e. when ``kernels`` is imported), so this module sets
+reads ``TRITON_INTERPRET`` at decoration time, i.e. when ``fused_kernels`` is imported), so this module sets
 it first: on a machine without a GPU, every kernel test then runs the real Triton kernel code on CPU
 tensors; with a GPU the kernels compile for it. (Importing torch and asking for CUDA does not import
 triton.) ``setdefault`` leaves an explicit choice made by the caller alone.
@@ -21,8 +21,8 @@ import pytest  # noqa: E402
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-import kernels  # noqa: E402
-from kernels import _backend  # noqa: E402
+import fused_kernels  # noqa: E402
+from fused_kernels import _backend  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -59,15 +59,15 @@ def device() -> str:
 @pytest.fixture
 def triton_backend():
     """Force the Triton kernels (never a silent fallback to the PyTorch path) for the test's duration."""
-    with kernels.use_backend("triton"):
+    with fused_kernels.use_backend("triton"):
         yield
 
 
 @pytest.fixture(params=["triton", "torch"])
 def op_backend(request):
     """Run the test twice: on our Triton kernels (the interpreter on a CPU) and on the PyTorch path
-    (``kernels.fast_torch``, what a CPU tensor runs in normal use). Yields the backend's name."""
-    with kernels.use_backend(request.param):
+    (``fused_kernels.fast_torch``, what a CPU tensor runs in normal use). Yields the backend's name."""
+    with fused_kernels.use_backend(request.param):
         yield request.param
 
 
@@ -77,6 +77,6 @@ def reference_backend():
     steps: the interpreter would make them slow, and tiny tensors gain nothing from intra-op threads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         yield
     torch.set_num_threads(threads)

@@ -301,8 +301,8 @@ def bounds_checked(module, *kernel_names: str) -> Iterator[dict[str, int]]:
     Yields a dict counting the launches per kernel name, so a test can assert the kernel really ran.
     Works for kernels that the module looks up by name at call time (``module._kernel[grid](...)``).
 
-    >>> with bounds_checked(kernels.softmax, "_softmax_fwd_kernel") as launches:
-    ...     y = kernels.softmax(x)
+    >>> with bounds_checked(fused_kernels.softmax, "_softmax_fwd_kernel") as launches:
+    ...     y = fused_kernels.softmax(x)
     >>> assert launches["_softmax_fwd_kernel"] == 1
     """
     launches: dict[str, int] = {}

@@ -1,17 +1,17 @@
-"""``python -m kernels.aot --quick --sass``: a representative subset of the kernel configurations the
-launchers can choose (``kernels.aot.quick_subset``: every kernel on both archs, the configurations that bound
+"""``python -m fused_kernels.aot --quick --sass``: a representative subset of the kernel configurations the
+launchers can choose (``fused_kernels.aot.quick_subset``: every kernel on both archs, the configurations that bound
 the others, every bf16 attention configuration at head dims 64 and 128) compiles for sm_80 and sm_90a without
 spills and within the shared-memory limit, its SASS keeps the structural promises (no local memory, tensor
 cores in every steady-state loop of a ``tl.dot`` kernel, at most 1.1 MUFU.EX2 per score in the attention
 loops and 1.2 FMUL per score in the sm_90a forward), and the check forgets no kernel. The full compile of
-every configuration (``python -m kernels.aot --sass``) is a command, not a test: it takes minutes per
+every configuration (``python -m fused_kernels.aot --sass``) is a command, not a test: it takes minutes per
 hundred configurations on two cores.
 
 The command runs in a separate process without ``TRITON_INTERPRET`` (the test session turns the
 interpreter on, and compiling for a GPU fails under it), in its own process group (a timeout kills it and
 every compile worker it started) and with its own ``TRITON_CACHE_DIR``. The kernels it must cover are found
 here, independently of it: every Triton kernel (a ``triton.jit`` object whose name ends in ``_kernel``)
-defined in a module of the ``kernels`` package. A module's kernels belong to the family named like the
+defined in a module of the ``fused_kernels`` package. A module's kernels belong to the family named like the
 module (``layer_norm``, ``softmax``, ...).
 """
 
@@ -32,7 +32,7 @@ from filelock import FileLock
 pytest.importorskip("triton")
 from triton.runtime.jit import KernelInterface  # noqa: E402  (JITFunction, or InterpretedFunction under the interpreter)
 
-import kernels  # noqa: E402
+import fused_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90a")
@@ -43,13 +43,13 @@ TIMEOUT_S = 1200
 def kernel_modules() -> dict[str, list[str]]:
     """{module name: names of the Triton kernels it defines} for every module of the package with one."""
     found = {}
-    for info in pkgutil.iter_modules(kernels.__path__):
+    for info in pkgutil.iter_modules(fused_kernels.__path__):
         if info.ispkg or info.name in ("aot", "__main__"):
             continue
-        source = (Path(kernels.__path__[0]) / f"{info.name}.py").read_text()
+        source = (Path(fused_kernels.__path__[0]) / f"{info.name}.py").read_text()
         if "triton.jit" not in source and "@jit" not in source:
             continue
-        module = importlib.import_module(f"kernels.{info.name}")
+        module = importlib.import_module(f"fused_kernels.{info.name}")
         names = sorted(name for name, value in vars(module).items()
                        if isinstance(value, KernelInterface) and name.endswith("_kernel")
                        and getattr(getattr(value, "fn", None), "__module__", module.__name__) == module.__name__)
@@ -81,7 +81,7 @@ def _run_aot(tmp: Path) -> tuple[subprocess.CompletedProcess, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
     report = tmp / "aot.json"
-    proc = subprocess.Popen([sys.executable, "-m", "kernels.aot", "--quick", "--sass", "--json", str(report)],
+    proc = subprocess.Popen([sys.executable, "-m", "fused_kernels.aot", "--quick", "--sass", "--json", str(report)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -89,10 +89,10 @@ def _run_aot(tmp: Path) -> tuple[subprocess.CompletedProcess, dict]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)           # the command and every compile worker
         out, err = proc.communicate()
-        pytest.fail(f"python -m kernels.aot --quick --sass ran past {TIMEOUT_S} s:\n{out[-3000:]}\n{err[-2000:]}")
+        pytest.fail(f"python -m fused_kernels.aot --quick --sass ran past {TIMEOUT_S} s:\n{out[-3000:]}\n{err[-2000:]}")
     proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if not report.exists():
-        pytest.fail(f"python -m kernels.aot wrote no JSON report (exit code {proc.returncode}):\n"
+        pytest.fail(f"python -m fused_kernels.aot wrote no JSON report (exit code {proc.returncode}):\n"
                     f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc, json.loads(report.read_text())
 
@@ -112,8 +112,9 @@ def test_kernel_modules_found():
 def test_exit_code(aot):
     proc, report = aot
     failing = [r for r in report["rows"] if not r["ok"]]
-    assert proc.returncode == 0, (f"python -m kernels.aot exited with {proc.returncode}; failing configurations:\n"
-                                  f"{_describe(failing)}\nmismatches: {report.get('mismatches')}\n"
+    assert proc.returncode == 0, (f"python -m fused_kernels.aot exited with {proc.returncode}; "
+                                  f"failing configurations:\n{_describe(failing)}\n"
+                                  f"mismatches: {report.get('mismatches')}\n"
                                   f"{proc.stderr[-2000:]}")
 
 
@@ -141,15 +142,15 @@ def test_every_kernel_family_and_arch_covered(aot):
                     missing.append(f"{module}.{name} on {arch}")
                 if not any(cells and cells[0] == name and arch in cells for cells in table):
                     missing_table.append(f"{name} on {arch}")
-    assert not missing, f"kernels python -m kernels.aot does not compile: {missing}"
+    assert not missing, f"kernels python -m fused_kernels.aot does not compile: {missing}"
     assert not missing_table, f"kernels missing from the printed table: {missing_table}"
     assert set(report["kernels"]) >= {n for names in modules.values() for n in names}
 
 
 def test_attention_variants_covered(aot):
-    """The "variants" family (``kernels.aot.variants_specs``): the quick subset compiles the forward, dK/dV and
+    """The "variants" family (``fused_kernels.aot.variants_specs``): the quick subset compiles the forward, dK/dV and
     dQ kernels with every mask and score variant at once (window, prefix, documents, ALiBi, softcap, a score_mod
-    and a mask_mod of ``kernels.attention.examples``, passed to the compile processes by module and name) on
+    and a mask_mod of ``fused_kernels.attention.examples``, passed to the compile processes by module and name) on
     both archs, on the sparse block-list path."""
     _, report = aot
     rows = [r for r in report["rows"] if r["family"] == "variants"]

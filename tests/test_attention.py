@@ -1,4 +1,4 @@
-"""Fused attention (kernels.attention, kernels.scaled_dot_product_attention): the interpreted Triton
+"""Fused attention (fused_kernels.attention, fused_kernels.scaled_dot_product_attention): the interpreted Triton
 kernels against float64 references, forward and every gradient (the 2x rule for float16, tight
 tolerances for float32/float64), masks, GQA, causal alignments, seqlens_k, dropout, decoding, strides,
 bad inputs and torch.compile. GPU-only cases (bf16 at realistic sizes, determinism, long sequences) are
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, bounds_checked, nan_padded
 
-import kernels
-from kernels import reference as ref
-from kernels.attention import attention_fwd, decode_splits
+import fused_kernels
+from fused_kernels import reference as ref
+from fused_kernels.attention import attention_fwd, decode_splits
 
-attn_mod = importlib.import_module("kernels.attention.launch")   # the launchers and the kernels they call
+attn_mod = importlib.import_module("fused_kernels.attention.launch")   # the launchers and the kernels they call
 KERNELS = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
            "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
@@ -73,13 +73,13 @@ def check_attention(q, k, v, *, causal=False, attn_mask=None, seqlens_k=None, sc
     """attention() forward and dq/dk/dv against the float64 reference (2x rule for half precision)."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     kw = dict(causal=causal, attn_mask=attn_mask, seqlens_k=seqlens_k, scale=scale)
-    out = kernels.attention(q, k, v, **kw)
+    out = fused_kernels.attention(q, k, v, **kw)
     if dout is None:
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
     got = [out, *_grads(out, (q, k, v), dout)]
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     mask64 = attn_mask.double() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         out64 = ref.attention_ref(q64, k64, v64, causal=causal, attn_mask=mask64, seqlens_k=seqlens_k, scale=scale)
     want = [out64, *_grads(out64, (q64, k64, v64), dout.double())]
     base = [None] * 4
@@ -149,10 +149,10 @@ def test_gqa(h, hkv, causal, device):
 
 def test_empty_and_zero_length(device):
     q, k, v = _qkv(0, 2, 2, 5, 7, 16, device=device)
-    assert kernels.attention(q, k, v).shape == (0, 2, 5, 16)
+    assert fused_kernels.attention(q, k, v).shape == (0, 2, 5, 16)
     q, k, v = _qkv(1, 2, 2, 5, 0, 16, device=device)
     q.requires_grad_()
-    out, lse = kernels.attention(q, k, v, return_lse=True)
+    out, lse = fused_kernels.attention(q, k, v, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
     out.sum().backward()
     assert torch.equal(q.grad, torch.zeros_like(q))
@@ -202,7 +202,7 @@ def test_seqlens_k(causal, device):
     check_attention(q, k, v, causal=causal, seqlens_k=seqlens, **FP32_TOL)
 
 
-@pytest.mark.triton_only   # the PyTorch path masks those keys but reads them (see kernels.fast_torch)
+@pytest.mark.triton_only   # the PyTorch path masks those keys but reads them (see fused_kernels.fast_torch)
 def test_seqlens_skip_blocks(device):
     """Key blocks past seqlens_k are never read: NaN there does not reach the output or gradients."""
     q, k, v = _qkv(2, 2, 2, 16, 96, 32, device=device)
@@ -210,7 +210,7 @@ def test_seqlens_skip_blocks(device):
     q.requires_grad_()
     k.requires_grad_()
     v.requires_grad_()
-    out = kernels.attention(q, k, v, seqlens_k=torch.tensor([32, 40], device=device))
+    out = fused_kernels.attention(q, k, v, seqlens_k=torch.tensor([32, 40], device=device))
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     assert not out.isnan().any() and not dq.isnan().any()
     assert not dk[:, :, :40].isnan().any() and not dv[:, :, :40].isnan().any()
@@ -226,7 +226,7 @@ def test_fully_masked_rows(device):
     fmask = torch.zeros(l, s, device=device)
     fmask[4] = float("-inf")
     for kw in (dict(attn_mask=mask), dict(attn_mask=fmask), dict(causal=True)):
-        out, lse = kernels.attention(q, k, v, return_lse=True, **kw)
+        out, lse = fused_kernels.attention(q, k, v, return_lse=True, **kw)
         dq, dk, dv = torch.autograd.grad(out.sum() + lse.masked_fill(lse.isinf(), 0).sum(), (q, k, v))
         rows = lse[0, 0].isinf().nonzero().reshape(-1).tolist()
         expect = {"attn_mask": [3] if "attn_mask" in kw and kw["attn_mask"].dtype == torch.bool else [4]}
@@ -245,7 +245,7 @@ def test_fully_masked_rows(device):
 
 @pytest.mark.parametrize("l, s", [(40, 70), (70, 40), (33, 33)])
 def test_sdpa_causal_top_left(l, s, device):
-    """kernels.scaled_dot_product_attention(is_causal=True) equals torch's (top-left aligned)."""
+    """fused_kernels.scaled_dot_product_attention(is_causal=True) equals torch's (top-left aligned)."""
     q, k, v = _qkv(1, 2, 2, l, s, 32, dtype=torch.float64, device=device)
     check_sdpa((q, k, v), dict(is_causal=True))
 
@@ -254,9 +254,9 @@ def test_sdpa_causal_top_left(l, s, device):
 def test_attention_causal_bottom_right(l, s, device):
     """attention(causal=True) equals the reference with causal_mask(bottom_right=True) as attn_mask."""
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, l, s, 32, dtype=torch.float64, device=device))
-    out = kernels.attention(q, k, v, causal=True)
+    out = fused_kernels.attention(q, k, v, causal=True)
     q64, k64, v64 = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         want = ref.attention_ref(q64, k64, v64, attn_mask=ref.causal_mask(l, s, device, bottom_right=True))
     dout = torch.randn_like(out)
     for g, w in zip([out, *_grads(out, (q, k, v), dout)], [want, *_grads(want, (q64, k64, v64), dout)]):
@@ -270,10 +270,10 @@ def test_attention_causal_bottom_right(l, s, device):
 
 
 def check_sdpa(inputs, kwargs, atol=1e-10, rtol=1e-10):
-    """kernels.scaled_dot_product_attention vs torch's in float64 (no fully masked rows)."""
+    """fused_kernels.scaled_dot_product_attention vs torch's in float64 (no fully masked rows)."""
     ours = [t.detach().clone().requires_grad_() for t in inputs]
     theirs = [t.detach().clone().requires_grad_() for t in inputs]
-    out = kernels.scaled_dot_product_attention(*ours, **kwargs)
+    out = fused_kernels.scaled_dot_product_attention(*ours, **kwargs)
     want = F.scaled_dot_product_attention(*theirs, **kwargs)
     dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=want.dtype).to(want.device)
     got = [out, *_grads(out, ours, dout)]
@@ -318,7 +318,7 @@ def test_sdpa_matches_torch(case, device):
 def test_sdpa_fp16_two_x_rule(device):
     q, k, v = _qkv(2, 2, 2, 50, 61, 64, dtype=torch.float16, device=device)
     qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
-    out = kernels.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    out = fused_kernels.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
     dout = torch.randn_like(out)
     got = [out, *_grads(out, (qs, ks, vs), dout)]
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -336,7 +336,7 @@ def test_sdpa_fully_masked_row_gives_zero(device):
     q, k, v = _qkv(1, 1, 1, 6, 8, 16, device=device)
     mask = torch.ones(6, 8, dtype=torch.bool, device=device)
     mask[2] = False
-    out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = fused_kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(out[0, 0, 2], torch.zeros(16, device=device)) and not out.isnan().any()
 
 
@@ -349,7 +349,7 @@ def test_return_lse(device):
     mask = torch.rand(b, 1, l, s, generator=torch.Generator().manual_seed(4)) > 0.4
     mask[..., 7, :] = False
     seqlens = torch.tensor([41, 25], device=device)
-    out, lse = kernels.attention(q, k, v, causal=True, attn_mask=mask.to(device), seqlens_k=seqlens, scale=0.4,
+    out, lse = fused_kernels.attention(q, k, v, causal=True, attn_mask=mask.to(device), seqlens_k=seqlens, scale=0.4,
                                  return_lse=True)
     keep, _ = _dense_mask(b, h, l, s, device, True, mask.to(device), seqlens)
     scores = (q.detach() @ k.detach().repeat_interleave(h, 1).transpose(-1, -2)) * 0.4
@@ -366,7 +366,7 @@ def test_return_lse(device):
     exp = torch.autograd.grad((lse_ref.masked_fill(lse_ref.isinf(), 0) * w).sum(), (q64, k64))
     for g, e in zip(got, exp):
         assert_close(g, e, atol=1e-10, rtol=1e-10)
-    lse32 = kernels.attention(q.detach().float(), k.detach().float(), v.detach().float(), return_lse=True)[1]
+    lse32 = fused_kernels.attention(q.detach().float(), k.detach().float(), v.detach().float(), return_lse=True)[1]
     assert lse32.dtype == torch.float32
 
 
@@ -388,7 +388,7 @@ def test_gradcheck(kw, device):
     seqlens = torch.tensor([7, 3], device=device) if kw.get("seqlens") else None
 
     def fn(q, k, v):
-        r = kernels.attention(q, k, v, causal=kw.get("causal", False), attn_mask=mask, seqlens_k=seqlens,
+        r = fused_kernels.attention(q, k, v, causal=kw.get("causal", False), attn_mask=mask, seqlens_k=seqlens,
                               return_lse=kw.get("lse", False))
         return (r[0], r[1].masked_fill(r[1].isinf(), 0)) if kw.get("lse") else r
 
@@ -404,7 +404,7 @@ def _dropout_keep(q, k, p, seed, causal=False):
     s = k.shape[2]
     eye = torch.eye(s, dtype=q.dtype, device=q.device).expand(b, k.shape[1], s, s)
     torch.manual_seed(seed)
-    probs = kernels.attention(q, k, eye, dropout_p=p, causal=causal)
+    probs = fused_kernels.attention(q, k, eye, dropout_p=p, causal=causal)
     return probs != 0
 
 
@@ -416,7 +416,7 @@ def test_dropout_matches_reference_with_same_mask(device):
     assert abs(frac - p) < 0.05, frac
     q1, k1, v1 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     torch.manual_seed(11)
-    out = kernels.attention(q1, k1, v1, dropout_p=p)
+    out = fused_kernels.attention(q1, k1, v1, dropout_p=p)
     dout = torch.randn_like(out)
     got = [out, *_grads(out, (q1, k1, v1), dout)]
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -431,16 +431,16 @@ def test_dropout_matches_reference_with_same_mask(device):
 def test_dropout_reproducible_and_statistics(device):
     q, k, v = _qkv(1, 2, 2, 64, 64, 32, device=device)
     torch.manual_seed(0)
-    a = kernels.attention(q, k, v, dropout_p=0.5)
+    a = fused_kernels.attention(q, k, v, dropout_p=0.5)
     torch.manual_seed(0)
-    b = kernels.attention(q, k, v, dropout_p=0.5)
-    c = kernels.attention(q, k, v, dropout_p=0.5)
+    b = fused_kernels.attention(q, k, v, dropout_p=0.5)
+    c = fused_kernels.attention(q, k, v, dropout_p=0.5)
     assert torch.equal(a, b) and not torch.equal(a, c)
     keep = _dropout_keep(q, k, 0.5, seed=5)
     assert abs(keep.float().mean().item() - 0.5) < 0.02
     # unbiased: the mean over many seeds approaches the output without dropout
-    mean = torch.stack([kernels.attention(q, k, v, dropout_p=0.5) for _ in range(12)]).mean(0)
-    plain = kernels.attention(q, k, v)
+    mean = torch.stack([fused_kernels.attention(q, k, v, dropout_p=0.5) for _ in range(12)]).mean(0)
+    plain = fused_kernels.attention(q, k, v)
     assert (mean - plain).abs().mean() < 0.5 * (c - plain).abs().mean()
 
 
@@ -449,15 +449,15 @@ def test_dropout_gradcheck_fixed_seed(device):
 
     def fn(q, k, v):
         torch.manual_seed(3)
-        return kernels.attention(q, k, v, dropout_p=0.4, causal=True)
+        return fused_kernels.attention(q, k, v, dropout_p=0.4, causal=True)
 
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
 def test_sdpa_dropout_always_drops(device):
     q, k, v = _qkv(1, 1, 1, 16, 16, 16, device=device)
-    plain = kernels.scaled_dot_product_attention(q, k, v)
-    dropped = kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    plain = fused_kernels.scaled_dot_product_attention(q, k, v)
+    dropped = fused_kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
     assert not torch.equal(plain, dropped)
 
 
@@ -525,7 +525,7 @@ def test_bounds_gqa_mask_dropout_seqlens(device):
     q, k, v = (nan_padded(t).requires_grad_() for t in _qkv(2, 4, 2, 21, 50, 24, 40, device=device))
     mask = torch.rand(2, 1, 21, 50, generator=torch.Generator().manual_seed(0)).to(device) > 0.2
     with bounds_checked(attn_mod, *KERNELS):
-        out = kernels.attention(q, k, v, attn_mask=mask, causal=True, dropout_p=0.2,
+        out = fused_kernels.attention(q, k, v, attn_mask=mask, causal=True, dropout_p=0.2,
                                 seqlens_k=torch.tensor([50, 33], device=device))
         grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     for t in (out, *grads):
@@ -537,7 +537,7 @@ def test_deterministic_backward(device):
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        out = kernels.attention(q, k, v, causal=True, dropout_p=0.1)
+        out = fused_kernels.attention(q, k, v, causal=True, dropout_p=0.1)
         runs.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -551,8 +551,8 @@ def test_torch_compile_fullgraph(device):
     mask = torch.rand(19, 23, generator=torch.Generator().manual_seed(0)).to(device) > 0.2
 
     def fn(q, k, v):
-        out, lse = kernels.attention(q, k, v, attn_mask=mask, causal=True, return_lse=True)
-        out2 = kernels.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+        out, lse = fused_kernels.attention(q, k, v, attn_mask=mask, causal=True, return_lse=True)
+        out2 = fused_kernels.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                     is_causal=True)
         return out + out2, lse
 
@@ -575,38 +575,40 @@ def test_torch_compile_fullgraph(device):
 def _bad_cases(device):
     q, k, v = _qkv(2, 4, 2, 8, 10, 16, device=device)
     return [
-        (lambda: kernels.attention(q[0], k[0], v[0]), ValueError, "q must be 4-D"),
-        (lambda: kernels.attention(q, k[:1], v[:1]), ValueError, "batch sizes"),
-        (lambda: kernels.attention(q, k, v[:, :, :9]), ValueError, "same heads and length"),
-        (lambda: kernels.attention(q, k[..., :8], v), ValueError, "head dim"),
-        (lambda: kernels.attention(q[:, :3], k, v), ValueError, "must divide q heads"),
-        (lambda: kernels.attention(q, k.double(), v), TypeError, "k has dtype"),
-        (lambda: kernels.attention(q, k, v.half()), TypeError, "v has dtype"),
-        (lambda: kernels.attention(q.int(), k, v), TypeError, "q must be float16"),
-        (lambda: kernels.attention("q", k, v), TypeError, "q must be a torch.Tensor"),
-        (lambda: kernels.attention(torch.zeros(2, 4, 8, 300), torch.zeros(2, 2, 10, 300), v), ValueError,
+        (lambda: fused_kernels.attention(q[0], k[0], v[0]), ValueError, "q must be 4-D"),
+        (lambda: fused_kernels.attention(q, k[:1], v[:1]), ValueError, "batch sizes"),
+        (lambda: fused_kernels.attention(q, k, v[:, :, :9]), ValueError, "same heads and length"),
+        (lambda: fused_kernels.attention(q, k[..., :8], v), ValueError, "head dim"),
+        (lambda: fused_kernels.attention(q[:, :3], k, v), ValueError, "must divide q heads"),
+        (lambda: fused_kernels.attention(q, k.double(), v), TypeError, "k has dtype"),
+        (lambda: fused_kernels.attention(q, k, v.half()), TypeError, "v has dtype"),
+        (lambda: fused_kernels.attention(q.int(), k, v), TypeError, "q must be float16"),
+        (lambda: fused_kernels.attention("q", k, v), TypeError, "q must be a torch.Tensor"),
+        (lambda: fused_kernels.attention(torch.zeros(2, 4, 8, 300), torch.zeros(2, 2, 10, 300), v), ValueError,
          "head dim of q/k must be in"),
-        (lambda: kernels.attention(q, k, torch.zeros(2, 2, 10, 257)), ValueError, "head dim of v"),
-        (lambda: kernels.attention(q, k, v, attn_mask=torch.ones(8, 9, dtype=torch.bool)), ValueError,
+        (lambda: fused_kernels.attention(q, k, torch.zeros(2, 2, 10, 257)), ValueError, "head dim of v"),
+        (lambda: fused_kernels.attention(q, k, v, attn_mask=torch.ones(8, 9, dtype=torch.bool)), ValueError,
          "attn_mask of shape"),
-        (lambda: kernels.attention(q, k, v, attn_mask=torch.ones(1, 2, 3, 8, 10)), ValueError, "attn_mask of shape"),
-        (lambda: kernels.attention(q, k, v, attn_mask=torch.ones(8, 10, dtype=torch.int32)), TypeError,
+        (lambda: fused_kernels.attention(q, k, v, attn_mask=torch.ones(1, 2, 3, 8, 10)), ValueError,
+         "attn_mask of shape"),
+        (lambda: fused_kernels.attention(q, k, v, attn_mask=torch.ones(8, 10, dtype=torch.int32)), TypeError,
          "attn_mask must be bool"),
-        (lambda: kernels.attention(q, k, v, seqlens_k=torch.ones(2)), TypeError, "seqlens_k must be an integer"),
-        (lambda: kernels.attention(q, k, v, seqlens_k=torch.ones(3, dtype=torch.int32)), ValueError,
+        (lambda: fused_kernels.attention(q, k, v, seqlens_k=torch.ones(2)), TypeError, "seqlens_k must be an integer"),
+        (lambda: fused_kernels.attention(q, k, v, seqlens_k=torch.ones(3, dtype=torch.int32)), ValueError,
          "seqlens_k must have shape"),
-        (lambda: kernels.attention(q, k, v, seqlens_k=[1, 2]), TypeError, "seqlens_k must be an int tensor"),
-        (lambda: kernels.attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
-        (lambda: kernels.attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p"),
-        (lambda: kernels.attention(q, k, v, scale="x"), TypeError, "scale"),
-        (lambda: kernels.scaled_dot_product_attention(q, k, v), ValueError, "do not broadcast"),
-        (lambda: kernels.scaled_dot_product_attention(q[:, :3], k, v, enable_gqa=True), ValueError, "must divide"),
-        (lambda: kernels.scaled_dot_product_attention(q, k, v[..., :3, :], enable_gqa=True), ValueError,
+        (lambda: fused_kernels.attention(q, k, v, seqlens_k=[1, 2]), TypeError, "seqlens_k must be an int tensor"),
+        (lambda: fused_kernels.attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+        (lambda: fused_kernels.attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p"),
+        (lambda: fused_kernels.attention(q, k, v, scale="x"), TypeError, "scale"),
+        (lambda: fused_kernels.scaled_dot_product_attention(q, k, v), ValueError, "do not broadcast"),
+        (lambda: fused_kernels.scaled_dot_product_attention(q[:, :3], k, v, enable_gqa=True), ValueError,
+         "must divide"),
+        (lambda: fused_kernels.scaled_dot_product_attention(q, k, v[..., :3, :], enable_gqa=True), ValueError,
          "key's length"),
-        (lambda: kernels.scaled_dot_product_attention(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0]), ValueError,
+        (lambda: fused_kernels.scaled_dot_product_attention(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0]), ValueError,
          "at least 2 dims"),
-        (lambda: kernels.scaled_dot_product_attention(q, k[0], v[0]), ValueError, "do not broadcast"),
-        (lambda: kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True, dropout_p=2.0), ValueError,
+        (lambda: fused_kernels.scaled_dot_product_attention(q, k[0], v[0]), ValueError, "do not broadcast"),
+        (lambda: fused_kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True, dropout_p=2.0), ValueError,
          "dropout_p"),
     ]
 
@@ -621,7 +623,7 @@ def test_bad_inputs(device):
 def test_bad_device():
     q, k, v = _qkv(1, 2, 2, 8, 10, 16)
     with pytest.raises(ValueError, match="k is on"):
-        kernels.attention(q, k.cuda(), v)
+        fused_kernels.attention(q, k.cuda(), v)
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -640,7 +642,7 @@ def test_gpu_realistic(dtype, d, causal):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_sdpa_against_torch(dtype):
     q, k, v = _qkv(2, 8, 8, 2048, 2048, 128, dtype=dtype, device="cuda")
-    out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = fused_kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     base = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert_close(out, want, base)
@@ -653,7 +655,7 @@ def test_gpu_deterministic_backward():
     first = None
     for _ in range(10):
         torch.manual_seed(0)
-        out = kernels.attention(q, k, v, causal=True, dropout_p=0.1)
+        out = fused_kernels.attention(q, k, v, causal=True, dropout_p=0.1)
         g = torch.autograd.grad(out, (q, k, v), dout)
         if first is None:
             first = g
@@ -664,11 +666,11 @@ def test_gpu_deterministic_backward():
 @pytest.mark.gpu
 def test_gpu_long_sequence_and_decode():
     q, k, v = _qkv(1, 4, 4, 8192, 8192, 64, dtype=torch.float16, device="cuda")
-    out = kernels.attention(q, k, v, causal=True)
+    out = fused_kernels.attention(q, k, v, causal=True)
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     assert (out.float() - want).abs().max().item() < 2e-2
     qd = q[:, :, -1:]
-    dec = kernels.attention(qd, k, v, causal=True)
+    dec = fused_kernels.attention(qd, k, v, causal=True)
     assert decode_splits(1, 4, 1, 4, 8192, qd.device) > 1
     torch.testing.assert_close(dec, out[:, :, -1:], atol=2e-3, rtol=2e-3)
 
@@ -682,5 +684,5 @@ def test_gpu_head_dims(d):
 
 
 def test_math_helpers():
-    cfg = importlib.import_module("kernels.attention.config")
+    cfg = importlib.import_module("fused_kernels.attention.config")
     assert math.isclose(cfg.LOG2E * cfg.LN2, 1.0)

@@ -1,6 +1,6 @@
 """The attention variants on the Triton kernels (interpreted on the CPU): window, ALiBi, softcap, document ids,
 prefix-LM and user score_mod / mask_mod, forward and every gradient against the float64 reference built from
-the same definitions (``kernels.reference.attention_ref``), block skipping, bounds, dropout together with a
+the same definitions (``fused_kernels.reference.attention_ref``), block skipping, bounds, dropout together with a
 mod, strided inputs and gradcheck. The PyTorch path of the same arguments: tests/test_attention_variants.py."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import triton
 import triton.language as tl
 from helpers import assert_close, bounds_checked
 
-import kernels
-from kernels.reference import attention_ref
+import fused_kernels
+from fused_kernels.reference import attention_ref
 
 pytestmark = pytest.mark.triton_only
-launch_mod = importlib.import_module("kernels.attention.launch")
+launch_mod = importlib.import_module("fused_kernels.attention.launch")
 KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
@@ -71,7 +71,7 @@ def check(variant: dict, *, b=1, h=2, hkv=1, l=37, s=53, d=16, dtype=torch.float
           ref_variant: dict | None = None, attn_mask=None, seqlens_k=None):
     """Output and dq, dk, dv (and a float mask's gradient) of the kernels vs the float64 reference."""
     q, k, v = _inputs(b, h, hkv, l, s, d, dtype, device)
-    out = kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, seqlens_k=seqlens_k, **variant)
+    out = fused_kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, seqlens_k=seqlens_k, **variant)
     grad = torch.randn_like(out)
     wanted = [q, k, v] + ([attn_mask] if attn_mask is not None and attn_mask.requires_grad else [])
     got = torch.autograd.grad(out, wanted, grad)
@@ -183,9 +183,9 @@ def test_everything_at_once_float64_with_masks(device):
 def test_block_mask_reused(device):
     """A block mask made once gives the same result as the one attention builds itself."""
     q, k, v = _inputs(2, 2, 1, 37, 53, 16, torch.float32, device)
-    bm = kernels.block_mask(stripes, 2, None, 37, 53, block=64, device=device)
-    a = kernels.attention(q, k, v, mask_mod=stripes, block_mask=bm)
-    b = kernels.attention(q, k, v, mask_mod=stripes)
+    bm = fused_kernels.block_mask(stripes, 2, None, 37, 53, block=64, device=device)
+    a = fused_kernels.attention(q, k, v, mask_mod=stripes, block_mask=bm)
+    b = fused_kernels.attention(q, k, v, mask_mod=stripes)
     assert torch.equal(a, b)
 
 
@@ -193,7 +193,7 @@ def test_bfloat16_two_x_rule(device):
     """bf16 (upcast under the interpreter) within twice PyTorch's own bf16 error of the float64 reference."""
     q, k, v = _inputs(1, 2, 2, 40, 40, 32, torch.bfloat16, device)
     variant = dict(window=(7, 0), softcap=4.0, alibi_slopes=torch.tensor([0.5, 0.25], device=device))
-    out = kernels.attention(q, k, v, causal=True, **variant)
+    out = fused_kernels.attention(q, k, v, causal=True, **variant)
     ref = attention_ref(q.double(), k.double(), v.double(), causal=True, **variant)
     torch_out = attention_ref(q.detach(), k.detach(), v.detach(), causal=True, **variant)
     assert_close(out, ref, torch_out)
@@ -205,7 +205,7 @@ def test_strided_inputs(device):
     base = [torch.randn(1, n, 2, 16, generator=gen).to(device) for n in (37, 53, 53)]
     q, k, v = (t.transpose(1, 2) for t in base)
     variant = dict(window=(6, 2), alibi_slopes=torch.full((2,), 0.1, device=device))
-    out = kernels.attention(q, k, v, **variant)
+    out = fused_kernels.attention(q, k, v, **variant)
     ref = attention_ref(q.double(), k.double(), v.double(), **variant)
     assert_close(out, ref, **TOL[torch.float32])
 
@@ -217,7 +217,7 @@ def test_dropout_keeps_the_mask(device):
     q = torch.randn(1, 1, l, 16, device=device)
     k = torch.randn(1, 1, s, 16, device=device)
     v = torch.eye(s, device=device)[None, None]
-    out = kernels.attention(q, k, v, window=(5, 0), causal=True, softcap=2.0, dropout_p=0.3)
+    out = fused_kernels.attention(q, k, v, window=(5, 0), causal=True, softcap=2.0, dropout_p=0.3)
     i = torch.arange(l, device=device)[:, None]
     j = torch.arange(s, device=device)[None, :]
     outside = (j > i) | (j < i - 5)
@@ -230,7 +230,7 @@ def test_gradcheck_float64(device):
     slopes = torch.tensor([0.3, 0.1], device=device)
 
     def f(q, k, v):
-        return kernels.attention(q, k, v, window=(4, 1), alibi_slopes=slopes, softcap=1.5, score_mod=squash,
+        return fused_kernels.attention(q, k, v, window=(4, 1), alibi_slopes=slopes, softcap=1.5, score_mod=squash,
                                  score_mod_grad=squash_grad)
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, fast_mode=True)
 
@@ -240,9 +240,9 @@ def test_blocks_outside_the_band_are_skipped_and_bounds_hold(device):
     non-empty tiles: a window of 0 on 4 x 4 blocks of 32 visits the diagonal tiles alone."""
     q, k, v = _inputs(1, 1, 1, 128, 128, 16, torch.float32, device)
     with bounds_checked(launch_mod, *KERNELS):
-        out = kernels.attention(q, k, v, window=(0, 0))
+        out = fused_kernels.attention(q, k, v, window=(0, 0))
         out.sum().backward()
-    counts = kernels.attention_tiles(q, k, window=(0, 0))
+    counts = fused_kernels.attention_tiles(q, k, window=(0, 0))
     assert counts["visited"] == counts["partial"] + counts["full"]
     if device == "cpu":     # the interpreter's tiles are 32 x 32
         assert counts["visited"] == 4 and counts["partial"] == 4 and counts["full"] == 0
@@ -259,7 +259,7 @@ def _brute_visited(keep: torch.Tensor, bm: int, bn: int) -> int:
 
 @pytest.mark.parametrize("case", ["causal", "window", "document"])
 def test_tile_counts_equal_the_analytic_counts(device, case):
-    """``kernels.attention_tiles`` counts what the forward visits; it equals the tiles a dense mask says are
+    """``fused_kernels.attention_tiles`` counts what the forward visits; it equals the tiles a dense mask says are
     non-empty, and the closed forms: causal over n x n blocks visits n (n + 1) / 2 tiles per head (n partial);
     a window of w = one block visits the diagonal and the one below it."""
     b, h, n = 1, 2, 4
@@ -268,18 +268,18 @@ def test_tile_counts_equal_the_analytic_counts(device, case):
     i = torch.arange(l)[:, None]
     j = torch.arange(s)[None, :]
     if case == "causal":
-        counts = kernels.attention_tiles(q, k, causal=True)
+        counts = fused_kernels.attention_tiles(q, k, causal=True)
         keep = (j <= i)[None, None].expand(b, h, l, s)
         expect = h * n * (n + 1) // 2
     elif case == "window":
         w = l // n
-        counts = kernels.attention_tiles(q, k, causal=True, window=(w, 0))
+        counts = fused_kernels.attention_tiles(q, k, causal=True, window=(w, 0))
         keep = ((j <= i) & (j >= i - w))[None, None].expand(b, h, l, s)
         expect = h * (n + (n - 1))
     else:
         lengths = [l // n, l // n, 2 * l // n]          # three documents: 1, 1 and 2 blocks long
         ids = _docs([lengths], device)
-        counts = kernels.attention_tiles(q, k, document_ids=ids)
+        counts = fused_kernels.attention_tiles(q, k, document_ids=ids)
         keep = (ids.cpu()[:, :, None] == ids.cpu()[:, None, :])[:, None].expand(b, h, l, s)
         expect = h * (1 + 1 + 4)
     bm, bn = counts["block"]
@@ -291,9 +291,9 @@ def test_tile_counts_equal_the_analytic_counts(device, case):
 def test_mod_errors(device):
     q, k, v = _inputs(1, 2, 2, 8, 8, 16, torch.float32, device)
     with pytest.raises(ValueError, match="score_mod_grad"):
-        kernels.attention(q, k, v, score_mod=squash)       # q, k, v require grad: the derivative is needed
+        fused_kernels.attention(q, k, v, score_mod=squash)       # q, k, v require grad: the derivative is needed
     with pytest.raises(TypeError, match="mask_mod"):
-        kernels.attention(q, k, v, mask_mod=lambda b, h, i, j: i >= j)
+        fused_kernels.attention(q, k, v, mask_mod=lambda b, h, i, j: i >= j)
 
 
 @pytest.mark.parametrize("op_backend", ["triton", "torch"])
@@ -304,7 +304,7 @@ def test_prefix_is_causal_or_prefix(device, op_backend):
     i = torch.arange(37, device=device)[:, None]
     j = torch.arange(45, device=device)[None, :]
     keep = (j <= i + 8)[None, None] | (j < prefix[:, None, None, None])
-    with kernels.use_backend(op_backend):
-        out = kernels.attention(q, k, v, causal=True, prefix_lengths=prefix)
+    with fused_kernels.use_backend(op_backend):
+        out = fused_kernels.attention(q, k, v, causal=True, prefix_lengths=prefix)
     ref = attention_ref(q.double(), k.double(), v.double(), attn_mask=keep)
     assert_close(out, ref, **TOL[torch.float32])

@@ -16,10 +16,10 @@ import torch
 from helpers import assert_close
 from test_attention import FP32_TOL, _qkv, check_attention
 
-import kernels
-from kernels import reference as ref
+import fused_kernels
+from fused_kernels import reference as ref
 
-attn_mod = importlib.import_module("kernels.attention.launch")   # the launchers and the kernels they call
+attn_mod = importlib.import_module("fused_kernels.attention.launch")   # the launchers and the kernels they call
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
@@ -87,7 +87,7 @@ def test_seqlens_with_nan_tail(arch, device):
     for i, n in enumerate(seqlens.tolist()):
         k[i, :, n:], v[i, :, n:] = float("nan"), float("nan")
     qd, kd, vd = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = kernels.attention(qd, kd, vd, causal=True, seqlens_k=seqlens)
+    out = fused_kernels.attention(qd, kd, vd, causal=True, seqlens_k=seqlens)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
     dirty = [out, *torch.autograd.grad(out, (qd, kd, vd), dout)]
     for name, a, c in zip(("out", "dq", "dk", "dv"), clean, dirty):
@@ -99,7 +99,7 @@ def test_seqlens_with_nan_tail(arch, device):
 def test_fully_masked_rows_and_lse(arch, device):
     b, h, l, s = 1, 2, 160, 140
     q, k, v = (t.requires_grad_() for t in _qkv(b, h, h, l, s, 64, dtype=torch.float16, device=device))
-    out, lse = kernels.attention(q, k, v, causal=True, return_lse=True)     # rows i < 20 see no key
+    out, lse = fused_kernels.attention(q, k, v, causal=True, return_lse=True)     # rows i < 20 see no key
     dq, dk, dv = torch.autograd.grad(out.float().sum() + lse.masked_fill(lse.isinf(), 0).sum(), (q, k, v))
     assert bool(lse[:, :, :20].isinf().all()) and not lse[:, :, 20:].isinf().any()
     assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20]))
@@ -135,10 +135,10 @@ def test_dropout_consistent(arch, device):
     q, k, v = _qkv(b, h, 1, l, s, 32, dtype=torch.float32, device=device)
     eye = torch.eye(s, dtype=torch.float32, device=device)[None, None].expand(b, 1, s, s)
     torch.manual_seed(5)
-    keep = kernels.attention(q, k, eye, dropout_p=p) != 0
+    keep = fused_kernels.attention(q, k, eye, dropout_p=p) != 0
     q1, k1, v1 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     torch.manual_seed(5)
-    out = kernels.attention(q1, k1, v1, dropout_p=p)
+    out = fused_kernels.attention(q1, k1, v1, dropout_p=p)
     dout = torch.randn_like(out)
     got = [out, *torch.autograd.grad(out, (q1, k1, v1), dout)]
     q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))

@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl  # noqa: F401
 
-import kernels
-from kernels.reference import attention_ref
+import fused_kernels
+from fused_kernels.reference import attention_ref
 
 
 @triton.jit
@@ -43,8 +43,8 @@ def _inputs(b=2, h=4, hkv=2, l=6, s=7, d=8, grad=True):
 
 def _compare(kw, l=6, s=7, causal=False, mask=None):
     q, k, v = _inputs(l=l, s=s)
-    with kernels.use_backend("torch"):
-        out = kernels.attention(q, k, v, causal=causal, attn_mask=mask, **kw)
+    with fused_kernels.use_backend("torch"):
+        out = fused_kernels.attention(q, k, v, causal=causal, attn_mask=mask, **kw)
     ref = attention_ref(q, k, v, causal=causal, attn_mask=mask, **kw)
     torch.testing.assert_close(out, ref)
     go = torch.randn_like(out)
@@ -93,8 +93,8 @@ def test_float_mask_grad_with_alibi():
 def test_fully_masked_rows_zero():
     q, k, v = _inputs()
     ids = (torch.tensor([[5] * 6] * 2), torch.tensor([[0] * 7] * 2))
-    with kernels.use_backend("torch"):
-        out = kernels.attention(q, k, v, document_ids=ids)
+    with fused_kernels.use_backend("torch"):
+        out = fused_kernels.attention(q, k, v, document_ids=ids)
     assert (out == 0).all()
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert all((g == 0).all() for g in grads)
@@ -105,15 +105,15 @@ def test_gradcheck():
     slopes = torch.rand(2)
 
     def f(q, k, v):
-        with kernels.use_backend("torch"):
-            return kernels.attention(q, k, v, softcap=1.5, alibi_slopes=slopes, window=(1, 1))
+        with fused_kernels.use_backend("torch"):
+            return fused_kernels.attention(q, k, v, softcap=1.5, alibi_slopes=slopes, window=(1, 1))
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
 def _err(exc, word, **kw):
     q, k, v = _inputs(grad=False)
-    with kernels.use_backend("torch"), pytest.raises(exc, match=word):
-        kernels.attention(q, k, v, **kw)
+    with fused_kernels.use_backend("torch"), pytest.raises(exc, match=word):
+        fused_kernels.attention(q, k, v, **kw)
 
 
 def test_errors():
@@ -132,5 +132,5 @@ def test_errors():
     _err(TypeError, "score_mod", score_mod=lambda s, b, h, i, j: s)
     _err(ValueError, "mask_mod", mask_mod=_rel)
     q, k, v = _inputs()
-    with kernels.use_backend("torch"), pytest.raises(ValueError, match="score_mod_grad"):
-        kernels.attention(q, k, v, score_mod=_rel)
+    with fused_kernels.use_backend("torch"), pytest.raises(ValueError, match="score_mod_grad"):
+        fused_kernels.attention(q, k, v, score_mod=_rel)

@@ -1,7 +1,7 @@
-"""Backend selection: ``use_backend`` and ``KERNELS_BACKEND``, "auto" / "triton" / "torch" ("torch" and a
-CPU tensor under "auto" without the interpreter run ``kernels.fast_torch``, never a kernel).
+"""Backend selection: ``use_backend`` and ``FUSED_KERNELS_BACKEND``, "auto" / "triton" / "torch" ("torch" and a
+CPU tensor under "auto" without the interpreter run ``fused_kernels.fast_torch``, never a kernel).
 
-``KERNELS_BACKEND`` and ``TRITON_INTERPRET`` are read when ``kernels`` is imported, so the cases that
+``FUSED_KERNELS_BACKEND`` and ``TRITON_INTERPRET`` are read when ``fused_kernels`` is imported, so the cases that
 depend on them run in fresh Python processes (started together, once per session, to save time).
 """
 
@@ -19,13 +19,13 @@ import pytest
 import torch
 from helpers import bounds_checked
 
-import kernels
-from kernels import _backend, fast_torch
-from kernels import reference as ref
+import fused_kernels
+from fused_kernels import _backend, fast_torch
+from fused_kernels import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
-ln_mod = importlib.import_module("kernels.layer_norm")
-sm_mod = importlib.import_module("kernels.softmax")
+ln_mod = importlib.import_module("fused_kernels.layer_norm")
+sm_mod = importlib.import_module("fused_kernels.softmax")
 OPS = ["layer_norm", "rms_norm", "add_layer_norm", "softmax"]
 
 
@@ -35,12 +35,12 @@ def _run_op(op: str, device: str = "cpu"):
     w, b = torch.randn(16, generator=gen).to(device), torch.randn(16, generator=gen).to(device)
     mask = (torch.rand(16, generator=gen) > 0.3).to(device)
     if op == "layer_norm":
-        return kernels.layer_norm(x, (16,), w, b), ref.layer_norm_ref(x, (16,), w, b)
+        return fused_kernels.layer_norm(x, (16,), w, b), ref.layer_norm_ref(x, (16,), w, b)
     if op == "rms_norm":
-        return kernels.rms_norm(x, (16,), w), ref.rms_norm_ref(x, (16,), w)
+        return fused_kernels.rms_norm(x, (16,), w), ref.rms_norm_ref(x, (16,), w)
     if op == "add_layer_norm":
-        return kernels.add_layer_norm(x, r, w, b)[0], ref.add_layer_norm_ref(x, r, w, b)[0]
-    return kernels.softmax(x, mask=mask, scale=0.5), ref.softmax_ref(x, mask=mask, scale=0.5)
+        return fused_kernels.add_layer_norm(x, r, w, b)[0], ref.add_layer_norm_ref(x, r, w, b)[0]
+    return fused_kernels.softmax(x, mask=mask, scale=0.5), ref.softmax_ref(x, mask=mask, scale=0.5)
 
 
 def _launches(op: str, device: str = "cpu") -> int:
@@ -52,7 +52,7 @@ def _launches(op: str, device: str = "cpu") -> int:
 
 @pytest.fixture
 def fast_torch_calls(monkeypatch) -> list[str]:
-    """Names of the ``kernels.fast_torch`` functions called while the test runs."""
+    """Names of the ``fused_kernels.fast_torch`` functions called while the test runs."""
     calls: list[str] = []
     for name in ("layer_norm", "rms_norm", "add_layer_norm", "softmax", "attention", "scaled_dot_product_attention"):
         original = getattr(fast_torch, name)
@@ -72,13 +72,13 @@ def test_interpreter_is_on_without_a_gpu():
 def test_auto_runs_the_kernel_on_cpu_under_the_interpreter(op):
     if not _backend.INTERPRET:
         pytest.skip("needs TRITON_INTERPRET=1")
-    with kernels.use_backend("auto"):
+    with fused_kernels.use_backend("auto"):
         assert _launches(op) == 1
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_torch_backend_runs_the_pytorch_path(op, fast_torch_calls):
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         assert _launches(op) == 0
     assert fast_torch_calls == [op]
 
@@ -88,16 +88,16 @@ def test_kernel_paths_never_call_the_pytorch_path(op, fast_torch_calls):
     if not (_backend.INTERPRET or torch.cuda.is_available()):
         pytest.skip("needs the interpreter or a GPU")
     for backend in ("auto", "triton"):
-        with kernels.use_backend(backend):
+        with fused_kernels.use_backend(backend):
             assert _launches(op) == 1
     assert fast_torch_calls == []
 
 
 def test_attention_dispatch(fast_torch_calls):
     q = torch.randn(1, 2, 5, 16)
-    with kernels.use_backend("torch"):
-        kernels.attention(q, q, q, causal=True)
-        kernels.scaled_dot_product_attention(q, q, q)
+    with fused_kernels.use_backend("torch"):
+        fused_kernels.attention(q, q, q, causal=True)
+        fused_kernels.scaled_dot_product_attention(q, q, q)
     assert fast_torch_calls == ["attention", "scaled_dot_product_attention"]
 
 
@@ -106,13 +106,13 @@ def test_choose_routes_a_case_to_torch_only_under_auto():
     the kernel, "torch" always torch."""
     x = torch.empty(0)
     kernel_here = _backend.INTERPRET or torch.cuda.is_available()
-    with kernels.use_backend("auto"):
+    with fused_kernels.use_backend("auto"):
         assert _backend.choose(x, "op", torch_faster=True) == "torch"
         assert _backend.choose(x, "op") == ("triton" if kernel_here else "torch")
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         assert _backend.choose(x, "op") == "torch"
     if kernel_here:
-        with kernels.use_backend("triton"):
+        with fused_kernels.use_backend("triton"):
             assert _backend.choose(x, "op", torch_faster=True) == "triton"
 
 
@@ -120,47 +120,47 @@ def test_choose_routes_a_case_to_torch_only_under_auto():
 def test_triton_backend_runs_the_kernel(op):
     if not (_backend.INTERPRET or torch.cuda.is_available()):
         pytest.skip("needs the interpreter or a GPU")
-    with kernels.use_backend("triton"):
+    with fused_kernels.use_backend("triton"):
         assert _launches(op) == 1
 
 
 def test_use_backend_nests_and_restores():
-    start = kernels.get_backend()
-    with kernels.use_backend("torch"):
-        assert kernels.get_backend() == "torch"
-        with kernels.use_backend("triton"):
-            assert kernels.get_backend() == "triton"
-        assert kernels.get_backend() == "torch"
-    assert kernels.get_backend() == start
+    start = fused_kernels.get_backend()
+    with fused_kernels.use_backend("torch"):
+        assert fused_kernels.get_backend() == "torch"
+        with fused_kernels.use_backend("triton"):
+            assert fused_kernels.get_backend() == "triton"
+        assert fused_kernels.get_backend() == "torch"
+    assert fused_kernels.get_backend() == start
 
 
 def test_use_backend_restores_after_an_exception():
-    start = kernels.get_backend()
-    with pytest.raises(KeyError), kernels.use_backend("torch"):
+    start = fused_kernels.get_backend()
+    with pytest.raises(KeyError), fused_kernels.use_backend("torch"):
         raise KeyError("boom")
-    assert kernels.get_backend() == start
+    assert fused_kernels.get_backend() == start
 
 
 @pytest.mark.parametrize("name", ["cuda", "", None])
 def test_use_backend_rejects_unknown_names(name):
-    start = kernels.get_backend()
-    with pytest.raises(ValueError, match="backend must be one of"), kernels.use_backend(name):
+    start = fused_kernels.get_backend()
+    with pytest.raises(ValueError, match="backend must be one of"), fused_kernels.use_backend(name):
         pass
-    assert kernels.get_backend() == start
+    assert fused_kernels.get_backend() == start
 
 
 def test_describe_names_backend_and_implementation():
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         assert "backend=torch" in _backend.describe() and "PyTorch ops" in _backend.describe()
     if _backend.INTERPRET and not torch.cuda.is_available():
-        with kernels.use_backend("auto"):
+        with fused_kernels.use_backend("auto"):
             assert "triton kernels (interpreter)" in _backend.describe()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", OPS)
 def test_auto_runs_the_kernel_on_cuda(op):
-    with kernels.use_backend("auto"):
+    with fused_kernels.use_backend("auto"):
         assert _launches(op, "cuda") == 1
 
 
@@ -168,17 +168,17 @@ def test_auto_runs_the_kernel_on_cuda(op):
 
 # Each script prints one JSON line of findings; the tests below judge them.
 _PRELUDE = """
-import json, torch, kernels
-from kernels import _backend, fast_torch, reference as ref
+import json, torch, fused_kernels
+from fused_kernels import _backend, fast_torch, reference as ref
 import importlib
-ln_mod = importlib.import_module("kernels.layer_norm")
-sm_mod = importlib.import_module("kernels.softmax")
+ln_mod = importlib.import_module("fused_kernels.layer_norm")
+sm_mod = importlib.import_module("fused_kernels.softmax")
 x, r, w = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16)
 CALLS = {
-    "layer_norm": lambda: kernels.layer_norm(x, (16,), w),
-    "rms_norm": lambda: kernels.rms_norm(x, (16,), w),
-    "add_layer_norm": lambda: kernels.add_layer_norm(x, r, w)[0],
-    "softmax": lambda: kernels.softmax(x, mask=x > 0),
+    "layer_norm": lambda: fused_kernels.layer_norm(x, (16,), w),
+    "rms_norm": lambda: fused_kernels.rms_norm(x, (16,), w),
+    "add_layer_norm": lambda: fused_kernels.add_layer_norm(x, r, w)[0],
+    "softmax": lambda: fused_kernels.softmax(x, mask=x > 0),
 }
 REFS = {
     "layer_norm": lambda: ref.layer_norm_ref(x, (16,), w),
@@ -196,44 +196,44 @@ def outcome(name):
     except RuntimeError as err:
         return "RuntimeError: " + str(err)
     return ("close" if close else "different") + (" (fast_torch)" if RAN == [name] else " (kernel)")
-found = {"backend": kernels.get_backend(), "interpret": _backend.INTERPRET}
+found = {"backend": fused_kernels.get_backend(), "interpret": _backend.INTERPRET}
 """
 
 SCRIPTS = {
-    # No interpreter, no KERNELS_BACKEND: "auto" runs the PyTorch path on the CPU, "triton" refuses.
+    # No interpreter, no FUSED_KERNELS_BACKEND: "auto" runs the PyTorch path on the CPU, "triton" refuses.
     "plain": """
 found["auto"] = {op: outcome(op) for op in CALLS}
-with kernels.use_backend("triton"):
+with fused_kernels.use_backend("triton"):
     found["triton"] = {op: outcome(op) for op in CALLS}
-with kernels.use_backend("torch"):
+with fused_kernels.use_backend("torch"):
     found["torch"] = {op: outcome(op) for op in CALLS}
 found["describe"] = _backend.describe()
 """,
-    # KERNELS_BACKEND=" Torch " (case and spaces ignored) with the interpreter on: the PyTorch path runs,
+    # FUSED_KERNELS_BACKEND=" Torch " (case and spaces ignored) with the interpreter on: the PyTorch path runs,
     # the kernels are never touched (they are replaced by None), until use_backend overrides it.
     "env-torch": """
 kernels_saved = ln_mod._layer_norm_fwd_kernel, sm_mod._softmax_fwd_kernel
 ln_mod._layer_norm_fwd_kernel = sm_mod._softmax_fwd_kernel = None
 found["env"] = {op: outcome(op) for op in CALLS}
 ln_mod._layer_norm_fwd_kernel, sm_mod._softmax_fwd_kernel = kernels_saved
-with kernels.use_backend("triton"):
+with fused_kernels.use_backend("triton"):
     found["triton"] = {op: "ran" if CALLS[op]().shape == x.shape else "?" for op in CALLS}
 """,
-    # KERNELS_BACKEND=triton without the interpreter: every op raises a clear error.
+    # FUSED_KERNELS_BACKEND=triton without the interpreter: every op raises a clear error.
     "env-triton": """
 found["env"] = {op: outcome(op) for op in CALLS}
 """,
 }
 ENVS = {
     "plain": {},
-    "env-torch": {"TRITON_INTERPRET": "1", "KERNELS_BACKEND": " Torch "},
-    "env-triton": {"KERNELS_BACKEND": "triton"},
-    "env-bogus": {"KERNELS_BACKEND": "cuda"},
+    "env-torch": {"TRITON_INTERPRET": "1", "FUSED_KERNELS_BACKEND": " Torch "},
+    "env-triton": {"FUSED_KERNELS_BACKEND": "triton"},
+    "env-bogus": {"FUSED_KERNELS_BACKEND": "cuda"},
 }
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KERNELS_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_KERNELS_BACKEND")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU story, even on a GPU machine
     env.update(extra)
@@ -245,7 +245,7 @@ def processes() -> dict[str, subprocess.CompletedProcess]:
     """Start every scenario at once (each pays for importing torch and triton), then collect them."""
     running = {}
     for name, extra in ENVS.items():
-        code = "import kernels" if name == "env-bogus" else _PRELUDE + textwrap.dedent(SCRIPTS[name]) + \
+        code = "import fused_kernels" if name == "env-bogus" else _PRELUDE + textwrap.dedent(SCRIPTS[name]) + \
             "\nprint(json.dumps(found))"
         running[name] = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(extra),
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

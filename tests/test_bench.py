@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fused_kernels
 from bench import attention, models, norms, run
 from bench.harness import REGISTRY, Case, Env, Prepared, Provider, Sink, Timer, Unsupported, run_cases
-from kernels.reference import attention_ref
+from fused_kernels.reference import attention_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = {"family", "op", "mode", "shape", "dtype", "provider", "status", "reason", "ms", "gpu", "versions",
@@ -215,14 +215,14 @@ def test_sdpa_baseline_matches_our_attention_semantics():
 
 
 def test_torch_ops_swaps_and_restores_the_kernels():
-    before = kernels.attention, kernels.add_layer_norm, kernels.nn.layer_norm
+    before = fused_kernels.attention, fused_kernels.add_layer_norm, fused_kernels.nn.layer_norm
     with models.torch_ops():
-        assert kernels.attention is models.sdpa_attention
+        assert fused_kernels.attention is models.sdpa_attention
         x, r = torch.randn(3, 8), torch.randn(3, 8)
-        out, res = kernels.add_layer_norm(x, r)
+        out, res = fused_kernels.add_layer_norm(x, r)
         torch.testing.assert_close(res, x + r)
         torch.testing.assert_close(out, torch.nn.functional.layer_norm(x + r, (8,)))
-    assert (kernels.attention, kernels.add_layer_norm, kernels.nn.layer_norm) == before
+    assert (fused_kernels.attention, fused_kernels.add_layer_norm, fused_kernels.nn.layer_norm) == before
 
 
 def test_every_family_has_ours_first():
@@ -260,7 +260,7 @@ def test_gpu_check_script_is_valid_bash():
 def _clean_env() -> dict[str, str]:
     """What a user's shell has: no interpreter, no forced backend, no pytest worker variables."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "KERNELS_BACKEND") and not k.startswith("PYTEST_")}
+           if k not in ("TRITON_INTERPRET", "FUSED_KERNELS_BACKEND") and not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -295,7 +295,7 @@ def test_cpu_benchmark_memory_child():
 
 def test_cpu_benchmark_refuses_the_interpreter(monkeypatch):
     from bench import cpu
-    monkeypatch.setattr(kernels._backend, "INTERPRET", True)
+    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", True)
     assert cpu.main(["--smoke", "--no-memory"]) == 2
 
 
@@ -341,8 +341,8 @@ def test_variant_baselines_compute_what_ours_computes():
         b, h, _, l, s, d = attention._dims(c)
         torch.manual_seed(0)
         q, k, v = (torch.randn(b, h, l, d, dtype=torch.float64) for _ in range(3))
-        with kernels.use_backend("torch"):
-            ref = kernels.attention(q, k, v, causal=True, **attention.ours_variant_kwargs(c, env))
+        with fused_kernels.use_backend("torch"):
+            ref = fused_kernels.attention(q, k, v, causal=True, **attention.ours_variant_kwargs(c, env))
         mask_mod, score_mod, per_batch = attention.flex_variant_mods(c, env)
         block_mask = flex.create_block_mask(mask_mod, b if per_batch else None, None, l, s, device="cpu")
         with _quiet():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import kernels
+import fused_kernels
 from transformer.bert import (
     BERT,
     BERTForPreTraining,
@@ -101,7 +101,7 @@ def test_tiny_preset_forward_backward_state_dict(cls):
     clone = cls(BERTConfig.from_dict(config.to_dict()))
     clone.load_state_dict(model.state_dict(), strict=True)
     model.eval(), clone.eval()
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         want, got = _outputs(cls, model(ids, tt, mask)), _outputs(cls, clone(ids, tt, mask))
     for key in want:
         if want[key] is not None:
@@ -111,7 +111,7 @@ def test_tiny_preset_forward_backward_state_dict(cls):
 def test_output_shapes_tiny():
     config = BERTConfig.from_preset("tiny", num_labels=5)
     ids, tt, mask = _batch(config.vocab_size, l=6)
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         out = BERT(config).eval()(ids, tt, mask, output_attentions=True)
         assert out.last_hidden_state.shape == (2, 6, 32) and out.pooler_output.shape == (2, 32)
         assert len(out.attentions) == config.n_layers and out.attentions[0].shape == (2, 4, 6, 6)
@@ -134,7 +134,7 @@ def test_mlm_decoder_is_tied_to_word_embeddings():
     with torch.no_grad():
         model.bert.word_embed.weight[5].add_(1.0)
     ids = torch.tensor([[1, 2, 3]])
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         out = model.eval()(ids)
     h = model.mlm.norm(model.mlm.act(model.mlm.transform(model.bert(ids).last_hidden_state)))
     torch.testing.assert_close(out.mlm_logits[..., 5], h @ model.bert.word_embed.weight[5] + model.mlm.bias[5])
@@ -195,7 +195,7 @@ def test_triton_path_matches_reference_float64():
     results = {}
     for backend in ("auto", "torch"):
         model.zero_grad()
-        with kernels.use_backend(backend):
+        with fused_kernels.use_backend(backend):
             out = model(ids, tt, mask, **labels)
             out.loss.backward()
         results[backend] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
@@ -230,7 +230,7 @@ def test_padded_tokens_change_nothing_for_real_tokens():
     # the test can fail: without the mask the same change reaches the real tokens
     assert (c.last_hidden_state[-1, :4] - a.last_hidden_state[-1, :4]).abs().max() > 1e-3
     # and an all-ones mask is the same as no mask
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         d = model(ids, tt, torch.ones_like(mask))
         e = model(ids, tt)
     torch.testing.assert_close(d.last_hidden_state, e.last_hidden_state, rtol=0, atol=1e-6)
@@ -279,7 +279,7 @@ def test_huggingface_equivalence(cls, backend):
     labels = _labels(cls, ids, mask, hf.config.num_labels)
     with torch.no_grad():
         want = _hf_outputs(cls, hf(input_ids=ids, token_type_ids=tt, attention_mask=mask, **labels))
-        with kernels.use_backend(backend):
+        with fused_kernels.use_backend(backend):
             got = _outputs(cls, model(ids, tt, mask, **labels))
     real = mask.bool()
     for key, w in want.items():
@@ -297,7 +297,7 @@ def test_huggingface_sequence_classification_losses(num_labels, kind):
     ids, tt, mask = _batch(64)
     g = torch.Generator().manual_seed(3)
     labels = torch.randn(2, generator=g) if kind == "regression" else (torch.rand(2, 3, generator=g) > 0.5).float()
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         want = hf(input_ids=ids, token_type_ids=tt, attention_mask=mask, labels=labels)
         got = model(ids, tt, mask, labels=labels)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
@@ -308,7 +308,7 @@ def test_huggingface_attention_weights():
     hf = _hf_model(BERT)
     model = BERT.from_huggingface(hf).eval()
     ids, tt, mask = _batch(64)
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         want = hf(input_ids=ids, token_type_ids=tt, attention_mask=mask, output_attentions=True).attentions
         got = model(ids, tt, mask, output_attentions=True).attentions
     real = mask.bool()
@@ -461,7 +461,7 @@ def test_collator_pads_pairs_and_feeds_the_model():
     assert batch["next_sentence_label"].tolist() == [0, 1]
     assert (batch["labels"][0, 6:] == -100).all() and (batch["input_ids"][0, 6:] == PAD).all()
     torch.manual_seed(0)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         out = BERTForPreTraining(config)(**batch)
     assert torch.isfinite(out.loss) and out.mlm_loss is not None and out.nsp_loss is not None
     torch.testing.assert_close(out.loss, out.mlm_loss + out.nsp_loss)

@@ -1,4 +1,4 @@
-"""kernels.block_mask and the block-mask helpers: tile classes (0 empty, 1 partial, 2 full) against brute
+"""fused_kernels.block_mask and the block-mask helpers: tile classes (0 empty, 1 partial, 2 full) against brute
 force (a dense mask reduced per tile), on the Triton kernel (the interpreter on a CPU) and on the PyTorch
 fallback (``op_backend``), plus the analytic tables, the sparse lists and the argument errors."""
 
@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels
-from kernels.attention.blockmask import band_classes, combine, document_classes, kv_lists, q_lists
+import fused_kernels
+from fused_kernels.attention.blockmask import band_classes, combine, document_classes, kv_lists, q_lists
 
 
 @triton.jit
@@ -71,7 +71,7 @@ MODS = [causal_mod, window_mod, checker_mod]
 @pytest.mark.parametrize("L,S,block", [(64, 64, 32), (97, 75, 32), (50, 130, (16, 64))])
 def test_classes_brute_force(op_backend, mod, L, S, block):
     bm = block if isinstance(block, tuple) else (block, block)
-    got = kernels.block_mask(mod, None, None, L, S, block=block, device="cpu")
+    got = fused_kernels.block_mask(mod, None, None, L, S, block=block, device="cpu")
     assert got.classes.dtype == torch.int8 and got.classes.shape == (1, 1, triton.cdiv(L, bm[0]),
                                                                       triton.cdiv(S, bm[1]))
     assert got.block == bm and got.shape == (None, None, L, S)
@@ -79,12 +79,12 @@ def test_classes_brute_force(op_backend, mod, L, S, block):
 
 
 def test_b_h_dependence(op_backend):
-    got = kernels.block_mask(bh_mod, 2, 3, 70, 70, block=32, device="cpu")
+    got = fused_kernels.block_mask(bh_mod, 2, 3, 70, 70, block=32, device="cpu")
     assert got.classes.shape == (2, 3, 3, 3)
     assert torch.equal(got.classes, brute(dense(bh_mod.fn, 2, 3, 70, 70), 32, 32))
     assert (got.classes[1] == 2).all()
     # B given, H None: the mod must not read h (it would see 0)
-    only_b = kernels.block_mask(bh_mod, 2, None, 70, 70, block=32, device="cpu")
+    only_b = fused_kernels.block_mask(bh_mod, 2, None, 70, 70, block=32, device="cpu")
     assert torch.equal(only_b.classes, got.classes[:, :1])
 
 
@@ -92,8 +92,8 @@ def test_mod_args_kernel(device):
     L, S = 75, 60
     q_ids = torch.repeat_interleave(torch.arange(4), torch.tensor([20, 30, 5, 20]))
     k_ids = torch.repeat_interleave(torch.arange(4), torch.tensor([10, 25, 15, 10]))
-    with kernels.use_backend("triton"):
-        got = kernels.block_mask(doc_lookup_mod, None, None, L, S, block=16, mod_args=(q_ids.to(device),
+    with fused_kernels.use_backend("triton"):
+        got = fused_kernels.block_mask(doc_lookup_mod, None, None, L, S, block=16, mod_args=(q_ids.to(device),
                                  k_ids.to(device)))
     keep = (q_ids[:, None] == k_ids[None, :]).view(1, 1, L, S)
     assert torch.equal(got.classes.cpu(), brute(keep, 16, 16))
@@ -103,8 +103,8 @@ def test_mod_args_kernel(device):
 def test_mod_args_torch_path():
     L, S = 75, 60
     ids = torch.arange(L) // 13
-    with kernels.use_backend("torch"):
-        got = kernels.block_mask(lambda b, h, q, k, args: args[0][q] == args[0][k], None, None, L, S, block=16,
+    with fused_kernels.use_backend("torch"):
+        got = fused_kernels.block_mask(lambda b, h, q, k, args: args[0][q] == args[0][k], None, None, L, S, block=16,
                                  mod_args=(ids,), device="cpu")
     assert torch.equal(got.classes, brute((ids[:, None] == ids[None, :S]).view(1, 1, L, S), 16, 16))
 
@@ -112,7 +112,7 @@ def test_mod_args_torch_path():
 @pytest.mark.parametrize("fine", [(16, 16), (16, 64), (128, 32), (64, 128)])
 def test_at(op_backend, fine):
     L, S = 97, 130
-    bm = kernels.block_mask(window_mod, None, None, L, S, block=32, device="cpu")
+    bm = fused_kernels.block_mask(window_mod, None, None, L, S, block=32, device="cpu")
     assert torch.equal(bm.at(*fine), brute(dense(window_mod.fn, 1, 1, L, S), *fine))
     assert torch.equal(bm.at(32, 32), bm.classes)
     with pytest.raises(ValueError, match="block_m"):
@@ -121,14 +121,14 @@ def test_at(op_backend, fine):
 
 def test_tile_counts_analytic(op_backend):
     n, b = 4, 32
-    c = kernels.block_mask(causal_mod, None, None, n * b, n * b, block=b, device="cpu").tile_counts()
+    c = fused_kernels.block_mask(causal_mod, None, None, n * b, n * b, block=b, device="cpu").tile_counts()
     assert c["partial"] + c["full"] == n * (n + 1) // 2 and c["partial"] == n
     assert c["empty"] == n * n - n * (n + 1) // 2
     # window (40, 0), block 32: diagonal tiles are partial; the tile one below the diagonal keeps keys
     # i - 40 <= j <= i: rows 32..63 vs cols 0..31 -> row 32 keeps j >= -8 (all), row 63 keeps j >= 23: partial;
     # two below (rows 64.., cols 0..31): row 64 keeps j >= 24, row 95 j >= 55: partial for row 64 only
     # (cols 24..31 kept by rows 64..71) -> partial; three below: rows 96.., j >= 56 > 31: empty.
-    c = kernels.block_mask(window_mod, None, None, n * b, n * b, block=b, device="cpu").tile_counts()
+    c = fused_kernels.block_mask(window_mod, None, None, n * b, n * b, block=b, device="cpu").tile_counts()
     assert c == {"partial": n + (n - 1) + (n - 2), "full": 0, "empty": n * n - (3 * n - 3)}
 
 
@@ -196,7 +196,7 @@ def test_combine():
 
 
 def test_errors():
-    bm = kernels.block_mask
+    bm = fused_kernels.block_mask
     with pytest.raises(ValueError, match="block"):
         bm(causal_mod, None, None, 64, 64, block=24)
     with pytest.raises(ValueError, match="block_n"):
@@ -211,5 +211,5 @@ def test_errors():
         bm(causal_mod, None, None, 64, 64, mod_args=(torch.zeros(1),))
     with pytest.raises(TypeError, match="mod_args"):
         bm(causal_mod, None, None, 64, 64, mod_args=(1,))
-    with kernels.use_backend("torch"), pytest.raises(TypeError, match="raising_mod.*PyTorch path"):
+    with fused_kernels.use_backend("torch"), pytest.raises(TypeError, match="raising_mod.*PyTorch path"):
         bm(raising_mod, None, None, 64, 64, device="cpu")

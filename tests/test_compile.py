@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import grads
 
-import kernels
-from kernels.layer_norm import layer_norm_bwd, layer_norm_fwd
-from kernels.softmax import softmax_bwd, softmax_fwd
+import fused_kernels
+from fused_kernels.layer_norm import layer_norm_bwd, layer_norm_fwd
+from fused_kernels.softmax import softmax_bwd, softmax_fwd
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 
@@ -40,16 +40,18 @@ def _cases():
     s = _randn(2, 2, 5, 7, seed=4)
     keep, bias = _keep(2, 1, 5, 7), _randn(5, 7, seed=5)
     return {
-        "layer_norm": (lambda x, w, b: torch.cat([kernels.layer_norm(x * 2, (24,), w, b, 1e-5) + 1,
-                                                  kernels.layer_norm(x, (3, 24), w.expand(3, 24))]), [x, w, b]),
-        "rms_norm": (lambda x, w: kernels.rms_norm(x, (24,), w).relu() + kernels.rms_norm(x, 24, eps=0.1), [x, w]),
-        "add_layer_norm": (lambda x, r, w, b: torch.cat([*kernels.add_layer_norm(x, r, w, b),
-                                                         *kernels.add_layer_norm(x, None, w),
-                                                         kernels.add_layer_norm(r, x, w)[0]]), [x, r, w, b]),
-        "add_layer_norm-dropout": (lambda x, r: torch.cat(kernels.add_layer_norm(x, r, dropout_p=0.3)), [x, r]),
-        "softmax": (lambda s: torch.cat([kernels.softmax(s, -1, scale=0.5),
-                                         kernels.softmax(s, mask=keep, is_causal=True),
-                                         kernels.softmax(s.transpose(-1, -2), 2, mask=bias.t()).transpose(-1, -2)]),
+        "layer_norm": (lambda x, w, b: torch.cat([fused_kernels.layer_norm(x * 2, (24,), w, b, 1e-5) + 1,
+                                                  fused_kernels.layer_norm(x, (3, 24), w.expand(3, 24))]), [x, w, b]),
+        "rms_norm": (lambda x, w: fused_kernels.rms_norm(x, (24,), w).relu() + fused_kernels.rms_norm(x, 24, eps=0.1),
+                     [x, w]),
+        "add_layer_norm": (lambda x, r, w, b: torch.cat([*fused_kernels.add_layer_norm(x, r, w, b),
+                                                         *fused_kernels.add_layer_norm(x, None, w),
+                                                         fused_kernels.add_layer_norm(r, x, w)[0]]), [x, r, w, b]),
+        "add_layer_norm-dropout": (lambda x, r: torch.cat(fused_kernels.add_layer_norm(x, r, dropout_p=0.3)), [x, r]),
+        "softmax": (lambda s: torch.cat([fused_kernels.softmax(s, -1, scale=0.5),
+                                         fused_kernels.softmax(s, mask=keep, is_causal=True),
+                                         fused_kernels.softmax(s.transpose(-1, -2), 2,
+                                                               mask=bias.t()).transpose(-1, -2)]),
                     [s]),
     }
 
@@ -86,9 +88,9 @@ def test_compiled_function_matches_eager(case):
 def test_compiled_with_dynamic_shapes():
     """The fake implementations handle symbolic sizes: one graph serves several batch sizes."""
     def fn(x, w, b):
-        out, residual = kernels.add_layer_norm(x, x * 0.5, w, b)
-        h = kernels.rms_norm(out, (16,)) + residual
-        return kernels.softmax(kernels.layer_norm(h, h.shape[-1:]), -1)  # a normalized_shape of SymInts
+        out, residual = fused_kernels.add_layer_norm(x, x * 0.5, w, b)
+        h = fused_kernels.rms_norm(out, (16,)) + residual
+        return fused_kernels.softmax(fused_kernels.layer_norm(h, h.shape[-1:]), -1)  # a normalized_shape of SymInts
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
     w, b = _randn(16, seed=1), _randn(16, seed=2)
@@ -105,16 +107,16 @@ class _Block(torch.nn.Module):
         self.heads = heads
         self.qkv = torch.nn.Linear(d, 3 * d)
         self.proj = torch.nn.Linear(d, d)
-        self.ln = kernels.nn.LayerNorm(d)
-        self.rms = kernels.nn.RMSNorm(d)
-        self.out_softmax = kernels.nn.Softmax(dim=-1)
+        self.ln = fused_kernels.nn.LayerNorm(d)
+        self.rms = fused_kernels.nn.RMSNorm(d)
+        self.out_softmax = fused_kernels.nn.Softmax(dim=-1)
 
     def forward(self, x, keep):
         b, s, d = x.shape
         q, k, v = self.qkv(self.rms(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        p = kernels.softmax(q @ k.transpose(-1, -2), mask=keep, scale=(d // self.heads) ** -0.5, is_causal=True)
+        p = fused_kernels.softmax(q @ k.transpose(-1, -2), mask=keep, scale=(d // self.heads) ** -0.5, is_causal=True)
         attn = (p @ v).transpose(1, 2).reshape(b, s, d)
-        h, residual = kernels.add_layer_norm(self.proj(attn), x, self.ln.weight, self.ln.bias)
+        h, residual = fused_kernels.add_layer_norm(self.proj(attn), x, self.ln.weight, self.ln.bias)
         return self.out_softmax(self.ln(h) + residual)
 
 
@@ -143,9 +145,9 @@ def test_attention_with_a_learned_mask_compiles():
     bias = causal_lower_right(5, 7)     # built outside: dynamo cannot construct the subclass in a graph
 
     def fn(q, k, v, m):
-        a = kernels.attention(q, k, v, causal=True, attn_mask=m)
-        b = kernels.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)
-        c = kernels.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        a = fused_kernels.attention(q, k, v, causal=True, attn_mask=m)
+        b = fused_kernels.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)
+        c = fused_kernels.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return a + b + c
 
     inputs = [_randn(1, 2, 5, 8), _randn(1, 2, 7, 8, seed=1), _randn(1, 2, 7, 8, seed=2), _randn(5, 7, seed=3)]
@@ -164,8 +166,8 @@ def test_inductor():
     """The default backend: inductor calls the custom ops as opaque kernels (kept to custom ops only,
     so that no C++ code generation is needed and the case stays quick)."""
     def fn(x, r, w, b):
-        out, residual = kernels.add_layer_norm(x, r, w, b)
-        return kernels.softmax(out, mask=keep), kernels.rms_norm(residual, (24,), w)
+        out, residual = fused_kernels.add_layer_norm(x, r, w, b)
+        return fused_kernels.softmax(out, mask=keep), fused_kernels.rms_norm(residual, (24,), w)
 
     keep = _keep(24)
     inputs = [_randn(2, 3, 24), _randn(2, 3, 24, seed=1), _randn(24, seed=2), _randn(24, seed=3)]
@@ -183,7 +185,7 @@ def test_inductor():
 def test_no_graph_break_under_torch_backend_either():
     """With the "torch" backend the PyTorch ops are traced instead: still one graph, same results."""
     fn, inputs = _cases()["add_layer_norm"]
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         eager = _run(fn, inputs)
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
         got = _run(compiled, inputs)

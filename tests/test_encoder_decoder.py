@@ -5,8 +5,8 @@ greedy generate) and a short copy/reverse learning run.
 
 Shapes stay tiny (B <= 2, L <= 8): under the Triton interpreter one attention program costs tens of
 milliseconds. The default backend runs the Triton kernels (through the interpreter on CPU);
-``kernels.use_backend("torch")`` runs the PyTorch ops (``kernels.fast_torch``). Search-logic tests (beam vs greedy,
-cache vs recompute) run on the PyTorch ops: they test the search, and the decode step they repeat is
+``fused_kernels.use_backend("torch")`` runs the PyTorch ops (``fused_kernels.fast_torch``). Search-logic tests
+(beam vs greedy, cache vs recompute) run on the PyTorch ops: they test the search, and the decode step they repeat is
 checked on the Triton path by ``test_decode_steps_over_cache_equal_full_decode``."""
 
 import contextlib
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
+import fused_kernels
 from transformer.config import EncoderDecoderConfig
 from transformer.encoder_decoder import EncoderDecoder, shift_right
 
@@ -23,7 +23,7 @@ BACKENDS = ["auto", "torch"]          # "auto": the Triton kernels (interpreter 
 
 
 def _backend(name: str):
-    return contextlib.nullcontext() if name == "auto" else kernels.use_backend(name)
+    return contextlib.nullcontext() if name == "auto" else fused_kernels.use_backend(name)
 
 
 def _tiny(seed: int = 0, lively: bool = False, **overrides) -> EncoderDecoder:
@@ -93,7 +93,7 @@ def test_preset_forward_backward_state_dict(preset):
     clone = EncoderDecoder(EncoderDecoderConfig.from_dict(cfg.to_dict()))
     clone.load_state_dict(model.state_dict(), strict=True)
     model.eval(), clone.eval()
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         torch.testing.assert_close(clone(src, tgt).logits, model(src, tgt).logits, rtol=0, atol=0)
 
 
@@ -123,7 +123,7 @@ def test_shift_right_and_loss_ignores_pad_and_minus_100():
     assert shift_right(labels, 1, 0).tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
     model = _tiny(label_smoothing=0.0)
     src = _ids(2, 5)
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         out = model(src, labels=labels)
         logp = out.logits.log_softmax(-1)
         keep = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).bool()
@@ -159,7 +159,7 @@ def test_triton_path_matches_reference(variant):
         return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     logits, grads = run()
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         ref_logits, ref_grads = run()
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for name in grads:
@@ -202,7 +202,7 @@ def test_padded_target_tokens_change_nothing():
     dmask[1, :2] = 0                                          # left-padded target row
     changed = tgt.clone()
     changed[1, :2] = _ids(1, 2, seed=8)[0]
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         a = model(src, tgt, mask, decoder_attention_mask=dmask).logits
         b = model(src, changed, mask, decoder_attention_mask=dmask).logits
         unmasked = model(src, changed, mask).logits
@@ -216,7 +216,7 @@ def test_every_decoder_block_attends_to_the_final_encoder_output():
     seen = []
     hooks = [block.cross_attn.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
              for block in model.decoder_blocks]
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         model(src, _ids(2, 3), mask)
         memory = model.encode(src, mask)
     for h in hooks:
@@ -256,7 +256,7 @@ def _eos_from_greedy(model, src, mask, step=3):
 def test_greedy_cached_equals_uncached_and_beam_width_1(pre_ln, seed):
     model = _tiny(seed=seed, lively=True, pre_ln=pre_ln)
     src, mask = _padded_source()
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         eos = _eos_from_greedy(model, src, mask)
         cached, s_cached = model.generate(src, mask, max_new_tokens=8, eos_token_id=eos, return_scores=True)
         recompute = model.generate(src, mask, max_new_tokens=8, eos_token_id=eos, use_cache=False)
@@ -274,7 +274,7 @@ def test_greedy_cached_equals_uncached_and_beam_width_1(pre_ln, seed):
 def test_beam_search_scores_at_least_greedy_and_match_rescoring(length_penalty):
     model = _tiny(seed=2, lively=True, pre_ln=True)
     src, mask = _padded_source()
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         eos = _eos_from_greedy(model, src, mask, step=4)
         greedy, g_score = model.generate(src, mask, max_new_tokens=8, length_penalty=length_penalty,
                                          eos_token_id=eos, return_scores=True)
@@ -304,7 +304,7 @@ def test_learns_to_reverse_short_sequences():
     src = torch.randint(3, 11, (8, 4), generator=gen)                        # 8 fixed pairs
     labels = torch.cat([src.flip(1), torch.full((8, 1), cfg.eos_token_id)], dim=1)
     losses = []
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         for _ in range(40):
             loss = model(src, labels=labels).loss
             opt.zero_grad()
@@ -312,7 +312,7 @@ def test_learns_to_reverse_short_sequences():
             opt.step()
             losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.2 * sum(losses[:5]) / 5, losses
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         out = model.eval().generate(src, max_new_tokens=labels.shape[1])
     assert torch.equal(out[:, 1:], labels)                   # it translates its training pairs
 
@@ -376,7 +376,7 @@ def test_from_huggingface_marian_untied_unshared():
     src, mask = _padded_source(s=6)
     src = src.clamp(max=38)
     tgt = _ids(2, 4, vocab=35, seed=5)
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         want = hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
         got = model(src, tgt, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -389,7 +389,7 @@ def test_from_huggingface_marian_greedy_generate(backend):
     src, mask = _padded_source(s=6)
     src = src.clamp(max=38).masked_fill(mask == 0, 39)
     new = 6 if backend == "torch" else 4
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         probe = model.generate(src, mask, max_new_tokens=new, eos_token_id=-1)
     eos = int(probe[0, 2])                                    # row 0 ends early: pad handling is compared too
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""What the PyTorch path (``kernels.fast_torch``) promises beyond the results that the op tests check on it
+"""What the PyTorch path (``fused_kernels.fast_torch``) promises beyond the results that the op tests check on it
 (test_attention / test_softmax / test_layer_norm / test_mha / test_compile run every case on both paths):
 
 - attention runs torch's flash kernel, never materializes an (L, S) matrix, and passes masks at their
@@ -15,16 +15,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-from kernels import fast_torch
-from kernels import reference as ref
+import fused_kernels
+from fused_kernels import fast_torch
+from fused_kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(fast_torch._FLASH is None, reason="this torch has no CPU flash-attention op")
 
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         yield
 
 
@@ -114,9 +114,9 @@ def test_attention_runs_flash_without_an_LS_matrix(case, flash_calls):
         kw["causal"] = True
     with _Allocations() as allocs:
         if case == "sdpa-3d":
-            out = kernels.scaled_dot_product_attention(q[0], k[0], v[0], is_causal=True)     # (H, L, D)
+            out = fused_kernels.scaled_dot_product_attention(q[0], k[0], v[0], is_causal=True)     # (H, L, D)
         else:
-            out = kernels.attention(q, k, v, **kw)
+            out = fused_kernels.attention(q, k, v, **kw)
         out.backward(torch.ones_like(out))
     assert allocs.largest() < b * h * l * s, allocs.ops             # no score matrix, forward or backward
     assert len(flash_calls) == 1, flash_calls
@@ -142,9 +142,9 @@ def test_expanded_mask_is_passed_at_its_broadcast_size(flash_calls):
     q = _rand(2, 3, 8, 16, dtype=torch.float32)
     keep = torch.rand(2, 1, 1, 8, generator=torch.Generator().manual_seed(0)) > 0.3
     keep[..., 0] = True
-    out = kernels.attention(q, q, q, attn_mask=keep.expand(2, 3, 8, 8))
+    out = fused_kernels.attention(q, q, q, attn_mask=keep.expand(2, 3, 8, 8))
     assert flash_calls[0]["mask"] == (2, 1, 1, 8)
-    torch.testing.assert_close(out, kernels.attention(q, q, q, attn_mask=keep))
+    torch.testing.assert_close(out, fused_kernels.attention(q, q, q, attn_mask=keep))
 
 
 def test_finite_garbage_past_seqlens_k_takes_no_part():
@@ -152,7 +152,8 @@ def test_finite_garbage_past_seqlens_k_takes_no_part():
     lens = torch.tensor([5, 8])
     k2, v2 = k.clone(), v.clone()
     k2[0, :, 5:], v2[0, :, 5:] = 1e30, -1e30
-    torch.testing.assert_close(kernels.attention(q, k2, v2, seqlens_k=lens), kernels.attention(q, k, v, seqlens_k=lens))
+    torch.testing.assert_close(fused_kernels.attention(q, k2, v2, seqlens_k=lens),
+                               fused_kernels.attention(q, k, v, seqlens_k=lens))
 
 
 # ----------------------------------------------------------------------------- softmax: temporaries
@@ -168,7 +169,7 @@ def test_softmax_allocates_no_more_than_torch(case):
     kw = {"bool-mask": dict(mask=keep), "float-mask": dict(mask=_rand(16, 32, dtype=torch.float32)),
           "scale-causal": dict(scale=0.3, is_causal=True), "plain": {}}[case]
     with _Allocations() as fwd:
-        y = kernels.softmax(x, **kw)
+        y = fused_kernels.softmax(x, **kw)
     with _Allocations() as bwd:
         y.backward(torch.ones_like(y))
     full = x.numel()
@@ -211,10 +212,10 @@ def test_fully_masked_rows(case, probe, monkeypatch):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     if case == "dropout":     # the math path (torch's function), its own masks; same seed on both sides
         torch.manual_seed(0)
-        out = kernels.scaled_dot_product_attention(*leaves, attn_mask=keep, dropout_p=0.3)
+        out = fused_kernels.scaled_dot_product_attention(*leaves, attn_mask=keep, dropout_p=0.3)
         lse = None
     else:
-        out, lse = kernels.attention(*leaves, return_lse=True, **kw)
+        out, lse = fused_kernels.attention(*leaves, return_lse=True, **kw)
     dout = _rand(*out.shape, seed=9)
     loss = (out * dout).sum() + (0 if lse is None else lse.masked_fill(lse.isinf(), 0).sum())
     got = [out, *torch.autograd.grad(loss, leaves)]
@@ -241,7 +242,7 @@ def test_nan_torch_path_for_sdpa_rows(nan_torch):
     q = _rand(1, 2, 6, 8).requires_grad_()
     keep = torch.ones(6, 6, dtype=torch.bool)
     keep[2] = False
-    out = kernels.scaled_dot_product_attention(q, q, q, attn_mask=keep)
+    out = fused_kernels.scaled_dot_product_attention(q, q, q, attn_mask=keep)
     (dq,) = torch.autograd.grad(out.sum(), [q])
     assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2])) and not dq.isnan().any()
 
@@ -262,7 +263,7 @@ def test_softmax_dead_rows_compiled_match_eager():
     x[2, 1] = float("-inf")
 
     def fn(t):
-        return kernels.softmax(t, mask=keep, scale=0.7)
+        return fused_kernels.softmax(t, mask=keep, scale=0.7)
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -291,8 +292,10 @@ def test_no_warnings_from_the_pytorch_path():
     w = torch.ones(8, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        outs = [kernels.softmax(x), kernels.softmax(x, scale=0.5), kernels.attention(q, q, q, causal=True),
-                kernels.attention(q, q, q, attn_mask=keep, return_lse=True)[1],
-                kernels.scaled_dot_product_attention(q, q, q, attn_mask=keep), kernels.layer_norm(x, (8,), w),
-                kernels.rms_norm(x, (8,), w), *kernels.add_layer_norm(x, x, w, dropout_p=0.1)]
+        outs = [fused_kernels.softmax(x), fused_kernels.softmax(x, scale=0.5),
+                fused_kernels.attention(q, q, q, causal=True),
+                fused_kernels.attention(q, q, q, attn_mask=keep, return_lse=True)[1],
+                fused_kernels.scaled_dot_product_attention(q, q, q, attn_mask=keep),
+                fused_kernels.layer_norm(x, (8,), w),
+                fused_kernels.rms_norm(x, (8,), w), *fused_kernels.add_layer_norm(x, x, w, dropout_p=0.1)]
         torch.autograd.grad(sum(o.sum() for o in outs), [q, x, w])

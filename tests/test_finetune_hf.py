@@ -4,7 +4,7 @@ converter, its tokenizer saved with the run, LoRA on top, and the run reloading 
 import pytest
 import torch
 
-import kernels
+import fused_kernels
 from transformer.data.tokenizer import HFTokenizer, load_tokenizer
 from transformer.training import checkpoint as ckpt
 from transformer.training.trainer import TrainArgs, load_run, train
@@ -53,5 +53,5 @@ def test_finetune_a_hugging_face_bert(tmp_path, hf_bert, method):
     assert torch.equal(ours["bert.word_embed.weight"], embedding) == (method == "lora")
     task, model = load_run(str(out))                     # reloads alone: tokenizer saved under hf_tokenizer/
     assert isinstance(task.tokenizer, HFTokenizer) and (out / "hf_tokenizer").is_dir()
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         assert task.evaluate(model, 64)["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)

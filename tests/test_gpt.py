@@ -4,7 +4,7 @@ weight loading (new and old key names), GPT-2 init and a short convergence run.
 
 Everything runs the tiny preset with B <= 2, L <= 16: under the Triton interpreter each LayerNorm row
 and attention block iteration costs milliseconds. The default backend runs the Triton kernels (through
-the interpreter on CPU); ``kernels.use_backend("torch")`` runs the PyTorch ops (``kernels.fast_torch``)."""
+the interpreter on CPU); ``fused_kernels.use_backend("torch")`` runs the PyTorch ops (``fused_kernels.fast_torch``)."""
 
 import contextlib
 import importlib
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
+import fused_kernels
 from transformer.config import GPTConfig
 from transformer.gpt import GPT, config_from_huggingface, convert_huggingface_state_dict
 
@@ -31,7 +31,7 @@ def _one_thread():
 
 
 def _backend(name: str):
-    return contextlib.nullcontext() if name == "auto" else kernels.use_backend(name)
+    return contextlib.nullcontext() if name == "auto" else fused_kernels.use_backend(name)
 
 
 def _tiny(seed: int = 0, dtype: torch.dtype = torch.float32, lively: bool = False, **overrides) -> GPT:
@@ -218,7 +218,7 @@ def test_generate_greedy_cache_equals_recompute_on_triton_path():
 def test_generate_sampling_cache_equals_recompute(kwargs):
     model = _tiny(lively=True)
     ids = _ids(2, 4)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         torch.manual_seed(123)
         with_cache = model.generate(ids, max_new_tokens=8, do_sample=True, **kwargs)
         torch.manual_seed(123)
@@ -234,14 +234,14 @@ def test_generate_sampling_cache_equals_recompute(kwargs):
 def test_decode_step_over_long_cache_takes_the_flash_decoding_path(monkeypatch):
     """One token after 269 cached ones: the Triton kernel splits the keys (flash-decoding) and gives the
     reference's logits, equal to the last position of a full forward."""
-    attention_module = importlib.import_module("kernels.attention.api")   # where attention() looks it up
+    attention_module = importlib.import_module("fused_kernels.attention.api")   # where attention() looks it up
     splits = []
     real = attention_module.decode_splits
     monkeypatch.setattr(attention_module, "decode_splits", lambda *a: splits.append(real(*a)) or splits[-1])
     model = _tiny(n_layers=1, max_seq_len=300)
     ids = _ids(1, 270)
     with torch.no_grad():
-        with kernels.use_backend("torch"):
+        with fused_kernels.use_backend("torch"):
             full = model(ids).logits[:, -1]
             caches = model.setup_caches(1, 270)
             model.prefill(ids[:, :-1], caches)
@@ -262,7 +262,7 @@ def test_generate_left_padded_batch_continues_each_prompt_as_alone():
     mask[1, :2] = 0
     padded = ids.clone()
     padded[1, :2] = 0
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         batch = model.generate(padded, max_new_tokens=5, attention_mask=mask)
         batch_nc = model.generate(padded, max_new_tokens=5, attention_mask=mask, use_cache=False)
         alone = model.generate(ids[1:, 2:], max_new_tokens=5)
@@ -275,7 +275,7 @@ def test_generate_left_padded_batch_continues_each_prompt_as_alone():
 def test_generate_keeps_emitting_eos_or_pad_after_eos():
     model = _tiny(lively=True)
     ids = _ids(2, 4)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         free = model.generate(ids, max_new_tokens=6)
         new0 = free[0, 4:].tolist()
         # eos: a token row 0 first produces at new step k >= 1, so that row 0 runs k steps before finishing
@@ -365,7 +365,7 @@ def test_from_huggingface_config_and_generation():
     assert cfg.activation == "gelu_tanh" and cfg.eps == 1e-6 and cfg.tie_embeddings
     assert config_from_huggingface(_hf_model().config).ffn_dim == 128          # n_inner None -> 4 * n_embd
     ids = _ids(1, 4, vocab=50)
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         want = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
         got = ours.generate(ids, max_new_tokens=6)
     assert torch.equal(got, want)
@@ -381,7 +381,7 @@ def test_from_huggingface_gpt2model_and_old_key_names():
     ours.load_huggingface_state_dict(old)
     from_model = GPT.from_huggingface(hf.transformer).eval()   # GPT2Model: no prefix, no lm_head
     ids = _ids(1, 6, vocab=50)
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         want = hf(ids).logits
         torch.testing.assert_close(ours(ids).logits, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(from_model(ids).logits, want, rtol=1e-4, atol=1e-4)
@@ -411,7 +411,7 @@ def test_from_huggingface_untied_head():
     ours = GPT.from_huggingface(hf).eval()
     assert not ours.config.tie_embeddings
     ids = _ids(1, 5, vocab=50)
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
 
 
@@ -457,7 +457,7 @@ def test_tiny_model_learns_a_repeated_sequence():
     ids = torch.arange(12).repeat(1, 2) % 96                # (1, 24): a pattern that repeats
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         for _ in range(30):
             loss = model(ids, labels=ids).loss
             opt.zero_grad()

@@ -3,7 +3,7 @@ checks, the ALiBi slopes, the shared attention layer against a hand-written refe
 token see, KV-cache generation against full recomputation, the paths that refuse the options, state-dict round
 trips and a short training run of the preset.
 
-The PyTorch path (``kernels.use_backend("torch")``) runs everything but one test, which checks the Triton kernels
+The PyTorch path (``fused_kernels.use_backend("torch")``) runs everything but one test, which checks the Triton kernels
 (the interpreter on CPU) on a one-layer model: the models here are tiny, but the interpreter is slow."""
 
 import io
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-import kernels
+import fused_kernels
 from transformer import context_parallel
 from transformer.config import GPTConfig
 from transformer.gpt import GPT
@@ -27,7 +27,7 @@ def _torch_backend_one_thread():
     """Tiny tensors gain nothing from intra-op threads (and a loaded 2-core CI machine makes them wait)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         yield
     torch.set_num_threads(threads)
 
@@ -182,13 +182,14 @@ def test_attention_layer_matches_written_out_reference(window, alibi, causal):
 
 def test_attention_layer_with_cache_matches_reference_and_reads_only_the_window(monkeypatch):
     """Prefill 9 tokens into a KVCache, then 1 and 3 more tokens: each call equals the written-out layer over
-    everything so far, and kernels.attention is handed only the keys the new queries can see."""
+    everything so far, and fused_kernels.attention is handed only the keys the new queries can see."""
     from transformer.layers import KVCache
     torch.manual_seed(0)
     attn = Attention(24, 3, window=(3, 0), alibi=True).double()
     seen = []
-    real = kernels.attention
-    monkeypatch.setattr(kernels, "attention", lambda q, k, v, **kw: seen.append(k.shape[2]) or real(q, k, v, **kw))
+    real = fused_kernels.attention
+    monkeypatch.setattr(fused_kernels, "attention",
+                        lambda q, k, v, **kw: seen.append(k.shape[2]) or real(q, k, v, **kw))
     x = torch.randn(1, 13, 24, dtype=torch.float64)
     cache = KVCache(1, 3, 13, 8, dtype=torch.float64, device="cpu")
     with torch.no_grad():
@@ -249,7 +250,7 @@ def test_output_attentions_are_zero_outside_the_window():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_fused_attention_matches_explicit_weights_path(padded):
-    """kernels.attention(window=, alibi_slopes=) against the explicit softmax of the weights path, float64."""
+    """fused_kernels.attention(window=, alibi_slopes=) against the explicit softmax of the weights path, float64."""
     model = _model(dtype=torch.float64)
     ids = _ids(2, 20)
     mask = None
@@ -263,7 +264,7 @@ def test_fused_attention_matches_explicit_weights_path(padded):
 
 
 def test_fused_gradients_match_explicit_weights_path():
-    """The backward of kernels.attention with window and ALiBi: every parameter's gradient equals the one
+    """The backward of fused_kernels.attention with window and ALiBi: every parameter's gradient equals the one
     through the explicit softmax (float64)."""
     ids = _ids(2, 16)
     grads = []
@@ -283,7 +284,7 @@ def test_triton_path_matches_torch_path():
     ids = _ids(1, 12)
     with torch.no_grad():
         ref = model(ids).logits
-        with kernels.use_backend("auto"):
+        with fused_kernels.use_backend("auto"):
             got = model(ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 

@@ -6,7 +6,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kernels.integrations import huggingface  # noqa: E402
+from fused_kernels.integrations import huggingface  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,9 @@ def _loss_and_grads(model, batch):
 
 @pytest.mark.parametrize("flash_kwargs", [True, False], ids=["cu_seq_lens", "position_ids"])
 def test_llama_packed_batch_matches_padded_batch(name, monkeypatch, flash_kwargs):
-    """A DataCollatorWithFlattening batch (one row of concatenated sequences) runs kernels.varlen_attention
+    """A DataCollatorWithFlattening batch (one row of concatenated sequences) runs fused_kernels.varlen_attention
     in every layer and gives the loss and gradients of the padded batch of the same sequences."""
-    import kernels
+    import fused_kernels
 
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 100, (n,), generator=g) for n in PACK_LENGTHS]
@@ -113,14 +113,14 @@ def test_llama_packed_batch_matches_padded_batch(name, monkeypatch, flash_kwargs
     want = _loss_and_grads(model, _padded(seqs))
     model.set_attn_implementation(name)
     calls = []
-    real = kernels.varlen_attention
+    real = fused_kernels.varlen_attention
 
     def spy(*args, **kwargs):
         calls.append(args[3].tolist())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "varlen_attention", spy)
-    with kernels.use_backend("torch"):
+    monkeypatch.setattr(fused_kernels, "varlen_attention", spy)
+    with fused_kernels.use_backend("torch"):
         got = _loss_and_grads(model, dict(packed))
     cu = [0, 3, 20, 21, 51]
     assert calls == [cu] * model.config.num_hidden_layers
@@ -132,9 +132,9 @@ def test_llama_packed_batch_matches_padded_batch(name, monkeypatch, flash_kwargs
 
 def test_unpacked_position_ids_keep_the_dense_path(name, monkeypatch):
     """One sequence (position ids that never restart) is not a packed batch: no varlen call."""
-    import kernels
+    import fused_kernels
 
-    monkeypatch.setattr(kernels, "varlen_attention", lambda *a, **k: pytest.fail("varlen path taken"))
+    monkeypatch.setattr(fused_kernels, "varlen_attention", lambda *a, **k: pytest.fail("varlen path taken"))
     model = _tiny_llama().eval()
     model.set_attn_implementation(name)
     ids = torch.randint(0, 100, (1, 9))
@@ -144,7 +144,7 @@ def test_unpacked_position_ids_keep_the_dense_path(name, monkeypatch):
 
 def test_llama_packed_batch_on_triton_kernels(name, triton_backend):
     """The same check through the Triton varlen path (the interpreter on a CPU), a smaller batch."""
-    import kernels
+    import fused_kernels
 
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 100, (n,), generator=g) for n in (5, 1, 12)]
@@ -152,7 +152,7 @@ def test_llama_packed_batch_on_triton_kernels(name, triton_backend):
         [{"input_ids": s.tolist()} for s in seqs])
     model = _tiny_llama()
     model.set_attn_implementation("sdpa")
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         want = _loss_and_grads(model, _padded(seqs))
     model.set_attn_implementation(name)
     got = _loss_and_grads(model, dict(packed))

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from helpers import LAYOUTS, as_layout, assert_close, assert_fresh_contiguous, bounds_checked, grads, leaf
 
-import kernels
-from kernels.layer_norm import MAX_FUSED_BWD, MAX_FUSED_FWD, fused_limit
+import fused_kernels
+from fused_kernels.layer_norm import MAX_FUSED_BWD, MAX_FUSED_FWD, fused_limit
 
-ln_mod = importlib.import_module("kernels.layer_norm")  # the module (``kernels.layer_norm`` is the function)
+# the module (``fused_kernels.layer_norm`` is the function)
+ln_mod = importlib.import_module("fused_kernels.layer_norm")
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 
@@ -31,10 +32,10 @@ EPS = 1e-5
 
 def _kernel_op(op: str, t: dict, shape: tuple[int, ...], eps: float = EPS, dropout_p: float = 0.0):
     if op == "layer_norm":
-        return (kernels.layer_norm(t["x"], shape, t.get("weight"), t.get("bias"), eps),)
+        return (fused_kernels.layer_norm(t["x"], shape, t.get("weight"), t.get("bias"), eps),)
     if op == "rms_norm":
-        return (kernels.rms_norm(t["x"], shape, t.get("weight"), eps),)
-    return kernels.add_layer_norm(t["x"], t.get("residual"), t.get("weight"), t.get("bias"), eps, dropout_p)
+        return (fused_kernels.rms_norm(t["x"], shape, t.get("weight"), eps),)
+    return fused_kernels.add_layer_norm(t["x"], t.get("residual"), t.get("weight"), t.get("bias"), eps, dropout_p)
 
 
 def _torch_op(op: str, t: dict, shape: tuple[int, ...], eps: float = EPS):
@@ -105,7 +106,7 @@ def check_op(op: str, dtype: torch.dtype, device: str, shape, *, normalized: int
         assert kg is not None, f"{op}: no gradient for {name}"
         assert kg.dtype == rounded[name].dtype
         assert_close(kg, rg, tg, grad=True, name=f"{op} d{name}")
-    if kernels.get_backend() == "torch":
+    if fused_kernels.get_backend() == "torch":
         assert not launches, launches                 # the PyTorch path never touches a kernel
     elif values["x"].numel():
         assert launches.get(KERNELS[0], 0) >= 1 and launches.get(KERNELS[1], 0) >= 1, launches
@@ -238,7 +239,7 @@ def test_broadcast_weight_and_bias(device):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(4, 16, generator=gen)
     w, b = torch.tensor(1.5).expand(16), torch.tensor(-0.5).expand(16)  # stride 0
-    out = kernels.layer_norm(x.to(device), (16,), w.to(device), b.to(device))
+    out = fused_kernels.layer_norm(x.to(device), (16,), w.to(device), b.to(device))
     assert_close(out, F.layer_norm(x.double(), (16,), w.double(), b.double()))
 
 
@@ -357,9 +358,9 @@ def test_rms_norm_default_eps_matches_torch(dtype, backend, device):
     gen = torch.Generator().manual_seed(11)
     x = (torch.randn(4, 64, generator=gen, dtype=torch.float64) * 1e-4).to(dtype)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    with kernels.use_backend(backend):
-        out = kernels.rms_norm(x.to(device), (64,))
-        explicit = kernels.rms_norm(x.to(device), (64,), eps=torch.finfo(compute).eps)
+    with fused_kernels.use_backend(backend):
+        out = fused_kernels.rms_norm(x.to(device), (64,))
+        explicit = fused_kernels.rms_norm(x.to(device), (64,), eps=torch.finfo(compute).eps)
     want = F.rms_norm(x.double(), (64,), eps=torch.finfo(compute).eps)
     assert_close(out, want, F.rms_norm(x, (64,)), name="rms_norm(eps=None)")
     assert torch.equal(out, explicit)
@@ -369,10 +370,10 @@ def test_rms_norm_default_eps_matches_torch(dtype, backend, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_torch_backend_reference_matches_torch(op, dtype, device):
-    """The "torch" backend runs ``kernels.reference``: it must have the ops' semantics too."""
+    """The "torch" backend runs ``fused_kernels.reference``: it must have the ops' semantics too."""
     values = _values(op, (3, 4, 40), 1, residual=True, weight=True, bias=True, seed=17)
     t = {k: v.to(dtype).to(device) for k, v in values.items()}
-    with kernels.use_backend("torch"), bounds_checked(ln_mod, *KERNELS) as launches:
+    with fused_kernels.use_backend("torch"), bounds_checked(ln_mod, *KERNELS) as launches:
         outs = _kernel_op(op, t, (40,))
     assert not launches
     refs = _torch_op(op, {k: v.double().cpu() for k, v in t.items()}, (40,))
@@ -384,9 +385,9 @@ def test_torch_backend_reference_matches_torch(op, dtype, device):
 def test_eps_is_used(device):
     x = torch.randn(3, 32, dtype=torch.float64) * 0.1
     for eps in (1e-5, 0.5):
-        assert_close(kernels.layer_norm(x.to(device), (32,), eps=eps), F.layer_norm(x, (32,), eps=eps))
-        assert_close(kernels.rms_norm(x.to(device), (32,), eps=eps), F.rms_norm(x, (32,), eps=eps))
-        out, _ = kernels.add_layer_norm(x.to(device), None, eps=eps)
+        assert_close(fused_kernels.layer_norm(x.to(device), (32,), eps=eps), F.layer_norm(x, (32,), eps=eps))
+        assert_close(fused_kernels.rms_norm(x.to(device), (32,), eps=eps), F.rms_norm(x, (32,), eps=eps))
+        out, _ = fused_kernels.add_layer_norm(x.to(device), None, eps=eps)
         assert_close(out, F.layer_norm(x, (32,), eps=eps))
 
 
@@ -396,7 +397,7 @@ def test_eps_is_used(device):
 def _dropout_run(x, residual, p, device, seed=None):
     if seed is not None:
         torch.manual_seed(seed)
-    return kernels.add_layer_norm(x.to(device), None if residual is None else residual.to(device), dropout_p=p)
+    return fused_kernels.add_layer_norm(x.to(device), None if residual is None else residual.to(device), dropout_p=p)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -457,7 +458,7 @@ def test_dropout_backward_uses_the_forward_mask(with_residual, n, device):
     b = torch.randn(n, generator=gen).to(device).requires_grad_()
     torch.manual_seed(2)
     with bounds_checked(ln_mod, *KERNELS):
-        out, residual_out = kernels.add_layer_norm(x, r, w, b, dropout_p=p)
+        out, residual_out = fused_kernels.add_layer_norm(x, r, w, b, dropout_p=p)
         dy = torch.randn(3, n, generator=gen)
         dres = torch.randn(3, n, generator=gen)
         inputs = [x, w, b] + ([r] if with_residual else [])
@@ -480,9 +481,9 @@ def test_dropout_backward_uses_the_forward_mask(with_residual, n, device):
 
 def test_no_dropout_gives_exact_sum(device):
     x, r = torch.randn(4, 50), torch.randn(4, 50)
-    _, residual_out = kernels.add_layer_norm(x.to(device), r.to(device))
+    _, residual_out = fused_kernels.add_layer_norm(x.to(device), r.to(device))
     assert torch.equal(residual_out.cpu(), r + x)
-    _, residual_out = kernels.add_layer_norm(x.to(device), None)
+    _, residual_out = fused_kernels.add_layer_norm(x.to(device), None)
     assert torch.equal(residual_out.cpu(), x)
 
 
@@ -495,7 +496,7 @@ def test_dropout_gradcheck(device):
 
     def fn(*ts):
         torch.manual_seed(0)
-        return kernels.add_layer_norm(*ts, dropout_p=0.3)
+        return fused_kernels.add_layer_norm(*ts, dropout_p=0.3)
 
     inputs = [t.to(device).requires_grad_() for t in (x, r, w, b)]
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
@@ -508,29 +509,30 @@ def _bad_cases():
     x = torch.randn(4, 8)
     w = torch.randn(8)
     return [
-        ("input not a tensor", lambda: kernels.layer_norm([1.0, 2.0], (2,)), TypeError, "input"),
-        ("int input", lambda: kernels.layer_norm(torch.ones(4, 8, dtype=torch.int32), (8,)), TypeError, "input"),
-        ("weight shape", lambda: kernels.layer_norm(x, (8,), torch.randn(7)), ValueError, "weight"),
-        ("bias shape", lambda: kernels.layer_norm(x, (8,), w, torch.randn(4, 8)), ValueError, "bias"),
-        ("int weight", lambda: kernels.layer_norm(x, (8,), torch.ones(8, dtype=torch.int64)), TypeError, "weight"),
-        ("fp16 weight, fp32 input", lambda: kernels.layer_norm(x, (8,), w.half()), TypeError, "weight"),
-        ("fp64 bias, fp32 input", lambda: kernels.layer_norm(x, (8,), w, w.double()), TypeError, "bias"),
-        ("normalized_shape mismatch", lambda: kernels.layer_norm(x, (4,)), ValueError, "normalized_shape"),
-        ("normalized_shape too long", lambda: kernels.layer_norm(x, (2, 4, 8)), ValueError, "normalized_shape"),
-        ("normalized_shape empty", lambda: kernels.layer_norm(x, ()), ValueError, "normalized_shape"),
-        ("normalized_shape negative", lambda: kernels.layer_norm(x, (-8,)), ValueError, "normalized_shape"),
-        ("rms weight shape", lambda: kernels.rms_norm(x, (8,), torch.randn(4)), ValueError, "weight"),
-        ("rms int input", lambda: kernels.rms_norm(x.long(), (8,)), TypeError, "input"),
-        ("rms normalized_shape", lambda: kernels.rms_norm(x, (3,)), ValueError, "normalized_shape"),
-        ("add int x", lambda: kernels.add_layer_norm(x.int(), None), TypeError, "x"),
-        ("add residual shape", lambda: kernels.add_layer_norm(x, torch.randn(4, 7)), ValueError, "residual"),
-        ("add residual dtype", lambda: kernels.add_layer_norm(x, x.double()), TypeError, "residual"),
-        ("add weight shape", lambda: kernels.add_layer_norm(x, x, torch.randn(4)), ValueError, "weight"),
-        ("add bias dtype", lambda: kernels.add_layer_norm(x, x, w, w.half()), TypeError, "bias"),
-        ("dropout_p = 1", lambda: kernels.add_layer_norm(x, x, dropout_p=1.0), ValueError, "dropout_p"),
-        ("dropout_p < 0", lambda: kernels.add_layer_norm(x, x, dropout_p=-0.1), ValueError, "dropout_p"),
-        ("dropout_p bool", lambda: kernels.add_layer_norm(x, x, dropout_p=True), ValueError, "dropout_p"),
-        ("add scalar x", lambda: kernels.add_layer_norm(torch.tensor(1.0), None), ValueError, "x"),
+        ("input not a tensor", lambda: fused_kernels.layer_norm([1.0, 2.0], (2,)), TypeError, "input"),
+        ("int input", lambda: fused_kernels.layer_norm(torch.ones(4, 8, dtype=torch.int32), (8,)), TypeError, "input"),
+        ("weight shape", lambda: fused_kernels.layer_norm(x, (8,), torch.randn(7)), ValueError, "weight"),
+        ("bias shape", lambda: fused_kernels.layer_norm(x, (8,), w, torch.randn(4, 8)), ValueError, "bias"),
+        ("int weight", lambda: fused_kernels.layer_norm(x, (8,), torch.ones(8, dtype=torch.int64)), TypeError,
+         "weight"),
+        ("fp16 weight, fp32 input", lambda: fused_kernels.layer_norm(x, (8,), w.half()), TypeError, "weight"),
+        ("fp64 bias, fp32 input", lambda: fused_kernels.layer_norm(x, (8,), w, w.double()), TypeError, "bias"),
+        ("normalized_shape mismatch", lambda: fused_kernels.layer_norm(x, (4,)), ValueError, "normalized_shape"),
+        ("normalized_shape too long", lambda: fused_kernels.layer_norm(x, (2, 4, 8)), ValueError, "normalized_shape"),
+        ("normalized_shape empty", lambda: fused_kernels.layer_norm(x, ()), ValueError, "normalized_shape"),
+        ("normalized_shape negative", lambda: fused_kernels.layer_norm(x, (-8,)), ValueError, "normalized_shape"),
+        ("rms weight shape", lambda: fused_kernels.rms_norm(x, (8,), torch.randn(4)), ValueError, "weight"),
+        ("rms int input", lambda: fused_kernels.rms_norm(x.long(), (8,)), TypeError, "input"),
+        ("rms normalized_shape", lambda: fused_kernels.rms_norm(x, (3,)), ValueError, "normalized_shape"),
+        ("add int x", lambda: fused_kernels.add_layer_norm(x.int(), None), TypeError, "x"),
+        ("add residual shape", lambda: fused_kernels.add_layer_norm(x, torch.randn(4, 7)), ValueError, "residual"),
+        ("add residual dtype", lambda: fused_kernels.add_layer_norm(x, x.double()), TypeError, "residual"),
+        ("add weight shape", lambda: fused_kernels.add_layer_norm(x, x, torch.randn(4)), ValueError, "weight"),
+        ("add bias dtype", lambda: fused_kernels.add_layer_norm(x, x, w, w.half()), TypeError, "bias"),
+        ("dropout_p = 1", lambda: fused_kernels.add_layer_norm(x, x, dropout_p=1.0), ValueError, "dropout_p"),
+        ("dropout_p < 0", lambda: fused_kernels.add_layer_norm(x, x, dropout_p=-0.1), ValueError, "dropout_p"),
+        ("dropout_p bool", lambda: fused_kernels.add_layer_norm(x, x, dropout_p=True), ValueError, "dropout_p"),
+        ("add scalar x", lambda: fused_kernels.add_layer_norm(torch.tensor(1.0), None), ValueError, "x"),
     ]
 
 
@@ -538,7 +540,7 @@ def _bad_cases():
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_bad_inputs_raise_naming_the_argument(case, backend):
     _, call, exc, argument = case
-    with kernels.use_backend(backend), pytest.raises(exc) as info:
+    with fused_kernels.use_backend(backend), pytest.raises(exc) as info:
         call()
     message = str(info.value)
     assert argument in message, message
@@ -549,9 +551,9 @@ def test_bad_inputs_raise_naming_the_argument(case, backend):
 def test_mismatched_devices_raise():
     x = torch.randn(4, 8, device="cuda")
     with pytest.raises(ValueError, match="weight"):
-        kernels.layer_norm(x, (8,), torch.randn(8))
+        fused_kernels.layer_norm(x, (8,), torch.randn(8))
     with pytest.raises(ValueError, match="residual"):
-        kernels.add_layer_norm(x, torch.randn(4, 8))
+        fused_kernels.add_layer_norm(x, torch.randn(4, 8))
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -586,6 +588,6 @@ def test_gpu_dropout_statistics():
     p = 0.1
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     torch.manual_seed(0)
-    _, residual_out = kernels.add_layer_norm(x, None, dropout_p=p)
+    _, residual_out = fused_kernels.add_layer_norm(x, None, dropout_p=p)
     frac = (residual_out == 0).float().mean().item()
     assert abs(frac - p) < 6 * math.sqrt(p * (1 - p) / x.numel())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
+import fused_kernels
 from transformer.config import ViTConfig
 from transformer.layers import Attention, BlockSpec, DecoderBlock, EncoderBlock
 from transformer.lora import (
@@ -186,7 +186,7 @@ def test_merge_unmerge_after_training(which):
         targets = [*DEFAULT_TARGET_MODULES, "fc1", "fc2"]
     apply_lora(model, r=4, alpha=8, target_modules=targets)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if ".base_layer." in n}
-    with kernels.use_backend("torch"):              # the training steps only move weights: fast path
+    with fused_kernels.use_backend("torch"):              # the training steps only move weights: fast path
         _train(model, inputs)
     assert all(torch.count_nonzero(m.lora_B.weight) > 0 for m in lora_layers(model).values())
 
@@ -215,7 +215,7 @@ def test_remove_lora_restores_plain_model():
     keys = set(model.state_dict())
     inputs = _stack_inputs(torch.float64)
     apply_lora(model, r=2)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         _train(model, inputs)
         with torch.no_grad():
             want = model(*inputs)
@@ -236,7 +236,7 @@ def test_save_load_round_trip(tmp_path):
 
     model = _vit()
     apply_lora(model, r=4, alpha=16)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         _train(model, (_pixels(),))
     path = tmp_path / "adapter.safetensors"
     save_lora(model, path)
@@ -312,7 +312,7 @@ def test_bitfit():
     assert {"blocks.0.attn.qkv_proj.bias", "blocks.0.ffn.fc1.bias", "blocks.1.ln2.bias", "norm.bias"} <= trainable
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         _train(model, (_pixels(),), steps=1)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable

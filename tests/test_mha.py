@@ -1,11 +1,11 @@
-"""kernels.nn.MultiheadAttention against torch.nn.MultiheadAttention loaded with the same state dict,
+"""fused_kernels.nn.MultiheadAttention against torch.nn.MultiheadAttention loaded with the same state dict,
 and replace_modules on torch's Transformer layers."""
 
 import pytest
 import torch
 
-import kernels
-from kernels.nn import MultiheadAttention
+import fused_kernels
+from fused_kernels.nn import MultiheadAttention
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 
@@ -141,7 +141,7 @@ def test_replace_modules_swaps_transformer_layers():
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     want = layer(x)
     params = list(layer.parameters())
-    assert kernels.nn.replace_modules(layer) == 4                # the layer, self_attn, norm1, norm2
+    assert fused_kernels.nn.replace_modules(layer) == 4                # the layer, self_attn, norm1, norm2
     assert type(layer.self_attn) is MultiheadAttention
     assert list(layer.parameters()) == params
     torch.testing.assert_close(layer(x), want, rtol=1e-9, atol=1e-10)

@@ -4,7 +4,7 @@ ones train a step in fp32 and under bf16 autocast (sublayer outputs in bf16, res
 import pytest
 import torch
 
-import kernels
+import fused_kernels
 from transformer import (
     GPT,
     BERTConfig,
@@ -55,7 +55,7 @@ def test_small_presets_train_in_fp32_and_under_bf16_autocast(config_class, prese
     model = MODELS[config_class][0](config)
     batch = MODELS[config_class][1](config, torch.Generator().manual_seed(0))
     losses = {}
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         for precision in ("fp32", "bf16"):
             model.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fused_kernels
 from transformer import Multimodal, MultimodalConfig
 from transformer.data import digit_phrases
 from transformer.training.trainer import TrainArgs, train
@@ -30,7 +30,7 @@ def inputs(b=3, t=9, seed=0):
 
 @pytest.fixture(autouse=True)
 def reference():
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         yield
 
 
@@ -74,7 +74,7 @@ def test_one_modality_alone_and_bad_inputs(model):
 
 
 def test_triton_path_matches_the_reference_forward_and_backward():
-    if not kernels._backend.INTERPRET and not torch.cuda.is_available():
+    if not fused_kernels._backend.INTERPRET and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
     torch.manual_seed(0)
     m = Multimodal(MultimodalConfig.from_preset("tiny", vocab_size=40, max_text_len=24, dropout=0.0))
@@ -83,7 +83,7 @@ def test_triton_path_matches_the_reference_forward_and_backward():
     results = {}
     for backend in ("triton", "torch"):
         m.zero_grad()
-        with kernels.use_backend(backend):
+        with fused_kernels.use_backend(backend):
             out = m(pixels, ids, mask, labels=labels)
             out.loss.backward()
         results[backend] = (out.logits, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})

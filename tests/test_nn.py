@@ -1,4 +1,4 @@
-"""Drop-in modules: ``kernels.nn.LayerNorm`` / ``RMSNorm`` / ``Softmax`` against their ``torch.nn``
+"""Drop-in modules: ``fused_kernels.nn.LayerNorm`` / ``RMSNorm`` / ``Softmax`` against their ``torch.nn``
 counterparts (constructor, attributes, state_dict, outputs, gradients), and ``replace_modules``."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import pytest
 import torch
 from helpers import assert_close, bounds_checked
 
-import kernels
-import kernels.nn as knn
+import fused_kernels
+import fused_kernels.nn as knn
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
-ln_mod = importlib.import_module("kernels.layer_norm")
-sm_mod = importlib.import_module("kernels.softmax")
+ln_mod = importlib.import_module("fused_kernels.layer_norm")
+sm_mod = importlib.import_module("fused_kernels.softmax")
 
 NORM_CASES = [
     pytest.param("LayerNorm", (16,), {}, id="ln"),
@@ -217,7 +217,7 @@ def test_replace_modules_on_a_bare_norm_and_bad_argument():
 
 
 class _Spy:
-    """Counts the calls into our ops from ``kernels.nn`` (the names its modules call at run time), and into
+    """Counts the calls into our ops from ``fused_kernels.nn`` (the names its modules call at run time), and into
     torch's fused inference ops that would bypass them."""
 
     OURS = ("layer_norm", "scaled_dot_product_attention", "softmax")
@@ -357,5 +357,5 @@ def test_modules_on_cuda():
     ref = torch.nn.functional.layer_norm(x.double(), (64,))
     assert_close(ours(x), ref, theirs(x))
     model = _encoder(True).cuda()
-    assert kernels.nn.replace_modules(model) == 4
+    assert fused_kernels.nn.replace_modules(model) == 4
     assert model(torch.randn(2, 5, 16, device="cuda")).isfinite().all()

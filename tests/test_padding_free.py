@@ -1,4 +1,4 @@
-"""Padding-free training (``config.padding_free``): the packed run (unpad, ``kernels.varlen_attention``,
+"""Padding-free training (``config.padding_free``): the packed run (unpad, ``fused_kernels.varlen_attention``,
 repad) gives the padded run's loss and parameter gradients, on batches whose lengths differ a lot.
 
 Train mode with dropout 0, so both runs compute the same function. The reference is always the padded
@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-import kernels
+import fused_kernels
 from transformer.bert import BERTForPreTraining
 from transformer.config import BERTConfig, EncoderDecoderConfig
 from transformer.encoder_decoder import EncoderDecoder
@@ -96,7 +96,7 @@ def test_bert_pretraining_loss_and_grads_match_padded(preset):
     config = _bert_config(preset)
     padded, packed = _twins(BERTForPreTraining, config)
     batch = _bert_batch(config, LENGTHS)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         want = _loss_and_grads(padded, batch)
         got = _loss_and_grads(packed, batch)
     _assert_same(got, want)
@@ -106,7 +106,7 @@ def test_bert_padding_free_on_triton_kernels(triton_backend):
     config = _bert_config()
     padded, packed = _twins(BERTForPreTraining, config)
     batch = _bert_batch(config, LENGTHS)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         want = _loss_and_grads(padded, batch)
     got = _loss_and_grads(packed, batch)                     # the Triton varlen path (interpreter on CPU)
     _assert_same(got, want)
@@ -116,15 +116,15 @@ def test_bert_padding_free_runs_varlen_and_zeroes_padding(monkeypatch):
     config = _bert_config()
     _, packed = _twins(BERTForPreTraining, config)
     calls = []
-    real = kernels.varlen_attention
+    real = fused_kernels.varlen_attention
 
     def spy(*args, **kwargs):
         calls.append(args[3].tolist())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "varlen_attention", spy)
+    monkeypatch.setattr(fused_kernels, "varlen_attention", spy)
     batch = _bert_batch(config, LENGTHS)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         hidden = packed.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).last_hidden_state
     assert calls == [[0, 3, 20, 21, 51]] * config.n_layers                       # one call per layer
     assert hidden[~batch["attention_mask"].bool()].abs().max() == 0
@@ -134,7 +134,7 @@ def test_bert_padding_free_falls_back_without_mask_or_with_weights():
     config = _bert_config()
     padded, packed = _twins(BERTForPreTraining, config)
     batch = _bert_batch(config, (5, 5))
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         out = packed.bert(batch["input_ids"], output_attentions=True)
         want = padded.bert(batch["input_ids"], output_attentions=True)
     assert len(out.attentions) == config.n_layers
@@ -148,7 +148,7 @@ def test_bert_empty_and_length_one_rows():
     padded, packed = _twins(BERTForPreTraining, config)
     batch = _bert_batch(config, (1, 0, 7, 1))
     batch.pop("next_sentence_label")                     # NSP would score the empty row's [CLS] position
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         want = _loss_and_grads(padded, batch)
         got = _loss_and_grads(packed, batch)
         hidden = packed.bert(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -179,7 +179,7 @@ def test_seq2seq_translation_loss_and_grads_match_padded(pre_ln, decoder_mask):
     batch = _seq2seq_batch(config, LENGTHS, (5, 2, 20, 9))
     if decoder_mask:
         batch["decoder_attention_mask"] = _mask((5, 2, 20, 9))
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         want = _loss_and_grads(padded, batch)
         got = _loss_and_grads(packed, batch)
     _assert_same(got, want)
@@ -189,7 +189,7 @@ def test_seq2seq_padding_free_on_triton_kernels(triton_backend):
     config = _seq2seq_config()
     padded, packed = _twins(EncoderDecoder, config)
     batch = _seq2seq_batch(config, (3, 11, 1), (4, 1, 7))
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         want = _loss_and_grads(padded, batch)
     got = _loss_and_grads(packed, batch)
     _assert_same(got, want)
@@ -199,15 +199,15 @@ def test_seq2seq_cross_attention_packs_both_sides(monkeypatch):
     config = _seq2seq_config()
     _, packed = _twins(EncoderDecoder, config)
     calls = []
-    real = kernels.varlen_attention
+    real = fused_kernels.varlen_attention
 
     def spy(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
         calls.append((cu_q.tolist(), cu_k.tolist(), max_q, max_k, kwargs["causal"]))
         return real(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
-    monkeypatch.setattr(kernels, "varlen_attention", spy)
+    monkeypatch.setattr(fused_kernels, "varlen_attention", spy)
     batch = _seq2seq_batch(config, LENGTHS, (5, 2, 20, 9))
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         logits = packed(**batch).logits
     src, tgt = [0, 3, 20, 21, 51], [0, 5, 7, 27, 36]
     enc = [(src, src, 30, 30, False)] * config.n_encoder_layers
@@ -220,7 +220,7 @@ def test_seq2seq_empty_source_and_target_rows():
     config = _seq2seq_config()
     padded, packed = _twins(EncoderDecoder, config)
     batch = _seq2seq_batch(config, (4, 0, 1, 6), (3, 2, 1, 0))   # row 1: no source; row 3: no target
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         want = _loss_and_grads(padded, batch)
         got = _loss_and_grads(packed, batch)
     _assert_same(got, want)
@@ -231,7 +231,7 @@ def test_seq2seq_encode_and_generate_with_padding_free():
     padded, packed = _twins(EncoderDecoder, config)
     batch = _seq2seq_batch(config, (4, 9), (3, 3))
     mask = batch["attention_mask"].bool()
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         memory = packed.eval().encode(batch["input_ids"], batch["attention_mask"])
         want = padded.eval().encode(batch["input_ids"], batch["attention_mask"])
         torch.testing.assert_close(memory[mask], want[mask], **TOL)
@@ -256,7 +256,7 @@ def test_multimodal_text_encoder_padding_free():
     batch = dict(pixel_values=torch.randn(4, 1, 8, 8, generator=g),
                  input_ids=torch.randint(7, 40, mask.shape, generator=g) * mask, attention_mask=mask,
                  labels={"match": torch.tensor([0, 1, 1, 0]), "digit": torch.tensor([3, 7, 1, 0])})
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         want = _loss_and_grads(padded, batch)
         got = _loss_and_grads(packed, batch)
     _assert_same(got, want)

@@ -1,9 +1,9 @@
-"""Paged KV cache (``kernels.paged``): append and attention through a block table, against the dense path.
+"""Paged KV cache (``fused_kernels.paged``): append and attention through a block table, against the dense path.
 
 Every case lays the logical sequences out in a pool whose physical blocks are in shuffled order
 (``torch.randperm``) and whose unwritten slots are NaN: the kernels must never read them (the output stays
 finite and equal to the dense result), and the append must write exactly its slots (every other element
-of the pool stays NaN, bit for bit). The float64 reference is ``kernels.reference.attention_ref`` on each
+of the pool stays NaN, bit for bit). The float64 reference is ``fused_kernels.reference.attention_ref`` on each
 sequence's keys gathered densely, causal bottom-right (query i of Lq sees keys j <= i + len - Lq).
 Lengths of thousands run with one small head in the interpreter, and widely on the PyTorch path."""
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from helpers import assert_close, bounds_checked
 
-import kernels
-import kernels.paged as paged
-from kernels import PagedKVCache, paged_append, paged_attention
-from kernels.reference import attention_ref
+import fused_kernels
+import fused_kernels.paged as paged
+from fused_kernels import PagedKVCache, paged_append, paged_attention
+from fused_kernels.reference import attention_ref
 
 KERNELS = ("_paged_append_kernel", "_paged_attn_fwd_kernel", "_attn_combine_kernel")
 
@@ -49,7 +49,7 @@ def _filled(lens, block_size, hkv, d, dtype, seed=0, dv=None):
     v = torch.randn(b, hkv, s, dv, generator=g, dtype=torch.float64).to(dtype)
     k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=dtype)
     v_cache = torch.full((num_blocks, block_size, hkv, dv), float("nan"), dtype=dtype)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         for i, n in enumerate(lens):
             paged_append(k_cache, v_cache, table[i:i + 1], torch.zeros(1, dtype=torch.int32), k[i:i + 1, :, :n],
                          v[i:i + 1, :, :n])
@@ -85,13 +85,13 @@ def test_attention_matches_dense_over_shuffled_blocks(op_backend, block_size, lq
 
 
 def test_attention_equals_the_dense_attention_kernel(op_backend):
-    """Same results as ``kernels.attention`` on each sequence's dense keys (the path the KV cache used)."""
+    """Same results as ``fused_kernels.attention`` on each sequence's dense keys (the path the KV cache used)."""
     lens, h, hkv, d, lq = [70, 9], 4, 1, 40, 3
     k_cache, v_cache, table, k, v = _filled(lens, 32, hkv, d, torch.float32, seed=3)
     q = torch.randn(len(lens), h, lq, d, generator=torch.Generator().manual_seed(8))
     out = paged_attention(q, k_cache, v_cache, table.long(), torch.tensor(lens, dtype=torch.int64))   # int64 indices
     for i, n in enumerate(lens):
-        dense = kernels.attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], causal=True)
+        dense = fused_kernels.attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], causal=True)
         torch.testing.assert_close(out[i:i + 1], dense, atol=2e-6, rtol=2e-6)
 
 
@@ -118,7 +118,7 @@ def test_thousands_of_keys_gqa_on_the_torch_path():
     lens, h, hkv, d = [4000, 2, 1500, 333], 8, 2, 64
     k_cache, v_cache, table, k, v = _filled(lens, 128, hkv, d, torch.float32, seed=6)
     q = torch.randn(len(lens), h, 4, d, generator=torch.Generator().manual_seed(11))
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         out = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32))
     assert_close(out, _reference(q, k, v, lens)[0])
 
@@ -155,7 +155,7 @@ def test_append_writes_exactly_its_slots(op_backend, block_size):
     v = torch.randn(3, hkv, max(total), dv, generator=g)
     k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"))
     v_cache = torch.full((num_blocks, block_size, hkv, dv), float("nan"))
-    with kernels.use_backend("torch"):   # the prefixes, sequence by sequence
+    with fused_kernels.use_backend("torch"):   # the prefixes, sequence by sequence
         for i, n in enumerate(lens_before):
             paged_append(k_cache, v_cache, table[i:i + 1], torch.zeros(1, dtype=torch.int32), k[i:i + 1, :, :n],
                          v[i:i + 1, :, :n])
@@ -339,7 +339,7 @@ def test_gpu_realistic(dtype, block_size, lq):
     k_cache, v_cache, table, k, v = _filled(lens, block_size, 8, 128, dtype, seed=block_size)
     q = torch.randn(len(lens), 32, lq, 128, generator=torch.Generator().manual_seed(0)).to(dtype)
     k_cache, v_cache, table, q = k_cache.cuda(), v_cache.cuda(), table.cuda(), q.cuda()
-    with kernels.use_backend("triton"):
+    with fused_kernels.use_backend("triton"):
         out = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device="cuda"))
     ref, _ = _reference(q.cpu(), k, v, lens)
     base = torch.cat([torch.nn.functional.scaled_dot_product_attention(
@@ -356,7 +356,7 @@ def test_gpu_append_then_attend_is_deterministic():
     k_cache, v_cache, table = k_cache.cuda(), v_cache.cuda(), table.cuda()
     q = torch.randn(3, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     lengths = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    with kernels.use_backend("triton"):
+    with fused_kernels.use_backend("triton"):
         first = paged_attention(q, k_cache, v_cache, table, lengths)
         for _ in range(5):
             assert torch.equal(paged_attention(q, k_cache, v_cache, table, lengths), first)

@@ -1,5 +1,5 @@
-"""Ring attention (``kernels.distributed``) across 2 and 4 gloo processes on the CPU: output and dq/dk/dv of every
-rank equal single-process ``kernels.attention`` on the gathered sequence (and the float64 reference), on the
+"""Ring attention (``fused_kernels.distributed``) across 2 and 4 gloo processes on the CPU: output and dq/dk/dv of every
+rank equal single-process ``fused_kernels.attention`` on the gathered sequence (and the float64 reference), on the
 Triton kernels (interpreter) and on the PyTorch path.
 
 One ``torch.multiprocessing.spawn`` per world size runs every case on both backends (process start-up and
@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_close
 
-import kernels
-from kernels import distributed as kd
-from kernels.reference import attention_ref
+import fused_kernels
+from fused_kernels import distributed as kd
+from fused_kernels.reference import attention_ref
 
 BACKENDS = ("triton", "torch")
 
@@ -62,7 +62,7 @@ def _check_case(rank: int, world: int, case: tuple, group: dist.ProcessGroup | N
     got = (out, *torch.autograd.grad(out, local, do[:, :, pos].to(dtype)))
 
     full = [t.to(dtype).requires_grad_() for t in (q, k, v)]       # one process, the whole sequence
-    single = kernels.attention(*full, causal=causal, seqlens_k=seqlens)
+    single = fused_kernels.attention(*full, causal=causal, seqlens_k=seqlens)
     single = (single, *torch.autograd.grad(single, full, do.to(dtype)))
     exact = [t.clone().requires_grad_() for t in (q, k, v)]         # float64 reference
     ref = attention_ref(*exact, causal=causal, seqlens_k=seqlens)
@@ -115,7 +115,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     results = {}
     try:
         for backend in BACKENDS:
-            with kernels.use_backend(backend):
+            with fused_kernels.use_backend(backend):
                 for name, case in [*CASES.items(), ("errors", None)]:
                     try:
                         _check_case(rank, world, case) if case else _check_errors(rank, world)
@@ -125,7 +125,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # sub-groups: ranks {0, 1} and {2, 3} run rings of their own (context parallel inside data parallel)
         if world == 4:
             subs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-            with kernels.use_backend("torch"):
+            with fused_kernels.use_backend("torch"):
                 try:
                     _check_case(rank % 2, 2, CASES["gqa-causal-zigzag"], subs[rank // 2])
                     results["subgroups"] = None

@@ -1,14 +1,14 @@
-"""``python -m kernels``: the self-check table's columns line up for every case name, on passes, failures
+"""``python -m fused_kernels``: the self-check table's columns line up for every case name, on passes, failures
 and crashes (the cases themselves are run by the op tests; here ``run_case`` is replaced)."""
 
 import importlib
 
 import pytest
 
-from kernels import _backend
-from kernels.selfcheck import CASES
+from fused_kernels import _backend
+from fused_kernels.selfcheck import CASES
 
-main_mod = importlib.import_module("kernels.__main__")
+main_mod = importlib.import_module("fused_kernels.__main__")
 
 
 def test_table_columns_line_up(monkeypatch, capsys):
@@ -23,7 +23,7 @@ def test_table_columns_line_up(monkeypatch, capsys):
         return outcome
 
     monkeypatch.setattr(main_mod, "run_case", fake)
-    monkeypatch.setattr(main_mod.sys, "argv", ["python -m kernels"])
+    monkeypatch.setattr(main_mod.sys, "argv", ["python -m fused_kernels"])
     assert main_mod.main() == 1
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("op "))
@@ -41,10 +41,10 @@ def test_table_columns_line_up(monkeypatch, capsys):
 
 
 def test_help_prints_usage_and_runs_nothing(monkeypatch, capsys):
-    monkeypatch.setattr(main_mod.sys, "argv", ["python -m kernels", "--help"])
+    monkeypatch.setattr(main_mod.sys, "argv", ["python -m fused_kernels", "--help"])
     monkeypatch.setattr(main_mod, "run_case", lambda *a: pytest.fail("--help must not run the self-check"))
     monkeypatch.setattr(main_mod.os, "execv", lambda *a: pytest.fail("--help must not re-execute"))
     with pytest.raises(SystemExit) as exit_:
         main_mod.main()
     out = capsys.readouterr().out
-    assert exit_.value.code == 0 and out.startswith("usage: python -m kernels") and "``" not in out
+    assert exit_.value.code == 0 and out.startswith("usage: python -m fused_kernels") and "``" not in out

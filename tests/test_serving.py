@@ -8,8 +8,8 @@ import torch
 from helpers import bounds_checked
 from torch import nn
 
-import kernels
-import kernels.paged as paged
+import fused_kernels
+import fused_kernels.paged as paged
 from transformer import GPT, GPTConfig, serving
 from transformer.training.cli import main
 from transformer.training.trainer import TrainArgs, load_run, train
@@ -51,7 +51,7 @@ def test_continuous_batching_gives_each_prompt_its_tokens_alone(monkeypatch, max
     batches = []
     real = serving._step
     monkeypatch.setattr(serving, "_step", lambda m, c, seqs, *a: batches.append(list(seqs)) or real(m, c, seqs, *a))
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         outs = serving.serve(model, prompts, 9, max_batch=max_batch, block_size=block_size)
         want = _alone(model, prompts, 9)
     for out, ref in zip(outs, want):
@@ -66,7 +66,7 @@ def test_continuous_batching_gives_each_prompt_its_tokens_alone(monkeypatch, max
 def test_a_small_pool_makes_prompts_wait_for_blocks():
     model = _lively()
     prompts = _prompts([20, 3, 17, 9])
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         outs = serving.serve(model, prompts, 6, max_batch=4, block_size=8, num_blocks=4)   # 2 sequences at most
         want = _alone(model, prompts, 6)
     assert all(torch.equal(o, w) for o, w in zip(outs, want))
@@ -77,7 +77,7 @@ def test_a_small_pool_makes_prompts_wait_for_blocks():
 def test_generate_on_a_list_stops_each_sequence_at_eos():
     model = _lively(1)
     prompts = _prompts([5, 11, 2], seed=3)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         free = _alone(model, prompts, 8)
         eos = int(free[1][len(prompts[1]) + 2])                    # the third new token of prompt 1
         outs = model.generate(prompts, 8, eos_token_id=eos, max_batch=2)
@@ -120,7 +120,7 @@ def test_cli_generate_prompts_file_prints_one_continuation_per_line(tmp_path, ca
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     capsys.readouterr()
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         assert main(["generate", out, "--prompts", str(path), "--max-new-tokens", "12", "--temperature", "0",
                      "--max-batch", "2"]) == 0
         lines = capsys.readouterr().out.splitlines()

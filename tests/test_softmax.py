@@ -13,11 +13,11 @@ import pytest
 import torch
 from helpers import LAYOUTS, as_layout, assert_close, assert_fresh_contiguous, bounds_checked, grads, leaf
 
-import kernels
-from kernels.reference import causal_mask
-from kernels.softmax import MAX_FUSED
+import fused_kernels
+from fused_kernels.reference import causal_mask
+from fused_kernels.softmax import MAX_FUSED
 
-sm_mod = importlib.import_module("kernels.softmax")  # the module (``kernels.softmax`` is the function)
+sm_mod = importlib.import_module("fused_kernels.softmax")  # the module (``fused_kernels.softmax`` is the function)
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 
@@ -50,7 +50,7 @@ def check_softmax(dtype: torch.dtype, device: str, x: torch.Tensor, *, dim: int 
                   mask: torch.Tensor | None = None, scale: float = 1.0, is_causal: bool = False,
                   layout: str = "contiguous", grad_layout: str = "contiguous", mask_layout: str = "contiguous",
                   seed: int = 0) -> torch.Tensor:
-    """Run ``kernels.softmax`` on ``x`` (float64 values, rounded to ``dtype``) and check the output and
+    """Run ``fused_kernels.softmax`` on ``x`` (float64 values, rounded to ``dtype``) and check the output and
     the input gradient; returns the kernel output."""
     rounded = x.to(dtype)
     k_x = leaf(rounded.to(device), layout=layout)
@@ -63,7 +63,7 @@ def check_softmax(dtype: torch.dtype, device: str, x: torch.Tensor, *, dim: int 
         k_mask = as_layout(t_mask.to(device), mask_layout)
         t_mask = t_mask.to(device)
     with bounds_checked(sm_mod, *KERNELS) as launches:
-        y = kernels.softmax(k_x, dim, mask=k_mask, scale=scale, is_causal=is_causal)
+        y = fused_kernels.softmax(k_x, dim, mask=k_mask, scale=scale, is_causal=is_causal)
         assert y.dtype == dtype and y.shape == x.shape
         assert_fresh_contiguous(y, k_x, name="softmax output")
         t_y = softmax_reference(t_x, dim, t_mask, scale, is_causal)
@@ -76,7 +76,7 @@ def check_softmax(dtype: torch.dtype, device: str, x: torch.Tensor, *, dim: int 
         (r_dx,) = grads(r_y, [r_x], dy.double())
     assert dx.dtype == dtype
     assert_close(dx, r_dx, t_dx, grad=True, name="softmax dx")
-    if kernels.get_backend() == "torch":
+    if fused_kernels.get_backend() == "torch":
         assert not launches, launches                 # the PyTorch path never touches a kernel
     elif x.numel():
         assert launches.get(KERNELS[0], 0) >= 1 and launches.get(KERNELS[1], 0) >= 1, launches
@@ -171,7 +171,7 @@ def test_mask_is_not_materialized(kind, device):
     mask = _keep(S) if kind == "bool" else _randn(S)
     sm_mod._launch_rows = spy
     try:
-        kernels.softmax(torch.randn(B, H, L, S, device=device), mask=mask.to(device))
+        fused_kernels.softmax(torch.randn(B, H, L, S, device=device), mask=mask.to(device))
     finally:
         sm_mod._launch_rows = original
     assert seen and seen[0].stride()[:-1] == (0, 0, 0), seen[0].stride()
@@ -187,7 +187,7 @@ def test_fully_masked_rows_give_zero_and_zero_gradient(dtype, device):
     float_mask = torch.where(keep, 0.0, NEG_INF).double()
     for mask in (keep, float_mask):
         k_x = x.to(dtype).to(device).requires_grad_()
-        y = kernels.softmax(k_x, mask=mask.to(device) if mask.dtype == torch.bool else mask.to(dtype).to(device))
+        y = fused_kernels.softmax(k_x, mask=mask.to(device) if mask.dtype == torch.bool else mask.to(dtype).to(device))
         (dx,) = torch.autograd.grad(y, [k_x], torch.randn_like(y))
         for out in (y, dx):
             out = out.cpu()
@@ -217,7 +217,7 @@ def test_nan_and_inf_propagate_as_in_torch(n, device):
     x[2, 0] = float("nan")   # ...unless it is masked out
     keep = torch.ones(5, n, dtype=torch.bool)
     keep[2, 0] = False
-    y = kernels.softmax(x.float().to(device), mask=keep.to(device)).cpu()
+    y = fused_kernels.softmax(x.float().to(device), mask=keep.to(device)).cpu()
     want = torch.softmax(x.float().masked_fill(~keep, NEG_INF), -1)
     assert torch.equal(y.isnan(), want.isnan())
     assert y[0].isnan().all() and y[1].isnan().all() and not y[2:].isnan().any()
@@ -238,7 +238,7 @@ def test_is_causal(l, s, dtype, device):
     assert not y[..., ~visible].any()
     assert (y[..., visible] > 0).all()
     # Same as an explicit bool mask.
-    explicit = kernels.softmax(x.to(dtype).to(device), mask=visible.to(device)).cpu()
+    explicit = fused_kernels.softmax(x.to(dtype).to(device), mask=visible.to(device)).cpu()
     assert torch.equal(y, explicit)
 
 
@@ -299,7 +299,7 @@ def test_broadcast_input(kind, device):
     base = _randn(1, 29) if kind == "rows" else _randn(4, 1)
     x = base.float().to(device).expand(4, 29).requires_grad_()
     x_ref = base.expand(4, 29).requires_grad_()
-    y = kernels.softmax(x)
+    y = fused_kernels.softmax(x)
     want = torch.softmax(x_ref, -1)
     assert_close(y, want)
     dy = _randn(4, 29, seed=6)
@@ -309,7 +309,7 @@ def test_broadcast_input(kind, device):
 def test_output_is_fresh_and_contiguous_for_permuted_input(device):
     x = torch.randn(3, 4, 8, device=device).permute(2, 0, 1)  # (8, 3, 4)
     for dim in (-1, 0):
-        y = kernels.softmax(x, dim)
+        y = fused_kernels.softmax(x, dim)
         assert_fresh_contiguous(y, x)
         assert_close(y, torch.softmax(x.double(), dim))
 
@@ -323,7 +323,7 @@ def test_empty(shape, dim, device):
 
 def test_scalar_input(device):
     x = torch.tensor(3.0, device=device, requires_grad=True)
-    y = kernels.softmax(x, 0)
+    y = fused_kernels.softmax(x, 0)
     assert y.shape == () and y.item() == 1.0
     (dx,) = torch.autograd.grad(y, [x])
     assert dx.item() == 0.0
@@ -331,7 +331,7 @@ def test_scalar_input(device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_torch_backend_reference_matches(dtype, device):
-    """The "torch" backend runs ``kernels.reference.softmax_ref``: same semantics (masks, causal,
+    """The "torch" backend runs ``fused_kernels.reference.softmax_ref``: same semantics (masks, causal,
     fully masked rows) as the independent reference here."""
     x = _randn(B, H, L, S)
     keep = _keep(B, 1, L, S)
@@ -341,8 +341,8 @@ def test_torch_backend_reference_matches(dtype, device):
     for kwargs in cases:
         mask = kwargs.get("mask")
         kwargs_d = {**kwargs, "mask": None if mask is None else (mask if mask.dtype == torch.bool else mask.to(dtype))}
-        with kernels.use_backend("torch"), bounds_checked(sm_mod, *KERNELS) as launches:
-            y = kernels.softmax(x.to(dtype).to(device), **{k: (v.to(device) if torch.is_tensor(v) else v)
+        with fused_kernels.use_backend("torch"), bounds_checked(sm_mod, *KERNELS) as launches:
+            y = fused_kernels.softmax(x.to(dtype).to(device), **{k: (v.to(device) if torch.is_tensor(v) else v)
                                                            for k, v in kwargs_d.items()})
         assert not launches
         want = softmax_reference(x.to(dtype).double(), **{k: (v.double() if torch.is_tensor(v) and
@@ -374,7 +374,7 @@ def test_gradcheck(shape, kwargs, device):
     elif kwargs.get("mask") == "float":
         kwargs["mask"] = _randn(shape[-1], seed=7).to(device)
     x = _randn(*shape).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: kernels.softmax(t, **kwargs), [x], fast_mode=True)
+    assert torch.autograd.gradcheck(lambda t: fused_kernels.softmax(t, **kwargs), [x], fast_mode=True)
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -383,19 +383,19 @@ def test_gradcheck(shape, kwargs, device):
 def _bad_cases():
     x = torch.randn(2, 3, 4)
     return [
-        ("input not a tensor", lambda: kernels.softmax([1.0, 2.0]), TypeError, "input"),
-        ("int input", lambda: kernels.softmax(torch.ones(3, 4, dtype=torch.int64)), TypeError, "input"),
-        ("dim out of range", lambda: kernels.softmax(x, 3), ValueError, "dim"),
-        ("dim not an int", lambda: kernels.softmax(x, 1.0), TypeError, "dim"),
-        ("mask not broadcastable", lambda: kernels.softmax(x, mask=torch.ones(5, dtype=torch.bool)), ValueError,
+        ("input not a tensor", lambda: fused_kernels.softmax([1.0, 2.0]), TypeError, "input"),
+        ("int input", lambda: fused_kernels.softmax(torch.ones(3, 4, dtype=torch.int64)), TypeError, "input"),
+        ("dim out of range", lambda: fused_kernels.softmax(x, 3), ValueError, "dim"),
+        ("dim not an int", lambda: fused_kernels.softmax(x, 1.0), TypeError, "dim"),
+        ("mask not broadcastable", lambda: fused_kernels.softmax(x, mask=torch.ones(5, dtype=torch.bool)), ValueError,
          "mask"),
-        ("mask broadcasts beyond input", lambda: kernels.softmax(x, mask=torch.ones(2, 2, 3, 4, dtype=torch.bool)),
-         ValueError, "mask"),
-        ("int mask", lambda: kernels.softmax(x, mask=torch.ones(4, dtype=torch.int32)), TypeError, "mask"),
-        ("mask not a tensor", lambda: kernels.softmax(x, mask=[True] * 4), TypeError, "mask"),
-        ("is_causal along dim 1", lambda: kernels.softmax(x, 1, is_causal=True), ValueError, "is_causal"),
-        ("is_causal on 1-D", lambda: kernels.softmax(torch.randn(4), is_causal=True), ValueError, "is_causal"),
-        ("scale not a number", lambda: kernels.softmax(x, scale="2"), TypeError, "scale"),
+        ("mask broadcasts beyond input",
+         lambda: fused_kernels.softmax(x, mask=torch.ones(2, 2, 3, 4, dtype=torch.bool)), ValueError, "mask"),
+        ("int mask", lambda: fused_kernels.softmax(x, mask=torch.ones(4, dtype=torch.int32)), TypeError, "mask"),
+        ("mask not a tensor", lambda: fused_kernels.softmax(x, mask=[True] * 4), TypeError, "mask"),
+        ("is_causal along dim 1", lambda: fused_kernels.softmax(x, 1, is_causal=True), ValueError, "is_causal"),
+        ("is_causal on 1-D", lambda: fused_kernels.softmax(torch.randn(4), is_causal=True), ValueError, "is_causal"),
+        ("scale not a number", lambda: fused_kernels.softmax(x, scale="2"), TypeError, "scale"),
     ]
 
 
@@ -403,7 +403,7 @@ def _bad_cases():
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_bad_inputs_raise_naming_the_argument(case, backend):
     _, call, exc, argument = case
-    with kernels.use_backend(backend), pytest.raises(exc) as info:
+    with fused_kernels.use_backend(backend), pytest.raises(exc) as info:
         call()
     message = str(info.value)
     assert message.startswith("softmax:") and argument in message, message
@@ -412,7 +412,7 @@ def test_bad_inputs_raise_naming_the_argument(case, backend):
 @pytest.mark.gpu
 def test_mismatched_devices_raise():
     with pytest.raises(ValueError, match="mask"):
-        kernels.softmax(torch.randn(4, 8, device="cuda"), mask=torch.ones(8, dtype=torch.bool))
+        fused_kernels.softmax(torch.randn(4, 8, device="cuda"), mask=torch.ones(8, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.nn as knn
+import fused_kernels.nn as knn
 
 pytestmark = pytest.mark.skipif(not torch.__version__.startswith("2.13.") or torch.cuda.is_available(),
                                 reason="states torch 2.13's CPU behaviour")

@@ -1,7 +1,7 @@
 """The BERT training tasks: next-sentence pairs and their segments, the unigram yardstick, the docstrings
 classification data, and short runs that learn (pre-training, then fine-tuning through the trainer).
 
-Training runs on the PyTorch path (``kernels.use_backend("torch")``): the Triton
+Training runs on the PyTorch path (``fused_kernels.use_backend("torch")``): the Triton
 interpreter would take minutes for the same steps, and the kernels have their own tests."""
 
 import math

@@ -1,7 +1,7 @@
 """The GPT training task: next-token windows, the loss, deterministic held-out metrics, tokenizer reload,
 sampling (seeded, past the context) and a short training run that learns.
 
-Training and evaluation run on the PyTorch path (``kernels.use_backend("torch")``): the
+Training and evaluation run on the PyTorch path (``fused_kernels.use_backend("torch")``): the
 Triton interpreter would take minutes for the same steps, and the kernels have their own tests."""
 
 import math

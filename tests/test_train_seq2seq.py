@@ -2,7 +2,7 @@
 targets, the shared tokenizer and its reload, the metrics, translation, a short training run that learns,
 and a trainer run whose saved directory reloads to the same metrics.
 
-Training and evaluation run on the PyTorch path (``kernels.use_backend("torch")``): the
+Training and evaluation run on the PyTorch path (``fused_kernels.use_backend("torch")``): the
 Triton interpreter would take minutes for the same steps, and the kernels have their own tests."""
 
 import pytest

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import fused_kernels
 from transformer.data.digits import affine, ascii_digit, load_digits_split, random_affine, random_shift
 from transformer.outputs import ClassificationOutput
 from transformer.training.tasks.vit import ViTTask
@@ -211,7 +211,7 @@ def test_loss_plot_labels_say_what_each_loss_is(task):
 def test_evaluate_and_examples_on_the_vit(task):
     torch.manual_seed(0)
     model = task.build_model(task.model_config("tiny")).eval()
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         first, again, other = task.evaluate(model, 64), task.evaluate(model, 64), task.evaluate(model, 100)
         examples = task.examples(model, 3)
         predicted = model(task.split.test_images).logits.argmax(-1)
@@ -253,5 +253,5 @@ def test_short_training_run_learns(tmp_path, monkeypatch):
                       "accuracy": ["held-out accuracy"]}]
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     task, model = load_run(str(tmp_path))
-    with kernels.use_backend("torch"), torch.no_grad():
+    with fused_kernels.use_backend("torch"), torch.no_grad():
         assert task.evaluate(model, 360)["accuracy"] == result["accuracy"]   # the saved run evaluates the same

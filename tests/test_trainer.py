@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import fused_kernels
 from transformer import GPT, GPTConfig
 from transformer.outputs import LMOutput
 from transformer.training import checkpoint as ckpt
@@ -209,7 +209,7 @@ def test_finetuning_methods_train_what_they_should(tmp_path, method):
     body = "wte.weight"                                            # frozen by LoRA and BitFit alike
     assert torch.equal(before[body], after[body]) == (method != "full")
     task, model = load_run(out)                                    # reloads with the method applied
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         assert task.evaluate(model, 8)["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
 
 
@@ -234,7 +234,7 @@ def test_cli_eval_prints_the_metrics(tmp_path, capsys):
 def test_triton_and_reference_paths_give_the_same_loss_curve(tmp_path):
     """The convergence test: a few steps through the real kernels (the interpreter here) and through the
     PyTorch path follow the same curve."""
-    if not kernels._backend.INTERPRET and not torch.cuda.is_available():
+    if not fused_kernels._backend.INTERPRET and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
     curves = {}
     for backend in ("triton", "torch"):
@@ -284,12 +284,12 @@ def test_a_run_sets_its_threads_and_restores_them(tmp_path, monkeypatch, capsys)
 
 def test_triton_backend_on_the_cpu_is_refused_before_training(tmp_path, monkeypatch, capsys):
     """Without the interpreter, backend 'triton' cannot run on the CPU: resolve (hence the CLI) says so in
-    one line before anything is built or written, whether it comes from --backend or KERNELS_BACKEND."""
-    monkeypatch.setattr(kernels._backend, "INTERPRET", False)
+    one line before anything is built or written, whether it comes from --backend or FUSED_KERNELS_BACKEND."""
+    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", False)
     with pytest.raises(ValueError, match=r"--backend triton on cpu: the Triton kernels need a CUDA device"):
         resolve(TrainArgs(task="count", backend="triton", device="cpu"))
     from transformer.training.trainer import check_backend
-    with kernels.use_backend("triton"), pytest.raises(ValueError, match="KERNELS_BACKEND"):
+    with fused_kernels.use_backend("triton"), pytest.raises(ValueError, match="FUSED_KERNELS_BACKEND"):
         check_backend(None, "cpu")                                      # no --backend: the one in force
     resolve(TrainArgs(task="count", backend="torch", device="cpu"))
     out = tmp_path / "run"
@@ -298,19 +298,19 @@ def test_triton_backend_on_the_cpu_is_refused_before_training(tmp_path, monkeypa
     assert err.startswith("error: --backend triton on cpu:") and err.count("\n") == 1 and "interpreter" in err
     assert not out.exists()
     _, trained = run(tmp_path, "trained", steps=2, eval_every=2)          # eval of a run, same check
-    with kernels.use_backend("triton"):
+    with fused_kernels.use_backend("triton"):
         assert main(["eval", trained]) == 2
     assert "need a CUDA device" in capsys.readouterr().err
-    monkeypatch.setattr(kernels._backend, "INTERPRET", True)              # with the interpreter it may run
+    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", True)              # with the interpreter it may run
     resolve(TrainArgs(task="count", backend="triton", device="cpu"))
 
 
 def test_interpreter_note_is_printed_when_the_kernels_would_run_interpreted(monkeypatch):
     from transformer.training.trainer import interpreter_note
-    monkeypatch.setattr(kernels._backend, "INTERPRET", True)
+    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", True)
     assert "for tests" in interpreter_note("triton", "cpu") and interpreter_note(None, "cpu")
     assert interpreter_note("torch", "cpu") is None and interpreter_note("triton", "cuda") is None
-    monkeypatch.setattr(kernels._backend, "INTERPRET", False)
+    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", False)
     assert interpreter_note("auto", "cpu") is None
 
 
@@ -321,7 +321,7 @@ def test_cli_triton_backend_on_the_cpu_exits_2_with_one_line(tmp_path):
     import os
     import subprocess
     import sys
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KERNELS_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_KERNELS_BACKEND")}
     out = tmp_path / "vit"
     proc = subprocess.run([sys.executable, "-m", "transformer", "train", "vit", "--backend", "triton", "--out",
                            str(out)], capture_output=True, text=True, env=env, timeout=300)

@@ -1,4 +1,4 @@
-"""Packed variable-length attention (kernels.varlen_attention): the interpreted one-launch Triton kernels
+"""Packed variable-length attention (fused_kernels.varlen_attention): the interpreted one-launch Triton kernels
 against the float64 per-sequence reference, forward, lse and every gradient (the 2x rule for float16 /
 bfloat16, tight tolerances for float32 / float64); empty, one-token and odd lengths, L_b != S_b both ways,
 fully masked rows, GQA / MQA, Dv != D, head dims, strided views, dropout, bounds and bad inputs. Each test
@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import assert_close, bounds_checked, nan_padded
 
-import kernels
-from kernels import _checks
-from kernels import reference as ref
+import fused_kernels
+from fused_kernels import _checks
+from fused_kernels import reference as ref
 
-varlen_mod = importlib.import_module("kernels.varlen")   # looks its kernels up by name: bounds_checked patches it
+varlen_mod = importlib.import_module("fused_kernels.varlen")   # looks its kernels up by name: bounds_checked patches it
 KERNELS = ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -63,7 +63,7 @@ def check_varlen(q, k, v, lq, lk, *, causal=False, scale=None, with_lse=True, at
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     half = q.dtype in (torch.float16, torch.bfloat16)
     with_lse = with_lse and not half
-    out, lse = kernels.varlen_attention(q, k, v, cq, ck, mq, mk, causal=causal, scale=scale, return_lse=True)
+    out, lse = fused_kernels.varlen_attention(q, k, v, cq, ck, mq, mk, causal=causal, scale=scale, return_lse=True)
     gen = torch.Generator().manual_seed(1)
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
     dlse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(lse)
@@ -76,7 +76,7 @@ def check_varlen(q, k, v, lq, lk, *, causal=False, scale=None, with_lse=True, at
 
     got = [out, *torch.autograd.grad(loss(out, lse), (q, k, v), allow_unused=True)]
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         out64, lse64 = ref.varlen_attention_ref(q64, k64, v64, cq, ck, mq, mk, causal=causal, scale=scale,
                                                 return_lse=True)
     want = [out64, *torch.autograd.grad(loss(out64, lse64), (q64, k64, v64), allow_unused=True)]
@@ -177,7 +177,7 @@ def test_strided_qkv_views(device):
     assert q.stride(0) == 3 * 2 * 32
     check_varlen(q, k, v, lq, lq, causal=True, **FP32_TOL)
     qkv = qkv.detach().requires_grad_()
-    out = kernels.varlen_attention(*qkv.unbind(1), _cu(lq, device), _cu(lq, device), 29, 29, causal=True)
+    out = fused_kernels.varlen_attention(*qkv.unbind(1), _cu(lq, device), _cu(lq, device), 29, 29, causal=True)
     out.sum().backward()
     assert qkv.grad.shape == qkv.shape and not qkv.grad.isnan().any()
 
@@ -190,10 +190,10 @@ def test_dropout_reproducible(device):
     q, k, v = _packed(lq, lk, 2, 1, 16, device=device)
     args = (q, k, v, _cu(lq, device), _cu(lk, device), 20, 14)
     torch.manual_seed(0)
-    a = kernels.varlen_attention(*args, dropout_p=0.4)
+    a = fused_kernels.varlen_attention(*args, dropout_p=0.4)
     torch.manual_seed(0)
-    b = kernels.varlen_attention(*args, dropout_p=0.4)
-    c = kernels.varlen_attention(*args, dropout_p=0.4)
+    b = fused_kernels.varlen_attention(*args, dropout_p=0.4)
+    c = fused_kernels.varlen_attention(*args, dropout_p=0.4)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -202,7 +202,7 @@ def _dropout_keep(q, k, lk, cq, ck, mq, mk, p, seed):
     total_k, hkv = k.shape[0], k.shape[1]
     eye = torch.eye(total_k, dtype=q.dtype, device=q.device)[:, None, :].expand(total_k, hkv, total_k)
     torch.manual_seed(seed)
-    probs = kernels.varlen_attention(q, k, eye, cq, ck, mq, mk, dropout_p=p)
+    probs = fused_kernels.varlen_attention(q, k, eye, cq, ck, mq, mk, dropout_p=p)
     return probs != 0      # (total_q, H, total_k): only the sequence's own key columns can be set
 
 
@@ -216,7 +216,7 @@ def test_dropout_matches_reference_with_same_mask(device):
     assert abs(frac - p) < 0.06, frac
     q1, k1, v1 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     torch.manual_seed(11)
-    out = kernels.varlen_attention(q1, k1, v1, cq, ck, 24, 30, dropout_p=p)
+    out = fused_kernels.varlen_attention(q1, k1, v1, cq, ck, 24, 30, dropout_p=p)
     dout = torch.randn_like(out)
     got = [out, *torch.autograd.grad(out, (q1, k1, v1), dout)]
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -242,7 +242,7 @@ def test_dropout_gradcheck_fixed_seed(device):
 
     def fn(q, k, v):
         torch.manual_seed(3)
-        out, lse = kernels.varlen_attention(q, k, v, cq, ck, 4, 5, dropout_p=0.4, causal=True, return_lse=True)
+        out, lse = fused_kernels.varlen_attention(q, k, v, cq, ck, 4, 5, dropout_p=0.4, causal=True, return_lse=True)
         return out, lse.masked_fill(lse.isinf(), 0.0)
 
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
@@ -259,7 +259,7 @@ def test_bounds_and_one_launch(device):
     q, k, v = (nan_padded(t).requires_grad_() for t in _packed(lq, lk, 2, 1, 40, 24, device=device))
     cq, ck = _cu(lq, device), _cu(lk, device)
     with bounds_checked(varlen_mod, *KERNELS) as launches:
-        out, lse = kernels.varlen_attention(q, k, v, cq, ck, 37, 33, causal=True, return_lse=True)
+        out, lse = fused_kernels.varlen_attention(q, k, v, cq, ck, 37, 33, causal=True, return_lse=True)
         dq, dk, dv = torch.autograd.grad((out * 1.5).sum() + lse.masked_fill(lse.isinf(), 0).sum(), (q, k, v))
     assert launches == {name: 1 for name in KERNELS}
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
@@ -299,7 +299,7 @@ def test_bad_cu_seqlens(case, exc, match, device):
     elif case == "not_tensor":
         ck = [0, 5, 8]
     with pytest.raises(exc, match=match):
-        kernels.varlen_attention(q, k, v, cq, ck, mq, mk)
+        fused_kernels.varlen_attention(q, k, v, cq, ck, mq, mk)
 
 
 @pytest.mark.triton_only
@@ -308,8 +308,8 @@ def test_check_false_skips_host_checks(device):
     lq, lk = [3, 9], [4, 6]
     q, k, v = _packed(lq, lk, 2, 2, 16, device=device)
     cq, ck = _cu(lq, device), _cu(lk, device)
-    a = kernels.varlen_attention(q, k, v, cq, ck, 9, 6)
-    b = kernels.varlen_attention(q, k, v, cq, ck, 9, 6, check=False)
+    a = fused_kernels.varlen_attention(q, k, v, cq, ck, 9, 6)
+    b = fused_kernels.varlen_attention(q, k, v, cq, ck, 9, 6, check=False)
     assert torch.equal(a, b)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fused_kernels
 from transformer.config import ViTConfig
 from transformer.vit import ViT
 
@@ -45,7 +45,7 @@ def test_preset_forward_backward_state_dict(preset, tmp_path):
     fresh = _model(seed=123, preset=preset).eval()
     assert not torch.equal(fresh.pos_embed, model.pos_embed)
     fresh.load_state_dict(torch.load(tmp_path / "vit.pt"))
-    with torch.no_grad(), kernels.use_backend("torch"):  # the round trip is about the weights: fast path
+    with torch.no_grad(), fused_kernels.use_backend("torch"):  # the round trip is about the weights: fast path
         torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
 
 
@@ -75,7 +75,7 @@ def test_triton_matches_reference_odd_tokens(image, patch, tokens, batch):
 
     feats, logits, grads = run()
     assert feats.shape == (batch, tokens, model.config.dim)
-    with kernels.use_backend("torch"):
+    with fused_kernels.use_backend("torch"):
         ref_feats, ref_logits, ref_grads = run()
     torch.testing.assert_close(feats, ref_feats, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-10)
@@ -87,7 +87,7 @@ def test_loss_is_cross_entropy_and_headless_model():
     model = _model().eval()
     x = _pixels(model.config)
     labels = torch.tensor([2, 9])
-    with torch.no_grad(), kernels.use_backend("torch"):     # semantics, not kernels: the fast path
+    with torch.no_grad(), fused_kernels.use_backend("torch"):     # semantics, not kernels: the fast path
         out = model(x, labels=labels)
         torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
         feats = model.forward_features(x)
@@ -95,7 +95,7 @@ def test_loss_is_cross_entropy_and_headless_model():
 
     headless = _model(num_classes=0).eval()
     assert isinstance(headless.head, torch.nn.Identity)
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         torch.testing.assert_close(headless(x).logits, headless.forward_features(x)[:, 0])
     with pytest.raises(ValueError, match="no classification head"):
         headless(x, labels=labels)
@@ -122,7 +122,7 @@ def test_class_token_sees_every_patch():
     x = _pixels(model.config)
     y = x.clone()
     y[:, :, -2:, -2:] += 1.0                  # the last patch only
-    with torch.no_grad(), kernels.use_backend("torch"):
+    with torch.no_grad(), fused_kernels.use_backend("torch"):
         a, b = model(x).logits, model(y).logits
     assert (a - b).abs().max() > 1e-4
 
@@ -151,7 +151,7 @@ def test_huggingface_image_classification(image, patch, qkv_bias, act):
     with torch.no_grad():
         want = hf(pixel_values=x, labels=labels)
         for backend in ("auto", "torch"):
-            with kernels.use_backend(backend):
+            with fused_kernels.use_backend(backend):
                 got = model(x, labels=labels)
             torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4, msg=backend)
             torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-4, msg=backend)
@@ -169,10 +169,10 @@ def test_huggingface_vit_model_without_head():
     with torch.no_grad():
         want = hf(pixel_values=x).last_hidden_state
         for backend in ("auto", "torch"):
-            with kernels.use_backend(backend):
+            with fused_kernels.use_backend(backend):
                 feats = model.forward_features(x)
             torch.testing.assert_close(feats, want, rtol=1e-4, atol=1e-4, msg=backend)
-        with kernels.use_backend("torch"):
+        with fused_kernels.use_backend("torch"):
             torch.testing.assert_close(model(x).logits, want[:, 0], rtol=1e-4, atol=1e-4)
 
 

@@ -1,4 +1,4 @@
-"""The models of the seed notes, built only on ``kernels``: the original encoder-decoder, BERT, GPT-2, ViT,
+"""The models of the seed notes, built only on ``fused_kernels``: the original encoder-decoder, BERT, GPT-2, ViT,
 and parameter-efficient fine-tuning (LoRA, BitFit)."""
 
 from .bert import (

@@ -1,6 +1,6 @@
 """BERT (Devlin et al., 2018): a post-LN transformer encoder pre-trained by masked-language modelling and
 next-sentence prediction, then fine-tuned with a small head per task. Built only on the shared layers:
-attention on ``kernels.attention``, every LayerNorm on our kernels.
+attention on ``fused_kernels.attention``, every LayerNorm on our kernels.
 
     config = BERTConfig.from_preset("tiny")
     model = BERTForSequenceClassification(config)
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.nn import LayerNorm
+from fused_kernels.nn import LayerNorm
 
 from .config import BERTConfig
 from .layers import _ACTIVATIONS, BlockSpec, EncoderBlock, Packing, init_weights, key_padding_mask, repad, unpad

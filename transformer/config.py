@@ -48,7 +48,7 @@ class Config:
 class GPTConfig(Config):
     """GPT-2: pre-LN, learned positions, GELU (tanh), final LN, LM head tied to the token embeddings.
 
-    Attention variants (``kernels.attention``'s ``window`` / ``alibi_slopes``, in every block):
+    Attention variants (``fused_kernels.attention``'s ``window`` / ``alibi_slopes``, in every block):
 
     - ``window``: sliding-window attention (Mistral, Longformer's causal band): each token attends the
       ``window`` most recent positions, itself included (``causal=True, window=(window - 1, 0)``). ``None``:
@@ -125,7 +125,7 @@ class BERTConfig(Config):
     pad_token_id: int = 0
     num_labels: int = 2             # sequence / token classification heads
     classifier_dropout: float | None = None
-    # Given an attention_mask, run the blocks on the packed real tokens (kernels.varlen_attention) instead
+    # Given an attention_mask, run the blocks on the packed real tokens (fused_kernels.varlen_attention) instead
     # of the padded batch; off by default: the padded path is the one that returns attention weights.
     padding_free: bool = False
 
@@ -199,7 +199,7 @@ class EncoderDecoderConfig(Config):
     pad_token_id: int = 0
     bos_token_id: int = 1                # decoder start token
     eos_token_id: int = 2
-    # Teacher-forced passes with padding masks run on the packed real tokens (kernels.varlen_attention);
+    # Teacher-forced passes with padding masks run on the packed real tokens (fused_kernels.varlen_attention);
     # cached decoding (generate) always runs padded.
     padding_free: bool = False
 

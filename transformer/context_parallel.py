@@ -1,14 +1,15 @@
 """Context parallelism for the models: every self-attention layer attends over a sequence split across ranks.
 
 Inside ``with context_parallel(group):`` each self-attention of ``transformer.layers.Attention`` (no KV cache, no
-mask, causal or not) runs ``kernels.distributed.ring_attention`` over ``group`` instead of ``kernels.attention``.
+mask, causal or not) runs ``fused_kernels.distributed.ring_attention`` over ``group`` instead of
+``fused_kernels.attention``.
 Everything else in a transformer is position-wise, so a model fed this rank's slice of every sequence (in the
 layout given here, and with the slice's *global* positions for the position embedding) computes exactly this
 rank's slice of the full model's output; the backward of the ring is recorded in the graph, so only the forward
 needs to run inside the block. ``shard_sequence`` cuts a (batch, seq, ...) tensor into this rank's slice.
 
 The default layout is ``"zigzag"`` (rank r holds chunks r and 2N - 1 - r of 2N): with causal attention every rank
-then does the same work. See ``kernels.distributed`` for the ring itself and its communication volume.
+then does the same work. See ``fused_kernels.distributed`` for the ring itself and its communication volume.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kernels.distributed import LAYOUTS, shard_positions
+from fused_kernels.distributed import LAYOUTS, shard_positions
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ concatenated one.
 
 Padding-free training (``config.padding_free``): a teacher-forced ``forward`` with a source mask packs the
 real source tokens and the real target tokens (the target mask is ``decoder_attention_mask``, else every
-position up to the last counted label), runs every block on the packed tokens (``kernels.varlen_attention``:
+position up to the last counted label), runs every block on the packed tokens (``fused_kernels.varlen_attention``:
 per-sequence self-attention, causal in the decoder; cross-attention from each target to its own source) and
 re-pads the logits (zeros at padded target positions, which the loss ignores).
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.nn import LayerNorm
+from fused_kernels.nn import LayerNorm
 
 from .config import EncoderDecoderConfig
 from .layers import (

@@ -3,8 +3,8 @@
 Architecture (Radford et al. 2019): token embeddings + learned position embeddings, a stack of pre-LN
 causal self-attention blocks (``transformer.layers.EncoderBlock`` with ``causal=True``), a final
 LayerNorm ``ln_f``, and an LM head tied to the token embeddings (``GPTConfig.tie_embeddings``; untied
-gives ``lm_head`` its own weight). Attention runs on ``kernels.attention`` and every residual add +
-LayerNorm is one ``kernels.add_layer_norm``: the blocks pass the (hidden, residual) pre-LN pair along
+gives ``lm_head`` its own weight). Attention runs on ``fused_kernels.attention`` and every residual add +
+LayerNorm is one ``fused_kernels.add_layer_norm``: the blocks pass the (hidden, residual) pre-LN pair along
 the stack, and the last block's residual add fuses into ``ln_f``.
 
     model = GPT(GPTConfig.from_preset("tiny"))
@@ -20,7 +20,7 @@ lengths runs on the paged KV cache with continuous batching instead (``transform
 
 Variants (``GPTConfig.window``, ``GPTConfig.positions="alibi"``, e.g. the preset ``"sliding-alibi-tiny"``):
 sliding-window attention and ALiBi run in every block through the shared ``transformer.layers.Attention``
-(``kernels.attention``'s ``window`` / ``alibi_slopes``); an ALiBi model has no ``wpe``. Dense KV-cache
+(``fused_kernels.attention``'s ``window`` / ``alibi_slopes``); an ALiBi model has no ``wpe``. Dense KV-cache
 generation is exact with both; the paged serving path (a list of prompts) and Hugging Face GPT-2 weights
 (learned positions, full attention) raise a ValueError naming the option.
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import fused_kernels
 from transformer.config import GPTConfig
 from transformer.layers import BlockSpec, EncoderBlock, KVCache, add_norm, init_weights, key_padding_mask
 from transformer.outputs import LMOutput
@@ -63,7 +63,7 @@ class GPT(nn.Module):
         # ALiBi: positions enter as distance biases in attention, no table
         self.wpe = nn.Embedding(config.max_seq_len, config.dim) if config.positions == "learned" else None
         self.blocks = nn.ModuleList(EncoderBlock(spec) for _ in range(config.n_layers))
-        self.ln_f = kernels.nn.LayerNorm(config.dim, eps=config.eps)
+        self.ln_f = fused_kernels.nn.LayerNorm(config.dim, eps=config.eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters()
         if config.tie_embeddings:
@@ -200,10 +200,10 @@ class GPT(nn.Module):
             if not 0.0 < top_p <= 1.0:
                 raise ValueError(f"top_p must be in (0, 1], got {top_p}")
             sorted_logits, order = torch.sort(logits.masked_fill(~keep, float("-inf")), dim=-1, descending=True)
-            probs = kernels.softmax(sorted_logits, dim=-1)                                 # (B, vocab) sorted
+            probs = fused_kernels.softmax(sorted_logits, dim=-1)                                 # (B, vocab) sorted
             before = probs.cumsum(-1) - probs               # mass of the strictly more likely tokens
             keep &= torch.zeros_like(keep).scatter(-1, order, before < top_p)
-        probs = kernels.softmax(logits, dim=-1, mask=keep)                                 # (B, vocab)
+        probs = fused_kernels.softmax(logits, dim=-1, mask=keep)                                 # (B, vocab)
         return torch.multinomial(probs, num_samples=1).squeeze(-1)                         # (B,)
 
     @torch.no_grad()

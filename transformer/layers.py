@@ -1,9 +1,9 @@
 """The building blocks every model here is made of, on our kernels.
 
-Attention runs on ``kernels.attention`` (or, when the weights are asked for, ``kernels.softmax`` over
-explicit scores); every residual add + LayerNorm is one ``kernels.add_layer_norm``. No model
-re-implements either. On CPU tensors (and under ``kernels.use_backend("torch")``) the same modules with
-the same weights run the PyTorch path (``kernels.fast_torch``: torch's flash attention and native norms),
+Attention runs on ``fused_kernels.attention`` (or, when the weights are asked for, ``fused_kernels.softmax`` over
+explicit scores); every residual add + LayerNorm is one ``fused_kernels.add_layer_norm``. No model
+re-implements either. On CPU tensors (and under ``fused_kernels.use_backend("torch")``) the same modules with
+the same weights run the PyTorch path (``fused_kernels.fast_torch``: torch's flash attention and native norms),
 which the tests compare with the Triton kernels.
 
 Pre-LN blocks pass a (hidden, residual) pair along the stack, so the residual add that ends one
@@ -18,7 +18,7 @@ Post-LN blocks take and return the hidden state (residual is None).
 
 Padding-free (packed) encoders: ``Packing.from_mask(attention_mask)`` once per forward, ``unpad`` the
 embeddings to (1, total, dim) before the first block, pass ``packing=`` to every block (its attention then
-runs ``kernels.varlen_attention`` over the packed tokens: no work on padding, no mask), ``repad`` after
+runs ``fused_kernels.varlen_attention`` over the packed tokens: no work on padding, no mask), ``repad`` after
 the last one (zeros at padded positions). Norms and feed-forwards are per token, so they take the packed
 (1, total, dim) tensor unchanged.
 """
@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels.distributed import ring_attention
-from kernels.nn import LayerNorm
-from kernels.reference import causal_mask
+import fused_kernels
+from fused_kernels.distributed import ring_attention
+from fused_kernels.nn import LayerNorm
+from fused_kernels.reference import causal_mask
 
 from . import context_parallel
 
@@ -57,7 +57,7 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.LayerNorm,
     if residual is not None and residual.dtype != x.dtype:
         wide = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(wide), residual.to(wide)
-    return kernels.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p)
+    return fused_kernels.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p)
 
 
 def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -75,7 +75,7 @@ class Packing:
 
     Built once per forward from the padding mask and shared by every layer: ``indices`` (total,) int64 are
     the flat positions ``b * L + t`` of the kept tokens in row order, ``cu_seqlens`` (B + 1,) int32 the
-    cumulative lengths ``kernels.varlen_attention`` takes, ``max_seqlen`` the longest row."""
+    cumulative lengths ``fused_kernels.varlen_attention`` takes, ``max_seqlen`` the longest row."""
 
     indices: torch.Tensor
     cu_seqlens: torch.Tensor
@@ -230,17 +230,17 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention on ``kernels.attention``.
+    """Multi-head attention on ``fused_kernels.attention``.
 
     Self-attention projects q, k, v with one fused ``qkv_proj`` (its output split into strided views,
     no copies); cross-attention has ``q_proj`` and a fused ``kv_proj`` over the memory. ``causal`` is
     bottom-right aligned (the last query sees every key), so the same call serves training, prefill
     and one-token decoding over a ``KVCache``. ``attn_mask``: bool (True = attend) or float, broadcast
     to (B, H, L, S), e.g. ``key_padding_mask(attention_mask)``. With ``packing`` (padding-free, see the
-    module docstring) x is (1, total, dim) packed tokens and the call is one ``kernels.varlen_attention``;
+    module docstring) x is (1, total, dim) packed tokens and the call is one ``fused_kernels.varlen_attention``;
     cross-attention then also needs ``memory_packing``, the packing of the (1, total_k, kv_dim) memory.
 
-    Self-attention variants, passed on to ``kernels.attention``: ``window=(left, right)`` (its band, -1 =
+    Self-attention variants, passed on to ``fused_kernels.attention``: ``window=(left, right)`` (its band, -1 =
     unbounded; with ``causal`` the right side is 0) and ``alibi=True`` (ALiBi distance biases with
     ``alibi_slopes(n_heads)``, kept as the non-persistent float32 buffer ``alibi_slopes``: not in the state
     dict, recomputed whenever the module moves or is cast, so ``.to(bfloat16)`` leaves it exact and float32).
@@ -280,20 +280,21 @@ class Attention(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Attention:
         # model.to(dtype) / .half() / to_empty() would cast or blank the slopes buffer like any other;
-        # recompute it, exact and float32 (what kernels.attention takes), on wherever it went.
+        # recompute it, exact and float32 (what fused_kernels.attention takes), on wherever it went.
         out = super()._apply(fn, recurse)
         if self.alibi_slopes is not None:
             self.alibi_slopes = alibi_slopes(self.n_heads, device=self.alibi_slopes.device)
         return out
 
     def _variant_names(self) -> str:
-        """The options in force that only kernels.attention's dense path honours ('' when none)."""
+        """The options in force that only fused_kernels.attention's dense path honours ('' when none)."""
         names = ([f"window={self.window}"] if self.window is not None else []) + (
             ["alibi_slopes (ALiBi)"] if self.alibi_slopes is not None else [])
         return " and ".join(names)
 
     def _variant_kwargs(self) -> dict:
-        """kernels.attention's window / alibi_slopes arguments, only those in force (plain attention passes none)."""
+        """fused_kernels.attention's window / alibi_slopes arguments, only those in force (plain attention passes
+        none)."""
         kw: dict = {}
         if self.window is not None:
             kw["window"] = self.window
@@ -304,7 +305,7 @@ class Attention(nn.Module):
     def _explicit_mask(self, l: int, s: int, causal: bool, attn_mask: torch.Tensor | None,
                        dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """The mask of the explicit-weights path (``need_weights``): ``attn_mask`` with the causal band, the
-        window and the ALiBi biases of kernels.attention folded in (bool, or float with -inf where not kept)."""
+        window and the ALiBi biases of fused_kernels.attention folded in (bool, or float with -inf where not kept)."""
         left, right = self.window if self.window is not None else (-1, -1)
         if causal:
             right = 0
@@ -354,7 +355,7 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         # check=False: the packings are built by Packing.from_mask, correct by construction, and the
         # checks would read cu_seqlens on the host in every layer.
-        out = kernels.varlen_attention(q, k, v, packing.cu_seqlens, kv_packing.cu_seqlens, packing.max_seqlen,
+        out = fused_kernels.varlen_attention(q, k, v, packing.cu_seqlens, kv_packing.cu_seqlens, packing.max_seqlen,
                                        kv_packing.max_seqlen, causal=causal, dropout_p=p, check=False)
         return self.out_proj(out.reshape(1, t, self.dim))
 
@@ -366,7 +367,7 @@ class Attention(nn.Module):
 
         With a cache, self-attention appends this step's keys/values to it; cross-attention fills it
         from ``memory`` on the first call and reuses it afterwards (memory may then be None). A paged cache
-        layer (``kernels.paged.PagedLayer``, sequences of different lengths) appends and attends itself.
+        layer (``fused_kernels.paged.PagedLayer``, sequences of different lengths) appends and attends itself.
         With ``packing`` x (and memory) are packed tokens (see the class docstring); no mask, cache or
         weights then."""
         if packing is not None:
@@ -392,7 +393,8 @@ class Attention(nn.Module):
                     k, v = cache.append(k, v)
         else:
             q, k, v = self._heads(self.qkv_proj(x), 3)
-            if getattr(cache, "paged", False):   # a kernels.PagedKVCache layer: append and attend via its block table
+            # a fused_kernels.PagedKVCache layer: append and attend via its block table
+            if getattr(cache, "paged", False):
                 if attn_mask is not None or need_weights:
                     raise ValueError("a paged KV cache takes no attn_mask and returns no attention weights")
                 if self._variant_names():
@@ -413,7 +415,7 @@ class Attention(nn.Module):
                 keep = causal_mask(l, k.shape[2], q.device, bottom_right=True)
                 mask = keep if mask is None else (keep & mask if mask.dtype == torch.bool
                                                   else mask.masked_fill(~keep, float("-inf")))
-            weights = kernels.softmax(q @ k.transpose(-2, -1), mask=mask, scale=self.head_dim ** -0.5)
+            weights = fused_kernels.softmax(q @ k.transpose(-2, -1), mask=mask, scale=self.head_dim ** -0.5)
             out = (F.dropout(weights, p) if p > 0 else weights) @ v              # (B, H, L, D)
         elif (ring := context_parallel.active()) is not None and not self.cross and cache is None:
             if attn_mask is not None:
@@ -431,7 +433,7 @@ class Attention(nn.Module):
                     k, v = k[:, :, start:], v[:, :, start:]
                     if attn_mask is not None and attn_mask.shape[-1] != 1:
                         attn_mask = attn_mask[..., start:]
-            out = kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=p,
+            out = fused_kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=p,
                                     **self._variant_kwargs())
         return self.out_proj(out.transpose(1, 2).reshape(b, l, self.dim)), weights
 
@@ -451,7 +453,7 @@ class BlockSpec:
     eps: float = 1e-5
     bias: bool = True                 # every linear layer
     qkv_bias: bool | None = None      # overrides bias for the q/k/v projections
-    window: tuple[int, int] | None = None   # self-attention band (left, right), kernels.attention's window
+    window: tuple[int, int] | None = None   # self-attention band (left, right), fused_kernels.attention's window
     alibi: bool = False               # ALiBi distance biases in self-attention (Attention's alibi)
 
 

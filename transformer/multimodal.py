@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.nn import LayerNorm
+from fused_kernels.nn import LayerNorm
 
 from .bert import BERT
 from .config import BERTConfig, MultimodalConfig, ViTConfig

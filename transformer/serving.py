@@ -1,4 +1,4 @@
-"""Continuous batching for GPT over the paged KV cache (``kernels.PagedKVCache``): many prompts of different
+"""Continuous batching for GPT over the paged KV cache (``fused_kernels.PagedKVCache``): many prompts of different
 lengths, no padding anywhere.
 
 The scheduler keeps up to ``max_batch`` sequences running. A new prompt takes a free slot when the pool has
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kernels import PagedKVCache
+from fused_kernels import PagedKVCache
 
 if TYPE_CHECKING:
     from transformer.gpt import GPT
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 def unsupported_options(config: Any) -> list[str]:
     """The GPTConfig options in force that the paged path cannot honour, as ``name=value`` ('' list: none):
-    ``kernels.PagedKVCache.attention`` has no sliding window nor ALiBi."""
+    ``fused_kernels.PagedKVCache.attention`` has no sliding window nor ALiBi."""
     return [f"{name}={getattr(config, name)!r}" for name, default in (("window", None), ("positions", "learned"))
             if getattr(config, name, default) != default]
 
@@ -63,7 +63,7 @@ def serve(model: GPT, prompts: Sequence[torch.Tensor | Sequence[int]], max_new_t
     cfg = model.config
     variants = unsupported_options(cfg)
     if variants:
-        # kernels.PagedKVCache.attention has no window / alibi_slopes (yet): refuse rather than attend wrongly
+        # fused_kernels.PagedKVCache.attention has no window / alibi_slopes (yet): refuse rather than attend wrongly
         raise ValueError(f"serve (the paged KV cache) does not support GPTConfig {', '.join(variants)}: generate "
                          f"with GPT.generate on a (batch, seq) tensor (a dense KV cache) instead")
     w = model.wte.weight

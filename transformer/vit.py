@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.nn import LayerNorm
+from fused_kernels.nn import LayerNorm
 from transformer.config import ViTConfig
 from transformer.layers import BlockSpec, EncoderBlock, PatchEmbedding, add_norm, init_weights
 from transformer.outputs import ClassificationOutput

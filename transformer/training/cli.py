@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-import kernels
+import fused_kernels
 
 from .checkpoint import CheckpointError
 from .task import get_task
@@ -53,7 +53,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
                    help="gpt under torchrun: groups of N ranks split every sequence (ring attention, zigzag layout); "
                         "data parallel across the groups")
     p.add_argument("--backend", choices=BACKENDS,
-                   help="kernels backend: auto (Triton on a GPU, PyTorch ops on the CPU), triton, torch")
+                   help="fused_kernels backend: auto (Triton on a GPU, PyTorch ops on the CPU), triton, torch")
     p.add_argument("--threads", type=int,
                    help="intra-op CPU threads (default: 1 on the CPU unless OMP_NUM_THREADS is set; torch's on a GPU)")
     p.add_argument("--tokenizer", choices=("char", "bpe"), help="text tasks: the tokenizer to train")
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target = get_task(ns.task).finetune_task or ns.task
             train(_train_args(ns, task=target))
         elif ns.command == "eval":
-            with kernels.use_backend(ns.backend or kernels.get_backend()):
+            with fused_kernels.use_backend(ns.backend or fused_kernels.get_backend()):
                 task, model = load_run(ns.run, ns.device, ns.data)
                 with torch.no_grad():
                     metrics = task.evaluate(model, ns.batch_size, None)

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-import kernels
+import fused_kernels
 
 from .. import lora
 from ..context_parallel import context_parallel, shard_sequence
@@ -163,19 +163,19 @@ def _validate(run: dict[str, Any]) -> None:
 
 def check_backend(backend: str | None, device: str) -> None:
     """Refuse, before any work, a kernels backend that cannot run on ``device`` (``--backend triton`` or
-    ``KERNELS_BACKEND=triton`` on a CPU without the interpreter), rather than fail at the first op."""
-    if backend is not None and backend not in kernels._backend.BACKENDS:
-        raise ValueError(f"backend must be one of {kernels._backend.BACKENDS}, got {backend!r}")
-    if (why := kernels._backend.unavailable(device, backend)) is not None:
-        source = f"--backend {backend}" if backend else f"kernels backend {kernels.get_backend()!r} " \
-            f"(--backend or KERNELS_BACKEND)"
+    ``FUSED_KERNELS_BACKEND=triton`` on a CPU without the interpreter), rather than fail at the first op."""
+    if backend is not None and backend not in fused_kernels._backend.BACKENDS:
+        raise ValueError(f"backend must be one of {fused_kernels._backend.BACKENDS}, got {backend!r}")
+    if (why := fused_kernels._backend.unavailable(device, backend)) is not None:
+        source = f"--backend {backend}" if backend else f"kernels backend {fused_kernels.get_backend()!r} " \
+            f"(--backend or FUSED_KERNELS_BACKEND)"
         raise ValueError(f"{source} on {device}: {why}")
 
 
 def interpreter_note(backend: str | None, device: str) -> str | None:
     """The warning a run prints when its ops would run in Triton's interpreter (``TRITON_INTERPRET=1`` on the
     CPU): correct, but built for tests, not for training."""
-    if device != "cpu" or not kernels._backend.INTERPRET or (backend or kernels.get_backend()) == "torch":
+    if device != "cpu" or not fused_kernels._backend.INTERPRET or (backend or fused_kernels.get_backend()) == "torch":
         return None
     return ("note: TRITON_INTERPRET=1: the Triton kernels run in Triton's interpreter (NumPy, about 4 ms per "
             "kernel loop iteration), which is for tests; training this way takes minutes or more per step. "
@@ -331,7 +331,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         torch.set_num_threads(threads)
     info, device = distributed.setup(run["device"])
     try:
-        backend = kernels.use_backend(run["backend"]) if run["backend"] else contextlib.nullcontext()
+        backend = fused_kernels.use_backend(run["backend"]) if run["backend"] else contextlib.nullcontext()
         with backend:
             return _train(run, saved, info, device)
     finally:
@@ -390,7 +390,7 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
         print(f"{run['task']}: {counts['total']:,} parameters ({counts['trainable']:,} trainable), "
               f"{run['steps']} steps of {run['batch_size']} on {device}"
               f"{f' x {info.world_size} processes' if info.enabled else ''}, {run['precision']}, "
-              f"kernels backend {kernels.get_backend()}, {torch.get_num_threads()} CPU thread"
+              f"kernels backend {fused_kernels.get_backend()}, {torch.get_num_threads()} CPU thread"
               f"{'s' if torch.get_num_threads() > 1 else ''}")
 
     def record(r: dict[str, Any]) -> None:

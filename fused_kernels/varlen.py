@@ -3,19 +3,19 @@
 Conventions (FlashAttention's ``flash_attn_varlen_func``):
 
 - ``q`` (total_q, H, D), ``k`` (total_k, Hkv, D), ``v`` (total_k, Hkv, Dv): the tokens of every sequence one
-  after another, last dim contiguous. Hkv divides H (GQA/MQA as ``kernels.attention``).
+  after another, last dim contiguous. Hkv divides H (GQA/MQA as ``fused_kernels.attention``).
 - ``cu_seqlens_q`` / ``cu_seqlens_k`` (B + 1,) int32 or int64: cumulative lengths, starting at 0 and ending at
   total_q / total_k; sequence ``b`` owns query rows ``cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1`` and key rows
   ``cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1``. Empty sequences are allowed.
 - ``max_seqlen_q`` / ``max_seqlen_k``: the longest sequence (ints); they size the launch grid, so they must be at
   least the longest length (checked with ``check=True``).
-- ``causal=True`` is **bottom-right** aligned per sequence, as ``kernels.attention(causal=True)``: query i of
+- ``causal=True`` is **bottom-right** aligned per sequence, as ``fused_kernels.attention(causal=True)``: query i of
   sequence b attends keys j <= i + S_b - L_b. Rows that see no key give 0 (lse -inf, zero gradients).
 - Returns ``out`` (total_q, H, Dv) and with ``return_lse=True`` also the lse (H, total_q), float32 (float64
   for float64 inputs), as FlashAttention's ``softmax_lse``.
 
-The Triton path is one launch per kernel over every sequence (custom ops ``kernels::varlen_attention_fwd`` /
-``kernels::varlen_attention_bwd``): the dense attention kernels with ``VARLEN=True``, programs over (query
+The Triton path is one launch per kernel over every sequence (custom ops ``fused_kernels::varlen_attention_fwd`` /
+``fused_kernels::varlen_attention_bwd``): the dense attention kernels with ``VARLEN=True``, programs over (query
 block, sequence x head) on a grid of cdiv(max_seqlen_q, BLOCK_M) x (B * H) (dK/dV: key blocks of
 max_seqlen_k); a program whose block lies past its sequence returns at once, so padding costs no work. Each
 program reads its sequence's start and length from ``cu_seqlens`` on the device. It always runs the main
@@ -78,7 +78,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      check: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each packed sequence over its own keys: see the module docstring for the layout.
 
-    ``scale`` defaults to 1 / sqrt(D); ``dropout_p`` drops attention probabilities as ``kernels.attention``.
+    ``scale`` defaults to 1 / sqrt(D); ``dropout_p`` drops attention probabilities as ``fused_kernels.attention``.
     ``check=False`` skips the checks that read ``cu_seqlens`` on the host (a device sync): the caller promises
     they start at 0, never decrease, end at the totals and that no sequence is longer than ``max_seqlen_*``."""
     op = "varlen_attention"
@@ -150,7 +150,7 @@ def _meta(q: torch.Tensor, d: int, dv: int) -> dict:
 
 # Varlen tiles: the Ampere column of ``attention_config`` on every architecture (its Hopper 16-bit tiles are sized
 # for TMA, which the packed path does not use: with pointer loads they spill), with these replacements where
-# the per-sequence bookkeeping pushed a configuration into spills (``python -m kernels.aot --family varlen``):
+# the per-sequence bookkeeping pushed a configuration into spills (``python -m fused_kernels.aot --family varlen``):
 # (dtype family, kind, head-dim bucket, dropout[, "hopper"]) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); an
 # entry with "hopper" applies on sm_90+ and wins there over the one without.
 _VARLEN_TILES = {
@@ -182,7 +182,7 @@ def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return 0, t.stride(1), t.stride(0)
 
 
-@torch.library.custom_op("kernels::varlen_attention_fwd", mutates_args=())
+@torch.library.custom_op("fused_kernels::varlen_attention_fwd", mutates_args=())
 def varlen_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, scale: float, is_causal: bool, dropout_p: float,
@@ -197,7 +197,7 @@ def varlen_attention_fwd(
 
 def _varlen_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, dropout_p, seed, arch):
     """Allocate and launch the packed forward for compute capability ``arch`` (None: interpreter); also what
-    ``kernels.aot`` records (meta tensors, kernel replaced by a recorder)."""
+    ``fused_kernels.aot`` records (meta tensors, kernel replaced by a recorder)."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     total_q, h, d = q.shape
     total_k, hkv, dv = v.shape
@@ -226,7 +226,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, is
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch_acc_dtype(q.dtype)), torch.empty(1, dtype=torch.int64))
 
 
-@torch.library.custom_op("kernels::varlen_attention_bwd", mutates_args=())
+@torch.library.custom_op("fused_kernels::varlen_attention_bwd", mutates_args=())
 def varlen_attention_bwd(
     do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,

@@ -1,6 +1,6 @@
 """Read what a GPU would run: the SASS of a cubin, its steady-state loops, and what each loop issues.
 
-``python -m kernels.aot --sass`` uses this on every compiled configuration. The facts come off the binary
+``python -m fused_kernels.aot --sass`` uses this on every compiled configuration. The facts come off the binary
 (``nvdisasm``, bundled with triton): nothing here is an estimate.
 
 - The disassembly is cut into basic blocks (a block ends at a branch or ``EXIT`` and starts at a branch
@@ -84,7 +84,7 @@ def nvdisasm_path() -> str:
 
 def disassemble(cubin: bytes) -> str:
     """The SASS text of a cubin (``nvdisasm -c``)."""
-    with tempfile.TemporaryDirectory(prefix="kernels-sass-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fused_kernels-sass-") as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)

@@ -1,19 +1,19 @@
 """Which implementation an op runs: our Triton kernel, or the fastest PyTorch implementation of the op.
 
 - "auto" (default): the Triton kernel on CUDA tensors, and on CPU tensors when the Triton
-  interpreter is on (``TRITON_INTERPRET=1``); the PyTorch implementation (``kernels.fast_torch``)
+  interpreter is on (``TRITON_INTERPRET=1``); the PyTorch implementation (``fused_kernels.fast_torch``)
   otherwise, i.e. on CPU tensors in normal use.
 - "triton": always the Triton kernel; a CPU tensor without the interpreter is an error, never a
   silent fallback.
 - "torch": always the PyTorch implementation: torch's fused ops (flash attention, softmax, native
-  LayerNorm/RMSNorm) with our semantics on top. The float64-capable references in ``kernels.reference``
+  LayerNorm/RMSNorm) with our semantics on top. The float64-capable references in ``fused_kernels.reference``
   are not a backend: they are what the tests compare every implementation with.
 
 ``choose`` is the one place where that decision is taken. A case for which torch's own fused kernel
 is faster than ours on a GPU can be routed to the PyTorch implementation there too (``torch_faster``);
 no caller asks for that yet: on CUDA, "auto" runs our kernels.
 
-The default comes from the environment variable ``KERNELS_BACKEND``; ``use_backend`` overrides it
+The default comes from the environment variable ``FUSED_KERNELS_BACKEND``; ``use_backend`` overrides it
 for a block of code. The choice is a plain module global so that ``torch.compile`` can read it
 (and guard on it) while tracing.
 """
@@ -39,7 +39,7 @@ def _validate(name: str) -> str:
     return name
 
 
-_backend = _validate(os.environ.get("KERNELS_BACKEND", "auto").strip().lower() or "auto")
+_backend = _validate(os.environ.get("FUSED_KERNELS_BACKEND", "auto").strip().lower() or "auto")
 
 
 def get_backend() -> str:
@@ -51,8 +51,8 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed code with backend ``name`` ("auto", "triton" or "torch").
 
-    >>> with kernels.use_backend("torch"):
-    ...     y = kernels.layer_norm(x, (x.shape[-1],))   # torch's native LayerNorm
+    >>> with fused_kernels.use_backend("torch"):
+    ...     y = fused_kernels.layer_norm(x, (x.shape[-1],))   # torch's native LayerNorm
     """
     global _backend
     previous, _backend = _backend, _validate(name)
@@ -71,7 +71,7 @@ def triton_available() -> bool:
 
 
 def choose(x: torch.Tensor, op: str, *, torch_faster: bool = False) -> str:
-    """The implementation ``op`` runs on tensor ``x``: "triton" (our kernel) or "torch" (``kernels.fast_torch``).
+    """The implementation ``op`` runs on tensor ``x``: "triton" (our kernel) or "torch" (``fused_kernels.fast_torch``).
 
     ``torch_faster``: the caller knows that torch's fused kernel beats ours for this case on a GPU;
     under "auto" such a case then runs the PyTorch implementation on CUDA as well."""
@@ -116,7 +116,7 @@ def describe() -> str:
     probe = torch.empty(0, device=device)
     try:
         impl = "triton kernels" + (" (interpreter)" if device == "cpu" else "") if use_triton(probe, "") \
-            else "PyTorch ops (kernels.fast_torch)"
+            else "PyTorch ops (fused_kernels.fast_torch)"
     except RuntimeError as err:
         impl = f"unavailable: {err}"
     return f"backend={_backend} device={device} -> {impl}"

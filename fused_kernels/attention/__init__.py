@@ -22,7 +22,7 @@ Decoding (few queries, long cache): ``_attn_fwd_split_kernel`` packs all the que
 (``G * L`` rows) into one tile, splits the keys across programs, and writes a partial output and lse per
 split; ``_attn_combine_kernel`` merges the splits by their lse.
 
-Packed variable-length sequences (``kernels.varlen``): the main forward, dK/dV and dQ kernels take a
+Packed variable-length sequences (``fused_kernels.varlen``): the main forward, dK/dV and dQ kernels take a
 ``VARLEN`` constexpr (default False, generating the same code as before when off) that reads each
 program's sequence start and length from ``cu_seqlens`` pointers and offsets its base pointers by them.
 

@@ -1,8 +1,8 @@
 """The fastest PyTorch implementation of every op, with our semantics: what an op runs wherever its Triton
 kernel does not (a CPU tensor without the interpreter, and backend "torch" on any device).
 
-The public functions (``kernels.attention``, ``kernels.softmax``, ``kernels.layer_norm``, ...) validate
-their arguments first, then call one of these with the validated values, so the error messages are the
+The public functions (``fused_kernels.attention``, ``fused_kernels.softmax``, ``fused_kernels.layer_norm``,
+...) validate their arguments first, then call one of these with the validated values, so the error messages are the
 same on every path. Each computes what the kernel computes, on torch's own fused kernels:
 
 - attention: torch's flash-attention kernel (on a CPU ``aten._scaled_dot_product_flash_attention_for_cpu``,
@@ -150,7 +150,7 @@ class _Softmax(torch.autograd.Function):
 
 def softmax(input: torch.Tensor, dim: int, mask: torch.Tensor | None, scale: float,
             is_causal: bool) -> torch.Tensor:
-    """``kernels.softmax`` (validated arguments, ``dim`` normalized, ``input`` at least 1-D)."""
+    """``fused_kernels.softmax`` (validated arguments, ``dim`` normalized, ``input`` at least 1-D)."""
     if mask is None and not is_causal and scale == 1.0 and input.numel() and not torch.compiler.is_compiling():
         # Nothing to apply: torch's softmax with its own autograd (the least work per call), unless a row
         # came out NaN (a whole row does): then it may be a row of -inf, which must give 0 and gradient 0.
@@ -375,7 +375,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, attn_mask: torch.Tensor | None,
               seqlens_k: torch.Tensor | None, scale: float, dropout_p: float,
               return_lse: bool, variants=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``kernels.attention`` (validated arguments; ``scale`` resolved): see the module docstring."""
+    """``fused_kernels.attention`` (validated arguments; ``scale`` resolved): see the module docstring."""
     if variants is not None:
         return _attention_variants(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse, variants)
     if (q.is_cpu and dropout_p == 0.0 and seqlens_k is None and not return_lse and q.shape == k.shape == v.shape
@@ -462,7 +462,7 @@ def to_4d(t: torch.Tensor) -> torch.Tensor:
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float,
                                  batch: Sequence[int], gqa: bool, causal_offset: int = 0) -> torch.Tensor:
-    """``kernels.scaled_dot_product_attention`` (validated; ``batch``: the broadcast leading dims before
+    """``fused_kernels.scaled_dot_product_attention`` (validated; ``batch``: the broadcast leading dims before
     the head dim when ``gqa``, before (L, E) otherwise; ``is_causal`` with ``causal_offset``: key j <= i +
     causal_offset, 0 for top-left, S - L for a ``causal_lower_right`` CausalBias, which comes without a mask)."""
     l, e = query.shape[-2:]

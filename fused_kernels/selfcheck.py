@@ -1,4 +1,4 @@
-"""The cases of ``python -m kernels``: each op on small awkward float32 shapes, run through its Triton
+"""The cases of ``python -m fused_kernels``: each op on small awkward float32 shapes, run through its Triton
 kernel and compared (output and every gradient) with the float64 reference."""
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def _check_block_mask(op: str, block_mask: object, mask_mod: object, b: int, h: 
     if block_mask is None:
         return
     if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"{op}: block_mask must be a kernels.BlockMask (from kernels.block_mask), got "
+        raise TypeError(f"{op}: block_mask must be a fused_kernels.BlockMask (from fused_kernels.block_mask), got "
                         f"{type(block_mask).__name__}")
     if block_mask.mask_mod is not mask_mod:
         raise _checks.ArgumentValueError(f"{op}: block_mask was made for mask_mod {block_mask.mask_mod!r}, but "
@@ -179,7 +179,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
       functions (one more parameter ``args`` when ``mod_args``, a tuple of tensors, is non-empty);
       ``score_mod_grad`` (same signature, d score_mod / d score) is required when a gradient is wanted.
       On the PyTorch path their Python body runs on torch int64 index tensors broadcastable to (B, H, L, S).
-    - ``block_mask``: a ``kernels.block_mask(...)`` for the same mask_mod (block skipping), optional.
+    - ``block_mask``: a ``fused_kernels.block_mask(...)`` for the same mask_mod (block skipping), optional.
 
     Score pipeline: ``scale * q.k``, softcap, alibi, + float attn_mask, score_mod; then keep = seqlens_k &
     causal/window/prefix & documents & bool attn_mask & mask_mod; softmax over kept keys."""
@@ -243,12 +243,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     ``query`` (..., L, E), ``key`` (..., S, E), ``value`` (..., S, Ev); leading dims broadcast like torch's (also
     between different numbers of dims).
     ``is_causal=True`` is **top-left** aligned, as in torch: query i attends keys j <= i (for L != S this
-    differs from ``kernels.attention(causal=True)``, which is bottom-right aligned). ``attn_mask``: bool
+    differs from ``fused_kernels.attention(causal=True)``, which is bottom-right aligned). ``attn_mask``: bool
     (True = take part) or float (added to the scaled scores), broadcastable to (..., L, S); a float mask may
     require grad. Together with ``is_causal=True`` both apply (the mask and the top-left causal mask), as torch's
     CPU flash path does on 4-D inputs (torch's math path refuses the pair instead). ``attn_mask`` may also be a
     ``torch.nn.attention.bias.CausalBias`` for (L, S): ``causal_upper_left`` is ``is_causal=True``,
-    ``causal_lower_right`` the bottom-right alignment of ``kernels.attention(causal=True)``, neither
+    ``causal_lower_right`` the bottom-right alignment of ``fused_kernels.attention(causal=True)``, neither
     materialized; together with ``is_causal=True`` it is refused, as by torch. ``enable_gqa=True``: key/value
     heads (dim -3) divide query heads. ``dropout_p > 0`` always drops, like torch's function. One difference: a
     fully masked row gives 0 (torch gives NaN)."""

@@ -25,7 +25,7 @@ from ._launch import acc_dtype, next_pow2, num_persistent_programs, row_warps, t
 
 # Largest row (elements) kept in registers; longer rows take the multi-pass path. The backward's row loop is
 # software-pipelined (the next row's loads land in shared memory while this row computes), which leaves the
-# registers for 8192-element rows in every dtype but float64 with every feature on (python -m kernels.aot,
+# registers for 8192-element rows in every dtype but float64 with every feature on (python -m fused_kernels.aot,
 # triton 3.9 and 3.6: no spills at 8192; float64 with every feature on spills 228+212 B at 4096 on sm_90a
 # (3.9) and 8+12 B at 2048 on sm_80 (3.6), so 1024 there).
 MAX_FUSED_FWD = 16384
@@ -262,7 +262,7 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
-@torch.library.custom_op("kernels::layer_norm_fwd", mutates_args=())
+@torch.library.custom_op("fused_kernels::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
     eps: float, dropout_p: float, is_rms_norm: bool,
@@ -309,7 +309,7 @@ def _(x, residual, weight, bias, eps, dropout_p, is_rms_norm):
             x.new_empty(m, dtype=acc), x.new_empty(m, dtype=acc), torch.empty(1, dtype=torch.int64))
 
 
-@torch.library.custom_op("kernels::layer_norm_bwd", mutates_args=())
+@torch.library.custom_op("fused_kernels::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(
     dy: torch.Tensor, dres_out: torch.Tensor | None, prenorm: torch.Tensor, weight: torch.Tensor | None,
     has_bias: bool, mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor, dropout_p: float,

@@ -1,5 +1,5 @@
 """Gradients beyond what the fused kernels' backward computes: second derivatives, and the gradient of a float
-attention mask. Both paths (the Triton kernels' custom ops and ``kernels.fast_torch``) call these.
+attention mask. Both paths (the Triton kernels' custom ops and ``fused_kernels.fast_torch``) call these.
 
 - **Double backward.** When autograd builds a graph of the backward (``torch.autograd.grad(...,
   create_graph=True)``, ``.backward(create_graph=True)``: grad mode is on inside a backward only then), an op's
@@ -103,7 +103,7 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
                    causal_offset: int, variants=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable (B, H, L, D) attention with the kernels' semantics: (out in q's dtype, lse in the compute
     dtype). GQA by repeating key/value heads; causal ``j <= i + causal_offset``; fully masked rows give 0.
-    With ``variants`` (kernels.attention.variants.Variants; causal_offset must be S - L) the variant math path."""
+    With ``variants`` (fused_kernels.attention.variants.Variants; causal_offset must be S - L) the variant math path."""
     if variants is not None:
         from .fast_torch import _attention_variants  # fast_torch imports this module
         out, lse = _attention_variants(q, k, v, is_causal, mask, seqlens_k, scale, 0.0, True, variants)

@@ -1,6 +1,6 @@
 """Validation and normalization of attention's variants (window, ALiBi, softcap, documents, prefix-LM, user
 score/mask mods), plus the torch helpers that the PyTorch path evaluates them with. See the score pipeline in
-``kernels.attention``'s docstring: softcap, alibi, float attn_mask (added by the caller), score_mod."""
+``fused_kernels.attention``'s docstring: softcap, alibi, float attn_mask (added by the caller), score_mod."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def _fwd_block(
     output's p @ v uses (l_i is (BLOCK_M, 1) otherwise).
 
     ``causal_offset`` is the upper diagonal of the band (key j <= i + causal_offset under IS_CAUSAL); the
-    variants (``kernels.attention.mods``: BAND_LO, PREFIX, DOCS, MASK_MOD on CHECK_BOUNDS blocks; SOFTCAP, ALIBI,
+    variants (``fused_kernels.attention.mods``: BAND_LO, PREFIX, DOCS, MASK_MOD on CHECK_BOUNDS blocks; SOFTCAP, ALIBI,
     SCORE_MOD on every block, with FOLD_SCALE off) default to off, so the callers that do not pass them
     (decode, paged) compile as before."""
     start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -146,7 +146,7 @@ def _attn_fwd_kernel(
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
-    # Variants (kernels.attention.mods), all off by default: the plain kernels compile as before.
+    # Variants (fused_kernels.attention.mods), all off by default: the plain kernels compile as before.
     SLOPES=None,       # (B, H) float32 ALiBi slopes, contiguous (ALIBI)
     PREFIX_LEN=None,   # (B,) int32 prefix lengths (PREFIX)
     DOC_Q=None,        # (B, L) int32 query document ids, contiguous (DOCS)

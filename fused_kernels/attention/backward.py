@@ -199,7 +199,7 @@ def _attn_bwd_dkdv_kernel(
     SPLIT_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
-    # Variants as in the forward kernel (kernels.attention.mods), all off by default.
+    # Variants as in the forward kernel (fused_kernels.attention.mods), all off by default.
     SLOPES=None, PREFIX_LEN=None, DOC_Q=None, DOC_K=None, MOD_ARGS=None, LIST_CNT=None, LIST_IDX=None,
     stride_lk=0, stride_lb=0, stride_lh=0, NN=0, win_left=0, win_right=0, softcap=1.0,
     SPARSE: tl.constexpr = False, BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False,
@@ -450,7 +450,7 @@ def _attn_bwd_dq_kernel(
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
-    # Variants as in the forward kernel (kernels.attention.mods), all off by default.
+    # Variants as in the forward kernel (fused_kernels.attention.mods), all off by default.
     SLOPES=None, PREFIX_LEN=None, DOC_Q=None, DOC_K=None, MOD_ARGS=None, LIST_CNT=None, LIST_IDX=None,
     stride_lk=0, stride_lb=0, stride_lh=0, NN=0, win_left=0, win_right=0, softcap=1.0,
     SPARSE: tl.constexpr = False, BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False,

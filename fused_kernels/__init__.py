@@ -1,9 +1,9 @@
 """Triton kernels for transformers, each with a pure-PyTorch reference.
 
 CUDA tensors run the Triton kernels; CPU tensors run the fastest PyTorch implementation with the same
-semantics (``kernels.fast_torch``: torch's flash attention, softmax and native norms), or the Triton
+semantics (``fused_kernels.fast_torch``: torch's flash attention, softmax and native norms), or the Triton
 kernels through the interpreter when ``TRITON_INTERPRET=1`` was set before import. ``use_backend``
-forces a choice. The float64-capable references (``kernels.reference``) are what the tests compare with.
+forces a choice. The float64-capable references (``fused_kernels.reference``) are what the tests compare with.
 """
 
 from . import nn

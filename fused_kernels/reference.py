@@ -1,7 +1,7 @@
 """Pure-PyTorch references: one per op, with the op's signature and semantics.
 
 They are what the tests compare every implementation with (called on float64 inputs for a
-high-precision reference): the Triton kernels and the PyTorch path (``kernels.fast_torch``, what the
+high-precision reference): the Triton kernels and the PyTorch path (``fused_kernels.fast_torch``, what the
 "torch" backend and CPU tensors run). Readable rather than fast: attention materializes the (L, S)
 scores. ``fast_torch`` falls back to them only where there is nothing to speed up (empty inputs) or
 torch's fused kernel cannot give the result (``return_lse`` with dropout or a value head dim != E).
@@ -110,7 +110,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
                   return_lse: bool = False, window=None, alibi_slopes=None, softcap=None, document_ids=None,
                   prefix_lengths=None, score_mod=None, score_mod_grad=None, mask_mod=None, mod_args=(),
                   block_mask=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Reference of ``kernels.attention``: (B, H, L, D) q, (B, Hkv, S, D) k, (B, Hkv, S, Dv) v, GQA by
+    """Reference of ``fused_kernels.attention``: (B, H, L, D) q, (B, Hkv, S, D) k, (B, Hkv, S, Dv) v, GQA by
     repeating key/value heads; ``causal`` is bottom-right aligned (key j <= i + S - L). The variants straight
     from their definitions on dense index tensors (``score_mod_grad`` unused: autograd differentiates this;
     ``block_mask`` ignored); mods may be triton JITFunctions (their ``.fn`` runs) or plain callables."""
@@ -172,7 +172,7 @@ def scaled_dot_product_attention_ref(query: torch.Tensor, key: torch.Tensor, val
                                      attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                      is_causal: bool = False, scale: float | None = None,
                                      enable_gqa: bool = False) -> torch.Tensor:
-    """Reference of ``kernels.scaled_dot_product_attention`` (torch's semantics, ``is_causal`` top-left
+    """Reference of ``fused_kernels.scaled_dot_product_attention`` (torch's semantics, ``is_causal`` top-left
     aligned: key j <= i), except that fully masked rows give 0 instead of NaN."""
     ct = _compute_dtype(query)
     q, k, v = query.to(ct), key.to(ct), value.to(ct)
@@ -195,7 +195,7 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                          scale: float | None = None, dropout_p: float = 0.0, return_lse: bool = False,
                          check: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Reference of ``kernels.varlen_attention``: ``attention_ref`` on each packed sequence; out (total_q, H, Dv),
+    """Reference of ``fused_kernels.varlen_attention``: ``attention_ref`` on each packed sequence; out (total_q, H, Dv),
     lse (H, total_q)."""
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []

@@ -1,6 +1,6 @@
-"""Launchers: the ``torch.library`` custom ops ``kernels::attention_fwd`` / ``kernels::attention_bwd`` with
+"""Launchers: the ``torch.library`` custom ops ``fused_kernels::attention_fwd`` / ``fused_kernels::attention_bwd`` with
 their registered autograd, TMA descriptors and the flags every kernel shares. ``_fwd_launch`` and
-``_bwd_launch`` are also what ``kernels.aot`` records (meta tensors, kernels replaced by recorders)."""
+``_bwd_launch`` are also what ``fused_kernels.aot`` records (meta tensors, kernels replaced by recorders)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def _common(q, k, v, mask, seqlens_k):
     return (b, h, l, d, hkv, s, dv), m, mstrides, seq, meta
 
 
-@torch.library.custom_op("kernels::attention_fwd", mutates_args=())
+@torch.library.custom_op("fused_kernels::attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, seqlens_k: torch.Tensor | None,
     scale: float, is_causal: bool, causal_offset: int, dropout_p: float, num_splits: int,
@@ -117,7 +117,7 @@ def _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags)
 def _heavy(var, dropout_p: float) -> bool:
     """Whether the call takes the register-lean tile column (``attention_config``'s dropout column): dropout, or
     score modifications that do not fit the plain tiles' registers / shared memory on sm_90a (``python -m
-    kernels.aot --family variants --sass``: ALiBi, a mod reading ``mod_args``, softcap together with a score_mod
+    fused_kernels.aot --family variants --sass``: ALiBi, a mod reading ``mod_args``, softcap together with a score_mod
     spill or overflow there; softcap alone or a score_mod alone fit)."""
     if dropout_p > 0:
         return True
@@ -137,8 +137,8 @@ def _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, block_m, block
 def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed, arch,
                 var=None):
     """Allocate and launch the forward for compute capability ``arch`` (None: interpreter); also what
-    ``kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches. ``var``: the
-    call's variants (``kernels.attention.variants.Variants``; never with ``num_splits``)."""
+    ``fused_kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches. ``var``: the
+    call's variants (``fused_kernels.attention.variants.Variants``; never with ``num_splits``)."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
     acc = torch_acc_dtype(q.dtype)
@@ -189,7 +189,7 @@ def _(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_
             torch.empty(1, dtype=torch.int64))
 
 
-@torch.library.custom_op("kernels::attention_bwd", mutates_args=())
+@torch.library.custom_op("fused_kernels::attention_bwd", mutates_args=())
 def attention_bwd(
     do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, seqlens_k: torch.Tensor | None,

@@ -14,12 +14,12 @@ Conventions (the same for the Triton kernels and the PyTorch path):
 - ``cache_seqlens`` (B,) int32 or int64: the number of valid positions of each sequence. For
   ``paged_append`` it is the length *before* the new tokens (they go to positions ``len .. len + Lnew - 1``);
   for ``paged_attention`` the length *including* the new queries' own keys (append first, then attend).
-- Causal is **bottom-right** aligned per sequence, as ``kernels.attention(causal=True)``: query ``i`` of the
+- Causal is **bottom-right** aligned per sequence, as ``fused_kernels.attention(causal=True)``: query ``i`` of the
   ``Lq`` new queries of sequence ``b`` attends keys ``j <= i + cache_seqlens[b] - Lq``; rows that see no key
   (length < Lq) give 0.
 
 Kernels: ``_paged_append_kernel`` scatters (B, Hkv, Lnew, D) keys/values into their slots in place;
-``_paged_attn_fwd_kernel`` is the flash-decoding split kernel of ``kernels.attention`` reading its key blocks
+``_paged_attn_fwd_kernel`` is the flash-decoding split kernel of ``fused_kernels.attention`` reading its key blocks
 through the block table: the ``G * Lq`` query rows of a GQA group share one tile (tiled over row blocks for
 long prefills), the keys of each sequence are split across programs, and ``_attn_combine_kernel`` merges the
 splits by their log-sum-exps. A key block lies inside one physical block when ``block_size`` is a multiple of
@@ -307,7 +307,7 @@ def paged_append(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torc
 
 
 def _append_launch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
-    """Launch the append kernel (validated arguments); also what ``kernels.aot`` runs on meta tensors."""
+    """Launch the append kernel (validated arguments); also what ``fused_kernels.aot`` runs on meta tensors."""
     b, hkv, lnew, d = k_new.shape
     k_new, v_new = _last_dim_contiguous(k_new), _last_dim_contiguous(v_new)
     dv = v_new.shape[3]
@@ -330,7 +330,7 @@ def _append_torch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
 
 
 # Pipeline stages of the decode configuration where the split kernel spills with the block-table lookups
-# (``python -m kernels.aot --family paged``, triton 3.9): (dtype family, head-dim bucket, Hopper) -> stages.
+# (``python -m fused_kernels.aot --family paged``, triton 3.9): (dtype family, head-dim bucket, Hopper) -> stages.
 # fp32 d=128 on sm_80 spilled 8+4 B with 1 stage; 16-bit d=128 on sm_90a 4+4 B with 3 (16-key tiles).
 _DECODE_STAGES = {("fp32", 128, False): 2, ("16bit", 128, True): 2}
 
@@ -339,9 +339,9 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
     """Tiles of the paged attention kernel for ``rows`` = G * Lq query rows per (sequence, kv head): one row
     tile of the GQA group (the flash-decoding configuration) up to ``DECODE_MAX_ROWS`` rows, else row tiles of
     the forward kernel's BLOCK_M (at most 64 at head dims above 128) with key tiles of at most 64. Every
-    configuration compiles without spills for sm_80 / sm_90a (``python -m kernels.aot --family paged``).
+    configuration compiles without spills for sm_80 / sm_90a (``python -m fused_kernels.aot --family paged``).
     The key tile is lowered to the block size when the block size is a smaller power of two (>= 16), so that
-    a key tile never spans two physical blocks. Shared by the launcher and ``kernels.aot``."""
+    a key tile never spans two physical blocks. Shared by the launcher and ``fused_kernels.aot``."""
     kind = "decode" if rows <= DECODE_MAX_ROWS else "fwd"
     cfg = dict(attention_config(kind, d, dv, dtype, arch))
     stages = cfg["num_stages"]
@@ -372,7 +372,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     query i sees keys j <= i + cache_seqlens[b] - Lq; ``causal=False``: every valid key. Returns (B, H, Lq, Dv)
     in q's dtype, and with ``return_lse`` the log-sum-exp (B, H, Lq), float32 (float64 for float64), -inf
     where a row sees no key (its output is 0). ``num_splits``: key splits per sequence (default: as the
-    flash-decoding path of ``kernels.attention`` chooses for the block table's capacity). ``check=False``
+    flash-decoding path of ``fused_kernels.attention`` chooses for the block table's capacity). ``check=False``
     skips the value checks of the index tensors (and their device sync). Forward only: a query that requires
     grad runs the (differentiable) PyTorch path."""
     op = "paged_attention"
@@ -411,7 +411,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _paged_launch(q, k_cache, v_cache, bt, sl, scale, causal, num_splits, arch):
     """Allocate and launch the paged attention for compute capability ``arch`` (None: interpreter); also what
-    ``kernels.aot`` runs on meta tensors (kernels replaced by recorders) to see the launches."""
+    ``fused_kernels.aot`` runs on meta tensors (kernels replaced by recorders) to see the launches."""
     q = _last_dim_contiguous(q)
     b, h, lq, d = q.shape
     _, page, hkv, dv = v_cache.shape
@@ -463,7 +463,7 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: 
 
 def _attention_torch(q, k_cache, v_cache, bt, sl, scale, causal):
     """The PyTorch path: gather each sequence's blocks (up to the longest length) and run
-    ``kernels.fast_torch.attention`` with the per-sequence key lengths and causal alignment as a mask."""
+    ``fused_kernels.fast_torch.attention`` with the per-sequence key lengths and causal alignment as a mask."""
     b, h, lq, _ = q.shape
     capacity = bt.shape[1] * k_cache.shape[1]
     sl = sl.long().clamp(0, capacity)

@@ -26,7 +26,7 @@ DECODE_MIN_S = 256
 # Ampere (sm_80), Hopper (sm_90), and the same two with dropout (the in-kernel RNG is register-hungry).
 # 16-bit dtypes run on tensor cores; on Hopper their d <= 128 kernels stream tiles with TMA. float32 dots
 # are true fp32 (or tf32) and float64 is the correctness dtype: small tiles. Each entry is what
-# `python -m kernels.aot --sass` reads best among the configurations that compile without spills.
+# `python -m fused_kernels.aot --sass` reads best among the configurations that compile without spills.
 _TILES = {
     "16bit": {
         #                  ampere              hopper              ampere + dropout    hopper + dropout
@@ -36,7 +36,7 @@ _TILES = {
         ("decode", 64):    ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 2)),
         ("decode", 128):   ((0, 64, 4, 3),     (0, 64, 4, 3),      (0, 64, 4, 3),      (0, 64, 4, 3)),
         ("decode", 256):   ((0, 32, 4, 2),     (0, 32, 4, 2),      (0, 32, 4, 2),      (0, 32, 4, 2)),
-        ("bwd_dkdv", 64):  ((32, 64, 4, 1),    (64, 128, 8, 2),    (32, 32, 4, 1),     (32, 32, 4, 1)),
+        ("bwd_dkdv", 64):  ((32, 64, 4, 1),    (64, 128, 8, 2),    (32, 32, 8, 1),     (32, 32, 4, 1)),
         ("bwd_dkdv", 128): ((64, 64, 8, 1),    (32, 128, 8, 2),    (16, 32, 4, 2),     (32, 32, 8, 1)),
         ("bwd_dkdv", 256): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 16, 8, 1),     (16, 16, 8, 1)),
         ("bwd_dq", 64):    ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 3)),
@@ -45,13 +45,13 @@ _TILES = {
     },
     "fp32": {
         ("fwd", 64):       ((32, 32, 4, 1),    (32, 32, 4, 1),     (32, 32, 8, 1),     (32, 32, 8, 1)),
-        ("fwd", 128):      ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
+        ("fwd", 128):      ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 4, 1)),
         ("fwd", 256):      ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 4, 1),     (32, 16, 4, 1)),
         ("decode", 64):    ((0, 32, 4, 1),     (0, 32, 4, 1),      (0, 32, 8, 1),      (0, 32, 8, 1)),
         ("decode", 128):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
         ("decode", 256):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
         ("bwd_dkdv", 64):  ((16, 32, 4, 1),    (16, 32, 4, 1),     (16, 16, 4, 1),     (16, 16, 8, 1)),
-        ("bwd_dkdv", 128): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 32, 8, 1),     (16, 16, 8, 1)),
+        ("bwd_dkdv", 128): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 32, 8, 1),     (16, 16, 4, 1)),
         ("bwd_dkdv", 256): ((16, 16, 8, 1),    (16, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
         ("bwd_dq", 64):    ((32, 32, 4, 1),    (32, 32, 4, 1),     (16, 32, 4, 1),     (16, 32, 4, 1)),
         ("bwd_dq", 128):   ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
@@ -63,7 +63,7 @@ _TILES = {
 
 
 # Entries a triton release needs changed because its compiler allocates registers differently (found with
-# `python -m kernels.aot --sass` under that release): (major, minor) -> {(family, kind, d): {column: tile}}.
+# `python -m fused_kernels.aot --sass` under that release): (major, minor) -> {(family, kind, d): {column: tile}}.
 _TILE_OVERRIDES = {
     (3, 6): {("16bit", "bwd_dkdv", 64): {1: (64, 128, 8, 1)}, ("16bit", "bwd_dkdv", 128): {1: (32, 128, 8, 1)},
              ("fp32", "bwd_dkdv", 128): {2: (16, 16, 4, 1)}},
@@ -81,8 +81,8 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     block a program owns and BLOCK_M the query block of its loop; "decode" only sets BLOCK_N (its BLOCK_M
     is the GQA group's query rows). ``TMA``: the kernel streams its tiles through tensor descriptors (the
     launcher falls back to pointers where a tensor's strides or alignment do not allow it). Every
-    configuration is compiled by ``python -m kernels.aot`` for sm_80 and sm_90a (no spills, shared memory
-    within limits). Shared by the launcher and ``kernels.aot``."""
+    configuration is compiled by ``python -m fused_kernels.aot`` for sm_80 and sm_90a (no spills, shared memory
+    within limits). Shared by the launcher and ``fused_kernels.aot``."""
     if kind not in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
         raise ValueError(f"attention_config: unknown kernel kind {kind!r}")
     if arch is None:

@@ -1,4 +1,4 @@
-"""``python -m kernels``: print the environment and self-check every op's Triton kernel against its
+"""``python -m fused_kernels``: print the environment and self-check every op's Triton kernel against its
 float64 reference (forward and every gradient) on the available device. Exit code 1 on any failure.
 
 Without a GPU the kernels run in Triton's interpreter: the command re-executes itself with
@@ -32,10 +32,10 @@ DESCRIPTION = ("Print the environment and check every op's Triton kernel (forwar
 
 
 def main() -> int:
-    argparse.ArgumentParser(prog="python -m kernels", description=DESCRIPTION).parse_args(sys.argv[1:])
+    argparse.ArgumentParser(prog="python -m fused_kernels", description=DESCRIPTION).parse_args(sys.argv[1:])
     if not torch.cuda.is_available() and not _backend.INTERPRET:
         os.environ["TRITON_INTERPRET"] = "1"
-        os.execv(sys.executable, [sys.executable, "-m", "kernels", *sys.argv[1:]])
+        os.execv(sys.executable, [sys.executable, "-m", "fused_kernels", *sys.argv[1:]])
     try:
         import triton
         triton_version = triton.__version__

@@ -1,8 +1,8 @@
-"""``python -m kernels.aot``: compile every kernel configuration the launchers can choose, ahead of time
+"""``python -m fused_kernels.aot``: compile every kernel configuration the launchers can choose, ahead of time
 for real GPUs (sm_80 and sm_90a), on a machine without one, and check registers, spills and shared
 memory.
 
-    python -m kernels.aot [--arch 80 90] [--json PATH] [--family NAME ...] [--filter SUBSTRING] [--jobs N]
+    python -m fused_kernels.aot [--arch 80 90] [--json PATH] [--family NAME ...] [--filter SUBSTRING] [--jobs N]
 
 Each configuration goes through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 with the specialization the runtime launcher would give a typical contiguous call: pointers aligned
@@ -468,7 +468,7 @@ def paged_specs() -> Iterator[Spec]:
 
 
 def varlen_specs() -> Iterator[Spec]:
-    """Packed variable-length attention (``kernels.varlen_attention``): the attention forward, dK/dV and dQ
+    """Packed variable-length attention (``fused_kernels.varlen_attention``): the attention forward, dK/dV and dQ
     kernels with ``VARLEN=True`` and the dense preprocess over the packed rows, recorded from the launchers
     (``varlen._varlen_fwd_launch`` / ``_varlen_bwd_launch`` on meta tensors, kernels replaced by recorders)
     with the tiles ``attention_config`` picks per architecture. Shapes: 16 sequences packed into 16k tokens
@@ -558,7 +558,7 @@ def variants_specs() -> Iterator[Spec]:
     without the window / prefix, non-causal. The mask variants run the SPARSE path (full then partial tile lists;
     its steady-state loop is the full-tile one). Shapes as ``attention_specs`` (16 x 1024 queries and keys,
     H x D = 2048, GQA 4); bf16 and fp16 at head dims 64 and 128, fp32 "all" at 128. The mods are module-level
-    ``@triton.jit`` functions of ``kernels.attention.examples``: they travel to the compile processes by
+    ``@triton.jit`` functions of ``fused_kernels.attention.examples``: they travel to the compile processes by
     (module, name), see ``_JitRef``."""
     at = importlib.import_module(".attention.launch", __package__)
     ex = importlib.import_module(".attention.examples", __package__)
@@ -866,7 +866,7 @@ def count_tensor_core_instructions(ptx: str) -> dict[str, int]:
 
 def _run_ptxas(ptx: str, arch: int) -> str:
     """``ptxas -v`` on ``ptx``; returns its log (stderr)."""
-    with tempfile.TemporaryDirectory(prefix="kernels-aot-ptx-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fused_kernels-aot-ptx-") as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
@@ -890,7 +890,7 @@ def _init_worker() -> None:
 
 def _die_with_parent() -> None:
     """Pool initializer: on Linux, the kernel kills this worker when the parent dies (a timeout that kills
-    ``python -m kernels.aot`` must not leave its compile workers running)."""
+    ``python -m fused_kernels.aot`` must not leave its compile workers running)."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
@@ -940,7 +940,7 @@ def _normalized(specialization: tuple[dict, dict, dict]) -> tuple[dict, dict, di
 class _JitRef:
     """A ``@triton.jit`` function passed as a constexpr (a score / mask mod), by (module, qualified name): a
     ``JITFunction`` does not pickle, so the compile processes re-import it (``resolve``). Such a function must
-    be defined at module level (``kernels.attention.examples``)."""
+    be defined at module level (``fused_kernels.attention.examples``)."""
 
     module: str
     qualname: str
@@ -1167,9 +1167,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         args = sys.argv[1:] if argv is None else argv
-        os.execv(sys.executable, [sys.executable, "-m", "kernels.aot", *args])
+        os.execv(sys.executable, [sys.executable, "-m", "fused_kernels.aot", *args])
 
-    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fused_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT),
                         help="compute capabilities to compile for (default: 80 90)")
     parser.add_argument("--json", metavar="PATH", help="also write every row, with all numbers, as JSON")
@@ -1179,7 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these kernel families (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--sass", action="store_true",
-                        help="also disassemble every cubin and report its steady-state loops (kernels.sass), "
+                        help="also disassemble every cubin and report its steady-state loops (fused_kernels.sass), "
                              "checking the structural promises (no local memory, tensor cores, EX2/FMUL limits)")
     parser.add_argument("--quick", action="store_true",
                         help="a representative subset (what the test suite compiles): see quick_subset")
@@ -1189,7 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("TRITON_CACHE_DIR"):
         shm = "/dev/shm"  # memory-backed where there is one: the cache is written ~8 times per compile
         base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-        own_cache = tempfile.mkdtemp(prefix="kernels-aot-cache-", dir=base)
+        own_cache = tempfile.mkdtemp(prefix="fused_kernels-aot-cache-", dir=base)
         os.environ["TRITON_CACHE_DIR"] = own_cache
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     try:

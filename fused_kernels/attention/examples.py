@@ -1,9 +1,9 @@
 """Example score and mask modifications for the programmable attention variants (``score_mod``, ``score_mod_grad``,
 ``mask_mod`` and ``mod_args`` of a call's variants).
 
-Each is a module-level ``@triton.jit`` function, so it can be named by ``(module, qualname)``: ``kernels.aot``
+Each is a module-level ``@triton.jit`` function, so it can be named by ``(module, qualname)``: ``fused_kernels.aot``
 sends the mods to its compile processes that way (a ``JITFunction`` does not pickle). Signatures, as the kernels
-call them (``kernels.attention.mods``):
+call them (``fused_kernels.attention.mods``):
 
 - ``score_mod(score, b, h, q_idx, kv_idx) -> score``: ``score`` the scaled score in natural-log units (float32),
   ``q_idx`` / ``kv_idx`` broadcast index tiles (clamped into [0, L) x [0, S)), ``b`` / ``h`` the batch and head;

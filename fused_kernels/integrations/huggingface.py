@@ -1,7 +1,7 @@
 """Run Hugging Face ``transformers`` models on our attention kernel.
 
-    >>> from kernels.integrations import huggingface
-    >>> name = huggingface.register()                 # "kernels_triton"
+    >>> from fused_kernels.integrations import huggingface
+    >>> name = huggingface.register()                 # "fused_kernels"
     >>> model.set_attn_implementation(name)           # or from_pretrained(..., attn_implementation=name)
 
 Our function takes the place of transformers' ``sdpa`` one with the same semantics: the same 4-D
@@ -13,7 +13,7 @@ Packed (padding-free) batches, e.g. from ``transformers.DataCollatorWithFlatteni
 concatenated sequences. Given transformers' FlashAttention keyword arguments ``cu_seq_lens_q``,
 ``cu_seq_lens_k``, ``max_length_q`` and ``max_length_k`` (``return_flash_attn_kwargs=True``), or only
 ``position_ids`` that restart at every sequence (what transformers' flash path falls back to), the call is
-one ``kernels.varlen_attention`` over the packed tokens, causal per sequence when the module is causal; the
+one ``fused_kernels.varlen_attention`` over the packed tokens, causal per sequence when the module is causal; the
 4-D block-diagonal mask transformers built for the same batch is then not read.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-NAME = "kernels_triton"
+NAME = "fused_kernels"
 
 
 def attention_forward(
@@ -101,7 +101,7 @@ def _varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     cu_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool, dropout: float,
                     scale: float | None) -> torch.Tensor:
     """query (1, H, total_q, E), key/value (1, Hkv, total_k, E/Ev) -> (1, total_q, H, Ev)."""
-    # Imported per call, so a patched kernels.varlen_attention (the tests' spy) is the one that runs.
+    # Imported per call, so a patched fused_kernels.varlen_attention (the tests' spy) is the one that runs.
     from .. import varlen_attention
 
     if query.shape[0] != 1:
@@ -119,7 +119,8 @@ def register(name: str = NAME) -> str:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as err:
-        raise ImportError("kernels.integrations.huggingface needs transformers: pip install transformers") from err
+        raise ImportError("fused_kernels.integrations.huggingface needs transformers: "
+                          "pip install transformers") from err
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name

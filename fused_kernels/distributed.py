@@ -3,11 +3,11 @@
 Each rank of a group of N holds a slice of every sequence, (B, H, L_local, D) queries, keys and values. The
 key/value slices travel around the ring (rank r sends to r + 1 and receives from r - 1, ``batch_isend_irecv``
 posted before the step's computation so the transfer overlaps it); at each of the N steps a rank attends its
-queries to the key/value slice it holds, with the fused kernel (``kernels.attention``'s custom ops, which
+queries to the key/value slice it holds, with the fused kernel (``fused_kernels.attention``'s custom ops, which
 return the log-sum-exp and take a causal offset) or, on the PyTorch path, torch's CPU flash kernel. The
 partial results are merged by their log-sum-exps in float32 (float64 for float64 inputs):
 ``out = sum_i exp(lse_i - lse) * out_i``, ``lse = logsumexp_i lse_i``. The result is the attention of the
-local queries over the whole sequence, as single-process ``kernels.attention`` on the gathered sequence.
+local queries over the whole sequence, as single-process ``fused_kernels.attention`` on the gathered sequence.
 
 Backward (the published ring-attention backward): the key/value slices go around the ring again, now with
 their dK/dV accumulators; each step's kernel backward is given the *final* output and log-sum-exp, so that
@@ -365,17 +365,17 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
     sequence of length N * L_local (N ranks in ``group``, default the whole world), in ``layout``:
     ``"contiguous"`` (rank r holds positions [r * L_local, (r + 1) * L_local)) or ``"zigzag"`` (chunks r and
     2N - 1 - r of 2N; balances the causal work; see ``zigzag_shard``). Returns this rank's (B, H, L_local, Dv)
-    output for the same positions, equal to ``kernels.attention`` on the gathered sequence; differentiable in
+    output for the same positions, equal to ``fused_kernels.attention`` on the gathered sequence; differentiable in
     q, k, v. Every rank must call it together with the same shapes (checked with one small all-gather).
 
-    - GQA/MQA as ``kernels.attention``: Hkv divides H, only the Hkv key/value heads travel.
+    - GQA/MQA as ``fused_kernels.attention``: Hkv divides H, only the Hkv key/value heads travel.
     - ``causal=True``: key j visible to query i when j <= i in global positions (queries and keys have the
       same length, so bottom-right and top-left alignment agree).
     - ``seqlens_k`` (B,) int: the valid *global* key length per batch entry, the same on every rank; keys at
       positions >= it are masked. A batch entry with no valid key gives output 0 and zero gradients.
     - ``dropout_p`` must be 0: dropout would need a mask drawn consistently across ranks and steps, which
       this implementation does not do.
-    Runs the Triton kernels or the PyTorch path by ``kernels.use_backend``, as ``kernels.attention``."""
+    Runs the Triton kernels or the PyTorch path by ``fused_kernels.use_backend``, as ``fused_kernels.attention``."""
     op = "ring_attention"
     _check_group(op, group)
     for name, t in (("q", q), ("k", k), ("v", v)):

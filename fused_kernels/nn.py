@@ -289,9 +289,10 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if src.is_nested:
-            raise ValueError("kernels.nn.TransformerEncoderLayer: nested-tensor input (torch.nn.TransformerEncoder "
-                             "makes it in eval mode from a padding mask): build the encoder with "
-                             "enable_nested_tensor=False, or call kernels.nn.replace_modules on the encoder")
+            raise ValueError("fused_kernels.nn.TransformerEncoderLayer: nested-tensor input "
+                             "(torch.nn.TransformerEncoder makes it in eval mode from a padding mask): "
+                             "build the encoder with enable_nested_tensor=False, or call "
+                             "fused_kernels.nn.replace_modules on the encoder")
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)

@@ -189,7 +189,7 @@ def _launch_rows(kernel, tensors: list[torch.Tensor], n: int, args: tuple, dtype
                     num_warps=row_warps(block), **meta)
 
 
-@torch.library.custom_op("kernels::softmax_fwd", mutates_args=())
+@torch.library.custom_op("fused_kernels::softmax_fwd", mutates_args=())
 def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, dim: int, scale: float,
                 is_causal: bool) -> torch.Tensor:
     """softmax(scale * x + mask) along ``dim``; ``mask`` broadcastable to ``x``, bool or float."""
@@ -212,7 +212,7 @@ def _(x, mask, dim, scale, is_causal):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("kernels::softmax_bwd", mutates_args=())
+@torch.library.custom_op("fused_kernels::softmax_bwd", mutates_args=())
 def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     tensors = [y.movedim(dim, -1), dy.movedim(dim, -1), dx.movedim(dim, -1)]
