@@ -394,7 +394,7 @@ def _padding_mask(case: Case, env: Env) -> torch.Tensor | None:
 
 
 def ours_context(env: Env) -> Callable:
-    """Our kernels on a GPU (never a silent fallback); the PyTorch path (fused_kernels.fast_torch) on the CPU,
+    """Our kernels on a GPU (never a silent fallback); the PyTorch path (ops/attention/torch_path.py) on the CPU,
     where the Triton interpreter (on under pytest) would take minutes and time nothing meaningful."""
     return lambda: fused_kernels.use_backend("triton" if env.is_cuda else "torch")
 

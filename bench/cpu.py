@@ -1,4 +1,4 @@
-"""``python -m bench --device cpu``: our ops on CPU tensors (the PyTorch path, ``fused_kernels.fast_torch``)
+"""``python -m bench --device cpu``: our ops on CPU tensors (each op's PyTorch path)
 against plain torch eager, in one process, one thread.
 
     python -m bench --device cpu [--full] [--only attention|norm|softmax|model ...] [--no-memory]
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(json.loads(args.child[0]), args.child[1])))
         return 0
     import fused_kernels
-    from fused_kernels import _backend
+    from fused_kernels._core import backend as _backend
 
     if _backend.INTERPRET or fused_kernels.get_backend() != "auto":
         print("run without TRITON_INTERPRET and FUSED_KERNELS_BACKEND: this measures what a CPU tensor runs by default",

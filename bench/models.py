@@ -6,7 +6,7 @@ The baseline is the same model object with the same weights: ``torch_ops()`` swa
 models call (``fused_kernels.attention``, ``fused_kernels.add_layer_norm`` and the ``layer_norm`` behind
 ``fused_kernels.nn.LayerNorm``) for ``F.scaled_dot_product_attention`` and ``F.layer_norm`` with the same
 semantics: plain torch modules, with none of our code on the path. (``fused_kernels.use_backend("torch")`` runs
-our PyTorch path, ``fused_kernels.fast_torch``, which is what is compared with this baseline on the CPU.)
+our PyTorch path, which is what is compared with this baseline on the CPU.)
 
 Precision: weights, activations and optimizer state in bf16 (``model.to(torch.bfloat16)``). torch.autocast
 does not work with these models today: ``add_layer_norm`` requires the residual (fp32 under autocast) and

@@ -1,18 +1,26 @@
 """Triton kernels for transformers, each with a pure-PyTorch reference.
 
 CUDA tensors run the Triton kernels; CPU tensors run the fastest PyTorch implementation with the same
-semantics (``fused_kernels.fast_torch``: torch's flash attention, softmax and native norms), or the Triton
+semantics (each op's PyTorch path: torch's flash attention, softmax and native norms), or the Triton
 kernels through the interpreter when ``TRITON_INTERPRET=1`` was set before import. ``use_backend``
 forces a choice. The float64-capable references (``fused_kernels.reference``) are what the tests compare with.
 """
 
 from . import nn
-from ._backend import get_backend, use_backend
-from .attention import BlockMask, attention, attention_tiles, block_mask, scaled_dot_product_attention
-from .layer_norm import add_layer_norm, layer_norm, rms_norm
-from .paged import PagedKVCache, paged_append, paged_attention
-from .softmax import softmax
-from .varlen import varlen_attention
+from ._core.backend import get_backend, use_backend
+from .ops.attention import (
+    BlockMask,
+    PagedKVCache,
+    attention,
+    attention_tiles,
+    block_mask,
+    paged_append,
+    paged_attention,
+    scaled_dot_product_attention,
+    varlen_attention,
+)
+from .ops.norms import add_layer_norm, layer_norm, rms_norm
+from .ops.softmax import softmax
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _backend
+from ._core import backend as _backend
 from .selfcheck import CASES, run_case
 
 

@@ -13,10 +13,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import _checks
-from .attention import scaled_dot_product_attention
-from .layer_norm import layer_norm, rms_norm
-from .softmax import softmax
+from ._core import checks as _checks
+from .ops.attention import scaled_dot_product_attention
+from .ops.norms import layer_norm, rms_norm
+from .ops.softmax import softmax
 
 
 class LayerNorm(torch.nn.LayerNorm):

@@ -1,9 +1,9 @@
 """Pure-PyTorch references: one per op, with the op's signature and semantics.
 
 They are what the tests compare every implementation with (called on float64 inputs for a
-high-precision reference): the Triton kernels and the PyTorch path (``fused_kernels.fast_torch``, what the
-"torch" backend and CPU tensors run). Readable rather than fast: attention materializes the (L, S)
-scores. ``fast_torch`` falls back to them only where there is nothing to speed up (empty inputs) or
+high-precision reference): the Triton kernels and each op's PyTorch path (what the "torch" backend and
+CPU tensors run). Readable rather than fast: attention materializes the (L, S)
+scores. The PyTorch paths fall back to them only where there is nothing to speed up (empty inputs) or
 torch's fused kernel cannot give the result (``return_lse`` with dropout or a value head dim != E).
 Arithmetic happens in float32 (float64 for float64 inputs), results come back in the input's dtype,
 as the kernels do.

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 
 from . import reference as ref
-from ._backend import use_backend
-from .attention import attention, scaled_dot_product_attention
-from .layer_norm import add_layer_norm, layer_norm, rms_norm
-from .softmax import softmax
+from ._core.backend import use_backend
+from .ops.attention import attention, scaled_dot_product_attention
+from .ops.norms import add_layer_norm, layer_norm, rms_norm
+from .ops.softmax import softmax
 
 # A case builds (kernel function, reference function, float32 inputs) from a generator and a device.
 Case = tuple[str, Callable[[torch.Generator, str], tuple[Callable, Callable, list]]]

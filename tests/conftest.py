@@ -22,7 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 import fused_kernels  # noqa: E402
-from fused_kernels import _backend  # noqa: E402
+from fused_kernels._core import backend as _backend  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -66,7 +66,7 @@ def triton_backend():
 @pytest.fixture(params=["triton", "torch"])
 def op_backend(request):
     """Run the test twice: on our Triton kernels (the interpreter on a CPU) and on the PyTorch path
-    (``fused_kernels.fast_torch``, what a CPU tensor runs in normal use). Yields the backend's name."""
+    (each op's PyTorch path, what a CPU tensor runs in normal use). Yields the backend's name."""
     with fused_kernels.use_backend(request.param):
         yield request.param
 

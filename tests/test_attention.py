@@ -16,9 +16,10 @@ from helpers import assert_close, bounds_checked, nan_padded
 
 import fused_kernels
 from fused_kernels import reference as ref
-from fused_kernels.attention import attention_fwd, decode_splits
+from fused_kernels.ops.attention import launch as attn_mod  # the launchers and the kernels they call
+from fused_kernels.ops.attention.config import decode_splits
+from fused_kernels.ops.attention.launch import attention_fwd
 
-attn_mod = importlib.import_module("fused_kernels.attention.launch")   # the launchers and the kernels they call
 KERNELS = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
            "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
@@ -202,7 +203,7 @@ def test_seqlens_k(causal, device):
     check_attention(q, k, v, causal=causal, seqlens_k=seqlens, **FP32_TOL)
 
 
-@pytest.mark.triton_only   # the PyTorch path masks those keys but reads them (see fused_kernels.fast_torch)
+@pytest.mark.triton_only   # the PyTorch path masks those keys but reads them (see ops/attention/torch_path.py)
 def test_seqlens_skip_blocks(device):
     """Key blocks past seqlens_k are never read: NaN there does not reach the output or gradients."""
     q, k, v = _qkv(2, 2, 2, 16, 96, 32, device=device)
@@ -684,5 +685,5 @@ def test_gpu_head_dims(d):
 
 
 def test_math_helpers():
-    cfg = importlib.import_module("fused_kernels.attention.config")
+    cfg = importlib.import_module("fused_kernels.ops.attention.config")
     assert math.isclose(cfg.LOG2E * cfg.LN2, 1.0)

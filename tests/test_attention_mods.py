@@ -5,8 +5,6 @@ mod, strided inputs and gradcheck. The PyTorch path of the same arguments: tests
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import triton
@@ -14,10 +12,11 @@ import triton.language as tl
 from helpers import assert_close, bounds_checked
 
 import fused_kernels
+from fused_kernels.ops.attention import launch as launch_mod
 from fused_kernels.reference import attention_ref
 
 pytestmark = pytest.mark.triton_only
-launch_mod = importlib.import_module("fused_kernels.attention.launch")
+
 KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 

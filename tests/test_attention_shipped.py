@@ -9,8 +9,6 @@ every gradient, the 2x rule for half precision)."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from helpers import assert_close
@@ -18,8 +16,7 @@ from test_attention import FP32_TOL, _qkv, check_attention
 
 import fused_kernels
 from fused_kernels import reference as ref
-
-attn_mod = importlib.import_module("fused_kernels.attention.launch")   # the launchers and the kernels they call
+from fused_kernels.ops.attention import launch as attn_mod  # the launchers and the kernels they call
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 

@@ -1,5 +1,5 @@
 """Backend selection: ``use_backend`` and ``FUSED_KERNELS_BACKEND``, "auto" / "triton" / "torch" ("torch" and a
-CPU tensor under "auto" without the interpreter run ``fused_kernels.fast_torch``, never a kernel).
+CPU tensor under "auto" without the interpreter run the op's PyTorch path, never a kernel).
 
 ``FUSED_KERNELS_BACKEND`` and ``TRITON_INTERPRET`` are read when ``fused_kernels`` is imported, so the cases that
 depend on them run in fresh Python processes (started together, once per session, to save time).
@@ -7,7 +7,6 @@ depend on them run in fresh Python processes (started together, once per session
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -20,12 +19,14 @@ import torch
 from helpers import bounds_checked
 
 import fused_kernels
-from fused_kernels import _backend, fast_torch
 from fused_kernels import reference as ref
+from fused_kernels._core import backend as _backend
+from fused_kernels.ops import norms as ln_mod
+from fused_kernels.ops import softmax as sm_mod
+from fused_kernels.ops.attention import torch_path
 
 ROOT = Path(__file__).resolve().parents[1]
-ln_mod = importlib.import_module("fused_kernels.layer_norm")
-sm_mod = importlib.import_module("fused_kernels.softmax")
+
 OPS = ["layer_norm", "rms_norm", "add_layer_norm", "softmax"]
 
 
@@ -50,13 +51,20 @@ def _launches(op: str, device: str = "cpu") -> int:
     return sum(ln.values()) + sum(sm.values())
 
 
+# Each op's PyTorch path: (module, function) by op name.
+TORCH_PATHS = {"layer_norm": (ln_mod, "_layer_norm_torch"), "rms_norm": (ln_mod, "_rms_norm_torch"),
+               "add_layer_norm": (ln_mod, "_add_layer_norm_torch"), "softmax": (sm_mod, "_softmax_torch"),
+               "attention": (torch_path, "attention"),
+               "scaled_dot_product_attention": (torch_path, "scaled_dot_product_attention")}
+
+
 @pytest.fixture
 def fast_torch_calls(monkeypatch) -> list[str]:
-    """Names of the ``fused_kernels.fast_torch`` functions called while the test runs."""
+    """Names of the ops whose PyTorch path was called while the test runs."""
     calls: list[str] = []
-    for name in ("layer_norm", "rms_norm", "add_layer_norm", "softmax", "attention", "scaled_dot_product_attention"):
-        original = getattr(fast_torch, name)
-        monkeypatch.setattr(fast_torch, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    for name, (module, fn) in TORCH_PATHS.items():
+        original = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     return calls
 
 
@@ -169,10 +177,10 @@ def test_auto_runs_the_kernel_on_cuda(op):
 # Each script prints one JSON line of findings; the tests below judge them.
 _PRELUDE = """
 import json, torch, fused_kernels
-from fused_kernels import _backend, fast_torch, reference as ref
-import importlib
-ln_mod = importlib.import_module("fused_kernels.layer_norm")
-sm_mod = importlib.import_module("fused_kernels.softmax")
+from fused_kernels import reference as ref
+from fused_kernels._core import backend as _backend
+from fused_kernels.ops import norms as ln_mod
+from fused_kernels.ops import softmax as sm_mod
 x, r, w = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16)
 CALLS = {
     "layer_norm": lambda: fused_kernels.layer_norm(x, (16,), w),
@@ -187,8 +195,10 @@ REFS = {
     "softmax": lambda: ref.softmax_ref(x, mask=x > 0),
 }
 RAN = []
-for _name in CALLS:  # record every call into the PyTorch path
-    setattr(fast_torch, _name, lambda *a, _f=getattr(fast_torch, _name), _n=_name, **k: RAN.append(_n) or _f(*a, **k))
+TORCH_PATHS = {"layer_norm": (ln_mod, "_layer_norm_torch"), "rms_norm": (ln_mod, "_rms_norm_torch"),
+               "add_layer_norm": (ln_mod, "_add_layer_norm_torch"), "softmax": (sm_mod, "_softmax_torch")}
+for _name, (_mod, _fn) in TORCH_PATHS.items():  # record every call into the PyTorch path
+    setattr(_mod, _fn, lambda *a, _f=getattr(_mod, _fn), _n=_name, **k: RAN.append(_n) or _f(*a, **k))
 def outcome(name):
     RAN.clear()
     try:

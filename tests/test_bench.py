@@ -295,7 +295,7 @@ def test_cpu_benchmark_memory_child():
 
 def test_cpu_benchmark_refuses_the_interpreter(monkeypatch):
     from bench import cpu
-    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", True)
+    monkeypatch.setattr(fused_kernels._core.backend, "INTERPRET", True)
     assert cpu.main(["--smoke", "--no-memory"]) == 2
 
 

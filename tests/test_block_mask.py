@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 import fused_kernels
-from fused_kernels.attention.blockmask import band_classes, combine, document_classes, kv_lists, q_lists
+from fused_kernels.ops.attention.blockmask import band_classes, combine, document_classes, kv_lists, q_lists
 
 
 @triton.jit

@@ -13,8 +13,8 @@ import torch
 from helpers import grads
 
 import fused_kernels
-from fused_kernels.layer_norm import layer_norm_bwd, layer_norm_fwd
-from fused_kernels.softmax import softmax_bwd, softmax_fwd
+from fused_kernels.ops.norms import layer_norm_bwd, layer_norm_fwd
+from fused_kernels.ops.softmax import softmax_bwd, softmax_fwd
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 

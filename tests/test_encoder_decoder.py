@@ -5,7 +5,7 @@ greedy generate) and a short copy/reverse learning run.
 
 Shapes stay tiny (B <= 2, L <= 8): under the Triton interpreter one attention program costs tens of
 milliseconds. The default backend runs the Triton kernels (through the interpreter on CPU);
-``fused_kernels.use_backend("torch")`` runs the PyTorch ops (``fused_kernels.fast_torch``). Search-logic tests
+``fused_kernels.use_backend("torch")`` runs the PyTorch ops (each op's PyTorch path). Search-logic tests
 (beam vs greedy, cache vs recompute) run on the PyTorch ops: they test the search, and the decode step they repeat is
 checked on the Triton path by ``test_decode_steps_over_cache_equal_full_decode``."""
 

@@ -1,4 +1,4 @@
-"""What the PyTorch path (``fused_kernels.fast_torch``) promises beyond the results that the op tests check on it
+"""What the PyTorch path (each op's PyTorch path) promises beyond the results that the op tests check on it
 (test_attention / test_softmax / test_layer_norm / test_mha / test_compile run every case on both paths):
 
 - attention runs torch's flash kernel, never materializes an (L, S) matrix, and passes masks at their
@@ -16,10 +16,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_kernels
-from fused_kernels import fast_torch
 from fused_kernels import reference as ref
+from fused_kernels.ops.attention import torch_path
 
-pytestmark = pytest.mark.skipif(fast_torch._FLASH is None, reason="this torch has no CPU flash-attention op")
+pytestmark = pytest.mark.skipif(torch_path._FLASH is None, reason="this torch has no CPU flash-attention op")
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +183,7 @@ def test_softmax_allocates_no_more_than_torch(case):
 @pytest.fixture
 def nan_torch(monkeypatch):
     """Pretend this torch gives NaN for fully masked rows: the path that finds them from the mask runs."""
-    monkeypatch.setattr(fast_torch, "_TORCH_ZEROES_DEAD_ROWS", False)
+    monkeypatch.setattr(torch_path, "_TORCH_ZEROES_DEAD_ROWS", False)
 
 
 DEAD_CASES = ["bool", "float", "seqlens-0", "causal-L>S+mask", "causal+mask", "dropout"]
@@ -192,7 +192,7 @@ DEAD_CASES = ["bool", "float", "seqlens-0", "causal-L>S+mask", "causal+mask", "d
 @pytest.mark.parametrize("case", DEAD_CASES)
 @pytest.mark.parametrize("probe", [True, False], ids=["this-torch", "nan-torch"])
 def test_fully_masked_rows(case, probe, monkeypatch):
-    monkeypatch.setattr(fast_torch, "_TORCH_ZEROES_DEAD_ROWS", probe and fast_torch._TORCH_ZEROES_DEAD_ROWS)
+    monkeypatch.setattr(torch_path, "_TORCH_ZEROES_DEAD_ROWS", probe and torch_path._TORCH_ZEROES_DEAD_ROWS)
     b, h, l, s, d = 2, 2, 12, 10, 8
     q, k, v = (_rand(b, h, n, d, seed=i) for i, n in enumerate((l, s, s)))
     keep = torch.rand(b, 1, l, s, generator=torch.Generator().manual_seed(2)) > 0.3
@@ -250,7 +250,7 @@ def test_nan_torch_path_for_sdpa_rows(nan_torch):
 def test_probe_finds_this_torch_zeroes_dead_rows():
     """torch 2.13 (the CI pin) gives 0 there already: the fast path then adds nothing for dead rows."""
     if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 13):
-        assert fast_torch._TORCH_ZEROES_DEAD_ROWS
+        assert torch_path._TORCH_ZEROES_DEAD_ROWS
 
 
 # ----------------------------------------------------------------------------- softmax dead rows, compiled

@@ -4,7 +4,7 @@ weight loading (new and old key names), GPT-2 init and a short convergence run.
 
 Everything runs the tiny preset with B <= 2, L <= 16: under the Triton interpreter each LayerNorm row
 and attention block iteration costs milliseconds. The default backend runs the Triton kernels (through
-the interpreter on CPU); ``fused_kernels.use_backend("torch")`` runs the PyTorch ops (``fused_kernels.fast_torch``)."""
+the interpreter on CPU); ``fused_kernels.use_backend("torch")`` runs the PyTorch ops (each op's PyTorch path)."""
 
 import contextlib
 import importlib
@@ -234,7 +234,7 @@ def test_generate_sampling_cache_equals_recompute(kwargs):
 def test_decode_step_over_long_cache_takes_the_flash_decoding_path(monkeypatch):
     """One token after 269 cached ones: the Triton kernel splits the keys (flash-decoding) and gives the
     reference's logits, equal to the last position of a full forward."""
-    attention_module = importlib.import_module("fused_kernels.attention.api")   # where attention() looks it up
+    attention_module = importlib.import_module("fused_kernels.ops.attention.api")   # where attention() looks it up
     splits = []
     real = attention_module.decode_splits
     monkeypatch.setattr(attention_module, "decode_splits", lambda *a: splits.append(real(*a)) or splits[-1])

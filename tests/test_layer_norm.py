@@ -8,7 +8,6 @@ float64, rounded to the tested dtype, and the reference runs on exactly those ro
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -17,10 +16,8 @@ import torch.nn.functional as F
 from helpers import LAYOUTS, as_layout, assert_close, assert_fresh_contiguous, bounds_checked, grads, leaf
 
 import fused_kernels
-from fused_kernels.layer_norm import MAX_FUSED_BWD, MAX_FUSED_FWD, fused_limit
-
-# the module (``fused_kernels.layer_norm`` is the function)
-ln_mod = importlib.import_module("fused_kernels.layer_norm")
+from fused_kernels.ops import norms as ln_mod
+from fused_kernels.ops.norms import MAX_FUSED_BWD, MAX_FUSED_FWD, fused_limit
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 

@@ -74,7 +74,7 @@ def test_one_modality_alone_and_bad_inputs(model):
 
 
 def test_triton_path_matches_the_reference_forward_and_backward():
-    if not fused_kernels._backend.INTERPRET and not torch.cuda.is_available():
+    if not fused_kernels._core.backend.INTERPRET and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
     torch.manual_seed(0)
     m = Multimodal(MultimodalConfig.from_preset("tiny", vocab_size=40, max_text_len=24, dropout=0.0))

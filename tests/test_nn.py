@@ -3,7 +3,6 @@ counterparts (constructor, attributes, state_dict, outputs, gradients), and ``re
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import pytest
@@ -12,11 +11,11 @@ from helpers import assert_close, bounds_checked
 
 import fused_kernels
 import fused_kernels.nn as knn
+from fused_kernels.ops import norms as ln_mod
+from fused_kernels.ops import softmax as sm_mod
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
-ln_mod = importlib.import_module("fused_kernels.layer_norm")
-sm_mod = importlib.import_module("fused_kernels.softmax")
 
 NORM_CASES = [
     pytest.param("LayerNorm", (16,), {}, id="ln"),

@@ -1,4 +1,5 @@
-"""Paged KV cache (``fused_kernels.paged``): append and attention through a block table, against the dense path.
+"""Paged KV cache (``fused_kernels.ops.attention.paged``): append and attention through a block table, against the
+dense path.
 
 Every case lays the logical sequences out in a pool whose physical blocks are in shuffled order
 (``torch.randperm``) and whose unwritten slots are NaN: the kernels must never read them (the output stays
@@ -14,8 +15,8 @@ import torch
 from helpers import assert_close, bounds_checked
 
 import fused_kernels
-import fused_kernels.paged as paged
 from fused_kernels import PagedKVCache, paged_append, paged_attention
+from fused_kernels.ops.attention import paged
 from fused_kernels.reference import attention_ref
 
 KERNELS = ("_paged_append_kernel", "_paged_attn_fwd_kernel", "_attn_combine_kernel")

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from fused_kernels import _backend
+from fused_kernels._core import backend as _backend
 from fused_kernels.selfcheck import CASES
 
 main_mod = importlib.import_module("fused_kernels.__main__")

@@ -9,7 +9,7 @@ from helpers import bounds_checked
 from torch import nn
 
 import fused_kernels
-import fused_kernels.paged as paged
+from fused_kernels.ops.attention import paged
 from transformer import GPT, GPTConfig, serving
 from transformer.training.cli import main
 from transformer.training.trainer import TrainArgs, load_run, train

@@ -7,17 +7,14 @@ output and the input gradient against an independent float64 reference built fro
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from helpers import LAYOUTS, as_layout, assert_close, assert_fresh_contiguous, bounds_checked, grads, leaf
 
 import fused_kernels
+from fused_kernels.ops import softmax as sm_mod
+from fused_kernels.ops.softmax import MAX_FUSED
 from fused_kernels.reference import causal_mask
-from fused_kernels.softmax import MAX_FUSED
-
-sm_mod = importlib.import_module("fused_kernels.softmax")  # the module (``fused_kernels.softmax`` is the function)
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
 
@@ -157,7 +154,7 @@ def test_mask_strides(kind, mask_layout, device):
     check_softmax(torch.float32, device, _randn(B, H, L, S), mask=mask, mask_layout=mask_layout)
 
 
-@pytest.mark.triton_only   # the PyTorch path's counterpart is in test_fast_torch.py
+@pytest.mark.triton_only   # the PyTorch path's counterpart is in test_fast_torch.py (the PyTorch paths)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_is_not_materialized(kind, device):
     """A broadcast mask reaches the kernel with stride 0 where it broadcasts, not expanded in memory."""

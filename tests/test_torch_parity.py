@@ -24,8 +24,9 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_kernels
-from fused_kernels import _checks, _grad
+from fused_kernels._core import checks as _checks
 from fused_kernels.nn import MultiheadAttention
+from fused_kernels.ops.attention import grad as _grad
 
 pytestmark = pytest.mark.usefixtures("op_backend")
 F64 = torch.float64

@@ -234,7 +234,7 @@ def test_cli_eval_prints_the_metrics(tmp_path, capsys):
 def test_triton_and_reference_paths_give_the_same_loss_curve(tmp_path):
     """The convergence test: a few steps through the real kernels (the interpreter here) and through the
     PyTorch path follow the same curve."""
-    if not fused_kernels._backend.INTERPRET and not torch.cuda.is_available():
+    if not fused_kernels._core.backend.INTERPRET and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
     curves = {}
     for backend in ("triton", "torch"):
@@ -285,7 +285,7 @@ def test_a_run_sets_its_threads_and_restores_them(tmp_path, monkeypatch, capsys)
 def test_triton_backend_on_the_cpu_is_refused_before_training(tmp_path, monkeypatch, capsys):
     """Without the interpreter, backend 'triton' cannot run on the CPU: resolve (hence the CLI) says so in
     one line before anything is built or written, whether it comes from --backend or FUSED_KERNELS_BACKEND."""
-    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", False)
+    monkeypatch.setattr(fused_kernels._core.backend, "INTERPRET", False)
     with pytest.raises(ValueError, match=r"--backend triton on cpu: the Triton kernels need a CUDA device"):
         resolve(TrainArgs(task="count", backend="triton", device="cpu"))
     from transformer.training.trainer import check_backend
@@ -301,16 +301,16 @@ def test_triton_backend_on_the_cpu_is_refused_before_training(tmp_path, monkeypa
     with fused_kernels.use_backend("triton"):
         assert main(["eval", trained]) == 2
     assert "need a CUDA device" in capsys.readouterr().err
-    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", True)              # with the interpreter it may run
+    monkeypatch.setattr(fused_kernels._core.backend, "INTERPRET", True)              # with the interpreter it may run
     resolve(TrainArgs(task="count", backend="triton", device="cpu"))
 
 
 def test_interpreter_note_is_printed_when_the_kernels_would_run_interpreted(monkeypatch):
     from transformer.training.trainer import interpreter_note
-    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", True)
+    monkeypatch.setattr(fused_kernels._core.backend, "INTERPRET", True)
     assert "for tests" in interpreter_note("triton", "cpu") and interpreter_note(None, "cpu")
     assert interpreter_note("torch", "cpu") is None and interpreter_note("triton", "cuda") is None
-    monkeypatch.setattr(fused_kernels._backend, "INTERPRET", False)
+    monkeypatch.setattr(fused_kernels._core.backend, "INTERPRET", False)
     assert interpreter_note("auto", "cpu") is None
 
 

@@ -6,17 +6,15 @@ runs on the kernels and on the PyTorch path (``op_backend``) unless marked ``tri
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from helpers import assert_close, bounds_checked, nan_padded
 
 import fused_kernels
-from fused_kernels import _checks
 from fused_kernels import reference as ref
+from fused_kernels._core import checks as _checks
+from fused_kernels.ops.attention import varlen as varlen_mod  # looks its kernels up by name: bounds_checked patches it
 
-varlen_mod = importlib.import_module("fused_kernels.varlen")   # looks its kernels up by name: bounds_checked patches it
 KERNELS = ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 

@@ -3,7 +3,7 @@
 Attention runs on ``fused_kernels.attention`` (or, when the weights are asked for, ``fused_kernels.softmax`` over
 explicit scores); every residual add + LayerNorm is one ``fused_kernels.add_layer_norm``. No model
 re-implements either. On CPU tensors (and under ``fused_kernels.use_backend("torch")``) the same modules with
-the same weights run the PyTorch path (``fused_kernels.fast_torch``: torch's flash attention and native norms),
+the same weights run the PyTorch path (torch's flash attention and native norms),
 which the tests compare with the Triton kernels.
 
 Pre-LN blocks pass a (hidden, residual) pair along the stack, so the residual add that ends one
@@ -366,8 +366,9 @@ class Attention(nn.Module):
         """x (B, L, dim), memory (B, S, kv_dim) for cross-attention -> ((B, L, dim), weights (B, H, L, S) or None).
 
         With a cache, self-attention appends this step's keys/values to it; cross-attention fills it
-        from ``memory`` on the first call and reuses it afterwards (memory may then be None). A paged cache
-        layer (``fused_kernels.paged.PagedLayer``, sequences of different lengths) appends and attends itself.
+        from ``memory`` on the first call and reuses it afterwards (memory may then be None). A paged cache layer
+        (``fused_kernels.ops.attention.cache.PagedLayer``, sequences of different lengths) appends and attends
+        itself.
         With ``packing`` x (and memory) are packed tokens (see the class docstring); no mask, cache or
         weights then."""
         if packing is not None:

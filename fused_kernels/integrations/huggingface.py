@@ -37,7 +37,7 @@ def attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface; returns ``((B, L, H, Ev) output, None)``."""
-    from ..attention import scaled_dot_product_attention
+    from ..ops.attention import scaled_dot_product_attention
 
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{NAME} attention does not support softcap")

@@ -164,9 +164,9 @@ def _validate(run: dict[str, Any]) -> None:
 def check_backend(backend: str | None, device: str) -> None:
     """Refuse, before any work, a kernels backend that cannot run on ``device`` (``--backend triton`` or
     ``FUSED_KERNELS_BACKEND=triton`` on a CPU without the interpreter), rather than fail at the first op."""
-    if backend is not None and backend not in fused_kernels._backend.BACKENDS:
-        raise ValueError(f"backend must be one of {fused_kernels._backend.BACKENDS}, got {backend!r}")
-    if (why := fused_kernels._backend.unavailable(device, backend)) is not None:
+    if backend is not None and backend not in fused_kernels._core.backend.BACKENDS:
+        raise ValueError(f"backend must be one of {fused_kernels._core.backend.BACKENDS}, got {backend!r}")
+    if (why := fused_kernels._core.backend.unavailable(device, backend)) is not None:
         source = f"--backend {backend}" if backend else f"kernels backend {fused_kernels.get_backend()!r} " \
             f"(--backend or FUSED_KERNELS_BACKEND)"
         raise ValueError(f"{source} on {device}: {why}")
@@ -175,7 +175,8 @@ def check_backend(backend: str | None, device: str) -> None:
 def interpreter_note(backend: str | None, device: str) -> str | None:
     """The warning a run prints when its ops would run in Triton's interpreter (``TRITON_INTERPRET=1`` on the
     CPU): correct, but built for tests, not for training."""
-    if device != "cpu" or not fused_kernels._backend.INTERPRET or (backend or fused_kernels.get_backend()) == "torch":
+    interpreted = fused_kernels._core.backend.INTERPRET
+    if device != "cpu" or not interpreted or (backend or fused_kernels.get_backend()) == "torch":
         return None
     return ("note: TRITON_INTERPRET=1: the Triton kernels run in Triton's interpreter (NumPy, about 4 ms per "
             "kernel loop iteration), which is for tests; training this way takes minutes or more per step. "

@@ -1,25 +1,18 @@
-"""The fastest PyTorch implementation of every op, with our semantics: what an op runs wherever its Triton
-kernel does not (a CPU tensor without the interpreter, and backend "torch" on any device).
+"""Attention's PyTorch path: the fastest PyTorch implementation with our semantics, what attention runs
+wherever its Triton kernels do not (a CPU tensor without the interpreter, and backend "torch" on any device).
+Each op keeps its own PyTorch path beside its kernels (``ops/norms.py``, ``ops/softmax.py``).
 
-The public functions (``fused_kernels.attention``, ``fused_kernels.softmax``, ``fused_kernels.layer_norm``,
-...) validate their arguments first, then call one of these with the validated values, so the error messages are the
-same on every path. Each computes what the kernel computes, on torch's own fused kernels:
-
-- attention: torch's flash-attention kernel (on a CPU ``aten._scaled_dot_product_flash_attention_for_cpu``,
-  what ``F.scaled_dot_product_attention`` runs there), called through that function where it can (the
-  least work per call) and directly where only the op will do: it takes a mask together with
-  ``is_causal``, does GQA without repeating key/value heads on every torch version, and returns the
-  log-sum-exp. Masks reach it at their broadcast size. On top of it: bottom-right causal (rows that see
-  no key are cut off and padded with zeros; L < S takes a (L, S) mask), ``seqlens_k`` as a (B, 1, 1, S)
-  key mask, ``return_lse`` (-inf for fully masked rows, differentiable), and fully masked rows give 0
-  with zero gradients.
-  Dropout, ``Ev != E`` and non-CPU tensors take ``F.scaled_dot_product_attention`` (torch's generator
-  draws the dropout mask, as the reference does).
-- softmax: ``torch.softmax`` of one temporary ``scale * x + mask`` (none when there is nothing to apply);
-  rows with nothing left are found from the output (a NaN first entry) instead of a separate pass.
-- layer_norm, rms_norm, add_layer_norm: ``F.layer_norm`` / ``F.rms_norm`` in the input's dtype (torch
-  accumulates half precision in float32), add_layer_norm as one add (after ``F.dropout``) plus one
-  ``F.layer_norm``.
+The public functions (``fused_kernels.attention``, ``fused_kernels.scaled_dot_product_attention``, ...) validate
+their arguments first, then call one of these with the validated values, so the error messages are the same on
+every path. torch's flash-attention kernel (on a CPU ``aten._scaled_dot_product_flash_attention_for_cpu``,
+what ``F.scaled_dot_product_attention`` runs there) is called through that function where it can (the
+least work per call) and directly where only the op will do: it takes a mask together with
+``is_causal``, does GQA without repeating key/value heads on every torch version, and returns the
+log-sum-exp. Masks reach it at their broadcast size. On top of it: bottom-right causal (rows that see
+no key are cut off and padded with zeros; L < S takes a (L, S) mask), ``seqlens_k`` as a (B, 1, 1, S)
+key mask, ``return_lse`` (-inf for fully masked rows, differentiable), and fully masked rows give 0
+with zero gradients. Dropout, ``Ev != E`` and non-CPU tensors take ``F.scaled_dot_product_attention``
+(torch's generator draws the dropout mask, as the reference does).
 
 Where torch's own result differs from ours: torch gives NaN for a fully masked attention row in old
 versions and on some GPU backends; ``_TORCH_ZEROES_DEAD_ROWS`` (probed once at import on the CPU) says
@@ -37,8 +30,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _grad
-from .reference import attention_ref, causal_mask
+from ..._core.grad import create_graph
+from ...reference import attention_ref, causal_mask
+from . import grad as _grad
 
 NEG_INF = float("-inf")
 
@@ -50,117 +44,6 @@ def _op(name: str):
 
 _FLASH = _op("_scaled_dot_product_flash_attention_for_cpu")
 _FLASH_BWD = _op("_scaled_dot_product_flash_attention_for_cpu_backward")
-
-
-# ----------------------------------------------------------------------------- norms
-
-
-def layer_norm(input: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None,
-               bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return F.layer_norm(input, normalized_shape, weight, bias, eps)
-
-
-def rms_norm(input: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None,
-             eps: float | None) -> torch.Tensor:
-    if eps is None:  # torch's default is the input dtype's epsilon; ours the computation dtype's
-        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
-    return F.rms_norm(input, normalized_shape, weight, eps)
-
-
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-                   bias: torch.Tensor | None, eps: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    residual_out = F.dropout(x, dropout_p) if dropout_p > 0 else x
-    if residual is not None:
-        residual_out = residual + residual_out
-    if residual_out is not x:  # a fresh contiguous tensor, as the kernel writes it (whatever the inputs' strides)
-        residual_out = residual_out.contiguous()
-    return F.layer_norm(residual_out, (x.shape[-1],), weight, bias, eps), residual_out
-
-
-# ----------------------------------------------------------------------------- softmax
-
-
-def _zero_dead_rows(y: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
-    """Set the rows of ``y = softmax(z)`` whose every entry of ``z`` is -inf to 0 (torch gives NaN).
-
-    torch's softmax makes a whole row NaN or none of it, so only rows whose first entry is NaN are
-    looked at (their entries of ``z`` decide between "nothing left" and a NaN input); in eager mode
-    this costs one strided read of a column instead of a pass over ``z``."""
-    if y.numel() == 0:
-        return y
-    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: one fused reduction
-        return y.masked_fill((z == NEG_INF).all(dim, keepdim=True), 0.0)
-    nan_rows = y.select(dim, 0).isnan()
-    if not bool(nan_rows.any()):
-        return y
-    index = nan_rows.nonzero(as_tuple=True)
-    dead = (z.movedim(dim, -1)[index] == NEG_INF).all(-1)
-    y.movedim(dim, -1)[tuple(i[dead] for i in index)] = 0.0
-    return y
-
-
-class _Softmax(torch.autograd.Function):
-    """softmax(scale * x + mask) along ``dim``: saves only the output; the backward is torch's softmax
-    backward times ``scale``, which is 0 wherever the output is 0 (masked entries, dead rows). A float mask
-    that requires grad gets the softmax-input gradient summed to its shape; when a graph of the backward is
-    built (double backward) the backward is made of differentiable ops."""
-
-    @staticmethod
-    def forward(ctx, x, mask, dim, scale, is_causal):
-        keep = causal_mask(x.shape[-2], x.shape[-1], x.device) if is_causal else None
-        if mask is not None and mask.dtype == torch.bool:
-            keep = mask if keep is None else keep & mask
-        float_mask = mask if mask is not None and mask.dtype != torch.bool else None
-        if scale == 1.0 and float_mask is None:
-            z = x if keep is None else torch.where(keep, x, NEG_INF)
-        else:  # one temporary, contiguous whatever x's strides, updated in place
-            z = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            torch.mul(x, scale, out=z) if scale != 1.0 else z.copy_(x)
-            if float_mask is not None:
-                z.add_(float_mask)
-            if keep is not None:
-                z.masked_fill_(~keep, NEG_INF)
-        y = _zero_dead_rows(torch.softmax(z, dim), z, dim)
-        ctx.save_for_backward(y)
-        ctx.dim, ctx.scale = dim, scale
-        ctx.mask_shape = None if mask is None else tuple(mask.shape)
-        ctx.mask_dtype = None if mask is None else mask.dtype
-        ctx.set_materialize_grads(False)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        if dy is None:
-            return None, None, None, None, None
-        (y,) = ctx.saved_tensors
-        need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if _grad.create_graph():
-            dz = _grad.softmax_input_grad(y, dy, ctx.dim)
-            dx = dz * ctx.scale if need_x else None
-        else:
-            dz = torch._softmax_backward_data(dy, y, ctx.dim, y.dtype)
-            if not need_mask:
-                if ctx.scale != 1.0:
-                    dz.mul_(ctx.scale)     # a fresh tensor: no second full-size one
-                return dz, None, None, None, None
-            dx = dz * ctx.scale if need_x else None
-        dmask = _grad.sum_to(dz, ctx.mask_shape, ctx.mask_dtype) if need_mask else None
-        return dx, dmask, None, None, None
-
-
-def softmax(input: torch.Tensor, dim: int, mask: torch.Tensor | None, scale: float,
-            is_causal: bool) -> torch.Tensor:
-    """``fused_kernels.softmax`` (validated arguments, ``dim`` normalized, ``input`` at least 1-D)."""
-    if mask is None and not is_causal and scale == 1.0 and input.numel() and not torch.compiler.is_compiling():
-        # Nothing to apply: torch's softmax with its own autograd (the least work per call), unless a row
-        # came out NaN (a whole row does): then it may be a row of -inf, which must give 0 and gradient 0.
-        y = torch.softmax(input, dim)
-        if not math.isnan(y.detach().select(dim, 0).sum()):   # one read per row; a NaN makes the sum NaN
-            return y
-    return _Softmax.apply(input, mask, dim, float(scale), is_causal)
-
-
-# ----------------------------------------------------------------------------- attention
 
 
 def _probe_dead_rows() -> bool:
@@ -269,7 +152,7 @@ class _Flash(torch.autograd.Function):
         if dout is None and dlse is None:
             return None, None, None, None, None, None
         needs = tuple(ctx.needs_input_grad[:4])
-        if _grad.create_graph():
+        if create_graph():
             return (*_grad.attention_backward(q, k, v, mask, None, dout, dlse, ctx.scale, ctx.is_causal, 0, 0.0,
                                               needs), None, None)
         dq = dk = dv = dmask = None
@@ -309,7 +192,7 @@ def _differentiable_backward(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     needs = (q.requires_grad, k.requires_grad, v.requires_grad, False)
 
     def hook(grad_inputs, grad_outputs):
-        if not _grad.create_graph() or grad_outputs[0] is None:
+        if not create_graph() or grad_outputs[0] is None:
             return None
         dq, dk, dv, _ = _grad.attention_backward(q, k, v, mask, None, grad_outputs[0], None, scale, is_causal, 0,
                                                  0.0, needs)
@@ -470,7 +353,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     hq = query.shape[-3] if gqa else None
     full = (*batch, hq, l, s) if gqa else (*batch, l, s)
     if math.prod(full) == 0 or ev == 0:   # nothing to compute: no row sees a key, or nothing to see
-        from .reference import scaled_dot_product_attention_ref
+        from ...reference import scaled_dot_product_attention_ref
         return scaled_dot_product_attention_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, gqa)
     if is_causal and causal_offset and (ev != e or dropout_p > 0 or query.device.type != "cpu" or _FLASH is None):
         attn_mask, is_causal = causal_mask(l, s, query.device, bottom_right=True), False   # torch's math path

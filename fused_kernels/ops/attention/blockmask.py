@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 import triton
-import triton.language as tl
 
-from .. import _backend
+from ..._core import backend as _backend
+from .kernels.blockmask import _block_mask_kernel
 
 try:  # under TRITON_INTERPRET=1 ``@triton.jit`` returns an InterpretedFunction, not a JITFunction
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
@@ -31,34 +31,6 @@ _JIT_TYPES = (triton.runtime.JITFunction, _Interpreted)
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _CHUNK = 1 << 22   # elements of a (.., rows, cols) keep tensor evaluated at once on the torch side
-
-
-@triton.jit
-def _block_mask_kernel(out, args, L, S, HM, NN, MASK_MOD: tl.constexpr, HAS_ARGS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Class of tile (pid0 // NN, pid0 % NN) for (b, h) = divmod(pid1, HM) into ``out`` (BH, NM, NN) int8."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    pid_m = tile // NN
-    pid_n = tile % NN
-    b = bh // HM
-    h = bh % HM
-    q_idx = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]   # (BM, 1) int32
-    kv_idx = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]  # (1, BN) int32
-    valid = (q_idx < L) & (kv_idx < S)
-    # the mod sees indices clamped into range: out-of-range elements do not count anyway, and a mod that
-    # looks its indices up in a tensor (mod_args) then never reads past its end
-    q_idx = tl.minimum(q_idx, L - 1)
-    kv_idx = tl.minimum(kv_idx, S - 1)
-    if HAS_ARGS:
-        keep = MASK_MOD(b, h, q_idx, kv_idx, args)
-    else:
-        keep = MASK_MOD(b, h, q_idx, kv_idx)
-    kept = (keep != 0) & valid          # a mod returning a scalar broadcasts here
-    n_kept = tl.sum(tl.sum(kept.to(tl.int32), axis=1), axis=0)
-    n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
-    cls = tl.where(n_kept == n_valid, 2, tl.where(n_kept > 0, 1, 0))
-    tl.store(out + bh.to(tl.int64) * (tl.num_programs(0)) + tile, cls.to(tl.int8))
 
 
 def combine(*tables: torch.Tensor) -> torch.Tensor:
@@ -175,6 +147,12 @@ def _check_dim(name: str, v: Any, optional: bool) -> None:
         raise ValueError(f"block_mask: {name} must be >= {1 if optional else 0}, got {v}")
 
 
+def block_mask_warps(block_m: int, block_n: int) -> int:
+    """Warps of a ``_block_mask_kernel`` program: about 64 mask elements per thread (a 128 x 128 tile on 4 warps
+    spills on sm_80: ``python -m fused_kernels.aot --family variants --filter stripes``)."""
+    return min(16, max(4, block_m * block_n // 2048))
+
+
 def block_mask(mask_mod, B: int | None, H: int | None, L: int, S: int, *, block: int | tuple[int, int] = 128,
                mod_args: tuple = (), device: str | torch.device | None = None) -> BlockMask:
     """Classify every (query block, key block) tile of ``mask_mod(b, h, q_idx, kv_idx[, args]) -> bool``.
@@ -223,7 +201,8 @@ def block_mask(mask_mod, B: int | None, H: int | None, L: int, S: int, *, block:
         classes = torch.empty((Bm, Hm, nm, nn), dtype=torch.int8, device=device)
         if classes.numel():
             _block_mask_kernel[(nm * nn, Bm * Hm)](classes, mod_args, L, S, Hm, nn, MASK_MOD=mask_mod,
-                                                   HAS_ARGS=bool(mod_args), BLOCK_M=bm, BLOCK_N=bn)
+                                                   HAS_ARGS=bool(mod_args), BLOCK_M=bm, BLOCK_N=bn,
+                                                   num_warps=block_mask_warps(bm, bn))
     else:
         fn = mask_mod.fn if is_jit else mask_mod
         b = torch.arange(Bm, device=device).view(-1, 1, 1, 1)

@@ -1,7 +1,7 @@
 """Which implementation an op runs: our Triton kernel, or the fastest PyTorch implementation of the op.
 
 - "auto" (default): the Triton kernel on CUDA tensors, and on CPU tensors when the Triton
-  interpreter is on (``TRITON_INTERPRET=1``); the PyTorch implementation (``fused_kernels.fast_torch``)
+  interpreter is on (``TRITON_INTERPRET=1``); the PyTorch implementation (each op's PyTorch path)
   otherwise, i.e. on CPU tensors in normal use.
 - "triton": always the Triton kernel; a CPU tensor without the interpreter is an error, never a
   silent fallback.
@@ -71,7 +71,7 @@ def triton_available() -> bool:
 
 
 def choose(x: torch.Tensor, op: str, *, torch_faster: bool = False) -> str:
-    """The implementation ``op`` runs on tensor ``x``: "triton" (our kernel) or "torch" (``fused_kernels.fast_torch``).
+    """The implementation ``op`` runs on tensor ``x``: "triton" (our kernel) or "torch" (the op's PyTorch path).
 
     ``torch_faster``: the caller knows that torch's fused kernel beats ours for this case on a GPU;
     under "auto" such a case then runs the PyTorch implementation on CUDA as well."""
@@ -116,7 +116,7 @@ def describe() -> str:
     probe = torch.empty(0, device=device)
     try:
         impl = "triton kernels" + (" (interpreter)" if device == "cpu" else "") if use_triton(probe, "") \
-            else "PyTorch ops (fused_kernels.fast_torch)"
+            else "PyTorch ops (each op's PyTorch path)"
     except RuntimeError as err:
         impl = f"unavailable: {err}"
     return f"backend={_backend} device={device} -> {impl}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._launch import next_pow2
+from ..._core.launch import next_pow2
 
 MAX_HEAD_DIM = 256
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2

@@ -22,7 +22,7 @@ program reads its sequence's start and length from ``cu_seqlens`` on the device.
 kernel (no flash-decoding split-KV path, even for L_b = 1) and streams tiles through pointers (no TMA).
 Dropout draws the same in-kernel mask in forward and backward, its stream indexed by the packed row (sequences
 get distinct streams). The backward is deterministic (no atomics). The PyTorch path runs one
-``fast_torch.attention`` per sequence.
+``torch_path.attention`` per sequence.
 """
 
 from __future__ import annotations
@@ -30,14 +30,16 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _backend, _checks, _grad, fast_torch
-from ._launch import acc_dtype, next_pow2, torch_acc_dtype
-from .attention import attention
-from .attention.api import _check_head_dims, _check_qkv, _check_scale
-from .attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
-from .attention.config import LOG2E, MASK_NONE, _arch, _precision, attention_config
-from .attention.forward import _attn_fwd_kernel
-from .attention.launch import _fold_flags, _last_dim_contiguous
+from ..._core import backend as _backend
+from ..._core import checks as _checks
+from ..._core.grad import create_graph
+from ..._core.launch import acc_dtype, next_pow2, torch_acc_dtype
+from . import torch_path
+from .api import _check_head_dims, _check_qkv, _check_scale, attention
+from .config import LOG2E, MASK_NONE, _arch, _precision, attention_config
+from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .kernels.forward import _attn_fwd_kernel
+from .launch import _fold_flags, _last_dim_contiguous
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -125,7 +127,7 @@ def _per_sequence(q, k, v, cu_q, cu_k, causal, scale, dropout_p, return_lse, imp
         kb = k[starts_k[b]:starts_k[b + 1]].transpose(0, 1)[None]
         vb = v[starts_k[b]:starts_k[b + 1]].transpose(0, 1)[None]
         if impl == "torch":
-            res = fast_torch.attention(qb, kb, vb, causal, None, None, scale, dropout_p, True)
+            res = torch_path.attention(qb, kb, vb, causal, None, None, scale, dropout_p, True)
         else:
             res = attention(qb, kb, vb, causal=causal, scale=scale, dropout_p=dropout_p, return_lse=True)
         outs.append(res[0][0].transpose(0, 1))
@@ -301,7 +303,7 @@ def _backward(ctx, dout, dlse, _dseed):
     rest = (None,) * 7
     if (dout is None and dlse is None) or not any(ctx.needs_input_grad[:3]):
         return (None,) * 3 + rest
-    if _grad.create_graph():
+    if create_graph():
         raise NotImplementedError("varlen_attention: no double backward through the packed kernels")
     dq, dk, dv = varlen_attention_bwd(dout if dout is not None else torch.zeros_like(out), dlse, q, k, v, out, lse,
                                       cu_q, cu_k, ctx.max_q, ctx.max_k, seed, ctx.scale, ctx.is_causal,

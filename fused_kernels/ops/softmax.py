@@ -7,20 +7,28 @@ path (one pass for the running max and sum, one to write). Fully masked rows giv
 
     _softmax_fwd_kernel / _softmax_bwd_kernel   (Triton)
     softmax_fwd / softmax_bwd                   (torch.library custom ops, registered autograd)
+    _softmax_torch                              (the PyTorch path: ``torch.softmax`` of one temporary
+                                                 ``scale * x + mask``; rows with nothing left found from a
+                                                 NaN first entry of the output instead of a separate pass)
     softmax                                     (public function)
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _backend, _checks, _grad, fast_torch
-from ._launch import acc_dtype, next_pow2, row_warps
+from .._core import backend as _backend
+from .._core import checks as _checks
+from .._core import grad as _grad
+from .._core.launch import acc_dtype, next_pow2, row_warps
+from ..reference import causal_mask
 
+NEG_INF = float("-inf")
 MAX_FUSED = 16384     # longest row (elements) kept in registers
 MULTIPASS_BLOCK = 4096
 
@@ -256,6 +264,92 @@ def _backward(ctx, dy):
 softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- PyTorch path
+
+
+def _zero_dead_rows(y: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
+    """Set the rows of ``y = softmax(z)`` whose every entry of ``z`` is -inf to 0 (torch gives NaN).
+
+    torch's softmax makes a whole row NaN or none of it, so only rows whose first entry is NaN are
+    looked at (their entries of ``z`` decide between "nothing left" and a NaN input); in eager mode
+    this costs one strided read of a column instead of a pass over ``z``."""
+    if y.numel() == 0:
+        return y
+    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: one fused reduction
+        return y.masked_fill((z == NEG_INF).all(dim, keepdim=True), 0.0)
+    nan_rows = y.select(dim, 0).isnan()
+    if not bool(nan_rows.any()):
+        return y
+    index = nan_rows.nonzero(as_tuple=True)
+    dead = (z.movedim(dim, -1)[index] == NEG_INF).all(-1)
+    y.movedim(dim, -1)[tuple(i[dead] for i in index)] = 0.0
+    return y
+
+
+class _SoftmaxTorch(torch.autograd.Function):
+    """softmax(scale * x + mask) along ``dim``: saves only the output; the backward is torch's softmax
+    backward times ``scale``, which is 0 wherever the output is 0 (masked entries, dead rows). A float mask
+    that requires grad gets the softmax-input gradient summed to its shape; when a graph of the backward is
+    built (double backward) the backward is made of differentiable ops."""
+
+    @staticmethod
+    def forward(ctx, x, mask, dim, scale, is_causal):
+        keep = causal_mask(x.shape[-2], x.shape[-1], x.device) if is_causal else None
+        if mask is not None and mask.dtype == torch.bool:
+            keep = mask if keep is None else keep & mask
+        float_mask = mask if mask is not None and mask.dtype != torch.bool else None
+        if scale == 1.0 and float_mask is None:
+            z = x if keep is None else torch.where(keep, x, NEG_INF)
+        else:  # one temporary, contiguous whatever x's strides, updated in place
+            z = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            torch.mul(x, scale, out=z) if scale != 1.0 else z.copy_(x)
+            if float_mask is not None:
+                z.add_(float_mask)
+            if keep is not None:
+                z.masked_fill_(~keep, NEG_INF)
+        y = _zero_dead_rows(torch.softmax(z, dim), z, dim)
+        ctx.save_for_backward(y)
+        ctx.dim, ctx.scale = dim, scale
+        ctx.mask_shape = None if mask is None else tuple(mask.shape)
+        ctx.mask_dtype = None if mask is None else mask.dtype
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None, None
+        (y,) = ctx.saved_tensors
+        need_x, need_mask = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if _grad.create_graph():
+            dz = _grad.softmax_input_grad(y, dy, ctx.dim)
+            dx = dz * ctx.scale if need_x else None
+        else:
+            dz = torch._softmax_backward_data(dy, y, ctx.dim, y.dtype)
+            if not need_mask:
+                if ctx.scale != 1.0:
+                    dz.mul_(ctx.scale)     # a fresh tensor: no second full-size one
+                return dz, None, None, None, None
+            dx = dz * ctx.scale if need_x else None
+        dmask = _grad.sum_to(dz, ctx.mask_shape, ctx.mask_dtype) if need_mask else None
+        return dx, dmask, None, None, None
+
+
+def _softmax_torch(input: torch.Tensor, dim: int, mask: torch.Tensor | None, scale: float,
+                   is_causal: bool) -> torch.Tensor:
+    """``fused_kernels.softmax`` (validated arguments, ``dim`` normalized, ``input`` at least 1-D)."""
+    if mask is None and not is_causal and scale == 1.0 and input.numel() and not torch.compiler.is_compiling():
+        # Nothing to apply: torch's softmax with its own autograd (the least work per call), unless a row
+        # came out NaN (a whole row does): then it may be a row of -inf, which must give 0 and gradient 0.
+        y = torch.softmax(input, dim)
+        if not math.isnan(y.detach().select(dim, 0).sum()):   # one read per row; a NaN makes the sum NaN
+            return y
+    return _SoftmaxTorch.apply(input, mask, dim, float(scale), is_causal)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
 def _check_mask(op: str, mask: torch.Tensor | None, input: torch.Tensor) -> None:
     if mask is None:
         return
@@ -321,5 +415,5 @@ def softmax(input: torch.Tensor, dim: int | None = -1, _stacklevel: int = 3, dty
         input_1d = input.reshape(1)
         return softmax(input_1d, 0, mask=None if mask is None else mask.reshape(1), scale=scale).reshape(())
     if _backend.choose(input, op) == "torch":
-        return fast_torch.softmax(input, dim, mask, float(scale), bool(is_causal))
+        return _softmax_torch(input, dim, mask, float(scale), bool(is_causal))
     return softmax_fwd(input, mask, dim, float(scale), bool(is_causal))

@@ -8,6 +8,9 @@ three passes (mean, variance, normalize), the backward in two.
 
     _layer_norm_fwd_kernel / _layer_norm_bwd_kernel   (Triton)
     layer_norm_fwd / layer_norm_bwd                   (torch.library custom ops, registered autograd)
+    _layer_norm_torch / _rms_norm_torch / _add_layer_norm_torch
+                                                      (the PyTorch path: ``F.layer_norm`` / ``F.rms_norm`` in the
+                                                       input's dtype, add + one ``F.layer_norm``)
     layer_norm / rms_norm / add_layer_norm            (public functions)
 """
 
@@ -17,11 +20,14 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import _backend, _checks, _grad, fast_torch
-from ._launch import acc_dtype, next_pow2, num_persistent_programs, row_warps, torch_acc_dtype
+from .._core import backend as _backend
+from .._core import checks as _checks
+from .._core import grad as _grad
+from .._core.launch import acc_dtype, next_pow2, num_persistent_programs, row_warps, torch_acc_dtype
 
 # Largest row (elements) kept in registers; longer rows take the multi-pass path. The backward's row loop is
 # software-pipelined (the next row's loads land in shared memory while this row computes), which leaves the
@@ -416,6 +422,31 @@ def _backward_graph(ctx, dy, dres_out, prenorm, weight, mean, rstd, seed):
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- PyTorch path
+
+
+def _layer_norm_torch(input: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None,
+                      bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _rms_norm_torch(input: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None,
+                    eps: float | None) -> torch.Tensor:
+    if eps is None:  # torch's default is the input dtype's epsilon; ours the computation dtype's
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    return F.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _add_layer_norm_torch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                          bias: torch.Tensor | None, eps: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    residual_out = F.dropout(x, dropout_p) if dropout_p > 0 else x
+    if residual is not None:
+        residual_out = residual + residual_out
+    if residual_out is not x:  # a fresh contiguous tensor, as the kernel writes it (whatever the inputs' strides)
+        residual_out = residual_out.contiguous()
+    return F.layer_norm(residual_out, (x.shape[-1],), weight, bias, eps), residual_out
+
+
 # ----------------------------------------------------------------------------- public functions
 
 
@@ -445,7 +476,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weigh
     _checks.check_like("weight", weight, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
     _checks.check_like("bias", bias, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
     if _backend.choose(input, op) == "torch":
-        return fast_torch.layer_norm(input, shape, weight, bias, eps)
+        return _layer_norm_torch(input, shape, weight, bias, eps)
     x = input.reshape(*input.shape[: input.dim() - len(shape)], math.prod(shape))
     out = layer_norm_fwd(x, None, _flat_param(weight), _flat_param(bias), float(eps), 0.0, False)[0]
     return out.view(input.shape)
@@ -461,7 +492,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: int | Sequence[int], weight:
     shape = _check_normalized(op, input, normalized_shape)
     _checks.check_like("weight", weight, input, op, shape=shape, dtypes=_checks.param_dtypes(input))
     if _backend.choose(input, op) == "torch":
-        return fast_torch.rms_norm(input, shape, weight, eps)
+        return _rms_norm_torch(input, shape, weight, eps)
     eps = torch.finfo(torch_acc_dtype(input.dtype)).eps if eps is None else eps
     x = input.reshape(*input.shape[: input.dim() - len(shape)], math.prod(shape))
     out = layer_norm_fwd(x, None, _flat_param(weight), None, float(eps), 0.0, True)[0]
@@ -491,6 +522,6 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     _checks.check_like("bias", bias, x, op, shape=(n,), dtypes=_checks.param_dtypes(x))
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
     if _backend.choose(x, op) == "torch":
-        return fast_torch.add_layer_norm(x, residual, weight, bias, eps, dropout_p)
+        return _add_layer_norm_torch(x, residual, weight, bias, eps, dropout_p)
     out, res_out, *_ = layer_norm_fwd(x, residual, weight, bias, float(eps), dropout_p, False)
     return out, (res_out if residual is not None or dropout_p > 0 else x)

@@ -7,8 +7,10 @@ import math
 
 import torch
 
-from .. import _backend, _checks, _grad, fast_torch
-from . import sparse
+from ..._core import backend as _backend
+from ..._core import checks as _checks
+from ..._core.grad import mask_requires_grad
+from . import sparse, torch_path
 from .blockmask import BlockMask
 from .config import MAX_HEAD_DIM, _arch, attention_config, decode_splits
 from .launch import attention_fwd, variant_attention
@@ -70,7 +72,7 @@ def _choose(q: torch.Tensor, op: str, attn_mask: torch.Tensor | None, dropout_p:
     """The backend's choice, except that a float mask whose gradient is wanted together with dropout runs the
     PyTorch path (the kernels' dropout mask is drawn inside them; the mask gradient is computed outside)."""
     impl = _backend.choose(q, op)
-    if impl == "triton" and dropout_p > 0 and _grad.mask_requires_grad(attn_mask):
+    if impl == "triton" and dropout_p > 0 and mask_requires_grad(attn_mask):
         return "torch"
     return impl
 
@@ -223,7 +225,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                               score_mod, score_mod_grad, mask_mod, mod_args, block_mask)
     _check_block_mask(op, block_mask, mask_mod, b, h, l, s)
     if _choose(q, op, attn_mask, dropout_p) == "torch":
-        return fast_torch.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse,
+        return torch_path.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse,
                                     variants=variants)
     if variants is not None:
         return _attention_variants(q, k, v, attn_mask, seqlens_k, scale, causal, dropout_p, return_lse, variants)
@@ -304,11 +306,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     scale = _check_scale(op, scale, e)
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
     if _choose(query, op, attn_mask, dropout_p) == "torch":
-        return fast_torch.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+        return torch_path.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                        batch, gqa, causal_offset)
     # To (B, H, L, E): the dim before (L, E) is the head dim (where GQA happens), the others the batch.
     hk = hkv if gqa else None
-    _to_4d = fast_torch.to_4d
+    _to_4d = torch_path.to_4d
     q4 = _to_4d(query.expand(*batch, hq, l, e) if gqa else query.expand(*batch, l, e))
     k4 = _to_4d(key.expand(*batch, hk, s, e) if gqa else key.expand(*batch, s, e))
     v4 = _to_4d(value.expand(*batch, hk, s, ev) if gqa else value.expand(*batch, s, ev))

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .. import _checks
+from ..._core import checks as _checks
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 

@@ -34,157 +34,21 @@ differentiable.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-
 import torch
 import triton
-import triton.language as tl
 
-from . import _backend, _checks, fast_torch
-from ._launch import acc_dtype, next_pow2, torch_acc_dtype
-from .attention import (
-    DECODE_MAX_ROWS,
-    LOG2E,
-    MAX_HEAD_DIM,
-    _arch,
-    _attn_combine_kernel,
-    _check_scale,
-    _fwd_block,
-    _last_dim_contiguous,
-    _load_tile,
-    _precision,
-    attention_config,
-    decode_splits,
-)
+from ..._core import backend as _backend
+from ..._core import checks as _checks
+from ..._core.launch import acc_dtype, next_pow2, torch_acc_dtype
+from . import torch_path
+from .api import _check_scale
+from .config import DECODE_MAX_ROWS, LOG2E, MAX_HEAD_DIM, _arch, _precision, attention_config, decode_splits
+from .kernels.decode import _attn_combine_kernel
+from .kernels.paged import _paged_append_kernel, _paged_attn_fwd_kernel
+from .launch import _last_dim_contiguous
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 APPEND_BLOCK_T = 16          # new tokens per program of the append kernel
-
-
-# ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _paged_append_kernel(
-    K_NEW,          # (B, HKV, LNEW, D) any strides, last dim contiguous
-    V_NEW,          # (B, HKV, LNEW, DV) any strides, last dim contiguous
-    K_CACHE,        # (NUM_BLOCKS, PAGE, HKV, D) pool, last dim contiguous
-    V_CACHE,        # (NUM_BLOCKS, PAGE, HKV, DV) pool, last dim contiguous
-    BLOCK_TABLE,    # (B, MAX_BLOCKS) int32/int64 physical block of each logical block
-    SEQLENS,        # (B,) int32/int64 lengths before the append
-    HKV, LNEW, D, DV, PAGE,
-    stride_knb, stride_knh, stride_knt,
-    stride_vnb, stride_vnh, stride_vnt,
-    stride_kcb, stride_kcp, stride_kch,
-    stride_vcb, stride_vcp, stride_vch,
-    stride_tb, stride_tn,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """BLOCK_T new tokens of one (sequence, kv head): token t goes to position len + t, i.e. slot
-    (len + t) % PAGE of physical block BLOCK_TABLE[b, (len + t) // PAGE]. Only those slots are written."""
-    pid_t = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
-    b = bhk // HKV
-    hk = bhk % HKV
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < LNEW
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    pos = tl.load(SEQLENS + b).to(tl.int64) + t                                    # (BLOCK_T,) positions
-    page = tl.load(BLOCK_TABLE + b * stride_tb + (pos // PAGE) * stride_tn, mask=t_ok, other=0).to(tl.int64)
-    slot = pos % PAGE
-    k = tl.load(K_NEW + b * stride_knb + hk * stride_knh + t[:, None] * stride_knt + offs_d[None, :],
-                mask=t_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    tl.store(K_CACHE + (page * stride_kcb + slot * stride_kcp + hk * stride_kch)[:, None] + offs_d[None, :],
-             k.to(K_CACHE.dtype.element_ty), mask=t_ok[:, None] & (offs_d[None, :] < D))
-    v = tl.load(V_NEW + b * stride_vnb + hk * stride_vnh + t[:, None] * stride_vnt + offs_dv[None, :],
-                mask=t_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    tl.store(V_CACHE + (page * stride_vcb + slot * stride_vcp + hk * stride_vch)[:, None] + offs_dv[None, :],
-             v.to(V_CACHE.dtype.element_ty), mask=t_ok[:, None] & (offs_dv[None, :] < DV))
-
-
-@triton.jit
-def _paged_attn_fwd_kernel(
-    Q,              # (B, H, LQ, D) any strides, last dim contiguous
-    K_CACHE,        # (NUM_BLOCKS, PAGE, HKV, D) pool, last dim contiguous
-    V_CACHE,        # (NUM_BLOCKS, PAGE, HKV, DV) pool, last dim contiguous
-    BLOCK_TABLE,    # (B, MAX_BLOCKS) int32/int64 physical block of each logical block
-    SEQLENS,        # (B,) int32/int64 key lengths (the new queries' keys included)
-    OPART,          # (B * HKV, SPLITS, GROUP * LQ, DV) partial outputs, contiguous, accumulation dtype
-    LSEPART,        # (B * HKV, SPLITS, GROUP * LQ) partial lse (log2 units), contiguous
-    HKV, LQ, D, DV, GROUP, SPLITS, chunk, PAGE, capacity,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kp, stride_kh,
-    stride_vb, stride_vp, stride_vh,
-    stride_tb, stride_tn,
-    qk_scale,
-    IS_CAUSAL: tl.constexpr, FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    SINGLE_PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    """Rows [pid_m * BLOCK_M, ...) of the GROUP * LQ (query head, query) rows of one (sequence, kv head),
-    head-major as the combine kernel reads them, over the keys [split * chunk, (split + 1) * chunk) of the
-    sequence. SINGLE_PAGE (PAGE % BLOCK_N == 0): a key tile is BLOCK_N consecutive slots of one physical block."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    bhk = tl.program_id(2).to(tl.int64)
-    b = bhk // HKV
-    hk = bhk % HKV
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < GROUP * LQ
-    h = hk * GROUP + rows // LQ                            # (BLOCK_M,) query head of each row
-    i = rows % LQ                                          # (BLOCK_M,) query index of each row
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
-                   row_ok, offs_d, D, True, EVEN_D)
-    if UPCAST:
-        q = q.to(tl.float32)
-    kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), capacity)
-    causal_offset = kv_len - LQ                            # bottom-right: key j <= i + len - LQ
-    hi = kv_len
-    if IS_CAUSAL:
-        last_i = tl.max(tl.where(row_ok, i, 0), 0)
-        hi = tl.maximum(tl.minimum(kv_len, last_i + 1 + causal_offset), 0)
-    lo = split * chunk
-    hi = tl.minimum(hi, lo + chunk)
-    table = BLOCK_TABLE + b * stride_tb
-    k_head = K_CACHE + hk * stride_kh
-    v_head = V_CACHE + hk * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M, 1], dtype=ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
-    for start_n in range(lo, hi, BLOCK_N):
-        if SINGLE_PAGE:
-            page = tl.load(table + (start_n // PAGE) * stride_tn).to(tl.int64)
-            slot = start_n % PAGE + offs_n                                           # (BLOCK_N,)
-            k_rows = page * stride_kb + slot * stride_kp
-            v_rows = page * stride_vb + slot * stride_vp
-        else:
-            cols = start_n + offs_n
-            page = tl.load(table + (cols // PAGE) * stride_tn, mask=cols < hi, other=0).to(tl.int64)
-            k_rows = page * stride_kb + (cols % PAGE) * stride_kp
-            v_rows = page * stride_vb + (cols % PAGE) * stride_vp
-        k_ptrs = k_head + k_rows[:, None] + offs_d[None, :]                          # (BLOCK_N, BLOCK_D)
-        v_ptrs = v_head + v_rows[:, None] + offs_dv[None, :]                         # (BLOCK_N, BLOCK_DV)
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, k_ptrs, K_CACHE, V_CACHE, 0, 0,
-            start_n, offs_n, offs_d, offs_dv, D, DV, hi,
-            i, row_ok, causal_offset, 0, i, 0.0, qk_scale,
-            MASK_KIND=0, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
-            EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=False,
-            UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            ROWSUM_MMA=False)
-    l_i = tl.max(l_i, 1)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    part = bhk * SPLITS + split
-    tl.store(OPART + (part * GROUP * LQ + rows[:, None]) * DV + offs_dv[None, :], out,
-             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSEPART + part * GROUP * LQ + rows, lse2, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -463,7 +327,7 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: 
 
 def _attention_torch(q, k_cache, v_cache, bt, sl, scale, causal):
     """The PyTorch path: gather each sequence's blocks (up to the longest length) and run
-    ``fused_kernels.fast_torch.attention`` with the per-sequence key lengths and causal alignment as a mask."""
+    ``fused_kernels.torch_path.attention`` with the per-sequence key lengths and causal alignment as a mask."""
     b, h, lq, _ = q.shape
     capacity = bt.shape[1] * k_cache.shape[1]
     sl = sl.long().clamp(0, capacity)
@@ -478,141 +342,4 @@ def _attention_torch(q, k_cache, v_cache, bt, sl, scale, causal):
     if causal:
         i = torch.arange(lq, device=q.device)
         keep = keep & (j[None, None, :] <= i[None, :, None] + (sl - lq)[:, None, None])  # (B, Lq, S)
-    return fast_torch.attention(q, k, v, False, keep[:, None], None, scale, 0.0, True)
-
-
-# ----------------------------------------------------------------------------- the cache
-
-
-class PagedKVCache:
-    """A paged KV cache for many sequences: per layer one pool (num_blocks, block_size, Hkv, D) of keys and
-    one of values, a free list of physical blocks shared by the layers (every layer of a sequence uses the same
-    block ids), and per sequence (any hashable id) its blocks and its length in each layer.
-
-        cache = PagedKVCache(num_blocks=256, block_size=16, num_kv_heads=4, head_dim=64, num_layers=2)
-        cache.allocate("a"); cache.allocate("b")
-        cache.append(["a", "b"], k, v, layer=0)        # (2, Hkv, Lnew, D): grows the sequences' blocks
-        out = cache.attention(["a", "b"], q, layer=0)  # (2, H, Lnew, D), bottom-right causal
-        cache.free("a")                                # its blocks go back to the free list
-
-    Blocks are taken when a sequence grows (``reserve``; ``append`` reserves what it writes) and returned by
-    ``free``; a sequence never holds more than ``ceil(length / block_size)`` blocks. Not thread-safe."""
-
-    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, *, num_layers: int = 1,
-                 head_dim_v: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        for name, value in (("num_blocks", num_blocks), ("block_size", block_size), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("num_layers", num_layers)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PagedKVCache: {name} must be an int >= 1, got {value!r}")
-        dv = head_dim if head_dim_v is None else head_dim_v
-        self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
-        self.k_caches = [torch.empty(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-                         for _ in range(num_layers)]
-        self.v_caches = [torch.empty(num_blocks, block_size, num_kv_heads, dv, dtype=dtype, device=device)
-                         for _ in range(num_layers)]
-        self._free = list(range(num_blocks - 1, -1, -1))       # pop() hands out the lowest id first
-        self._blocks: dict[Hashable, list[int]] = {}
-        self._lengths: dict[Hashable, list[int]] = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.k_caches[0].device
-
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self._free)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        """Blocks that hold ``num_tokens`` positions."""
-        return -(-num_tokens // self.block_size)
-
-    def __contains__(self, seq: Hashable) -> bool:
-        return seq in self._blocks
-
-    def length(self, seq: Hashable, layer: int = 0) -> int:
-        return self._lengths[self._known(seq)][layer]
-
-    def _known(self, seq: Hashable) -> Hashable:
-        if seq not in self._blocks:
-            raise KeyError(f"PagedKVCache: unknown sequence {seq!r}")
-        return seq
-
-    def allocate(self, seq: Hashable, num_tokens: int = 0) -> None:
-        """Start sequence ``seq`` (length 0) with room for ``num_tokens`` positions."""
-        if seq in self._blocks:
-            raise ValueError(f"PagedKVCache: sequence {seq!r} is already allocated")
-        self._blocks[seq] = []
-        self._lengths[seq] = [0] * self.num_layers
-        try:
-            self.reserve(seq, num_tokens)
-        except RuntimeError:
-            self.free(seq)
-            raise
-
-    def reserve(self, seq: Hashable, num_tokens: int) -> None:
-        """Make room for ``num_tokens`` positions past the sequence's longest layer; RuntimeError if the
-        pool has too few free blocks (nothing is taken then)."""
-        blocks = self._blocks[self._known(seq)]
-        need = self.blocks_for(max(self._lengths[seq]) + num_tokens) - len(blocks)
-        if need > len(self._free):
-            raise RuntimeError(f"PagedKVCache: {need} more blocks needed for sequence {seq!r}, "
-                               f"{len(self._free)} of {self.num_blocks} free")
-        blocks.extend(self._free.pop() for _ in range(max(need, 0)))
-
-    def free(self, seq: Hashable) -> None:
-        """Forget ``seq`` and return its blocks to the free list."""
-        self._free.extend(reversed(self._blocks.pop(self._known(seq))))
-        del self._lengths[seq]
-
-    def tables(self, seqs: Sequence[Hashable], layer: int = 0, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block_table (B, max blocks) int32, cache_seqlens (B,) int32 of ``layer``, plus ``extra``) of the
-        sequences ``seqs``, on the pool's device; unused table entries are 0."""
-        width = max([len(self._blocks[self._known(s)]) for s in seqs] + [1])
-        rows = [self._blocks[s] + [0] * (width - len(self._blocks[s])) for s in seqs]
-        table = torch.tensor(rows, dtype=torch.int32).reshape(len(seqs), width).to(self.device)
-        lengths = torch.tensor([self._lengths[s][layer] + extra for s in seqs], dtype=torch.int32).to(self.device)
-        return table, lengths
-
-    def append(self, seqs: Sequence[Hashable], k_new: torch.Tensor, v_new: torch.Tensor, layer: int = 0) -> None:
-        """Write (B, Hkv, Lnew, D) keys/values of the sequences ``seqs`` after their cached positions in
-        ``layer`` (reserving blocks as needed) and advance that layer's lengths by Lnew."""
-        lnew = k_new.shape[2] if isinstance(k_new, torch.Tensor) and k_new.dim() == 4 else 0
-        for s in seqs:
-            self.reserve(s, self._lengths[self._known(s)][layer] + lnew - max(self._lengths[s]))
-        table, lengths = self.tables(seqs, layer)
-        paged_append(self.k_caches[layer], self.v_caches[layer], table, lengths, k_new, v_new, check=False)
-        for s in seqs:
-            self._lengths[s][layer] += lnew
-
-    def attention(self, seqs: Sequence[Hashable], q: torch.Tensor, layer: int = 0, *, causal: bool = True,
-                  scale: float | None = None) -> torch.Tensor:
-        """``paged_attention`` of (B, H, Lq, D) queries over the cached keys of ``seqs`` in ``layer`` (the
-        queries' own keys appended first)."""
-        table, lengths = self.tables(seqs, layer)
-        return paged_attention(q, self.k_caches[layer], self.v_caches[layer], table, lengths, causal=causal,
-                               scale=scale, check=False)
-
-    def layer(self, seqs: Sequence[Hashable], layer: int) -> PagedLayer:
-        """A view of ``layer`` for the sequences ``seqs`` that a model's attention layer calls (``attend``)."""
-        return PagedLayer(self, list(seqs), layer)
-
-
-class PagedLayer:
-    """One layer of a ``PagedKVCache`` for a fixed list of sequences: what ``transformer.layers.Attention``
-    takes as its ``cache`` (``paged`` tells it apart from a dense ``KVCache``)."""
-
-    paged = True
-
-    def __init__(self, cache: PagedKVCache, seqs: list[Hashable], layer: int) -> None:
-        self.cache, self.seqs, self.index = cache, seqs, layer
-
-    @property
-    def length(self) -> int:
-        """The longest cached length among the sequences (the dense cache's ``length``)."""
-        return max((self.cache.length(s, self.index) for s in self.seqs), default=0)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-        """Append this step's (B, Hkv, L, D) keys/values and attend the (B, H, L, D) queries over the cache."""
-        self.cache.append(self.seqs, k, v, self.index)
-        return self.cache.attention(self.seqs, q, self.index, causal=causal)
+    return torch_path.attention(q, k, v, False, keep[:, None], None, scale, 0.0, True)

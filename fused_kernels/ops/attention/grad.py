@@ -1,12 +1,6 @@
-"""Gradients beyond what the fused kernels' backward computes: second derivatives, and the gradient of a float
-attention mask. Both paths (the Triton kernels' custom ops and ``fused_kernels.fast_torch``) call these.
+"""Attention gradients beyond the kernels' backward: the differentiable attention math (double backward) and
+the gradient of a float attention mask.
 
-- **Double backward.** When autograd builds a graph of the backward (``torch.autograd.grad(...,
-  create_graph=True)``, ``.backward(create_graph=True)``: grad mode is on inside a backward only then), an op's
-  backward is computed with differentiable PyTorch ops from its reference formula (``torch.autograd.grad`` of the
-  formula re-run on the saved inputs) instead of the kernel backward, so every higher derivative exists. Speed
-  matters less there: attention materializes the (L, S) scores of that backward. Under ``torch.compile`` the
-  backward is traced without grad mode and keeps the kernels.
 - **Attention mask gradient.** The gradient of a float ``attn_mask`` that requires grad is ``dS``, the gradient of
   the softmax input, summed over the dims the mask is broadcast along. ``attention_mask_grad`` computes it in
   PyTorch from the saved output and log-sum-exp, one block of queries at a time (at most ``MASK_GRAD_BLOCK``
@@ -19,70 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .reference import _attention_core
+from ..._core import grad as _grad
+from ...reference import _attention_core
 
 # Scores of one block of queries in ``attention_mask_grad``: about 4M elements (16 MB in float32).
 MASK_GRAD_BLOCK = 1 << 22
-
-
-def create_graph() -> bool:
-    """Whether the backward being run must itself be differentiable (``create_graph=True``)."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _grads(outputs: Sequence[torch.Tensor | None], cotangents: Sequence[torch.Tensor | None],
-           inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """``torch.autograd.grad`` with a graph, skipping absent outputs/cotangents and inputs (None for those)."""
-    pairs = [(o, c.to(o.dtype)) for o, c in zip(outputs, cotangents) if o is not None and c is not None]
-    wanted = [t for t in inputs if t is not None]
-    if not pairs or not wanted:
-        return [None] * len(inputs)
-    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [c for _, c in pairs], create_graph=True,
-                                     allow_unused=True))
-    return [None if t is None else next(found) for t in inputs]
-
-
-# ----------------------------------------------------------------------------- norms and softmax
-
-
-def norm_backward(prenorm: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor, eps: float,
-                  is_rms_norm: bool, need_input: bool, need_weight: bool) -> tuple[torch.Tensor | None, ...]:
-    """Differentiable ``(d prenorm, d weight)`` of a LayerNorm / RMSNorm over the last dim of ``prenorm``
-    (no bias term: its gradient is ``dy`` summed over the rows), statistics in float32 (float64 for float64)."""
-    ct = _compute_dtype(prenorm)
-    x = prenorm.to(ct)
-    w = None if weight is None else weight.to(ct)
-    if is_rms_norm:
-        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        out = out if w is None else out * w
-    else:
-        out = F.layer_norm(x, (x.shape[-1],), w, None, eps)
-    dx, dw = _grads([out], [dy], [prenorm if need_input else None, weight if need_weight and w is not None else None])
-    dx = None if dx is None else dx.to(prenorm.dtype)
-    dw = None if dw is None else dw.to(weight.dtype)
-    return dx, dw
-
-
-def softmax_input_grad(y: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
-    """Differentiable gradient of the softmax input ``z`` from the output ``y = softmax(z)``: ``y * (dy - <dy, y>)``
-    (0 wherever ``y`` is 0: masked entries, rows with nothing left)."""
-    ct = _compute_dtype(y)
-    yc, dyc = y.to(ct), dy.to(ct)
-    return (yc * (dyc - (dyc * yc).sum(dim, keepdim=True))).to(y.dtype)
-
-
-def sum_to(t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """``t`` summed over the dims that a tensor of ``shape`` is broadcast along to ``t``'s shape."""
-    return t.sum_to_size(tuple(shape)).to(dtype) if tuple(t.shape) != tuple(shape) else t.to(dtype)
-
-
-# ----------------------------------------------------------------------------- attention
 
 
 def _keep(l: int, s: int, rows: slice, is_causal: bool, causal_offset: int, seqlens_k: torch.Tensor | None,
@@ -105,10 +41,10 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     dtype). GQA by repeating key/value heads; causal ``j <= i + causal_offset``; fully masked rows give 0.
     With ``variants`` (fused_kernels.attention.variants.Variants; causal_offset must be S - L) the variant math path."""
     if variants is not None:
-        from .fast_torch import _attention_variants  # fast_torch imports this module
+        from .torch_path import _attention_variants  # torch_path imports this module
         out, lse = _attention_variants(q, k, v, is_causal, mask, seqlens_k, scale, 0.0, True, variants)
         return out, lse
-    ct = _compute_dtype(q)
+    ct = _grad.compute_dtype(q)
     h, hkv, l, s = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
     if hkv != h:
@@ -136,7 +72,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
             "the attention")
     out, lse = attention_math(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, variants)
     wanted = [t if need else None for t, need in zip((q, k, v, mask), needs)]
-    return _grads([out, lse], [dout, dlse], wanted)
+    return _grad.grads([out, lse], [dout, dlse], wanted)
 
 
 def _as_4d(mask: torch.Tensor) -> torch.Tensor:
@@ -153,7 +89,7 @@ def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     b, h, l, d = q.shape
     hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
     group = h // hkv
-    ct = _compute_dtype(q)
+    ct = _grad.compute_dtype(q)
     m4 = _as_4d(mask)
     dims = tuple(i for i in range(4) if m4.shape[i] == 1)          # the dims the mask is broadcast along
     grad = torch.zeros(m4.shape, dtype=ct, device=q.device)
@@ -194,11 +130,3 @@ def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         else:
             grad[:, :, rows] += ds
     return grad.reshape(mask.shape).to(mask.dtype)
-
-
-def mask_requires_grad(mask: object) -> bool:
-    """A float mask whose gradient autograd will ask for."""
-    return (isinstance(mask, torch.Tensor) and mask.requires_grad and mask.is_floating_point()
-            and torch.is_grad_enabled())
-
-

@@ -12,13 +12,16 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: the pointer path only
     TensorDescriptor = None
 
-from .. import _backend, _checks, _grad
-from .._launch import acc_dtype, next_pow2, torch_acc_dtype
+from ..._core import backend as _backend
+from ..._core import checks as _checks
+from ..._core.grad import create_graph
+from ..._core.launch import acc_dtype, next_pow2, torch_acc_dtype
+from . import grad as _grad
 from . import sparse
-from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .config import LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _arch, _precision, attention_config
-from .decode import _attn_combine_kernel, _attn_fwd_split_kernel
-from .forward import _attn_fwd_kernel
+from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
+from .kernels.forward import _attn_fwd_kernel
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -273,7 +276,7 @@ def _backward(ctx, dout, dlse, _dseed):
     if dout is None and dlse is None:
         return (None,) * 4 + rest
     needs = tuple(ctx.needs_input_grad[:4])
-    if _grad.create_graph():
+    if create_graph():
         return (*_grad.attention_backward(q, k, v, mask, seqlens_k, dout, dlse, ctx.scale, ctx.is_causal,
                                           ctx.causal_offset, ctx.dropout_p, needs), *rest)
     dq = dk = dv = dmask = None
@@ -314,7 +317,7 @@ class _VariantAttention(torch.autograd.Function):
         if dout is None and dlse is None:
             return (None,) * 4 + rest
         needs = tuple(ctx.needs_input_grad[:4])
-        if _grad.create_graph():
+        if create_graph():
             return (*_grad.attention_backward(q, k, v, mask, seqlens_k, dout, dlse, scale, is_causal, causal_offset,
                                               dropout_p, needs, variants=var), *rest)
         dq = dk = dv = dmask = None

@@ -22,7 +22,7 @@ Decoding (few queries, long cache): ``_attn_fwd_split_kernel`` packs all the que
 (``G * L`` rows) into one tile, splits the keys across programs, and writes a partial output and lse per
 split; ``_attn_combine_kernel`` merges the splits by their lse.
 
-Packed variable-length sequences (``fused_kernels.varlen``): the main forward, dK/dV and dQ kernels take a
+Packed variable-length sequences (``varlen``): the main forward, dK/dV and dQ kernels take a
 ``VARLEN`` constexpr (default False, generating the same code as before when off) that reads each
 program's sequence start and length from ``cu_seqlens`` pointers and offsets its base pointers by them.
 
@@ -31,32 +31,20 @@ program's sequence start and length from ``cu_seqlens`` pointers and offsets its
     attention_fwd / attention_bwd        (torch.library custom ops, registered autograd)
     attention, scaled_dot_product_attention   (public functions)
 
-Files, in pipeline order: ``config`` (tiles, constants), ``forward`` (``_load_tile``, ``_fwd_block``, the
-main kernel), ``decode`` (split-KV and combine), ``backward`` (preprocess, dK/dV, dQ), ``launch`` (custom
-ops, autograd), ``api`` (public functions and checks).
+Files: ``config`` (every tile table, constants), ``kernels/`` (Triton only: mods, forward, decode, backward,
+blockmask, paged), ``launch`` (custom ops, autograd), ``variants`` / ``sparse`` / ``blockmask`` (attention
+variants and block sparsity), ``api`` (public functions and checks), ``varlen`` (packed sequences), ``paged`` and
+``cache`` (paged KV cache), ``ring`` (context parallelism), ``torch_path`` (the PyTorch path), ``grad`` (double
+backward, the float-mask gradient), ``examples`` (user mods).
 """
 
-from .api import _check_scale, attention, attention_tiles, scaled_dot_product_attention
+from .api import attention, attention_tiles, scaled_dot_product_attention
 from .blockmask import BlockMask, block_mask
-from .config import (
-    DECODE_MAX_L,
-    DECODE_MAX_ROWS,
-    DECODE_MIN_S,
-    LN2,
-    LOG2E,
-    MAX_HEAD_DIM,
-    _arch,
-    _precision,
-    attention_config,
-    decode_splits,
-)
-from .decode import _attn_combine_kernel
-from .forward import _fwd_block, _load_tile
-from .launch import _last_dim_contiguous, _tma_desc, attention_bwd, attention_fwd
+from .cache import PagedKVCache
+from .paged import paged_append, paged_attention
+from .varlen import varlen_attention
 
 __all__ = [
-    "BlockMask", "attention_tiles", "block_mask",
-    "DECODE_MAX_L", "DECODE_MAX_ROWS", "DECODE_MIN_S", "LN2", "LOG2E", "MAX_HEAD_DIM", "_arch", "_attn_combine_kernel",
-    "_check_scale", "_fwd_block", "_last_dim_contiguous", "_load_tile", "_precision", "_tma_desc", "attention",
-    "attention_bwd", "attention_config", "attention_fwd", "decode_splits", "scaled_dot_product_attention",
+    "BlockMask", "PagedKVCache", "attention", "attention_tiles", "block_mask", "paged_append", "paged_attention",
+    "scaled_dot_product_attention", "varlen_attention",
 ]

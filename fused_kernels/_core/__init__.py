@@ -1,0 +1,3 @@
+"""What every op shares and no user calls: backend choice (``backend``), argument checks and their exception
+types (``checks``), the differentiable backward used for double backward (``grad``), and launch-time helpers
+(``launch``)."""

@@ -1,0 +1,239 @@
+"""Compile jobs: ``triton.compile`` for a GPU target in worker processes, the ptxas log (registers, spills) and
+the tensor-core instruction count of the PTX, optionally the SASS analysis (``sass``)."""
+
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import importlib
+import io
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from . import sass
+from .specialize import runtime_specialization, specialize
+from .specs import Spec
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas triton itself uses for ``arch``."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from triton import knobs
+        return knobs.nvidia.ptxas.path
+    except (ImportError, AttributeError):
+        import triton
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def gpu_name(arch: int) -> str:
+    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+
+
+def parse_ptxas(log: str) -> dict[str, int]:
+    """Registers, spill bytes and stack frame from ``ptxas -v`` output (the maximum over functions)."""
+    regs = [int(v) for v in re.findall(r"Used (\d+) registers", log)]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = [int(v) for v in re.findall(r"(\d+) bytes stack frame", log)]
+    if not regs:
+        raise RuntimeError(f"no register count in the ptxas output:\n{log}")
+    return dict(registers=max(regs), spill_stores=max((int(s) for s, _ in spills), default=0),
+                spill_loads=max((int(l) for _, l in spills), default=0), stack_frame=max(stack, default=0))
+
+
+def count_tensor_core_instructions(ptx: str) -> dict[str, int]:
+    """Static counts of tensor-core instructions in PTX: ``mma.sync`` (sm_80 style) and
+    ``wgmma.mma_async`` (sm_90a warpgroup MMA)."""
+    return dict(mma_sync=len(re.findall(r"\bmma\.sync\.", ptx)),
+                wgmma=len(re.findall(r"\bwgmma\.mma_async\.", ptx)))
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    """``ptxas -v`` on ``ptx``; returns its log (stderr)."""
+    with tempfile.TemporaryDirectory(prefix="fused_kernels-aot-ptx-") as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={gpu_name(arch)}", path,
+                               "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stderr
+
+
+_worker_ready = False
+
+
+def _init_worker() -> None:
+    global _worker_ready
+    if not _worker_ready:
+        warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+        _worker_ready = True
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, the kernel kills this worker when the parent dies (a timeout that kills
+    ``python -m fused_kernels.aot`` must not leave its compile workers running)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def compile_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Compile one (kernel, specialization, arch) and measure it; errors become part of the result."""
+    _init_worker()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arch = job["arch"]
+    result: dict[str, Any] = {"error": None}
+    t0 = time.perf_counter()
+    try:
+        kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
+        constexprs = {k: v.resolve() if isinstance(v, _JitRef) else v for k, v in job["constexprs"].items()}
+        src = ASTSource(fn=kernel, signature=job["signature"], constexprs=constexprs, attrs=job["attrs"])
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: triton prints its ptxas -v log
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(job["options"]))
+        ptx = compiled.asm["ptx"]
+        result["shared"] = int(compiled.metadata.shared)
+        if job.get("sass"):
+            result["sass"] = sass.analyze(compiled.asm["cubin"], int(job["options"].get("num_warps", 4)),
+                                          job["work"], job["unit"])
+        result.update(count_tensor_core_instructions(ptx))
+        if "Used" in log.getvalue():         # the cubin's own ptxas run, triton's exact flags
+            result.update(parse_ptxas(log.getvalue()), ptxas="triton")
+        else:                                 # a cache hit ran no ptxas: run it on the PTX
+            result.update(parse_ptxas(_run_ptxas(ptx, arch)), ptxas="aot")
+    except Exception as exc:  # report every failing config, do not stop at the first
+        result["error"] = f"{type(exc).__name__}: {exc}".strip()[-4000:]
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _normalized(specialization: tuple[dict, dict, dict]) -> tuple[dict, dict, dict]:
+    signature, constexprs, attrs = specialization
+    return signature, constexprs, {k: v for k, v in attrs.items() if v}
+
+
+@dataclass(frozen=True)
+class _JitRef:
+    """A ``@triton.jit`` function passed as a constexpr (a score / mask mod), by (module, qualified name): a
+    ``JITFunction`` does not pickle, so the compile processes re-import it (``resolve``). Such a function must
+    be defined at module level (``fused_kernels.ops.attention.examples``)."""
+
+    module: str
+    qualname: str
+
+    @staticmethod
+    def of(value: Any) -> Any:
+        from triton.runtime.jit import JITFunction
+        if not isinstance(value, JITFunction):
+            return value
+        fn = value.fn
+        ref = _JitRef(fn.__module__, fn.__qualname__)
+        if ref.resolve() is not value:
+            raise TypeError(f"{fn.__qualname__}: a @triton.jit constexpr must be a module-level function that "
+                            f"{fn.__module__}.{fn.__qualname__} names (the compile processes re-import it)")
+        return ref
+
+    def resolve(self) -> Any:
+        value: Any = importlib.import_module(self.module)
+        for part in self.qualname.split("."):
+            value = getattr(value, part)
+        return value
+
+
+def make_jobs(specs: list[Spec], archs: list[int], with_sass: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    from triton.backends.compiler import GPUTarget
+
+    jobs, mismatches = [], []
+    for index, spec in enumerate(specs):
+        signature, constexprs, attrs = specialize(spec)
+        runtime = runtime_specialization(spec, GPUTarget("cuda", archs[0], 32))
+        if runtime is not None and _normalized(runtime) != _normalized((signature, constexprs, attrs)):
+            mismatches.append(f"{spec.name} [{spec.config}]: aot specialization {(signature, constexprs, attrs)} "
+                              f"differs from the runtime launcher's {runtime}")
+        for arch in archs:
+            if arch not in spec.meta.get("archs", archs):   # a configuration chosen for another arch
+                continue
+            jobs.append(dict(spec=index, module=spec.kernel.fn.__module__, kernel=spec.kernel.fn.__name__,
+                             signature=signature, constexprs={k: _JitRef.of(v) for k, v in constexprs.items()},
+                             attrs=attrs, options=dict(spec.options), arch=arch,
+                             cost=spec.meta.get("cost", spec.meta.get("BLOCK_N", 0)), sass=with_sass,
+                             work=spec.meta.get("work", 0), unit=spec.meta.get("unit", "elements")))
+    return jobs, mismatches
+
+
+class _Progress:
+    """A tqdm bar on a terminal's stderr when tqdm is installed (the ``train`` extra), else a line every 5%."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.failed, self._last = total, 0, 0, -1
+        self.bar = None
+        if sys.stderr.isatty():   # a log file gets the plain lines
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit="compile", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, result: dict[str, Any]) -> None:
+        self.done += 1
+        self.failed += bool(result.get("error"))
+        if self.bar is not None:
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+            self.bar.update(1)
+            return
+        step = self.done * 20 // max(1, self.total)
+        if step != self._last or self.done == self.total:
+            self._last = step
+            print(f"  compiled {self.done}/{self.total} ({self.failed} failed)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_jobs(jobs: list[dict[str, Any]], workers: int, progress: bool = True) -> list[dict[str, Any]]:
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    bar = _Progress(len(jobs)) if progress else None
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                results[i] = compile_job(job)
+                if bar:
+                    bar.update(results[i])
+            return results  # type: ignore[return-value]
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["cost"])  # the expensive ones first
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                    initializer=_die_with_parent) as pool:
+            futures = {pool.submit(compile_job, jobs[i]): i for i in order}
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except Exception as exc:  # a worker died
+                    results[i] = {"error": f"{type(exc).__name__}: {exc}", "seconds": 0.0}
+                if bar:
+                    bar.update(results[i])
+        return results  # type: ignore[return-value]
+    finally:
+        if bar:
+            bar.close()

@@ -1,0 +1,124 @@
+"""Judging and printing the compiled configurations: limits (spills, shared memory, tensor cores, the SASS
+structural promises), the tables and the summary."""
+
+
+from __future__ import annotations
+
+from typing import Any
+
+from .compile import gpu_name
+from .specs import SHARED_LIMIT, Spec
+
+
+def evaluate(spec: Spec, arch: int, result: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = dict(family=spec.family, kernel=spec.name, config=spec.config, arch=arch,
+                               gpu_name=gpu_name(arch), options=spec.options, **spec.meta, **result)
+    problems = []
+    if result.get("error"):
+        problems.append("compile failed")
+    else:
+        row["spill_bytes"] = row["spill_stores"] + row["spill_loads"]
+        row["tensor_core_instructions"] = row["mma_sync"] + row["wgmma"]
+        if row["spill_bytes"]:
+            problems.append(f"spills {row['spill_stores']}+{row['spill_loads']} B")
+        if row["shared"] > SHARED_LIMIT[arch]:
+            problems.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[arch]} B")
+        if spec.tensor_cores and not row["tensor_core_instructions"]:
+            problems.append("no tensor-core instructions")
+        if row.get("sass"):
+            problems += sass_problems(spec, row["sass"])
+    row["problems"] = problems
+    row["ok"] = not problems
+    return row
+
+
+def sass_problems(spec: Spec, report: dict[str, Any]) -> list[str]:
+    """The structural promises of the SASS: no local memory (LDL/STL) anywhere; tensor-core instructions in
+    every steady-state loop of a kernel built on ``tl.dot``; per-unit limits of ``spec.meta["sass_limits"]``
+    (e.g. ``{"ex2": 1.1}``: at most 1.1 MUFU.EX2 per score) in each steady-state loop."""
+    problems = []
+    if report["local_memory"]:
+        problems.append(f"SASS: {report['local_memory']} local-memory instructions (LDL/STL)")
+    unit = report["unit"]
+    for i, loop in enumerate(report["loops"]):
+        if loop.get("straight_line"):
+            continue
+        if spec.tensor_cores and not loop["tensor_core"]:
+            problems.append(f"SASS loop {i}: no tensor-core instructions")
+        for key, limit in spec.meta.get("sass_limits", {}).items():
+            value = loop[f"{key}_per_{unit}"]
+            if value > limit:
+                problems.append(f"SASS loop {i}: {key.upper()} per {unit[:-1]} {value} > {limit}")
+    return problems
+
+
+def _short_counts(counts: dict[str, int]) -> str:
+    return " ".join(f"{k}x{v}" for k, v in counts.items()) or "-"
+
+
+def print_sass_table(specs_rows: list[tuple[Spec, dict[str, Any]]]) -> None:
+    """One line per steady-state loop: what one iteration issues, normalized per 1,024 units of work."""
+    lines = []
+    for spec, row in specs_rows:
+        report = row.get("sass")
+        if not report:
+            continue
+        unit = report["unit"]
+        for i, loop in enumerate(report["loops"]):
+            label = "body" if loop.get("straight_line") else f"loop{i}"
+            lines.append((f"{spec.name}", spec.config, row["gpu_name"], label, str(loop["instructions"]),
+                          f"{loop[f'warp_instructions_per_1k_{unit}']:.0f}", f"{loop[f'ex2_per_{unit}']:.3g}",
+                          f"{loop[f'fmul_per_{unit}']:.3g}", f"{loop[f'ffma_per_{unit}']:.3g}",
+                          _short_counts(loop["wgmma_wait_depths"]), str(loop["cta_barriers"]),
+                          str(loop["int64_ops"]), str(report["local_memory"]),
+                          _short_counts(loop["global_loads"]), _short_counts(loop["tensor_core"])))
+    if not lines:
+        return
+    header = ("kernel", "config", "arch", "loop", "instr", "per1k", "EX2/u", "FMUL/u", "FFMA/u", "wgmma wait",
+              "BAR", "int64", "LDL/STL", "global loads", "tensor cores")
+    widths = [max(len(h), *(len(line[c]) for line in lines)) for c, h in enumerate(header[:-1])]
+    print("\nSASS steady-state loops (instr: per iteration and warp; per1k: warp-instructions per 1,024 units "
+          "(scores of attention, elements of row kernels); /u: lane instructions per unit)")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[-1])
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])
+
+
+def _tc_cell(spec: Spec, row: dict[str, Any]) -> str:
+    if not spec.tensor_cores and not row.get("tensor_core_instructions"):
+        return "-"
+    return f"mma{row['mma_sync']}/wgmma{row['wgmma']}"
+
+
+def print_table(specs_rows: list[tuple[Spec, dict[str, Any]]]) -> None:
+    kw = max([len("kernel")] + [len(s.name) for s, _ in specs_rows])
+    cw = max([len("config")] + [len(s.config) for s, _ in specs_rows])
+    header = (f"{'kernel':<{kw}}  {'config':<{cw}}  {'arch':<6}  {'regs':>4}  {'spill':>6}  {'smem':>7}  "
+              f"{'tensor cores':>14}  result")
+    print(header)
+    print("-" * len(header))
+    for spec, row in specs_rows:
+        if row.get("error"):
+            cells = f"{'-':>4}  {'-':>6}  {'-':>7}  {'-':>14}"
+        else:
+            cells = (f"{row['registers']:>4}  {row['spill_bytes']:>6}  {row['shared']:>7}  "
+                     f"{_tc_cell(spec, row):>14}")
+        verdict = "ok" if row["ok"] else "FAIL: " + "; ".join(row["problems"])
+        print(f"{spec.name:<{kw}}  {spec.config:<{cw}}  {row['gpu_name']:<6}  {cells}  {verdict}")
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    print("\nsummary (max over configurations):")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["kernel"], row["gpu_name"]), []).append(row)
+    for (kernel, gpu), group in groups.items():
+        built = [r for r in group if not r.get("error")]
+        if not built:
+            print(f"  {kernel:<24} {gpu:<6} no configuration compiled")
+            continue
+        worst = max(built, key=lambda r: r["registers"])
+        spills = [r for r in built if r["spill_bytes"]]
+        print(f"  {kernel:<24} {gpu:<6} {len(group):>3} configs  max regs {worst['registers']:>3} "
+              f"({worst['config']})  max smem {max(r['shared'] for r in built):>6} B  "
+              f"spilling configs {len(spills)}  failed {len(group) - len(built)}")
