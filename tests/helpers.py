@@ -34,6 +34,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from fused_kernels._core.launch import Launch, intercept
+
 # (atol relative to the reference's scale, rtol) for the elementwise check in high precision.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-5, 1e-5),
@@ -239,81 +241,71 @@ def _mark_bytes(inside: torch.Tensor, t: torch.Tensor, start: int) -> None:
                       t.storage_offset() * itemsize - start).fill_(True)
 
 
-class _GuardedKernel:
-    """Stands in for a Triton kernel: ``kernel[grid](*args)`` runs on guarded copies (``bounds_checked``)."""
-
-    def __init__(self, kernel, name: str, launches: dict[str, int]):
-        self.kernel, self.name, self.launches = kernel, name, launches
-
-    def __getattr__(self, attr):
-        return getattr(self.kernel, attr)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches[self.name] = self.launches.get(self.name, 0) + 1
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.numel() > 0]
-            by_storage: dict[int, list[torch.Tensor]] = {}
-            for t in tensors:
-                by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
-            replaced: dict[int, torch.Tensor] = {}
-            checks = []
-            for index, group in enumerate(by_storage.values()):
-                storage = group[0].untyped_storage()
-                spans = [_byte_span(t) for t in group]
-                lo = min(first for first, _ in spans) // 16 * 16
-                hi = max(end for _, end in spans)
-                span = hi - lo
-                buf = _guard_pattern(GUARD_BYTES + span + GUARD_BYTES, index, storage.device)
-                original = _byte_view(storage)
-                buf[GUARD_BYTES:GUARD_BYTES + span] = original[lo:hi]
-                before = buf.clone()
-                for t in group:
-                    offset = t.storage_offset() * t.element_size() - lo + GUARD_BYTES
-                    assert offset % t.element_size() == 0
-                    copy = torch.empty(0, dtype=t.dtype, device=t.device).set_(
-                        buf.untyped_storage(), offset // t.element_size(), t.shape, t.stride())
-                    replaced[id(t)] = copy
-                inside = torch.zeros(buf.numel(), dtype=torch.bool, device=buf.device)
-                for t in group:
-                    _mark_bytes(inside, t, lo - GUARD_BYTES)
-                checks.append((buf, before, inside, original, lo, hi))
-            swap = lambda a: replaced.get(id(a), a) if isinstance(a, torch.Tensor) else a
-            self.kernel[grid](*[swap(a) for a in args], **{k: swap(v) for k, v in kwargs.items()})
-            for buf, before, inside, original, lo, hi in checks:
-                changed = (buf != before) & ~inside
-                if bool(changed.any()):
-                    where = (changed.nonzero().reshape(-1)[:8] - GUARD_BYTES).tolist()
-                    raise AssertionError(f"{self.name}: wrote outside its tensors (byte offsets relative to "
-                                         f"the start of the tensors' span {hi - lo}: {where})")
-                original[lo:hi] = buf[GUARD_BYTES:GUARD_BYTES + hi - lo]
-
-        return launch
+def _guarded_run(call: Launch, run) -> None:
+    """Run ``call`` on copies of its tensor arguments placed between guard bytes (``bounds_checked``)."""
+    tensors = [a for a in (*call.args, *call.kwargs.values()) if isinstance(a, torch.Tensor) and a.numel() > 0]
+    by_storage: dict[int, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+    replaced: dict[int, torch.Tensor] = {}
+    checks = []
+    for index, group in enumerate(by_storage.values()):
+        storage = group[0].untyped_storage()
+        spans = [_byte_span(t) for t in group]
+        lo = min(first for first, _ in spans) // 16 * 16
+        hi = max(end for _, end in spans)
+        span = hi - lo
+        buf = _guard_pattern(GUARD_BYTES + span + GUARD_BYTES, index, storage.device)
+        original = _byte_view(storage)
+        buf[GUARD_BYTES:GUARD_BYTES + span] = original[lo:hi]
+        before = buf.clone()
+        for t in group:
+            offset = t.storage_offset() * t.element_size() - lo + GUARD_BYTES
+            assert offset % t.element_size() == 0
+            copy = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                buf.untyped_storage(), offset // t.element_size(), t.shape, t.stride())
+            replaced[id(t)] = copy
+        inside = torch.zeros(buf.numel(), dtype=torch.bool, device=buf.device)
+        for t in group:
+            _mark_bytes(inside, t, lo - GUARD_BYTES)
+        checks.append((buf, before, inside, original, lo, hi))
+    swap = lambda a: replaced.get(id(a), a) if isinstance(a, torch.Tensor) else a
+    run(Launch(call.kernel, call.grid, tuple(swap(a) for a in call.args),
+               {k: swap(v) for k, v in call.kwargs.items()}))
+    for buf, before, inside, original, lo, hi in checks:
+        changed = (buf != before) & ~inside
+        if bool(changed.any()):
+            where = (changed.nonzero().reshape(-1)[:8] - GUARD_BYTES).tolist()
+            raise AssertionError(f"{call.name}: wrote outside its tensors (byte offsets relative to "
+                                 f"the start of the tensors' span {hi - lo}: {where})")
+        original[lo:hi] = buf[GUARD_BYTES:GUARD_BYTES + hi - lo]
 
 
 @contextlib.contextmanager
-def bounds_checked(module, *kernel_names: str) -> Iterator[dict[str, int]]:
-    """Within the block, every ``module.<name>[grid](...)`` launch runs on copies of its tensor
-    arguments placed between guard bytes (NaN in every float dtype); tensors
-    sharing storage share one copy, so aliasing is kept. After each launch it raises AssertionError if
-    the kernel changed a guard byte or a byte in the gaps of a strided tensor (an out-of-bounds write),
-    then copies the results back. An out-of-bounds read shows up as NaN in the results.
+def bounds_checked(*kernel_names: str) -> Iterator[dict[str, int]]:
+    """Within the block, every launch of the named kernels (through ``fused_kernels._core.launch.launch``, the
+    one place every kernel starts) runs on copies of its tensor arguments placed between guard bytes (NaN in
+    every float dtype); tensors sharing storage share one copy, so aliasing is kept. After each launch it raises
+    AssertionError if the kernel changed a guard byte or a byte in the gaps of a strided tensor (an
+    out-of-bounds write), then copies the results back. An out-of-bounds read shows up as NaN in the results.
 
     Yields a dict counting the launches per kernel name, so a test can assert the kernel really ran.
-    Works for kernels that the module looks up by name at call time (``module._kernel[grid](...)``).
 
-    >>> with bounds_checked(fused_kernels.softmax, "_softmax_fwd_kernel") as launches:
+    >>> with bounds_checked("_softmax_fwd_kernel") as launches:
     ...     y = fused_kernels.softmax(x)
     >>> assert launches["_softmax_fwd_kernel"] == 1
     """
     launches: dict[str, int] = {}
-    originals = {name: getattr(module, name) for name in kernel_names}
-    try:
-        for name, kernel in originals.items():
-            setattr(module, name, _GuardedKernel(kernel, name, launches))
+
+    def hook(call: Launch, run) -> None:
+        if call.name not in kernel_names:
+            run(call)
+            return
+        launches[call.name] = launches.get(call.name, 0) + 1
+        _guarded_run(call, run)
+
+    with intercept(hook):
         yield launches
-    finally:
-        for name, kernel in originals.items():
-            setattr(module, name, kernel)
 
 
 def assert_fresh_contiguous(out: torch.Tensor, *inputs: torch.Tensor, name: str = "output") -> None:

@@ -16,7 +16,6 @@ from helpers import assert_close, bounds_checked, nan_padded
 
 import fused_kernels
 from fused_kernels import reference as ref
-from fused_kernels.ops.attention import launch as attn_mod  # the launchers and the kernels they call
 from fused_kernels.ops.attention.config import decode_splits
 from fused_kernels.ops.attention.launch import attention_fwd
 
@@ -482,7 +481,7 @@ def test_decode_matches_main_path(l, h, hkv, kw, device):
     torch.manual_seed(0)
     main, main_lse, _ = attention_fwd(q, k, v, *args, 0)
     torch.manual_seed(0)
-    with bounds_checked(attn_mod, *KERNELS) as launches:
+    with bounds_checked(*KERNELS) as launches:
         dec, dec_lse, _ = attention_fwd(q, k, v, *args, splits)
     assert launches == {"_attn_fwd_split_kernel": 1, "_attn_combine_kernel": 1}
     torch.testing.assert_close(dec, main, atol=2e-6, rtol=2e-6)
@@ -493,7 +492,7 @@ def test_decode_matches_main_path(l, h, hkv, kw, device):
 def test_decode_public_path_and_backward(device):
     """attention() routes a short query over a long cache to the decoding path; its backward is exact."""
     q, k, v = _qkv(1, 4, 2, 2, 300, 32, device=device)
-    with bounds_checked(attn_mod, "_attn_fwd_split_kernel") as launches:
+    with bounds_checked("_attn_fwd_split_kernel") as launches:
         check_attention(q, k, v, causal=True, seqlens_k=torch.tensor([257], device=device), **FP32_TOL)
     assert launches["_attn_fwd_split_kernel"] == 1
 
@@ -511,7 +510,7 @@ def test_strided_qkv_views_and_bounds(device):
     assert q.stride(-1) == 1 and not q.is_contiguous()
     mask = nan_padded(torch.randn(l, l, device=device))
     dout = torch.randn(b, l, h, d, device=device).transpose(1, 2)       # non-contiguous gradient
-    with bounds_checked(attn_mod, *KERNELS) as launches:
+    with bounds_checked(*KERNELS) as launches:
         check_attention(q, k, v, causal=True, attn_mask=mask, dout=dout, **FP32_TOL)
     assert launches["_attn_fwd_kernel"] == 1 and launches["_attn_bwd_dkdv_kernel"] == 1
 
@@ -525,7 +524,7 @@ def test_last_dim_strided_inputs(device):
 def test_bounds_gqa_mask_dropout_seqlens(device):
     q, k, v = (nan_padded(t).requires_grad_() for t in _qkv(2, 4, 2, 21, 50, 24, 40, device=device))
     mask = torch.rand(2, 1, 21, 50, generator=torch.Generator().manual_seed(0)).to(device) > 0.2
-    with bounds_checked(attn_mod, *KERNELS):
+    with bounds_checked(*KERNELS):
         out = fused_kernels.attention(q, k, v, attn_mask=mask, causal=True, dropout_p=0.2,
                                 seqlens_k=torch.tensor([50, 33], device=device))
         grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))

@@ -12,7 +12,6 @@ import triton.language as tl
 from helpers import assert_close, bounds_checked
 
 import fused_kernels
-from fused_kernels.ops.attention import launch as launch_mod
 from fused_kernels.reference import attention_ref
 
 pytestmark = pytest.mark.triton_only
@@ -238,7 +237,7 @@ def test_blocks_outside_the_band_are_skipped_and_bounds_hold(device):
     """The sparse path reads and writes nothing out of bounds (guard bytes), and the kernels visit only the
     non-empty tiles: a window of 0 on 4 x 4 blocks of 32 visits the diagonal tiles alone."""
     q, k, v = _inputs(1, 1, 1, 128, 128, 16, torch.float32, device)
-    with bounds_checked(launch_mod, *KERNELS):
+    with bounds_checked(*KERNELS):
         out = fused_kernels.attention(q, k, v, window=(0, 0))
         out.sum().backward()
     counts = fused_kernels.attention_tiles(q, k, window=(0, 0))

@@ -1,7 +1,7 @@
 """The attention kernels with the configurations shipped for real GPUs, run through the interpreter.
 
 Under the interpreter the launchers normally pick small test tiles and the pointer path. Here the
-architecture the launcher sees is patched to sm_80 or sm_90, so the kernels run exactly the
+architecture the launchers see is forced to sm_80 or sm_90 (``force_arch``), so the kernels run exactly the
 configurations a GPU gets: 128-key tiles, mask-free steady-state loops (full / diagonal / tail blocks),
 ``EVEN_D`` head dims, and on sm_90 the TMA tensor-descriptor loads (zero-filled past S and D), including
 keys past ``seqlens_k`` that hold NaN. Each case is compared with the float64 reference (forward and
@@ -16,29 +16,29 @@ from test_attention import FP32_TOL, _qkv, check_attention
 
 import fused_kernels
 from fused_kernels import reference as ref
-from fused_kernels.ops.attention import launch as attn_mod  # the launchers and the kernels they call
+from fused_kernels._core.launch import force_arch, intercept
+from fused_kernels.ops.attention import launch as attn_mod
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 @pytest.fixture(params=[80, 90], ids=["sm80", "sm90"])
-def arch(request, monkeypatch):
-    """The launchers see compute capability ``arch``; returns the list of TMA descriptors they built."""
-    monkeypatch.setattr(attn_mod, "_arch", lambda device: request.param)
-    built = []
-    real = attn_mod._tma_desc
+def arch(request):
+    """The launchers see compute capability ``arch``; returns it with the list of (kernel name, TMA flag) of
+    every attention launch."""
+    launches = []
 
-    def spy(t, rows, cols):
-        desc = real(t, rows, cols)
-        built.append(desc)
-        return desc
+    def record(call, run):
+        if "TMA" in call.kwargs:
+            launches.append((call.name, call.kwargs["TMA"]))
+        run(call)
 
-    monkeypatch.setattr(attn_mod, "_tma_desc", spy)
-    return request.param, built
+    with force_arch(request.param), intercept(record):
+        yield request.param, launches
 
 
-def _used_tma(built) -> bool:
-    return any(d is not None for d in built)
+def _used_tma(launches) -> bool:
+    return any(tma for _, tma in launches)
 
 
 @pytest.mark.parametrize("l, s", [(1, 1), (97, 300), (300, 97), (257, 257)])
@@ -119,10 +119,11 @@ def test_strided_views_tma_and_fallback(arch, device):
     assert _used_tma(arch[1]) == (arch[0] == 90)
     flat = torch.randn(b * h * l * d + 1, dtype=torch.float16, device=device)
     odd = flat[1:].view(b, h, l, d)                                      # base 2 bytes past an aligned one
-    assert attn_mod._tma_desc(odd, 128, 64) is None
+    assert attn_mod.tma_desc(odd, 128, 64) is None
     arch[1].clear()
-    check_attention(q, odd, v)                  # the forward's first descriptor request is for k: refused
-    assert arch[1][0] is None if arch[0] == 90 else not arch[1]
+    check_attention(q, odd, v)                  # k cannot be a descriptor: the forward takes the pointer path
+    forward = [tma for name, tma in arch[1] if name == "_attn_fwd_kernel"]
+    assert forward and not any(forward)
 
 
 def test_dropout_consistent(arch, device):

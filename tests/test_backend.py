@@ -45,7 +45,7 @@ def _run_op(op: str, device: str = "cpu"):
 
 
 def _launches(op: str, device: str = "cpu") -> int:
-    with bounds_checked(ln_mod, "_layer_norm_fwd_kernel") as ln, bounds_checked(sm_mod, "_softmax_fwd_kernel") as sm:
+    with bounds_checked("_layer_norm_fwd_kernel") as ln, bounds_checked("_softmax_fwd_kernel") as sm:
         out, want = _run_op(op, device)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     return sum(ln.values()) + sum(sm.values())

@@ -3,13 +3,13 @@ meaningless."""
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 import triton
 import triton.language as tl
 from helpers import as_layout, assert_close, bounds_checked, nan_padded
+
+from fused_kernels._core.launch import launch
 
 
 @triton.jit
@@ -20,32 +20,34 @@ def _scale_kernel(X, Y, N, stride_x, EXTRA: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(Y + offs, x * 2, mask=offs < N + EXTRA)
 
 
-def _module():
-    return types.SimpleNamespace(kernel=_scale_kernel)
-
-
 def test_bounds_checked_passes_a_correct_kernel_and_counts_launches(device):
-    mod, x = _module(), torch.randn(10, device=device)
-    y = torch.zeros(10, device=device)
-    with bounds_checked(mod, "kernel") as launches:
-        mod.kernel[(1,)](x, y, 10, 1, EXTRA=0, BLOCK=16)
-    assert launches == {"kernel": 1}
+    x, y = torch.randn(10, device=device), torch.zeros(10, device=device)
+    with bounds_checked("_scale_kernel") as launches:
+        launch(_scale_kernel, (1,), x, y, 10, 1, EXTRA=0, BLOCK=16)
+    assert launches == {"_scale_kernel": 1}
     assert torch.equal(y, 2 * x)
-    assert mod.kernel is _scale_kernel  # restored
+    launch(_scale_kernel, (1,), x, y, 10, 1, EXTRA=0, BLOCK=16)   # after the block: not counted
+    assert launches == {"_scale_kernel": 1}
+
+
+def test_bounds_checked_leaves_other_kernels_alone(device):
+    x, y = torch.randn(10, device=device), torch.zeros(11, device=device)
+    with bounds_checked("_other_kernel") as launches:
+        launch(_scale_kernel, (1,), x, y, 10, 1, EXTRA=1, BLOCK=16)   # writes y[10]: in bounds of y
+    assert launches == {}
 
 
 def test_bounds_checked_catches_an_out_of_bounds_write(device):
-    mod, x = _module(), torch.randn(10, device=device)
-    y = torch.zeros(10, device=device)
-    with pytest.raises(AssertionError, match="wrote outside"), bounds_checked(mod, "kernel"):
-        mod.kernel[(1,)](x, y, 10, 1, EXTRA=1, BLOCK=16)
+    x, y = torch.randn(10, device=device), torch.zeros(10, device=device)
+    with pytest.raises(AssertionError, match="wrote outside"), bounds_checked("_scale_kernel"):
+        launch(_scale_kernel, (1,), x, y, 10, 1, EXTRA=1, BLOCK=16)
 
 
 def test_bounds_checked_catches_a_write_into_the_gaps_of_a_strided_tensor(device):
-    mod, x = _module(), torch.randn(10, device=device)
+    x = torch.randn(10, device=device)
     y = torch.zeros(20, device=device)[::2]  # the kernel ignores y's stride: writes land in the gaps
-    with pytest.raises(AssertionError, match="wrote outside"), bounds_checked(mod, "kernel"):
-        mod.kernel[(1,)](x, y, 10, 1, EXTRA=0, BLOCK=16)
+    with pytest.raises(AssertionError, match="wrote outside"), bounds_checked("_scale_kernel"):
+        launch(_scale_kernel, (1,), x, y, 10, 1, EXTRA=0, BLOCK=16)
 
 
 def test_nan_padding_exposes_an_out_of_bounds_read(device):

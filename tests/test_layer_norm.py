@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from helpers import LAYOUTS, as_layout, assert_close, assert_fresh_contiguous, bounds_checked, grads, leaf
 
 import fused_kernels
-from fused_kernels.ops import norms as ln_mod
 from fused_kernels.ops.norms import MAX_FUSED_BWD, MAX_FUSED_FWD, fused_limit
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
@@ -80,7 +79,7 @@ def check_op(op: str, dtype: torch.dtype, device: str, shape, *, normalized: int
     t_in = {k: leaf(v.to(device)) for k, v in rounded.items()}
     r_in = {k: leaf(v.double()) for k, v in rounded.items()}
 
-    with bounds_checked(ln_mod, *KERNELS) as launches:
+    with bounds_checked(*KERNELS) as launches:
         k_out = _kernel_op(op, k_in, norm_shape, eps)
         t_out = _torch_op(op, t_in, norm_shape, eps)
         r_out = _torch_op(op, r_in, norm_shape, eps)
@@ -370,7 +369,7 @@ def test_torch_backend_reference_matches_torch(op, dtype, device):
     """The "torch" backend runs ``fused_kernels.reference``: it must have the ops' semantics too."""
     values = _values(op, (3, 4, 40), 1, residual=True, weight=True, bias=True, seed=17)
     t = {k: v.to(dtype).to(device) for k, v in values.items()}
-    with fused_kernels.use_backend("torch"), bounds_checked(ln_mod, *KERNELS) as launches:
+    with fused_kernels.use_backend("torch"), bounds_checked(*KERNELS) as launches:
         outs = _kernel_op(op, t, (40,))
     assert not launches
     refs = _torch_op(op, {k: v.double().cpu() for k, v in t.items()}, (40,))
@@ -454,7 +453,7 @@ def test_dropout_backward_uses_the_forward_mask(with_residual, n, device):
     w = (1 + 0.5 * torch.randn(n, generator=gen)).to(device).requires_grad_()
     b = torch.randn(n, generator=gen).to(device).requires_grad_()
     torch.manual_seed(2)
-    with bounds_checked(ln_mod, *KERNELS):
+    with bounds_checked(*KERNELS):
         out, residual_out = fused_kernels.add_layer_norm(x, r, w, b, dropout_p=p)
         dy = torch.randn(3, n, generator=gen)
         dres = torch.randn(3, n, generator=gen)

@@ -11,8 +11,6 @@ from helpers import assert_close, bounds_checked
 
 import fused_kernels
 import fused_kernels.nn as knn
-from fused_kernels.ops import norms as ln_mod
-from fused_kernels.ops import softmax as sm_mod
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
@@ -77,7 +75,7 @@ def test_state_dict_loads_both_ways_and_outputs_match(name, args, kwargs, device
     x = _input(theirs, 3, 5).to(device)
     reference = getattr(torch.nn, name)(*args, **{**kwargs, "dtype": torch.float64, "device": "cpu"})
     reference.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
-    with bounds_checked(ln_mod, "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel") as launches:
+    with bounds_checked("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel") as launches:
         x_ours, x_theirs, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_(), \
             x.cpu().double().requires_grad_()
         out, t_out, r_out = ours(x_ours), theirs(x_theirs), reference(x_ref)
@@ -114,7 +112,7 @@ def test_softmax_module_matches_torch(dim, ndim):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's deprecated implicit dim choice
         want = theirs(x)
-    with bounds_checked(sm_mod, "_softmax_fwd_kernel") as launches:
+    with bounds_checked("_softmax_fwd_kernel") as launches:
         got = ours(x)
     assert launches == {"_softmax_fwd_kernel": 1}
     assert_close(got, want)
@@ -168,7 +166,7 @@ def test_replace_modules_in_transformer_encoder_layer(norm_first, device):
     assert type(model.norm1) is knn.LayerNorm and type(model.norm2) is knn.LayerNorm
     assert type(model.self_attn) is knn.MultiheadAttention
     assert all(a is b for a, b in zip(model.parameters(), params))  # the very same tensors
-    with bounds_checked(ln_mod, "_layer_norm_fwd_kernel") as launches:
+    with bounds_checked("_layer_norm_fwd_kernel") as launches:
         got, got_grads = _outputs_and_grads(model, x)
     assert launches["_layer_norm_fwd_kernel"] == 2  # the swapped modules really run our kernel
     assert_close(got, want.double(), atol=1e-5, rtol=1e-5)
@@ -189,8 +187,8 @@ def test_replace_modules_counts_only_exact_torch_classes(device):
     assert [type(m) for m in model[2]] == [knn.LayerNorm, knn.Softmax]
     assert all(a is b for a, b in zip(model.parameters(), params))
     assert model[2][0].bias is None and model[4].weight is None
-    with torch.no_grad(), bounds_checked(ln_mod, "_layer_norm_fwd_kernel") as ln, \
-            bounds_checked(sm_mod, "_softmax_fwd_kernel") as sm:
+    with torch.no_grad(), bounds_checked("_layer_norm_fwd_kernel") as ln, \
+            bounds_checked("_softmax_fwd_kernel") as sm:
         got = model(x)
     assert ln == {"_layer_norm_fwd_kernel": 3} and sm == {"_softmax_fwd_kernel": 1}
     assert_close(got, want.double(), atol=1e-5, rtol=1e-5)
@@ -270,7 +268,7 @@ def test_swapped_encoder_layer_runs_our_kernels_in_every_mode(mode, norm_first, 
     assert spy.calls["_transformer_encoder_layer_fwd"] == int(fast)   # the spy sees torch's fast path
     assert spy.calls["layer_norm"] == 0
     spy.reset()
-    with bounds_checked(ln_mod, "_layer_norm_fwd_kernel") as launches:
+    with bounds_checked("_layer_norm_fwd_kernel") as launches:
         got = _run(ours, mode, x, src_key_padding_mask=pad)
     assert spy.calls == {"layer_norm": 2, "scaled_dot_product_attention": 1, "softmax": 0,
                          "_transformer_encoder_layer_fwd": 0, "_native_multi_head_attention": 0}

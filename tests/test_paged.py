@@ -76,7 +76,7 @@ def test_attention_matches_dense_over_shuffled_blocks(op_backend, block_size, lq
     k_cache, v_cache, table, k, v = _filled(lens, block_size, hkv, d, torch.float32, seed=block_size + lq)
     q = torch.randn(len(lens), h, lq, d, generator=torch.Generator().manual_seed(7))
     seqlens = torch.tensor(lens, dtype=torch.int64)
-    with bounds_checked(paged, *KERNELS) as launches:
+    with bounds_checked(*KERNELS) as launches:
         out, lse = paged_attention(q, k_cache, v_cache, table, seqlens, return_lse=True, num_splits=3)
     assert launches.get("_paged_attn_fwd_kernel", 0) == (op_backend == "triton")
     ref, ref_lse = _reference(q, k, v, lens)
@@ -167,7 +167,7 @@ def test_append_writes_exactly_its_slots(op_backend, block_size):
         # a strided (B, Hkv, n, D) view, as a model's head split makes
         k_new = k.gather(2, idx[:, None, :, None].expand(-1, hkv, -1, d)).transpose(1, 2).contiguous().transpose(1, 2)
         v_new = v.gather(2, idx[:, None, :, None].expand(-1, hkv, -1, dv))
-        with bounds_checked(paged, *KERNELS) as launches:
+        with bounds_checked(*KERNELS) as launches:
             paged_append(k_cache, v_cache, table, lens, k_new, v_new)
         assert launches.get("_paged_append_kernel", 0) == (op_backend == "triton")
         written = torch.zeros(num_blocks, block_size, dtype=torch.bool)
@@ -188,7 +188,7 @@ def test_requires_grad_runs_the_differentiable_path(triton_backend):
     lens, d = [20, 3], 16
     k_cache, v_cache, table, k, v = _filled(lens, 16, 1, d, torch.float64, seed=2)
     q = torch.randn(2, 2, 1, d, dtype=torch.float64, requires_grad=True)
-    with bounds_checked(paged, *KERNELS) as launches:
+    with bounds_checked(*KERNELS) as launches:
         out = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32))
     assert not launches
     out.sum().backward()
@@ -321,7 +321,7 @@ def test_unused_block_table_entries_are_not_checked_nor_read(op_backend):
     table = table.clone()
     table[0, 1] = -1
     q = torch.randn(2, 2, 1, d, generator=torch.Generator().manual_seed(3))
-    with bounds_checked(paged, *KERNELS):
+    with bounds_checked(*KERNELS):
         out = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32))
     assert_close(out, _reference(q, k, v, lens)[0])
     assert math.isfinite(out.abs().sum().item())
@@ -366,7 +366,7 @@ def test_gpu_append_then_attend_is_deterministic():
 def test_empty_sequences_and_batches_give_zeros(op_backend):
     k_cache, v_cache, table, k, v = _filled([5, 5], 16, 1, 8, torch.float32, seed=7)
     q = torch.randn(2, 2, 3, 8, generator=torch.Generator().manual_seed(5))
-    with bounds_checked(paged, *KERNELS):
+    with bounds_checked(*KERNELS):
         out, lse = paged_attention(q, k_cache, v_cache, table, torch.tensor([0, 5], dtype=torch.int32),
                                    return_lse=True)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and bool((lse[0] == float("-inf")).all())

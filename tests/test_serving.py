@@ -9,7 +9,6 @@ from helpers import bounds_checked
 from torch import nn
 
 import fused_kernels
-from fused_kernels.ops.attention import paged
 from transformer import GPT, GPTConfig, serving
 from transformer.training.cli import main
 from transformer.training.trainer import TrainArgs, load_run, train
@@ -92,7 +91,7 @@ def test_continuous_batching_on_the_triton_kernels():
     """The same on the Triton kernels (the interpreter on a CPU): paged append + paged attention."""
     model = _lively(2, n_layers=1)
     prompts = _prompts([6, 1, 10], seed=4)
-    with bounds_checked(paged, "_paged_append_kernel", "_paged_attn_fwd_kernel") as launches:
+    with bounds_checked("_paged_append_kernel", "_paged_attn_fwd_kernel") as launches:
         outs = model.generate(prompts, 4, max_batch=2)
     assert launches["_paged_append_kernel"] == launches["_paged_attn_fwd_kernel"] > 0
     want = _alone(model, prompts, 4)

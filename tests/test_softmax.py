@@ -59,7 +59,7 @@ def check_softmax(dtype: torch.dtype, device: str, x: torch.Tensor, *, dim: int 
         r_mask = t_mask.double() if mask.is_floating_point() else mask
         k_mask = as_layout(t_mask.to(device), mask_layout)
         t_mask = t_mask.to(device)
-    with bounds_checked(sm_mod, *KERNELS) as launches:
+    with bounds_checked(*KERNELS) as launches:
         y = fused_kernels.softmax(k_x, dim, mask=k_mask, scale=scale, is_causal=is_causal)
         assert y.dtype == dtype and y.shape == x.shape
         assert_fresh_contiguous(y, k_x, name="softmax output")
@@ -159,18 +159,18 @@ def test_mask_strides(kind, mask_layout, device):
 def test_mask_is_not_materialized(kind, device):
     """A broadcast mask reaches the kernel with stride 0 where it broadcasts, not expanded in memory."""
     seen = []
-    original = sm_mod._launch_rows
+    original = sm_mod.launch_rows
 
     def spy(kernel, tensors, *args, **kwargs):
         seen.append(tensors[1])
         return original(kernel, tensors, *args, **kwargs)
 
     mask = _keep(S) if kind == "bool" else _randn(S)
-    sm_mod._launch_rows = spy
+    sm_mod.launch_rows = spy
     try:
         fused_kernels.softmax(torch.randn(B, H, L, S, device=device), mask=mask.to(device))
     finally:
-        sm_mod._launch_rows = original
+        sm_mod.launch_rows = original
     assert seen and seen[0].stride()[:-1] == (0, 0, 0), seen[0].stride()
     assert seen[0].untyped_storage().nbytes() == mask.untyped_storage().nbytes()
 
@@ -338,7 +338,7 @@ def test_torch_backend_reference_matches(dtype, device):
     for kwargs in cases:
         mask = kwargs.get("mask")
         kwargs_d = {**kwargs, "mask": None if mask is None else (mask if mask.dtype == torch.bool else mask.to(dtype))}
-        with fused_kernels.use_backend("torch"), bounds_checked(sm_mod, *KERNELS) as launches:
+        with fused_kernels.use_backend("torch"), bounds_checked(*KERNELS) as launches:
             y = fused_kernels.softmax(x.to(dtype).to(device), **{k: (v.to(device) if torch.is_tensor(v) else v)
                                                            for k, v in kwargs_d.items()})
         assert not launches

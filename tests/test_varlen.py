@@ -256,7 +256,7 @@ def test_bounds_and_one_launch(device):
     lq, lk = [5, 0, 37, 1], [9, 4, 33, 0]
     q, k, v = (nan_padded(t).requires_grad_() for t in _packed(lq, lk, 2, 1, 40, 24, device=device))
     cq, ck = _cu(lq, device), _cu(lk, device)
-    with bounds_checked(varlen_mod, *KERNELS) as launches:
+    with bounds_checked(*KERNELS) as launches:
         out, lse = fused_kernels.varlen_attention(q, k, v, cq, ck, 37, 33, causal=True, return_lse=True)
         dq, dk, dv = torch.autograd.grad((out * 1.5).sum() + lse.masked_fill(lse.isinf(), 0).sum(), (q, k, v))
     assert launches == {name: 1 for name in KERNELS}

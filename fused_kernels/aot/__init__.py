@@ -26,7 +26,7 @@ How the configurations are enumerated (one spec generator per kernel family, in 
 - Block sizes come from the launchers' own choice, never from numbers copied here: the row lengths
   ``n = 1, 2, 4, ...`` (and the largest ``n`` the single-block path takes) are run through the
   launcher's block choice (``ops.norms._block`` with ``ops.norms.fused_limit``; for
-  softmax ``softmax._launch_rows`` itself, handed a recorder instead of the kernel) until the
+  softmax ``softmax.launch_rows`` itself, handed a recorder instead of the kernel) until the
   multi-pass path is reached. That yields every power-of-two ``BLOCK_N`` up to the single-block limit
   plus ``MULTIPASS_BLOCK``, each with its ``num_warps`` (``_core.launch.row_warps``). The row length kept
   for a block is ``n = BLOCK_N`` (a typical size, divisible by 16 from 16 up; sizes 1 to 8 specialize

@@ -71,17 +71,19 @@ def bind(kernel, args: tuple = (), kwargs: dict | None = None) -> tuple[dict[str
     return dict(bound.arguments), options
 
 
-class _Recorder:
-    """Stands in for a triton kernel in a launcher: ``rec[grid](*args, **kwargs)`` records the launch."""
+@contextlib.contextmanager
+def _recorded() -> Iterator[dict[str, list[tuple[Any, dict[str, Any], dict[str, Any]]]]]:
+    """Inside the block every launch (``_core.launch.launch``) is recorded instead of run: {kernel name: [(kernel,
+    arguments by name, launch options), ...]} in launch order. The launchers run on meta tensors meanwhile."""
+    from .._core.launch import intercept
 
-    def __init__(self, kernel) -> None:
-        self.kernel = kernel
-        self.launches: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    seen: dict[str, list[tuple[Any, dict[str, Any], dict[str, Any]]]] = {}
 
-    def __getitem__(self, grid) -> Callable[..., None]:
-        def launch(*args, **kwargs) -> None:
-            self.launches.append(bind(self.kernel, args, kwargs))
-        return launch
+    def record(call, run) -> None:
+        seen.setdefault(call.name, []).append((call.kernel, *bind(call.kernel, call.args, call.kwargs)))
+
+    with intercept(record):
+        yield seen
 
 
 def _row_lengths(single_block: Callable[[int], bool]) -> list[int]:
@@ -166,16 +168,17 @@ def layer_norm_specs() -> Iterator[Spec]:
 
 
 def softmax_specs() -> Iterator[Spec]:
-    """Masked softmax forward and backward, launched by ``softmax._launch_rows`` itself (handed a recorder
+    """Masked softmax forward and backward, launched by ``softmax.launch_rows`` itself (handed a recorder
     in place of the kernel and meta tensors shaped like a typical attention-score call)."""
     from ..ops import softmax as sm
 
     def launch(kernel, tensors, n, args, dtype, **meta) -> tuple[dict, dict] | None:
-        rec = _Recorder(kernel)
-        sm._launch_rows(rec, tensors, n, args, dtype, **meta)
-        if len(rec.launches) != 1:
-            raise RuntimeError(f"{kernel.fn.__name__}: expected one launch, got {len(rec.launches)}")
-        return rec.launches[0]
+        with _recorded() as seen:
+            sm.launch_rows(kernel, tensors, n, args, dtype, **meta)
+        launches = [launch[1:] for calls in seen.values() for launch in calls]
+        if len(launches) != 1:
+            raise RuntimeError(f"{kernel.fn.__name__}: expected one launch, got {len(launches)}")
+        return launches[0]
 
     def empty(*shape, dtype):
         return torch.empty(shape, dtype=dtype, device="meta")
@@ -250,7 +253,7 @@ SASS_LIMITS = {
 
 def attention_specs() -> Iterator[Spec]:
     """Fused attention forward (main and flash-decoding with its combine) and backward (preprocess, dK/dV,
-    dQ), recorded from the launchers themselves (``attention._fwd_launch`` / ``_bwd_launch`` on meta
+    dQ), recorded from the launchers themselves (``attention.fwd_launch`` / ``bwd_launch`` on meta
     tensors, each kernel replaced by a recorder) with the configuration ``attention_config`` picks per
     architecture: a spec is compiled only for the architecture it was chosen for. Shapes of FlashAttention's
     benchmark grid: 16k tokens per batch (16 x 1024 queries and keys), H x D = 2048 with 4 query heads per
@@ -269,16 +272,9 @@ def attention_specs() -> Iterator[Spec]:
         return torch.empty(shape, dtype=dtype, device="meta")
 
     def record(run) -> list[tuple[Any, dict, dict]]:
-        recorders = {name: _Recorder(getattr(at, name)) for name in names}
-        originals = {name: getattr(at, name) for name in names}
-        try:
-            for name, rec in recorders.items():
-                setattr(at, name, rec)
+        with _recorded() as seen:
             run()
-        finally:
-            for name, kernel in originals.items():
-                setattr(at, name, kernel)
-        return [(originals[name], *launch) for name, rec in recorders.items() for launch in rec.launches]
+        return [launch for name in names for launch in seen.get(name, [])]
 
     b, l, s, s_dec, splits = 16, 1024, 1024, 4096, 16
     half = [(dtype, d, kind) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128, 256)
@@ -304,9 +300,9 @@ def attention_specs() -> Iterator[Spec]:
 
             def run(q=q, k=k, v=v, q1=q1, kd=kd, vd=vd, mask=mask, mask1=mask1, seqlens=seqlens, p=p, seed=seed,
                     causal=causal, out=out, lse=lse, dlse=dlse, arch=arch):
-                at._fwd_launch(q, k, v, mask, seqlens, 0.125, causal, 0, p, 0, seed, arch)
-                at._fwd_launch(q1, kd, vd, mask1, seqlens, 0.125, causal, s_dec - 1, p, splits, seed, arch)
-                at._bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, causal, 0, p, arch)
+                at.fwd_launch(q, k, v, mask, seqlens, 0.125, causal, 0, p, 0, seed, arch)
+                at.fwd_launch(q1, kd, vd, mask1, seqlens, 0.125, causal, s_dec - 1, p, splits, seed, arch)
+                at.bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, causal, 0, p, arch)
 
             for kernel, args, options in record(run):
                 name = kernel.fn.__name__
@@ -336,7 +332,7 @@ def attention_specs() -> Iterator[Spec]:
 
 def paged_specs() -> Iterator[Spec]:
     """Paged KV cache: the append kernel and the paged attention (with the combine kernel), recorded from the
-    launchers (``paged._append_launch`` / ``paged._paged_launch`` on meta tensors, kernels replaced by
+    launchers (``paged.append_launch`` / ``paged.paged_launch`` on meta tensors, kernels replaced by
     recorders) with the tiles ``paged.paged_config`` picks per architecture. Shapes: 16 sequences, 32 query
     heads over 8 kv heads (GQA 4), block tables of 4096 positions; "decode" is 1 new query per sequence (one row
     tile of the 4 heads' rows, split keys), "prefill" 256 new queries (row tiles of the forward's BLOCK_M);
@@ -360,18 +356,11 @@ def paged_specs() -> Iterator[Spec]:
                         table, lens = empty(b, max_blocks, dtype=torch.int32), empty(b, dtype=torch.int32)
                         q = empty(b, h, lq, d, dtype=dtype)
                         k_new = empty(b, lq, hkv, d, dtype=dtype).transpose(1, 2)   # a model's head split
-                        recorders = {name: _Recorder(getattr(pg, name)) for name in names}
-                        originals = {name: getattr(pg, name) for name in names}
-                        try:
-                            for name, rec in recorders.items():
-                                setattr(pg, name, rec)
-                            pg._append_launch(k_cache, k_cache, table, lens, k_new, k_new)
-                            pg._paged_launch(q, k_cache, k_cache, table, lens, 0.125, True, None, arch)
-                        finally:
-                            for name, kernel in originals.items():
-                                setattr(pg, name, kernel)
-                        for name, rec in recorders.items():
-                            for args, options in rec.launches:
+                        with _recorded() as recorded:
+                            pg.append_launch(k_cache, k_cache, table, lens, k_new, k_new)
+                            pg.paged_launch(q, k_cache, k_cache, table, lens, 0.125, True, None, arch)
+                        for name in names:
+                            for kernel, args, options in recorded.get(name, []):
                                 key = (arch, name, repr(sorted((k_, str(v_.dtype) if isinstance(v_, torch.Tensor)
                                                                 else repr(v_)) for k_, v_ in args.items())),
                                        repr(sorted(options.items())))
@@ -389,7 +378,7 @@ def paged_specs() -> Iterator[Spec]:
                                     work, unit = args["BLOCK_S"] * args["BLOCK_DV"], "elements"
                                 else:
                                     work, unit = args["BLOCK_T"] * args["BLOCK_D"], "elements"
-                                yield Spec("paged", originals[name], config, args, options,
+                                yield Spec("paged", kernel, config, args, options,
                                            tensor_cores=attn and dtype in (torch.float16, torch.bfloat16),
                                            meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn,
                                                      flags=label, archs=(arch,), cost=work * d, work=work,
@@ -399,7 +388,7 @@ def paged_specs() -> Iterator[Spec]:
 def varlen_specs() -> Iterator[Spec]:
     """Packed variable-length attention (``fused_kernels.varlen_attention``): the attention forward, dK/dV and dQ
     kernels with ``VARLEN=True`` and the dense preprocess over the packed rows, recorded from the launchers
-    (``varlen._varlen_fwd_launch`` / ``_varlen_bwd_launch`` on meta tensors, kernels replaced by recorders)
+    (``varlen.varlen_fwd_launch`` / ``varlen_bwd_launch`` on meta tensors, kernels replaced by recorders)
     with the tiles ``attention_config`` picks per architecture. Shapes: 16 sequences packed into 16k tokens
     (longest 2048), H x D = 2048 with GQA 4; "plain", "causal" and "heavy" (causal + dropout + lse gradient)
     as ``attention_specs``: fp16 / bf16 all three, fp32 heavy, fp64 heavy at head dims 64 and 128."""
@@ -427,19 +416,12 @@ def varlen_specs() -> Iterator[Spec]:
             cu = empty(batch + 1, dtype=torch.int32)
             out, lse = empty(total, h, d, dtype=dtype), empty(h, total, dtype=acc)
             dlse = empty(h, total, dtype=acc) if heavy else None
-            recorders = {name: _Recorder(getattr(vl, name)) for name in names}
-            originals = {name: getattr(vl, name) for name in names}
-            try:
-                for name, rec in recorders.items():
-                    setattr(vl, name, rec)
-                vl._varlen_fwd_launch(q, k, v, cu, cu, longest, longest, 0.125, causal, p, seed, arch)
-                vl._varlen_bwd_launch(out, dlse, q, k, v, out, lse, cu, cu, longest, longest, seed, 0.125, causal, p,
+            with _recorded() as recorded:
+                vl.varlen_fwd_launch(q, k, v, cu, cu, longest, longest, 0.125, causal, p, seed, arch)
+                vl.varlen_bwd_launch(out, dlse, q, k, v, out, lse, cu, cu, longest, longest, seed, 0.125, causal, p,
                                       arch)
-            finally:
-                for name, kernel in originals.items():
-                    setattr(vl, name, kernel)
-            for name, rec in recorders.items():
-                for args, options in rec.launches:
+            for name in names:
+                for kernel, args, options in recorded.get(name, []):
                     key = (arch, name, repr(sorted((k_, str(v_.dtype) if isinstance(v_, torch.Tensor) else repr(v_))
                                                    for k_, v_ in args.items())), repr(sorted(options.items())))
                     if key in seen:
@@ -453,7 +435,7 @@ def varlen_specs() -> Iterator[Spec]:
                     else:
                         work, unit = args["BLOCK_M"] * args["BLOCK_DV"], "elements"
                     cost = (bm if isinstance(bm, int) else 16) * (bn if isinstance(bn, int) else 16) * d
-                    yield Spec("varlen", originals[name], config, args, options,
+                    yield Spec("varlen", kernel, config, args, options,
                                tensor_cores=name in dot_kernels and dtype in (torch.float16, torch.bfloat16),
                                meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=kind,
                                          archs=(arch,), cost=cost, work=work, unit=unit))
@@ -477,7 +459,7 @@ _VARIANT_CASES = {
 
 def variants_specs() -> Iterator[Spec]:
     """Attention variants (programmable attention): the forward, dK/dV and dQ kernels with each variant alone
-    and all at once, recorded from the launchers (``attention.launch._fwd_launch`` / ``_bwd_launch`` with a
+    and all at once, recorded from the launchers (``attention.launch.fwd_launch`` / ``bwd_launch`` with a
     ``var``, on meta tensors, kernels replaced by recorders; the sparse lists of the mask variants are built by
     ``attention.sparse`` on meta tensors too, only their shapes reach the kernels) with the tiles
     ``attention_config`` picks per architecture. Variants (``_VARIANT_CASES``): "window" (255, 0) causal,
@@ -523,19 +505,11 @@ def variants_specs() -> Iterator[Spec]:
                 block_mask=None)
             q, k, v = empty(b, h, l, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype)
             out, lse = empty(b, h, l, d, dtype=dtype), empty(b, h, l, dtype=acc)
-            recorders = {name: _Recorder(getattr(at, name)) for name in names}
-            originals = {name: getattr(at, name) for name in names}
-            try:
-                for name, rec in recorders.items():
-                    setattr(at, name, rec)
-                with _shape_only_tables():
-                    at._fwd_launch(q, k, v, None, None, 0.125, causal, 0, 0.0, 0, 0, arch, var=var)
-                    at._bwd_launch(out, None, q, k, v, out, lse, None, None, 0, 0.125, causal, 0, 0.0, arch, var=var)
-            finally:
-                for name, kernel in originals.items():
-                    setattr(at, name, kernel)
+            with _recorded() as recorded, _shape_only_tables():
+                at.fwd_launch(q, k, v, None, None, 0.125, causal, 0, 0.0, 0, 0, arch, var=var)
+                at.bwd_launch(out, None, q, k, v, out, lse, None, None, 0, 0.125, causal, 0, 0.0, arch, var=var)
             for name in kept:
-                for args, options in recorders[name].launches:
+                for kernel, args, options in recorded.get(name, []):
                     key = (arch, name, repr(sorted((k_, _arg_key(v_)) for k_, v_ in args.items())),
                            repr(sorted(options.items())))
                     if key in seen:
@@ -544,7 +518,7 @@ def variants_specs() -> Iterator[Spec]:
                     bm, bn = args["BLOCK_M"], args["BLOCK_N"]
                     config = (f"{_SHORT[dtype]} d={d} M{bm} N{bn} w{options.get('num_warps', 4)} "
                               f"s{options.get('num_stages', 3)} {variant}")
-                    yield Spec("variants", originals[name], config, args, options,
+                    yield Spec("variants", kernel, config, args, options,
                                tensor_cores=dtype in (torch.float16, torch.bfloat16),
                                meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=variant,
                                          causal=causal, sparse=bool(args.get("SPARSE")), archs=(arch,),

@@ -27,7 +27,7 @@ import triton.language as tl
 from .._core import backend as _backend
 from .._core import checks as _checks
 from .._core import grad as _grad
-from .._core.launch import acc_dtype, next_pow2, num_persistent_programs, row_warps, torch_acc_dtype
+from .._core.launch import acc_dtype, launch, next_pow2, num_persistent_programs, row_warps, torch_acc_dtype
 
 # Largest row (elements) kept in registers; longer rows take the multi-pass path. The backward's row loop is
 # software-pipelined (the next row's loads land in shared memory while this row computes), which leaves the
@@ -293,15 +293,15 @@ def layer_norm_fwd(
     if m > 0 and n > 0:
         r2 = x2 if residual is None else residual.reshape(m, n)
         block, single = _block(n, fused_limit(x.dtype, backward=False))
-        _layer_norm_fwd_kernel[(m,)](
-            x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
-            out, res_out if store_res else out, mean, rstd,
-            x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), out.stride(0), n,
-            n, eps, dropout_p, seed,
-            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0, STORE_RES_OUT=store_res,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS_NORM=is_rms_norm,
-            SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(x.dtype), num_warps=row_warps(block),
-        )
+        launch(_layer_norm_fwd_kernel, (m,),
+               x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
+               out, res_out if store_res else out, mean, rstd,
+               x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), out.stride(0), n,
+               n, eps, dropout_p, seed,
+               HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0, STORE_RES_OUT=store_res,
+               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS_NORM=is_rms_norm,
+               SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(x.dtype), num_warps=row_warps(block),
+           )
     res_out = res_out.view(x.shape) if store_res else res_out
     return out.view(x.shape), res_out, mean, rstd, torch.tensor([seed], dtype=torch.int64)
 
@@ -338,15 +338,15 @@ def layer_norm_bwd(
     if m > 0 and n > 0:
         dr2 = dy2 if dres_out is None else dres_out.reshape(m, n)
         block, single = _block(n, fused_limit(prenorm.dtype, backward=True))
-        _layer_norm_bwd_kernel[(programs,)](
-            x2, weight if weight is not None else x2, dy2, dr2, dx, dres if store_dres else dx,
-            dw_part if dw_part is not None else dx, db_part if db_part is not None else dx, mean, rstd,
-            x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dr2.stride(0), dr2.stride(1),
-            m, n, triton.cdiv(m, programs), dropout_p, int(seed[0]),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DRES_OUT=dres_out is not None,
-            HAS_DROPOUT=dropout_p > 0, STORE_DRES=store_dres, IS_RMS_NORM=is_rms_norm,
-            SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(prenorm.dtype), num_warps=row_warps(block),
-        )
+        launch(_layer_norm_bwd_kernel, (programs,),
+               x2, weight if weight is not None else x2, dy2, dr2, dx, dres if store_dres else dx,
+               dw_part if dw_part is not None else dx, db_part if db_part is not None else dx, mean, rstd,
+               x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dr2.stride(0), dr2.stride(1),
+               m, n, triton.cdiv(m, programs), dropout_p, int(seed[0]),
+               HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DRES_OUT=dres_out is not None,
+               HAS_DROPOUT=dropout_p > 0, STORE_DRES=store_dres, IS_RMS_NORM=is_rms_norm,
+               SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(prenorm.dtype), num_warps=row_warps(block),
+           )
     dw = dw_part.sum(0).to(weight.dtype) if weight is not None else _empty(dx)
     db = db_part.sum(0).to(bias_dtype) if has_bias else _empty(dx)
     return dx.view(prenorm.shape), dres.view(prenorm.shape) if store_dres else dres, dw, db

@@ -25,7 +25,7 @@ import triton.language as tl
 from .._core import backend as _backend
 from .._core import checks as _checks
 from .._core import grad as _grad
-from .._core.launch import acc_dtype, next_pow2, row_warps
+from .._core.launch import acc_dtype, launch, next_pow2, row_warps
 from ..reference import causal_mask
 
 NEG_INF = float("-inf")
@@ -172,7 +172,7 @@ def collapse_rows(shape: tuple[int, ...], *strides: tuple[int, ...]) -> tuple[li
     return [size for size, _ in merged], [[st[k] for _, st in merged] for k in range(len(strides))]
 
 
-def _launch_rows(kernel, tensors: list[torch.Tensor], n: int, args: tuple, dtype: torch.dtype, **meta) -> None:
+def launch_rows(kernel, tensors: list[torch.Tensor], n: int, args: tuple, dtype: torch.dtype, **meta) -> None:
     """Launch ``kernel`` over every row of ``tensors`` (each ``(..., N)``, last dim the row)."""
     lead = tuple(tensors[0].shape[:-1])
     rows = 1
@@ -186,15 +186,15 @@ def _launch_rows(kernel, tensors: list[torch.Tensor], n: int, args: tuple, dtype
         # contiguous copies, which collapse to one leading dim, and copy the result back.
         out = tensors[-1]
         dense = [t.contiguous() for t in tensors[:-1]] + [torch.empty(out.shape, dtype=out.dtype, device=out.device)]
-        _launch_rows(kernel, dense, n, args, dtype, **meta)
+        launch_rows(kernel, dense, n, args, dtype, **meta)
         out.copy_(dense[-1])
         return
     sizes, strides = collapsed
     block = next_pow2(n) if n <= (MAX_FUSED // 2 if dtype == torch.float64 else MAX_FUSED) else MULTIPASS_BLOCK
     flat_strides = [v for t, st in zip(tensors, strides) for v in (*st, t.stride(-1))]
-    kernel[(rows,)](*tensors, sizes[1], sizes[2], n, *flat_strides, *args,
-                    SINGLE_BLOCK=block >= n, BLOCK_N=block, ACC=acc_dtype(dtype),
-                    num_warps=row_warps(block), **meta)
+    launch(kernel, (rows,), *tensors, sizes[1], sizes[2], n, *flat_strides, *args,
+           SINGLE_BLOCK=block >= n, BLOCK_N=block, ACC=acc_dtype(dtype),
+           num_warps=row_warps(block), **meta)
 
 
 @torch.library.custom_op("fused_kernels::softmax_fwd", mutates_args=())
@@ -210,7 +210,7 @@ def softmax_fwd(x: torch.Tensor, mask: torch.Tensor | None, dim: int, scale: flo
         kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
         ms = ms.view(torch.uint8) if kind == MASK_BOOL else ms
     causal_len = x.shape[-2] if is_causal else 1
-    _launch_rows(_softmax_fwd_kernel, [xs, ms, ys], xs.shape[-1], (scale, causal_len), x.dtype,
+    launch_rows(_softmax_fwd_kernel, [xs, ms, ys], xs.shape[-1], (scale, causal_len), x.dtype,
                  MASK_KIND=kind, IS_CAUSAL=is_causal)
     return y
 
@@ -224,7 +224,7 @@ def _(x, mask, dim, scale, is_causal):
 def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, dim: int, scale: float) -> torch.Tensor:
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     tensors = [y.movedim(dim, -1), dy.movedim(dim, -1), dx.movedim(dim, -1)]
-    _launch_rows(_softmax_bwd_kernel, tensors, y.shape[dim], (scale,), y.dtype)
+    launch_rows(_softmax_bwd_kernel, tensors, y.shape[dim], (scale,), y.dtype)
     return dx
 
 

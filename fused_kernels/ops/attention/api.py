@@ -10,9 +10,10 @@ import torch
 from ..._core import backend as _backend
 from ..._core import checks as _checks
 from ..._core.grad import mask_requires_grad
+from ..._core.launch import device_arch
 from . import sparse, torch_path
 from .blockmask import BlockMask
-from .config import MAX_HEAD_DIM, _arch, attention_config, decode_splits
+from .config import MAX_HEAD_DIM, attention_config, decode_splits
 from .launch import attention_fwd, variant_attention
 from .variants import Variants, check_variants
 
@@ -136,7 +137,7 @@ def attention_tiles(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
     variants = check_variants(op, q, k, causal, window, None, None, document_ids, prefix_lengths, None, None,
                               mask_mod, mod_args, block_mask)
     _check_block_mask(op, block_mask, mask_mod, b, h, l, s)
-    cfg = attention_config(kernel, d, d, q.dtype, _arch(q.device))
+    cfg = attention_config(kernel, d, d, q.dtype, device_arch(q.device))
     return sparse.tile_counts(variants, q, k, seqlens_k, causal, cfg["BLOCK_M"], cfg["BLOCK_N"])
 
 

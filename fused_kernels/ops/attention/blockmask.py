@@ -21,6 +21,7 @@ import torch
 import triton
 
 from ..._core import backend as _backend
+from ..._core.launch import launch
 from .kernels.blockmask import _block_mask_kernel
 
 try:  # under TRITON_INTERPRET=1 ``@triton.jit`` returns an InterpretedFunction, not a JITFunction
@@ -200,9 +201,9 @@ def block_mask(mask_mod, B: int | None, H: int | None, L: int, S: int, *, block:
                             f"a plain {type(mask_mod).__name__}")
         classes = torch.empty((Bm, Hm, nm, nn), dtype=torch.int8, device=device)
         if classes.numel():
-            _block_mask_kernel[(nm * nn, Bm * Hm)](classes, mod_args, L, S, Hm, nn, MASK_MOD=mask_mod,
-                                                   HAS_ARGS=bool(mod_args), BLOCK_M=bm, BLOCK_N=bn,
-                                                   num_warps=block_mask_warps(bm, bn))
+            launch(_block_mask_kernel, (nm * nn, Bm * Hm), classes, mod_args, L, S, Hm, nn, MASK_MOD=mask_mod,
+                   HAS_ARGS=bool(mod_args), BLOCK_M=bm, BLOCK_N=bn,
+                   num_warps=block_mask_warps(bm, bn))
     else:
         fn = mask_mod.fn if is_jit else mask_mod
         b = torch.arange(Bm, device=device).view(-1, 1, 1, 1)

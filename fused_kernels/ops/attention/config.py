@@ -97,13 +97,6 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma}
 
 
-def _arch(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
-
-
 def _precision(dtype: torch.dtype, upcast: bool) -> str:
     """tl.dot input precision: true fp32 for fp32 (unless TF32 is allowed), fp64 and upcast bf16."""
     if dtype == torch.float32:

@@ -1,6 +1,6 @@
 """Launchers: the ``torch.library`` custom ops ``fused_kernels::attention_fwd`` / ``fused_kernels::attention_bwd`` with
-their registered autograd, TMA descriptors and the flags every kernel shares. ``_fwd_launch`` and
-``_bwd_launch`` are also what ``fused_kernels.aot`` records (meta tensors, kernels replaced by recorders)."""
+their registered autograd, TMA descriptors and the flags every kernel shares. ``fwd_launch`` and
+``bwd_launch`` are also what ``fused_kernels.aot`` records (meta tensors, kernels replaced by recorders)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ except ImportError:  # pragma: no cover - older triton: the pointer path only
 from ..._core import backend as _backend
 from ..._core import checks as _checks
 from ..._core.grad import create_graph
-from ..._core.launch import acc_dtype, next_pow2, torch_acc_dtype
+from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
 from . import grad as _grad
 from . import sparse
-from .config import LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _arch, _precision, attention_config
+from .config import LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _precision, attention_config
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .kernels.forward import _attn_fwd_kernel
@@ -28,7 +28,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _tma_desc(t: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor | None:
+def tma_desc(t: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor | None:
     """A TMA descriptor of the (B, H, S, D) tensor ``t`` with a (1, 1, block_rows, block_cols) box, or None
     where the copy engine cannot address it: TMA needs a 16-byte aligned base, 16-byte aligned strides
     (broadcast stride-0 dims excluded) and a contiguous last dim. A size-1 dim's stride is never used, so it
@@ -53,8 +53,8 @@ def _kv_descs(k: torch.Tensor, v: torch.Tensor, cfg: dict, meta: dict) -> tuple:
     allow it, else (None, None): the kernel then takes the pointer path."""
     if not cfg.get("TMA"):
         return None, None
-    k_desc = _tma_desc(k, cfg["BLOCK_N"], meta["BLOCK_D"])
-    v_desc = _tma_desc(v, cfg["BLOCK_N"], meta["BLOCK_DV"])
+    k_desc = tma_desc(k, cfg["BLOCK_N"], meta["BLOCK_D"])
+    v_desc = tma_desc(v, cfg["BLOCK_N"], meta["BLOCK_DV"])
     return (k_desc, v_desc) if k_desc is not None and v_desc is not None else (None, None)
 
 
@@ -100,8 +100,8 @@ def attention_fwd(
     ``(out (B, H, L, Dv), lse (B, H, L) in the accumulation dtype, seed)``; ``seed`` is the dropout seed
     as an int64 CPU tensor of one element."""
     seed = _checks.dropout_seed() if dropout_p > 0 else 0
-    out, lse = _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed,
-                           _arch(q.device))
+    out, lse = fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed,
+                           device_arch(q.device))
     return out, lse, torch.tensor([seed], dtype=torch.int64)
 
 
@@ -137,7 +137,7 @@ def _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, block_m, block
     return sparse.lists(cls, by_query)
 
 
-def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed, arch,
+def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed, arch,
                 var=None):
     """Allocate and launch the forward for compute capability ``arch`` (None: interpreter); also what
     ``fused_kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches. ``var``: the
@@ -166,22 +166,22 @@ def _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropo
         rows = group * l
         opart = torch.empty((b * hkv, splits, rows, dv), dtype=acc, device=q.device)
         lsepart = torch.empty((b * hkv, splits, rows), dtype=acc, device=q.device)
-        _attn_fwd_split_kernel[(splits, b * hkv)](
-            q, k, v, m, seq, opart, lsepart, h, hkv, l, s, d, dv, group, splits, chunk, *strides, *args,
-            BLOCK_M=max(16, next_pow2(rows)), BLOCK_N=block_n,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
-        _attn_combine_kernel[(rows, b * hkv)](
-            opart, lsepart, out, lse, h, hkv, l, dv, group, splits, *out.stride()[:3],
-            BLOCK_S=next_pow2(splits), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
+        launch(_attn_fwd_split_kernel, (splits, b * hkv),
+               q, k, v, m, seq, opart, lsepart, h, hkv, l, s, d, dv, group, splits, chunk, *strides, *args,
+               BLOCK_M=max(16, next_pow2(rows)), BLOCK_N=block_n,
+               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+        launch(_attn_combine_kernel, (rows, b * hkv),
+               opart, lsepart, out, lse, h, hkv, l, dv, group, splits, *out.stride()[:3],
+               BLOCK_S=next_pow2(splits), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
     else:
         cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p))
         grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         k_desc, v_desc = _kv_descs(k, v, cfg, meta)
         lists = _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True)
-        _attn_fwd_kernel[grid](
-            q, k, v, k_desc or k, v_desc or v, m, seq, out, lse, q, q, h, l, s, d, dv, group, *strides,
-            *out.stride()[:3], *args, TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **lists)
+        launch(_attn_fwd_kernel, grid,
+               q, k, v, k_desc or k, v_desc or v, m, seq, out, lse, q, q, h, l, s, d, dv, group, *strides,
+               *out.stride()[:3], *args, TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **lists)
     return out, lse
 
 
@@ -200,14 +200,14 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_fwd``; for GQA dk/dv are summed over each group's query
     heads. ``dlse`` (optional) is the gradient of the returned lse. No atomics: deterministic."""
-    return _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, int(seed[0]), scale, is_causal, causal_offset,
-                       dropout_p, _arch(q.device))
+    return bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, int(seed[0]), scale, is_causal, causal_offset,
+                       dropout_p, device_arch(q.device))
 
 
-def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
+def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
                 arch, var=None):
     """Allocate and launch the backward for compute capability ``arch`` (None: interpreter); ``var`` as in
-    ``_fwd_launch``."""
+    ``fwd_launch``."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     do = _last_dim_contiguous(do)
     (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
@@ -223,9 +223,9 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
     dlse_c = dlse.contiguous() if dlse is not None else delta
     row_bytes = meta["BLOCK_DV"] * q.element_size()
     pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(l, pre_block), b * h)](
-        out, do, dlse_c, lse.contiguous(), delta, lse2, h, l, dv, *out.stride()[:3], *do.stride()[:3],
-        HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
+    launch(_attn_bwd_preprocess_kernel, (triton.cdiv(l, pre_block), b * h),
+           out, do, dlse_c, lse.contiguous(), delta, lse2, h, l, dv, *out.stride()[:3], *do.stride()[:3],
+           HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *do.stride()[:3])
     args = (scale, scale * LOG2E, causal_offset, dropout_p, seed)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
@@ -235,22 +235,23 @@ def _bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_ca
         flags["SCORE_MOD_GRAD"] = var.score_mod_grad
     cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p))
     bm = cfg["BLOCK_M"]
-    q_desc = _tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
-    do_desc = _tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
+    q_desc = tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
+    do_desc = tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
     tma = do_desc is not None
-    _attn_bwd_dkdv_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
-        q, k, v, q_desc if tma else q, do_desc if tma else do, m, seq, do, lse2, delta, dk, dvv, q, q,
-        h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16),
-        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
-        **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
+    launch(_attn_bwd_dkdv_kernel, (triton.cdiv(s, cfg["BLOCK_N"]), b * hkv),
+           q, k, v, q_desc if tma else q, do_desc if tma else do, m, seq, do, lse2, delta, dk, dvv, q, q,
+           h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma,
+           SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
+           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
+           **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
     cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p))
     k_desc, v_desc = _kv_descs(k, v, cfg, meta)
-    _attn_bwd_dq_kernel[(triton.cdiv(l, cfg["BLOCK_M"]), b * h)](
-        q, k, v, k_desc or k, v_desc or v, m, seq, do, lse2, delta, dq, q, q, h, l, s, d, dv, group, *strides,
-        *args,
-        TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **flags,
-        **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True))
+    launch(_attn_bwd_dq_kernel, (triton.cdiv(l, cfg["BLOCK_M"]), b * h),
+           q, k, v, k_desc or k, v_desc or v, m, seq, do, lse2, delta, dq, q, q, h, l, s, d, dv, group, *strides,
+           *args,
+           TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+           num_stages=cfg["num_stages"], **flags,
+           **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True))
     return dq, dk, dvv
 
 
@@ -302,8 +303,8 @@ class _VariantAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var):
         seed = _checks.dropout_seed() if dropout_p > 0 else 0
-        out, lse = _fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, 0, seed,
-                               _arch(q.device), var=var)
+        out, lse = fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, 0, seed,
+                               device_arch(q.device), var=var)
         ctx.save_for_backward(q, k, v, out, lse, mask, seqlens_k)
         ctx.set_materialize_grads(False)
         ctx.params = (scale, is_causal, causal_offset, dropout_p, seed, var)
@@ -322,9 +323,9 @@ class _VariantAttention(torch.autograd.Function):
                                               dropout_p, needs, variants=var), *rest)
         dq = dk = dv = dmask = None
         if any(needs[:3]):
-            dq, dk, dv = _bwd_launch(dout if dout is not None else torch.zeros_like(out), dlse, q, k, v, out, lse,
+            dq, dk, dv = bwd_launch(dout if dout is not None else torch.zeros_like(out), dlse, q, k, v, out, lse,
                                      mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
-                                     _arch(q.device), var=var)
+                                     device_arch(q.device), var=var)
         if needs[3]:
             if dropout_p > 0:
                 raise NotImplementedError("attention: the kernels give no attn_mask gradient with dropout_p > 0")

@@ -39,10 +39,10 @@ import triton
 
 from ..._core import backend as _backend
 from ..._core import checks as _checks
-from ..._core.launch import acc_dtype, next_pow2, torch_acc_dtype
+from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
 from . import torch_path
 from .api import _check_scale
-from .config import DECODE_MAX_ROWS, LOG2E, MAX_HEAD_DIM, _arch, _precision, attention_config, decode_splits
+from .config import DECODE_MAX_ROWS, LOG2E, MAX_HEAD_DIM, _precision, attention_config, decode_splits
 from .kernels.decode import _attn_combine_kernel
 from .kernels.paged import _paged_append_kernel, _paged_attn_fwd_kernel
 from .launch import _last_dim_contiguous
@@ -167,18 +167,18 @@ def paged_append(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torc
     if _backend.choose(k_new, op) == "torch":
         _append_torch(k_cache, v_cache, bt, sl, k_new, v_new)
         return
-    _append_launch(k_cache, v_cache, bt, sl, k_new, v_new)
+    append_launch(k_cache, v_cache, bt, sl, k_new, v_new)
 
 
-def _append_launch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
+def append_launch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
     """Launch the append kernel (validated arguments); also what ``fused_kernels.aot`` runs on meta tensors."""
     b, hkv, lnew, d = k_new.shape
     k_new, v_new = _last_dim_contiguous(k_new), _last_dim_contiguous(v_new)
     dv = v_new.shape[3]
-    _paged_append_kernel[(triton.cdiv(lnew, APPEND_BLOCK_T), b * hkv)](
-        k_new, v_new, k_cache, v_cache, bt, sl, hkv, lnew, d, dv, k_cache.shape[1],
-        *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *bt.stride(),
-        BLOCK_T=APPEND_BLOCK_T, BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), num_warps=4)
+    launch(_paged_append_kernel, (triton.cdiv(lnew, APPEND_BLOCK_T), b * hkv),
+           k_new, v_new, k_cache, v_cache, bt, sl, hkv, lnew, d, dv, k_cache.shape[1],
+           *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *bt.stride(),
+           BLOCK_T=APPEND_BLOCK_T, BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), num_warps=4)
 
 
 def _append_torch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
@@ -267,13 +267,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if needs_grad or _backend.choose(q, op) == "torch":
         out, lse = _attention_torch(q, k_cache, v_cache, bt, sl, float(scale), causal)
     else:
-        out, lse = _paged_launch(q, k_cache, v_cache, bt, sl, float(scale), causal, num_splits, _arch(q.device))
+        out, lse = paged_launch(q, k_cache, v_cache, bt, sl, float(scale), causal, num_splits, device_arch(q.device))
     if return_lse:
         return out, (lse if lse.dtype == torch.float64 else lse.float())
     return out
 
 
-def _paged_launch(q, k_cache, v_cache, bt, sl, scale, causal, num_splits, arch):
+def paged_launch(q, k_cache, v_cache, bt, sl, scale, causal, num_splits, arch):
     """Allocate and launch the paged attention for compute capability ``arch`` (None: interpreter); also what
     ``fused_kernels.aot`` runs on meta tensors (kernels replaced by recorders) to see the launches."""
     q = _last_dim_contiguous(q)
@@ -299,16 +299,16 @@ def _paged_launch(q, k_cache, v_cache, bt, sl, scale, causal, num_splits, arch):
     lsepart = torch.empty((b * hkv, splits, rows), dtype=acc, device=q.device)
     upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
     block_d, block_dv = max(16, next_pow2(d)), max(16, next_pow2(dv))
-    _paged_attn_fwd_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), splits, b * hkv)](
-        q, k_cache, v_cache, bt, sl, opart, lsepart, hkv, lq, d, dv, group, splits, chunk, page, capacity,
-        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *bt.stride(), scale * LOG2E,
-        IS_CAUSAL=causal, FOLD_SCALE=scale > 0, EVEN_D=d == block_d, EVEN_DV=dv == block_dv,
-        SINGLE_PAGE=cfg["SINGLE_PAGE"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_DV=block_dv, UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _attn_combine_kernel[(rows, b * hkv)](
-        opart, lsepart, out, lse, h, hkv, lq, dv, group, splits, *out.stride()[:3],
-        BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, ACC=acc_dtype(q.dtype), num_warps=4)
+    launch(_paged_attn_fwd_kernel, (triton.cdiv(rows, cfg["BLOCK_M"]), splits, b * hkv),
+           q, k_cache, v_cache, bt, sl, opart, lsepart, hkv, lq, d, dv, group, splits, chunk, page, capacity,
+           *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *bt.stride(), scale * LOG2E,
+           IS_CAUSAL=causal, FOLD_SCALE=scale > 0, EVEN_D=d == block_d, EVEN_DV=dv == block_dv,
+           SINGLE_PAGE=cfg["SINGLE_PAGE"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=block_d,
+           BLOCK_DV=block_dv, UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype),
+           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch(_attn_combine_kernel, (rows, b * hkv),
+           opart, lsepart, out, lse, h, hkv, lq, dv, group, splits, *out.stride()[:3],
+           BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, ACC=acc_dtype(q.dtype), num_warps=4)
     return out, lse
 
 

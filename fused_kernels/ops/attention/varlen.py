@@ -33,10 +33,10 @@ import triton
 from ..._core import backend as _backend
 from ..._core import checks as _checks
 from ..._core.grad import create_graph
-from ..._core.launch import acc_dtype, next_pow2, torch_acc_dtype
+from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
 from . import torch_path
 from .api import _check_head_dims, _check_qkv, _check_scale, attention
-from .config import LOG2E, MASK_NONE, _arch, _precision, attention_config
+from .config import LOG2E, MASK_NONE, _precision, attention_config
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.forward import _attn_fwd_kernel
 from .launch import _fold_flags, _last_dim_contiguous
@@ -192,12 +192,12 @@ def varlen_attention_fwd(
     """Packed attention (module docstring): ``(out (total_q, H, Dv), lse (H, total_q), seed)``; ``seed`` is
     the dropout seed as an int64 CPU tensor of one element."""
     seed = _checks.dropout_seed() if dropout_p > 0 else 0
-    out, lse = _varlen_fwd_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                  is_causal, dropout_p, seed, _arch(q.device))
+    out, lse = varlen_fwd_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                  is_causal, dropout_p, seed, device_arch(q.device))
     return out, lse, torch.tensor([seed], dtype=torch.int64)
 
 
-def _varlen_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, dropout_p, seed, arch):
+def varlen_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, dropout_p, seed, arch):
     """Allocate and launch the packed forward for compute capability ``arch`` (None: interpreter); also what
     ``fused_kernels.aot`` records (meta tensors, kernel replaced by a recorder)."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -214,11 +214,11 @@ def _varlen_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, drop
     cfg = varlen_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0)
-    _attn_fwd_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h)](
-        q, k, v, k, v, q, cu_q, out, lse, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv, *strides,
-        *_packed_strides(out), scale * LOG2E, 0, dropout_p, seed, TMA=False, VARLEN=True,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **flags)
+    launch(_attn_fwd_kernel, (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h),
+           q, k, v, k, v, q, cu_q, out, lse, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv, *strides,
+           *_packed_strides(out), scale * LOG2E, 0, dropout_p, seed, TMA=False, VARLEN=True,
+           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+           **flags)
     return out, lse
 
 
@@ -236,11 +236,11 @@ def varlen_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``varlen_attention_fwd``; ``dlse`` (optional, (H, total_q)) is the gradient of
     its lse. dk / dv are summed over each GQA group's query heads. No atomics: deterministic."""
-    return _varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              int(seed[0]), scale, is_causal, dropout_p, _arch(q.device))
+    return varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              int(seed[0]), scale, is_causal, dropout_p, device_arch(q.device))
 
 
-def _varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
+def varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
                        arch):
     """Allocate and launch the packed backward for compute capability ``arch`` (None: interpreter). The
     preprocess (delta, lse in log2 units) is the dense kernel over the packed rows as one (1, H, total_q)
@@ -262,23 +262,23 @@ def _varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, se
     dlse_c = dlse.contiguous() if dlse is not None else delta
     row_bytes = meta["BLOCK_DV"] * q.element_size()
     pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(total_q, pre_block), h)](
-        out, do, dlse_c, lse.contiguous(), delta, lse2, h, total_q, dv, *_packed_strides(out), *_packed_strides(do),
-        HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
+    launch(_attn_bwd_preprocess_kernel, (triton.cdiv(total_q, pre_block), h),
+           out, do, dlse_c, lse.contiguous(), delta, lse2, h, total_q, dv, *_packed_strides(out), *_packed_strides(do),
+           HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0, *_packed_strides(do))
     args = (scale, scale * LOG2E, 0, dropout_p, seed)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     cfg = varlen_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, cfg["BLOCK_N"]), batch * hkv)](
-        q, k, v, q, do, q, cu_q, do, lse2, delta, dk, dvv, cu_q, cu_k, h, hkv, total_q, total_k, d, dv, h // hkv,
-        *strides, *args, TMA=False, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), VARLEN=True,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **flags)
+    launch(_attn_bwd_dkdv_kernel, (triton.cdiv(max_k, cfg["BLOCK_N"]), batch * hkv),
+           q, k, v, q, do, q, cu_q, do, lse2, delta, dk, dvv, cu_q, cu_k, h, hkv, total_q, total_k, d, dv, h // hkv,
+           *strides, *args, TMA=False, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), VARLEN=True,
+           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+           **flags)
     cfg = varlen_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
-    _attn_bwd_dq_kernel[(triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h)](
-        q, k, v, k, v, q, cu_q, do, lse2, delta, dq, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv, *strides,
-        *args, TMA=False, VARLEN=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
+    launch(_attn_bwd_dq_kernel, (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h),
+           q, k, v, k, v, q, cu_q, do, lse2, delta, dq, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv, *strides,
+           *args, TMA=False, VARLEN=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
     return dq, dk, dvv
 
 
