@@ -13,6 +13,7 @@ import torch
 from helpers import grads
 
 import fused_kernels
+from fused_kernels.ops.attention.launch import attention_bwd, attention_fwd
 from fused_kernels.ops.norms import layer_norm_bwd, layer_norm_fwd
 from fused_kernels.ops.softmax import softmax_bwd, softmax_fwd
 
@@ -161,6 +162,33 @@ def test_attention_with_a_learned_mask_compiles():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_variants_compile():
+    """The built-in attention variants (window, ALiBi, softcap, documents, prefix-LM) are custom-op arguments: a
+    call with all of them traces in one graph and gives eager's output and gradients (the float mask's included),
+    on the kernels and on the PyTorch path."""
+    b, h, l, d = 2, 2, 9, 8
+    slopes = torch.tensor([0.5, 0.25])
+    docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 2, 2, 2]])
+    prefix = torch.tensor([3, 5])
+
+    def fn(q, k, v, m):
+        a = fused_kernels.attention(q, k, v, causal=True, attn_mask=m, window=(4, 0), alibi_slopes=slopes,
+                                    softcap=5.0, document_ids=docs)
+        c = fused_kernels.attention(q, k, v, causal=True, prefix_lengths=prefix, softcap=3.0)
+        return a + c
+
+    inputs = [_randn(b, h, l, d), _randn(b, h, l, d, seed=1), _randn(b, h, l, d, seed=2), _randn(l, l, seed=3)]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = run(*leaves)
+        results.append([out.detach()] + grads(out, leaves, _randn(*out.shape, seed=4)))
+    for got, want in zip(results[1], results[0]):
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.triton_only   # inductor would generate C++ for the PyTorch path's ops (slow to compile)
 def test_inductor():
     """The default backend: inductor calls the custom ops as opaque kernels (kept to custom ops only,
@@ -211,6 +239,25 @@ def _opcheck_cases():
         ("softmax_fwd-mask", softmax_fwd, (req(s), keep, 2, 1.0, True)),
         ("softmax_fwd-dim0", softmax_fwd, (req(s), s[0, 0], 0, 1.0, False)),
         ("softmax_bwd", softmax_bwd, (y, s, 1, 0.5)),
+        *_attention_opcheck_cases(),
+    ]
+
+
+def _attention_opcheck_cases():
+    req = lambda t: t.clone().requires_grad_()
+    q, k, v = _randn(1, 2, 6, 8), _randn(1, 1, 9, 8, seed=1), _randn(1, 1, 9, 8, seed=2)
+    mask, lens = _randn(6, 9, seed=3), torch.tensor([7])
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1]]), torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    variants = ([3, 0], torch.tensor([[0.5, 0.25]]), 5.0, *ids, None)
+    plain = (q, k, v, mask, lens, 0.35, True, 3, 0.0, 0)
+    out, lse, seed = attention_fwd(*plain, *variants)
+    return [
+        ("attention_fwd", attention_fwd, (req(q), req(k), req(v), req(mask), lens, 0.35, True, 3, 0.0, 0)),
+        ("attention_fwd-variants", attention_fwd, (req(q), req(k), req(v), req(mask), *plain[4:], *variants)),
+        ("attention_fwd-prefix", attention_fwd, (req(q), req(k), req(v), None, None, 0.35, True, 3, 0.0, 0, None,
+                                                 None, None, None, None, torch.tensor([4]))),
+        ("attention_bwd-variants", attention_bwd, (_randn(*out.shape, seed=4), None, q, k, v, out, lse, mask, lens,
+                                                   seed, 0.35, True, 3, 0.0, *variants)),
     ]
 
 

@@ -4,6 +4,9 @@ their registered autograd, TMA descriptors and the flags every kernel shares. ``
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import torch
 import triton
 
@@ -22,6 +25,7 @@ from .config import LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _precision, attenti
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .kernels.forward import _attn_fwd_kernel
+from .variants import Variants
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -92,17 +96,40 @@ def _common(q, k, v, mask, seqlens_k):
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, seqlens_k: torch.Tensor | None,
     scale: float, is_causal: bool, causal_offset: int, dropout_p: float, num_splits: int,
+    window: Sequence[int] | None = None, alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
+    q_ids: torch.Tensor | None = None, k_ids: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of (B, H, L, D) ``q`` over (B, Hkv, S, D) ``k`` / (B, Hkv, S, Dv) ``v``.
 
     ``mask`` broadcastable to (B, H, L, S), bool (True = attend) or float (added to the scaled scores);
-    causal: key j <= i + ``causal_offset``; ``num_splits`` > 0 runs the flash-decoding path. Returns
-    ``(out (B, H, L, Dv), lse (B, H, L) in the accumulation dtype, seed)``; ``seed`` is the dropout seed
+    causal: key j <= i + ``causal_offset``; ``num_splits`` > 0 runs the flash-decoding path. The built-in
+    variants (validated, as ``Variants`` holds them; none with ``num_splits``) are plain arguments, so that
+    calls with them trace under torch.compile; the user mods (Triton functions) take ``variant_attention``.
+    Returns ``(out (B, H, L, Dv), lse (B, H, L) in the accumulation dtype, seed)``; ``seed`` is the dropout seed
     as an int64 CPU tensor of one element."""
+    var = _builtin_variants(window, alibi_slopes, softcap, q_ids, k_ids, prefix_lengths, is_causal, causal_offset)
     seed = _checks.dropout_seed() if dropout_p > 0 else 0
     out, lse = fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed,
-                           device_arch(q.device))
+                          device_arch(q.device), var=var)
     return out, lse, torch.tensor([seed], dtype=torch.int64)
+
+
+def _builtin_variants(window, alibi_slopes, softcap, q_ids, k_ids, prefix_lengths, is_causal: bool,
+                      causal_offset: int) -> Variants | None:
+    """The ``Variants`` of the custom ops' variant arguments (None when every one is off)."""
+    if window is None and alibi_slopes is None and softcap is None and q_ids is None and prefix_lengths is None:
+        return None
+    return Variants(window=None if window is None else (int(window[0]), int(window[1])), alibi_slopes=alibi_slopes,
+                    softcap=softcap, q_ids=q_ids, k_ids=k_ids, prefix_lengths=prefix_lengths, causal=is_causal,
+                    off=causal_offset)
+
+
+def builtin_arguments(var: Variants | None) -> tuple:
+    """The custom ops' variant arguments of ``var`` (its built-in variants; no user mods)."""
+    if var is None:
+        return ()
+    return (None if var.window is None else list(var.window), var.alibi_slopes, var.softcap, var.q_ids, var.k_ids,
+            var.prefix_lengths)
 
 
 def _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags) -> dict:
@@ -186,7 +213,7 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits):
+def _(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, *variants):
     b, h, l, _ = q.shape
     return (q.new_empty((b, h, l, v.shape[3])), q.new_empty((b, h, l), dtype=torch_acc_dtype(q.dtype)),
             torch.empty(1, dtype=torch.int64))
@@ -197,11 +224,14 @@ def attention_bwd(
     do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None, seqlens_k: torch.Tensor | None,
     seed: torch.Tensor, scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
+    window: Sequence[int] | None = None, alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
+    q_ids: torch.Tensor | None = None, k_ids: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_fwd``; for GQA dk/dv are summed over each group's query
     heads. ``dlse`` (optional) is the gradient of the returned lse. No atomics: deterministic."""
+    var = _builtin_variants(window, alibi_slopes, softcap, q_ids, k_ids, prefix_lengths, is_causal, causal_offset)
     return bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, int(seed[0]), scale, is_causal, causal_offset,
-                       dropout_p, device_arch(q.device))
+                      dropout_p, device_arch(q.device), var=var)
 
 
 def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
@@ -256,88 +286,96 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
 
 
 @attention_bwd.register_fake
-def _(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p):
+def _(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p, *variants):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, _ = inputs
+    q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, _, *variant_args = inputs
     out, lse, seed = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, seqlens_k, seed)
+    variant_args += [None] * (6 - len(variant_args))     # arguments left at their defaults may be absent
+    var = _builtin_variants(*variant_args, is_causal, causal_offset)
+    _save(ctx, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p, var)
+
+
+def _save(ctx, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p, var) -> None:
+    """What the backward needs, the same for both autograd mechanisms (tensors of ``var`` saved as tensors)."""
+    tensors = () if var is None else (var.alibi_slopes, var.q_ids, var.k_ids, var.prefix_lengths)
+    ctx.save_for_backward(q, k, v, out, lse, mask, seqlens_k, seed, *tensors)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
     ctx.scale, ctx.is_causal, ctx.causal_offset, ctx.dropout_p = scale, is_causal, causal_offset, dropout_p
+    ctx.var = None if var is None else dataclasses.replace(var, alibi_slopes=None, q_ids=None, k_ids=None,
+                                                           prefix_lengths=None)
 
 
-def _backward(ctx, dout, dlse, _dseed):
-    """(dq, dk, dv) from the kernel backward; a float mask that requires grad gets ``dS`` summed to its shape
-    (``_grad.attention_mask_grad``); when a graph of the backward is built (double backward) every gradient is
-    computed with differentiable PyTorch ops instead (``_grad.attention_backward``)."""
-    q, k, v, out, lse, mask, seqlens_k, seed = ctx.saved_tensors
-    rest = (None,) * 6
+def _backward(ctx, dout, dlse, *_):
+    """(dq, dk, dv, dmask) of attention, for the custom op (plain calls, built-in variants) and for
+    ``_UserModAttention`` (user mods) alike: the kernel backward for q/k/v; a float mask that requires grad gets
+    ``dS`` summed to its shape (``grad.attention_mask_grad``, or the PyTorch variant math with variants); when a
+    graph of the backward is built (double backward) every gradient comes from differentiable PyTorch ops
+    (``grad.attention_backward``)."""
+    q, k, v, out, lse, mask, seqlens_k, seed, *tensors = ctx.saved_tensors
+    var = ctx.var
+    if var is not None and tensors:
+        slopes, q_ids, k_ids, prefix = tensors
+        var = dataclasses.replace(var, alibi_slopes=slopes, q_ids=q_ids, k_ids=k_ids, prefix_lengths=prefix)
+    rest = (None,) * (len(ctx.needs_input_grad) - 4)
     if dout is None and dlse is None:
         return (None,) * 4 + rest
     needs = tuple(ctx.needs_input_grad[:4])
+    args = (ctx.scale, ctx.is_causal, ctx.causal_offset)
     if create_graph():
-        return (*_grad.attention_backward(q, k, v, mask, seqlens_k, dout, dlse, ctx.scale, ctx.is_causal,
-                                          ctx.causal_offset, ctx.dropout_p, needs), *rest)
+        return (*_grad.attention_backward(q, k, v, mask, seqlens_k, dout, dlse, *args, ctx.dropout_p, needs,
+                                          variants=var), *rest)
     dq = dk = dv = dmask = None
     if any(needs[:3]):
-        dq, dk, dv = attention_bwd(dout if dout is not None else torch.zeros_like(out), dlse, q, k, v, out, lse,
-                                   mask, seqlens_k, seed, ctx.scale, ctx.is_causal, ctx.causal_offset, ctx.dropout_p)
+        dout_ = dout if dout is not None else torch.zeros_like(out)
+        if var is None or var.is_builtin:
+            dq, dk, dv = attention_bwd(dout_, dlse, q, k, v, out, lse, mask, seqlens_k, seed, *args, ctx.dropout_p,
+                                       *builtin_arguments(var))
+        else:
+            dq, dk, dv = bwd_launch(dout_, dlse, q, k, v, out, lse, mask, seqlens_k, int(seed[0]), *args,
+                                    ctx.dropout_p, device_arch(q.device), var=var)
     if needs[3]:
         if ctx.dropout_p > 0:   # the public functions send this case to the PyTorch path
             raise NotImplementedError("attention: the kernels give no attn_mask gradient with dropout_p > 0")
-        dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, ctx.scale, ctx.is_causal,
-                                          ctx.causal_offset, seqlens_k)
+        if var is None:
+            dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, *args, seqlens_k)
+        else:
+            with torch.enable_grad():   # dS at the mask's point of the pipeline, from the PyTorch variant math
+                dmask = _grad.attention_backward(q.detach(), k.detach(), v.detach(), mask.detach().requires_grad_(),
+                                                 seqlens_k, dout, dlse, *args, 0.0, (False, False, False, True),
+                                                 variants=var)[3].detach()
     return dq, dk, dv, dmask, *rest
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _VariantAttention(torch.autograd.Function):
-    """Attention with variants (window, ALiBi, softcap, documents, prefix, user mods): the same kernels as the
-    custom ops, through a plain autograd Function because the user mods (Triton functions) and the variant
-    tensors are no ``torch.library`` argument types."""
+class _UserModAttention(torch.autograd.Function):
+    """Attention with user mods (``score_mod`` / ``mask_mod`` Triton functions, ``mod_args``, a ``block_mask``),
+    which are no ``torch.library`` argument types: the same kernels and the same backward (``_backward``) as the
+    custom op, through a plain autograd Function."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var):
         seed = _checks.dropout_seed() if dropout_p > 0 else 0
         out, lse = fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, 0, seed,
-                               device_arch(q.device), var=var)
-        ctx.save_for_backward(q, k, v, out, lse, mask, seqlens_k)
-        ctx.set_materialize_grads(False)
-        ctx.params = (scale, is_causal, causal_offset, dropout_p, seed, var)
+                              device_arch(q.device), var=var)
+        seed_t = torch.tensor([seed], dtype=torch.int64)
+        _save(ctx, q, k, v, out, lse, mask, seqlens_k, seed_t, scale, is_causal, causal_offset, dropout_p, var)
         return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask, seqlens_k = ctx.saved_tensors
-        scale, is_causal, causal_offset, dropout_p, seed, var = ctx.params
-        rest = (None,) * 6
-        if dout is None and dlse is None:
-            return (None,) * 4 + rest
-        needs = tuple(ctx.needs_input_grad[:4])
-        if create_graph():
-            return (*_grad.attention_backward(q, k, v, mask, seqlens_k, dout, dlse, scale, is_causal, causal_offset,
-                                              dropout_p, needs, variants=var), *rest)
-        dq = dk = dv = dmask = None
-        if any(needs[:3]):
-            dq, dk, dv = bwd_launch(dout if dout is not None else torch.zeros_like(out), dlse, q, k, v, out, lse,
-                                     mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
-                                     device_arch(q.device), var=var)
-        if needs[3]:
-            if dropout_p > 0:
-                raise NotImplementedError("attention: the kernels give no attn_mask gradient with dropout_p > 0")
-            with torch.enable_grad():   # dS at the mask's point of the pipeline, from the PyTorch variant math
-                dmask = _grad.attention_backward(q.detach(), k.detach(), v.detach(), mask.detach().requires_grad_(),
-                                                 seqlens_k, dout, dlse, scale, is_causal, causal_offset, 0.0,
-                                                 (False, False, False, True), variants=var)[3].detach()
-        return dq, dk, dv, dmask, *rest
+    backward = staticmethod(_backward)
 
 
 def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       seqlens_k: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int,
-                      dropout_p: float, var) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, H, L, Dv), lse (B, H, L)) of attention with the validated variants ``var`` on the kernels."""
-    return _VariantAttention.apply(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var)
+                      dropout_p: float, var: Variants) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, L, Dv), lse (B, H, L)) of attention with the validated variants ``var`` on the kernels: the
+    custom op for the built-in variants, ``_UserModAttention`` with user mods."""
+    if var.is_builtin:
+        out, lse, _ = attention_fwd(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, 0,
+                                    *builtin_arguments(var))
+        return out, lse
+    return _UserModAttention.apply(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var)

@@ -31,6 +31,11 @@ class Variants:
     causal: bool = False
     off: int = 0
 
+    @property
+    def is_builtin(self) -> bool:
+        """Only built-in variants (no user mod, mod_args or block_mask): expressible as custom-op arguments."""
+        return self.score_mod is None and self.mask_mod is None and not self.mod_args and self.block_mask is None
+
     def _call(self, name: str, mod: Any, *args: Any) -> Any:
         fn = getattr(mod, "fn", mod)
         try:
