@@ -333,7 +333,7 @@ def attention_specs() -> Iterator[Spec]:
 def paged_specs() -> Iterator[Spec]:
     """Paged KV cache: the append kernel and the paged attention (with the combine kernel), recorded from the
     launchers (``paged.append_launch`` / ``paged.paged_launch`` on meta tensors, kernels replaced by
-    recorders) with the tiles ``paged.paged_config`` picks per architecture. Shapes: 16 sequences, 32 query
+    recorders) with the tiles ``config.paged_config`` picks per architecture. Shapes: 16 sequences, 32 query
     heads over 8 kv heads (GQA 4), block tables of 4096 positions; "decode" is 1 new query per sequence (one row
     tile of the 4 heads' rows, split keys), "prefill" 256 new queries (row tiles of the forward's BLOCK_M);
     block sizes 16 (a key tile of 16), 256 (the configuration's key tile, one page per tile) and 24 (not a

@@ -1,5 +1,7 @@
-"""Attention constants and launch configurations: the tile table per kernel kind, head dim, dtype family and
-architecture (``attention_config``), the dot precision, and the flash-decoding split count."""
+"""Attention constants and launch configurations, every tile table of the attention kernels in one place: the
+dense kernels per kind, head dim, dtype family and architecture (``attention_config``), the packed varlen
+kernels (``varlen_config``) and the paged kernel (``paged_config``), the dot precision, and the flash-decoding
+split count."""
 
 from __future__ import annotations
 
@@ -89,12 +91,78 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
     hopper = arch >= 90
-    family = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
+    family = _dtype_family(dtype)
     column = 2 * dropout + hopper
     bm, bn, w, st = _TILE_OVERRIDES.get(_TRITON_VERSION, {}).get((family, kind, d), {}).get(
         column, _TILES[family][(kind, d)][column])
     tma = family == "16bit" and hopper and not dropout and d <= 128 and kind != "decode"
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma}
+
+
+def _dtype_family(dtype: torch.dtype) -> str:
+    """The tile tables' dtype column: "fp64", "fp32" or "16bit"."""
+    return {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
+
+
+# Varlen tiles: the Ampere column of ``attention_config`` on every architecture (its Hopper 16-bit tiles are sized
+# for TMA, which the packed path does not use: with pointer loads they spill), with these replacements where
+# the per-sequence bookkeeping pushed a configuration into spills (``python -m fused_kernels.aot --family varlen``):
+# (dtype family, kind, head-dim bucket, dropout[, "hopper"]) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); an
+# entry with "hopper" applies on sm_90+ and wins there over the one without.
+_VARLEN_TILES = {
+    ("16bit", "bwd_dkdv", 128, False, "hopper"): (32, 32, 8, 1),
+    ("16bit", "bwd_dkdv", 128, True, "hopper"): (16, 16, 8, 1),
+    ("16bit", "fwd", 64, True): (64, 32, 4, 2),
+    ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 2),
+    ("fp32", "fwd", 64, True): (16, 32, 4, 1),
+    ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1),
+}
+
+
+def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: int | None, dropout: bool) -> dict:
+    """Tiles of the packed kernels (``attention_config``'s Ampere column, no TMA, ``_VARLEN_TILES``)."""
+    if arch is None:
+        return attention_config(kind, d, dv, dtype, None, dropout)
+    cfg = dict(attention_config(kind, d, dv, dtype, min(arch, 80), dropout), TMA=False)
+    family = _dtype_family(dtype)
+    key = (family, kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
+    tile = _VARLEN_TILES.get((*key, "hopper")) if arch >= 90 else None
+    tile = tile or _VARLEN_TILES.get(key)
+    if tile is not None:
+        cfg.update(BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=tile[2], num_stages=tile[3])
+    return cfg
+
+
+# Pipeline stages of the decode configuration where the split kernel spills with the block-table lookups
+# (``python -m fused_kernels.aot --family paged``, triton 3.9): (dtype family, head-dim bucket, Hopper) -> stages.
+# fp32 d=128 on sm_80 spilled 8+4 B with 1 stage; 16-bit d=128 on sm_90a 4+4 B with 3 (16-key tiles).
+_DECODE_STAGES = {("fp32", 128, False): 2, ("16bit", 128, True): 2}
+
+
+def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch: int | None) -> dict:
+    """Tiles of the paged attention kernel for ``rows`` = G * Lq query rows per (sequence, kv head): one row
+    tile of the GQA group (the flash-decoding configuration) up to ``DECODE_MAX_ROWS`` rows, else row tiles of
+    the forward kernel's BLOCK_M (at most 64 at head dims above 128) with key tiles of at most 64. Every
+    configuration compiles without spills for sm_80 / sm_90a (``python -m fused_kernels.aot --family paged``).
+    The key tile is lowered to the block size when the block size is a smaller power of two (>= 16), so that
+    a key tile never spans two physical blocks. Shared by the launcher and ``fused_kernels.aot``."""
+    kind = "decode" if rows <= DECODE_MAX_ROWS else "fwd"
+    cfg = dict(attention_config(kind, d, dv, dtype, arch))
+    stages = cfg["num_stages"]
+    if kind == "decode":
+        block_m, block_n = max(16, next_pow2(rows)), cfg["BLOCK_N"]
+        if arch is not None:
+            family = _dtype_family(dtype)
+            stages = _DECODE_STAGES.get((family, max(next_pow2(d), next_pow2(dv), 64), arch >= 90), stages)
+    else:
+        # The forward's 128 x 128 tiles (sm_90a, 16-bit, d = 128) rely on its TMA path: with pointer loads
+        # they spill, and so do 128-row tiles at d = 256.
+        block_m = cfg["BLOCK_M"] if max(d, dv) <= 128 else min(cfg["BLOCK_M"], 64)
+        block_n = min(cfg["BLOCK_N"], 64)
+    if page >= 16 and page & (page - 1) == 0:
+        block_n = min(block_n, page)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PAGE=page % block_n == 0,
+                num_warps=cfg["num_warps"], num_stages=stages)
 
 
 def _precision(dtype: torch.dtype, upcast: bool) -> str:

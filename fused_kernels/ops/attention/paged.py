@@ -42,7 +42,7 @@ from ..._core import checks as _checks
 from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
 from . import torch_path
 from .api import _check_scale
-from .config import DECODE_MAX_ROWS, LOG2E, MAX_HEAD_DIM, _precision, attention_config, decode_splits
+from .config import LOG2E, MAX_HEAD_DIM, _precision, decode_splits, paged_config
 from .kernels.decode import _attn_combine_kernel
 from .kernels.paged import _paged_append_kernel, _paged_attn_fwd_kernel
 from .launch import _last_dim_contiguous
@@ -191,38 +191,6 @@ def _append_torch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
 
 
 # ----------------------------------------------------------------------------- attention
-
-
-# Pipeline stages of the decode configuration where the split kernel spills with the block-table lookups
-# (``python -m fused_kernels.aot --family paged``, triton 3.9): (dtype family, head-dim bucket, Hopper) -> stages.
-# fp32 d=128 on sm_80 spilled 8+4 B with 1 stage; 16-bit d=128 on sm_90a 4+4 B with 3 (16-key tiles).
-_DECODE_STAGES = {("fp32", 128, False): 2, ("16bit", 128, True): 2}
-
-
-def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch: int | None) -> dict:
-    """Tiles of the paged attention kernel for ``rows`` = G * Lq query rows per (sequence, kv head): one row
-    tile of the GQA group (the flash-decoding configuration) up to ``DECODE_MAX_ROWS`` rows, else row tiles of
-    the forward kernel's BLOCK_M (at most 64 at head dims above 128) with key tiles of at most 64. Every
-    configuration compiles without spills for sm_80 / sm_90a (``python -m fused_kernels.aot --family paged``).
-    The key tile is lowered to the block size when the block size is a smaller power of two (>= 16), so that
-    a key tile never spans two physical blocks. Shared by the launcher and ``fused_kernels.aot``."""
-    kind = "decode" if rows <= DECODE_MAX_ROWS else "fwd"
-    cfg = dict(attention_config(kind, d, dv, dtype, arch))
-    stages = cfg["num_stages"]
-    if kind == "decode":
-        block_m, block_n = max(16, next_pow2(rows)), cfg["BLOCK_N"]
-        if arch is not None:
-            family = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
-            stages = _DECODE_STAGES.get((family, max(next_pow2(d), next_pow2(dv), 64), arch >= 90), stages)
-    else:
-        # The forward's 128 x 128 tiles (sm_90a, 16-bit, d = 128) rely on its TMA path: with pointer loads
-        # they spill, and so do 128-row tiles at d = 256.
-        block_m = cfg["BLOCK_M"] if max(d, dv) <= 128 else min(cfg["BLOCK_M"], 64)
-        block_n = min(cfg["BLOCK_N"], 64)
-    if page >= 16 and page & (page - 1) == 0:
-        block_n = min(block_n, page)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PAGE=page % block_n == 0,
-                num_warps=cfg["num_warps"], num_stages=stages)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

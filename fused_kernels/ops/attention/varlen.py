@@ -36,7 +36,7 @@ from ..._core.grad import create_graph
 from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
 from . import torch_path
 from .api import _check_head_dims, _check_qkv, _check_scale, attention
-from .config import LOG2E, MASK_NONE, _precision, attention_config
+from .config import LOG2E, MASK_NONE, _precision, varlen_config
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.forward import _attn_fwd_kernel
 from .launch import _fold_flags, _last_dim_contiguous
@@ -148,35 +148,6 @@ def _meta(q: torch.Tensor, d: int, dv: int) -> dict:
     return dict(MASK_KIND=MASK_NONE, HAS_SEQLENS=False, BLOCK_D=max(16, next_pow2(d)),
                 BLOCK_DV=max(16, next_pow2(dv)), UPCAST=upcast, PRECISION=_precision(q.dtype, upcast),
                 ACC=acc_dtype(q.dtype))
-
-
-# Varlen tiles: the Ampere column of ``attention_config`` on every architecture (its Hopper 16-bit tiles are sized
-# for TMA, which the packed path does not use: with pointer loads they spill), with these replacements where
-# the per-sequence bookkeeping pushed a configuration into spills (``python -m fused_kernels.aot --family varlen``):
-# (dtype family, kind, head-dim bucket, dropout[, "hopper"]) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); an
-# entry with "hopper" applies on sm_90+ and wins there over the one without.
-_VARLEN_TILES = {
-    ("16bit", "bwd_dkdv", 128, False, "hopper"): (32, 32, 8, 1),
-    ("16bit", "bwd_dkdv", 128, True, "hopper"): (16, 16, 8, 1),
-    ("16bit", "fwd", 64, True): (64, 32, 4, 2),
-    ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 2),
-    ("fp32", "fwd", 64, True): (16, 32, 4, 1),
-    ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1),
-}
-
-
-def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: int | None, dropout: bool) -> dict:
-    """Tiles of the packed kernels (``attention_config``'s Ampere column, no TMA, ``_VARLEN_TILES``)."""
-    if arch is None:
-        return attention_config(kind, d, dv, dtype, None, dropout)
-    cfg = dict(attention_config(kind, d, dv, dtype, min(arch, 80), dropout), TMA=False)
-    family = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
-    key = (family, kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
-    tile = _VARLEN_TILES.get((*key, "hopper")) if arch >= 90 else None
-    tile = tile or _VARLEN_TILES.get(key)
-    if tile is not None:
-        cfg.update(BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=tile[2], num_stages=tile[3])
-    return cfg
 
 
 def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
