@@ -107,7 +107,7 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
-        constexprs = {k: v.resolve() if isinstance(v, _JitRef) else v for k, v in job["constexprs"].items()}
+        constexprs = {k: _JitRef.resolved(v) for k, v in job["constexprs"].items()}
         src = ASTSource(fn=kernel, signature=job["signature"], constexprs=constexprs, attrs=job["attrs"])
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: triton prints its ptxas -v log
@@ -144,7 +144,11 @@ class _JitRef:
 
     @staticmethod
     def of(value: Any) -> Any:
+        """``value`` with every ``JITFunction`` in it (also inside a tuple, e.g. a ``VariantFlags``) by reference."""
         from triton.runtime.jit import JITFunction
+        if isinstance(value, tuple):
+            items = [_JitRef.of(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
         if not isinstance(value, JITFunction):
             return value
         fn = value.fn
@@ -158,6 +162,16 @@ class _JitRef:
         value: Any = importlib.import_module(self.module)
         for part in self.qualname.split("."):
             value = getattr(value, part)
+        return value
+
+    @staticmethod
+    def resolved(value: Any) -> Any:
+        """The inverse of ``of``: references (also inside tuples) back to their functions."""
+        if isinstance(value, _JitRef):
+            return value.resolve()
+        if isinstance(value, tuple):
+            items = [_JitRef.resolved(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
         return value
 
 

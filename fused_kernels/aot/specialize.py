@@ -23,62 +23,61 @@ def specialize(spec: Spec) -> tuple[dict[str, str], dict[tuple[int, ...], Any], 
     """(signature, constexprs, attrs) for ``ASTSource``, by the rules of triton's launcher: constexpr
     parameters are constants; a tensor is a typed pointer, divisible by 16 when aligned; an int equal
     to 1 is a constant, another int an i32/i64/u64 divisible by 16 when it is; bools are i1 and floats
-    fp32, never specialized; an argument annotated with a type keeps that type."""
+    fp32, never specialized; None is a constant; a tuple is specialized element by element (its paths are
+    (parameter, element)); an argument annotated with a type keeps that type."""
     kernel = spec.kernel
     missing = [p.name for p in kernel.params if p.name not in spec.args]
     extra = [k for k in spec.args if k not in kernel.arg_names]
     if missing or extra:
         raise TypeError(f"{spec.name}: spec misses kernel arguments {missing} / has unknown ones {extra}")
-    divisible = [["tt.divisibility", 16]]
-    signature: dict[str, str] = {}
+    signature: dict[str, Any] = {}
     constexprs: dict[tuple[int, ...], Any] = {}
     attrs: dict[tuple[int, ...], list] = {}
     for i, param in enumerate(kernel.params):
         value = spec.args[param.name]
-        align = not getattr(param, "do_not_specialize_on_alignment", False)
-        specialize_int = not getattr(param, "do_not_specialize", False)
-        annotated = getattr(param, "annotation_type", "") or ""
         if param.is_constexpr:
             signature[param.name] = "constexpr"
             constexprs[(i,)] = value
             continue
-        if isinstance(value, torch.Tensor):
-            value = Ptr(value.dtype)
-        if isinstance(value, tuple):   # a tuple of tensors (the mods' MOD_ARGS): one typed pointer per element
-            types = []
-            for j, item in enumerate(value):
-                item = Ptr(item.dtype) if isinstance(item, torch.Tensor) else item
-                if not isinstance(item, Ptr):
-                    raise TypeError(f"{spec.name}: cannot specialize tuple argument {param.name}[{j}]={item!r}")
-                types.append("*" + TRITON_TYPE[item.dtype])
-                attrs[(i, j)] = divisible if item.aligned and align else []
-            signature[param.name] = tuple(types)
-            continue
-        if type(value).__name__ == "TensorDescriptor":   # host-side TMA descriptor: typed by dtype and box
-            block = ", ".join(str(n) for n in value.block_shape)
-            signature[param.name] = f"tensordesc<{TRITON_TYPE[value.base.dtype]}[{block}]>"
-        elif isinstance(value, Ptr):
-            signature[param.name] = "*" + TRITON_TYPE[value.dtype]
-            attrs[(i,)] = divisible if value.aligned and align else []
-        elif value is None:
-            signature[param.name] = "constexpr"
-            constexprs[(i,)] = None
-        elif isinstance(value, bool):
-            signature[param.name] = annotated or "i1"
-        elif isinstance(value, int):
-            if annotated and (annotated == "u1" or annotated[:2] in ("fp", "bf")):
-                specialize_int = False
-            if specialize_int and value == 1:
-                signature[param.name] = "constexpr"
-                constexprs[(i,)] = 1
-            else:
-                signature[param.name] = annotated or _int_type(value)
-                attrs[(i,)] = divisible if specialize_int and align and value % 16 == 0 else []
-        elif isinstance(value, float):
-            signature[param.name] = annotated or "fp32"
-        else:
-            raise TypeError(f"{spec.name}: cannot specialize argument {param.name}={value!r}")
+        rules = dict(align=not getattr(param, "do_not_specialize_on_alignment", False),
+                     specialize_int=not getattr(param, "do_not_specialize", False),
+                     annotated=getattr(param, "annotation_type", "") or "")
+        signature[param.name] = _specialize_value(spec, param.name, value, (i,), constexprs, attrs, **rules)
     return signature, constexprs, attrs
+
+
+def _specialize_value(spec: Spec, name: str, value: Any, path: tuple[int, ...], constexprs: dict, attrs: dict, *,
+                      align: bool, specialize_int: bool, annotated: str) -> Any:
+    """The signature type of one (possibly nested) argument value; fills its constexprs and attrs by path."""
+    divisible = [["tt.divisibility", 16]]
+    if isinstance(value, torch.Tensor):
+        value = Ptr(value.dtype)
+    if isinstance(value, tuple):
+        return tuple(_specialize_value(spec, f"{name}[{j}]", item, (*path, j), constexprs, attrs, align=align,
+                                       specialize_int=specialize_int, annotated="")
+                     for j, item in enumerate(value))
+    if type(value).__name__ == "TensorDescriptor":   # host-side TMA descriptor: typed by dtype and box
+        block = ", ".join(str(n) for n in value.block_shape)
+        return f"tensordesc<{TRITON_TYPE[value.base.dtype]}[{block}]>"
+    if isinstance(value, Ptr):
+        attrs[path] = divisible if value.aligned and align else []
+        return "*" + TRITON_TYPE[value.dtype]
+    if value is None:
+        constexprs[path] = None
+        return "constexpr"
+    if isinstance(value, bool):
+        return annotated or "i1"
+    if isinstance(value, int):
+        if annotated and (annotated == "u1" or annotated[:2] in ("fp", "bf")):
+            specialize_int = False
+        if specialize_int and value == 1:
+            constexprs[path] = 1
+            return "constexpr"
+        attrs[path] = divisible if specialize_int and align and value % 16 == 0 else []
+        return annotated or _int_type(value)
+    if isinstance(value, float):
+        return annotated or "fp32"
+    raise TypeError(f"{spec.name}: cannot specialize argument {name}={value!r}")
 
 
 def runtime_specialization(spec: Spec, target) -> tuple[dict, dict, dict] | None:

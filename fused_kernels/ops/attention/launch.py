@@ -88,8 +88,12 @@ def _common(q, k, v, mask, seqlens_k):
     meta = dict(MASK_KIND=kind, HAS_SEQLENS=seqlens_k is not None,
                 BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
                 UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype))
-    seq = seqlens_k if seqlens_k is not None else q
-    return (b, h, l, d, hkv, s, dv), m, mstrides, seq, meta
+    return (b, h, l, d, hkv, s, dv), m, mstrides, meta
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, rows, cols) tensor."""
+    return tuple(t.stride()[:3])
 
 
 @torch.library.custom_op("fused_kernels::attention_fwd", mutates_args=())
@@ -139,7 +143,7 @@ def _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags)
         return flags
     kw, upper = sparse.kernel_args(var, q, s, seqlens_k, is_causal, causal_offset, scale)
     flags = dict(flags, IS_CAUSAL=upper, **kw)
-    if kw["SOFTCAP"] or kw["ALIBI"] or kw["SCORE_MOD"] is not None:
+    if kw["VARIANT"].mods_scores:
         flags["FOLD_SCALE"] = False
     return flags
 
@@ -170,7 +174,7 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
     ``fused_kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches. ``var``: the
     call's variants (``fused_kernels.attention.variants.Variants``; never with ``num_splits``)."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
+    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k)
     acc = torch_acc_dtype(q.dtype)
     out = torch.empty((b, h, l, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, l), dtype=acc, device=q.device)
@@ -182,7 +186,6 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
         return out, lse
     group = h // hkv
     args = (scale * LOG2E, causal_offset, dropout_p, seed)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     flags = _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags)
     if num_splits > 0:
@@ -194,11 +197,11 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
         opart = torch.empty((b * hkv, splits, rows, dv), dtype=acc, device=q.device)
         lsepart = torch.empty((b * hkv, splits, rows), dtype=acc, device=q.device)
         launch(_attn_fwd_split_kernel, (splits, b * hkv),
-               q, k, v, m, seq, opart, lsepart, h, hkv, l, s, d, dv, group, splits, chunk, *strides, *args,
-               BLOCK_M=max(16, next_pow2(rows)), BLOCK_N=block_n,
+               q, k, v, m, seqlens_k, opart, lsepart, h, hkv, l, s, d, dv, group, splits, chunk, _rows(q), _rows(k),
+               _rows(v), ms, *args, BLOCK_M=max(16, next_pow2(rows)), BLOCK_N=block_n,
                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
         launch(_attn_combine_kernel, (rows, b * hkv),
-               opart, lsepart, out, lse, h, hkv, l, dv, group, splits, *out.stride()[:3],
+               opart, lsepart, out, lse, h, hkv, l, dv, group, splits, _rows(out),
                BLOCK_S=next_pow2(splits), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
     else:
         cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p))
@@ -206,9 +209,9 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
         k_desc, v_desc = _kv_descs(k, v, cfg, meta)
         lists = _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True)
         launch(_attn_fwd_kernel, grid,
-               q, k, v, k_desc or k, v_desc or v, m, seq, out, lse, q, q, h, l, s, d, dv, group, *strides,
-               *out.stride()[:3], *args, TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **lists)
+               q, k, v, k_desc, v_desc, m, seqlens_k, out, lse, None, None, h, l, s, d, dv, group,
+               _rows(q), _rows(k), _rows(v), _rows(out), ms, *args, TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"],
+               BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **lists)
     return out, lse
 
 
@@ -240,7 +243,7 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
     ``fwd_launch``."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     do = _last_dim_contiguous(do)
-    (b, h, l, d, hkv, s, dv), m, ms, seq, meta = _common(q, k, v, mask, seqlens_k)
+    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k)
     dq = torch.empty((b, h, l, d), dtype=q.dtype, device=q.device)     # every element is written
     dk = torch.empty((b, hkv, s, d), dtype=k.dtype, device=k.device)
     dvv = torch.empty((b, hkv, s, dv), dtype=v.dtype, device=v.device)
@@ -250,35 +253,31 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
     group = h // hkv
     delta = torch.empty((b, h, l), dtype=acc, device=q.device)
     lse2 = torch.empty((b, h, l), dtype=acc, device=q.device)
-    dlse_c = dlse.contiguous() if dlse is not None else delta
+    dlse_c = dlse.contiguous() if dlse is not None else None
     row_bytes = meta["BLOCK_DV"] * q.element_size()
     pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
     launch(_attn_bwd_preprocess_kernel, (triton.cdiv(l, pre_block), b * h),
-           out, do, dlse_c, lse.contiguous(), delta, lse2, h, l, dv, *out.stride()[:3], *do.stride()[:3],
+           out, do, dlse_c, lse.contiguous(), delta, lse2, h, l, dv, _rows(out), _rows(do),
            HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *do.stride()[:3])
     args = (scale, scale * LOG2E, causal_offset, dropout_p, seed)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     flags = _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags)
-    flags.pop("sm_scale", None)     # the backward kernels take it positionally
-    if var is not None:
-        flags["SCORE_MOD_GRAD"] = var.score_mod_grad
     cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p))
     bm = cfg["BLOCK_M"]
     q_desc = tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
     do_desc = tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
     tma = do_desc is not None
     launch(_attn_bwd_dkdv_kernel, (triton.cdiv(s, cfg["BLOCK_N"]), b * hkv),
-           q, k, v, q_desc if tma else q, do_desc if tma else do, m, seq, do, lse2, delta, dk, dvv, q, q,
-           h, hkv, l, s, d, dv, group, *strides, *args, TMA=tma,
+           q, k, v, q_desc if tma else None, do_desc if tma else None, m, seqlens_k, do, lse2, delta, dk, dvv,
+           None, None, h, hkv, l, s, d, dv, group, _rows(q), _rows(k), _rows(v), _rows(do), ms, *args, TMA=tma,
            SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
            **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
     cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p))
     k_desc, v_desc = _kv_descs(k, v, cfg, meta)
     launch(_attn_bwd_dq_kernel, (triton.cdiv(l, cfg["BLOCK_M"]), b * h),
-           q, k, v, k_desc or k, v_desc or v, m, seq, do, lse2, delta, dq, q, q, h, l, s, d, dv, group, *strides,
-           *args,
+           q, k, v, k_desc, v_desc, m, seqlens_k, do, lse2, delta, dq, None, None, h, l, s, d, dv, group,
+           _rows(q), _rows(k), _rows(v), _rows(do), ms, *args,
            TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
            num_stages=cfg["num_stages"], **flags,
            **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True))

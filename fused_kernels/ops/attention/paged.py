@@ -177,7 +177,7 @@ def append_launch(k_cache, v_cache, bt, sl, k_new, v_new) -> None:
     dv = v_new.shape[3]
     launch(_paged_append_kernel, (triton.cdiv(lnew, APPEND_BLOCK_T), b * hkv),
            k_new, v_new, k_cache, v_cache, bt, sl, hkv, lnew, d, dv, k_cache.shape[1],
-           *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *bt.stride(),
+           k_new.stride()[:3], v_new.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], bt.stride(),
            BLOCK_T=APPEND_BLOCK_T, BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), num_warps=4)
 
 
@@ -269,13 +269,13 @@ def paged_launch(q, k_cache, v_cache, bt, sl, scale, causal, num_splits, arch):
     block_d, block_dv = max(16, next_pow2(d)), max(16, next_pow2(dv))
     launch(_paged_attn_fwd_kernel, (triton.cdiv(rows, cfg["BLOCK_M"]), splits, b * hkv),
            q, k_cache, v_cache, bt, sl, opart, lsepart, hkv, lq, d, dv, group, splits, chunk, page, capacity,
-           *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *bt.stride(), scale * LOG2E,
+           q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], bt.stride(), scale * LOG2E,
            IS_CAUSAL=causal, FOLD_SCALE=scale > 0, EVEN_D=d == block_d, EVEN_DV=dv == block_dv,
            SINGLE_PAGE=cfg["SINGLE_PAGE"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=block_d,
            BLOCK_DV=block_dv, UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype),
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     launch(_attn_combine_kernel, (rows, b * hkv),
-           opart, lsepart, out, lse, h, hkv, lq, dv, group, splits, *out.stride()[:3],
+           opart, lsepart, out, lse, h, hkv, lq, dv, group, splits, out.stride()[:3],
            BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, ACC=acc_dtype(q.dtype), num_warps=4)
     return out, lse
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .blockmask import EMPTY, FULL, PARTIAL, band_classes, block_mask, combine, document_classes, kv_lists, q_lists
+from .kernels.mods import VariantFlags
 from .variants import Variants
 
 
@@ -65,28 +66,30 @@ def lists(cls: torch.Tensor, by_query: bool) -> dict:
     cnt = torch.stack((full_n, part_n)).contiguous()           # (2, Bm, Hm, rows)
     idx = torch.stack((full_i, part_i)).contiguous()           # (2, Bm, Hm, rows, NN)
     _, bm, hm, rows = cnt.shape
-    return dict(LIST_CNT=cnt, LIST_IDX=idx, stride_lk=bm * hm * rows, stride_lb=hm * rows if bm > 1 else 0,
-                stride_lh=rows if hm > 1 else 0, NN=idx.shape[-1])
+    return dict(LIST_CNT=cnt, LIST_IDX=idx,
+                stride_list=(bm * hm * rows, hm * rows if bm > 1 else 0, rows if hm > 1 else 0), NN=idx.shape[-1])
 
 
 def kernel_args(var, q: torch.Tensor, s: int, seqlens_k: torch.Tensor | None, causal: bool, c_off: int,
                 scale: float) -> tuple[dict, bool]:
-    """(keyword arguments every kernel of the call takes, IS_CAUSAL) of the variants; the lists come from
-    ``lists(classes(...))`` per kernel, because each kernel has its own tiles."""
+    """(keyword arguments every kernel of the call takes, IS_CAUSAL) of the variants: ``VARIANT`` (the
+    compile-time ``VariantFlags``), ``var_args`` (sm_scale, softcap, window left, window right) and the variant
+    tensors; the lists come from ``lists(classes(...))`` per kernel, because each kernel has its own tiles."""
     if var is None:
         return {}, causal
-    kw = dict(sm_scale=scale, SOFTCAP=var.softcap is not None, softcap=float(var.softcap or 1.0),
-              ALIBI=var.alibi_slopes is not None, SCORE_MOD=var.score_mod, MASK_MOD=var.mask_mod,
-              MOD_HAS_ARGS=bool(var.mod_args))
+    flags = dict(softcap=var.softcap is not None, alibi=var.alibi_slopes is not None, mask_mod=var.mask_mod,
+                 score_mod=var.score_mod, score_mod_grad=var.score_mod_grad, mod_has_args=bool(var.mod_args))
+    kw = {}
     if var.alibi_slopes is not None:
         kw["SLOPES"] = var.alibi_slopes.to(torch.float32).expand(q.shape[0], q.shape[1]).contiguous()
     if var.mod_args:
         kw["MOD_ARGS"] = tuple(var.mod_args)
+    softcap = float(var.softcap or 1.0)
     if not is_sparse(var):
-        return kw, causal
+        return dict(kw, VARIANT=VariantFlags(**flags), var_args=(scale, softcap, 0, 0)), causal
     left, right = band(var, causal)
-    kw.update(SPARSE=True, BAND_LO=left >= 0, win_left=max(left, 0), win_right=max(right, 0),
-              PREFIX=var.prefix_lengths is not None, DOCS=var.q_ids is not None)
+    flags.update(band_lo=left >= 0, prefix=var.prefix_lengths is not None, docs=var.q_ids is not None)
+    kw.update(SPARSE=True, VARIANT=VariantFlags(**flags), var_args=(scale, softcap, max(left, 0), max(right, 0)))
     if var.prefix_lengths is not None:
         kw["PREFIX_LEN"] = var.prefix_lengths.to(torch.int32).contiguous()
     if var.q_ids is not None:

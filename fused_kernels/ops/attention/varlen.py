@@ -150,6 +150,9 @@ def _meta(q: torch.Tensor, d: int, dv: int) -> dict:
                 ACC=acc_dtype(q.dtype))
 
 
+_NO_MASK_STRIDES = (0, 0, 0, 0)     # the packed path takes no attn_mask (MASK_KIND none)
+
+
 def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(batch, head, row) strides of a packed (total, heads, dim) tensor seen as (1, heads, total, dim)."""
     return 0, t.stride(1), t.stride(0)
@@ -184,10 +187,10 @@ def varlen_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, dropo
     meta = _meta(q, d, dv)
     cfg = varlen_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
-    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0)
     launch(_attn_fwd_kernel, (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h),
-           q, k, v, k, v, q, cu_q, out, lse, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv, *strides,
-           *_packed_strides(out), scale * LOG2E, 0, dropout_p, seed, TMA=False, VARLEN=True,
+           q, k, v, None, None, q, None, out, lse, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv,
+           _packed_strides(q), _packed_strides(k), _packed_strides(v), _packed_strides(out), _NO_MASK_STRIDES,
+           scale * LOG2E, 0, dropout_p, seed, TMA=False, VARLEN=True,
            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
            **flags)
     return out, lse
@@ -234,21 +237,21 @@ def varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, see
     row_bytes = meta["BLOCK_DV"] * q.element_size()
     pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
     launch(_attn_bwd_preprocess_kernel, (triton.cdiv(total_q, pre_block), h),
-           out, do, dlse_c, lse.contiguous(), delta, lse2, h, total_q, dv, *_packed_strides(out), *_packed_strides(do),
+           out, do, dlse_c, lse.contiguous(), delta, lse2, h, total_q, dv, _packed_strides(out), _packed_strides(do),
            HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
-    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0, *_packed_strides(do))
+    strides = (_packed_strides(q), _packed_strides(k), _packed_strides(v), _packed_strides(do), _NO_MASK_STRIDES)
     args = (scale, scale * LOG2E, 0, dropout_p, seed)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     cfg = varlen_config("bwd_dkdv", d, dv, q.dtype, arch, dropout_p > 0)
     launch(_attn_bwd_dkdv_kernel, (triton.cdiv(max_k, cfg["BLOCK_N"]), batch * hkv),
-           q, k, v, q, do, q, cu_q, do, lse2, delta, dk, dvv, cu_q, cu_k, h, hkv, total_q, total_k, d, dv, h // hkv,
-           *strides, *args, TMA=False, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), VARLEN=True,
+           q, k, v, None, None, q, None, do, lse2, delta, dk, dvv, cu_q, cu_k, h, hkv, total_q, total_k, d, dv,
+           h // hkv, *strides, *args, TMA=False, SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), VARLEN=True,
            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
            **flags)
     cfg = varlen_config("bwd_dq", d, dv, q.dtype, arch, dropout_p > 0)
     launch(_attn_bwd_dq_kernel, (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h),
-           q, k, v, k, v, q, cu_q, do, lse2, delta, dq, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv, *strides,
-           *args, TMA=False, VARLEN=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+           q, k, v, None, None, q, None, do, lse2, delta, dq, cu_q, cu_k, h, total_q, total_k, d, dv, h // hkv,
+           *strides, *args, TMA=False, VARLEN=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags)
     return dq, dk, dvv
 

@@ -6,23 +6,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import _load_tile
-from .mods import _mask, _mod_scores
+from .common import LOG2E, MASK_NONE, _key_length, _key_range, _load_tile, _packed_bounds, _scores
+from .mods import PLAIN, _mask, variant_context
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
     O,          # (B, H, L, DV) forward output
     DO,         # (B, H, L, DV) its gradient, any strides, last dim contiguous
-    DLSE,       # (B, H, L) gradient of the lse, contiguous (HAS_DLSE)
+    DLSE,       # (B, H, L) gradient of the lse, contiguous (HAS_DLSE; else None)
     LSE,        # (B, H, L) forward log-sum-exp (natural log), contiguous
     DELTA,      # (B, H, L) rowsum(dO * O) - dlse, contiguous, accumulation dtype
     LSE2,       # (B, H, L) lse in log2 units, +inf for fully masked rows (p = exp2(s - lse2) = 0), contiguous
     H, L, DV,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
+    stride_o, stride_do,    # (batch, head, row) strides of O / DO
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
 ):
+    stride_ob, stride_oh, stride_om = stride_o
+    stride_dob, stride_doh, stride_dom = stride_do
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -38,34 +39,30 @@ def _attn_bwd_preprocess_kernel(
         delta -= tl.load(DLSE + bh * L + offs_m, mask=offs_m < L, other=0.0).to(ACC)
     tl.store(DELTA + bh * L + offs_m, delta, mask=offs_m < L)
     lse = tl.load(LSE + bh * L + offs_m, mask=offs_m < L, other=0.0)
-    tl.store(LSE2 + bh * L + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
-             mask=offs_m < L)
+    tl.store(LSE2 + bh * L + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=offs_m < L)
 
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v,
+    dk, dv, k, v, start_m,
     q_ptrs, do_ptrs, m_ptrs,   # (BLOCK_M, BLOCK_D) / (BLOCK_M, BLOCK_DV) / (BLOCK_N, BLOCK_M) pointers of this block
-    Q_DESC, DO_DESC, b, h,     # TMA descriptors of (B, H, L, D) q / (B, H, L, DV) do, this program's coordinates
+    Q_DESC, DO_DESC, desc_at,  # TMA descriptors of (B, H, L, D) q / (B, H, L, DV) do and this program's (b, h)
     LSE2, DELTA,               # (L,) rows of this (b, h)
-    start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S, causal_offset,
-    seed, rng_base, dropout_p, qk_scale,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    c_off=0, c_lo=0, prefix_len=0, kv_len=0, sm_scale=1.0, softcap=1.0, slope=0.0, DOC_Q=0, DOC_K=0, MOD_ARGS=0,
-    BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False, DOCS: tl.constexpr = False,
-    MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
-    SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None, MOD_HAS_ARGS: tl.constexpr = False,
+    offs_m0, offs_n, dims, L, S, kv_len, c_hi, qk_scale, drop, vctx,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_ROWS: tl.constexpr, PARTIAL: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VAR: tl.constexpr,
 ):
     """One query block's contribution to this program's dK, dV, on transposed scores (BLOCK_N, BLOCK_M).
     Rows past L contribute nothing: their lse2 is +inf (p = 0) and q / do load as 0. Keys past kv_len are
-    not masked here: their rows of dK / dV are zeroed once at the end. ``causal_offset`` is the band's upper
-    diagonal; the variants as in ``_fwd_block``, on the transposed index tiles."""
+    not masked here: their rows of dK / dV are zeroed once at the end. ``c_hi`` is the band's upper diagonal;
+    the variants as in ``_fwd_block``, on the transposed index tiles, their masks on PARTIAL tiles only."""
+    offs_d, offs_dv, D, DV = dims
     offs_m = start_m + offs_m0
     row_ok = offs_m < L
     if TMA:
+        b, h = desc_at
         q = Q_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         do = DO_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
     else:
@@ -81,33 +78,18 @@ def _dkdv_block(
         lse2 = tl.load(LSE2 + offs_m)
         delta = tl.load(DELTA + offs_m)
     sT = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)     # (BLOCK_N, BLOCK_M)
-    bias = 0.0
-    if MASK_KIND == 2:
-        bias = tl.load(m_ptrs, mask=row_ok[None, :] & (offs_n[:, None] < S), other=0.0).to(ACC)
-    g = 1.0
-    if SOFTCAP or ALIBI or SCORE_MOD is not None:
-        z, g = _mod_scores(sT * sm_scale, offs_m[None, :], offs_n[:, None], b, h, c_off, softcap, slope, bias, L, S,
-                           MOD_ARGS, SOFTCAP=SOFTCAP, ALIBI=ALIBI, HAS_BIAS=MASK_KIND == 2, SCORE_MOD=SCORE_MOD,
-                           SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS, NEED_GRAD=True)
-        sT = z * 1.4426950408889634
-    else:
-        if not FOLD_SCALE:
-            sT = sT * qk_scale
-        if MASK_KIND == 2:
-            sT += bias * 1.4426950408889634
-    if MASK_KIND == 1:
-        keep = tl.load(m_ptrs, mask=row_ok[None, :] & (offs_n[:, None] < S), other=0)
-        sT = tl.where(keep != 0, sT, float("-inf"))
-    if IS_CAUSAL or BAND_LO or DOCS or MASK_MOD is not None:
-        sT = _mask(sT, offs_m[None, :], offs_n[:, None], b, h, kv_len, causal_offset, c_lo, prefix_len, DOC_Q,
-                   DOC_K, L, S, MOD_ARGS, CHECK_KV=False, CAUSAL=IS_CAUSAL, BAND_LO=BAND_LO, PREFIX=PREFIX,
-                   DOCS=DOCS, MASK_MOD=MASK_MOD, MOD_HAS_ARGS=MOD_HAS_ARGS)
+    sT, g = _scores(sT, m_ptrs, row_ok[None, :] & (offs_n[:, None] < S), offs_m[None, :], offs_n[:, None], qk_scale,
+                    vctx, MASK_KIND=MASK_KIND, FOLD_SCALE=FOLD_SCALE, ACC=ACC, VAR=VAR, NEED_GRAD=True)
+    if IS_CAUSAL or (PARTIAL and (VAR.band_lo or VAR.docs or VAR.mask_mod is not None)):
+        sT = _mask(sT, offs_m[None, :], offs_n[:, None], kv_len, c_hi, vctx, CHECK_KV=False, CAUSAL=IS_CAUSAL,
+                   VAR=VAR)
     if FOLD_SCALE:
         pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
     else:
         pT = tl.math.exp2(sT - lse2[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)    # (BLOCK_N, BLOCK_M)
     if HAS_DROPOUT:
+        seed, rng_base, dropout_p = drop
         keep_d = tl.rand(seed, rng_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None]) >= dropout_p
         pdT = tl.where(keep_d, pT * (1.0 / (1.0 - dropout_p)), 0.0)
         dpT = tl.where(keep_d, dpT * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -115,7 +97,7 @@ def _dkdv_block(
         pdT = pT
     dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=ACC)
     dsT = pT * (dpT - delta[None, :])
-    if SOFTCAP or SCORE_MOD is not None:
+    if VAR.softcap or VAR.score_mod is not None:
         dsT = dsT * g
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=ACC)
     return dk, dv
@@ -123,89 +105,61 @@ def _dkdv_block(
 
 @triton.jit
 def _dkdv_loop(
-    dk, dv, k, v, lo, hi,
-    q_ptrs, do_ptrs, m_ptrs,   # (BLOCK_M, BLOCK_D) / (BLOCK_M, BLOCK_DV) / (BLOCK_N, BLOCK_M) pointers of query block 0
-    stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC, b, h, LSE2, DELTA,
-    offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S, causal_offset, seed, rng_base, dropout_p, qk_scale,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_ROWS: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LIST=0, FROM_LIST: tl.constexpr = False,
-    c_off=0, c_lo=0, prefix_len=0, kv_len=0, sm_scale=1.0, softcap=1.0, slope=0.0, DOC_Q=0, DOC_K=0, MOD_ARGS=0,
-    BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False, DOCS: tl.constexpr = False,
-    MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
-    SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None, MOD_HAS_ARGS: tl.constexpr = False,
+    dk, dv, k, v, lo, hi, LIST,  # query blocks [lo, hi), or LIST[lo:hi] (FROM_LIST: a sparse list of the table)
+    q_ptrs, do_ptrs, m_ptrs,     # pointers of query block 0
+    row_strides,                 # (query row) strides of q / do / the mask
+    Q_DESC, DO_DESC, desc_at, LSE2, DELTA,
+    offs_m0, offs_n, dims, L, S, kv_len, c_hi, qk_scale, drop, vctx,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_ROWS: tl.constexpr, PARTIAL: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FROM_LIST: tl.constexpr,
+    VAR: tl.constexpr,
 ):
     """dK, dV over the query blocks [lo, hi) of one head, every block with the same masks; FROM_LIST: over the
-    query blocks ``LIST[lo:hi]`` (a sparse list of the block table)."""
-    if FROM_LIST:
-        for it in range(lo, hi):
+    query blocks ``LIST[lo:hi]``."""
+    stride_qm, stride_dom, stride_mm = row_strides
+    for it in range(lo, hi, 1 if FROM_LIST else BLOCK_M):
+        if FROM_LIST:
             start_m = tl.load(LIST + it) * BLOCK_M
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom,
-                m_ptrs + start_m * stride_mm,
-                Q_DESC, DO_DESC, b, h, LSE2, DELTA, start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
-                causal_offset, seed, rng_base, dropout_p, qk_scale,
-                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
-                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, c_off=c_off, c_lo=c_lo, prefix_len=prefix_len,
-                kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
-                slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K, MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
-                MASK_MOD=MASK_MOD, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
-                MOD_HAS_ARGS=MOD_HAS_ARGS)
-    else:
-        for start_m in range(lo, hi, BLOCK_M):
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom,
-                m_ptrs + start_m * stride_mm,
-                Q_DESC, DO_DESC, b, h, LSE2, DELTA, start_m, offs_m0, offs_n, offs_d, offs_dv, D, DV, L, S,
-                causal_offset, seed, rng_base, dropout_p, qk_scale,
-                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-                EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC,
-                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, c_off=c_off, c_lo=c_lo, prefix_len=prefix_len,
-                kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
-                slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K, MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
-                MASK_MOD=MASK_MOD, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
-                MOD_HAS_ARGS=MOD_HAS_ARGS)
+        else:
+            start_m = it
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, start_m, q_ptrs + start_m * stride_qm, do_ptrs + start_m * stride_dom,
+            m_ptrs + start_m * stride_mm, Q_DESC, DO_DESC, desc_at, LSE2, DELTA, offs_m0, offs_n, dims, L, S,
+            kv_len, c_hi, qk_scale, drop, vctx,
+            MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=CHECK_ROWS, PARTIAL=PARTIAL, FOLD_SCALE=FOLD_SCALE,
+            EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
+            PRECISION=PRECISION, ACC=ACC, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, VAR=VAR)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,          # (B, H, L, D) any strides, last dim contiguous
-    K,          # (B, Hkv, S, D)
-    V,          # (B, Hkv, S, DV)
-    Q_DESC,     # TMA descriptor of Q, block (1, 1, BLOCK_M, BLOCK_D) (TMA; otherwise Q again)
-    DO_DESC,    # TMA descriptor of DO, block (1, 1, BLOCK_M, BLOCK_DV) (TMA; otherwise DO again)
-    MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
-    SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
-    DO,         # (B, H, L, DV) output gradient, any strides, last dim contiguous
-    LSE2,       # (B, H, L) lse in log2 units (+inf: fully masked row), contiguous
-    DELTA,      # (B, H, L) from the preprocess kernel, contiguous
-    DK,         # (B, Hkv, S, D) key gradient, contiguous
-    DV_,        # (B, Hkv, S, DV) value gradient, contiguous
-    CU_Q,       # (B + 1,) cumulative query lengths (VARLEN; otherwise unused)
-    CU_K,       # (B + 1,) cumulative key lengths (VARLEN; otherwise unused)
+    Q, K, V,        # (B, H, L, D) / (B, Hkv, S, D) / (B, Hkv, S, DV), any strides, last dim contiguous
+    Q_DESC,         # TMA descriptor of Q, block (1, 1, BLOCK_M, BLOCK_D) (TMA; else None)
+    DO_DESC,        # TMA descriptor of DO, block (1, 1, BLOCK_M, BLOCK_DV) (TMA; else None)
+    MASK,           # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND; else any tensor)
+    SEQLENS,        # (B,) int valid key lengths (HAS_SEQLENS; else None)
+    DO,             # (B, H, L, DV) output gradient, any strides, last dim contiguous
+    LSE2,           # (B, H, L) lse in log2 units (+inf: fully masked row), contiguous
+    DELTA,          # (B, H, L) from the preprocess kernel, contiguous
+    DK,             # (B, Hkv, S, D) key gradient, contiguous
+    DV_,            # (B, Hkv, S, DV) value gradient, contiguous
+    CU_Q, CU_K,     # (B + 1,) cumulative query / key lengths (VARLEN; else None)
     H, HKV, L, S, D, DV, GROUP,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_dob, stride_doh, stride_dom,
+    stride_q, stride_k, stride_v, stride_do,   # (batch, head, row) strides of each tensor
+    stride_m,                                  # (batch, head, query, key) strides of MASK
     sm_scale, qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
-    # Variants as in the forward kernel (fused_kernels.attention.mods), all off by default.
+    # Variants as in the forward kernel (mods.py), all off by default.
     SLOPES=None, PREFIX_LEN=None, DOC_Q=None, DOC_K=None, MOD_ARGS=None, LIST_CNT=None, LIST_IDX=None,
-    stride_lk=0, stride_lb=0, stride_lh=0, NN=0, win_left=0, win_right=0, softcap=1.0,
-    SPARSE: tl.constexpr = False, BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False,
-    DOCS: tl.constexpr = False, MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False,
-    ALIBI: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None,
-    MOD_HAS_ARGS: tl.constexpr = False,
+    stride_list=None, NN=0, var_args=None,
+    SPARSE: tl.constexpr = False, VARIANT: tl.constexpr = PLAIN,
 ):
     """One key block: dK, dV summed over every query block of every query head of its GQA group, in a
     fixed order (deterministic, no atomics). Per head (SPLIT_BLOCKS, the tensor-core dtypes): the diagonal
@@ -213,16 +167,19 @@ def _attn_bwd_dkdv_kernel(
     otherwise one loop with every mask. VARLEN: packed sequences as in the forward (L = total_q, S = total_k,
     LSE2 / DELTA (H, total_q), DK / DV_ (Hkv, total_k, D)); a key block past its sequence returns at once.
     SPARSE: per head, the full query blocks of the block table's lists (no mask), then its partial ones."""
+    stride_qb, stride_qh, stride_qm = stride_q
+    stride_kb, stride_kh, stride_kn = stride_k
+    stride_vb, stride_vh, stride_vn = stride_v
+    stride_dob, stride_doh, stride_dom = stride_do
+    stride_mb, stride_mh, stride_mm, stride_mn = stride_m
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
     start_n = pid_n * BLOCK_N
+    seq_s = S
     if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seq_l = (tl.load(CU_Q + b + 1).to(tl.int64) - q_start).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seq_s = (tl.load(CU_K + b + 1).to(tl.int64) - k_start).to(tl.int32)
+        q_start, seq_l, k_start, seq_s = _packed_bounds(CU_Q, CU_K, b)
         if start_n >= seq_s:
             return
         Q += q_start * stride_qm
@@ -241,16 +198,12 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kv_len = S
-    if VARLEN:
-        kv_len = seq_s
-    if HAS_SEQLENS:
-        kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
+    kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
     col_ok = offs_n < kv_len
     k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                   col_ok, offs_d, D, True, EVEN_D)
+                   col_ok, offs_d, D, CHECK_ROWS=True, EVEN_C=EVEN_D)
     v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                   col_ok, offs_dv, DV, True, EVEN_DV)
+                   col_ok, offs_dv, DV, CHECK_ROWS=True, EVEN_C=EVEN_DV)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -269,9 +222,13 @@ def _attn_bwd_dkdv_kernel(
         hi = 0
     rows_full = (hi // BLOCK_M) * BLOCK_M
     tail_lo = tl.maximum(diag_hi, rows_full)
-    b32 = b.to(tl.int32)
+    dims = (offs_d, offs_dv, D, DV)
+    row_strides = (stride_qm, stride_dom, stride_mm)
+    sm_scale_v, softcap, win_left, win_right = sm_scale, 1.0, 0, 0
+    if var_args is not None:
+        sm_scale_v, softcap, win_left, win_right = var_args
     prefix_len = 0
-    if PREFIX:
+    if VARIANT.prefix:
         prefix_len = tl.minimum(tl.load(PREFIX_LEN + b), kv_len)
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -285,65 +242,50 @@ def _attn_bwd_dkdv_kernel(
         m_ptrs = (MASK + b * stride_mb + h * stride_mh + offs_m0[None, :].to(tl.int64) * stride_mm
                   + offs_n[:, None] * stride_mn)
         slope = 0.0
-        if ALIBI:
+        if VARIANT.alibi:
             slope = tl.load(SLOPES + bh)
+        desc_at = (b.to(tl.int32), h.to(tl.int32))
+        drop = (seed, row0 * S, dropout_p)
+        vctx = variant_context(b.to(tl.int32), h.to(tl.int32), c_off, c_off - win_left, prefix_len, sm_scale_v,
+                               softcap, slope, seq_l, S, DOC_Q, DOC_K, MOD_ARGS)
         if SPARSE:
+            stride_lk, stride_lb, stride_lh = stride_list
             row = b * stride_lb + h * stride_lh + pid_n
-            dk, dv = _dkdv_loop(
-                dk, dv, k, v, 0, tl.load(LIST_CNT + row), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
-                Q_DESC, DO_DESC, b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D,
-                DV, seq_l, S, c_off + win_right, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, True,
-                FOLD_SCALE, EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV,
-                LIST=LIST_IDX + row * NN, FROM_LIST=True, c_off=c_off, kv_len=kv_len, sm_scale=sm_scale,
-                softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD,
-                SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS)
-            dk, dv = _dkdv_loop(
-                dk, dv, k, v, 0, tl.load(LIST_CNT + stride_lk + row), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom,
-                stride_mm, Q_DESC, DO_DESC, b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d,
-                offs_dv, D, DV, seq_l, S, c_off + win_right, seed, row0 * S, dropout_p, qk_scale, MASK_KIND,
-                IS_CAUSAL, True, FOLD_SCALE, EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M,
-                BLOCK_D, BLOCK_DV, LIST=LIST_IDX + (stride_lk + row) * NN, FROM_LIST=True, c_off=c_off,
-                c_lo=c_off - win_left, prefix_len=prefix_len, kv_len=kv_len, sm_scale=sm_scale, softcap=softcap,
-                slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K, MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
-                MASK_MOD=MASK_MOD, SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
-                MOD_HAS_ARGS=MOD_HAS_ARGS)
-        # Query blocks [lo, diag_hi): causal mask; [diag_hi, rows_full): no mask; then the partial tail.
+            for kind in tl.static_range(2):    # the full query blocks (no mask), then the partial ones
+                dk, dv = _dkdv_loop(
+                    dk, dv, k, v, 0, tl.load(LIST_CNT + kind * stride_lk + row),
+                    LIST_IDX + (kind * stride_lk + row) * NN, q_ptrs, do_ptrs, m_ptrs, row_strides, Q_DESC, DO_DESC,
+                    desc_at, LSE2 + row0, DELTA + row0,
+                    offs_m0, offs_n, dims, seq_l, S, kv_len, c_off + win_right, qk_scale, drop, vctx,
+                    MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL and kind == 1, CHECK_ROWS=True, PARTIAL=kind == 1,
+                    FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT,
+                    UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+                    BLOCK_DV=BLOCK_DV, FROM_LIST=True, VAR=VARIANT)
         elif SPLIT_BLOCKS:
-            dk, dv = _dkdv_loop(
-                dk, dv, k, v, lo, tl.minimum(diag_hi, hi), q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
-                Q_DESC, DO_DESC,
-                b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
-                c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off,
-                sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
-                SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
-                MOD_HAS_ARGS=MOD_HAS_ARGS)
-            dk, dv = _dkdv_loop(
-                dk, dv, k, v, diag_hi, rows_full, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm,
-                Q_DESC, DO_DESC,
-                b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
-                c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, False, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off,
-                sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
-                SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
-                MOD_HAS_ARGS=MOD_HAS_ARGS)
-            dk, dv = _dkdv_loop(
-                dk, dv, k, v, tail_lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
-                b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
-                c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, False, True, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off,
-                sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
-                SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
-                MOD_HAS_ARGS=MOD_HAS_ARGS)
+            # Query blocks [lo, diag_hi): causal mask; [diag_hi, rows_full): no mask; then the partial tail.
+            for stage in tl.static_range(3):
+                if stage == 0:
+                    start, stop = lo, tl.minimum(diag_hi, hi)
+                elif stage == 1:
+                    start, stop = diag_hi, rows_full
+                else:
+                    start, stop = tail_lo, hi
+                dk, dv = _dkdv_loop(
+                    dk, dv, k, v, start, stop, LIST_IDX, q_ptrs, do_ptrs, m_ptrs, row_strides, Q_DESC, DO_DESC,
+                    desc_at, LSE2 + row0, DELTA + row0, offs_m0, offs_n, dims, seq_l, S, kv_len, c_off, qk_scale,
+                    drop, vctx,
+                    MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL and stage == 0, CHECK_ROWS=stage != 1, PARTIAL=False,
+                    FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT,
+                    UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+                    BLOCK_DV=BLOCK_DV, FROM_LIST=False, VAR=VARIANT)
         else:   # one loop, every mask on: fewer live registers for the fp32 / fp64 tiles
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, lo, hi, q_ptrs, do_ptrs, m_ptrs, stride_qm, stride_dom, stride_mm, Q_DESC, DO_DESC,
-                b32, h.to(tl.int32), LSE2 + row0, DELTA + row0, offs_m0, offs_n, offs_d, offs_dv, D, DV, seq_l, S,
-                c_off, seed, row0 * S, dropout_p, qk_scale, MASK_KIND, IS_CAUSAL, True, FOLD_SCALE,
-                EVEN_D, EVEN_DV, TMA, HAS_DROPOUT, UPCAST, PRECISION, ACC, BLOCK_M, BLOCK_D, BLOCK_DV, c_off=c_off,
-                sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS,
-                SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
-                MOD_HAS_ARGS=MOD_HAS_ARGS)
+                dk, dv, k, v, lo, hi, LIST_IDX, q_ptrs, do_ptrs, m_ptrs, row_strides, Q_DESC, DO_DESC, desc_at,
+                LSE2 + row0, DELTA + row0, offs_m0, offs_n, dims, seq_l, S, kv_len, c_off, qk_scale, drop, vctx,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_ROWS=True, PARTIAL=False, FOLD_SCALE=FOLD_SCALE,
+                EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
+                PRECISION=PRECISION, ACC=ACC, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, FROM_LIST=False,
+                VAR=VARIANT)
     dk = tl.where(col_ok[:, None], dk * sm_scale, 0.0)      # keys past kv_len: no gradient
     dv = tl.where(col_ok[:, None], dv, 0.0)
     out_ok = offs_n[:, None] < out_lim
@@ -355,28 +297,24 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_block(
-    dq, q, do, lse2, delta,
+    dq, q, do, lse2, delta, start_n,
     k_ptrs, v_ptrs, m_ptrs,    # (BLOCK_N, BLOCK_D) / (BLOCK_N, BLOCK_DV) / (BLOCK_M, BLOCK_N) pointers of this block
-    K_DESC, V_DESC, b, hk,     # TMA descriptors of (B, Hkv, S, D) k / v, this program's coordinates
-    start_n, offs_m, offs_n, offs_d, offs_dv, D, DV, S, kv_len, row_ok, causal_offset,
-    seed, rng_row, dropout_p, qk_scale,
+    K_DESC, V_DESC, desc_at,   # TMA descriptors of (B, Hkv, S, D) k / v and this program's (b, kv head) (TMA)
+    offs_m, row_ok, offs_n, dims, S, kv_len, c_hi, qk_scale, drop, vctx,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr, FOLD_SCALE: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr, ZERO_KV_TAIL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    h=0, seq_l=1, c_off=0, c_lo=0, prefix_len=0, sm_scale=1.0, softcap=1.0, slope=0.0,
-    DOC_Q=0, DOC_K=0, MOD_ARGS=0,
-    BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False, DOCS: tl.constexpr = False,
-    MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
-    SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None, MOD_HAS_ARGS: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VAR: tl.constexpr,
 ):
     """One key block's contribution to this program's dQ; masks (key bound + causal limit as one compare)
     only in the CHECK_BOUNDS blocks. Keys in [kv_len, S) are zeroed (ZERO_KV_TAIL) where TMA loads them:
     ds = 0 must not meet a NaN there. The variants as in ``_fwd_block``; ``ds`` is taken back through the score
     mods by their derivative (``_mod_scores``)."""
+    offs_d, offs_dv, D, DV = dims
     cols = start_n + offs_n
     col_ok = cols < kv_len
     if TMA:
+        b, hk = desc_at
         k = K_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         v = V_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
         if CHECK_BOUNDS and ZERO_KV_TAIL:
@@ -389,77 +327,57 @@ def _dq_block(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)          # (BLOCK_M, BLOCK_N)
-    bias = 0.0
-    if MASK_KIND == 2:
-        bias = tl.load(m_ptrs, mask=row_ok[:, None] & (cols[None, :] < S), other=0.0).to(ACC)
-    g = 1.0
-    if SOFTCAP or ALIBI or SCORE_MOD is not None:
-        z, g = _mod_scores(s * sm_scale, offs_m[:, None], cols[None, :], b, h, c_off, softcap, slope, bias, seq_l,
-                           S, MOD_ARGS, SOFTCAP=SOFTCAP, ALIBI=ALIBI, HAS_BIAS=MASK_KIND == 2, SCORE_MOD=SCORE_MOD,
-                           SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS, NEED_GRAD=True)
-        s = z * 1.4426950408889634
-    else:
-        if not FOLD_SCALE:
-            s = s * qk_scale
-        if MASK_KIND == 2:
-            s += bias * 1.4426950408889634
-    if MASK_KIND == 1:
-        keep = tl.load(m_ptrs, mask=row_ok[:, None] & (cols[None, :] < S), other=0)
-        s = tl.where(keep != 0, s, float("-inf"))
+    s, g = _scores(s, m_ptrs, row_ok[:, None] & (cols[None, :] < S), offs_m[:, None], cols[None, :], qk_scale, vctx,
+                   MASK_KIND=MASK_KIND, FOLD_SCALE=FOLD_SCALE, ACC=ACC, VAR=VAR, NEED_GRAD=True)
     if CHECK_BOUNDS:
-        s = _mask(s, offs_m[:, None], cols[None, :], b, h, kv_len, causal_offset, c_lo, prefix_len, DOC_Q, DOC_K,
-                  seq_l, S, MOD_ARGS, CHECK_KV=True, CAUSAL=IS_CAUSAL, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS,
-                  MASK_MOD=MASK_MOD, MOD_HAS_ARGS=MOD_HAS_ARGS)
+        s = _mask(s, offs_m[:, None], cols[None, :], kv_len, c_hi, vctx, CHECK_KV=True, CAUSAL=IS_CAUSAL, VAR=VAR)
     if FOLD_SCALE:
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
     else:
         p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)           # (BLOCK_M, BLOCK_N)
     if HAS_DROPOUT:
+        seed, rng_row, dropout_p = drop
         keep_d = tl.rand(seed, rng_row[:, None] + cols[None, :]) >= dropout_p
         dp = tl.where(keep_d, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
-    if SOFTCAP or SCORE_MOD is not None:
+    if VAR.softcap or VAR.score_mod is not None:
         ds = ds * g
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,          # (B, H, L, D) any strides, last dim contiguous
-    K,          # (B, Hkv, S, D)
-    V,          # (B, Hkv, S, DV)
-    K_DESC,     # TMA descriptor of K, block (1, 1, BLOCK_N, BLOCK_D) (TMA; otherwise K again)
-    V_DESC,     # TMA descriptor of V, block (1, 1, BLOCK_N, BLOCK_DV) (TMA; otherwise V again)
-    MASK,       # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND != 0)
-    SEQLENS,    # (B,) int valid key lengths (HAS_SEQLENS)
-    DO,         # (B, H, L, DV) output gradient, any strides, last dim contiguous
-    LSE2,       # (B, H, L) lse in log2 units (+inf: fully masked row), contiguous
-    DELTA,      # (B, H, L) from the preprocess kernel, contiguous
-    DQ,         # (B, H, L, D) query gradient, contiguous
-    CU_Q,       # (B + 1,) cumulative query lengths (VARLEN; otherwise unused)
-    CU_K,       # (B + 1,) cumulative key lengths (VARLEN; otherwise unused)
+    Q, K, V,        # (B, H, L, D) / (B, Hkv, S, D) / (B, Hkv, S, DV), any strides, last dim contiguous
+    K_DESC,         # TMA descriptor of K, block (1, 1, BLOCK_N, BLOCK_D) (TMA; else None)
+    V_DESC,         # TMA descriptor of V, block (1, 1, BLOCK_N, BLOCK_DV) (TMA; else None)
+    MASK,           # (B, H, L, S) bool (as uint8) or float mask, broadcast strides (MASK_KIND; else any tensor)
+    SEQLENS,        # (B,) int valid key lengths (HAS_SEQLENS; else None)
+    DO,             # (B, H, L, DV) output gradient, any strides, last dim contiguous
+    LSE2,           # (B, H, L) lse in log2 units (+inf: fully masked row), contiguous
+    DELTA,          # (B, H, L) from the preprocess kernel, contiguous
+    DQ,             # (B, H, L, D) query gradient, contiguous
+    CU_Q, CU_K,     # (B + 1,) cumulative query / key lengths (VARLEN; else None)
     H, L, S, D, DV, GROUP,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_dob, stride_doh, stride_dom,
+    stride_q, stride_k, stride_v, stride_do,   # (batch, head, row) strides of each tensor
+    stride_m,                                  # (batch, head, query, key) strides of MASK
     sm_scale, qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
-    # Variants as in the forward kernel (fused_kernels.attention.mods), all off by default.
+    # Variants as in the forward kernel (mods.py), all off by default.
     SLOPES=None, PREFIX_LEN=None, DOC_Q=None, DOC_K=None, MOD_ARGS=None, LIST_CNT=None, LIST_IDX=None,
-    stride_lk=0, stride_lb=0, stride_lh=0, NN=0, win_left=0, win_right=0, softcap=1.0,
-    SPARSE: tl.constexpr = False, BAND_LO: tl.constexpr = False, PREFIX: tl.constexpr = False,
-    DOCS: tl.constexpr = False, MASK_MOD: tl.constexpr = None, SOFTCAP: tl.constexpr = False,
-    ALIBI: tl.constexpr = False, SCORE_MOD: tl.constexpr = None, SCORE_MOD_GRAD: tl.constexpr = None,
-    MOD_HAS_ARGS: tl.constexpr = False,
+    stride_list=None, NN=0, var_args=None,
+    SPARSE: tl.constexpr = False, VARIANT: tl.constexpr = PLAIN,
 ):
     """VARLEN: packed sequences as in the forward (L = total_q, S = total_k, LSE2 / DELTA (H, total_q),
     DQ (H, total_q, D)). SPARSE and the other variants as in the forward kernel."""
+    stride_qb, stride_qh, stride_qm = stride_q
+    stride_kb, stride_kh, stride_kn = stride_k
+    stride_vb, stride_vh, stride_vn = stride_v
+    stride_dob, stride_doh, stride_dom = stride_do
+    stride_mb, stride_mh, stride_mm, stride_mn = stride_m
     pid_m = tl.program_id(0)
     if IS_CAUSAL:   # heaviest query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -468,11 +386,9 @@ def _attn_bwd_dq_kernel(
     h = bh % H
     hk = h // GROUP
     start_m = pid_m * BLOCK_M
+    seq_s = S
     if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seq_l = (tl.load(CU_Q + b + 1).to(tl.int64) - q_start).to(tl.int32)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seq_s = (tl.load(CU_K + b + 1).to(tl.int64) - k_start).to(tl.int32)
+        q_start, seq_l, k_start, seq_s = _packed_bounds(CU_Q, CU_K, b)
         if start_m >= seq_l:
             return
         Q += q_start * stride_qm
@@ -491,9 +407,9 @@ def _attn_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < seq_l
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                   row_ok, offs_d, D, True, EVEN_D)
+                   row_ok, offs_d, D, CHECK_ROWS=True, EVEN_C=EVEN_D)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                    row_ok, offs_dv, DV, True, EVEN_DV)
+                    row_ok, offs_dv, DV, CHECK_ROWS=True, EVEN_C=EVEN_DV)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -508,77 +424,58 @@ def _attn_bwd_dq_kernel(
     v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
     m_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
     rng_row = ((row0 + offs_m) * S).to(tl.int64)
-    kv_len = S
-    if VARLEN:
-        kv_len = seq_s
-    if HAS_SEQLENS:
-        kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
-    hi = kv_len
-    full_hi = kv_len
-    if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(kv_len, start_m + BLOCK_M + c_off), 0)
-        full_hi = tl.maximum(tl.minimum(kv_len, start_m + c_off + 1), 0)
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N
-    b32 = b.to(tl.int32)
-    hk32 = hk.to(tl.int32)
-    h32 = h.to(tl.int32)
+    kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
+    hi, full_hi = _key_range(start_m, kv_len, c_off, IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    desc_at = (b.to(tl.int32), hk.to(tl.int32))
+    dims = (offs_d, offs_dv, D, DV)
+    drop = (seed, rng_row, dropout_p)
+    sm_scale_v, softcap, win_left, win_right = sm_scale, 1.0, 0, 0
+    if var_args is not None:
+        sm_scale_v, softcap, win_left, win_right = var_args
     slope = 0.0
-    if ALIBI:
+    if VARIANT.alibi:
         slope = tl.load(SLOPES + bh)
     prefix_len = 0
-    if PREFIX:
+    if VARIANT.prefix:
         prefix_len = tl.minimum(tl.load(PREFIX_LEN + b), kv_len)
+    vctx = variant_context(b.to(tl.int32), h.to(tl.int32), c_off, c_off - win_left, prefix_len, sm_scale_v, softcap,
+                           slope, seq_l, S, DOC_Q, DOC_K, MOD_ARGS)
     if SPARSE:
+        stride_lk, stride_lb, stride_lh = stride_list
         row = b * stride_lb + h * stride_lh + pid_m
         for kind in tl.static_range(2):    # the full key blocks (no mask), then the partial ones
             n_blocks = tl.load(LIST_CNT + kind * stride_lk + row)
             for t in range(0, n_blocks):
                 start_n = tl.load(LIST_IDX + (kind * stride_lk + row) * NN + t) * BLOCK_N
                 dq = _dq_block(
-                    dq, q, do, lse2, delta, k_base + start_n * stride_kn + k_offs,
+                    dq, q, do, lse2, delta, start_n, k_base + start_n * stride_kn + k_offs,
                     v_base + start_n * stride_vn + v_offs, m_base + start_n * stride_mn + m_offs, K_DESC, V_DESC,
-                    b32, hk32, start_n, offs_m, offs_n, offs_d, offs_dv, D, DV, S, kv_len, row_ok,
-                    c_off + win_right, seed, rng_row, dropout_p, qk_scale,
+                    desc_at, offs_m, row_ok, offs_n, dims, S, kv_len, c_off + win_right, qk_scale, drop, vctx,
                     MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=kind == 1, FOLD_SCALE=FOLD_SCALE,
                     EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT,
                     UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                    BLOCK_DV=BLOCK_DV, h=h32, seq_l=seq_l, c_off=c_off, c_lo=c_off - win_left,
-                    prefix_len=prefix_len, sm_scale=sm_scale, softcap=softcap, slope=slope, DOC_Q=DOC_Q, DOC_K=DOC_K,
-                    MOD_ARGS=MOD_ARGS, BAND_LO=BAND_LO, PREFIX=PREFIX, DOCS=DOCS, MASK_MOD=MASK_MOD,
-                    SOFTCAP=SOFTCAP, ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD,
-                    MOD_HAS_ARGS=MOD_HAS_ARGS)
+                    BLOCK_DV=BLOCK_DV, VAR=VARIANT)
     else:
-        for start_n in range(0, full_hi, BLOCK_N):
-            dq = _dq_block(
-                dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
-                start_n, offs_m, offs_n,
-                offs_d, offs_dv, D, DV, S, kv_len, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
-                MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-                EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
-                PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, h=h32, seq_l=seq_l,
-                c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS, SOFTCAP=SOFTCAP,
-                ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS)
-            if not TMA:
-                k_base += BLOCK_N * stride_kn
-                v_base += BLOCK_N * stride_vn
-            if MASK_KIND != 0:
-                m_base += BLOCK_N * stride_mn
-        for start_n in range(full_hi, hi, BLOCK_N):
-            dq = _dq_block(
-                dq, q, do, lse2, delta, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC, b32, hk32,
-                start_n, offs_m, offs_n,
-                offs_d, offs_dv, D, DV, S, kv_len, row_ok, c_off, seed, rng_row, dropout_p, qk_scale,
-                MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D,
-                EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS, HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST,
-                PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, h=h32, seq_l=seq_l,
-                c_off=c_off, sm_scale=sm_scale, softcap=softcap, slope=slope, MOD_ARGS=MOD_ARGS, SOFTCAP=SOFTCAP,
-                ALIBI=ALIBI, SCORE_MOD=SCORE_MOD, SCORE_MOD_GRAD=SCORE_MOD_GRAD, MOD_HAS_ARGS=MOD_HAS_ARGS)
-            if not TMA:
-                k_base += BLOCK_N * stride_kn
-                v_base += BLOCK_N * stride_vn
-            if MASK_KIND != 0:
-                m_base += BLOCK_N * stride_mn
+        # The mask-free key blocks [0, full_hi), then the bounds / causal-diagonal ones [full_hi, hi).
+        for stage in tl.static_range(2):
+            if stage == 0:
+                lo, stop = 0, full_hi
+            else:
+                lo, stop = full_hi, hi
+            for start_n in range(lo, stop, BLOCK_N):
+                dq = _dq_block(
+                    dq, q, do, lse2, delta, start_n, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC,
+                    V_DESC, desc_at, offs_m, row_ok, offs_n, dims, S, kv_len, c_off, qk_scale, drop, vctx,
+                    MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL and stage == 1, CHECK_BOUNDS=stage == 1,
+                    FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS,
+                    HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, VAR=VARIANT)
+                if not TMA:
+                    k_base += BLOCK_N * stride_kn
+                    v_base += BLOCK_N * stride_vn
+                if MASK_KIND != MASK_NONE:
+                    m_base += BLOCK_N * stride_mn
     dq *= sm_scale
     tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))

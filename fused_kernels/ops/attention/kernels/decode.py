@@ -6,7 +6,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import _fwd_block, _load_tile
+from .common import LN2, MASK_NONE, _finalize, _key_length, _load_tile
+from .forward import _fwd_block
+from .mods import PLAIN, no_variant_context
 
 
 @triton.jit
@@ -19,19 +21,22 @@ def _attn_fwd_split_kernel(
     OPART,      # (B * Hkv, SPLITS, GROUP * L, DV) partial outputs, contiguous, accumulation dtype
     LSEPART,    # (B * Hkv, SPLITS, GROUP * L) partial lse (log2 units), contiguous
     H, HKV, L, S, D, DV, GROUP, SPLITS, chunk,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_q, stride_k, stride_v,   # (batch, head, row) strides of each tensor
+    stride_m,                       # (batch, head, query, key) strides of MASK
     qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    VARIANT: tl.constexpr = PLAIN,   # no variant runs here yet (the launchers pass none): the main kernel has them
 ):
     """Flash-decoding: the rows of one tile are the GROUP * L (query head, query) pairs sharing a key/value
     head, so each key/value block is read once per group; program ``split`` owns keys
     [split * chunk, (split + 1) * chunk)."""
+    stride_qb, stride_qh, stride_qm = stride_q
+    stride_kb, stride_kh, stride_kn = stride_k
+    stride_vb, stride_vh, stride_vn = stride_v
+    stride_mb, stride_mh, stride_mm, stride_mn = stride_m
     split = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
@@ -44,14 +49,12 @@ def _attn_fwd_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
-                   row_ok, offs_d, D, True, EVEN_D)
+                   row_ok, offs_d, D, CHECK_ROWS=True, EVEN_C=EVEN_D)
     if UPCAST:
         q = q.to(tl.float32)
     m_row = b * stride_mb + h.to(tl.int64) * stride_mh + i.to(tl.int64) * stride_mm
     rng_row = (((b * H + h) * L + i) * S).to(tl.int64)
-    kv_len = S
-    if HAS_SEQLENS:
-        kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
+    kv_len = _key_length(SEQLENS, b, S, S, HAS_SEQLENS=HAS_SEQLENS, VARLEN=False)
     hi = kv_len
     if IS_CAUSAL:
         hi = tl.maximum(tl.minimum(kv_len, L + causal_offset), 0)
@@ -66,25 +69,23 @@ def _attn_fwd_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M, 1], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    dims = (offs_d, offs_dv, D, DV)
+    drop = (seed, rng_row, dropout_p)
+    vctx = no_variant_context()
     for start_n in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base + k_offs, v_base + v_offs, m_base + m_offs, K, V, 0, 0,
-            start_n, offs_n, offs_d, offs_dv, D, DV, hi,
-            i, row_ok, causal_offset, seed, rng_row, dropout_p, qk_scale,
+            acc, m_i, l_i, q, start_n, k_base + k_offs, v_base + v_offs, m_base + m_offs, None, None, None,
+            i, row_ok, offs_n, dims, hi, causal_offset, qk_scale, drop, vctx,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            ROWSUM_MMA=False)
+            ROWSUM_MMA=False, VAR=VARIANT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
-        if MASK_KIND != 0:
+        if MASK_KIND != MASK_NONE:
             m_base += BLOCK_N * stride_mn
-    l_i = tl.max(l_i, 1)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    if HAS_DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    out, lse2, empty = _finalize(acc, m_i, l_i, dropout_p, HAS_DROPOUT=HAS_DROPOUT)
+    lse2 = tl.where(empty, float("-inf"), lse2)
     part = bhk * SPLITS + split
     tl.store(OPART + (part * GROUP * L + rows[:, None]) * DV + offs_dv[None, :], out,
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -98,10 +99,11 @@ def _attn_combine_kernel(
     O,          # (B, H, L, DV) output
     LSE,        # (B, H, L) log-sum-exp (natural log), contiguous
     H, HKV, L, DV, GROUP, SPLITS,
-    stride_ob, stride_oh, stride_om,
+    stride_o,   # (batch, head, row) strides of O
     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
 ):
     """Merge the splits of one (b, kv head, row) by their log-sum-exps."""
+    stride_ob, stride_oh, stride_om = stride_o
     bhk = tl.program_id(1).to(tl.int64)
     row = tl.program_id(0)
     b = bhk // HKV
@@ -118,8 +120,7 @@ def _attn_combine_kernel(
     o = tl.load(OPART + ((bhk * SPLITS + offs_s[:, None]) * GROUP * L + row) * DV + offs_dv[None, :],
                 mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
-    lse = tl.where(total == 0.0, float("-inf"), (m_safe + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
-                   * 0.6931471805599453)
+    lse = tl.where(total == 0.0, float("-inf"), (m_safe + tl.math.log2(tl.where(total == 0.0, 1.0, total))) * LN2)
     tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv, out.to(O.dtype.element_ty),
              mask=offs_dv < DV)
     tl.store(LSE + (b * H + h) * L + i, lse.to(ACC))

@@ -5,7 +5,9 @@
 import triton
 import triton.language as tl
 
-from .forward import _fwd_block, _load_tile
+from .common import MASK_NONE, _finalize, _load_tile
+from .forward import _fwd_block
+from .mods import PLAIN, no_variant_context
 
 
 @triton.jit
@@ -17,15 +19,18 @@ def _paged_append_kernel(
     BLOCK_TABLE,    # (B, MAX_BLOCKS) int32/int64 physical block of each logical block
     SEQLENS,        # (B,) int32/int64 lengths before the append
     HKV, LNEW, D, DV, PAGE,
-    stride_knb, stride_knh, stride_knt,
-    stride_vnb, stride_vnh, stride_vnt,
-    stride_kcb, stride_kcp, stride_kch,
-    stride_vcb, stride_vcp, stride_vch,
-    stride_tb, stride_tn,
+    stride_kn, stride_vn,           # (batch, head, token) strides of K_NEW / V_NEW
+    stride_kc, stride_vc,           # (block, slot, head) strides of the pools
+    stride_t,                       # (batch, logical block) strides of BLOCK_TABLE
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """BLOCK_T new tokens of one (sequence, kv head): token t goes to position len + t, i.e. slot
     (len + t) % PAGE of physical block BLOCK_TABLE[b, (len + t) // PAGE]. Only those slots are written."""
+    stride_knb, stride_knh, stride_knt = stride_kn
+    stride_vnb, stride_vnh, stride_vnt = stride_vn
+    stride_kcb, stride_kcp, stride_kch = stride_kc
+    stride_vcb, stride_vcp, stride_vch = stride_vc
+    stride_tb, stride_tn = stride_t
     pid_t = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
@@ -57,19 +62,23 @@ def _paged_attn_fwd_kernel(
     OPART,          # (B * HKV, SPLITS, GROUP * LQ, DV) partial outputs, contiguous, accumulation dtype
     LSEPART,        # (B * HKV, SPLITS, GROUP * LQ) partial lse (log2 units), contiguous
     HKV, LQ, D, DV, GROUP, SPLITS, chunk, PAGE, capacity,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kp, stride_kh,
-    stride_vb, stride_vp, stride_vh,
-    stride_tb, stride_tn,
+    stride_q,                   # (batch, head, row) strides of Q
+    stride_k, stride_v,         # (block, slot, head) strides of the pools
+    stride_t,                   # (batch, logical block) strides of BLOCK_TABLE
     qk_scale,
     IS_CAUSAL: tl.constexpr, FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     SINGLE_PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    VARIANT: tl.constexpr = PLAIN,   # no variant runs here yet (the launchers pass none): the main kernel has them
 ):
     """Rows [pid_m * BLOCK_M, ...) of the GROUP * LQ (query head, query) rows of one (sequence, kv head),
     head-major as the combine kernel reads them, over the keys [split * chunk, (split + 1) * chunk) of the
     sequence. SINGLE_PAGE (PAGE % BLOCK_N == 0): a key tile is BLOCK_N consecutive slots of one physical block."""
+    stride_qb, stride_qh, stride_qm = stride_q
+    stride_kb, stride_kp, stride_kh = stride_k
+    stride_vb, stride_vp, stride_vh = stride_v
+    stride_tb, stride_tn = stride_t
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     bhk = tl.program_id(2).to(tl.int64)
@@ -83,7 +92,7 @@ def _paged_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
-                   row_ok, offs_d, D, True, EVEN_D)
+                   row_ok, offs_d, D, CHECK_ROWS=True, EVEN_C=EVEN_D)
     if UPCAST:
         q = q.to(tl.float32)
     kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), capacity)
@@ -100,6 +109,9 @@ def _paged_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M, 1], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    dims = (offs_d, offs_dv, D, DV)
+    drop = (0, i, 0.0)      # no dropout
+    vctx = no_variant_context()
     for start_n in range(lo, hi, BLOCK_N):
         if SINGLE_PAGE:
             page = tl.load(table + (start_n // PAGE) * stride_tn).to(tl.int64)
@@ -114,17 +126,14 @@ def _paged_attn_fwd_kernel(
         k_ptrs = k_head + k_rows[:, None] + offs_d[None, :]                          # (BLOCK_N, BLOCK_D)
         v_ptrs = v_head + v_rows[:, None] + offs_dv[None, :]                         # (BLOCK_N, BLOCK_DV)
         acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, k_ptrs, K_CACHE, V_CACHE, 0, 0,
-            start_n, offs_n, offs_d, offs_dv, D, DV, hi,
-            i, row_ok, causal_offset, 0, i, 0.0, qk_scale,
-            MASK_KIND=0, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
+            acc, m_i, l_i, q, start_n, k_ptrs, v_ptrs, None, None, None, None, i, row_ok, offs_n, dims, hi,
+            causal_offset, qk_scale, drop, vctx,
+            MASK_KIND=MASK_NONE, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=False,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            ROWSUM_MMA=False)
-    l_i = tl.max(l_i, 1)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+            ROWSUM_MMA=False, VAR=VARIANT)
+    out, lse2, empty = _finalize(acc, m_i, l_i, 0.0, HAS_DROPOUT=False)
+    lse2 = tl.where(empty, float("-inf"), lse2)
     part = bhk * SPLITS + split
     tl.store(OPART + (part * GROUP * LQ + rows[:, None]) * DV + offs_dv[None, :], out,
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
