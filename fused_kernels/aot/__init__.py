@@ -50,6 +50,10 @@ How the configurations are enumerated (one spec generator per kernel family, in 
   ``varlen_specs``; the attention variants (windows, ALiBi, softcap, documents, prefix-LM, score and mask mods):
   ``variants_specs``.
 
+- Launches split over long grids (``_core.launch.split_grid``: more than 65,535 programs on grid axis 1 or 2)
+  compile each kernel once more with ``GRID_SPLIT=True``: ``specs.grid_split_twins`` adds, per kernel, arch,
+  dtype and feature set, the heaviest configuration in that form (config suffix ``grid-split``).
+
 To add a kernel family, write one generator yielding ``Spec`` objects and append it to ``FAMILIES``;
 set ``tensor_cores=True`` on specs whose kernel must use tensor cores (``tl.dot``).
 

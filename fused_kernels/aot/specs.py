@@ -590,11 +590,19 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
     per dtype and arch the heaviest decode and prefill configuration, each with whole-page key tiles and with
     per-row page lookups. Packed varlen attention: per kernel and arch the heaviest 16-bit and the heaviest
     fp32 / fp64 configuration. Attention variants: per kernel and arch the "all" variant (every mask and score
-    variant at once) in bf16 at head dim 128, and the block-mask kernel at its default 128 x 128 blocks."""
+    variant at once) in bf16 at head dim 128, and the block-mask kernel at its default 128 x 128 blocks. Split
+    launches (``grid_split_twins``): per kernel and arch a bf16 twin, with dropout where the kernel has it."""
     keep: dict[Any, Spec] = {}
     for spec in specs:
         m = spec.meta
-        if spec.family == "paged":   # per kernel, dtype and arch (and kind) the largest tiles x head dim
+        if m.get("grid_split"):   # per kernel and arch one bf16 twin: with dropout (the most registers) if any
+            if m["dtype"] not in ("bf16", "i8"):
+                continue
+            key = (spec.name, m["archs"], "grid_split")
+            rank = (m.get("flags") == "heavy", m.get("cost", 0))
+            if key in keep and (keep[key].meta.get("flags") == "heavy", keep[key].meta.get("cost", 0)) >= rank:
+                continue
+        elif spec.family == "paged":   # per kernel, dtype and arch (and kind) the largest tiles x head dim
             key = (spec.name, m["dtype"], m["archs"], m["flags"].split(" ")[0], "page=24" in m["flags"])
             if key in keep and keep[key].meta["cost"] >= m["cost"]:
                 continue
@@ -636,11 +644,29 @@ FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
 ]
 
 
+def grid_split_twins(specs: list[Spec]) -> list[Spec]:
+    """The configurations a launch over more than 65,535 programs on axis 1 or 2 compiles (``_core.launch.split_grid``:
+    ``GRID_SPLIT=True``, the first program in ``PID1_BASE`` / ``PID2_BASE``), for the kernels that take them: per
+    kernel, arch, dtype and feature set (``flags``) the heaviest configuration again (largest tiles x head dim),
+    so that the split variant is proven to compile without spills next to the plain one."""
+    heaviest: dict[Any, Spec] = {}
+    for spec in specs:
+        if "GRID_SPLIT" not in spec.args:
+            continue
+        key = (spec.name, spec.meta.get("archs"), spec.meta.get("dtype"), spec.meta.get("flags"))
+        if key not in heaviest or spec.meta.get("cost", 0) > heaviest[key].meta.get("cost", 0):
+            heaviest[key] = spec
+    return [Spec(s.family, s.kernel, f"{s.config} grid-split", {**s.args, "GRID_SPLIT": True}, s.options,
+                 s.tensor_cores, {**s.meta, "grid_split": True}) for s in heaviest.values()]
+
+
 def all_specs(families: list[tuple[str, Callable[[], Iterator[Spec]]]] | None = None) -> list[Spec]:
     specs = []
     for family, generate in families or FAMILIES:
+        found = []
         for spec in generate():
             if spec.family != family:
                 raise RuntimeError(f"{spec.name}: spec of family {spec.family!r} from the {family!r} generator")
-            specs.append(spec)
+            found.append(spec)
+        specs += found + grid_split_twins(found)
     return specs

@@ -6,11 +6,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...._core.launch import split_program_id
 from .common import LOG2E, MASK_NONE, _key_length, _key_range, _load_tile, _packed_bounds, _scores
 from .mods import PLAIN, _mask, variant_context
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PID1_BASE"])
 def _attn_bwd_preprocess_kernel(
     O,          # (B, H, L, DV) forward output
     DO,         # (B, H, L, DV) its gradient, any strides, last dim contiguous
@@ -21,10 +22,11 @@ def _attn_bwd_preprocess_kernel(
     H, L, DV,
     stride_o, stride_do,    # (batch, head, row) strides of O / DO
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+    PID1_BASE=0, GRID_SPLIT: tl.constexpr = False,   # a part of a split grid (_core.launch.split_grid)
 ):
     stride_ob, stride_oh, stride_om = stride_o
     stride_dob, stride_doh, stride_dom = stride_do
-    bh = tl.program_id(1).to(tl.int64)
+    bh = split_program_id(1, PID1_BASE, GRID_SPLIT).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,7 +136,7 @@ def _dkdv_loop(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PID1_BASE"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V,        # (B, H, L, D) / (B, Hkv, S, D) / (B, Hkv, S, DV), any strides, last dim contiguous
     Q_DESC,         # TMA descriptor of Q, block (1, 1, BLOCK_M, BLOCK_D) (TMA; else None)
@@ -160,6 +162,7 @@ def _attn_bwd_dkdv_kernel(
     SLOPES=None, PREFIX_LEN=None, DOC_Q=None, DOC_K=None, MOD_ARGS=None, LIST_CNT=None, LIST_IDX=None,
     stride_list=None, NN=0, var_args=None,
     SPARSE: tl.constexpr = False, VARIANT: tl.constexpr = PLAIN,
+    PID1_BASE=0, GRID_SPLIT: tl.constexpr = False,   # a part of a split grid (_core.launch.split_grid)
 ):
     """One key block: dK, dV summed over every query block of every query head of its GQA group, in a
     fixed order (deterministic, no atomics). Per head (SPLIT_BLOCKS, the tensor-core dtypes): the diagonal
@@ -173,7 +176,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom = stride_do
     stride_mb, stride_mh, stride_mm, stride_mn = stride_m
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    bhk = split_program_id(1, PID1_BASE, GRID_SPLIT).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
     start_n = pid_n * BLOCK_N
@@ -346,7 +349,7 @@ def _dq_block(
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PID1_BASE"])
 def _attn_bwd_dq_kernel(
     Q, K, V,        # (B, H, L, D) / (B, Hkv, S, D) / (B, Hkv, S, DV), any strides, last dim contiguous
     K_DESC,         # TMA descriptor of K, block (1, 1, BLOCK_N, BLOCK_D) (TMA; else None)
@@ -370,6 +373,7 @@ def _attn_bwd_dq_kernel(
     SLOPES=None, PREFIX_LEN=None, DOC_Q=None, DOC_K=None, MOD_ARGS=None, LIST_CNT=None, LIST_IDX=None,
     stride_list=None, NN=0, var_args=None,
     SPARSE: tl.constexpr = False, VARIANT: tl.constexpr = PLAIN,
+    PID1_BASE=0, GRID_SPLIT: tl.constexpr = False,   # a part of a split grid (_core.launch.split_grid)
 ):
     """VARLEN: packed sequences as in the forward (L = total_q, S = total_k, LSE2 / DELTA (H, total_q),
     DQ (H, total_q, D)). SPARSE and the other variants as in the forward kernel."""
@@ -381,7 +385,7 @@ def _attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     if IS_CAUSAL:   # heaviest query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1).to(tl.int64)
+    bh = split_program_id(1, PID1_BASE, GRID_SPLIT).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // GROUP

@@ -4,13 +4,16 @@
 import triton
 import triton.language as tl
 
+from ...._core.launch import split_program_id
 
-@triton.jit
+
+@triton.jit(do_not_specialize=["PID1_BASE"])
 def _block_mask_kernel(out, args, L, S, HM, NN, MASK_MOD: tl.constexpr, HAS_ARGS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PID1_BASE=0, GRID_SPLIT: tl.constexpr = False):   # _core.launch.split_grid
     """Class of tile (pid0 // NN, pid0 % NN) for (b, h) = divmod(pid1, HM) into ``out`` (BH, NM, NN) int8."""
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = split_program_id(1, PID1_BASE, GRID_SPLIT)
     pid_m = tile // NN
     pid_n = tile % NN
     b = bh // HM

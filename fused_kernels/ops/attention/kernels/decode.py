@@ -6,12 +6,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...._core.launch import split_program_id
 from .common import LN2, MASK_NONE, _finalize, _key_length, _load_tile
 from .forward import _fwd_block
 from .mods import PLAIN, no_variant_context
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PID1_BASE"])
 def _attn_fwd_split_kernel(
     Q,          # (B, H, L, D) any strides, last dim contiguous
     K,          # (B, Hkv, S, D)
@@ -29,6 +30,7 @@ def _attn_fwd_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     VARIANT: tl.constexpr = PLAIN,   # no variant runs here yet (the launchers pass none): the main kernel has them
+    PID1_BASE=0, GRID_SPLIT: tl.constexpr = False,   # a part of a split grid (_core.launch.split_grid)
 ):
     """Flash-decoding: the rows of one tile are the GROUP * L (query head, query) pairs sharing a key/value
     head, so each key/value block is read once per group; program ``split`` owns keys
@@ -38,7 +40,7 @@ def _attn_fwd_split_kernel(
     stride_vb, stride_vh, stride_vn = stride_v
     stride_mb, stride_mh, stride_mm, stride_mn = stride_m
     split = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    bhk = split_program_id(1, PID1_BASE, GRID_SPLIT).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
     rows = tl.arange(0, BLOCK_M)
@@ -92,7 +94,7 @@ def _attn_fwd_split_kernel(
     tl.store(LSEPART + part * GROUP * L + rows, lse2, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PID1_BASE"])
 def _attn_combine_kernel(
     OPART,      # (B * Hkv, SPLITS, GROUP * L, DV) partial outputs, contiguous
     LSEPART,    # (B * Hkv, SPLITS, GROUP * L) partial lse (log2 units), contiguous
@@ -101,10 +103,11 @@ def _attn_combine_kernel(
     H, HKV, L, DV, GROUP, SPLITS,
     stride_o,   # (batch, head, row) strides of O
     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+    PID1_BASE=0, GRID_SPLIT: tl.constexpr = False,   # a part of a split grid (_core.launch.split_grid)
 ):
     """Merge the splits of one (b, kv head, row) by their log-sum-exps."""
     stride_ob, stride_oh, stride_om = stride_o
-    bhk = tl.program_id(1).to(tl.int64)
+    bhk = split_program_id(1, PID1_BASE, GRID_SPLIT).to(tl.int64)
     row = tl.program_id(0)
     b = bhk // HKV
     h = (bhk % HKV) * GROUP + row // L

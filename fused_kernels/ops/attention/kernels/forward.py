@@ -6,6 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...._core.launch import split_program_id
 from .common import LN2, MASK_NONE, _finalize, _key_length, _key_range, _load_tile, _packed_bounds, _scores
 from .mods import PLAIN, _mask, variant_context
 
@@ -86,7 +87,7 @@ def _fwd_block(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PID1_BASE"])
 def _attn_fwd_kernel(
     Q, K, V,        # (B, H, L, D) / (B, Hkv, S, D) / (B, Hkv, S, DV), any strides, last dim contiguous
     K_DESC,         # TMA descriptor of K, block (1, 1, BLOCK_N, BLOCK_D) (TMA; else None)
@@ -115,6 +116,7 @@ def _attn_fwd_kernel(
     stride_list=None,   # (kind, batch, head) strides of LIST_CNT (SPARSE)
     NN=0, var_args=None,   # key blocks per list row; (sm_scale, softcap, win_left, win_right) of the variants
     SPARSE: tl.constexpr = False, VARIANT: tl.constexpr = PLAIN,
+    PID1_BASE=0, GRID_SPLIT: tl.constexpr = False,   # a part of a split grid (_core.launch.split_grid)
 ):
     """VARLEN: packed sequences, q (total_q, H, D) / k, v (total_k, Hkv, D) seen as (1, H, total, D)
     (batch strides unused, 0), L = total_q, S = total_k, LSE (H, total_q); program (query block, b * H + h)
@@ -133,7 +135,7 @@ def _attn_fwd_kernel(
     pid_m = tl.program_id(0)
     if IS_CAUSAL:   # heaviest query blocks first, so that the last wave of programs is the lightest
         pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1).to(tl.int64)
+    bh = split_program_id(1, PID1_BASE, GRID_SPLIT).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // GROUP

@@ -5,12 +5,13 @@
 import triton
 import triton.language as tl
 
+from ...._core.launch import split_program_id
 from .common import MASK_NONE, _finalize, _load_tile
 from .forward import _fwd_block
 from .mods import PLAIN, no_variant_context
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PID1_BASE"])
 def _paged_append_kernel(
     K_NEW,          # (B, HKV, LNEW, D) any strides, last dim contiguous
     V_NEW,          # (B, HKV, LNEW, DV) any strides, last dim contiguous
@@ -23,6 +24,7 @@ def _paged_append_kernel(
     stride_kc, stride_vc,           # (block, slot, head) strides of the pools
     stride_t,                       # (batch, logical block) strides of BLOCK_TABLE
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PID1_BASE=0, GRID_SPLIT: tl.constexpr = False,   # a part of a split grid (_core.launch.split_grid)
 ):
     """BLOCK_T new tokens of one (sequence, kv head): token t goes to position len + t, i.e. slot
     (len + t) % PAGE of physical block BLOCK_TABLE[b, (len + t) // PAGE]. Only those slots are written."""
@@ -32,7 +34,7 @@ def _paged_append_kernel(
     stride_vcb, stride_vcp, stride_vch = stride_vc
     stride_tb, stride_tn = stride_t
     pid_t = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    bhk = split_program_id(1, PID1_BASE, GRID_SPLIT).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -52,7 +54,7 @@ def _paged_append_kernel(
              v.to(V_CACHE.dtype.element_ty), mask=t_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PID2_BASE"])
 def _paged_attn_fwd_kernel(
     Q,              # (B, H, LQ, D) any strides, last dim contiguous
     K_CACHE,        # (NUM_BLOCKS, PAGE, HKV, D) pool, last dim contiguous
@@ -71,6 +73,7 @@ def _paged_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     VARIANT: tl.constexpr = PLAIN,   # no variant runs here yet (the launchers pass none): the main kernel has them
+    PID2_BASE=0, GRID_SPLIT: tl.constexpr = False,   # a part of a split grid (_core.launch.split_grid)
 ):
     """Rows [pid_m * BLOCK_M, ...) of the GROUP * LQ (query head, query) rows of one (sequence, kv head),
     head-major as the combine kernel reads them, over the keys [split * chunk, (split + 1) * chunk) of the
@@ -81,7 +84,7 @@ def _paged_attn_fwd_kernel(
     stride_tb, stride_tn = stride_t
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
-    bhk = tl.program_id(2).to(tl.int64)
+    bhk = split_program_id(2, PID2_BASE, GRID_SPLIT).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
