@@ -261,8 +261,10 @@ def attention_specs() -> Iterator[Spec]:
     "plain" is no mask, no causal, no dropout; "causal" adds the causal mask alone; "heavy" is a bool padding
     mask (B, 1, L, S) + causal + seqlens_k + dropout (+ lse gradient in the backward). fp16 and bf16 run all
     three, fp32 and fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims 64 and 128: fp64 at
-    head dim 256 spills, a known gap). A steady-state loop iteration of a kernel built on ``tl.dot`` covers
-    BLOCK_M x BLOCK_N scores (the SASS report's unit)."""
+    head dim 256 spills, a known gap). MHA ("mha": one query head per key/value head, ``GROUP=1``, which the
+    launcher's specialization turns into a constant): fp16 and bf16 at head dims 64 and 128, all three. A
+    steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N scores (the SASS report's
+    unit)."""
     from ..ops.attention import launch as at  # the launchers and the kernels they call
     names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
              "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
@@ -277,15 +279,17 @@ def attention_specs() -> Iterator[Spec]:
         return [launch for name in names for launch in seen.get(name, [])]
 
     b, l, s, s_dec, splits = 16, 1024, 1024, 4096, 16
-    half = [(dtype, d, kind) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128, 256)
+    half = [(dtype, d, kind, 4) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128, 256)
             for kind in ("plain", "causal", "heavy")]
-    cases = half + [(torch.float32, d, "heavy") for d in (64, 128, 256)]
-    cases += [(torch.float64, d, "heavy") for d in (64, 128)]
+    cases = half + [(torch.float32, d, "heavy", 4) for d in (64, 128, 256)]
+    cases += [(torch.float64, d, "heavy", 4) for d in (64, 128)]
+    cases += [(dtype, d, kind, 1) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128)
+              for kind in ("plain", "causal", "heavy")]
     seen = set()
     for arch in ARCHS:
-        for dtype, d, kind in cases:
+        for dtype, d, kind, group in cases:
             h = 2048 // d
-            hkv = h // 4
+            hkv = h // group
             heavy, causal = kind == "heavy", kind != "plain"
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             mask = empty(b, 1, l, s, dtype=torch.bool) if heavy else None
@@ -314,7 +318,7 @@ def attention_specs() -> Iterator[Spec]:
                 tc = name in dot_kernels and dtype in (torch.float16, torch.bfloat16)
                 bm, bn = args.get("BLOCK_M", "-"), args.get("BLOCK_N", "-")
                 config = (f"{_SHORT[dtype]} d={d} M{bm} N{bn} w{options.get('num_warps', 4)} "
-                          f"s{options.get('num_stages', 3)} {kind}")
+                          f"s{options.get('num_stages', 3)} {kind}{' mha' if group == 1 else ''}")
                 cost = (bm if isinstance(bm, int) else 16) * (bn if isinstance(bn, int) else 16) * d
                 if name in dot_kernels:
                     work, unit = bm * bn, "scores"
@@ -327,7 +331,7 @@ def attention_specs() -> Iterator[Spec]:
                     limits.pop("fmul", None)
                 yield Spec("attention", kernel, config, args, options, tensor_cores=tc,
                            meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=kind,
-                                     archs=(arch,), cost=cost, work=work, unit=unit, sass_limits=limits))
+                                     group=group, archs=(arch,), cost=cost, work=work, unit=unit, sass_limits=limits))
 
 
 def paged_specs() -> Iterator[Spec]:
@@ -585,9 +589,9 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
     """A representative subset for the test suite: every kernel on every arch, at the configurations that
     bound the others. Row kernels (LayerNorm, softmax): per kernel, dtype and feature set, the largest
     single-block configuration (the most registers) and the multi-pass one. Attention: every bf16
-    configuration at head dims 64 and 128 (the performance promises of the SASS report), and per kernel the
-    heaviest configuration of every other dtype (largest tiles x head dim, every feature on). Paged attention:
-    per dtype and arch the heaviest decode and prefill configuration, each with whole-page key tiles and with
+    configuration at head dims 64 and 128 (the performance promises of the SASS report; MHA at 128 only), and
+    per kernel the heaviest configuration of every other dtype (largest tiles x head dim, every feature on). Paged
+    attention: per dtype and arch the heaviest decode and prefill configuration, each with whole-page key tiles and with
     per-row page lookups. Packed varlen attention: per kernel and arch the heaviest 16-bit and the heaviest
     fp32 / fp64 configuration. Attention variants: per kernel and arch the "all" variant (every mask and score
     variant at once) in bf16 at head dim 128, and the block-mask kernel at its default 128 x 128 blocks. Split
@@ -618,6 +622,10 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
             if m["flags"] != "all" or m["dtype"] != "bf16" or m["head_dim"] != 128:
                 continue
             key = (spec.name, m["archs"], "variants")
+        elif spec.family == "attention" and m.get("group") == 1:   # MHA: bf16 at head dim 128
+            if m["dtype"] != "bf16" or m["head_dim"] != 128:
+                continue
+            key = id(spec)
         elif spec.family == "attention":
             if m["dtype"] == "bf16" and m["head_dim"] <= 128:
                 key: Any = id(spec)

@@ -21,7 +21,7 @@ from ..._core.grad import create_graph
 from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
 from . import grad as _grad
 from . import sparse
-from .config import LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _precision, attention_config
+from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _precision, attention_config
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .kernels.forward import _attn_fwd_kernel
@@ -69,10 +69,22 @@ def _fold_flags(scale: float, d: int, dv: int, meta: dict) -> dict:
                 EVEN_DV=dv == meta["BLOCK_DV"])
 
 
+# Triton releases before 3.9 fail to compile the float64 kernels that read a bool mask (forward, split, dK/dV,
+# dQ at every head dim, sm_80 and sm_90a: "Currently fp64 don't support largeK MMA" in the MMA lowering, reached
+# through the uint8 mask loads; checked with python -m fused_kernels.aot on triton 3.6 and 3.8). With them a float64
+# bool mask reaches the kernels as the float mask 0 / -inf it is equivalent to (8 bytes per mask element, not 1).
+FP64_BOOL_MASK_AS_FLOAT = _TRITON_VERSION < (3, 9)
+
+
 def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like: torch.Tensor):
     """(tensor, kind, strides) of a mask broadcast to (B, H, L, S) as a view (stride 0 where broadcast)."""
     if mask is None:
         return like, MASK_NONE, (0, 0, 0, 0)
+    if mask.dtype == torch.bool and like.dtype == torch.float64 and FP64_BOOL_MASK_AS_FLOAT:
+        # converted where it is stored: broadcast (stride-0) dims stay broadcast
+        compact = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+        mask = torch.zeros(compact.shape, dtype=torch.float64, device=mask.device).masked_fill_(
+            ~compact, float("-inf")).expand(mask.shape)
     m = mask.expand(shape)
     kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
     if kind == MASK_BOOL:
