@@ -8,6 +8,7 @@ triton.) ``setdefault`` leaves an explicit choice made by the caller alone.
 """
 
 import os
+import sys
 
 import torch
 
@@ -46,6 +47,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """On a GPU: after a failed test, stop using this process if its CUDA context is dead (an illegal address or
+    a device-side fault is sticky: every later test in the process would fail with the same message). Under
+    pytest-xdist the worker exits (its test's report has been sent; the controller reports the test as crashed
+    and starts a fresh worker for the remaining tests); without it the session stops after this test."""
+    yield
+    if not HAS_CUDA or not any(getattr(r, "failed", False) for r in getattr(item, "_cuda_reports", ())):
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # any error here: the context is unusable
+        message = f"{item.nodeid}: CUDA context lost ({exc})"
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            item.session.shouldstop = message
+            return
+        sys.stderr.write(f"\n{message}; ending this test process\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if HAS_CUDA:
+        item.__dict__.setdefault("_cuda_reports", []).append(outcome.get_result())
 
 
 @pytest.fixture(scope="session")

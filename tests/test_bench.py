@@ -246,14 +246,6 @@ def test_pytest_benchmark_entry_point(tmp_path):
     assert all(b["extra_info"].get("gbps", 0) > 0 for b in data["benchmarks"])
 
 
-def test_gpu_check_script_is_valid_bash():
-    script = os.path.join(ROOT, "bench", "gpu_check.sh")
-    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
-    text = open(script).read()
-    for needed in ("timeout", "-m gpu", "python -m bench --quick", "TRITON_INTERPRET", "$OUT"):
-        assert needed in text, needed
-
-
 # ----------------------------------------------------------------------------- python -m bench --device cpu
 
 
