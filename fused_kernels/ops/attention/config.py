@@ -119,15 +119,29 @@ _VARLEN_TILES = {
 }
 
 
+# Entries a triton release needs changed because its compiler allocates registers differently: the dK/dV tiles
+# that spill under triton 3.6 (python -m fused_kernels.aot --family varlen; the same tile with other warps, or the
+# nearest spill-free one): (major, minor) -> {_VARLEN_TILES key: tile}.
+_VARLEN_TILE_OVERRIDES = {
+    (3, 6): {("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),                # 12 B spilled with 4 warps on sm_80
+             ("16bit", "bwd_dkdv", 64, False, "hopper"): (32, 64, 4, 1),      # (as before: clean on sm_90a)
+             ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),                # 48 B with (16, 16, 4, 2) on sm_80
+             ("16bit", "bwd_dkdv", 128, False, "hopper"): (32, 32, 4, 1),     # 36 B with 8 warps on sm_90a
+             ("fp32", "bwd_dkdv", 128, True, "hopper"): (16, 16, 8, 1)},      # 20 B with (16, 16, 4, 1) on sm_90a
+}
+
+
 def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: int | None, dropout: bool) -> dict:
-    """Tiles of the packed kernels (``attention_config``'s Ampere column, no TMA, ``_VARLEN_TILES``)."""
+    """Tiles of the packed kernels (``attention_config``'s Ampere column, no TMA, ``_VARLEN_TILES``, then this
+    triton release's ``_VARLEN_TILE_OVERRIDES``)."""
     if arch is None:
         return attention_config(kind, d, dv, dtype, None, dropout)
     cfg = dict(attention_config(kind, d, dv, dtype, min(arch, 80), dropout), TMA=False)
     family = _dtype_family(dtype)
     key = (family, kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
-    tile = _VARLEN_TILES.get((*key, "hopper")) if arch >= 90 else None
-    tile = tile or _VARLEN_TILES.get(key)
+    tiles = {**_VARLEN_TILES, **_VARLEN_TILE_OVERRIDES.get(_TRITON_VERSION, {})}
+    tile = tiles.get((*key, "hopper")) if arch >= 90 else None
+    tile = tile or tiles.get(key)
     if tile is not None:
         cfg.update(BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=tile[2], num_stages=tile[3])
     return cfg
