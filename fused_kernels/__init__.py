@@ -19,6 +19,7 @@ from .ops.attention import (
     scaled_dot_product_attention,
     varlen_attention,
 )
+from .ops.cross_entropy import cross_entropy, linear_cross_entropy
 from .ops.norms import add_layer_norm, layer_norm, rms_norm
 from .ops.softmax import softmax
 
@@ -30,8 +31,10 @@ __all__ = [
     "attention_tiles",
     "block_mask",
     "BlockMask",
+    "cross_entropy",
     "get_backend",
     "layer_norm",
+    "linear_cross_entropy",
     "nn",
     "PagedKVCache",
     "paged_append",

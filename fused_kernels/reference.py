@@ -208,3 +208,42 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     out = torch.cat(outs, 0) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
     lse = torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=_compute_dtype(q))
     return (out, lse) if return_lse else out
+
+
+def cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
+                      reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                      softcap: float | None = None) -> torch.Tensor:
+    """Reference of ``fused_kernels.cross_entropy`` on (N, V) logits and (N,) class targets: with
+    ``c = softcap * tanh(logits / softcap)`` (or the logits), ``loss_i = lse - (1 - eps) c_t - eps / V sum_j c_j
+    + z_loss * lse^2`` (0 where the target is ``ignore_index``), reduced as ``F.cross_entropy`` (mean over the
+    rows not ignored)."""
+    ct = _compute_dtype(logits)
+    c = logits.to(ct)
+    if softcap is not None:
+        c = softcap * torch.tanh(c / softcap)
+    valid = target != ignore_index
+    t = torch.where(valid, target, torch.zeros_like(target))
+    lse = torch.logsumexp(c, dim=-1)
+    loss = lse - (1.0 - label_smoothing) * c.gather(-1, t[..., None]).squeeze(-1)
+    if label_smoothing > 0:
+        loss = loss - label_smoothing * c.mean(-1)
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.to(logits.dtype)
+    total = loss.sum()
+    return (total / valid.sum() if reduction == "mean" else total).to(logits.dtype)
+
+
+def linear_cross_entropy_ref(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                             bias: torch.Tensor | None = None, *, ignore_index: int = -100, reduction: str = "mean",
+                             label_smoothing: float = 0.0, z_loss: float = 0.0,
+                             softcap: float | None = None) -> torch.Tensor:
+    """Reference of ``fused_kernels.linear_cross_entropy``: ``cross_entropy_ref(F.linear(input, weight, bias))``
+    with the logits materialized, on (..., H) input and (...) targets."""
+    ct = _compute_dtype(input)
+    logits = F.linear(input.to(ct), weight.to(ct), _up(bias, ct)).reshape(-1, weight.shape[0])
+    loss = cross_entropy_ref(logits, target.reshape(-1), ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return (loss.reshape(target.shape) if reduction == "none" else loss).to(input.dtype)
