@@ -544,6 +544,80 @@ def block_mask_specs() -> Iterator[Spec]:
                                                 unit="scores"))
 
 
+def _recorded_specs(family: str, names: tuple[str, ...], dot_kernels: set[str], run: Callable[[], None],
+                    arch: int, dtype: torch.dtype, label: str, seen: set, work_of: Callable[[str, dict], tuple]):
+    """Specs of the launches ``run()`` makes (under ``force_arch(arch)``, kernels replaced by recorders), one per
+    distinct (kernel, arguments, options); ``work_of(name, args)`` gives (work, unit, config text) of a kernel."""
+    from .._core.launch import force_arch
+
+    with force_arch(arch), _recorded() as recorded:
+        run()
+    for name in names:
+        for kernel, args, options in recorded.get(name, []):
+            key = (arch, name, repr(sorted((k, _arg_key(v)) for k, v in args.items())), repr(sorted(options.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            work, unit, text = work_of(name, args)
+            on = [k for k, v in args.items() if v is True and k not in ("EVEN_K", "UPCAST")]
+            on += [f"{k}={v}" for k, v in args.items() if k == "GRAD_MODE"]
+            yield Spec(family, kernel, f"{_SHORT[dtype]} {text} w{options.get('num_warps', 4)} "
+                                       f"s{options.get('num_stages', 3)} {label} [{' '.join(on)}]", args, options,
+                       tensor_cores=name in dot_kernels and dtype in (torch.float16, torch.bfloat16),
+                       meta=dict(dtype=_SHORT[dtype], flags=label, archs=(arch,), cost=work, work=work, unit=unit))
+
+
+def cross_entropy_specs() -> Iterator[Spec]:
+    """Linear cross-entropy and cross-entropy (``fused_kernels.ops.cross_entropy``), recorded from the launchers
+    (``_lce_triton`` / ``_ce_triton`` on meta tensors under ``force_arch``, kernels replaced by recorders) at the
+    issue's sizes: N = 8,192 rows, hidden 4,096, vocabulary 131,072 (chunks of 512 rows). "plain": no bias or
+    option, reduction "mean" (logits + softmax part + dX + dW in the forward); "all": bias, label smoothing,
+    z-loss and soft-cap, reduction "none" (the loss-only forward, and the backward's recompute with each row's
+    gradient). fp16 / bf16 both, fp32 and fp64 "all"; ``cross_entropy`` on given (8,192 x 131,072) logits (the
+    stats kernel and the softmax part) in bf16 ("plain", "all") and fp32 ("all"). A steady-state iteration of a
+    matmul kernel covers BLOCK_M x BLOCK_N logits (dX: BLOCK_M x BLOCK_K outputs over BLOCK_N classes, dW:
+    BLOCK_N x BLOCK_K over BLOCK_M rows), of a row kernel BLOCK_V elements."""
+    from ..ops import cross_entropy as ce
+    names = ("_lce_logits_kernel", "_ce_softmax_kernel", "_lce_dx_kernel", "_lce_dw_kernel", "_ce_stats_kernel")
+    dots = {"_lce_logits_kernel", "_lce_dx_kernel", "_lce_dw_kernel"}
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def work_of(name, args):
+        if name in dots:
+            bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+            work = {"_lce_logits_kernel": bm * bn, "_lce_dx_kernel": bm * bk, "_lce_dw_kernel": bn * bk}[name]
+            return work, "scores", f"M{bm} N{bn} K{bk}"
+        return args["BLOCK_V"], "elements", f"BLOCK_V={args['BLOCK_V']}"
+
+    n, h, v = 8192, 4096, 131072
+    cases = [(dt, kind) for dt in (torch.bfloat16, torch.float16) for kind in ("plain", "all")]
+    cases += [(torch.float32, "all"), (torch.float64, "all")]
+    seen: set = set()
+    for arch in ARCHS:
+        for dtype, kind in cases:
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            x, w, t = empty(n, h, dtype=dtype), empty(v, h, dtype=dtype), empty(n, dtype=torch.int64)
+            b = empty(v, dtype=dtype)
+
+            def run(x=x, w=w, t=t, b=b, kind=kind, acc=acc):
+                if kind == "plain":
+                    ce._lce_triton(x, w, None, t, -100, 0.0, 0.0, 0.0, True, True, False, None, empty(dtype=acc))
+                else:
+                    ce._lce_triton(x, w, b, t, -100, 0.1, 1e-4, 30.0, False, False, False, None, None)
+                    ce._lce_triton(x, w, b, t, -100, 0.1, 1e-4, 30.0, True, True, True, empty(n, dtype=acc), None)
+            yield from _recorded_specs("cross_entropy", names, dots, run, arch, dtype, kind, seen, work_of)
+        for dtype, kind in ((torch.bfloat16, "plain"), (torch.bfloat16, "all"), (torch.float32, "all")):
+            logits, t = empty(n, v, dtype=dtype), empty(n, dtype=torch.int64)
+            opts = (0.0, 0.0, 0.0) if kind == "plain" else (0.1, 1e-4, 30.0)
+
+            def run(logits=logits, t=t, opts=opts):
+                ce._ce_triton(logits, t, -100, *opts, logits)
+            yield from _recorded_specs("cross_entropy", names, dots, run, arch, dtype, f"{kind} given-logits", seen,
+                                       work_of)
+
+
 @contextlib.contextmanager
 def _shape_only_tables() -> Iterator[None]:
     """While recording on meta tensors: ``attention.sparse``'s document and ``mask_mod`` tile tables as empty
@@ -610,6 +684,8 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
             if m["flags"] != "all" or m["dtype"] != "bf16" or m["head_dim"] != 128:
                 continue
             key = (spec.name, m["archs"], "variants")
+        elif spec.family in ("cross_entropy", "rotary", "gated_mlp"):   # every configuration (a few per arch)
+            key = id(spec)
         elif spec.family == "attention":
             if m["dtype"] == "bf16" and m["head_dim"] <= 128:
                 key: Any = id(spec)
@@ -633,6 +709,7 @@ FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
     ("paged", paged_specs),
     ("varlen", varlen_specs),
     ("variants", variants_specs),
+    ("cross_entropy", cross_entropy_specs),
 ]
 
 

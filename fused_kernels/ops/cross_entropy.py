@@ -360,7 +360,8 @@ def _lce_dw_kernel(
                 x = x.to(tl.float32)
             acc = tl.dot(tl.trans(d), x, acc, input_precision=PRECISION, out_dtype=ACC)
         if HAS_BIAS:
-            db += tl.sum(d.to(ACC), axis=0)
+            if pid_k == 0:       # one program per vocabulary tile sums the bias gradient
+                db += tl.sum(d.to(ACC), axis=0)
         d_ptrs += BLOCK_M * stride_dm
         x_ptrs += BLOCK_M * stride_xm
     if NEED_W:
@@ -406,8 +407,8 @@ def lce_config(dtype: torch.dtype, arch: int | None) -> dict[str, int]:
         if arch >= 90:
             return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    if dtype == torch.float32:   # true fp32 dots are FMA loops: 64-wide reductions spill on sm_80 (dX, dW)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
 
 
@@ -419,12 +420,11 @@ def softmax_config(dtype: torch.dtype, arch: int | None) -> dict[str, int]:
 
 
 def _stat_parts(n: int, v: int, block_v: int, device: torch.device) -> int:
-    """Column parts of ``_ce_stats_kernel``: enough programs to fill a GPU when the rows are few."""
-    blocks = triton.cdiv(v, block_v)
-    if device.type != "cuda":
-        return min(blocks, 2)
+    """Column parts of ``_ce_stats_kernel``: enough programs to fill a GPU (4 per SM; 512 when planning without
+    one: the interpreter, or meta tensors in ``python -m fused_kernels.aot``) when the rows are few."""
     from .._core.launch import num_persistent_programs
-    return max(1, min(blocks, triton.cdiv(num_persistent_programs(device, 1 << 30), max(n, 1))))
+    programs = num_persistent_programs(device, 1 << 30) if device.type == "cuda" else 512
+    return max(1, min(triton.cdiv(v, block_v), triton.cdiv(programs, max(n, 1))))
 
 
 # ----------------------------------------------------------------------------- Triton path
