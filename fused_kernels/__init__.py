@@ -21,12 +21,15 @@ from .ops.attention import (
 )
 from .ops.cross_entropy import cross_entropy, linear_cross_entropy
 from .ops.norms import add_layer_norm, layer_norm, rms_norm
+from .ops.rotary import apply_rotary, apply_rotary_pos_emb, rope_cos_sin, rope_frequencies
 from .ops.softmax import softmax
 
 __version__ = "0.1.0"
 
 __all__ = [
     "add_layer_norm",
+    "apply_rotary",
+    "apply_rotary_pos_emb",
     "attention",
     "attention_tiles",
     "block_mask",
@@ -40,6 +43,8 @@ __all__ = [
     "paged_append",
     "paged_attention",
     "rms_norm",
+    "rope_cos_sin",
+    "rope_frequencies",
     "scaled_dot_product_attention",
     "softmax",
     "use_backend",

@@ -247,3 +247,25 @@ def linear_cross_entropy_ref(input: torch.Tensor, weight: torch.Tensor, target: 
     loss = cross_entropy_ref(logits, target.reshape(-1), ignore_index=ignore_index, reduction=reduction,
                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     return (loss.reshape(target.shape) if reduction == "none" else loss).to(input.dtype)
+
+
+def apply_rotary_pos_emb_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             unsqueeze_dim: int = 1, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``fused_kernels.apply_rotary_pos_emb``: transformers' ``q * cos + rotate_half(q) * sin`` (or
+    GPT-J's rotate-every-two with ``interleaved``) on the first ``cos.shape[-1]`` dims, the rest passed through;
+    computed in float32 (float64), returned in the promoted dtype of the input and the tables."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        out_dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+        ct = _compute_dtype(torch.empty(0, dtype=out_dtype))
+        xc, c, s = x.to(ct), cos.to(ct), sin.to(ct)
+        xr = xc[..., :rot]
+        if interleaved:
+            turned = torch.stack([-xr[..., 1::2], xr[..., 0::2]], dim=-1).flatten(-2)
+        else:
+            turned = torch.cat([-xr[..., rot // 2:], xr[..., :rot // 2]], dim=-1)
+        return torch.cat([xr * c + turned * s, xc[..., rot:].expand(*(xr * c).shape[:-1], -1)], -1).to(out_dtype)
+
+    return rotate(q), rotate(k)

@@ -50,6 +50,7 @@ FAMILY = {
     "fused_kernels.ops.attention.kernels.paged": "paged",
     "fused_kernels.ops.attention.kernels.blockmask": "variants",
     "fused_kernels.ops.cross_entropy": "cross_entropy",
+    "fused_kernels.ops.rotary": "rotary",
 }
 
 

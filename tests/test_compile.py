@@ -19,6 +19,7 @@ from fused_kernels.ops.cross_entropy import (
     linear_cross_entropy_fwd,
 )
 from fused_kernels.ops.norms import layer_norm_bwd, layer_norm_fwd
+from fused_kernels.ops.rotary import rope_bwd, rope_fwd
 from fused_kernels.ops.softmax import softmax_bwd, softmax_fwd
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
@@ -48,7 +49,13 @@ def _cases():
     tgt = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(9))
     tgt[0, ::3] = -100
     ce_tgt = torch.where(tgt[:, :7] >= 0, tgt[:, :7] % 7, tgt[:, :7])
+    rq, rk = _randn(2, 4, 5, 16, seed=10), _randn(2, 5, 2, 16, seed=11).transpose(1, 2)
+    rcos, rsin = fused_kernels.rope_cos_sin(torch.arange(5).expand(2, 5), 12)
     return {
+        "rotary": (lambda q, k: torch.cat([torch.cat(fused_kernels.apply_rotary_pos_emb(q, k, rcos, rsin), 1),
+                                          torch.cat(fused_kernels.apply_rotary_pos_emb(q, k, rcos, rsin,
+                                                                                       interleaved=True), 1)]),
+                   [rq, rk]),
         "linear_cross_entropy": (lambda h, w, b: torch.cat([
             torch.stack([fused_kernels.linear_cross_entropy(h, w, tgt, b),
                          fused_kernels.linear_cross_entropy(h, w, tgt, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
@@ -222,6 +229,7 @@ def _opcheck_cases():
     y = torch.softmax(s, -1)
     lw, lb = _randn(11, 24, seed=5), _randn(11, seed=6)
     tgt = torch.tensor([3, -100, 10])
+    rc, rs = (t[:, None].expand(2, 1, 5, 6) for t in fused_kernels.rope_cos_sin(torch.arange(5)[None], 6))
     return [
         ("ln_fwd", layer_norm_fwd, (req(x), None, req(w), req(b), 1e-5, 0.0, False)),
         ("ln_fwd-residual", layer_norm_fwd, (req(x), req(r), req(w), None, 1e-5, 0.0, False)),
@@ -239,6 +247,10 @@ def _opcheck_cases():
                                                     False, True)),
         ("lce_bwd", linear_cross_entropy_bwd, (x[:, 0], x, lw, lb, tgt, -100, 0.1, 1e-3, 4.0, True, True, True,
                                                True)),
+        ("rope_fwd", rope_fwd, (req(s[:, None].expand(2, 3, 5, 7)), req(s[:, None]), rc, rs, 1, False)),
+        ("rope_fwd-interleaved", rope_fwd, (req(s[:, None]), req(s[:, None]), rc, rs, 1, True)),
+        ("rope_bwd", rope_bwd, (s[:, None], s[:, None].expand(2, 2, 5, 7), rc, rs, 1, False, torch.float32,
+                                torch.float64)),
         ("ce_fwd", cross_entropy_fwd, (req(lw[:3]), tgt.clamp(0, 23), -100, 2, 0.1, 0.0, 0.0, True, True)),
     ]
 

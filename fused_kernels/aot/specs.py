@@ -618,6 +618,44 @@ def cross_entropy_specs() -> Iterator[Spec]:
                                        work_of)
 
 
+def rotary_specs() -> Iterator[Spec]:
+    """Rotary embeddings (``fused_kernels.ops.rotary._rope_kernel``), forward and backward, recorded from the
+    launcher (``rotary._launch`` on meta tensors): 8 sequences of 2,048 positions, 32 query heads over 8 key /
+    value heads (GQA), q / k (B, H, L, D) with tables (B, L, R); "full": head dim 128, rotate-half; "interleaved":
+    GPT-J's pairs at head dim 128; "partial": head dim 80, 32 rotary dims (Phi-2); "proj": q / k as strided views of
+    one fused qkv projection (the model layout), head dim 128. Every dtype runs "full"; bf16 every kind. A
+    steady-state iteration covers BLOCK_H heads x the rotary dims (the pass-through dims in their own loop)."""
+    from ..ops import rotary as rt
+    names = ("_rope_kernel",)
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def work_of(name, args):
+        return args["BLOCK_H"] * 2 * args["HALF"], "elements", f"H{args['BLOCK_H']} half={args['HALF']} " \
+            f"pass={args['PASS']}"
+
+    b, l, hq, hk = 8, 2048, 32, 8
+    cases = [(dt, "full") for dt in DTYPES] + [(torch.bfloat16, k) for k in ("interleaved", "partial", "proj")]
+    seen: set = set()
+    for arch in ARCHS:
+        for dtype, kind in cases:
+            d, rot = (80, 32) if kind == "partial" else (128, 128)
+            if kind == "proj":
+                fused = empty(b, l, (hq + 2 * hk) * d, dtype=dtype)
+                q = fused[..., : hq * d].view(b, l, hq, d).transpose(1, 2)
+                k = fused[..., hq * d:(hq + hk) * d].view(b, l, hk, d).transpose(1, 2)
+            else:
+                q, k = empty(b, hq, l, d, dtype=dtype), empty(b, hk, l, d, dtype=dtype)
+            cos = empty(b, l, rot, dtype=dtype)[:, None]
+            qo, ko = empty(b, hq, l, d, dtype=dtype), empty(b, hk, l, d, dtype=dtype)
+
+            def run(q=q, k=k, cos=cos, qo=qo, ko=ko, kind=kind):
+                rt._launch(q, k, cos, cos, qo, ko, 1, kind == "interleaved", False)
+                rt._launch(qo, ko, cos, cos, qo, ko, 1, kind == "interleaved", True)
+            yield from _recorded_specs("rotary", names, set(), run, arch, dtype, kind, seen, work_of)
+
+
 @contextlib.contextmanager
 def _shape_only_tables() -> Iterator[None]:
     """While recording on meta tensors: ``attention.sparse``'s document and ``mask_mod`` tile tables as empty
@@ -710,6 +748,7 @@ FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
     ("varlen", varlen_specs),
     ("variants", variants_specs),
     ("cross_entropy", cross_entropy_specs),
+    ("rotary", rotary_specs),
 ]
 
 
