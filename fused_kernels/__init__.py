@@ -20,6 +20,7 @@ from .ops.attention import (
     varlen_attention,
 )
 from .ops.cross_entropy import cross_entropy, linear_cross_entropy
+from .ops.gated_mlp import geglu, swiglu
 from .ops.norms import add_layer_norm, layer_norm, rms_norm
 from .ops.rotary import apply_rotary, apply_rotary_pos_emb, rope_cos_sin, rope_frequencies
 from .ops.softmax import softmax
@@ -35,6 +36,7 @@ __all__ = [
     "block_mask",
     "BlockMask",
     "cross_entropy",
+    "geglu",
     "get_backend",
     "layer_norm",
     "linear_cross_entropy",
@@ -47,6 +49,7 @@ __all__ = [
     "rope_frequencies",
     "scaled_dot_product_attention",
     "softmax",
+    "swiglu",
     "use_backend",
     "varlen_attention",
 ]

@@ -269,3 +269,20 @@ def apply_rotary_pos_emb_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor
         return torch.cat([xr * c + turned * s, xc[..., rot:].expand(*(xr * c).shape[:-1], -1)], -1).to(out_dtype)
 
     return rotate(q), rotate(k)
+
+
+def gated_activation_ref(gate: torch.Tensor, up: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+    """Reference of ``fused_kernels.swiglu`` (``activation="silu"``) and ``geglu`` ("gelu", "gelu_tanh"):
+    ``act(gate) * up`` in float32 (float64), ``up=None`` meaning the two halves of ``gate``; the promoted dtype."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    out_dtype = torch.promote_types(gate.dtype, up.dtype)
+    ct = _compute_dtype(torch.empty(0, dtype=out_dtype))
+    g = gate.to(ct)
+    if activation == "silu":
+        a = g * torch.sigmoid(g)
+    elif activation == "gelu":
+        a = 0.5 * g * (1.0 + torch.erf(g / 2.0 ** 0.5))
+    else:
+        a = 0.5 * g * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (g + 0.044715 * g ** 3)))
+    return (a * up.to(ct)).to(out_dtype)

@@ -18,6 +18,7 @@ from fused_kernels.ops.cross_entropy import (
     linear_cross_entropy_bwd,
     linear_cross_entropy_fwd,
 )
+from fused_kernels.ops.gated_mlp import glu_bwd, glu_fwd
 from fused_kernels.ops.norms import layer_norm_bwd, layer_norm_fwd
 from fused_kernels.ops.rotary import rope_bwd, rope_fwd
 from fused_kernels.ops.softmax import softmax_bwd, softmax_fwd
@@ -52,6 +53,9 @@ def _cases():
     rq, rk = _randn(2, 4, 5, 16, seed=10), _randn(2, 5, 2, 16, seed=11).transpose(1, 2)
     rcos, rsin = fused_kernels.rope_cos_sin(torch.arange(5).expand(2, 5), 12)
     return {
+        "gated_mlp": (lambda g, u: torch.cat([fused_kernels.swiglu(g, u), fused_kernels.geglu(g * 2, u, "tanh"),
+                                              fused_kernels.swiglu(torch.cat([g, u], -1)),
+                                              fused_kernels.geglu(torch.cat([u, g], -1))]), [x, r]),
         "rotary": (lambda q, k: torch.cat([torch.cat(fused_kernels.apply_rotary_pos_emb(q, k, rcos, rsin), 1),
                                           torch.cat(fused_kernels.apply_rotary_pos_emb(q, k, rcos, rsin,
                                                                                        interleaved=True), 1)]),
@@ -247,6 +251,10 @@ def _opcheck_cases():
                                                     False, True)),
         ("lce_bwd", linear_cross_entropy_bwd, (x[:, 0], x, lw, lb, tgt, -100, 0.1, 1e-3, 4.0, True, True, True,
                                                True)),
+        ("glu_fwd", glu_fwd, (req(x), req(r), 0)),
+        ("glu_fwd-split", glu_fwd, (req(torch.cat([x, r], -1)), None, 2)),
+        ("glu_bwd", glu_bwd, (x, x, r, 1)),
+        ("glu_bwd-split", glu_bwd, (x, torch.cat([x, r], -1), None, 0)),
         ("rope_fwd", rope_fwd, (req(s[:, None].expand(2, 3, 5, 7)), req(s[:, None]), rc, rs, 1, False)),
         ("rope_fwd-interleaved", rope_fwd, (req(s[:, None]), req(s[:, None]), rc, rs, 1, True)),
         ("rope_bwd", rope_bwd, (s[:, None], s[:, None].expand(2, 2, 5, 7), rc, rs, 1, False, torch.float32,

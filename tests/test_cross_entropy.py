@@ -430,3 +430,16 @@ def test_errors(op_backend):
         F.cross_entropy(z, torch.tensor([0, 1, 10, 2]))
     with pytest.raises(RuntimeError):
         F.cross_entropy(z, t.int())
+
+
+def test_loss_modules(op_backend):
+    z = torch.randn(9, 12, generator=_gen(20))
+    t = torch.randint(0, 12, (9,), generator=_gen(21))
+    theirs = torch.nn.CrossEntropyLoss(ignore_index=3, label_smoothing=0.1, reduction="sum")
+    ours = fused_kernels.nn.CrossEntropyLoss(ignore_index=3, label_smoothing=0.1, reduction="sum")
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    torch.testing.assert_close(ours(z, t), theirs(z, t))
+    x, w, b, t = _inputs(7, 8, 12, seed=22)
+    module = fused_kernels.nn.LinearCrossEntropyLoss(reduction="none", z_loss=1e-3, softcap=4.0)
+    torch.testing.assert_close(module(x, w, t, b), linear_cross_entropy_ref(x, w, t, b, reduction="none",
+                                                                           z_loss=1e-3, softcap=4.0))

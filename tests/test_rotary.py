@@ -265,3 +265,12 @@ def test_interleaved_tables_and_errors():
         fused_kernels.rope_frequencies(7)
     with pytest.raises(RuntimeError, match="rope_type"):
         fused_kernels.rope_frequencies(8, scaling={"rope_type": "longrope"})
+
+
+def test_rotary_embedding_module():
+    module = fused_kernels.nn.RotaryEmbedding(16, 500.0, {"rope_type": "linear", "factor": 2.0})
+    pos = torch.arange(5)[None]
+    cos, sin = module(torch.zeros(1, dtype=torch.bfloat16), pos)
+    want = fused_kernels.rope_cos_sin(pos, 16, 500.0, {"rope_type": "linear", "factor": 2.0}, dtype=torch.bfloat16)
+    assert cos.dtype == torch.bfloat16 and torch.equal(cos, want[0]) and torch.equal(sin, want[1])
+    assert not list(module.parameters()) and not list(module.buffers())

@@ -656,6 +656,42 @@ def rotary_specs() -> Iterator[Spec]:
             yield from _recorded_specs("rotary", names, set(), run, arch, dtype, kind, seen, work_of)
 
 
+def gated_mlp_specs() -> Iterator[Spec]:
+    """SwiGLU / GeGLU (``fused_kernels.ops.gated_mlp``), forward and backward, recorded from the custom ops'
+    launches on meta tensors: 16,384 tokens x 14,336 intermediate features (Llama 3 8B's feed-forward), gate and up
+    as two tensors ("pair") and as the halves of one (tokens, 2 x 14,336) projection ("concat"); every activation in
+    bf16, silu in every dtype. One program (no loop) covers BLOCK_M x BLOCK_F elements."""
+    from ..ops import gated_mlp as gm
+    names = ("_glu_fwd_kernel", "_glu_bwd_kernel")
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def work_of(name, args):
+        return args["BLOCK_M"] * args["BLOCK_F"], "elements", f"M{args['BLOCK_M']} F{args['BLOCK_F']} " \
+            f"act={args['ACT']}"
+
+    m, f = 16384, 14336
+    cases = [(dt, gm.SILU, kind) for dt in DTYPES for kind in ("pair", "concat")]
+    cases += [(torch.bfloat16, act, kind) for act in (gm.GELU, gm.GELU_TANH) for kind in ("pair", "concat")]
+    seen: set = set()
+    for arch in ARCHS:
+        for dtype, act, kind in cases:
+            if kind == "pair":
+                gate, up = empty(m, f, dtype=dtype), empty(m, f, dtype=dtype)
+            else:
+                gate, up = empty(m, 2 * f, dtype=dtype), None
+            out = empty(m, f, dtype=dtype)
+            g, u = gm._split(gate, up)
+            dgu = empty(*gate.shape, dtype=dtype)
+            dg, du = gm._split(dgu, None) if up is None else (out, out)
+
+            def run(g=g, u=u, out=out, dg=dg, du=du, act=act):
+                gm.fwd_launch(g, u, out, act)
+                gm.bwd_launch(g, u, out, dg, du, act)
+            yield from _recorded_specs("gated_mlp", names, set(), run, arch, dtype, kind, seen, work_of)
+
+
 @contextlib.contextmanager
 def _shape_only_tables() -> Iterator[None]:
     """While recording on meta tensors: ``attention.sparse``'s document and ``mask_mod`` tile tables as empty
@@ -749,6 +785,7 @@ FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
     ("variants", variants_specs),
     ("cross_entropy", cross_entropy_specs),
     ("rotary", rotary_specs),
+    ("gated_mlp", gated_mlp_specs),
 ]
 
 
