@@ -669,16 +669,16 @@ def linear_cross_entropy_fwd(
     reduction: int, label_smoothing: float, z_loss: float, softcap: float, need_x: bool, need_w: bool, need_b: bool,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, dx, dw, db)`` of x (N, H), weight (V, H), target (N,): the loss reduced (per row for "none"),
-    and for "mean" / "sum" the gradients the ``need_*`` flags ask for (for an upstream gradient of 1), empty
-    otherwise; dw / db in the accumulation dtype."""
+    """``(loss, dx, dw, db)`` of x (N, H), weight (V, H), target (N,): the loss reduced (per row for "none") in the
+    accumulation dtype, and for "mean" / "sum" the gradients the ``need_*`` flags ask for (for an upstream
+    gradient of 1), empty otherwise; dw / db in the accumulation dtype."""
     acc_t = torch_acc_dtype(x.dtype)
     n_valid = _n_valid(target, ignore_index, acc_t) if reduction == MEAN else None
     grads = reduction != NONE
     run = _lce_triton if use_triton else _lce_torch
     rows, dx, dw, db = run(x, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap,
                            need_x and grads, need_w and grads, need_b and grads, None, n_valid)
-    loss = _reduce(rows, reduction, n_valid, x.dtype)
+    loss = _reduce(rows, reduction, n_valid, acc_t)
     return loss, dx if dx is not None else _empty(x), dw if dw is not None else _empty(x), \
         db if db is not None else _empty(x)
 
@@ -688,7 +688,7 @@ def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, z_loss,
       use_triton):
     acc_t = torch_acc_dtype(x.dtype)
     grads = reduction != NONE
-    loss = x.new_empty(x.shape[0]) if reduction == NONE else x.new_empty(())
+    loss = x.new_empty(x.shape[0], dtype=acc_t) if reduction == NONE else x.new_empty((), dtype=acc_t)
     return (loss, x.new_empty(x.shape) if need_x and grads else _empty(x),
             x.new_empty(weight.shape, dtype=acc_t) if need_w and grads else _empty(x),
             x.new_empty(weight.shape[0], dtype=acc_t) if need_b and grads else _empty(x))
@@ -917,8 +917,8 @@ def _check_target(op: str, target: object, batch: tuple[int, ...], v: int, ignor
 
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          bias: torch.Tensor | None = None, *, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         softcap: float | None = None) -> torch.Tensor:
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``F.cross_entropy(F.linear(input, weight, bias), target, ignore_index=..., reduction=...,
     label_smoothing=...)`` without the (N, V) logits, plus ``z_loss * logsumexp^2`` (PaLM's z-loss, averaged
     like the loss) and an optional logit soft-cap ``softcap * tanh(logits / softcap)`` (Gemma 2) before the loss.
@@ -926,9 +926,10 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     ``input`` (N, H) or (..., H) with ``target`` (N,) or (...) of class indices (int64; entries equal to
     ``ignore_index`` are left out: loss 0, no gradient, not counted by "mean"); ``weight`` (V, H), e.g. a tied
     embedding matrix; ``bias`` (V,). Gradients flow to input, weight and bias (float32 accumulation of dW / db),
-    for every reduction. The loss comes back in the input's dtype ((...) for "none"); every target ignored gives
-    NaN for "mean" and 0 for "sum", as torch. At most one chunk of rows' logits exists at a time
-    (``chunk_rows``)."""
+    for every reduction. The loss comes back in the input's dtype ((...) for "none"), as torch's, or in
+    ``out_dtype`` (e.g. float32 for a bf16 model, as models that upcast their logits before the loss get: the
+    kernels compute in float32 either way); every target ignored gives NaN for "mean" and 0 for "sum", as torch.
+    At most one chunk of rows' logits exists at a time (``chunk_rows``)."""
     op = "linear_cross_entropy"
     _checks.check_float_tensor("input", input, op)
     _checks.check_float_tensor("weight", weight, op)
@@ -958,8 +959,10 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     need_x = grad_on and input.requires_grad
     need_w = grad_on and weight.requires_grad
     need_b = grad_on and bias is not None and bias.requires_grad
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
+        raise _checks.DtypeNotImplementedError(f"{op}: out_dtype must be a float dtype or None, got {out_dtype}")
     loss = linear_cross_entropy_fwd(x, weight, bias, t, ignore_index, red, ls, zl, cap, need_x, need_w, need_b,
-                                    use_triton)[0]
+                                    use_triton)[0].to(out_dtype or input.dtype)
     return loss.reshape(target.shape) if red == NONE else loss
 
 
