@@ -443,3 +443,21 @@ def test_loss_modules(op_backend):
     module = fused_kernels.nn.LinearCrossEntropyLoss(reduction="none", z_loss=1e-3, softcap=4.0)
     torch.testing.assert_close(module(x, w, t, b), linear_cross_entropy_ref(x, w, t, b, reduction="none",
                                                                            z_loss=1e-3, softcap=4.0))
+
+
+def test_linear_backward_twice_with_retained_graph(op_backend):
+    """The forward's gradients handed to autograd without a copy (upstream gradient 1): a retained graph's second
+    backward still adds the same gradients (autograd copies them while the graph holds them)."""
+    x, w, b, t = _inputs(12, 8, 19, dtype=torch.float64, seed=23)
+    leaves = _leaves(x, w, b)
+    loss = fused_kernels.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], z_loss=1e-3)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in leaves]
+    loss.backward(retain_graph=True)
+    (loss * 3).backward()
+    for p, g in zip(leaves, first):
+        torch.testing.assert_close(p.grad, 5 * g)
+    ref = _leaves(x, w, b)
+    linear_cross_entropy_ref(ref[0], ref[1], t, ref[2], z_loss=1e-3).backward()
+    for got, want in zip(first, ref):
+        torch.testing.assert_close(got, want.grad)

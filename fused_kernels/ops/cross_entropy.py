@@ -544,11 +544,11 @@ def _ce_triton(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, la
 
 
 def _chunk_terms(c: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, label_smoothing: float,
-                 z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(losses, lse, softmax) of capped logits ``c`` (M, V); the softmax in a new buffer."""
+                 z_loss: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses, lse, softmax) of capped logits ``c`` (M, V); the softmax in ``out`` (or a new buffer)."""
     mx = c.amax(1, keepdim=True)
     mx = mx.masked_fill(mx == float("-inf"), 0.0)
-    p = torch.sub(c, mx).exp_()
+    p = torch.sub(c, mx, out=out).exp_()
     s = p.sum(1, keepdim=True)
     lse = (mx + s.log()).squeeze(1)
     zt = c.gather(1, t.clamp(0, c.shape[1] - 1)[:, None]).squeeze(1)
@@ -595,17 +595,18 @@ def _lce_torch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, target:
     dx = torch.empty((n, h), dtype=x.dtype, device=x.device) if need_x else None
     dw = torch.zeros((v, h), dtype=acc_t, device=x.device) if need_w else None
     db = torch.zeros(v, dtype=acc_t, device=x.device) if need_b else None
-    buf = torch.empty((min(chunk, n), v), dtype=acc_t, device=x.device)
+    # two chunk buffers for every chunk: the capped logits and their softmax (then gradient)
+    buf = torch.empty((2, min(chunk, n), v), dtype=acc_t, device=x.device)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         xc, tc = x[r0:r1].to(acc_t), target[r0:r1]
-        c = torch.mm(xc, wc.t(), out=buf[: r1 - r0])                        # (M, V)
+        c = torch.mm(xc, wc.t(), out=buf[0, : r1 - r0])                     # (M, V)
         if bc is not None:
             c.add_(bc)
         if softcap > 0:
             c.div_(softcap).tanh_().mul_(softcap)
         valid = tc != ignore_index
-        loss[r0:r1], lse, p = _chunk_terms(c, tc, valid, label_smoothing, z_loss)
+        loss[r0:r1], lse, p = _chunk_terms(c, tc, valid, label_smoothing, z_loss, out=buf[1, : r1 - r0])
         if not grad:
             continue
         factor = torch.ones(r1 - r0, dtype=acc_t, device=x.device) if row_grad is None else row_grad[r0:r1].to(acc_t)
@@ -726,14 +727,25 @@ def _lce_setup_context(ctx, inputs, output) -> None:
     ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
     ctx.use_triton = use_triton
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.has_bias = bias is not None
-    # What the backward needs: the forward's gradients ("mean" / "sum", unless a graph of the backward will be
-    # built from the inputs), or the inputs ("none": the chunks are recomputed with each row's gradient).
-    ctx.save_for_backward(x, weight, bias, target, dx, dw, db)
+    # The inputs, for the "none" reduction (the chunks are recomputed with each row's gradient), a graph of the
+    # backward, or a second backward. The forward's gradients ("mean" / "sum") are handed to the first backward,
+    # which scales them in place and gives them away: no copy of dW. In eager mode they live on ctx, not among the
+    # saved tensors, so that nothing keeps them once given away; traced (fake / functional tensors,
+    # torch.compile) they are saved tensors.
+    ctx.forward_grads = None
+    if torch.compiler.is_compiling() or type(dw) is not torch.Tensor:
+        ctx.save_for_backward(x, weight, bias, target, dx, dw, db)
+    else:
+        ctx.save_for_backward(x, weight, bias, target)
+        if reduction != NONE:
+            ctx.forward_grads = (dx, dw, db)
 
 
 def _lce_backward(ctx, dloss, _dx, _dw, _db):
-    x, weight, bias, target, dx, dw, db = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, weight, bias, target = saved[:4]
+    forward_grads = saved[4:] if len(saved) > 4 else ctx.forward_grads
+    ctx.forward_grads = None                 # given away once: a retained graph's next backward recomputes
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if dloss is None:
         return (None,) * 13
@@ -741,15 +753,23 @@ def _lce_backward(ctx, dloss, _dx, _dw, _db):
     if _grad.create_graph():
         gx, gw, gb = _lce_graph_grads(dloss, x, weight, bias, target, ctx.reduction, *ctx.options,
                                       need_x, need_w, need_b)
-    elif ctx.reduction == NONE:
-        gx, gw, gb = linear_cross_entropy_bwd(dloss, x, weight, bias, target, *ctx.options, need_x, need_w, need_b,
+    elif ctx.reduction == NONE or forward_grads is None:
+        rows = dloss
+        if ctx.reduction != NONE:            # the scalar gradient as each row's share
+            rows = dloss.expand(target.shape[0])
+            if ctx.reduction == MEAN:
+                rows = rows / _n_valid(target, ctx.options[0], dloss.dtype)
+        gx, gw, gb = linear_cross_entropy_bwd(rows, x, weight, bias, target, *ctx.options, need_x, need_w, need_b,
                                               ctx.use_triton)
         gx, gw, gb = (gx if need_x else None, gw.to(wd) if need_w else None, gb.to(bd) if need_b else None)
     else:
         g = dloss.to(torch_acc_dtype(xd))
-        gx = (dx * g).to(xd) if need_x else None
-        gw = (dw * g).to(wd) if need_w else None
-        gb = (db * g).to(bd) if need_b else None
+        dx, dw, db = forward_grads
+        in_place = len(saved) == 4            # eager: the tensors are ours to scale
+        scale = (lambda t: t.mul_(g)) if in_place else (lambda t: t * g)
+        gx = scale(dx).to(xd) if need_x else None
+        gw = scale(dw).to(wd) if need_w else None
+        gb = scale(db).to(bd) if need_b else None
     return gx, gw, gb, *(None,) * 10
 
 
@@ -823,17 +843,28 @@ def _row_factor(dloss: torch.Tensor, target: torch.Tensor, ignore_index: int, re
 
 def _ce_setup_context(ctx, inputs, output) -> None:
     logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, need_grad, use_triton = inputs
-    ctx.save_for_backward(logits, target, output[1])
+    unit = output[1]
     ctx.reduction, ctx.options, ctx.use_triton = reduction, (ignore_index, label_smoothing, z_loss, softcap), \
         use_triton
+    # As linear_cross_entropy's: the unit gradient is handed to the first backward (scaled in place, given away);
+    # traced, it is a saved tensor.
+    ctx.unit = None
+    if torch.compiler.is_compiling() or type(unit) is not torch.Tensor:
+        ctx.save_for_backward(logits, target, unit)
+    else:
+        ctx.save_for_backward(logits, target)
+        ctx.unit = unit if unit.numel() == logits.numel() else None
 
 
 def _ce_backward(ctx, dloss, _dunit):
-    logits, target, unit = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    logits, target = saved[:2]
+    unit = saved[2] if len(saved) > 2 else ctx.unit
+    ctx.unit = None                          # given away once: a retained graph's next backward recomputes
     if dloss is None or not ctx.needs_input_grad[0]:
         return (None,) * 9
     ignore_index, label_smoothing, z_loss, softcap = ctx.options
-    if _grad.create_graph() or unit.numel() != logits.numel():
+    if _grad.create_graph():
         from ..reference import cross_entropy_ref
         name = {NONE: "none", MEAN: "mean", SUM: "sum"}[ctx.reduction]
         loss = cross_entropy_ref(logits, target, ignore_index=ignore_index, reduction=name,
@@ -841,7 +872,12 @@ def _ce_backward(ctx, dloss, _dunit):
                                  softcap=softcap if softcap > 0 else None)
         return (_grad.grads([loss], [dloss], [logits])[0], *(None,) * 8)
     factor = _row_factor(dloss, target, ignore_index, ctx.reduction, torch_acc_dtype(logits.dtype))
-    return ((unit * factor).to(logits.dtype), *(None,) * 8)
+    if unit is None or unit.numel() != logits.numel():
+        unit = cross_entropy_fwd(logits.detach(), target, ignore_index, ctx.reduction, label_smoothing, z_loss,
+                                 softcap, True, ctx.use_triton)[1]
+    elif len(saved) > 2:                     # traced: the saved tensor is not ours to change
+        return ((unit * factor).to(logits.dtype), *(None,) * 8)
+    return (unit.mul_(factor), *(None,) * 8)
 
 
 cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)

@@ -252,12 +252,26 @@ class _GluTorch(torch.autograd.Function):
                 return torch.cat([_act_backward(dout * u, g, ctx.act), dout * a], -1).to(gate.dtype), None, None
             dgu = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
             dg, du = _split(dgu, None)
-            torch.mul(dout, a, out=du)
             dg.copy_(_act_backward(dout * u, g, ctx.act))
+            torch.mul(dout, a, out=du)
             return dgu, None, None
-        du = (dout * a).to(up.dtype)
+        # the activation's gradient first: its temporary is freed before du is allocated (the peak of PyTorch's
+        # own autograd of act(gate) * up)
         dg = _act_backward((dout * u).to(g.dtype), g, ctx.act)
+        du = (dout * a).to(up.dtype)
         return dg, du, None
+
+
+def _glu_torch(gate: torch.Tensor, up: torch.Tensor | None, act: int) -> torch.Tensor:
+    """The PyTorch path: with autograd, ``_GluTorch``; without, the activation's output multiplied in place (one
+    tensor allocated, not two)."""
+    if torch.is_grad_enabled() and (gate.requires_grad or (up is not None and up.requires_grad)):
+        return _GluTorch.apply(gate, up, act)
+    g, u = _split(gate, up)
+    a = _act_torch(g, act)
+    if a.dtype == torch.promote_types(a.dtype, u.dtype) and not torch.compiler.is_compiling():
+        return a.mul_(u)
+    return a * u
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -282,7 +296,7 @@ def _glu(op: str, gate: torch.Tensor, up: torch.Tensor | None, act: int) -> torc
                                              f"{tuple(up.shape)}")
     if _backend.choose(gate, op) == "torch" or (up is not None and up.dtype != gate.dtype):
         # mixed dtypes run torch's formula, which promotes them
-        return _GluTorch.apply(gate, up, act)
+        return _glu_torch(gate, up, act)
     return glu_fwd(gate, up, act)
 
 
