@@ -409,7 +409,8 @@ def lce_config(dtype: torch.dtype, arch: int | None) -> dict[str, int]:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     if dtype == torch.float32:   # true fp32 dots are FMA loops: 64-wide reductions spill on sm_80 (dX, dW)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+    # fp64: no software pipelining (two stages spill 8 + 8 B in dX on sm_90a with triton 3.6)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
 
 
 def softmax_config(dtype: torch.dtype, arch: int | None) -> dict[str, int]:

@@ -28,7 +28,6 @@ from .._core import grad as _grad
 from .._core.launch import acc_dtype, launch, next_pow2
 
 SILU, GELU, GELU_TANH = 0, 1, 2
-ACTIVATIONS = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH}
 BLOCK_F_MAX = 1024
 
 

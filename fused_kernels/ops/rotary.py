@@ -138,7 +138,7 @@ def _table(c: torch.Tensor, head_dim: int) -> torch.Tensor:
     return c
 
 
-def rope_config(head_dim: int, rot: int, n_heads: int, dtype: torch.dtype) -> dict[str, int]:
+def rope_config(head_dim: int, rot: int, n_heads: int) -> dict[str, int]:
     """Block sizes and warps: the half-row (pair) block, the pass-through block, heads per tile."""
     half = rot // 2
     block_j = max(1, next_pow2(half))
@@ -158,7 +158,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     d, rot = q4.shape[-1], c3.shape[-1]
     if p0 * p1 == 0 or (q4.shape[2] == 0 and k4.shape[2] == 0):
         return
-    cfg = rope_config(d, rot, max(q4.shape[2], k4.shape[2]), q.dtype)
+    cfg = rope_config(d, rot, max(q4.shape[2], k4.shape[2]))
     launch(_rope_kernel, (p0 * p1,), q4, k4, c3, s3, qo4, ko4, p1, q4.shape[2], k4.shape[2],
            *q4.stride(), *k4.stride(), *c3.stride(), *s3.stride(), *qo4.stride(), *ko4.stride(),
            HALF=rot // 2, PASS=d - rot, INTERLEAVED=interleaved, BACKWARD=backward, BLOCK_J=cfg["BLOCK_J"],
