@@ -1,8 +1,8 @@
 """``python -m bench --device cpu``: our ops on CPU tensors (each op's PyTorch path)
 against plain torch eager, in one process, one thread.
 
-    python -m bench --device cpu [--full] [--only attention|norm|softmax|model ...] [--no-memory]
-                                 [--out DIR] [--note TEXT]
+    python -m bench --device cpu [--full] [--only attention|norm|softmax|model|linear_ce|rotary|gated_mlp ...]
+                                 [--no-memory] [--out DIR] [--note TEXT]
 
 For every case both providers get the same inputs; each is called once to warm up, then the two are
 timed in interleaved pairs (the order alternating, so drift and a neighbour's load hit both alike) until
@@ -20,6 +20,15 @@ What "torch eager" is for each op (the same semantics wherever torch has them):
     layer_norm      F.layer_norm;  rms_norm  F.rms_norm;  add_layer_norm  x + residual, then F.layer_norm
     model steps     the same model on F.scaled_dot_product_attention and F.layer_norm
                     (``bench.models.torch_ops``), AdamW, one forward + backward + step
+    linear_ce       F.cross_entropy(F.linear(x, w), t): the (N, V) logits (fp32), mean over the tokens
+    rotary          transformers' Llama apply_rotary_pos_emb (q * cos + rotate_half(q) * sin) on q and k
+                    (strided views of one fused qkv projection, GQA), gradients of both
+    gated_mlp       F.silu(gate) * up (gate and up halves of one projection, as Phi-3's gate_up_proj, and as
+                    two tensors)
+    llama step      the Llama-style GPT (llama-small) with every op unfused: SDPA, F.rms_norm, the rotary
+                    formula, F.silu * up, logits + F.cross_entropy (``bench.models.torch_ops``)
+The linear_ce cases above a teraFLOP of work run ``HEAVY_PAIRS`` pairs, and their memory processes one at a
+time (the unfused form's peak is several GiB).
     bert-padfree    not torch eager: the same BERT pre-training step (MLM + NSP) run padded, on our ops, as
                     the baseline of the padding-free one (``padding_free=True``); lengths long-tailed
                     (log-normal, median L/6, clipped to [1, L]), so most of the padded batch is padding
@@ -46,7 +55,9 @@ import torch
 import torch.nn.functional as F
 
 MIN_PAIRS, MIN_SECONDS, MAX_PAIRS = 7, 1.0, 31
-FAMILIES = ("attention", "softmax", "norm", "model")
+HEAVY_PAIRS = 3                  # pairs of the cases above HEAVY_FLOP (minutes per call on one core)
+HEAVY_FLOP = 1e12
+FAMILIES = ("attention", "softmax", "norm", "model", "linear_ce", "rotary", "gated_mlp")
 TARGET_TIME, TARGET_MEMORY = 1.05, 1.05
 
 
@@ -63,7 +74,11 @@ def smoke_grid() -> list[dict]:
     cases += [dict(family="model", op="gpt", preset="tiny", B=2, L=16), dict(family="model", op="bert", preset="tiny",
                                                                              B=2, L=16),
               dict(family="model", op="vit", preset="tiny", B=4),
-              dict(family="model", op="bert-padfree", preset="tiny", B=4, L=16)]
+              dict(family="model", op="bert-padfree", preset="tiny", B=4, L=16),
+              dict(family="model", op="llama", preset="llama-tiny", B=2, L=16)]
+    cases += [dict(family="linear_ce", op="linear_cross_entropy", N=64, H=16, V=300)]
+    cases += [dict(family="rotary", op="apply_rotary_pos_emb", B=1, L=8, H=4, Hkv=2, D=16)]
+    cases += [dict(family="gated_mlp", op="swiglu", M=16, F=64, layout=layout) for layout in ("concat", "pair")]
     return cases
 
 
@@ -88,6 +103,23 @@ def grid(full: bool = False, only: list[str] | None = None) -> list[dict]:
     cases.append(dict(family="model", op="bert", preset="mini", B=32, L=64))
     cases.append(dict(family="model", op="vit", preset="digits", B=128))
     cases.append(dict(family="model", op="bert-padfree", preset="mini", B=32, L=128))
+    cases.append(dict(family="model", op="llama", preset="llama-small", B=8, L=256))
+    # the same with a BPE-sized vocabulary (32k): the output layer becomes the largest tensor of the step
+    cases.append(dict(family="model", op="llama", preset="llama-small", B=8, L=256, V=32768))
+    # Linear cross-entropy at the issue's sizes (N tokens, hidden H, vocabulary V). On one core the smallest takes
+    # seconds per call, the target case (N 8192, H 1024, V 128k: 6.6 TFLOP forward + backward) minutes; --full
+    # adds the rest of the issue's grid (hours on one core).
+    lce = [(4096, 1024, 32768), (8192, 1024, 131072)]
+    if full:
+        lce += [(n, h, v) for n in (4096, 8192, 16384) for h in (1024, 4096) for v in (32768, 131072, 262144)
+                if (n, h, v) not in lce]
+    cases += [dict(family="linear_ce", op="linear_cross_entropy", N=n, H=h, V=v) for n, h, v in lce]
+    # Rotary: Llama-3-8B's attention (32 query heads over 8 key / value heads, head dim 128) at 2 x 1024 tokens
+    cases.append(dict(family="rotary", op="apply_rotary_pos_emb", B=2, L=1024, H=32, Hkv=8, D=128))
+    cases.append(dict(family="rotary", op="apply_rotary_pos_emb", B=8, L=512, H=12, Hkv=12, D=64))
+    # SwiGLU: 4096 tokens of Llama-2-7B's feed-forward (11008 features), concatenated and as two tensors
+    for layout in ("concat", "pair"):
+        cases.append(dict(family="gated_mlp", op="swiglu", M=4096, F=11008, layout=layout))
     return [c for c in cases if not only or c["family"] in only]
 
 
@@ -95,7 +127,14 @@ def label(case: dict) -> str:
     if case["family"] == "attention":
         return f"B{case['B']} H{case['H']} L=S={case['L']} D{case['D']} {case['mask']}"
     if case["family"] == "model":
-        return f"{case['op']} {case['preset']} B{case['B']}" + (f" L{case['L']}" if "L" in case else "")
+        return (f"{case['op']} {case['preset']} B{case['B']}" + (f" L{case['L']}" if "L" in case else "")
+                + (f" V{case['V']}" if "V" in case else ""))
+    if case["family"] == "linear_ce":
+        return f"N{case['N']} H{case['H']} V{case['V']}"
+    if case["family"] == "rotary":
+        return f"B{case['B']} L{case['L']} H{case['H']}/{case['Hkv']} D{case['D']}"
+    if case["family"] == "gated_mlp":
+        return f"{case['M']}x{case['F']} {case['layout']}"
     shape = case.get("shape") or [case["M"], case["N"]]
     extra = f" {case['kind']}" if case["family"] == "softmax" else ""
     return "x".join(map(str, shape)) + extra
@@ -200,6 +239,76 @@ def _norm(case: dict) -> dict[str, Call]:
     return dict(ours=lambda bw: run(fns[0], bw), torch=lambda bw: run(fns[1], bw), leaves=leaves)
 
 
+def _linear_ce(case: dict) -> dict[str, Call]:
+    import fused_kernels
+
+    n, h, v = case["N"], case["H"], case["V"]
+    g = _gen()
+    x = torch.randn(n, h, generator=g).requires_grad_()
+    w = (torch.randn(v, h, generator=g) * h ** -0.5).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+
+    def ours(backward: bool) -> None:
+        loss = fused_kernels.linear_cross_entropy(x, w, t)
+        if backward:
+            loss.backward()
+
+    def eager(backward: bool) -> None:
+        loss = F.cross_entropy(F.linear(x, w), t)
+        if backward:
+            loss.backward()
+    return dict(ours=ours, torch=eager, leaves=[x, w], flop=(3 * 2 * n * h * v))
+
+
+def _rotary(case: dict) -> dict[str, Call]:
+    import fused_kernels
+    from bench.models import torch_rope
+
+    b, l, h, hkv, d = case["B"], case["L"], case["H"], case["Hkv"], case["D"]
+    g = _gen()
+    fused = torch.randn(b, l, (h + 2 * hkv) * d, generator=g).requires_grad_()   # a qkv projection's output
+    cos, sin = fused_kernels.rope_cos_sin(torch.arange(l).expand(b, l), d)
+    dq, dk = torch.randn(b, h, l, d, generator=g), torch.randn(b, hkv, l, d, generator=g)
+
+    def heads() -> tuple[torch.Tensor, torch.Tensor]:
+        q = fused[..., : h * d].view(b, l, h, d).transpose(1, 2)                  # (B, H, L, D) strided views
+        k = fused[..., h * d:(h + hkv) * d].view(b, l, hkv, d).transpose(1, 2)
+        return q, k
+
+    def run(fn, backward: bool) -> None:
+        qo, ko = fn(*heads(), cos, sin)
+        if backward:
+            torch.autograd.backward([qo, ko], [dq, dk])
+    return dict(ours=lambda bw: run(fused_kernels.apply_rotary_pos_emb, bw), torch=lambda bw: run(torch_rope, bw),
+                leaves=[fused])
+
+
+def _gated(case: dict) -> dict[str, Call]:
+    import fused_kernels
+
+    m, f = case["M"], case["F"]
+    g = _gen()
+    gate_up = torch.randn(m, 2 * f, generator=g).requires_grad_()
+    gate, up = torch.randn(m, f, generator=g).requires_grad_(), torch.randn(m, f, generator=g).requires_grad_()
+    dy = torch.randn(m, f, generator=g)
+    concat = case["layout"] == "concat"
+
+    def ours(backward: bool) -> None:
+        y = fused_kernels.swiglu(gate_up) if concat else fused_kernels.swiglu(gate, up)
+        if backward:
+            y.backward(dy)
+
+    def eager(backward: bool) -> None:
+        if concat:
+            a, b_ = gate_up.chunk(2, dim=-1)
+            y = F.silu(a) * b_
+        else:
+            y = F.silu(gate) * up
+        if backward:
+            y.backward(dy)
+    return dict(ours=ours, torch=eager, leaves=[gate_up] if concat else [gate, up])
+
+
 def long_tailed_lengths(b: int, l: int, g: torch.Generator) -> torch.Tensor:
     """(b,) lengths in [1, l]: log-normal with median l / 6 (sigma 0.9), as in real corpora, where a few
     long sequences set the padded width of a batch of mostly short ones."""
@@ -260,6 +369,12 @@ def _model(case: dict) -> dict[str, Call]:
             model = GPT(cfg)
             ids = torch.randint(0, cfg.vocab_size, (case["B"], case["L"]), generator=g)
             return model, lambda: model(ids, labels=ids).loss
+        if case["op"] == "llama":     # the training task's loss: linear_cross_entropy, or (torch) logits + CE
+            cfg = GPTConfig.from_preset(case["preset"], max_seq_len=max(case["L"], 64),
+                                        vocab_size=case.get("V", GPTConfig.presets[case["preset"]]["vocab_size"]))
+            model = GPT(cfg)
+            ids = torch.randint(0, cfg.vocab_size, (case["B"], case["L"] + 1), generator=g)
+            return model, lambda: model(ids[:, :-1], targets=ids[:, 1:], return_logits=False).loss
         if case["op"] == "bert":
             cfg = BERTConfig.from_preset(case["preset"], num_labels=8)
             model = BERTForSequenceClassification(cfg)
@@ -295,7 +410,13 @@ def _model(case: dict) -> dict[str, Call]:
     return dict(ours=provider(contextlib.nullcontext), torch=provider(torch_ops), leaves=[])
 
 
-BUILDERS = {"attention": _attention, "softmax": _softmax, "norm": _norm, "model": _model}
+BUILDERS = {"attention": _attention, "softmax": _softmax, "norm": _norm, "model": _model, "linear_ce": _linear_ce,
+            "rotary": _rotary, "gated_mlp": _gated}
+
+
+def heavy(case: dict) -> bool:
+    """A case above HEAVY_FLOP of work per forward + backward (the large linear cross-entropy ones)."""
+    return case["family"] == "linear_ce" and 6 * case["N"] * case["H"] * case["V"] > HEAVY_FLOP
 
 
 def modes(case: dict) -> list[str]:
@@ -317,14 +438,15 @@ def _timed(call: Call, backward: bool, leaves: list[torch.Tensor]) -> float:
     return time.perf_counter() - t0
 
 
-def time_pair(calls: dict, backward: bool) -> dict:
+def time_pair(calls: dict, backward: bool, min_pairs: int | None = None) -> dict:
     """Interleaved pairs, order alternating; medians in ms and the median of the per-pair ratios."""
     ours, theirs, leaves = calls["ours"], calls["torch"], calls["leaves"]
+    min_pairs = MIN_PAIRS if min_pairs is None else min_pairs
     for fn in (ours, theirs):
         _timed(fn, backward, leaves)
     t_ours: list[float] = []
     t_torch: list[float] = []
-    while len(t_ours) < MIN_PAIRS or (min(sum(t_ours), sum(t_torch)) < MIN_SECONDS and len(t_ours) < MAX_PAIRS):
+    while len(t_ours) < min_pairs or (min(sum(t_ours), sum(t_torch)) < MIN_SECONDS and len(t_ours) < MAX_PAIRS):
         first_ours = len(t_ours) % 2 == 0
         for is_ours in ((True, False) if first_ours else (False, True)):
             (t_ours if is_ours else t_torch).append(_timed(ours if is_ours else theirs, backward, leaves))
@@ -363,6 +485,12 @@ def shrink(spec: dict) -> dict:
         small.update(B=1, H=1, L=16)
     elif spec["family"] == "model":
         small.update(B=2)
+    elif spec["family"] == "linear_ce":
+        small.update(N=64, V=300)
+    elif spec["family"] == "rotary":
+        small.update(B=1, L=8)
+    elif spec["family"] == "gated_mlp":
+        small.update(M=8)
     elif "shape" in spec:
         small["shape"] = [1, 1, 16, 16]
     else:
@@ -404,7 +532,7 @@ def _run_child(spec: dict, provider: str) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run([sys.executable, "-m", "bench.cpu", "--child", json.dumps(spec), provider], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=3600 if heavy(spec) else 900)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -521,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.aa:
                 calls["ours"] = calls["torch"]
             for mode in modes(case):
-                t = time_pair(calls, mode != "fwd")
+                t = time_pair(calls, mode != "fwd", HEAVY_PAIRS if heavy(case) else None)
                 rec = dict(case=case, family=case["family"], op=case["op"], label=label(case), mode=mode, **t)
                 records.append(rec)
                 if calls.get("note"):
@@ -531,10 +659,12 @@ def main(argv: list[str] | None = None) -> int:
                       + (f"  ({calls['note']}; torch column: padded)" if calls.get("note") else ""), flush=True)
             del calls
         if not args.no_memory and not args.aa:
-            print("peak memory: one process per case and provider, two at a time", flush=True)
+            print("peak memory: one process per case and provider, two at a time (the heavy ones alone)", flush=True)
             jobs = [(case, p) for case in cases for p in ("ours", "torch")]
             with ThreadPoolExecutor(2) as pool:
-                found = list(pool.map(lambda job: _run_child(*job), jobs))
+                light = dict(zip([i for i, (c, _) in enumerate(jobs) if not heavy(c)],
+                                 pool.map(lambda job: _run_child(*job), [j for j in jobs if not heavy(j[0])])))
+            found = [light[i] if i in light else _run_child(*job) for i, job in enumerate(jobs)]
             by_case = {}
             for (case, p), res in zip(jobs, found):
                 by_case.setdefault(json.dumps(case, sort_keys=True), {})[p] = res

@@ -71,16 +71,67 @@ def torch_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight:
     return F.layer_norm(r, (x.shape[-1],), weight, bias, eps), r
 
 
+def torch_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids=None,
+               unsqueeze_dim: int = 1, *, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' Llama ``apply_rotary_pos_emb`` (rotate-half; the first cos.shape[-1] dims, the rest passed)."""
+    if interleaved:
+        raise NotImplementedError("the torch baseline is the rotate-half form")
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xr = x[..., :rot]
+        half = torch.cat((-xr[..., rot // 2:], xr[..., :rot // 2]), dim=-1)
+        out = xr * cos + half * sin
+        return out if rot == x.shape[-1] else torch.cat((out, x[..., rot:]), dim=-1)
+    return rotate(q), rotate(k)
+
+
+def torch_swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def torch_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               bias: torch.Tensor | None = None, *, ignore_index: int = -100, reduction: str = "mean",
+                               label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The unfused form: the (N, V) logits, then ``F.cross_entropy`` (z-loss / soft-cap as plain ops)."""
+    logits = F.linear(input, weight, bias).reshape(-1, weight.shape[0])
+    if out_dtype is not None:
+        logits = logits.to(out_dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    t = target.reshape(-1)
+    loss = F.cross_entropy(logits, t, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        valid = t != ignore_index
+        zl = (z_loss * torch.logsumexp(logits, -1) ** 2).masked_fill(~valid, 0.0)
+        loss = loss + (zl if reduction == "none" else zl.sum() / valid.sum() if reduction == "mean" else zl.sum())
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
 @contextlib.contextmanager
 def torch_ops() -> Iterator[None]:
-    """Run the models on torch SDPA + torch LayerNorm: swap the module attributes they look up at call time."""
-    saved = fused_kernels.attention, fused_kernels.add_layer_norm, fused_kernels.nn.layer_norm
+    """Run the models on plain torch ops: SDPA, ``F.layer_norm`` / ``F.rms_norm``, transformers' rotary formula,
+    ``F.silu(gate) * up`` and the (N, V) logits + ``F.cross_entropy``. Swaps the module attributes the models
+    look up at call time."""
+    saved = (fused_kernels.attention, fused_kernels.add_layer_norm, fused_kernels.nn.layer_norm,
+             fused_kernels.rms_norm, fused_kernels.nn.rms_norm, fused_kernels.apply_rotary_pos_emb,
+             fused_kernels.nn.swiglu, fused_kernels.linear_cross_entropy)
     fused_kernels.attention, fused_kernels.add_layer_norm = sdpa_attention, torch_add_layer_norm
     fused_kernels.nn.layer_norm = F.layer_norm
+    fused_kernels.rms_norm = fused_kernels.nn.rms_norm = F.rms_norm
+    fused_kernels.apply_rotary_pos_emb, fused_kernels.nn.swiglu = torch_rope, torch_swiglu
+    fused_kernels.linear_cross_entropy = torch_linear_cross_entropy
     try:
         yield
     finally:
-        fused_kernels.attention, fused_kernels.add_layer_norm, fused_kernels.nn.layer_norm = saved
+        (fused_kernels.attention, fused_kernels.add_layer_norm, fused_kernels.nn.layer_norm, fused_kernels.rms_norm,
+         fused_kernels.nn.rms_norm, fused_kernels.apply_rotary_pos_emb, fused_kernels.nn.swiglu,
+         fused_kernels.linear_cross_entropy) = saved
 
 
 # ----------------------------------------------------------------------------- grids

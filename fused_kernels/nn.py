@@ -2,8 +2,14 @@
 
 Each subclasses its ``torch.nn`` counterpart and overrides only ``forward``: constructor, attributes,
 ``state_dict`` keys and ``isinstance`` checks are torch's own, so a torch state dict loads unchanged.
-``LayerNorm``, ``RMSNorm``, ``Softmax`` and ``MultiheadAttention`` run our ops; ``TransformerEncoderLayer``
-only routes around torch's inference fast path, which would otherwise skip its (swapped) submodules.
+``LayerNorm``, ``RMSNorm``, ``Softmax``, ``MultiheadAttention`` and ``CrossEntropyLoss`` run our ops;
+``TransformerEncoderLayer`` only routes around torch's inference fast path, which would otherwise skip its
+(swapped) submodules.
+
+Modules for the ops torch has no module for, with the parameter names of the models that use them:
+``SwiGLU`` / ``GEGLU`` (the activation on (gate, up) or on one concatenated tensor), ``GatedMLP`` (Llama's
+``gate_proj`` / ``up_proj`` / ``down_proj`` feed-forward), ``RotaryEmbedding`` (cos / sin tables, as
+transformers' rotary modules), ``LinearCrossEntropyLoss`` (the output layer and the loss without logits).
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ import torch.nn.functional as F
 
 from ._core import checks as _checks
 from .ops.attention import scaled_dot_product_attention
+from .ops.cross_entropy import cross_entropy, linear_cross_entropy
+from .ops.gated_mlp import geglu, swiglu
 from .ops.norms import layer_norm, rms_norm
+from .ops.rotary import rope_cos_sin
 from .ops.softmax import softmax
 
 
@@ -336,3 +345,104 @@ def replace_modules(model: torch.nn.Module) -> int:
                 any(type(layer) is TransformerEncoderLayer for layer in module.layers):
             module.use_nested_tensor = False
     return swapped
+
+
+# ----------------------------------------------------------------------------- gated feed-forward, rotary, losses
+
+
+class SwiGLU(torch.nn.Module):
+    """``F.silu(gate) * up`` (``fused_kernels.swiglu``); ``forward(gate_up)`` splits one concatenated tensor."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        return swiglu(gate, up)
+
+
+class GEGLU(torch.nn.Module):
+    """``F.gelu(gate, approximate=approximate) * up`` (``fused_kernels.geglu``)."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GEGLU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        return geglu(gate, up, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+class GatedMLP(torch.nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``: the feed-forward of Llama, Qwen, Mistral (``activation="silu"``)
+    and Gemma (``"gelu_tanh"``), with their parameter names, so their state dicts load unchanged; the activation
+    and product run as one ``swiglu`` / ``geglu`` kernel."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if activation not in GATED_ACTIVATIONS:
+            raise ValueError(f"GatedMLP: activation must be one of {GATED_ACTIVATIONS}, got {activation!r}")
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.hidden_size, self.intermediate_size, self.activation = hidden_size, intermediate_size, activation
+        self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.activation == "silu":
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(geglu(gate, up, "tanh" if self.activation == "gelu_tanh" else "none"))
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """cos / sin tables of rotary embeddings, as transformers' rotary modules return them: ``forward(x,
+    position_ids)`` -> (cos, sin) of shape (*position_ids.shape, dim) in x's dtype (``fused_kernels.rope_cos_sin``:
+    ``theta``, transformers' ``scaling`` dict, ``interleaved`` layout). No parameters or buffers."""
+
+    def __init__(self, dim: int, theta: float = 10000.0, scaling: dict | None = None, *, interleaved: bool = False,
+                 max_position_embeddings: int | None = None) -> None:
+        super().__init__()
+        self.dim, self.theta, self.scaling = dim, float(theta), dict(scaling or {})
+        self.interleaved, self.max_position_embeddings = interleaved, max_position_embeddings
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(position_ids, self.dim, self.theta, self.scaling, interleaved=self.interleaved,
+                            max_position_embeddings=self.max_position_embeddings, dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, theta={self.theta}, scaling={self.scaling or None}, interleaved={self.interleaved}"
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` on ``fused_kernels.cross_entropy`` (the gradient computed with the loss, no
+    ``log_softmax`` stored); class weights and probability targets run torch's own op."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``forward(input, weight, target, bias=None)`` = ``fused_kernels.linear_cross_entropy`` with the options given
+    here: the output layer and the cross-entropy without the (N, V) logits."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: float | None = None) -> None:
+        super().__init__()
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.z_loss, self.softcap = z_loss, softcap
+
+    def forward(self, input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
+                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                    z_loss=self.z_loss, softcap=self.softcap)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")

@@ -208,3 +208,81 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     out = torch.cat(outs, 0) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
     lse = torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=_compute_dtype(q))
     return (out, lse) if return_lse else out
+
+
+def cross_entropy_ref(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
+                      reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                      softcap: float | None = None) -> torch.Tensor:
+    """Reference of ``fused_kernels.cross_entropy`` on (N, V) logits and (N,) class targets: with
+    ``c = softcap * tanh(logits / softcap)`` (or the logits), ``loss_i = lse - (1 - eps) c_t - eps / V sum_j c_j
+    + z_loss * lse^2`` (0 where the target is ``ignore_index``), reduced as ``F.cross_entropy`` (mean over the
+    rows not ignored)."""
+    ct = _compute_dtype(logits)
+    c = logits.to(ct)
+    if softcap is not None:
+        c = softcap * torch.tanh(c / softcap)
+    valid = target != ignore_index
+    t = torch.where(valid, target, torch.zeros_like(target))
+    lse = torch.logsumexp(c, dim=-1)
+    loss = lse - (1.0 - label_smoothing) * c.gather(-1, t[..., None]).squeeze(-1)
+    if label_smoothing > 0:
+        loss = loss - label_smoothing * c.mean(-1)
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.to(logits.dtype)
+    total = loss.sum()
+    return (total / valid.sum() if reduction == "mean" else total).to(logits.dtype)
+
+
+def linear_cross_entropy_ref(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                             bias: torch.Tensor | None = None, *, ignore_index: int = -100, reduction: str = "mean",
+                             label_smoothing: float = 0.0, z_loss: float = 0.0,
+                             softcap: float | None = None) -> torch.Tensor:
+    """Reference of ``fused_kernels.linear_cross_entropy``: ``cross_entropy_ref(F.linear(input, weight, bias))``
+    with the logits materialized, on (..., H) input and (...) targets."""
+    ct = _compute_dtype(input)
+    logits = F.linear(input.to(ct), weight.to(ct), _up(bias, ct)).reshape(-1, weight.shape[0])
+    loss = cross_entropy_ref(logits, target.reshape(-1), ignore_index=ignore_index, reduction=reduction,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    return (loss.reshape(target.shape) if reduction == "none" else loss).to(input.dtype)
+
+
+def apply_rotary_pos_emb_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             unsqueeze_dim: int = 1, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``fused_kernels.apply_rotary_pos_emb``: transformers' ``q * cos + rotate_half(q) * sin`` (or
+    GPT-J's rotate-every-two with ``interleaved``) on the first ``cos.shape[-1]`` dims, the rest passed through;
+    computed in float32 (float64), returned in the promoted dtype of the input and the tables."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        out_dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+        ct = _compute_dtype(torch.empty(0, dtype=out_dtype))
+        xc, c, s = x.to(ct), cos.to(ct), sin.to(ct)
+        xr = xc[..., :rot]
+        if interleaved:
+            turned = torch.stack([-xr[..., 1::2], xr[..., 0::2]], dim=-1).flatten(-2)
+        else:
+            turned = torch.cat([-xr[..., rot // 2:], xr[..., :rot // 2]], dim=-1)
+        return torch.cat([xr * c + turned * s, xc[..., rot:].expand(*(xr * c).shape[:-1], -1)], -1).to(out_dtype)
+
+    return rotate(q), rotate(k)
+
+
+def gated_activation_ref(gate: torch.Tensor, up: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+    """Reference of ``fused_kernels.swiglu`` (``activation="silu"``) and ``geglu`` ("gelu", "gelu_tanh"):
+    ``act(gate) * up`` in float32 (float64), ``up=None`` meaning the two halves of ``gate``; the promoted dtype."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    out_dtype = torch.promote_types(gate.dtype, up.dtype)
+    ct = _compute_dtype(torch.empty(0, dtype=out_dtype))
+    g = gate.to(ct)
+    if activation == "silu":
+        a = g * torch.sigmoid(g)
+    elif activation == "gelu":
+        a = 0.5 * g * (1.0 + torch.erf(g / 2.0 ** 0.5))
+    else:
+        a = 0.5 * g * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (g + 0.044715 * g ** 3)))
+    return (a * up.to(ct)).to(out_dtype)

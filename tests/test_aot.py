@@ -49,6 +49,9 @@ FAMILY = {
     "fused_kernels.ops.attention.kernels.backward": "attention",
     "fused_kernels.ops.attention.kernels.paged": "paged",
     "fused_kernels.ops.attention.kernels.blockmask": "variants",
+    "fused_kernels.ops.cross_entropy": "cross_entropy",
+    "fused_kernels.ops.rotary": "rotary",
+    "fused_kernels.ops.gated_mlp": "gated_mlp",
 }
 
 

@@ -265,13 +265,14 @@ def test_cpu_benchmark_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "cpu.json").read_text())
     records = data["records"]
-    assert {r["family"] for r in records} == {"attention", "softmax", "norm", "model"}
+    assert {r["family"] for r in records} == {"attention", "softmax", "norm", "model", "linear_ce", "rotary",
+                                              "gated_mlp"}
     assert all(r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["pairs"] >= 2 for r in records)
     assert {r["mode"] for r in records} == {"fwd", "fwd+bwd", "train"}
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["cores"] >= 1
     table = (tmp_path / "cpu.md").read_text()
     assert "| family | op | case | mode | ours ms | torch ms | ours / torch |" in table
-    assert table.count("\n| attention |") == 6 and "| model | vit |" in table
+    assert table.count("\n| attention |") == 6 and "| model | vit |" in table and "| model | llama |" in table
 
 
 def test_cpu_benchmark_memory_child():
@@ -363,3 +364,17 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")      # eager flex_attention warns that it is not compiled
         yield
+
+
+def test_cpu_benchmark_linear_cross_entropy_child():
+    """The peak-memory process of a linear cross-entropy case on each side: ours holds a fraction of the unfused
+    form's (N, V) logits (N 1024, V 8192, fp32: 32 MiB of logits)."""
+    spec = {"family": "linear_ce", "op": "linear_cross_entropy", "N": 1024, "H": 64, "V": 8192}
+    found = {}
+    for provider in ("ours", "torch"):
+        proc = subprocess.run([sys.executable, "-m", "bench.cpu", "--child", json.dumps(spec), provider], cwd=ROOT,
+                              env=_clean_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        found[provider] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["torch"]["fwd+bwd_mb"] >= 64, found                    # logits and their gradient at least
+    assert found["ours"]["fwd+bwd_mb"] < 0.5 * found["torch"]["fwd+bwd_mb"], found

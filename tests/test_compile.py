@@ -14,7 +14,14 @@ from helpers import grads
 
 import fused_kernels
 from fused_kernels.ops.attention.launch import attention_bwd, attention_fwd
+from fused_kernels.ops.cross_entropy import (
+    cross_entropy_fwd,
+    linear_cross_entropy_bwd,
+    linear_cross_entropy_fwd,
+)
+from fused_kernels.ops.gated_mlp import glu_bwd, glu_fwd
 from fused_kernels.ops.norms import layer_norm_bwd, layer_norm_fwd
+from fused_kernels.ops.rotary import rope_bwd, rope_fwd
 from fused_kernels.ops.softmax import softmax_bwd, softmax_fwd
 
 pytestmark = pytest.mark.usefixtures("op_backend")   # each test on the kernels and on the PyTorch path
@@ -40,7 +47,31 @@ def _cases():
     x, r, w, b = _randn(2, 3, 24), _randn(2, 3, 24, seed=1), _randn(24, seed=2), _randn(24, seed=3)
     s = _randn(2, 2, 5, 7, seed=4)
     keep, bias = _keep(2, 1, 5, 7), _randn(5, 7, seed=5)
+    h, emb, cls_b = _randn(2, 9, 24, seed=6), _randn(37, 24, seed=7), _randn(37, seed=8)
+    tgt = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(9))
+    tgt[0, ::3] = -100
+    ce_tgt = torch.where(tgt[:, :7] >= 0, tgt[:, :7] % 7, tgt[:, :7])
+    rq, rk = _randn(2, 4, 5, 16, seed=10), _randn(2, 5, 2, 16, seed=11).transpose(1, 2)
+    rcos, rsin = fused_kernels.rope_cos_sin(torch.arange(5).expand(2, 5), 12)
     return {
+        "gated_mlp": (lambda g, u: torch.cat([fused_kernels.swiglu(g, u), fused_kernels.geglu(g * 2, u, "tanh"),
+                                              fused_kernels.swiglu(torch.cat([g, u], -1)),
+                                              fused_kernels.geglu(torch.cat([u, g], -1))]), [x, r]),
+        "rotary": (lambda q, k: torch.cat([torch.cat(fused_kernels.apply_rotary_pos_emb(q, k, rcos, rsin), 1),
+                                          torch.cat(fused_kernels.apply_rotary_pos_emb(q, k, rcos, rsin,
+                                                                                       interleaved=True), 1)]),
+                   [rq, rk]),
+        "linear_cross_entropy": (lambda h, w, b: torch.cat([
+            torch.stack([fused_kernels.linear_cross_entropy(h, w, tgt, b),
+                         fused_kernels.linear_cross_entropy(h, w, tgt, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
+                                                            reduction="sum")]),
+            fused_kernels.linear_cross_entropy(h, w, tgt, b, reduction="none", z_loss=1e-2).flatten()]),
+            [h, emb, cls_b]),
+        "cross_entropy": (lambda z: torch.cat([
+            torch.stack([fused_kernels.cross_entropy(z, ce_tgt[0]),
+                         fused_kernels.cross_entropy(z * 2, ce_tgt[1], label_smoothing=0.2, softcap=3.0,
+                                                     reduction="sum")]),
+            fused_kernels.cross_entropy(z, ce_tgt[0], reduction="none")]), [s.reshape(-1, 7)[:7].clone()]),
         "layer_norm": (lambda x, w, b: torch.cat([fused_kernels.layer_norm(x * 2, (24,), w, b, 1e-5) + 1,
                                                   fused_kernels.layer_norm(x, (3, 24), w.expand(3, 24))]), [x, w, b]),
         "rms_norm": (lambda x, w: fused_kernels.rms_norm(x, (24,), w).relu() + fused_kernels.rms_norm(x, 24, eps=0.1),
@@ -228,6 +259,9 @@ def _opcheck_cases():
     req = lambda t: t.clone().requires_grad_()
     s, keep = _randn(2, 5, 7, seed=4), _keep(5, 7)
     y = torch.softmax(s, -1)
+    lw, lb = _randn(11, 24, seed=5), _randn(11, seed=6)
+    tgt = torch.tensor([3, -100, 10])
+    rc, rs = (t[:, None].expand(2, 1, 5, 6) for t in fused_kernels.rope_cos_sin(torch.arange(5)[None], 6))
     return [
         ("ln_fwd", layer_norm_fwd, (req(x), None, req(w), req(b), 1e-5, 0.0, False)),
         ("ln_fwd-residual", layer_norm_fwd, (req(x), req(r), req(w), None, 1e-5, 0.0, False)),
@@ -239,6 +273,21 @@ def _opcheck_cases():
         ("softmax_fwd-mask", softmax_fwd, (req(s), keep, 2, 1.0, True)),
         ("softmax_fwd-dim0", softmax_fwd, (req(s), s[0, 0], 0, 1.0, False)),
         ("softmax_bwd", softmax_bwd, (y, s, 1, 0.5)),
+        ("lce_fwd-mean", linear_cross_entropy_fwd, (req(x), req(lw), req(lb), tgt, -100, 1, 0.1, 1e-3, 4.0, True, True,
+                                                    True, True)),
+        ("lce_fwd-none", linear_cross_entropy_fwd, (req(x), req(lw), None, tgt, -100, 0, 0.0, 0.0, 0.0, True, True,
+                                                    False, True)),
+        ("lce_bwd", linear_cross_entropy_bwd, (x[:, 0], x, lw, lb, tgt, -100, 0.1, 1e-3, 4.0, True, True, True,
+                                               True)),
+        ("glu_fwd", glu_fwd, (req(x), req(r), 0)),
+        ("glu_fwd-split", glu_fwd, (req(torch.cat([x, r], -1)), None, 2)),
+        ("glu_bwd", glu_bwd, (x, x, r, 1)),
+        ("glu_bwd-split", glu_bwd, (x, torch.cat([x, r], -1), None, 0)),
+        ("rope_fwd", rope_fwd, (req(s[:, None].expand(2, 3, 5, 7)), req(s[:, None]), rc, rs, 1, False)),
+        ("rope_fwd-interleaved", rope_fwd, (req(s[:, None]), req(s[:, None]), rc, rs, 1, True)),
+        ("rope_bwd", rope_bwd, (s[:, None], s[:, None].expand(2, 2, 5, 7), rc, rs, 1, False, torch.float32,
+                                torch.float64)),
+        ("ce_fwd", cross_entropy_fwd, (req(lw[:3]), tgt.clamp(0, 23), -100, 2, 0.1, 0.0, 0.0, True, True)),
         *_attention_opcheck_cases(),
     ]
 

@@ -67,9 +67,9 @@ def test_bad_window_raises(window):
         GPTConfig.from_preset("tiny", window=window)
 
 
-@pytest.mark.parametrize("positions", ["rope", "ALiBi", None, "sinusoidal"])
+@pytest.mark.parametrize("positions", ["RoPE", "ALiBi", None, "sinusoidal"])
 def test_bad_positions_raise(positions):
-    with pytest.raises(ValueError, match=r"positions must be one of \('learned', 'alibi'\)"):
+    with pytest.raises(ValueError, match=r"positions must be one of \('learned', 'alibi', 'rope'\)"):
         GPTConfig.from_preset("tiny", positions=positions)
 
 

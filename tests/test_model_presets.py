@@ -36,7 +36,7 @@ MODELS = {
 }
 CASES = [(cfg, preset) for cfg in MODELS for preset in cfg.presets]
 SMALL = [(cfg, p) for cfg, p in CASES
-         if p in ("tiny", "small-char", "char-64", "digits", "digits-words", "sliding-alibi-tiny")]
+         if p in ("tiny", "small-char", "char-64", "digits", "digits-words", "sliding-alibi-tiny", "llama-tiny")]
 
 
 @pytest.mark.parametrize("config_class, preset", CASES, ids=[f"{c.__name__}-{p}" for c, p in CASES])

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fused_kernels
 from fused_kernels.nn import LayerNorm
 
 from .config import BERTConfig
@@ -140,8 +141,11 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.act(self.transform(hidden)))                  # (B, L, dim)
-        return F.linear(h, embedding, self.bias)                         # (B, L, vocab)
+        return F.linear(self.transformed(hidden), embedding, self.bias)  # (B, L, vocab)
+
+    def transformed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's input: transform, activation, LayerNorm (..., dim)."""
+        return self.norm(self.act(self.transform(hidden)))
 
 
 class BERTForPreTraining(nn.Module):
@@ -159,16 +163,28 @@ class BERTForPreTraining(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                next_sentence_label: torch.Tensor | None = None) -> PreTrainingOutput:
+                next_sentence_label: torch.Tensor | None = None, *, return_logits: bool = True) -> PreTrainingOutput:
         """labels (B, L): original ids at the masked positions, -100 elsewhere (``MLMCollator`` makes them);
         next_sentence_label (B,): 0 = B follows A, 1 = random. ``loss`` is the sum of the losses whose
-        labels are given (mlm + nsp with both), None with neither."""
+        labels are given (mlm + nsp with both), None with neither. ``return_logits=False`` with labels and
+        ``config.fused_loss``: the masked-LM loss through ``fused_kernels.linear_cross_entropy`` on the labelled
+        positions only (``.mlm_logits`` None): neither the (B, L, vocab) logits nor the head's work on the
+        unmasked positions."""
         out = self.bert(input_ids, token_type_ids, attention_mask)
-        mlm_logits = self.mlm(out.last_hidden_state, self.bert.word_embed.weight)   # (B, L, vocab)
         nsp_logits = self.nsp(out.pooler_output)                                    # (B, 2)
         mlm_loss = nsp_loss = None
-        if labels is not None:
-            mlm_loss = F.cross_entropy(mlm_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        if labels is not None and not return_logits and self.config.fused_loss:
+            mlm_logits = None
+            picked = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)          # (masked,)
+            h = self.mlm.transformed(out.last_hidden_state.flatten(0, 1).index_select(0, picked))
+            mlm_loss = fused_kernels.linear_cross_entropy(
+                h, self.bert.word_embed.weight, labels.flatten().index_select(0, picked), self.mlm.bias,
+                out_dtype=torch.promote_types(h.dtype, torch.float32))                  # float32, float64 stays
+        else:
+            mlm_logits = self.mlm(out.last_hidden_state, self.bert.word_embed.weight)   # (B, L, vocab)
+        if labels is not None and mlm_loss is None:
+            wide = torch.promote_types(mlm_logits.dtype, torch.float32)          # float64 stays float64
+            mlm_loss = F.cross_entropy(mlm_logits.flatten(0, 1).to(wide), labels.flatten(), ignore_index=IGNORE_INDEX)
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.flatten())
         loss = None

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-GPT_POSITIONS = ("learned", "alibi")
+GPT_POSITIONS = ("learned", "alibi", "rope")
+GPT_MLPS = ("gelu", "swiglu", "geglu")
+GPT_NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass
@@ -54,13 +56,22 @@ class GPTConfig(Config):
       ``window`` most recent positions, itself included (``causal=True, window=(window - 1, 0)``). ``None``:
       the whole causal prefix. KV-cached decoding stays exact; each cached step reads only the last
       ``window`` positions of the cache.
-    - ``positions``: ``"learned"`` (GPT-2's ``wpe`` table) or ``"alibi"`` (Press et al. 2022): no position
+    - ``positions``: ``"learned"`` (GPT-2's ``wpe`` table), ``"rope"`` (rotary embeddings on q and k in every
+      block, ``fused_kernels.apply_rotary_pos_emb``: base ``rope_theta``, transformers' ``rope_scaling`` dict,
+      the first ``partial_rotary_factor`` of each head's dims rotated) or ``"alibi"`` (Press et al. 2022): no position
       table; every head adds ``-slope_h * (i - j)`` to the score of query i on key j, with the paper's
       geometric slopes for any head count (``transformer.layers.alibi_slopes``, a non-persistent float32
       buffer of each attention layer: not in the state dict). ``position_ids`` then play no part (the bias
       is the distance within the sequence; left padding leaves the distances between real tokens alone).
       ``max_seq_len`` stays the limit on sequence length with ALiBi too (the same checks, cache sizes and
       training windows as learned positions), although nothing would index past it.
+
+    The modern decoder (Llama, Qwen2, Mistral): ``positions="rope"``, ``mlp="swiglu"`` (``"geglu"`` for Gemma's
+    gated GELU; ``"gelu"`` is GPT-2's fc1 -> activation -> fc2), ``norm="rmsnorm"``, ``n_kv_heads`` (grouped-query
+    attention), ``bias=False`` (``qkv_bias=True`` gives Qwen2's q / k / v biases alone), untied or tied
+    embeddings (``tie_embeddings``); the presets ``llama-tiny`` and ``llama-small``. ``fused_loss``: the training
+    loss (``forward(..., return_logits=False)``) through ``fused_kernels.linear_cross_entropy``, never the
+    (B, L, vocab) logits; False computes the logits and ``F.cross_entropy`` (for comparison).
     """
 
     vocab_size: int = 50257
@@ -76,7 +87,15 @@ class GPTConfig(Config):
     bias: bool = True
     tie_embeddings: bool = True
     window: int | None = None      # sliding-window attention: the most recent `window` positions, self included
-    positions: str = "learned"     # "learned" (a wpe table) or "alibi" (linear distance biases, no table)
+    positions: str = "learned"     # "learned" (a wpe table), "rope" (rotary q / k) or "alibi" (distance biases)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None         # transformers' rope_parameters / rope_scaling (rope_type, factor, ...)
+    partial_rotary_factor: float = 1.0       # the rotated share of each head's dims (Phi / GPT-NeoX: < 1)
+    mlp: str = "gelu"              # "gelu" (fc1 -> activation -> fc2), "swiglu" or "geglu" (gated)
+    norm: str = "layernorm"        # "layernorm" or "rmsnorm"
+    n_kv_heads: int | None = None  # grouped-query attention: key / value heads (default n_heads)
+    qkv_bias: bool | None = None   # biases of the q / k / v projections (default: bias)
+    fused_loss: bool = True        # training loss through linear_cross_entropy (no logits)
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=96, max_seq_len=64, dim=32, n_layers=2, n_heads=4, ffn_dim=128),
@@ -95,6 +114,14 @@ class GPTConfig(Config):
                         dropout=0.0, attn_dropout=0.0),
         "gpt2": dict(),
         "gpt2-medium": dict(dim=1024, n_layers=24, n_heads=16, ffn_dim=4096),
+        # Llama-style decoders (RoPE, SwiGLU, RMSNorm, grouped-query attention, no biases): a test-sized one with
+        # an untied head, and a CPU-trainable character model with a tied one (as Llama 3.2 1B ties them).
+        "llama-tiny": dict(vocab_size=96, max_seq_len=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
+                           positions="rope", mlp="swiglu", norm="rmsnorm", bias=False, eps=1e-6, dropout=0.0,
+                           attn_dropout=0.0, tie_embeddings=False),
+        "llama-small": dict(vocab_size=128, max_seq_len=256, dim=256, n_layers=4, n_heads=8, n_kv_heads=2,
+                            ffn_dim=688, positions="rope", mlp="swiglu", norm="rmsnorm", bias=False, eps=1e-6,
+                            dropout=0.0, attn_dropout=0.0, tie_embeddings=True),
     }
 
     def __post_init__(self) -> None:
@@ -105,6 +132,24 @@ class GPTConfig(Config):
                              f"of most recent positions each token attends, itself included), got {w!r}")
         if self.positions not in GPT_POSITIONS:
             raise ValueError(f"GPTConfig: positions must be one of {GPT_POSITIONS}, got {self.positions!r}")
+        if self.mlp not in GPT_MLPS:
+            raise ValueError(f"GPTConfig: mlp must be one of {GPT_MLPS}, got {self.mlp!r}")
+        if self.norm not in GPT_NORMS:
+            raise ValueError(f"GPTConfig: norm must be one of {GPT_NORMS}, got {self.norm!r}")
+        kv = self.n_kv_heads
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.n_heads % kv):
+            raise ValueError(f"GPTConfig: n_kv_heads must be None or an int >= 1 dividing n_heads ({self.n_heads}), "
+                             f"got {kv!r}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"GPTConfig: partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.positions == "rope" and self.rotary_dim < 2:
+            raise ValueError(f"GPTConfig: partial_rotary_factor {self.partial_rotary_factor} of head dim "
+                             f"{self.dim // self.n_heads} leaves no pair of dims to rotate")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dims per head (positions="rope"): head_dim x partial_rotary_factor, rounded down to even."""
+        return int(self.dim // self.n_heads * self.partial_rotary_factor) // 2 * 2
 
 
 @dataclass
@@ -128,6 +173,9 @@ class BERTConfig(Config):
     # Given an attention_mask, run the blocks on the packed real tokens (fused_kernels.varlen_attention) instead
     # of the padded batch; off by default: the padded path is the one that returns attention weights.
     padding_free: bool = False
+    # The masked-LM training loss (forward(..., return_logits=False)) through fused_kernels.linear_cross_entropy on
+    # the masked positions only, no (B, L, vocab) logits; False: logits and F.cross_entropy
+    fused_loss: bool = True
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=128, max_seq_len=64, dim=32, n_layers=2, n_heads=4, ffn_dim=64),
@@ -202,6 +250,9 @@ class EncoderDecoderConfig(Config):
     # Teacher-forced passes with padding masks run on the packed real tokens (fused_kernels.varlen_attention);
     # cached decoding (generate) always runs padded.
     padding_free: bool = False
+    # The training loss (forward(..., return_logits=False)) through fused_kernels.linear_cross_entropy, no
+    # (B, T, vocab) logits; False: logits and F.cross_entropy
+    fused_loss: bool = True
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(vocab_size=64, max_seq_len=64, dim=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2,

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fused_kernels
 from fused_kernels.nn import LayerNorm
 
 from .config import EncoderDecoderConfig
@@ -160,6 +161,13 @@ class EncoderDecoder(nn.Module):
     def _forward_packed(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
                         attention_mask: torch.Tensor, decoder_mask: torch.Tensor) -> torch.Tensor:
         """The padding-free teacher-forced pass -> logits (B, T, vocab), zeros at padded target positions."""
+        hidden, packing = self._decoder_packed(input_ids, decoder_input_ids, attention_mask, decoder_mask)
+        # The vocabulary projection is the widest matmul: done on real tokens only, then re-padded.
+        return repad(self.output_logits(hidden), packing)                   # (B, T, vocab)
+
+    def _decoder_packed(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, decoder_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+        """The padding-free teacher-forced pass up to the decoder output: (1, total_tgt, dim) and its packing."""
         memory, memory_packing = self._encode_packed(input_ids, attention_mask)        # (1, total_src, dim)
         packing = Packing.from_mask(decoder_mask)
         hidden, residual = unpad(self._embed(self.embed, decoder_input_ids), packing), None   # (1, total_tgt, dim)
@@ -167,8 +175,7 @@ class EncoderDecoder(nn.Module):
             hidden, residual, _ = block(hidden, residual, memory, packing=packing, memory_packing=memory_packing)
         if self.config.pre_ln:
             hidden, _ = add_norm(hidden, residual, self.decoder_norm, self.config.dropout if self.training else 0.0)
-        # The vocabulary projection is the widest matmul: done on real tokens only, then re-padded.
-        return repad(self.output_logits(hidden), packing)                   # (B, T, vocab)
+        return hidden, packing
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor | None,
                attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
@@ -180,6 +187,13 @@ class EncoderDecoder(nn.Module):
         is the decode-step API: the ids are the new positions only (all the prompt once, then one token per
         step), positions continue where the cache ends, and ``memory`` may be None once the cross-attention
         caches are filled."""
+        return self.output_logits(self._decoder_hidden(decoder_input_ids, memory, attention_mask,
+                                                       decoder_attention_mask, cache))  # (B, T, vocab)
+
+    def _decoder_hidden(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor | None,
+                        attention_mask: torch.Tensor | None, decoder_attention_mask: torch.Tensor | None,
+                        cache: list[DecoderCache] | None) -> torch.Tensor:
+        """``decode`` up to the decoder output (B, T, dim), before the vocabulary projection."""
         offset = cache[0].self_attn.length if cache else 0
         total = offset + decoder_input_ids.shape[1]
         if decoder_attention_mask is not None and decoder_attention_mask.shape[1] != total:
@@ -193,7 +207,14 @@ class EncoderDecoder(nn.Module):
                                         cache=cache[i] if cache else None)
         if self.config.pre_ln:
             hidden, _ = add_norm(hidden, residual, self.decoder_norm, self.config.dropout if self.training else 0.0)
-        return self.output_logits(hidden)                                   # (B, T, vocab)
+        return hidden                                                       # (B, T, dim)
+
+    def output_layer(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the vocabulary projection multiplies: (input (..., d), weight (vocab, d), bias or None), so that
+        ``output_logits(hidden) == F.linear(*output_layer(hidden))``."""
+        if self.config.tie_embeddings:
+            return self.proj_out(hidden), self.embed.weight, self.final_logits_bias
+        return hidden, self.lm_head.weight, self.final_logits_bias
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder output (B, T, dim) -> logits (B, T, vocab): the tied table (after ``proj_out``) or lm_head."""
@@ -207,17 +228,22 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> LMOutput:
+                labels: torch.Tensor | None = None, *, return_logits: bool = True) -> LMOutput:
         """Teacher-forced pass: source (B, S), target inputs (B, T) -> logits (B, T, vocab).
 
         ``labels`` (B, T) are the next tokens; pad and -100 labels are ignored; the loss is cross entropy
         with ``config.label_smoothing`` (torch's: that mass spread uniformly over the vocabulary). Without
-        ``decoder_input_ids`` they are the labels shifted right behind the decoder start token."""
+        ``decoder_input_ids`` they are the labels shifted right behind the decoder start token.
+        ``return_logits=False`` with labels and ``config.fused_loss``: the loss through
+        ``fused_kernels.linear_cross_entropy`` on the decoder output, no (B, T, vocab) logits (``.logits`` None)."""
         c = self.config
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("forward needs decoder_input_ids or labels")
             decoder_input_ids = shift_right(labels, c.bos_token_id, c.pad_token_id)
+        if labels is not None and not return_logits and c.fused_loss:
+            return LMOutput(logits=None, loss=self._fused_loss(input_ids, decoder_input_ids, attention_mask,
+                                                               decoder_attention_mask, labels))
         if c.padding_free and attention_mask is not None:
             decoder_mask = decoder_attention_mask
             if decoder_mask is None:
@@ -229,9 +255,31 @@ class EncoderDecoder(nn.Module):
         loss = None
         if labels is not None:
             targets = labels.masked_fill(labels == c.pad_token_id, IGNORE_INDEX)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+            wide = torch.promote_types(logits.dtype, torch.float32)             # float64 stays float64
+            loss = F.cross_entropy(logits.to(wide).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                    label_smoothing=c.label_smoothing)
         return LMOutput(logits=logits, loss=loss)
+
+    def _fused_loss(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None, decoder_attention_mask: torch.Tensor | None,
+                    labels: torch.Tensor) -> torch.Tensor:
+        """The teacher-forced loss of ``forward`` through ``linear_cross_entropy`` (float32), on the real target
+        tokens only when the pass is padding-free."""
+        c = self.config
+        targets = labels.masked_fill(labels == c.pad_token_id, IGNORE_INDEX)
+        if c.padding_free and attention_mask is not None:
+            decoder_mask = decoder_attention_mask
+            if decoder_mask is None:
+                decoder_mask = _target_mask(decoder_input_ids, labels, c.pad_token_id)
+            hidden, packing = self._decoder_packed(input_ids, decoder_input_ids, attention_mask, decoder_mask)
+            hidden, targets = hidden[0], targets.reshape(-1).index_select(0, packing.indices)   # real tokens
+        else:
+            memory = self.encode(input_ids, attention_mask)                 # (B, S, dim)
+            hidden = self._decoder_hidden(decoder_input_ids, memory, attention_mask, decoder_attention_mask, None)
+        x, weight, bias = self.output_layer(hidden)
+        return fused_kernels.linear_cross_entropy(x, weight, targets.to(x.device), bias, ignore_index=IGNORE_INDEX,
+                                                  label_smoothing=c.label_smoothing,
+                                                  out_dtype=torch.promote_types(x.dtype, torch.float32))
 
     # ------------------------------------------------------------------------------------- generation
 

@@ -24,6 +24,17 @@ sliding-window attention and ALiBi run in every block through the shared ``trans
 generation is exact with both; the paged serving path (a list of prompts) and Hugging Face GPT-2 weights
 (learned positions, full attention) raise a ValueError naming the option.
 
+Llama-style decoders (``GPTConfig`` ``positions="rope"``, ``mlp="swiglu"``, ``norm="rmsnorm"``, ``n_kv_heads``;
+presets ``llama-tiny`` / ``llama-small``): rotary embeddings on q and k in every block (cos / sin built once per
+forward from the positions, ``fused_kernels.rope_cos_sin``), the gated feed-forward ``fused_kernels.nn.GatedMLP``,
+RMSNorm, grouped-query attention (the KV cache holds ``n_kv_heads`` heads). ``GPT.from_huggingface`` also loads
+transformers' Llama and Qwen2 causal LMs (q / k / v projections concatenated into ``qkv_proj``).
+
+The loss: ``forward(ids, labels=...)`` (HF's shifted convention) or ``targets=...`` (each position's own
+target, what the training task passes). With ``return_logits=False`` and ``config.fused_loss`` the loss is one
+``fused_kernels.linear_cross_entropy`` of the final hidden states against the LM head: the (B, L, vocab)
+logits never exist (``LMOutput.logits`` is None).
+
 Parameter names follow nanoGPT (``wte``, ``wpe``, ``blocks.{i}``, ``ln_f``, ``lm_head``) so that
 Hugging Face GPT-2 weights load with the short key map in ``_HF_BLOCK_KEYS`` (plus the Conv1D
 transposes: HF stores those weights as (in, out)).
@@ -40,7 +51,7 @@ from torch import nn
 
 import fused_kernels
 from transformer.config import GPTConfig
-from transformer.layers import BlockSpec, EncoderBlock, KVCache, add_norm, init_weights, key_padding_mask
+from transformer.layers import BlockSpec, EncoderBlock, KVCache, add_norm, init_weights, key_padding_mask, make_norm
 from transformer.outputs import LMOutput
 from transformer.serving import serve
 
@@ -56,14 +67,15 @@ class GPT(nn.Module):
         # window w: the w most recent positions, itself included: w - 1 to the left, none to the right
         spec = BlockSpec(dim=config.dim, n_heads=config.n_heads, ffn_dim=config.ffn_dim,
                          activation=config.activation, pre_ln=True, dropout=config.dropout,
-                         attn_dropout=config.attn_dropout, eps=config.eps, bias=config.bias,
+                         attn_dropout=config.attn_dropout, eps=config.eps, bias=config.bias, qkv_bias=config.qkv_bias,
                          window=None if config.window is None else (config.window - 1, 0),
-                         alibi=config.positions == "alibi")
+                         alibi=config.positions == "alibi", n_kv_heads=config.n_kv_heads, norm=config.norm,
+                         mlp=config.mlp)
         self.wte = nn.Embedding(config.vocab_size, config.dim)
-        # ALiBi: positions enter as distance biases in attention, no table
+        # ALiBi and RoPE: positions enter in attention (distance biases, rotated q / k), no table
         self.wpe = nn.Embedding(config.max_seq_len, config.dim) if config.positions == "learned" else None
         self.blocks = nn.ModuleList(EncoderBlock(spec) for _ in range(config.n_layers))
-        self.ln_f = fused_kernels.nn.LayerNorm(config.dim, eps=config.eps)
+        self.ln_f = make_norm(config.norm, config.dim, config.eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters()
         if config.tie_embeddings:
@@ -77,7 +89,8 @@ class GPT(nn.Module):
         std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for block in self.blocks:
             nn.init.normal_(block.attn.out_proj.weight, std=std)
-            nn.init.normal_(block.ffn.fc2.weight, std=std)
+            nn.init.normal_(block.ffn.down_proj.weight if hasattr(block.ffn, "down_proj") else block.ffn.fc2.weight,
+                            std=std)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Distinct parameters (the tied head counted once); ``non_embedding`` leaves out the position
@@ -119,17 +132,27 @@ class GPT(nn.Module):
         p = self.config.dropout if self.training else 0.0
         if p > 0:
             x = F.dropout(x, p)
+        rope = self.rope_tables(position_ids, x.dtype) if self.config.positions == "rope" else None
         hidden, residual, weights = x, None, []
         for i, block in enumerate(self.blocks):
             hidden, residual, w = block(hidden, residual, causal=True, attn_mask=mask,
-                                        cache=caches[i] if caches else None, need_weights=need_weights)
+                                        cache=caches[i] if caches else None, need_weights=need_weights, rope=rope)
             weights.append(w)
         out, _ = add_norm(hidden, residual, self.ln_f, p)                                 # (B, L, dim)
         return out, (weights if need_weights else None)
 
+    def rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin (B or 1, L, rotary_dim) of the positions (L,) or (B, L), in ``dtype`` (transformers' Llama:
+        angles in float32, the tables cast to the activations' dtype)."""
+        c = self.config
+        pos = position_ids if position_ids.dim() == 2 else position_ids[None]
+        return fused_kernels.rope_cos_sin(pos, c.rotary_dim, c.rope_theta, c.rope_scaling,
+                                          max_position_embeddings=c.max_seq_len, dtype=dtype)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, position_ids: torch.Tensor | None = None,
-                output_attentions: bool = False) -> LMOutput:
+                output_attentions: bool = False, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
+                return_logits: bool = True) -> LMOutput:
         """(B, L) token ids -> ``LMOutput`` with ``.logits`` (B, L, vocab).
 
         ``labels`` (B, L): next-token cross entropy, HF GPT-2's convention: the labels are the input ids
@@ -139,19 +162,40 @@ class GPT(nn.Module):
         ``attention_mask`` (B, L), 1 = real token, 0 = padding: padded keys are never attended to
         (on top of the causal mask). ``position_ids`` (B, L) or (L,), default 0..L-1 as HF; left-padded
         batches may pass ``attention_mask.cumsum(-1) - 1`` so that each sequence starts at position 0.
-        ``output_attentions``: also return each block's attention weights (B, H, L, L) in ``.attentions``."""
+        ``output_attentions``: also return each block's attention weights (B, H, L, L) in ``.attentions``.
+        ``targets`` (B, L), instead of ``labels``: position t scored against ``targets[:, t]`` (no shift; -100
+        ignored), reduced by ``loss_reduction`` ("mean", "sum" or "none": (B, L)). ``return_logits=False`` with
+        ``config.fused_loss``: the loss through ``fused_kernels.linear_cross_entropy``, ``.logits`` None."""
+        if labels is not None and targets is not None:
+            raise ValueError("pass labels (shifted inside) or targets (unshifted), not both")
         hidden, weights = self._hidden_states(input_ids, attention_mask, position_ids,
                                               need_weights=output_attentions)
-        logits = self.lm_head(hidden)                                                      # (B, L, vocab)
-        loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
                                  f"{tuple(input_ids.shape)}")
-            shift_logits = logits[:, :-1].float()                                          # (B, L-1, vocab)
-            shift_labels = labels[:, 1:].to(logits.device)                                 # (B, L-1)
-            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            scored, goal = hidden[:, :-1], labels[:, 1:]                                   # (B, L-1, ...)
+        elif targets is not None:
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            scored, goal = hidden, targets
+        else:
+            return LMOutput(logits=self.lm_head(hidden), loss=None, attentions=weights)    # (B, L, vocab)
+        goal = goal.to(hidden.device)
+        if not return_logits and self.config.fused_loss:
+            loss = fused_kernels.linear_cross_entropy(scored, self.lm_head.weight, goal, ignore_index=IGNORE_INDEX,
+                                                      reduction=loss_reduction,
+                                                      out_dtype=torch.promote_types(scored.dtype, torch.float32))
+            return LMOutput(logits=None, loss=loss, attentions=weights)
+        logits = self.lm_head(hidden)                                                      # (B, L, vocab)
+        # float32 for half-precision logits, float64 stays float64
+        scored_logits = (logits[:, :-1] if labels is not None else logits)
+        scored_logits = scored_logits.to(torch.promote_types(scored_logits.dtype, torch.float32))
+        loss = F.cross_entropy(scored_logits.reshape(-1, scored_logits.shape[-1]), goal.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction=loss_reduction)
+        if loss_reduction == "none":
+            loss = loss.view(goal.shape)
         return LMOutput(logits=logits, loss=loss, attentions=weights)
 
     # --------------------------------------------------------------------------------------- generation
@@ -160,8 +204,8 @@ class GPT(nn.Module):
         """One empty ``KVCache`` per block, room for ``max_len`` positions, in the model's dtype and device."""
         w = self.wte.weight
         head_dim = self.config.dim // self.config.n_heads
-        return [KVCache(batch, self.config.n_heads, max_len, head_dim, dtype=w.dtype, device=w.device)
-                for _ in self.blocks]
+        heads = self.config.n_kv_heads or self.config.n_heads
+        return [KVCache(batch, heads, max_len, head_dim, dtype=w.dtype, device=w.device) for _ in self.blocks]
 
     def prefill(self, input_ids: torch.Tensor, caches: list[KVCache], attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,10 +327,15 @@ class GPT(nn.Module):
 
     @classmethod
     def from_huggingface(cls, hf_model: nn.Module, **overrides: Any) -> GPT:
-        """Convert a transformers ``GPT2LMHeadModel`` (or ``GPT2Model``) into a ``GPT`` with the same
-        outputs: config from the HF config (``overrides`` replace fields of ours, e.g. dropout), weights
-        through ``load_huggingface_state_dict``; same dtype and device as ``hf_model``."""
-        config = config_from_huggingface(hf_model.config, **overrides)
+        """Convert a transformers ``GPT2LMHeadModel`` (or ``GPT2Model``), or a Llama / Qwen2 / Mistral causal LM
+        (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM`` or their base models), into a ``GPT``
+        with the same outputs: config from the HF config (``overrides`` replace fields of ours, e.g. dropout),
+        weights through ``load_huggingface_state_dict``; same dtype and device as ``hf_model``."""
+        model_type = getattr(hf_model.config, "model_type", "gpt2")
+        if model_type in LLAMA_LIKE:
+            config = llama_config_from_huggingface(hf_model.config, **overrides)
+        else:
+            config = config_from_huggingface(hf_model.config, **overrides)
         ref = next(hf_model.parameters())
         model = cls(config).to(device=ref.device, dtype=ref.dtype)
         model.load_huggingface_state_dict(hf_model.state_dict())
@@ -299,19 +348,28 @@ class GPT(nn.Module):
         transposed; ``c_attn`` is already the fused q|k|v projection. A tied head takes ``wte``'s weight
         (an ``lm_head.weight`` in the dict is ignored). Strict: any missing or unexpected key raises a
         ValueError listing them all; so does a model with ``window`` or ALiBi, which GPT-2 weights were not
-        trained for."""
-        variants = [f"{name}={getattr(self.config, name)!r}" for name, default in (("window", None),
-                    ("positions", "learned")) if getattr(self.config, name) != default]
+        trained for. A Llama-style model (``positions="rope"``) takes Llama / Qwen2 / Mistral keys
+        (``convert_llama_state_dict``)."""
+        if self.config.positions == "rope":
+            self._load_checked(convert_llama_state_dict(state_dict, self.config), "Llama")
+            return
+        c = self.config
+        gpt2 = dict(window=(None,), positions=("learned",), mlp=("gelu",), norm=("layernorm",),
+                    n_kv_heads=(None, c.n_heads))
+        variants = [f"{name}={getattr(c, name)!r}" for name, allowed in gpt2.items() if getattr(c, name) not in allowed]
         if variants:
-            raise ValueError(f"GPT.load_huggingface_state_dict: Hugging Face GPT-2 has learned positions and full "
-                             f"causal attention; this model has {', '.join(variants)}")
-        ours = convert_huggingface_state_dict(state_dict, tied=self.config.tie_embeddings)
+            raise ValueError(f"GPT.load_huggingface_state_dict: Hugging Face GPT-2 has learned positions, full causal "
+                             f"attention, a GELU MLP and LayerNorm; this model has {', '.join(variants)}")
+        self._load_checked(convert_huggingface_state_dict(state_dict, tied=self.config.tie_embeddings), "GPT-2")
+
+    def _load_checked(self, ours: dict[str, torch.Tensor], family: str) -> None:
+        """Load converted weights strictly: every key of ours present, nothing else (a tied head takes wte's)."""
         expected = set(self.state_dict())
         if self.config.tie_embeddings:
             expected.discard("lm_head.weight")
         missing, unexpected = sorted(expected - set(ours)), sorted(set(ours) - expected)
         if missing or unexpected:
-            raise ValueError(f"GPT.load_huggingface_state_dict: missing keys {missing}; unexpected keys "
+            raise ValueError(f"GPT.load_huggingface_state_dict ({family}): missing keys {missing}; unexpected keys "
                              f"{unexpected} (after mapping the HF names)")
         if self.config.tie_embeddings:
             ours["lm_head.weight"] = ours["wte.weight"]
@@ -381,5 +439,97 @@ def config_from_huggingface(hf_config: Any, **overrides: Any) -> GPTConfig:
         dropout=hf_config.resid_pdrop, attn_dropout=hf_config.attn_pdrop, eps=hf_config.layer_norm_epsilon,
         activation=_HF_ACTIVATIONS[act], bias=True,
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)))
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+# ------------------------------------------------------------------------------------ Llama, Qwen2, Mistral
+
+LLAMA_LIKE = ("llama", "qwen2", "mistral")
+_LLAMA_BLOCK_KEYS = {
+    "self_attn.o_proj.weight": "attn.out_proj.weight",
+    "self_attn.o_proj.bias": "attn.out_proj.bias",
+    "mlp.gate_proj.weight": "ffn.gate_proj.weight",
+    "mlp.up_proj.weight": "ffn.up_proj.weight",
+    "mlp.down_proj.weight": "ffn.down_proj.weight",
+    "mlp.gate_proj.bias": "ffn.gate_proj.bias",
+    "mlp.up_proj.bias": "ffn.up_proj.bias",
+    "mlp.down_proj.bias": "ffn.down_proj.bias",
+    "input_layernorm.weight": "ln1.weight",
+    "post_attention_layernorm.weight": "ln2.weight",
+}
+
+
+def convert_llama_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """transformers Llama / Qwen2 / Mistral state dict (``model.``-prefixed or a base model's) -> ours: the q, k, v
+    projections (and biases) concatenated into ``qkv_proj``; ``lm_head.weight`` dropped for a tied head. Keys it
+    does not know pass through unchanged (so that the strict load names them)."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("model.")
+        if name.endswith("rotary_emb.inv_freq") or (config.tie_embeddings and name == "lm_head.weight"):
+            continue
+        if name in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
+            out[{"embed_tokens.weight": "wte.weight", "norm.weight": "ln_f.weight"}.get(name, name)] = value
+            continue
+        parts = name.split(".", 2)                          # "layers", "{i}", rest
+        if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit():
+            i, rest = parts[1], parts[2]
+            if rest in _LLAMA_BLOCK_KEYS:
+                out[f"blocks.{i}.{_LLAMA_BLOCK_KEYS[rest]}"] = value
+                continue
+            proj = rest.removeprefix("self_attn.")
+            if proj != rest and proj.split(".")[0] in ("q_proj", "k_proj", "v_proj"):
+                kind, what = proj.split(".", 1)
+                qkv.setdefault((i, what), {})[kind] = value
+                continue
+        out[key] = value
+    for (i, what), found in qkv.items():
+        if set(found) != {"q_proj", "k_proj", "v_proj"}:
+            raise ValueError(f"convert_llama_state_dict: layer {i} has {sorted(found)} {what}s, needs q, k and v")
+        out[f"blocks.{i}.attn.qkv_proj.{what}"] = torch.cat([found["q_proj"], found["k_proj"], found["v_proj"]], 0)
+    return out
+
+
+def llama_config_from_huggingface(hf_config: Any, **overrides: Any) -> GPTConfig:
+    """``LlamaConfig`` / ``Qwen2Config`` / ``MistralConfig`` -> ``GPTConfig``: RoPE (``rope_theta``, the scaling
+    dict and ``partial_rotary_factor`` from ``rope_parameters``, or from the older ``rope_theta`` /
+    ``rope_scaling`` fields), SwiGLU, RMSNorm, grouped-query attention, q / k / v biases (Qwen2, or Llama's
+    ``attention_bias`` with ``mlp_bias``), Mistral's sliding window. What ours cannot express raises."""
+    kind = hf_config.model_type
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"GPT.from_huggingface: {kind} with hidden_act {act!r}; ours has silu (SwiGLU)")
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    if head_dim * heads != hf_config.hidden_size:
+        raise ValueError(f"GPT.from_huggingface: head_dim {head_dim} x {heads} heads != hidden_size "
+                         f"{hf_config.hidden_size}; ours splits hidden_size evenly")
+    rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    theta = rope.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    partial = rope.pop("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+    kind_of_rope = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None if kind_of_rope == "default" else rope
+    if kind == "qwen2":
+        bias, qkv_bias = False, True
+        if getattr(hf_config, "use_sliding_window", False):
+            raise ValueError("GPT.from_huggingface: Qwen2 with use_sliding_window (per-layer windows) is not supported")
+        window = None
+    else:
+        attention_bias, mlp_bias = getattr(hf_config, "attention_bias", False), getattr(hf_config, "mlp_bias", False)
+        if attention_bias != mlp_bias:
+            raise ValueError(f"GPT.from_huggingface: {kind} with attention_bias={attention_bias} and "
+                             f"mlp_bias={mlp_bias}; ours has one bias flag for o_proj and the feed-forward")
+        bias, qkv_bias = bool(attention_bias), None
+        window = getattr(hf_config, "sliding_window", None) if kind == "mistral" else None
+    fields: dict[str, Any] = dict(
+        vocab_size=hf_config.vocab_size, max_seq_len=hf_config.max_position_embeddings, dim=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers, n_heads=heads,
+        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads, ffn_dim=hf_config.intermediate_size,
+        dropout=0.0, attn_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+        eps=hf_config.rms_norm_eps, activation="silu", bias=bias, qkv_bias=qkv_bias, window=window,
+        positions="rope", rope_theta=float(theta), rope_scaling=scaling, partial_rotary_factor=float(partial),
+        mlp="swiglu", norm="rmsnorm", tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)))
     fields.update(overrides)
     return GPTConfig(**fields)

@@ -35,7 +35,7 @@ from torch import nn
 
 import fused_kernels
 from fused_kernels.distributed import ring_attention
-from fused_kernels.nn import LayerNorm
+from fused_kernels.nn import GatedMLP, LayerNorm, RMSNorm
 from fused_kernels.reference import causal_mask
 
 from . import context_parallel
@@ -48,15 +48,22 @@ _ACTIVATIONS = {
 }
 
 
-def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.LayerNorm,
+def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.LayerNorm | nn.RMSNorm,
              dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``residual_out = residual + dropout(x)``; returns ``(norm(residual_out), residual_out)``: one kernel.
+    """``residual_out = residual + dropout(x)``; returns ``(norm(residual_out), residual_out)``: one kernel for a
+    LayerNorm. An RMSNorm (Llama-style blocks) normalizes the sum with ``fused_kernels.rms_norm`` after the add
+    (``fused_kernels`` has no fused add + RMSNorm op yet).
 
     Under autocast a sublayer's output arrives in bf16/fp16 while the residual stream is fp32: the sum is
     taken in the wider dtype, as ``x + residual`` would promote in plain PyTorch."""
     if residual is not None and residual.dtype != x.dtype:
         wide = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(wide), residual.to(wide)
+    if isinstance(norm, nn.RMSNorm):
+        out = F.dropout(x, dropout_p) if dropout_p > 0 else x
+        if residual is not None:
+            out = residual + out
+        return fused_kernels.rms_norm(out, norm.normalized_shape, norm.weight, norm.eps), out
     return fused_kernels.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p)
 
 
@@ -240,6 +247,11 @@ class Attention(nn.Module):
     module docstring) x is (1, total, dim) packed tokens and the call is one ``fused_kernels.varlen_attention``;
     cross-attention then also needs ``memory_packing``, the packing of the (1, total_k, kv_dim) memory.
 
+    ``n_kv_heads`` (self-attention; default ``n_heads``): grouped-query attention, ``n_heads / n_kv_heads`` query
+    heads per key / value head; ``qkv_proj`` then has (n_heads + 2 n_kv_heads) x head_dim outputs (q | k | v).
+    ``rope=(cos, sin)`` in ``forward``: rotary embeddings (``fused_kernels.apply_rotary_pos_emb``, tables
+    (B or 1, L, R), R <= head_dim) applied to q and k before they enter the cache.
+
     Self-attention variants, passed on to ``fused_kernels.attention``: ``window=(left, right)`` (its band, -1 =
     unbounded; with ``causal`` the right side is 0) and ``alibi=True`` (ALiBi distance biases with
     ``alibi_slopes(n_heads)``, kept as the non-persistent float32 buffer ``alibi_slopes``: not in the state
@@ -248,13 +260,20 @@ class Attention(nn.Module):
     keys some query can still see are read from the cache. Paths that cannot honour them (packed, paged cache,
     context parallel) raise a ValueError naming the option."""
 
-    def __init__(self, dim: int, n_heads: int, *, cross: bool = False, kv_dim: int | None = None,
-                 bias: bool = True, out_bias: bool | None = None, dropout: float = 0.0,
+    def __init__(self, dim: int, n_heads: int, *, n_kv_heads: int | None = None, cross: bool = False,
+                 kv_dim: int | None = None, bias: bool = True, out_bias: bool | None = None, dropout: float = 0.0,
                  window: tuple[int, int] | None = None, alibi: bool = False) -> None:
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"Attention: n_kv_heads must be an int >= 1 dividing n_heads ({n_heads}), got "
+                             f"{n_kv_heads!r}")
+        if cross and n_kv_heads != n_heads:
+            raise ValueError("Attention: n_kv_heads (grouped-query attention) is for self-attention")
         self.dim, self.n_heads, self.head_dim, self.cross = dim, n_heads, dim // n_heads, cross
+        self.n_kv_heads = n_kv_heads
         if window is not None:
             if (not isinstance(window, (tuple, list)) or len(window) != 2
                     or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window)):
@@ -274,7 +293,7 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(dim, dim, bias=bias)
             self.kv_proj = nn.Linear(kv_dim or dim, 2 * dim, bias=bias)
         else:
-            self.qkv_proj = nn.Linear(dim, 3 * dim, bias=bias)
+            self.qkv_proj = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias if out_bias is None else out_bias)
         self.dropout = dropout
 
@@ -332,6 +351,11 @@ class Attention(nn.Module):
 
     def _heads(self, t: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         b, n, _ = t.shape                                            # (B, T, parts * dim)
+        if parts == 3 and self.n_kv_heads != self.n_heads:          # q | k | v with fewer key / value heads
+            q, k, v = t.split([self.dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
+            return (q.view(b, n, self.n_heads, self.head_dim).transpose(1, 2),
+                    k.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2),
+                    v.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2))
         t = t.view(b, n, parts, self.n_heads, self.head_dim)
         return tuple(x.transpose(1, 2) for x in t.unbind(2))        # parts x (B, H, T, D) strided views
 
@@ -350,7 +374,7 @@ class Attention(nn.Module):
             k, v = self.kv_proj(memory[0]).view(memory.shape[1], 2, *heads).unbind(1)   # (total_k, H, D) views
             kv_packing = memory_packing
         else:
-            q, k, v = self.qkv_proj(x[0]).view(t, 3, *heads).unbind(1)           # 3 x (total, H, D) views
+            q, k, v = (part[0].transpose(0, 1) for part in self._heads(self.qkv_proj(x), 3))  # (total, H, D) views
             kv_packing = packing
         p = self.dropout if self.training else 0.0
         # check=False: the packings are built by Packing.from_mask, correct by construction, and the
@@ -362,7 +386,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, *, causal: bool = False,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 need_weights: bool = False, packing: Packing | None = None,
-                memory_packing: Packing | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                memory_packing: Packing | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, L, dim), memory (B, S, kv_dim) for cross-attention -> ((B, L, dim), weights (B, H, L, S) or None).
 
         With a cache, self-attention appends this step's keys/values to it; cross-attention fills it
@@ -372,6 +397,8 @@ class Attention(nn.Module):
         With ``packing`` x (and memory) are packed tokens (see the class docstring); no mask, cache or
         weights then."""
         if packing is not None:
+            if rope is not None:
+                raise ValueError("packed (padding-free) attention does not apply rotary embeddings")
             if attn_mask is not None or cache is not None or need_weights:
                 raise ValueError("packed (padding-free) attention takes no attn_mask or cache and returns no "
                                  "attention weights")
@@ -394,10 +421,16 @@ class Attention(nn.Module):
                     k, v = cache.append(k, v)
         else:
             q, k, v = self._heads(self.qkv_proj(x), 3)
+            if rope is not None:   # tables in q's dtype (bf16 under autocast): the rotated q, k stay in it
+                cos, sin = (t.to(q.dtype) for t in rope)
+                q, k = fused_kernels.apply_rotary_pos_emb(q, k, cos, sin)              # (B, H / Hkv, L, D)
             # a fused_kernels.PagedKVCache layer: append and attend via its block table
             if getattr(cache, "paged", False):
                 if attn_mask is not None or need_weights:
                     raise ValueError("a paged KV cache takes no attn_mask and returns no attention weights")
+                if self.n_kv_heads != self.n_heads:
+                    raise ValueError("the paged KV cache holds n_heads key / value heads: grouped-query attention "
+                                     "(n_kv_heads) runs on a dense KVCache (GPT.generate on a (batch, seq) tensor)")
                 if self._variant_names():
                     raise ValueError(f"the paged KV cache does not support {self._variant_names()}: use a dense "
                                      f"KVCache (GPT.generate on a (batch, seq) tensor)")
@@ -416,6 +449,9 @@ class Attention(nn.Module):
                 keep = causal_mask(l, k.shape[2], q.device, bottom_right=True)
                 mask = keep if mask is None else (keep & mask if mask.dtype == torch.bool
                                                   else mask.masked_fill(~keep, float("-inf")))
+            if self.n_kv_heads != self.n_heads:                              # the explicit path repeats heads
+                group = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             weights = fused_kernels.softmax(q @ k.transpose(-2, -1), mask=mask, scale=self.head_dim ** -0.5)
             out = (F.dropout(weights, p) if p > 0 else weights) @ v              # (B, H, L, D)
         elif (ring := context_parallel.active()) is not None and not self.cross and cache is None:
@@ -456,6 +492,33 @@ class BlockSpec:
     qkv_bias: bool | None = None      # overrides bias for the q/k/v projections
     window: tuple[int, int] | None = None   # self-attention band (left, right), fused_kernels.attention's window
     alibi: bool = False               # ALiBi distance biases in self-attention (Attention's alibi)
+    n_kv_heads: int | None = None     # grouped-query self-attention (default n_heads)
+    norm: str = "layernorm"           # "layernorm" or "rmsnorm"
+    mlp: str = "gelu"                 # "gelu" (fc1 -> activation -> fc2), "swiglu" or "geglu" (gated, GatedMLP)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """Our ``LayerNorm`` or ``RMSNorm`` (drop-ins for torch's)."""
+    if kind == "layernorm":
+        return LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+
+
+def make_ffn(spec: BlockSpec) -> nn.Module:
+    """The block's feed-forward: ``FeedForward`` ("gelu": fc1 -> spec.activation -> fc2) or ``GatedMLP``
+    ("swiglu": silu; "geglu": GELU, tanh-approximated when spec.activation is "gelu_tanh"), Llama's names."""
+    if spec.mlp == "gelu":
+        return FeedForward(spec.dim, spec.ffn_dim, spec.activation, spec.activation_dropout, spec.bias)
+    if spec.activation_dropout:
+        raise ValueError("the gated feed-forwards (swiglu / geglu) have no activation dropout")
+    if spec.mlp == "swiglu":
+        return GatedMLP(spec.dim, spec.ffn_dim, "silu", bias=spec.bias)
+    if spec.mlp == "geglu":
+        return GatedMLP(spec.dim, spec.ffn_dim, "gelu_tanh" if spec.activation == "gelu_tanh" else "gelu",
+                        bias=spec.bias)
+    raise ValueError(f"mlp must be 'gelu', 'swiglu' or 'geglu', got {spec.mlp!r}")
 
 
 class EncoderBlock(nn.Module):
@@ -467,27 +530,29 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.pre_ln, self.dropout = spec.pre_ln, spec.dropout
         qkv_bias = spec.bias if spec.qkv_bias is None else spec.qkv_bias
-        self.attn = Attention(spec.dim, spec.n_heads, bias=qkv_bias, out_bias=spec.bias, dropout=spec.attn_dropout,
-                              window=spec.window, alibi=spec.alibi)
-        self.ln1 = LayerNorm(spec.dim, eps=spec.eps)
-        self.ffn = FeedForward(spec.dim, spec.ffn_dim, spec.activation, spec.activation_dropout, spec.bias)
-        self.ln2 = LayerNorm(spec.dim, eps=spec.eps)
+        self.attn = Attention(spec.dim, spec.n_heads, n_kv_heads=spec.n_kv_heads, bias=qkv_bias, out_bias=spec.bias,
+                              dropout=spec.attn_dropout, window=spec.window, alibi=spec.alibi)
+        self.ln1 = make_norm(spec.norm, spec.dim, spec.eps)
+        self.ffn = make_ffn(spec)
+        self.ln2 = make_norm(spec.norm, spec.dim, spec.eps)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None, *, causal: bool = False,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 need_weights: bool = False, packing: Packing | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """-> (hidden, residual, attention weights or None); see the module docstring for the pair.
-        ``packing``: hidden (and residual) are packed (1, total, dim) tokens."""
+        ``packing``: hidden (and residual) are packed (1, total, dim) tokens. ``rope``: the (cos, sin) tables
+        of rotary embeddings (``Attention``)."""
         p = self.dropout if self.training else 0.0
         if self.pre_ln:
             normed, residual = add_norm(hidden, residual, self.ln1, p if residual is not None else 0.0)
             a, w = self.attn(normed, causal=causal, attn_mask=attn_mask, cache=cache, need_weights=need_weights,
-                             packing=packing)
+                             packing=packing, rope=rope)
             normed, residual = add_norm(a, residual, self.ln2, p)
             return self.ffn(normed), residual, w
         a, w = self.attn(hidden, causal=causal, attn_mask=attn_mask, cache=cache, need_weights=need_weights,
-                         packing=packing)
+                         packing=packing, rope=rope)
         hidden, _ = add_norm(a, hidden, self.ln1, p)
         hidden, _ = add_norm(self.ffn(hidden), hidden, self.ln2, p)
         return hidden, None, w
@@ -566,6 +631,8 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.ones_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.RMSNorm) and m.weight is not None:
+            nn.init.ones_(m.weight)
 
 
 def embedding_scale(dim: int, enabled: bool) -> float:

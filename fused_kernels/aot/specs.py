@@ -548,6 +548,154 @@ def block_mask_specs() -> Iterator[Spec]:
                                                 unit="scores"))
 
 
+def _recorded_specs(family: str, names: tuple[str, ...], dot_kernels: set[str], run: Callable[[], None],
+                    arch: int, dtype: torch.dtype, label: str, seen: set, work_of: Callable[[str, dict], tuple]):
+    """Specs of the launches ``run()`` makes (under ``force_arch(arch)``, kernels replaced by recorders), one per
+    distinct (kernel, arguments, options); ``work_of(name, args)`` gives (work, unit, config text) of a kernel."""
+    from .._core.launch import force_arch
+
+    with force_arch(arch), _recorded() as recorded:
+        run()
+    for name in names:
+        for kernel, args, options in recorded.get(name, []):
+            key = (arch, name, repr(sorted((k, _arg_key(v)) for k, v in args.items())), repr(sorted(options.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            work, unit, text = work_of(name, args)
+            on = [k for k, v in args.items() if v is True and k not in ("EVEN_K", "UPCAST")]
+            on += [f"{k}={v}" for k, v in args.items() if k == "GRAD_MODE"]
+            yield Spec(family, kernel, f"{_SHORT[dtype]} {text} w{options.get('num_warps', 4)} "
+                                       f"s{options.get('num_stages', 3)} {label} [{' '.join(on)}]", args, options,
+                       tensor_cores=name in dot_kernels and dtype in (torch.float16, torch.bfloat16),
+                       meta=dict(dtype=_SHORT[dtype], flags=label, archs=(arch,), cost=work, work=work, unit=unit))
+
+
+def cross_entropy_specs() -> Iterator[Spec]:
+    """Linear cross-entropy and cross-entropy (``fused_kernels.ops.cross_entropy``), recorded from the launchers
+    (``_lce_triton`` / ``_ce_triton`` on meta tensors under ``force_arch``, kernels replaced by recorders) at the
+    issue's sizes: N = 8,192 rows, hidden 4,096, vocabulary 131,072 (chunks of 512 rows). "plain": no bias or
+    option, reduction "mean" (logits + softmax part + dX + dW in the forward); "all": bias, label smoothing,
+    z-loss and soft-cap, reduction "none" (the loss-only forward, and the backward's recompute with each row's
+    gradient). fp16 / bf16 both, fp32 and fp64 "all"; ``cross_entropy`` on given (8,192 x 131,072) logits (the
+    stats kernel and the softmax part) in bf16 ("plain", "all") and fp32 ("all"). A steady-state iteration of a
+    matmul kernel covers BLOCK_M x BLOCK_N logits (dX: BLOCK_M x BLOCK_K outputs over BLOCK_N classes, dW:
+    BLOCK_N x BLOCK_K over BLOCK_M rows), of a row kernel BLOCK_V elements."""
+    from ..ops import cross_entropy as ce
+    names = ("_lce_logits_kernel", "_ce_softmax_kernel", "_lce_dx_kernel", "_lce_dw_kernel", "_ce_stats_kernel")
+    dots = {"_lce_logits_kernel", "_lce_dx_kernel", "_lce_dw_kernel"}
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def work_of(name, args):
+        if name in dots:
+            bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+            work = {"_lce_logits_kernel": bm * bn, "_lce_dx_kernel": bm * bk, "_lce_dw_kernel": bn * bk}[name]
+            return work, "scores", f"M{bm} N{bn} K{bk}"
+        return args["BLOCK_V"], "elements", f"BLOCK_V={args['BLOCK_V']}"
+
+    n, h, v = 8192, 4096, 131072
+    cases = [(dt, kind) for dt in (torch.bfloat16, torch.float16) for kind in ("plain", "all")]
+    cases += [(torch.float32, "all"), (torch.float64, "all")]
+    seen: set = set()
+    for arch in ARCHS:
+        for dtype, kind in cases:
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            x, w, t = empty(n, h, dtype=dtype), empty(v, h, dtype=dtype), empty(n, dtype=torch.int64)
+            b = empty(v, dtype=dtype)
+
+            def run(x=x, w=w, t=t, b=b, kind=kind, acc=acc):
+                if kind == "plain":
+                    ce._lce_triton(x, w, None, t, -100, 0.0, 0.0, 0.0, True, True, False, None, empty(dtype=acc))
+                else:
+                    ce._lce_triton(x, w, b, t, -100, 0.1, 1e-4, 30.0, False, False, False, None, None)
+                    ce._lce_triton(x, w, b, t, -100, 0.1, 1e-4, 30.0, True, True, True, empty(n, dtype=acc), None)
+            yield from _recorded_specs("cross_entropy", names, dots, run, arch, dtype, kind, seen, work_of)
+        for dtype, kind in ((torch.bfloat16, "plain"), (torch.bfloat16, "all"), (torch.float32, "all")):
+            logits, t = empty(n, v, dtype=dtype), empty(n, dtype=torch.int64)
+            opts = (0.0, 0.0, 0.0) if kind == "plain" else (0.1, 1e-4, 30.0)
+
+            def run(logits=logits, t=t, opts=opts):
+                ce._ce_triton(logits, t, -100, *opts, logits)
+            yield from _recorded_specs("cross_entropy", names, dots, run, arch, dtype, f"{kind} given-logits", seen,
+                                       work_of)
+
+
+def rotary_specs() -> Iterator[Spec]:
+    """Rotary embeddings (``fused_kernels.ops.rotary._rope_kernel``), forward and backward, recorded from the
+    launcher (``rotary._launch`` on meta tensors): 8 sequences of 2,048 positions, 32 query heads over 8 key /
+    value heads (GQA), q / k (B, H, L, D) with tables (B, L, R); "full": head dim 128, rotate-half; "interleaved":
+    GPT-J's pairs at head dim 128; "partial": head dim 80, 32 rotary dims (Phi-2); "proj": q / k as strided views of
+    one fused qkv projection (the model layout), head dim 128. Every dtype runs "full"; bf16 every kind. A
+    steady-state iteration covers BLOCK_H heads x the rotary dims (the pass-through dims in their own loop)."""
+    from ..ops import rotary as rt
+    names = ("_rope_kernel",)
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def work_of(name, args):
+        return args["BLOCK_H"] * 2 * args["HALF"], "elements", f"H{args['BLOCK_H']} half={args['HALF']} " \
+            f"pass={args['PASS']}"
+
+    b, l, hq, hk = 8, 2048, 32, 8
+    cases = [(dt, "full") for dt in DTYPES] + [(torch.bfloat16, k) for k in ("interleaved", "partial", "proj")]
+    seen: set = set()
+    for arch in ARCHS:
+        for dtype, kind in cases:
+            d, rot = (80, 32) if kind == "partial" else (128, 128)
+            if kind == "proj":
+                fused = empty(b, l, (hq + 2 * hk) * d, dtype=dtype)
+                q = fused[..., : hq * d].view(b, l, hq, d).transpose(1, 2)
+                k = fused[..., hq * d:(hq + hk) * d].view(b, l, hk, d).transpose(1, 2)
+            else:
+                q, k = empty(b, hq, l, d, dtype=dtype), empty(b, hk, l, d, dtype=dtype)
+            cos = empty(b, l, rot, dtype=dtype)[:, None]
+            qo, ko = empty(b, hq, l, d, dtype=dtype), empty(b, hk, l, d, dtype=dtype)
+
+            def run(q=q, k=k, cos=cos, qo=qo, ko=ko, kind=kind):
+                rt._launch(q, k, cos, cos, qo, ko, 1, kind == "interleaved", False)
+                rt._launch(qo, ko, cos, cos, qo, ko, 1, kind == "interleaved", True)
+            yield from _recorded_specs("rotary", names, set(), run, arch, dtype, kind, seen, work_of)
+
+
+def gated_mlp_specs() -> Iterator[Spec]:
+    """SwiGLU / GeGLU (``fused_kernels.ops.gated_mlp``), forward and backward, recorded from the custom ops'
+    launches on meta tensors: 16,384 tokens x 14,336 intermediate features (Llama 3 8B's feed-forward), gate and up
+    as two tensors ("pair") and as the halves of one (tokens, 2 x 14,336) projection ("concat"); every activation in
+    bf16, silu in every dtype. One program (no loop) covers BLOCK_M x BLOCK_F elements."""
+    from ..ops import gated_mlp as gm
+    names = ("_glu_fwd_kernel", "_glu_bwd_kernel")
+
+    def empty(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def work_of(name, args):
+        return args["BLOCK_M"] * args["BLOCK_F"], "elements", f"M{args['BLOCK_M']} F{args['BLOCK_F']} " \
+            f"act={args['ACT']}"
+
+    m, f = 16384, 14336
+    cases = [(dt, gm.SILU, kind) for dt in DTYPES for kind in ("pair", "concat")]
+    cases += [(torch.bfloat16, act, kind) for act in (gm.GELU, gm.GELU_TANH) for kind in ("pair", "concat")]
+    seen: set = set()
+    for arch in ARCHS:
+        for dtype, act, kind in cases:
+            if kind == "pair":
+                gate, up = empty(m, f, dtype=dtype), empty(m, f, dtype=dtype)
+            else:
+                gate, up = empty(m, 2 * f, dtype=dtype), None
+            out = empty(m, f, dtype=dtype)
+            g, u = gm._split(gate, up)
+            dgu = empty(*gate.shape, dtype=dtype)
+            dg, du = gm._split(dgu, None) if up is None else (out, out)
+
+            def run(g=g, u=u, out=out, dg=dg, du=du, act=act):
+                gm.fwd_launch(g, u, out, act)
+                gm.bwd_launch(g, u, out, dg, du, act)
+            yield from _recorded_specs("gated_mlp", names, set(), run, arch, dtype, kind, seen, work_of)
+
+
 @contextlib.contextmanager
 def _shape_only_tables() -> Iterator[None]:
     """While recording on meta tensors: ``attention.sparse``'s document and ``mask_mod`` tile tables as empty
@@ -626,6 +774,8 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
             if m["dtype"] != "bf16" or m["head_dim"] != 128:
                 continue
             key = id(spec)
+        elif spec.family in ("cross_entropy", "rotary", "gated_mlp"):   # every configuration (a few per arch)
+            key = id(spec)
         elif spec.family == "attention":
             if m["dtype"] == "bf16" and m["head_dim"] <= 128:
                 key: Any = id(spec)
@@ -649,6 +799,9 @@ FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
     ("paged", paged_specs),
     ("varlen", varlen_specs),
     ("variants", variants_specs),
+    ("cross_entropy", cross_entropy_specs),
+    ("rotary", rotary_specs),
+    ("gated_mlp", gated_mlp_specs),
 ]
 
 

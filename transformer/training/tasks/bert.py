@@ -193,6 +193,11 @@ class BERTPretrainTask(Task):
                 "mlm_accuracy": mlm_hits / max(masked, 1), "nsp_accuracy": nsp_hits / len(pairs),
                 "unigram_entropy": self.unigram_entropy}
 
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """The pre-training loss without the masked-LM logits (``fused_kernels.linear_cross_entropy`` on the
+        masked positions) unless the config turns ``fused_loss`` off."""
+        return model(**batch, return_logits=False).loss, batch["input_ids"].numel()
+
     def loss_labels(self, config: BERTConfig) -> tuple[str, str]:
         return ("training loss: masked-LM + next-sentence cross entropy",
                 "held-out loss: masked-LM + next-sentence cross entropy")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...config import GPTConfig
@@ -196,9 +195,10 @@ def _random_windows(ids: torch.Tensor, t: int, n: int, generator: torch.Generato
 
 def _token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross entropy of every position's logits against its target, in float32."""
-    logits = model(x, position_ids=position_ids).logits                      # (B, T, vocab)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+    """Cross entropy of every position's prediction against its target, in float32: the model's own loss
+    (``fused_kernels.linear_cross_entropy`` without the (B, T, vocab) logits unless the config turns
+    ``fused_loss`` off)."""
+    return model(x, targets=y, loss_reduction=reduction, position_ids=position_ids, return_logits=False).loss
 
 
 def _sample(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: float,

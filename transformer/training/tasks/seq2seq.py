@@ -104,8 +104,9 @@ class Seq2SeqTask(Task):
         return self._collate([self._encode_pair(p) for p in self.pairs.sample(generator, batch_size)])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        # Throughput counts the positions both stacks process: source plus target.
-        return model(**batch).loss, batch["input_ids"].numel() + batch["labels"].numel()
+        # Throughput counts the positions both stacks process: source plus target. The loss without the logits
+        # (fused_kernels.linear_cross_entropy) unless the config turns fused_loss off.
+        return model(**batch, return_logits=False).loss, batch["input_ids"].numel() + batch["labels"].numel()
 
     def _translate_ids(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        num_beams: int = 1) -> list[str]:
