@@ -125,15 +125,20 @@ def _check_tables(op: str, k_cache: torch.Tensor, block_table: object, cache_seq
     return bt, sl
 
 
-def _check_new(op: str, name: str, t: object, cache: torch.Tensor, cache_name: str) -> torch.Tensor:
+def _check_like(op: str, name: str, t: object, layout: str, cache: torch.Tensor, cache_name: str) -> None:
+    """``t`` is a 4-D float tensor (``layout`` names its dims) of the cache's dtype, on its device."""
     _checks.check_float_tensor(name, t, op)
+    _checks.check_tensor_type(name, t, op)
     if t.dim() != 4:
-        raise _checks.ArgumentValueError(f"{op}: {name} must be 4-D (batch, kv_heads, new tokens, head_dim), got "
-                                         f"shape {tuple(t.shape)}")
+        raise _checks.ArgumentValueError(f"{op}: {name} must be 4-D ({layout}), got shape {tuple(t.shape)}")
     if t.dtype != cache.dtype:
         raise _checks.ArgumentTypeError(f"{op}: {name} has dtype {t.dtype} but {cache_name} has {cache.dtype}")
     if t.device != cache.device:
         raise _checks.ArgumentValueError(f"{op}: {name} is on {t.device} but {cache_name} is on {cache.device}")
+
+
+def _check_new(op: str, name: str, t: object, cache: torch.Tensor, cache_name: str) -> torch.Tensor:
+    _check_like(op, name, t, "batch, kv_heads, new tokens, head_dim", cache, cache_name)
     if t.shape[1] != cache.shape[2] or t.shape[3] != cache.shape[3]:
         raise _checks.ArgumentValueError(f"{op}: {name} of shape {tuple(t.shape)} must have {cache_name}'s "
                                          f"{cache.shape[2]} kv heads and head dim {cache.shape[3]}")
@@ -209,15 +214,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     grad runs the (differentiable) PyTorch path."""
     op = "paged_attention"
     _check_pool(op, k_cache, v_cache)
-    _checks.check_float_tensor("q", q, op)
-    _checks.check_tensor_type("q", q, op)
-    if q.dim() != 4:
-        raise _checks.ArgumentValueError(f"{op}: q must be 4-D (batch, heads, queries, head_dim), got shape "
-                                         f"{tuple(q.shape)}")
-    if q.dtype != k_cache.dtype:
-        raise _checks.ArgumentTypeError(f"{op}: q has dtype {q.dtype} but k_cache has {k_cache.dtype}")
-    if q.device != k_cache.device:
-        raise _checks.ArgumentValueError(f"{op}: q is on {q.device} but k_cache is on {k_cache.device}")
+    _check_like(op, "q", q, "batch, heads, queries, head_dim", k_cache, "k_cache")
     b, h, lq, d = q.shape
     hkv = k_cache.shape[2]
     if d != k_cache.shape[3]:

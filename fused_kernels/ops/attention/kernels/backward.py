@@ -7,7 +7,22 @@ import triton
 import triton.language as tl
 
 from ...._core.launch import split_program_id
-from .common import LOG2E, MASK_NONE, _key_length, _key_range, _load_tile, _packed_bounds, _scores
+from .common import (
+    LOG2E,
+    MASK_NONE,
+    _key_length,
+    _key_range,
+    _key_walk,
+    _kv_tiles,
+    _load_tile,
+    _next_key_block,
+    _packed_bounds,
+    _query_program,
+    _query_variants,
+    _row_tile,
+    _scores,
+    _stage_range,
+)
 from .mods import PLAIN, _mask, variant_context
 
 
@@ -171,8 +186,7 @@ def _attn_bwd_dkdv_kernel(
     LSE2 / DELTA (H, total_q), DK / DV_ (Hkv, total_k, D)); a key block past its sequence returns at once.
     SPARSE: per head, the full query blocks of the block table's lists (no mask), then its partial ones."""
     stride_qb, stride_qh, stride_qm = stride_q
-    stride_kb, stride_kh, stride_kn = stride_k
-    stride_vb, stride_vh, stride_vn = stride_v
+    stride_kn, stride_vn = stride_k[2], stride_v[2]
     stride_dob, stride_doh, stride_dom = stride_do
     stride_mb, stride_mh, stride_mm, stride_mn = stride_m
     pid_n = tl.program_id(0)
@@ -203,13 +217,8 @@ def _attn_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
     col_ok = offs_n < kv_len
-    k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                   col_ok, offs_d, D, CHECK_ROWS=True, EVEN_C=EVEN_D)
-    v = _load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                   col_ok, offs_dv, DV, CHECK_ROWS=True, EVEN_C=EVEN_DV)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _row_tile(K, b, hk, offs_n, col_ok, offs_d, stride_k, D, EVEN_C=EVEN_D, UPCAST=UPCAST)
+    v = _row_tile(V, b, hk, offs_n, col_ok, offs_dv, stride_v, DV, EVEN_C=EVEN_DV, UPCAST=UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
     # Query blocks [lo, diag_hi) see part of this key block (causal mask); [diag_hi, rows_full) all of it;
@@ -313,22 +322,11 @@ def _dq_block(
     only in the CHECK_BOUNDS blocks. Keys in [kv_len, S) are zeroed (ZERO_KV_TAIL) where TMA loads them:
     ds = 0 must not meet a NaN there. The variants as in ``_fwd_block``; ``ds`` is taken back through the score
     mods by their derivative (``_mod_scores``)."""
-    offs_d, offs_dv, D, DV = dims
     cols = start_n + offs_n
     col_ok = cols < kv_len
-    if TMA:
-        b, hk = desc_at
-        k = K_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = V_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-        if CHECK_BOUNDS and ZERO_KV_TAIL:
-            k = tl.where(col_ok[:, None], k, 0.0)
-            v = tl.where(col_ok[:, None], v, 0.0)
-    else:
-        k = _load_tile(k_ptrs, col_ok, offs_d, D, CHECK_BOUNDS, EVEN_D)
-        v = _load_tile(v_ptrs, col_ok, offs_dv, DV, CHECK_BOUNDS, EVEN_DV)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _kv_tiles(k_ptrs, v_ptrs, K_DESC, V_DESC, desc_at, start_n, col_ok, dims, CHECK_BOUNDS=CHECK_BOUNDS,
+                     ZERO_K=ZERO_KV_TAIL, ZERO_V=ZERO_KV_TAIL, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, UPCAST=UPCAST,
+                     BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)          # (BLOCK_M, BLOCK_N)
     s, g = _scores(s, m_ptrs, row_ok[:, None] & (cols[None, :] < S), offs_m[:, None], cols[None, :], qk_scale, vctx,
                    MASK_KIND=MASK_KIND, FOLD_SCALE=FOLD_SCALE, ACC=ACC, VAR=VAR, NEED_GRAD=True)
@@ -377,56 +375,23 @@ def _attn_bwd_dq_kernel(
 ):
     """VARLEN: packed sequences as in the forward (L = total_q, S = total_k, LSE2 / DELTA (H, total_q),
     DQ (H, total_q, D)). SPARSE and the other variants as in the forward kernel."""
-    stride_qb, stride_qh, stride_qm = stride_q
-    stride_kb, stride_kh, stride_kn = stride_k
-    stride_vb, stride_vh, stride_vn = stride_v
-    stride_dob, stride_doh, stride_dom = stride_do
-    stride_mb, stride_mh, stride_mm, stride_mn = stride_m
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:   # heaviest query blocks first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = split_program_id(1, PID1_BASE, GRID_SPLIT).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    seq_s = S
+    stride_kn, stride_vn, stride_mn = stride_k[2], stride_v[2], stride_m[3]    # key-row steps of the loops
+    (Q, K, V, DO), (b, h, hk, bh), (start_m, offs_m, row_ok, row0), (seq_l, seq_s, c_off) = _query_program(
+        Q, K, V, DO, CU_Q, CU_K, H, L, S, GROUP, causal_offset, PID1_BASE,
+        (stride_q[2], stride_kn, stride_vn, stride_do[2]),
+        IS_CAUSAL=IS_CAUSAL, VARLEN=VARLEN, GRID_SPLIT=GRID_SPLIT, BLOCK_M=BLOCK_M)
     if VARLEN:
-        q_start, seq_l, k_start, seq_s = _packed_bounds(CU_Q, CU_K, b)
-        if start_m >= seq_l:
+        if start_m >= seq_l:    # a query block past its packed sequence
             return
-        Q += q_start * stride_qm
-        DO += q_start * stride_dom
-        K += k_start * stride_kn
-        V += k_start * stride_vn
-        row0 = h * L + q_start
-        c_off = seq_s - seq_l
-    else:
-        seq_l = L
-        row0 = bh * L
-        c_off = causal_offset
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < seq_l
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                   row_ok, offs_d, D, CHECK_ROWS=True, EVEN_C=EVEN_D)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                    row_ok, offs_dv, DV, CHECK_ROWS=True, EVEN_C=EVEN_DV)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _row_tile(Q, b, h, offs_m, row_ok, offs_d, stride_q, D, EVEN_C=EVEN_D, UPCAST=UPCAST)
+    do = _row_tile(DO, b, h, offs_m, row_ok, offs_dv, stride_do, DV, EVEN_C=EVEN_DV, UPCAST=UPCAST)
+    offs_n = tl.arange(0, BLOCK_N)
     lse2 = tl.load(LSE2 + row0 + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
-    # Scalar bases advanced by one key block per iteration + loop-invariant offset tiles (carrying 2-D pointer
-    # tiles through the loop costs two registers per element).
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    m_base = MASK + b * stride_mb + h * stride_mh
-    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
-    m_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
+    (k_base, v_base, m_base), (k_offs, v_offs, m_offs) = _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d,
+                                                                   offs_dv, stride_k, stride_v, stride_m)
     rng_row = ((row0 + offs_m) * S).to(tl.int64)
     kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
     hi, full_hi = _key_range(start_m, kv_len, c_off, IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -434,20 +399,11 @@ def _attn_bwd_dq_kernel(
     desc_at = (b.to(tl.int32), hk.to(tl.int32))
     dims = (offs_d, offs_dv, D, DV)
     drop = (seed, rng_row, dropout_p)
-    sm_scale_v, softcap, win_left, win_right = sm_scale, 1.0, 0, 0
-    if var_args is not None:
-        sm_scale_v, softcap, win_left, win_right = var_args
-    slope = 0.0
-    if VARIANT.alibi:
-        slope = tl.load(SLOPES + bh)
-    prefix_len = 0
-    if VARIANT.prefix:
-        prefix_len = tl.minimum(tl.load(PREFIX_LEN + b), kv_len)
-    vctx = variant_context(b.to(tl.int32), h.to(tl.int32), c_off, c_off - win_left, prefix_len, sm_scale_v, softcap,
-                           slope, seq_l, S, DOC_Q, DOC_K, MOD_ARGS)
+    vctx, win_right = _query_variants(var_args, sm_scale, SLOPES, PREFIX_LEN, DOC_Q, DOC_K, MOD_ARGS, b, h, bh,
+                                      kv_len, c_off, seq_l, S, VARIANT=VARIANT)
     if SPARSE:
         stride_lk, stride_lb, stride_lh = stride_list
-        row = b * stride_lb + h * stride_lh + pid_m
+        row = b * stride_lb + h * stride_lh + start_m // BLOCK_M
         for kind in tl.static_range(2):    # the full key blocks (no mask), then the partial ones
             n_blocks = tl.load(LIST_CNT + kind * stride_lk + row)
             for t in range(0, n_blocks):
@@ -463,10 +419,7 @@ def _attn_bwd_dq_kernel(
     else:
         # The mask-free key blocks [0, full_hi), then the bounds / causal-diagonal ones [full_hi, hi).
         for stage in tl.static_range(2):
-            if stage == 0:
-                lo, stop = 0, full_hi
-            else:
-                lo, stop = full_hi, hi
+            lo, stop = _stage_range(full_hi, hi, STAGE=stage)
             for start_n in range(lo, stop, BLOCK_N):
                 dq = _dq_block(
                     dq, q, do, lse2, delta, start_n, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC,
@@ -475,11 +428,8 @@ def _attn_bwd_dq_kernel(
                     FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_KV_TAIL=HAS_SEQLENS,
                     HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N,
                     BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, VAR=VARIANT)
-                if not TMA:
-                    k_base += BLOCK_N * stride_kn
-                    v_base += BLOCK_N * stride_vn
-                if MASK_KIND != MASK_NONE:
-                    m_base += BLOCK_N * stride_mn
+                k_base, v_base, m_base = _next_key_block(k_base, v_base, m_base, stride_kn, stride_vn, stride_mn,
+                                                         TMA=TMA, MASKED=MASK_KIND != MASK_NONE, BLOCK_N=BLOCK_N)
     dq *= sm_scale
     tl.store(DQ + (row0 + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))

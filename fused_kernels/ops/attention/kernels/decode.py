@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ...._core.launch import split_program_id
-from .common import LN2, MASK_NONE, _finalize, _key_length, _load_tile
+from .common import LN2, MASK_NONE, _group_queries, _key_length, _store_partial
 from .forward import _fwd_block
 from .mods import PLAIN, no_variant_context
 
@@ -35,7 +35,6 @@ def _attn_fwd_split_kernel(
     """Flash-decoding: the rows of one tile are the GROUP * L (query head, query) pairs sharing a key/value
     head, so each key/value block is read once per group; program ``split`` owns keys
     [split * chunk, (split + 1) * chunk)."""
-    stride_qb, stride_qh, stride_qm = stride_q
     stride_kb, stride_kh, stride_kn = stride_k
     stride_vb, stride_vh, stride_vn = stride_v
     stride_mb, stride_mh, stride_mm, stride_mn = stride_m
@@ -44,16 +43,10 @@ def _attn_fwd_split_kernel(
     b = bhk // HKV
     hk = bhk % HKV
     rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < GROUP * L
-    h = hk * GROUP + rows // L                             # (BLOCK_M,) query head of each row
-    i = rows % L                                           # (BLOCK_M,) query index of each row
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
-                   row_ok, offs_d, D, CHECK_ROWS=True, EVEN_C=EVEN_D)
-    if UPCAST:
-        q = q.to(tl.float32)
+    row_ok, h, i, q = _group_queries(Q, b, hk, rows, GROUP, L, stride_q, offs_d, D, EVEN_D=EVEN_D, UPCAST=UPCAST)
     m_row = b * stride_mb + h.to(tl.int64) * stride_mh + i.to(tl.int64) * stride_mm
     rng_row = (((b * H + h) * L + i) * S).to(tl.int64)
     kv_len = _key_length(SEQLENS, b, S, S, HAS_SEQLENS=HAS_SEQLENS, VARLEN=False)
@@ -86,12 +79,8 @@ def _attn_fwd_split_kernel(
         v_base += BLOCK_N * stride_vn
         if MASK_KIND != MASK_NONE:
             m_base += BLOCK_N * stride_mn
-    out, lse2, empty = _finalize(acc, m_i, l_i, dropout_p, HAS_DROPOUT=HAS_DROPOUT)
-    lse2 = tl.where(empty, float("-inf"), lse2)
-    part = bhk * SPLITS + split
-    tl.store(OPART + (part * GROUP * L + rows[:, None]) * DV + offs_dv[None, :], out,
-             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSEPART + part * GROUP * L + rows, lse2, mask=row_ok)
+    _store_partial(OPART, LSEPART, acc, m_i, l_i, dropout_p, bhk * SPLITS + split, rows, row_ok, GROUP * L,
+                   offs_dv, DV, HAS_DROPOUT=HAS_DROPOUT)
 
 
 @triton.jit(do_not_specialize=["PID1_BASE"])

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from ...._core.launch import split_program_id
-from .common import MASK_NONE, _finalize, _load_tile
+from .common import MASK_NONE, _group_queries, _store_partial
 from .forward import _fwd_block
 from .mods import PLAIN, no_variant_context
 
@@ -78,7 +78,6 @@ def _paged_attn_fwd_kernel(
     """Rows [pid_m * BLOCK_M, ...) of the GROUP * LQ (query head, query) rows of one (sequence, kv head),
     head-major as the combine kernel reads them, over the keys [split * chunk, (split + 1) * chunk) of the
     sequence. SINGLE_PAGE (PAGE % BLOCK_N == 0): a key tile is BLOCK_N consecutive slots of one physical block."""
-    stride_qb, stride_qh, stride_qm = stride_q
     stride_kb, stride_kp, stride_kh = stride_k
     stride_vb, stride_vp, stride_vh = stride_v
     stride_tb, stride_tn = stride_t
@@ -88,16 +87,10 @@ def _paged_attn_fwd_kernel(
     b = bhk // HKV
     hk = bhk % HKV
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < GROUP * LQ
-    h = hk * GROUP + rows // LQ                            # (BLOCK_M,) query head of each row
-    i = rows % LQ                                          # (BLOCK_M,) query index of each row
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :],
-                   row_ok, offs_d, D, CHECK_ROWS=True, EVEN_C=EVEN_D)
-    if UPCAST:
-        q = q.to(tl.float32)
+    row_ok, h, i, q = _group_queries(Q, b, hk, rows, GROUP, LQ, stride_q, offs_d, D, EVEN_D=EVEN_D, UPCAST=UPCAST)
     kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), capacity)
     causal_offset = kv_len - LQ                            # bottom-right: key j <= i + len - LQ
     hi = kv_len
@@ -135,9 +128,5 @@ def _paged_attn_fwd_kernel(
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=False,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             ROWSUM_MMA=False, VAR=VARIANT)
-    out, lse2, empty = _finalize(acc, m_i, l_i, 0.0, HAS_DROPOUT=False)
-    lse2 = tl.where(empty, float("-inf"), lse2)
-    part = bhk * SPLITS + split
-    tl.store(OPART + (part * GROUP * LQ + rows[:, None]) * DV + offs_dv[None, :], out,
-             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSEPART + part * GROUP * LQ + rows, lse2, mask=row_ok)
+    _store_partial(OPART, LSEPART, acc, m_i, l_i, 0.0, bhk * SPLITS + split, rows, row_ok, GROUP * LQ, offs_dv, DV,
+                   HAS_DROPOUT=False)
