@@ -32,8 +32,6 @@ from fused_kernels.ops.attention import launch as at
 from fused_kernels.ops.attention import paged as pg
 from fused_kernels.ops.attention import varlen as vl
 from fused_kernels.ops.attention.examples import stripes
-from fused_kernels.ops.attention.kernels.forward import _attn_fwd_kernel
-from fused_kernels.ops.attention.kernels.paged import _paged_attn_fwd_kernel
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
@@ -61,11 +59,25 @@ def test_split_grid_covers_every_program_once(grid, limit):
     assert (len(parts) == 1 and parts[0] == (grid, {})) == fits
 
 
+def _launched_kernels(run) -> dict:
+    """{kernel name: kernel} of the launches ``run()`` makes, seen through the launch choke point (not run)."""
+    found = {}
+    with intercept(lambda call, go: found.setdefault(call.name, call.kernel)):
+        run()
+    return found
+
+
 def test_split_grid_errors_name_the_kernel_and_limit():
+    q, k, v = _qkv(1, 2, 2, 5, 5, 16)
+    k_cache, v_cache, table, _, _ = _filled([5], 4, 2, 16, torch.float32)
+    kernels = {**_launched_kernels(lambda: fused_kernels.attention(q, k, v)),
+               **_launched_kernels(lambda: fused_kernels.paged_attention(q[:, :, -1:], k_cache, v_cache, table,
+                                                                         torch.tensor([5])))}
+    paged_fwd, dense_fwd = kernels["_paged_attn_fwd_kernel"], kernels["_attn_fwd_kernel"]
     with pytest.raises(RuntimeError, match=r"_paged_attn_fwd_kernel.*PID1_BASE"):   # bases on axis 2 only
-        split_grid(_paged_attn_fwd_kernel, (1, 70_000, 1))
-    assert len(split_grid(_paged_attn_fwd_kernel, (1, 1, 70_000))) == 2
-    assert len(split_grid(_attn_fwd_kernel, (1, 70_000))) == 2
+        split_grid(paged_fwd, (1, 70_000, 1))
+    assert len(split_grid(paged_fwd, (1, 1, 70_000))) == 2
+    assert len(split_grid(dense_fwd, (1, 70_000))) == 2
     with pytest.raises(RuntimeError, match=r"_softmax_fwd_kernel.*65535.*PID1_BASE"):
         split_grid(softmax._softmax_fwd_kernel, (1, 70_000))
     with pytest.raises(RuntimeError, match=r"_softmax_fwd_kernel.*axis 0.*2147483647"):

@@ -534,15 +534,15 @@ def block_mask_specs() -> Iterator[Spec]:
     """``_block_mask_kernel`` (the tile classes of a ``mask_mod``, ``fused_kernels.block_mask``) as ``block_mask``
     launches it: ``examples.stripes`` at the default 128 x 128 blocks over (16, 16, 1024, 1024), and at 64 x 64."""
     from ..ops.attention import examples as ex
-    from ..ops.attention.blockmask import block_mask_warps
-    from ..ops.attention.kernels.blockmask import _block_mask_kernel
+    from ..ops.attention.blockmask import classes_launch
 
     for arch in ARCHS:
         for block in (128, 64):
-            args, options = bind(_block_mask_kernel, (Ptr(torch.int8), (), 1024, 1024, 16, 1024 // block),
-                                 dict(MASK_MOD=ex.stripes, HAS_ARGS=False, BLOCK_M=block, BLOCK_N=block,
-                                      num_warps=block_mask_warps(block, block)))
-            yield Spec("variants", _block_mask_kernel, f"M{block} N{block} w{options.get('num_warps', 4)} stripes",
+            classes = torch.empty((16, 16, 1024 // block, 1024 // block), dtype=torch.int8, device="meta")
+            with _recorded() as seen:
+                classes_launch(classes, ex.stripes, (), 1024, 1024, block, block)
+            ((kernel, args, options),) = seen["_block_mask_kernel"]
+            yield Spec("variants", kernel, f"M{block} N{block} w{options.get('num_warps', 4)} stripes",
                        args, options, meta=dict(dtype="i8", head_dim=0, BLOCK_M=block, BLOCK_N=block, archs=(arch,),
                                                 flags="stripes", cost=block * block, work=block * block,
                                                 unit="scores"))

@@ -148,6 +148,15 @@ def _check_dim(name: str, v: Any, optional: bool) -> None:
         raise ValueError(f"block_mask: {name} must be >= {1 if optional else 0}, got {v}")
 
 
+def classes_launch(classes: torch.Tensor, mask_mod: Any, mod_args: tuple, L: int, S: int, block_m: int,
+                   block_n: int) -> None:
+    """Fill ``classes`` (B, H, L / block_m, S / block_n) int8 with the tile classes of ``mask_mod``: one
+    ``_block_mask_kernel`` program per tile and (b, h)."""
+    bh, hm, nm, nn = classes.shape[0] * classes.shape[1], classes.shape[1], classes.shape[2], classes.shape[3]
+    launch(_block_mask_kernel, (nm * nn, bh), classes, mod_args, L, S, hm, nn, MASK_MOD=mask_mod,
+           HAS_ARGS=bool(mod_args), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=block_mask_warps(block_m, block_n))
+
+
 def block_mask_warps(block_m: int, block_n: int) -> int:
     """Warps of a ``_block_mask_kernel`` program: about 64 mask elements per thread (a 128 x 128 tile on 4 warps
     spills on sm_80: ``python -m fused_kernels.aot --family variants --filter stripes``)."""
@@ -201,9 +210,7 @@ def block_mask(mask_mod, B: int | None, H: int | None, L: int, S: int, *, block:
                             f"a plain {type(mask_mod).__name__}")
         classes = torch.empty((Bm, Hm, nm, nn), dtype=torch.int8, device=device)
         if classes.numel():
-            launch(_block_mask_kernel, (nm * nn, Bm * Hm), classes, mod_args, L, S, Hm, nn, MASK_MOD=mask_mod,
-                   HAS_ARGS=bool(mod_args), BLOCK_M=bm, BLOCK_N=bn,
-                   num_warps=block_mask_warps(bm, bn))
+            classes_launch(classes, mask_mod, mod_args, L, S, bm, bn)
     else:
         fn = mask_mod.fn if is_jit else mask_mod
         b = torch.arange(Bm, device=device).view(-1, 1, 1, 1)
