@@ -376,7 +376,7 @@ def _attn_bwd_dq_kernel(
     """VARLEN: packed sequences as in the forward (L = total_q, S = total_k, LSE2 / DELTA (H, total_q),
     DQ (H, total_q, D)). SPARSE and the other variants as in the forward kernel."""
     stride_kn, stride_vn, stride_mn = stride_k[2], stride_v[2], stride_m[3]    # key-row steps of the loops
-    (Q, K, V, DO), (b, h, hk, bh), (start_m, offs_m, row_ok, row0), (seq_l, seq_s, c_off) = _query_program(
+    Q, K, V, DO, b, h, hk, bh, start_m, offs_m, row_ok, row0, seq_l, seq_s, c_off = _query_program(
         Q, K, V, DO, CU_Q, CU_K, H, L, S, GROUP, causal_offset, PID1_BASE,
         (stride_q[2], stride_kn, stride_vn, stride_do[2]),
         IS_CAUSAL=IS_CAUSAL, VARLEN=VARLEN, GRID_SPLIT=GRID_SPLIT, BLOCK_M=BLOCK_M)
@@ -390,8 +390,8 @@ def _attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     lse2 = tl.load(LSE2 + row0 + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
-    (k_base, v_base, m_base), (k_offs, v_offs, m_offs) = _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d,
-                                                                   offs_dv, stride_k, stride_v, stride_m)
+    k_base, v_base, m_base, k_offs, v_offs, m_offs = _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d, offs_dv,
+                                                               stride_k, stride_v, stride_m)
     rng_row = ((row0 + offs_m) * S).to(tl.int64)
     kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
     hi, full_hi = _key_range(start_m, kv_len, c_off, IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)

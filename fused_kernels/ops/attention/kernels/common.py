@@ -100,9 +100,10 @@ def _packed_bounds(CU_Q, CU_K, b):
 def _query_program(Q, K, V, X, CU_Q, CU_K, H, L, S, GROUP, causal_offset, PID1_BASE, row_steps,
                    IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, GRID_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
     """Who a query-block program (forward, dQ) is and where its rows lie. ``X``: the kernel's other per-query
-    tensor (O, dO); ``row_steps``: the row strides of Q, K, V, X. Returns ((Q, K, V, X) at the program's
-    sequence, (b, h, key head, b * H + h), (first query row, query rows, their bounds, first row in the
-    (B, H, L) / (H, total_q) statistics), (query count, key count, causal offset)).
+    tensor (O, dO); ``row_steps``: the row strides of Q, K, V, X. Returns, as one flat tuple (triton 3.6
+    cannot unpack nested ones): Q, K, V, X at the program's sequence; b, h, key head, b * H + h; the first query
+    row, the query rows, their bounds, the first row in the (B, H, L) / (H, total_q) statistics; the query
+    count, key count and causal offset.
 
     Causal grids run the heaviest query blocks first, so that the last wave of programs is the lightest. VARLEN:
     the packed sequence's own bounds and bottom-right offset (causal_offset unused); the caller returns when
@@ -128,7 +129,7 @@ def _query_program(Q, K, V, X, CU_Q, CU_K, H, L, S, GROUP, causal_offset, PID1_B
         c_off = causal_offset
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    return (Q, K, V, X), (b, h, h // GROUP, bh), (start_m, offs_m, offs_m < seq_l, row0), (seq_l, seq_s, c_off)
+    return Q, K, V, X, b, h, h // GROUP, bh, start_m, offs_m, offs_m < seq_l, row0, seq_l, seq_s, c_off
 
 
 @triton.jit
@@ -147,15 +148,14 @@ def _row_tile(PTR, b, h, offs_r, rows_ok, offs_c, strides, C, EVEN_C: tl.constex
 def _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d, offs_dv, stride_k, stride_v, stride_m):
     """What a query-block program walks the keys with: the scalar bases of its key / value / mask rows (advanced
     by one key block per iteration) and the loop-invariant offset tiles (carrying 2-D pointer tiles through the
-    loop costs two registers per element)."""
+    loop costs two registers per element). Flat tuples: triton 3.6 cannot unpack nested ones."""
     stride_kb, stride_kh, stride_kn = stride_k
     stride_vb, stride_vh, stride_vn = stride_v
     stride_mb, stride_mh, stride_mm, stride_mn = stride_m
-    bases = (K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
-             MASK + b * stride_mb + h * stride_mh)
-    offs = (offs_n[:, None] * stride_kn + offs_d[None, :], offs_n[:, None] * stride_vn + offs_dv[None, :],
+    return (K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+            MASK + b * stride_mb + h * stride_mh,
+            offs_n[:, None] * stride_kn + offs_d[None, :], offs_n[:, None] * stride_vn + offs_dv[None, :],
             offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn)
-    return bases, offs
 
 
 @triton.jit

@@ -132,7 +132,7 @@ def _attn_fwd_kernel(
     (IS_CAUSAL: upper side bounded; VARIANT.band_lo: lower side). Score mods change every score."""
     stride_ob, stride_oh, stride_om = stride_o
     stride_kn, stride_vn, stride_mn = stride_k[2], stride_v[2], stride_m[3]    # key-row steps of the loops
-    (Q, K, V, O), (b, h, hk, bh), (start_m, offs_m, row_ok, row0), (seq_l, seq_s, c_off) = _query_program(
+    Q, K, V, O, b, h, hk, bh, start_m, offs_m, row_ok, row0, seq_l, seq_s, c_off = _query_program(
         Q, K, V, O, CU_Q, CU_K, H, L, S, GROUP, causal_offset, PID1_BASE,
         (stride_q[2], stride_kn, stride_vn, stride_om),
         IS_CAUSAL=IS_CAUSAL, VARLEN=VARLEN, GRID_SPLIT=GRID_SPLIT, BLOCK_M=BLOCK_M)
@@ -143,8 +143,8 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _row_tile(Q, b, h, offs_m, row_ok, offs_d, stride_q, D, EVEN_C=EVEN_D, UPCAST=UPCAST)
-    (k_base, v_base, m_base), (k_offs, v_offs, m_offs) = _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d,
-                                                                   offs_dv, stride_k, stride_v, stride_m)
+    k_base, v_base, m_base, k_offs, v_offs, m_offs = _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d, offs_dv,
+                                                               stride_k, stride_v, stride_m)
     rng_row = ((row0 + offs_m) * S).to(tl.int64)
     kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
     hi, full_hi = _key_range(start_m, kv_len, c_off, IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)

@@ -55,7 +55,14 @@ def variant_context(b, h, c_off, c_lo, prefix_len, sm_scale, softcap, slope, L, 
     """The run-time values of a program's variants, one tuple for ``_mask`` / ``_mod_scores``: batch and query
     head (int32), the causal offset (ALiBi's diagonal) and the band's lower diagonal, the prefix length (clipped
     to kv_len), the scale, softcap and ALiBi slope, the sequence lengths L / S (index clamps), the document ids
-    (B, L) / (B, S) int32 and the user mods' tensors."""
+    (B, L) / (B, S) int32 and the user mods' tensors. An absent tensor (None) is held as 0: triton 3.6 cannot
+    return a tuple holding None, and only the variants that have them read them."""
+    if DOC_Q is None:
+        DOC_Q = 0
+    if DOC_K is None:
+        DOC_K = 0
+    if MOD_ARGS is None:
+        MOD_ARGS = 0
     return (b, h, c_off, c_lo, prefix_len, sm_scale, softcap, slope, L, S, DOC_Q, DOC_K, MOD_ARGS)
 
 
