@@ -1,9 +1,9 @@
 """Every ```python block of README.md and docs/*.md runs as written, on the CPU, as a user would run it: without
 TRITON_INTERPRET (the conftest sets it for the other tests), so CPU tensors take the default PyTorch path.
 
-Each block runs in a fresh namespace (a block is a complete example: imports and inputs included), in one child
-process per environment (importing torch and triton once keeps the whole file to seconds), in a temporary working
-directory. A block may start with one marker comment:
+Each block is saved as a script and run in a fresh namespace (a block is a complete example: imports and inputs
+included), in one child process per environment (importing torch and triton once keeps the whole file to seconds),
+in a temporary working directory. A block may start with one marker comment:
 
     # doc-test: skip (needs CUDA)     skipped, with the reason in parentheses shown in the test report
     # doc-test: TRITON_INTERPRET=1    run with the Triton interpreter (a mod that calls tl.*, ...)
