@@ -74,15 +74,30 @@ def _run(blocks: list[tuple[str, str]], env_extra: dict[str, str], cwd: Path) ->
     return {r["name"]: r for r in json.loads(line.split(" ", 1)[1])}
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict[str, dict]:
+def _run_all(cwd: Path) -> dict[str, dict]:
     got: dict[str, dict] = {}
     for env in (None, "TRITON_INTERPRET=1"):
         group = [(name, code) for name, code, skip, e in BLOCKS if skip is None and e == env]
         if group:
             extra = dict([env.split("=")]) if env else {}
-            got.update(_run(group, extra, tmp_path_factory.mktemp("doc-blocks")))
+            got.update(_run(group, extra, cwd))
     return got
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory, request) -> dict[str, dict]:
+    """The blocks run once per test session: under pytest-xdist the first worker runs them and the others read its
+    results (the pattern of xdist's docs: the workers share their base temp's parent, one per session)."""
+    worker = getattr(request.config, "workerinput", {}).get("workerid")
+    if worker is None:
+        return _run_all(tmp_path_factory.mktemp("doc-blocks"))
+    from filelock import FileLock  # a dependency of torch
+
+    shared = tmp_path_factory.getbasetemp().parent / "doc-blocks.json"
+    with FileLock(str(shared) + ".lock"):
+        if not shared.is_file():
+            shared.write_text(json.dumps(_run_all(tmp_path_factory.mktemp("doc-blocks"))))
+        return json.loads(shared.read_text())
 
 
 def test_the_docs_have_python_blocks():
