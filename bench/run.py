@@ -59,7 +59,7 @@ QUICK_BUDGET_S = 200.0
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small grid (~3 minutes on an H100)")
+    parser.add_argument("--quick", action="store_true", help="a small grid (on a GPU a 200 s budget: --budget-s)")
     parser.add_argument("--only", action="append", choices=FAMILIES, metavar="FAMILY",
                         help=f"run only these families ({', '.join(FAMILIES)}); may be repeated")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join("bench", "results"),

@@ -134,3 +134,33 @@ def test_errors():
     q, k, v = _inputs()
     with fused_kernels.use_backend("torch"), pytest.raises(ValueError, match="score_mod_grad"):
         fused_kernels.attention(q, k, v, score_mod=_rel)
+
+
+@triton.jit
+def _table_bias(score, b, h, q_idx, kv_idx, args):
+    return score + tl.load(args[0] + kv_idx)
+
+
+@triton.jit
+def _table_keep(b, h, q_idx, kv_idx, args):
+    return tl.load(args[0] + kv_idx) > 0
+
+
+@pytest.mark.parametrize("which", ["score_mod", "mask_mod", "block_mask"])
+def test_tl_mod_on_the_pytorch_path_fails_in_one_line(which):
+    """A mod that calls tl.* can only run inside a kernel: on the PyTorch path the call fails with one line
+    naming the mod and the way out (a GPU or TRITON_INTERPRET=1), not a traceback from inside triton."""
+    q, k, v = _inputs(grad=False)
+    table = torch.ones(7)
+    with fused_kernels.use_backend("torch"), pytest.raises(TypeError) as info:
+        if which == "score_mod":
+            fused_kernels.attention(q, k, v, score_mod=_table_bias, mod_args=(table,))
+        elif which == "mask_mod":
+            fused_kernels.attention(q, k, v, mask_mod=_table_keep, mod_args=(table,))
+        else:
+            fused_kernels.block_mask(_table_keep, None, None, 6, 7, mod_args=(table,), device="cpu")
+    msg = str(info.value)
+    name = "_table_bias" if which == "score_mod" else "_table_keep"
+    assert "\n" not in msg
+    assert f"'{name}' cannot run on the PyTorch path" in msg
+    assert "TRITON_INTERPRET=1" in msg and "CUDA device" in msg

@@ -171,15 +171,15 @@ def test_tiny_shakespeare_vocabulary_and_short_run():
     assert task.evaluate(model, 32, max_batches=4)["val_loss"] < before - 1.0
 
 
-def test_readme_nanogpt_recipes_run(tmp_path):
-    """The README's two nanoGPT recipes, as written there, for 2 steps: on the pydoc text that ships with
-    Python, and on Tiny Shakespeare (which the README says where to fetch; never committed here)."""
+def test_documented_nanogpt_recipes_run(tmp_path):
+    """The two nanoGPT recipes of docs/models.md, as written there, for 2 steps: on the pydoc text that ships with
+    Python, and on Tiny Shakespeare (which the docs say where to fetch; never committed here)."""
     import re
     import shlex
 
     from transformer.training.cli import main
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
     assert f"curl -o tiny_shakespeare.txt {url}" in readme
     commands = re.findall(r"`python -m transformer (train gpt --preset char-64[^`]*)`", readme)

@@ -85,7 +85,7 @@ def choose(x: torch.Tensor, op: str, *, torch_faster: bool = False) -> str:
     if not kernel_device:
         raise RuntimeError(
             f"{op}: backend 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before importing "
-            f"kernels to run the kernel on the CPU; got a tensor on {x.device}"
+            f"fused_kernels to run the kernel on the CPU; got a tensor on {x.device}"
         )
     return "triton"
 

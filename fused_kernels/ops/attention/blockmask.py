@@ -23,6 +23,7 @@ import triton
 from ..._core import backend as _backend
 from ..._core.launch import launch
 from .kernels.blockmask import _block_mask_kernel
+from .variants import torch_path_mod_error
 
 try:  # under TRITON_INTERPRET=1 ``@triton.jit`` returns an InterpretedFunction, not a JITFunction
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
@@ -220,11 +221,7 @@ def block_mask(mask_mod, B: int | None, H: int | None, L: int, S: int, *, block:
             try:
                 return fn(b, h, q, k, mod_args) if mod_args else fn(b, h, q, k)
             except Exception as err:
-                raise TypeError(
-                    f"block_mask: mask_mod {getattr(fn, '__name__', fn)!r} raised {type(err).__name__}: {err}. On the "
-                    "PyTorch path (a CPU device without TRITON_INTERPRET=1, or backend 'torch') its Python body runs "
-                    "on int64 torch tensors b (B,1,1,1), h (1,H,1,1), q_idx (1,1,L,1), kv_idx (1,1,1,S); a mod "
-                    "written with operators only (no tl.* calls) works on both paths") from err
+                raise TypeError(torch_path_mod_error("block_mask", "mask_mod", fn, err)) from err
 
         classes = _tile_reduce(keep_fn, Bm, Hm, L, S, bm, bn, device)
     return BlockMask(classes, (bm, bn), (B, H, L, S), mask_mod, mod_args)

@@ -41,8 +41,7 @@ class Variants:
         try:
             return fn(*args, self.mod_args) if self.mod_args else fn(*args)
         except Exception as e:  # the body runs on torch tensors here, not in a kernel
-            raise TypeError(f"attention: {name} raised {type(e).__name__}: {e}; on the PyTorch path its Python "
-                            f"body runs on torch tensors (write it with operators only)") from e
+            raise TypeError(torch_path_mod_error("attention", name, fn, e)) from e
 
     def _idx(self, b: int, h: int, l: int, s: int, device: torch.device):
         ar = lambda n: torch.arange(n, device=device, dtype=torch.int64)  # noqa: E731
@@ -95,6 +94,17 @@ class Variants:
         if mask is not None and mask.dtype != torch.bool:
             x = x + mask.to(x.dtype)
         return self.post_scores(x)
+
+
+def torch_path_mod_error(op: str, name: str, fn: Any, err: Exception) -> str:
+    """One line for a user mod whose Python body failed on the PyTorch path: which mod, why, and the way out.
+    A mod that calls ``tl.*`` (``tl.load`` of a table, ...) can only run inside a kernel, and this path calls its
+    Python body on torch index tensors instead."""
+    why = (str(err).strip().splitlines() or [""])[0]
+    return (f"{op}: {name} {getattr(fn, '__name__', fn)!r} cannot run on the PyTorch path ({type(err).__name__}: "
+            f"{why}): there its Python body runs on int64 torch index tensors, which works for a mod written with "
+            f"operators only (no tl.* calls); to run it as written use a CUDA device or set TRITON_INTERPRET=1 "
+            f"before importing fused_kernels")
 
 
 def _tensor(op: str, name: str, t: object, q: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
