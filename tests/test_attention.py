@@ -43,7 +43,10 @@ def _qkv(b, h, hkv, l, s, d, dv=None, dtype=torch.float32, device="cpu", seed=0)
 def _dense_mask(b, h, l, s, device, causal=False, attn_mask=None, seqlens_k=None, bottom_right=True):
     """(keep bool (B, H, L, S) or None, bias float or None) of attention()'s arguments."""
     keep = torch.ones(b, h, l, s, dtype=torch.bool, device=device)
-    if causal:
+    if causal and bottom_right and seqlens_k is not None:    # per row: query i at seqlens_k[b] - L + i
+        last = torch.arange(l, device=device)[:, None] + seqlens_k.to(device).long().view(-1, 1, 1, 1) - l
+        keep = keep & (torch.arange(s, device=device) <= last)
+    elif causal:
         keep = keep & ref.causal_mask(l, s, device, bottom_right=bottom_right)
     if seqlens_k is not None:
         keep = keep & (torch.arange(s, device=device) < seqlens_k.to(device)[:, None, None, None])
@@ -200,6 +203,96 @@ def test_seqlens_k(causal, device):
     q, k, v = _qkv(b, h, h, l, s, 32, device=device)
     seqlens = torch.tensor([0, 70, 33, 1], dtype=torch.int32, device=device)
     check_attention(q, k, v, causal=causal, seqlens_k=seqlens, **FP32_TOL)
+
+
+def check_per_row(q, k, v, lens, *, tol=FP32_TOL, causal=True, **variants):
+    """attention(causal=True, seqlens_k=lens) against its per-sequence definition: row b alone, cut to its
+    lens[b] valid keys, under bottom-right causal attention (query i at position lens[b] - L + i), in float64
+    (the 2x rule against plain PyTorch on the same cut rows in half precision); dk / dv of the padded keys are
+    0. ``variants`` (window, alibi_slopes, prefix_lengths: fp32 only) are positioned the same way. Returns
+    (out, dq, dk, dv)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=q.device)
+    out = fused_kernels.attention(q, k, v, causal=causal, seqlens_k=seqlens, **variants)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
+    got = [out, *_grads(out, (q, k, v), dout)]
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    l = q.shape[2]
+    for b, n in enumerate(lens):
+        cut = [t[b:b + 1].detach() for t in (q, k[:, :, :n], v[:, :, :n])]
+        q64, k64, v64 = (t.double().requires_grad_() for t in cut)
+        row = {name: val[b:b + 1] if name == "prefix_lengths" or (name == "alibi_slopes" and val.dim() == 2)
+               else val for name, val in variants.items()}
+        want = ref.attention_ref(q64, k64, v64, causal=causal, **row)
+        want = [want, *_grads(want, (q64, k64, v64), dout[b:b + 1].double())]
+        base = [None] * 4
+        if half:
+            qt, kt, vt = (t.clone().requires_grad_() for t in cut)
+            keep = ref.causal_mask(l, n, q.device, bottom_right=True)
+            outt = _naive(qt, kt, vt, q.shape[-1] ** -0.5, keep, None)
+            base = [outt, *_grads(outt, (qt, kt, vt), dout[b:b + 1])]
+        rows = (slice(b, b + 1), slice(None), slice(None))
+        keys = (slice(b, b + 1), slice(None), slice(0, n))
+        for name, g, w, t, where in zip(("out", "dq", "dk", "dv"), got, want, base, (rows, rows, keys, keys)):
+            if w.abs().max() < 1e-6:   # dq of a row that sees one key (or none): zero up to rounding
+                assert (g[where].double() - w).abs().max() < 1e-3, f"{name} row {b}"
+                continue
+            assert_close(g[where], w, t, grad=name != "out", name=f"{name} row {b}", **({} if half else tol))
+        for name, g in zip(("dk", "dv"), got[2:]):
+            assert not g[b, :, n:].any(), f"{name} row {b}: padded keys get a gradient"
+    return got
+
+
+@pytest.mark.parametrize("l", [1, 3, 17])
+def test_causal_seqlens_k_aligns_per_row(l, device):
+    """A padded KV cache holding L new queries: causal is bottom-right per row (query i of row b sits at
+    seqlens_k[b] - L + i, as varlen_attention, paged_attention and FlashAttention's KV-cache function do), not
+    at the padded length S. Row 2 has fewer keys than queries: its first queries see no key (0). L = 1 and 3
+    take the flash-decoding forward on the kernels, L = 17 the main one."""
+    q, k, v = _qkv(3, 4, 2, l, 300, 32, device=device)
+    check_per_row(q, k, v, [300, 131, max(l - 2, 1)])
+
+
+def test_causal_seqlens_k_per_row_second_derivatives_and_mask_gradient(device):
+    """The PyTorch gradients beside the kernels (double backward, a float mask's gradient) use the same per-row
+    diagonal: equal to the same call written as an explicit per-row mask, and gradcheck-consistent."""
+    l, s = 3, 6
+    q, k, v = (t.double().requires_grad_() for t in _qkv(2, 2, 1, l, s, 8, device=device))
+    mask = torch.randn(1, 2, l, s, dtype=torch.float64, device=device, requires_grad=True)
+    lens = torch.tensor([6, 2], device=device)
+    j, i = torch.arange(s, device=device), torch.arange(l, device=device)[:, None]
+    keep = (j < lens.view(-1, 1, 1, 1)) & (j <= i + lens.view(-1, 1, 1, 1) - l)    # query 0 of row 1: no key
+
+    def ours(a, b, c, m):
+        return fused_kernels.attention(a, b, c, causal=True, seqlens_k=lens, attn_mask=m)
+
+    def explicit(a, b, c, m):
+        return fused_kernels.attention(a, b, c, attn_mask=m.masked_fill(~keep, float("-inf")))
+    w = torch.randn(2, 2, l, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(device)
+    results = []
+    for fn in (ours, explicit):
+        first = torch.autograd.grad((fn(q, k, v, mask) * w).sum(), (q, k, v, mask), create_graph=True)
+        second = torch.autograd.grad((first[0] * w).sum(), (q, k, v))     # d/d(q, k, v) of <dq, w>
+        results.append([g.detach() for g in (*first, *second)])
+    for name, a, b in zip(("dq", "dk", "dv", "dmask", "d2q", "d2k", "d2v"), *results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+    assert torch.autograd.gradcheck(ours, (q, k, v, mask), fast_mode=True)
+
+
+@pytest.mark.parametrize("kw", [dict(window=(5, 0)), dict(causal=False, window=(4, 2)),
+                                dict(alibi_slopes=True), dict(causal=False, alibi_slopes=True),
+                                dict(prefix_lengths=True)])
+def test_variants_seqlens_k_align_per_row(kw, device):
+    """With seqlens_k every position-dependent variant (window band, ALiBi distance, the causal part of
+    prefix-LM) places query i of row b at seqlens_k[b] - L + i, as causal does."""
+    b, h, l, s = 3, 2, 6, 40
+    q, k, v = _qkv(b, h, 1, l, s, 16, device=device)
+    kw = dict(kw)     # the parameter is shared by both backends' runs
+    if kw.pop("alibi_slopes", False):
+        kw["alibi_slopes"] = torch.tensor([[0.5, 0.25], [0.3, 0.1], [1.0, 0.7]], device=device)
+    if kw.pop("prefix_lengths", False):
+        kw["prefix_lengths"] = torch.tensor([3, 9, 0], device=device)
+    check_per_row(q, k, v, [40, 17, 4], **kw)
 
 
 @pytest.mark.triton_only   # the PyTorch path masks those keys but reads them (see ops/attention/torch_path.py)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -15,7 +16,7 @@ from . import sparse, torch_path
 from .blockmask import BlockMask
 from .config import MAX_HEAD_DIM, attention_config, decode_splits
 from .launch import attention_fwd, variant_attention
-from .variants import Variants, check_variants
+from .variants import Variants, check_variants, row_offsets
 
 try:  # torch's causal-mask tensor subclass (torch >= 2.3), understood as a causal alignment
     from torch.nn.attention.bias import CausalBias as _CausalBias
@@ -97,7 +98,7 @@ def _attention_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
                         return_lse: bool, variants: Variants):
     """The kernels with the variants: always the main kernel (no flash-decoding split), any number of queries."""
     out, lse = variant_attention(q, k, v, attn_mask, seqlens_k, scale, causal, k.shape[2] - q.shape[2], dropout_p,
-                                 variants)
+                                 variants, align_seqlens=seqlens_k is not None)
     if return_lse:
         return out, (lse if lse.dtype == torch.float64 else lse.float())
     return out
@@ -158,7 +159,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
     - ``causal=True`` is **bottom-right** aligned: query i attends keys j <= i + S - L (the last query
       sees every key, as a KV cache needs); equal to torch's top-left ``is_causal`` when L == S. Rows with
-      i + S - L < 0 are fully masked.
+      i + S - L < 0 are fully masked. With ``seqlens_k`` the alignment is per row, at the end of the row's
+      valid keys: query i of row b sits at position seqlens_k[b] - L + i and attends keys
+      j <= i + seqlens_k[b] - L (a padded KV cache; as varlen_attention and paged_attention).
     - ``attn_mask``: bool (True = attend) or float (added to the scaled scores), broadcastable to
       (B, H, L, S), read through broadcast strides; may be combined with ``causal`` and ``seqlens_k``. A float
       mask may require grad: it gets the gradient of the softmax input, summed over its broadcast dims.
@@ -169,7 +172,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Fully masked rows give output 0, lse -inf and zero gradients. With few queries (L <= 16) and long
     keys the forward splits the keys across programs (flash-decoding) with the same results.
 
-    Variants (off = None; ``off = S - L``, query i, key j, batch b, query head h):
+    Variants (off = None; ``off = S - L``, or ``seqlens_k[b] - L`` with seqlens_k; query i, key j, batch b, query
+    head h):
 
     - ``window=(left, right)``: ints >= -1 (-1 unbounded): keys ``i + off - left <= j <= i + off + right``;
       with ``causal=True`` right is 0.
@@ -225,13 +229,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     variants = check_variants(op, q, k, causal, window, alibi_slopes, softcap, document_ids, prefix_lengths,
                               score_mod, score_mod_grad, mask_mod, mod_args, block_mask)
     _check_block_mask(op, block_mask, mask_mod, b, h, l, s)
+    if variants is not None and seqlens_k is not None:   # positions (causal, window, ALiBi) per row
+        variants = dataclasses.replace(variants, off=row_offsets(s - l, seqlens_k, s))
     if _choose(q, op, attn_mask, dropout_p) == "torch":
         return torch_path.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse,
                                     variants=variants)
     if variants is not None:
         return _attention_variants(q, k, v, attn_mask, seqlens_k, scale, causal, dropout_p, return_lse, variants)
     splits = decode_splits(b, hkv, l, h, s, q.device)
-    out, lse, _ = attention_fwd(q, k, v, attn_mask, seqlens_k, scale, causal, s - l, dropout_p, splits)
+    out, lse, _ = attention_fwd(q, k, v, attn_mask, seqlens_k, scale, causal, s - l, dropout_p, splits,
+                                align_seqlens=causal and seqlens_k is not None)
     if return_lse:
         return out, (lse if lse.dtype == torch.float64 else lse.float())
     return out

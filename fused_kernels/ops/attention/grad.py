@@ -21,9 +21,10 @@ from ...reference import _attention_core
 MASK_GRAD_BLOCK = 1 << 22
 
 
-def _keep(l: int, s: int, rows: slice, is_causal: bool, causal_offset: int, seqlens_k: torch.Tensor | None,
-          device: torch.device) -> torch.Tensor | None:
-    """Bool, broadcastable to (B, H, rows, S): key j visible to query i (causal j <= i + offset, j < seqlens_k)."""
+def _keep(l: int, s: int, rows: slice, is_causal: bool, causal_offset: int | torch.Tensor,
+          seqlens_k: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Bool, broadcastable to (B, H, rows, S): key j visible to query i (causal j <= i + offset, j < seqlens_k);
+    ``causal_offset`` an int or per row, (B, 1, 1, 1) (``variants.row_offsets``)."""
     keep = None
     if is_causal:
         i = torch.arange(l, device=device)[rows, None]
@@ -36,7 +37,7 @@ def _keep(l: int, s: int, rows: slice, is_causal: bool, causal_offset: int, seql
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    seqlens_k: torch.Tensor | None, scale: float, is_causal: bool,
-                   causal_offset: int, variants=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   causal_offset: int | torch.Tensor, variants=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable (B, H, L, D) attention with the kernels' semantics: (out in q's dtype, lse in the compute
     dtype). GQA by repeating key/value heads; causal ``j <= i + causal_offset``; fully masked rows give 0.
     With ``variants`` (fused_kernels.attention.variants.Variants; causal_offset must be S - L) the variant math path."""
@@ -62,7 +63,7 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        seqlens_k: torch.Tensor | None, dout: torch.Tensor | None, dlse: torch.Tensor | None,
-                       scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
+                       scale: float, is_causal: bool, causal_offset: int | torch.Tensor, dropout_p: float,
                        needs: Sequence[bool], variants=None) -> list[torch.Tensor | None]:
     """Differentiable (dq, dk, dv, dmask) of attention (``needs``: which of the four are wanted)."""
     if dropout_p > 0:
@@ -81,7 +82,8 @@ def _as_4d(mask: torch.Tensor) -> torch.Tensor:
 
 def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                         dout: torch.Tensor | None, dlse: torch.Tensor | None, mask: torch.Tensor, scale: float,
-                        is_causal: bool, causal_offset: int, seqlens_k: torch.Tensor | None) -> torch.Tensor:
+                        is_causal: bool, causal_offset: int | torch.Tensor,
+                        seqlens_k: torch.Tensor | None) -> torch.Tensor:
     """Gradient of the float ``mask`` (broadcastable to (B, H, L, S), added to the scaled scores) of (B, H, L, D)
     attention, from its output ``out`` and natural-log ``lse`` (B, H, L): ``dS = P * (dO V^T - delta)`` with
     ``delta = rowsum(dO * O) - dlse``, summed over the mask's broadcast dims. Returns a tensor of ``mask``'s

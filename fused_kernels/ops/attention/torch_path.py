@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..._core.grad import create_graph
 from ...reference import attention_ref, causal_mask
 from . import grad as _grad
+from .variants import row_offsets
 
 NEG_INF = float("-inf")
 
@@ -286,7 +287,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
         mask = _combine(mask, valid[:, None, None, :])
     is_causal, first_row = False, 0
     if causal and l > 1:                 # one query sees every key: nothing to mask
-        if s > l:                        # bottom-right, keys ahead: key j <= i + S - L
+        if seqlens_k is not None:        # bottom-right per row: key j <= i + seqlens_k[b] - L
+            last = torch.arange(l, device=q.device)[:, None] + row_offsets(s - l, seqlens_k.to(q.device), s)
+            mask = _combine(mask, torch.arange(s, device=q.device) <= last)                # (B, 1, L, S)
+        elif s > l:                      # bottom-right, keys ahead: key j <= i + S - L
             mask = _combine(mask, causal_mask(l, s, q.device, bottom_right=True))
         else:                            # rows i < L - S see no key; the others are top-left causal
             is_causal, first_row = True, l - s
@@ -314,7 +318,8 @@ def _attention_variants(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p,
     x = variants.scores((qc @ kc.transpose(-2, -1)) * scale, attn_mask)
     keep = torch.ones(1, 1, l, s, dtype=torch.bool, device=q.device)
     if causal and variants.prefix_lengths is None:   # with a prefix, variants.keep has causal OR prefix
-        keep = keep & causal_mask(l, s, q.device, bottom_right=True)
+        i = torch.arange(l, device=q.device).view(l, 1)
+        keep = keep & (torch.arange(s, device=q.device) <= i + variants.off)    # off: S - L, or per row
     if seqlens_k is not None:
         keep = keep & (torch.arange(s, device=q.device) < seqlens_k.to(q.device)[:, None, None, None])
     if attn_mask is not None and attn_mask.dtype == torch.bool:

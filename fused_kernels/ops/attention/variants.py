@@ -29,7 +29,7 @@ class Variants:
     mod_args: tuple = ()
     block_mask: Any = None
     causal: bool = False
-    off: int = 0
+    off: int | torch.Tensor = 0     # S - L, or per row (B, 1, 1, 1) seqlens_k[b] - L (``row_offsets``)
 
     @property
     def is_builtin(self) -> bool:
@@ -95,6 +95,13 @@ class Variants:
         if mask is not None and mask.dtype != torch.bool:
             x = x + mask.to(x.dtype)
         return self.post_scores(x)
+
+
+def row_offsets(offset: int, seqlens_k: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, 1, 1, 1) int64 bottom-right offsets per row, ``offset + seqlens_k[b] - S`` with seqlens_k clamped to
+    [0, S] as the kernels read it: with ``offset = S - L``, query i of row b sits at seqlens_k[b] - L + i, at
+    the end of its own valid keys (a padded KV cache), as varlen and paged attention align each sequence."""
+    return (seqlens_k.to(torch.int64).clamp(0, s) + (offset - s)).view(-1, 1, 1, 1)
 
 
 def _tensor(op: str, name: str, t: object, q: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -154,6 +154,7 @@ def _attn_bwd_dkdv_kernel(
     stride_m,                                  # (batch, head, query, key) strides of MASK
     sm_scale, qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ALIGN_SEQLENS: tl.constexpr,   # the causal offset per row (common._key_length)
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -201,7 +202,8 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
+    kv_len, c_off = _key_length(SEQLENS, b, S, seq_s, c_off, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN,
+                                ALIGN_SEQLENS=ALIGN_SEQLENS)
     col_ok = offs_n < kv_len
     k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                    col_ok, offs_d, D, CHECK_ROWS=True, EVEN_C=EVEN_D)
@@ -366,6 +368,7 @@ def _attn_bwd_dq_kernel(
     stride_m,                                  # (batch, head, query, key) strides of MASK
     sm_scale, qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ALIGN_SEQLENS: tl.constexpr,   # the causal offset per row (common._key_length)
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
@@ -428,7 +431,8 @@ def _attn_bwd_dq_kernel(
     v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :]
     m_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
     rng_row = ((row0 + offs_m) * S).to(tl.int64)
-    kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
+    kv_len, c_off = _key_length(SEQLENS, b, S, seq_s, c_off, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN,
+                                ALIGN_SEQLENS=ALIGN_SEQLENS)
     hi, full_hi = _key_range(start_m, kv_len, c_off, IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     desc_at = (b.to(tl.int32), hk.to(tl.int32))
