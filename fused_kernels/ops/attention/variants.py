@@ -166,10 +166,10 @@ def check_variants(op: str, q: torch.Tensor, k: torch.Tensor, causal: bool, wind
     cap = None
     if softcap is not None:
         if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
-            raise TypeError(f"{op}: softcap must be a float > 0 or None, got {type(softcap).__name__}")
-        if not softcap > 0:
-            raise _checks.ArgumentValueError(f"{op}: softcap must be > 0, got {softcap!r}")
-        cap = float(softcap)
+            raise TypeError(f"{op}: softcap must be a float >= 0 or None, got {type(softcap).__name__}")
+        if not softcap >= 0:
+            raise _checks.ArgumentValueError(f"{op}: softcap must be >= 0 (0.0 or None: off), got {softcap!r}")
+        cap = float(softcap) or None    # 0.0 is off, as FlashAttention's softcap=0.0 (and dropout_p=0.0)
     q_ids = k_ids = None
     if document_ids is not None:
         if isinstance(document_ids, (tuple, list)):
