@@ -690,6 +690,10 @@ def _bad_cases(device):
         (lambda: fused_kernels.attention(q, k, v, seqlens_k=torch.ones(3, dtype=torch.int32)), ValueError,
          "seqlens_k must have shape"),
         (lambda: fused_kernels.attention(q, k, v, seqlens_k=[1, 2]), TypeError, "seqlens_k must be an int tensor"),
+        (lambda: fused_kernels.attention(q, k, v, seqlens_k=torch.tensor([10, -1], device=device)), ValueError,
+         r"seqlens_k\[1\] is -1, outside \[0, 10\].*check=False"),
+        (lambda: fused_kernels.attention(q, k, v, causal=True, seqlens_k=torch.tensor([11, 3], device=device)),
+         ValueError, r"seqlens_k\[0\] is 11, outside \[0, 10\]"),
         (lambda: fused_kernels.attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
         (lambda: fused_kernels.attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p"),
         (lambda: fused_kernels.attention(q, k, v, scale="x"), TypeError, "scale"),
@@ -710,6 +714,17 @@ def test_bad_inputs(device):
     for fn, exc, msg in _bad_cases(device):
         with pytest.raises(exc, match=msg):
             fn()
+
+
+def test_seqlens_k_range_check_can_be_skipped(device):
+    """check=False skips the range check of seqlens_k (its one device sync); valid lengths give the same result
+    either way, and the kernels clamp an invalid one to [0, S] rather than read outside the keys."""
+    q, k, v = _qkv(2, 2, 1, 3, 10, 16, device=device)
+    lens = torch.tensor([10, 4], device=device)
+    checked = fused_kernels.attention(q, k, v, causal=True, seqlens_k=lens)
+    assert torch.equal(fused_kernels.attention(q, k, v, causal=True, seqlens_k=lens, check=False), checked)
+    out = fused_kernels.attention(q, k, v, seqlens_k=torch.tensor([12, 4], device=device), check=False)
+    assert out.isfinite().all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a device mismatch")

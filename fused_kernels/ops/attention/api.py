@@ -70,6 +70,16 @@ def _mask_4d(mask: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
     return m.expand(*full[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
 
 
+def _check_seqlens_range(op: str, seqlens_k: torch.Tensor, s: int) -> None:
+    """0 <= seqlens_k[b] <= S: one reduction (a device sync on a GPU; ``check=False`` skips it)."""
+    bad = (seqlens_k < 0) | (seqlens_k > s)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise _checks.ArgumentValueError(
+            f"{op}: seqlens_k[{i}] is {int(seqlens_k[i])}, outside [0, {s}] (0 to the keys' length S); pass "
+            f"check=False to skip this check (a device sync) when the lengths are known to be valid")
+
+
 def _choose(q: torch.Tensor, op: str, attn_mask: torch.Tensor | None, dropout_p: float) -> str:
     """The backend's choice, except that a float mask whose gradient is wanted together with dropout runs the
     PyTorch path (the kernels' dropout mask is drawn inside them; the mask gradient is computed outside)."""
@@ -149,7 +159,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
               document_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
               prefix_lengths: torch.Tensor | None = None, score_mod=None, score_mod_grad=None, mask_mod=None,
-              mod_args: tuple = (), block_mask=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              mod_args: tuple = (), block_mask=None,
+              check: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` for models and decoding.
 
     Shapes: ``q`` (B, H, L, D), ``k`` (B, Hkv, S, D), ``v`` (B, Hkv, S, Dv), with Hkv dividing H (GQA;
@@ -165,8 +176,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     - ``attn_mask``: bool (True = attend) or float (added to the scaled scores), broadcastable to
       (B, H, L, S), read through broadcast strides; may be combined with ``causal`` and ``seqlens_k``. A float
       mask may require grad: it gets the gradient of the softmax input, summed over its broadcast dims.
-    - ``seqlens_k``: int tensor (B,) of valid key lengths: keys j >= seqlens_k[b] are masked and their
-      blocks skipped.
+    - ``seqlens_k``: int tensor (B,) of valid key lengths in [0, S]: keys j >= seqlens_k[b] are masked and
+      their blocks skipped. ``check=True`` verifies the range (one reduction, a host sync on a GPU);
+      ``check=False`` skips it: the caller promises it (a value out of range is clamped by the kernels).
     - ``dropout_p``: dropout on the attention probabilities (always applied when > 0), kept values scaled
       by 1 / (1 - p), drawn in the kernel from a seed taken from torch's default generator.
     Fully masked rows give output 0, lse -inf and zero gradients. With few queries (L <= 16) and long
@@ -222,6 +234,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             raise _checks.ArgumentValueError(f"{op}: seqlens_k must have shape ({b},), got {tuple(seqlens_k.shape)}")
         if seqlens_k.device != q.device:
             raise _checks.ArgumentValueError(f"{op}: seqlens_k is on {seqlens_k.device} but q is on {q.device}")
+        if check and b:
+            _check_seqlens_range(op, seqlens_k, s)
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(op, scale, d)
