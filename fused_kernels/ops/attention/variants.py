@@ -101,7 +101,8 @@ def row_offsets(offset: int, seqlens_k: torch.Tensor, s: int) -> torch.Tensor:
     """(B, 1, 1, 1) int64 bottom-right offsets per row, ``offset + seqlens_k[b] - S`` with seqlens_k clamped to
     [0, S] as the kernels read it: with ``offset = S - L``, query i of row b sits at seqlens_k[b] - L + i, at
     the end of its own valid keys (a padded KV cache), as varlen and paged attention align each sequence."""
-    return (seqlens_k.to(torch.int64).clamp(0, s) + (offset - s)).view(-1, 1, 1, 1)
+    # copy=True: a new tensor even from int64 ones (aten.to returning its input breaks the custom ops' schema)
+    return (seqlens_k.to(torch.int64, copy=True).clamp(0, s) + (offset - s)).view(-1, 1, 1, 1)
 
 
 def _tensor(op: str, name: str, t: object, q: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
