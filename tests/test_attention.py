@@ -310,6 +310,67 @@ def test_seqlens_skip_blocks(device):
     assert torch.equal(dk[0, :, 32:], torch.zeros_like(dk[0, :, 32:]))
 
 
+def _check_nan_contract(got, want, dtype, name):
+    """NaN in the same output entries as the float64 reference; in a gradient, NaN wherever the reference has
+    some (which masked or padded entries also turn NaN is the implementation's: a NaN query's probabilities are
+    NaN); the entries finite in both agree."""
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if name == "out":
+        assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN entries differ from the reference"
+    else:
+        assert bool(got.isnan().any()) == bool(want.isnan().any()), f"{name}: NaN present in one but not the other"
+    both = got.isfinite() & want.isfinite()
+    torch.testing.assert_close(got[both], want[both], **tol, msg=name)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(gqa=True), dict(l=5), dict(seqlens=True),
+                                dict(mask=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_propagates(where, kw, dtype, device):
+    """One contract on every path: a NaN in an input propagates as in the float64 reference (torch's math
+    path): a NaN query gives its own output row NaN and no other (torch's CPU flash kernel alone gives it 0), a
+    NaN key or value every row that sees it; the gradients hold NaN where the reference's do."""
+    kw = dict(kw)
+    b, h, l, s = 2, 2, kw.pop("l", 9), 9
+    q, k, v = _qkv(b, h, 1 if kw.pop("gqa", False) else h, l, s, 16, dtype=dtype, device=device)
+    {"q": q, "k": k, "v": v}[where][1, 0, 3, 5] = float("nan")
+    if kw.pop("seqlens", False):
+        kw["seqlens_k"] = torch.tensor([9, 7], device=device)
+    if kw.pop("mask", False):
+        kw["attn_mask"] = torch.randn(l, s, generator=torch.Generator().manual_seed(2)).to(device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = fused_kernels.attention(q, k, v, **kw)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
+    got = [out, *_grads(out, (q, k, v), dout)]
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in kw.items()}
+    want = ref.attention_ref(q64, k64, v64, **kw64)
+    want = [want, *_grads(want, (q64, k64, v64), dout.double())]
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        _check_nan_contract(g, w, dtype, name)
+    if where == "q":
+        nan_rows = out.isnan().any(-1)
+        assert nan_rows[1, 0, 3] and int(nan_rows.sum()) == 1, "a NaN query: its own row NaN, no other"
+        assert got[1][1, 0, 3].isnan().all() and int(got[1].isnan().any(-1).sum()) == 1   # and dq likewise
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_propagates_sdpa(causal, device):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 2, 9, 9, 16, device=device))
+    with torch.no_grad():
+        q[0, 1, 4, 2] = float("nan")
+    out = fused_kernels.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = ref.scaled_dot_product_attention_ref(q64, k64, v64, is_causal=causal)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *torch.autograd.grad(want.sum(),
+                                                                                                 (q64, k64, v64)))):
+        _check_nan_contract(g, w, torch.float32, name)
+    assert out[0, 1, 4].isnan().all() and int(out.isnan().any(-1).sum()) == 1
+
+
 def test_fully_masked_rows(device):
     """Output 0, lse -inf, gradients 0, never NaN (bool mask, float -inf mask, bottom-right causal)."""
     b, h, l, s = 1, 2, 24, 16

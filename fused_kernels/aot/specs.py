@@ -509,7 +509,7 @@ def variants_specs() -> Iterator[Spec]:
                 score_mod_grad=getattr(ex, score_mod[1]) if score_mod else None,
                 mask_mod=getattr(ex, on["mask_mod"]) if on.get("mask_mod") else None,
                 mod_args=(empty(h, 2 * ex.REL_R.value + 1, dtype=torch.float32),) if on.get("mod_args") else (),
-                block_mask=None)
+                block_mask=None, off=s - l)
             q, k, v = empty(b, h, l, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype)
             out, lse = empty(b, h, l, d, dtype=dtype), empty(b, h, l, dtype=acc)
             with _recorded() as recorded, _shape_only_tables():

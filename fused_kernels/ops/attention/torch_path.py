@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._core.grad import create_graph
-from ...reference import attention_ref, causal_mask
+from ...reference import attention_ref, causal_mask, scaled_dot_product_attention_ref
 from . import grad as _grad
 from .variants import row_offsets
 
@@ -172,6 +172,13 @@ class _Flash(torch.autograd.Function):
         return dq, dk, dv, dmask, None, None
 
 
+def _nan_query(q: torch.Tensor) -> bool:
+    """Whether ``q`` may hold a NaN (its sum is NaN: a NaN, or infinities of both signs). torch's CPU flash
+    kernel without a mask gives such a query row 0 where the contract is NaN (the reference, torch's math path,
+    the kernels); such calls take the reference instead. One reduction, a few microseconds."""
+    return q.is_cpu and math.isnan(q.sum().item())
+
+
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -262,6 +269,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
     """``fused_kernels.attention`` (validated arguments; ``scale`` resolved): see the module docstring."""
     if variants is not None:
         return _attention_variants(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse, variants)
+    if attn_mask is None and seqlens_k is None and _nan_query(q):   # with a mask the flash kernel propagates it
+        return attention_ref(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, return_lse=return_lse)
     if (q.is_cpu and dropout_p == 0.0 and seqlens_k is None and not return_lse and q.shape == k.shape == v.shape
             and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None):
         # The common case in as few steps as possible (a call's Python work shows at short sequences):
@@ -357,8 +366,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     s, ev = value.shape[-2:]
     hq = query.shape[-3] if gqa else None
     full = (*batch, hq, l, s) if gqa else (*batch, l, s)
-    if math.prod(full) == 0 or ev == 0:   # nothing to compute: no row sees a key, or nothing to see
-        from ...reference import scaled_dot_product_attention_ref
+    if math.prod(full) == 0 or ev == 0 or (attn_mask is None and not causal_offset and _nan_query(query)):
+        # nothing to compute (no row sees a key, or nothing to see), or a NaN the flash kernel would zero
         return scaled_dot_product_attention_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, gqa)
     if is_causal and causal_offset and (ev != e or dropout_p > 0 or query.device.type != "cpu" or _FLASH is None):
         attn_mask, is_causal = causal_mask(l, s, query.device, bottom_right=True), False   # torch's math path
