@@ -36,6 +36,7 @@ from . import grad as _grad
 from .variants import row_offsets
 
 NEG_INF = float("-inf")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _op(name: str):
@@ -137,7 +138,13 @@ class _Flash(torch.autograd.Function):
 
     The lse terms: d lse_i / d s_ij = P_ij, so the lse gradient adds ``scale * dlse * (P @ K)`` to dq (P @ K:
     one more flash forward, with K as the values) and ``scale * P^T (dlse * Q)`` to dk (the value gradient of
-    one more flash backward, with ``dlse * Q`` as the output gradient)."""
+    one more flash backward, with ``dlse * Q`` as the output gradient).
+
+    Half precision: the forward is torch's (in float16 / bfloat16), the backward runs the flash backward in
+    float32 on the upcast tensors. torch's half-precision CPU backward keeps dK / dV in the input's dtype while
+    it adds every query block into them: with many queries per key (FlashAttention's split-KV shapes, 339 or
+    20,000 queries against 1-16 keys) its error is 2-4x plain half-precision PyTorch's; in float32 it is below
+    it, at the same speed on the CPU (the float32 backward is not slower than torch's half one there)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, scale):
@@ -157,16 +164,21 @@ class _Flash(torch.autograd.Function):
             return (*_grad.attention_backward(q, k, v, mask, None, dout, dlse, ctx.scale, ctx.is_causal, 0, 0.0,
                                               needs), None, None)
         dq = dk = dv = dmask = None
-        flags = dict(attn_mask=mask, scale=ctx.scale)
         if any(needs[:3]):
             g_out = dout if dout is not None else torch.zeros_like(out)
-            dq, dk, dv = _FLASH_BWD(g_out, q, k, v, out, lse, 0.0, ctx.is_causal, **flags)
+            ts, m = (q, k, v, out, g_out), mask
+            if q.dtype in _HALF:     # accumulate in float32 (see the class docstring)
+                ts, m = tuple(t.float() for t in ts), None if mask is None else mask.float()
+            qc, kc, vc, oc, gc = ts
+            flags = dict(attn_mask=m, scale=ctx.scale)
+            dq, dk, dv = _FLASH_BWD(gc, qc, kc, vc, oc, lse, 0.0, ctx.is_causal, **flags)
             if dlse is not None:
-                pk = _FLASH(q, k, k, 0.0, ctx.is_causal, **flags)[0]                  # P @ K
+                pk = _FLASH(qc, kc, kc, 0.0, ctx.is_causal, **flags)[0]                  # P @ K
                 g = dlse.unsqueeze(-1)
                 dq = dq + (ctx.scale * g * pk).to(dq.dtype)
-                dk_lse = _FLASH_BWD((g * q).to(q.dtype), q, k, k, pk, lse, 0.0, ctx.is_causal, **flags)[2]
+                dk_lse = _FLASH_BWD((g * qc).to(qc.dtype), qc, kc, kc, pk, lse, 0.0, ctx.is_causal, **flags)[2]
                 dk = dk + ctx.scale * dk_lse
+            dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
         if needs[3]:
             dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, ctx.scale, ctx.is_causal, 0, None)
         return dq, dk, dv, dmask, None, None
@@ -175,8 +187,9 @@ class _Flash(torch.autograd.Function):
 def _nan_query(q: torch.Tensor) -> bool:
     """Whether ``q`` may hold a NaN (its sum is NaN: a NaN, or infinities of both signs). torch's CPU flash
     kernel without a mask gives such a query row 0 where the contract is NaN (the reference, torch's math path,
-    the kernels); such calls take the reference instead. One reduction, a few microseconds."""
-    return q.is_cpu and math.isnan(q.sum().item())
+    the kernels); such calls take the reference instead. One reduction, a few microseconds. Not under
+    torch.compile (a data-dependent branch): a compiled CPU graph keeps torch's zero row."""
+    return q.is_cpu and not torch.compiler.is_compiling() and math.isnan(q.sum().item())
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -237,9 +250,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     grad = flash and _needs_grad(q, k, v, mask)
     mask_grad = grad and _needs_grad(mask)
-    if flash and (mask_grad or need_lse or gqa or (is_causal and mask is not None)):
+    half_grad = grad and q.dtype in _HALF     # a float32 backward (see _Flash)
+    if flash and (mask_grad or need_lse or gqa or (is_causal and mask is not None) or half_grad):
         fmask = None if mask is None else _additive(mask, q.dtype)
-        if grad and (mask_grad or need_lse):   # the gradients torch's node lacks (see _Flash)
+        if grad and (mask_grad or need_lse or half_grad):   # what torch's node lacks (see _Flash)
             out, lse = _Flash.apply(q, k, v, fmask, is_causal, scale)
         else:
             out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale)
@@ -272,7 +286,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
     if attn_mask is None and seqlens_k is None and _nan_query(q):   # with a mask the flash kernel propagates it
         return attention_ref(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, return_lse=return_lse)
     if (q.is_cpu and dropout_p == 0.0 and seqlens_k is None and not return_lse and q.shape == k.shape == v.shape
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None):
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None
+            and not (q.dtype in _HALF and _needs_grad(q, k, v))):   # half-precision gradients: see _Flash
         # The common case in as few steps as possible (a call's Python work shows at short sequences):
         # self-attention (L == S, so causal is top-left too) without a mask, or with a plain key mask.
         if attn_mask is None:
