@@ -2,8 +2,14 @@
 result as an uninterrupted run), corrupt and mismatched checkpoints, fine-tuning methods, the CLI, and
 the Triton path against the PyTorch path over a few steps."""
 
+import errno
+import hashlib
+import io
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,8 +111,9 @@ def test_resolve_precedence_and_errors(tmp_path):
 def test_a_run_writes_its_directory_and_learns(tmp_path):
     final, out = run(tmp_path)
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.json", "model.safetensors", "trainer_state.pt", "metrics.json", "metrics.jsonl",
-            "loss.png"} <= files
+    assert {"config.json", "checkpoint.json", "checkpoint-8", "metrics.json", "metrics.jsonl", "loss.png"} == files
+    assert {p.name for p in (tmp_path / "run" / "checkpoint-8").iterdir()} == {"model.safetensors",
+                                                                              "trainer_state.pt"}
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["train_loss"] for r in records if "train_loss" in r]
     assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
@@ -136,7 +143,7 @@ def test_resume_after_ctrl_c_retraces_the_uninterrupted_run(tmp_path, monkeypatc
     with pytest.raises(TrainingInterrupted, match="after step 3"):
         run(tmp_path, "cut", steps=6)
     monkeypatch.undo()
-    assert torch.load(tmp_path / "cut" / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert ckpt.load_state(tmp_path / "cut")["step"] == 3
     resumed = train(TrainArgs(resume=str(tmp_path / "cut")))
     a, b = ckpt.load_weights(full_out), ckpt.load_weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -156,29 +163,42 @@ def test_ctrl_c_from_the_cli_exits_130_with_a_checkpoint(tmp_path, monkeypatch, 
     monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
     assert main(["train", "count", "--out", str(out), "--no-progress"]) == 130
     assert "--resume" in capsys.readouterr().err
-    assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert ckpt.load_state(out)["step"] == 3
+
+
+def _replace_in_checkpoint(run_dir, name: str, data: bytes) -> None:
+    """Put ``data`` in file ``name`` of the run's checkpoint and record it in checkpoint.json, as if the file
+    had been saved that way (to reach the checks behind the digests)."""
+    manifest = json.loads((run_dir / "checkpoint.json").read_text())
+    (run_dir / manifest["directory"] / name).write_bytes(data)
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (run_dir / "checkpoint.json").write_text(json.dumps(manifest))
 
 
 def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
     _, out = run(tmp_path, steps=2, eval_every=2)
     base = tmp_path / "run"
-    weights = (base / "model.safetensors").read_bytes()
-    (base / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    weights = (base / "checkpoint-2" / "model.safetensors").read_bytes()
+    _replace_in_checkpoint(base, "model.safetensors", weights[: len(weights) // 2])
     with pytest.raises(ckpt.CheckpointError, match="model.safetensors is corrupt"):
         train(TrainArgs(resume=out, steps=4))
-    (base / "model.safetensors").write_bytes(weights)
+    _replace_in_checkpoint(base, "model.safetensors", weights)
 
     class Evil:
         def __reduce__(self):
             return (print, ("unpickled!",))
-    state = torch.load(base / "trainer_state.pt", weights_only=True)
-    torch.save({**state, "evil": Evil()}, base / "trainer_state.pt")
+    state = ckpt.load_state(base)
+    evil = io.BytesIO()
+    torch.save({**state, "evil": Evil()}, evil)
+    _replace_in_checkpoint(base, "trainer_state.pt", evil.getvalue())
     with pytest.raises(ckpt.CheckpointError, match="holds more than tensors"):
         train(TrainArgs(resume=out, steps=4))
-    (base / "trainer_state.pt").write_bytes(pickle.dumps({"step": 1}))
+    _replace_in_checkpoint(base, "trainer_state.pt", pickle.dumps({"step": 1}))
     with pytest.raises(ckpt.CheckpointError, match="corrupt"):
         train(TrainArgs(resume=out, steps=4))
-    torch.save(state, base / "trainer_state.pt")
+    good = io.BytesIO()
+    torch.save(state, good)
+    _replace_in_checkpoint(base, "trainer_state.pt", good.getvalue())
 
     config = json.loads((base / "config.json").read_text())
     config["model"]["dim"] = 64
@@ -192,6 +212,82 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
         config["model"]["dim"] = 32
         (base / "config.json").write_text(json.dumps(config))
         train(TrainArgs(task="count-head", resume=out, steps=4))
+
+
+def test_a_save_failing_between_its_files_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """A checkpoint is whole or absent: the save of step 8 fails after the weights were written (the trainer
+    state's write raises, as on a full disk). The run stops with one line naming the file and the reason, the
+    checkpoint of step 4 stays current and complete, nothing of the failed one is left, and resuming retraces
+    the uninterrupted run (before, --resume took step 8's weights with step 4's optimizer and step)."""
+    full, full_out = run(tmp_path, "full", steps=8)
+    real = ckpt._write
+
+    def full_disk(path, data):
+        if path.name == "trainer_state.pt" and path.parent.name == ".checkpoint-8.partial":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write", full_disk)
+    monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
+    out = tmp_path / "cut"
+    assert main(["train", "count", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "trainer_state.pt" in err and "No space left on device" in err and "step 4 is kept" in err, err
+    monkeypatch.undo()
+    assert ckpt.checkpoint_step(out) == 4 and ckpt.load_state(out)["step"] == 4
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint.json"]
+    resumed = train(TrainArgs(resume=str(out)))
+    a, b = ckpt.load_weights(full_out), ckpt.load_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    """Resume checks each file against checkpoint.json (size and SHA-256): a file of another save, or one that
+    is missing, stops the run with one line naming it, before any training."""
+    _, out = run(tmp_path, steps=4, eval_every=2)
+    _, other = run(tmp_path, "other", steps=2, eval_every=2)
+    base = tmp_path / "run"
+    (base / "checkpoint-4" / "model.safetensors").write_bytes(
+        (tmp_path / "other" / "checkpoint-2" / "model.safetensors").read_bytes())
+    assert main(["train", "--resume", out, "--steps", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.safetensors does not match checkpoint.json" in err, err
+    assert "torn or was modified" in err and "--overwrite" in err, err
+    (base / "checkpoint-4" / "trainer_state.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="trainer_state.pt: No such file"):
+        ckpt.load_state(out)
+
+
+_FILE_SIZE_LIMIT = """
+import resource, sys, torch
+from pathlib import Path
+from transformer.training import checkpoint as ckpt
+out = Path(sys.argv[1])
+ckpt.save_checkpoint(out, 1, {"w": torch.ones(16)}, {"step": 1, "optimizer": {}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))   # Python ignores SIGXFSZ: the write fails (EFBIG)
+try:
+    ckpt.save_checkpoint(out, 2, {"w": torch.ones(1 << 16)}, {"step": 2, "optimizer": {}})
+except ckpt.CheckpointError as e:
+    print(e)
+"""
+
+
+def test_a_save_over_the_file_size_limit_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real write failure (``ulimit -f``: RLIMIT_FSIZE in a child process) in the first file of a save: one
+    line (which file, the OS's reason), the previous checkpoint intact, no temporary file left behind."""
+    pytest.importorskip("resource")
+    out = tmp_path / "limited"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    message = done.stdout.strip()
+    assert message.count("\n") == 0 and "model.safetensors" in message, message
+    assert "File too large" in message and "step 1 is kept" in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint.json"]
+    assert torch.equal(ckpt.load_weights(out)["w"], torch.ones(16)) and ckpt.load_state(out)["step"] == 1
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
@@ -216,7 +312,8 @@ def test_finetuning_methods_train_what_they_should(tmp_path, method):
 def test_init_that_shares_nothing_is_an_error(tmp_path):
     _, source = run(tmp_path, "source", steps=2, eval_every=2)
     weights = ckpt.load_weights(source)
-    ckpt.save_weights(tmp_path / "source", {"other." + k: v for k, v in weights.items()})
+    ckpt.save_checkpoint(tmp_path / "source", 2, {"other." + k: v for k, v in weights.items()},
+                         ckpt.load_state(source))
     with pytest.raises(ckpt.CheckpointError, match="no weight of that run fits"):
         run(tmp_path, "ft", task="count-head", init=source, steps=2)
 

@@ -83,8 +83,9 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from scratch (or --resume a run)",
-                       description="Train a reference model; writes config.json, model.safetensors, metrics.json(l), "
-                                   "loss.png to --out and prints the held-out result.")
+                       description="Train a reference model; writes config.json, the checkpoint (checkpoint.json and "
+                                   "checkpoint-STEP/: weights and trainer state), metrics.json(l), loss.png to "
+                                   "--out and prints the held-out result.")
     p.add_argument("task", nargs="?", choices=TASK_NAMES, help="what to train (optional with --resume)")
     p.add_argument("--resume", help="a run directory to continue (Ctrl-C saves one)")
     _training_flags(p)

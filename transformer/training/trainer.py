@@ -402,10 +402,9 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
 
     def save() -> None:
         msd, osd = get_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if info.is_main:
-            ckpt.save_weights(out, msd)
-            ckpt.save_state(out, {"step": step, "optimizer": osd, "pending": pending,
-                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+        if info.is_main:   # weights and state as one checkpoint: whole, or the previous one stays
+            ckpt.save_checkpoint(out, step, msd, {"step": step, "optimizer": osd, "pending": pending,
+                                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None})
 
     plain: list[nn.Module] = []
 
