@@ -290,6 +290,35 @@ def test_a_save_over_the_file_size_limit_is_one_line_and_keeps_the_previous_chec
     assert torch.equal(ckpt.load_weights(out)["w"], torch.ones(16)) and ckpt.load_state(out)["step"] == 1
 
 
+def test_a_run_is_not_replaced_without_overwrite(tmp_path, monkeypatch, capsys):
+    """A new run into a directory that holds a run is refused in one line naming the directory, what it holds
+    and the two ways on (--overwrite, --resume); --overwrite replaces the files a run writes and nothing else;
+    --resume is unchanged; --out naming a file is one line too (it was a FileExistsError)."""
+    monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
+    _, out = run(tmp_path, steps=4, eval_every=2)
+    before = ckpt.load_weights(out)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert main(["train", "count", "--out", out, "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and out in err and "a finished count run (4 of 4 steps)" in err, err
+    assert "--overwrite" in err and f"--resume {out}" in err, err
+    assert all(torch.equal(before[k], v) for k, v in ckpt.load_weights(out).items())
+    assert main(["train", "count", "--out", out, "--steps", "2", "--eval-every", "2", "--overwrite"]) == 0
+    assert "replacing a finished count run" in capsys.readouterr().out
+    assert ckpt.checkpoint_step(out) == 2 and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == ["checkpoint-2",
+                                                                                            "checkpoint.json"]
+    assert main(["train", "--resume", out, "--steps", "4"]) == 0
+    assert ckpt.checkpoint_step(out) == 4
+    assert main(["train", "--resume", out, "--steps", "6", "--overwrite"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    readme = tmp_path / "README.md"
+    readme.write_text("not a run")
+    assert main(["train", "count", "--out", str(readme)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert readme.read_text() == "not a run"
+
+
 @pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
 def test_finetuning_methods_train_what_they_should(tmp_path, method):
     _, source = run(tmp_path, "source", steps=4)

@@ -40,6 +40,9 @@ from safetensors.torch import save as save_safetensors
 FORMAT = 1
 CONFIG, WEIGHTS, STATE, MANIFEST = "config.json", "model.safetensors", "trainer_state.pt", "checkpoint.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+# Every name a run writes at its top level (``--overwrite`` removes these, and only these; WEIGHTS and STATE
+# where a directory holds them itself).
+RUN_FILES = (CONFIG, MANIFEST, WEIGHTS, STATE, "tokenizer.json", "metrics.jsonl", "metrics.json", "loss.png")
 
 
 class CheckpointError(ValueError):
@@ -258,3 +261,40 @@ def load_state(directory: str | Path) -> dict[str, Any]:
                               f"{checkpoint_step(directory)}")
     return state
 
+
+def describe(directory: str | Path) -> tuple[str, bool] | None:
+    """(what ``directory`` holds that a new run would overwrite, in words; whether it is a run that ``--resume``
+    can continue), or None: nothing of a run."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    config = directory / CONFIG
+    if config.is_file():
+        try:
+            content = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            content = {}
+        if isinstance(content, dict) and "task" in content and "train" in content:
+            steps = content["train"].get("steps")
+            try:
+                done = checkpoint_step(directory)
+            except CheckpointError:
+                done = None
+            if done is None:
+                return f"a {content['task']} run (config.json, no checkpoint yet)", False
+            state = "finished" if steps is not None and done >= steps else "unfinished"
+            return f"a {state} {content['task']} run ({done} of {steps} steps)", True
+        if isinstance(content, dict) and "model_type" in content:
+            return f"a Hugging Face model ({content['model_type']}, config.json)", False
+    found = [name for name in RUN_FILES if (directory / name).exists()] + sorted(
+        p.name + "/" for p in _checkpoint_dirs(directory))
+    return (f"files a run writes ({', '.join(found)})", False) if found else None
+
+
+def clear(directory: str | Path) -> None:
+    """Remove what a run writes in ``directory`` (``--overwrite``), and nothing else."""
+    directory = Path(directory)
+    for name in RUN_FILES:
+        (directory / name).unlink(missing_ok=True)
+    for path in _checkpoint_dirs(directory) + list(directory.glob(f".{CHECKPOINT_PREFIX}*.partial")):
+        shutil.rmtree(path, ignore_errors=True)

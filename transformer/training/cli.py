@@ -47,7 +47,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on a GPU, fp32 on the CPU")
     p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="run directory (default runs/TASK)")
+    p.add_argument("--out", help="run directory (default runs/TASK); one holding a run is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run (or the files a run writes) already in --out")
     p.add_argument("--fsdp", action="store_true", default=None, help="shard the model with FSDP (under torchrun)")
     p.add_argument("--context-parallel", type=int, metavar="N",
                    help="gpt under torchrun: groups of N ranks split every sequence (ring attention, zigzag layout); "

@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = dict(
     steps=200, batch_size=32, lr=1e-3, warmup=None, weight_decay=0.1, min_lr_ratio=0.1, grad_clip=1.0,
     grad_accum=1, eval_every=None, eval_batches=20, eval_batch_size=None, log_every=10, device="auto",
     precision="auto", seed=0, method="full", lora_r=8, lora_alpha=16.0, fsdp=False, backend=None, progress=True,
-    task_options={}, model_overrides={}, threads=None, context_parallel=1,
+    task_options={}, model_overrides={}, threads=None, context_parallel=1, overwrite=False,
 )
 METHODS = ("full", "lora", "bitfit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -60,6 +60,7 @@ class TrainArgs:
     preset: str | None = None
     data: str | None = None
     out: str | None = None
+    overwrite: bool | None = None          # replace what a run left in ``out`` (else such an ``out`` is refused)
     resume: str | None = None              # a run directory to continue
     init: str | None = None                # a run directory whose weights start a fine-tuning run
     steps: int | None = None
@@ -121,6 +122,8 @@ def resolve(args: TrainArgs) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if unknown := sorted(set(run["model_overrides"]) - fields):
         raise ValueError(f"model overrides {unknown} are not {task_cls.config_class.__name__} fields")
     run["out"] = run.get("out") or args.resume or f"runs/{task}"
+    run["overwrite"] = bool(args.overwrite)      # never inherited from the resumed run
+    _check_out(run, args.resume)
     run["warmup"] = min(100, run["steps"] // 20) if run["warmup"] is None else run["warmup"]
     run["eval_every"] = run["eval_every"] or max(1, run["steps"] // 5)
     run["eval_batch_size"] = run["eval_batch_size"] or run["batch_size"]
@@ -130,6 +133,25 @@ def resolve(args: TrainArgs) -> tuple[dict[str, Any], dict[str, Any] | None]:
         run["precision"] = "bf16" if gpu_bf16 else "fp32"
     _validate(run)
     return run, saved
+
+
+def _check_out(run: dict[str, Any], resume: str | None) -> None:
+    """Refuse an ``out`` that is a file, or that holds a run (or another model) a new run would replace,
+    unless ``--overwrite``; resuming writes into its own directory."""
+    out = Path(run["out"])
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory: name a directory for the run")
+    if resume is not None and out.resolve() == Path(resume).resolve():
+        if run["overwrite"]:
+            raise ValueError(f"--overwrite and --resume {resume} exclude each other: --resume continues the run "
+                             f"in {resume}, --overwrite starts a new one there")
+        return
+    held = ckpt.describe(out)
+    if held is None or run["overwrite"]:
+        return
+    what, resumable = held
+    again = f", or --resume {out} to continue it (with a larger --steps if it is finished)" if resumable else ""
+    raise ValueError(f"{out} already holds {what}: pass --overwrite to replace it{again}, or choose another --out")
 
 
 def _validate(run: dict[str, Any]) -> None:
@@ -374,14 +396,16 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
             if log.is_file() else []
         if step >= run["steps"]:
             raise ValueError(f"--resume {run['resume']}: the run already did {step} steps; pass --steps > {step}")
-    elif info.is_main and (out / ckpt.CONFIG).exists():
-        print(f"note: overwriting the run in {out}")
+    elif info.is_main and run["overwrite"] and (held := ckpt.describe(out)) is not None:
+        print(f"note: --overwrite: replacing {held[0]} in {out}")
+        ckpt.clear(out)
     if info.is_main and (note := interpreter_note(run["backend"], device.type)):
         print(note)
 
     counts = lora.parameter_counts(model)
     config = {"task": run["task"], "task_spec": task.spec(), "model": model.config.to_dict(),
-              "train": {k: v for k, v in run.items() if k not in ("resume", "out", "progress", "threads")},
+              "train": {k: v for k, v in run.items() if k not in ("resume", "out", "progress", "threads",
+                                                                  "overwrite")},
               "head": head, "parameters": counts}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
