@@ -347,6 +347,39 @@ def test_init_that_shares_nothing_is_an_error(tmp_path):
         run(tmp_path, "ft", task="count-head", init=source, steps=2)
 
 
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """What a user gets wrong ends in one line and exit 2, not a traceback: a diverging loss names the step and
+    suggests a lower --lr (fp16 advice only on an fp16 run), a --model value of the wrong type names the field,
+    and 0 for --eval-every is refused like 0 for --log-every (before, it silently meant the default)."""
+    monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
+    real = Task.loss
+
+    def diverging(self, model, batch):
+        loss, n = real(self, model, batch)
+        return loss * float("nan"), n
+
+    monkeypatch.setattr(CountTask, "loss", diverging)
+    assert main(["train", "count", "--out", str(tmp_path / "nan"), "--lr", "1e6"]) == 2
+    err = _one_line_error(capsys)
+    assert "diverged: the loss is nan at step 1" in err and "lower --lr (it was" in err, err
+    assert "fp16" not in err and "bf16" not in err, err
+    monkeypatch.undo()
+    monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
+    assert main(["train", "count", "--out", str(tmp_path / "a"), "--model", "dim=abc"]) == 2
+    assert "--model dim: dim must be an int, got 'abc'" in _one_line_error(capsys)
+    assert main(["train", "count", "--out", str(tmp_path / "b"), "--model", "dropout=yes"]) == 2
+    assert "dropout must be a number" in _one_line_error(capsys)
+    for flag in ("--eval-every", "--log-every"):
+        assert main(["train", "count", "--out", str(tmp_path / "c"), flag, "0"]) == 2
+        assert f"{flag[2:].replace('-', '_')} must be a positive integer, got 0" in _one_line_error(capsys)
+
+
 def test_cli_eval_prints_the_metrics(tmp_path, capsys):
     _, out = run(tmp_path, steps=2, eval_every=2)
     capsys.readouterr()

@@ -14,7 +14,7 @@ import fused_kernels
 
 from .checkpoint import CheckpointError
 from .task import get_task
-from .trainer import METHODS, PRECISIONS, TrainArgs, TrainingInterrupted, load_run, train
+from .trainer import METHODS, PRECISIONS, TrainArgs, TrainingDiverged, TrainingInterrupted, load_run, train
 
 TASK_NAMES = ("gpt", "bert", "bert-cls", "seq2seq", "vit", "multimodal")
 BACKENDS = ("auto", "triton", "torch")
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, TrainingDiverged, OSError) as e:   # OSError: a full disk, a missing file
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -90,6 +90,17 @@ class TrainArgs:
     model_overrides: dict[str, Any] | None = None   # model config fields over the preset's, e.g. dropout
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss stopped being finite: what diverged, at which step, and what to change."""
+
+    def __init__(self, step: int, loss: float, lr: float, precision: str) -> None:
+        hint = f"lower --lr (it was {lr:.3g} at that step)"
+        if precision == "fp16":     # fp16's range can overflow where bf16 / fp32 do not
+            hint += ", or train in bf16 / fp32 (--precision)"
+        super().__init__(f"the training diverged: the loss is {loss} at step {step}; {hint}")
+        self.step = step
+
+
 class TrainingInterrupted(Exception):
     """Ctrl-C during training: the checkpoint was saved; ``step`` steps are done."""
 
@@ -121,12 +132,16 @@ def resolve(args: TrainArgs) -> tuple[dict[str, Any], dict[str, Any] | None]:
     fields = {f.name for f in dataclasses.fields(task_cls.config_class)}
     if unknown := sorted(set(run["model_overrides"]) - fields):
         raise ValueError(f"model overrides {unknown} are not {task_cls.config_class.__name__} fields")
+    for name, value in run["model_overrides"].items():     # before the config's own checks do arithmetic on it
+        if (why := task_cls.config_class.type_error(name, value)) is not None:
+            raise ValueError(f"--model {name}: {why}")
     run["out"] = run.get("out") or args.resume or f"runs/{task}"
     run["overwrite"] = bool(args.overwrite)      # never inherited from the resumed run
     _check_out(run, args.resume)
     run["warmup"] = min(100, run["steps"] // 20) if run["warmup"] is None else run["warmup"]
-    run["eval_every"] = run["eval_every"] or max(1, run["steps"] // 5)
-    run["eval_batch_size"] = run["eval_batch_size"] or run["batch_size"]
+    # None is "the default"; 0 is refused like every other count (_validate), as for --log-every
+    run["eval_every"] = max(1, run["steps"] // 5) if run["eval_every"] is None else run["eval_every"]
+    run["eval_batch_size"] = run["batch_size"] if run["eval_batch_size"] is None else run["eval_batch_size"]
     run["device"] = ("cuda" if torch.cuda.is_available() else "cpu") if run["device"] == "auto" else run["device"]
     if run["precision"] == "auto":
         gpu_bf16 = run["device"] == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -476,7 +491,7 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
                 step_loss += loss.item() / accum
                 units += n
             if not math.isfinite(step_loss):
-                raise FloatingPointError(f"the loss is {step_loss} at step {step}: lower --lr, or train in fp32/bf16")
+                raise TrainingDiverged(step + 1, step_loss, lr, run["precision"])
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_([p for _, p in trainable], run["grad_clip"])
             scaler.step(opt)
