@@ -263,7 +263,8 @@ def attention_specs() -> Iterator[Spec]:
     and bf16 run all three, fp32 and fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims 64
     and 128: fp64 at head dim 256 spills, a known gap). MHA ("mha": one query head per key/value head,
     ``GROUP=1``, which the launcher's specialization turns into a constant): fp16 and bf16 at head dims 64 and
-    128, all three. A steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N
+    128, all three. "causal-seqlens" (bf16, head dims 64 and 128): causal aligned per row to seqlens_k alone,
+    what a padded KV cache runs. A steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N
     scores (the SASS report's unit)."""
     from ..ops.attention import launch as at  # the launchers and the kernels they call
     names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
@@ -285,6 +286,7 @@ def attention_specs() -> Iterator[Spec]:
     cases += [(torch.float64, d, "heavy", 4) for d in (64, 128)]
     cases += [(dtype, d, kind, 1) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128)
               for kind in ("plain", "causal", "heavy")]
+    cases += [(torch.bfloat16, d, "causal-seqlens", 4) for d in (64, 128)]
     seen = set()
     for arch in ARCHS:
         for dtype, d, kind, group in cases:
@@ -293,7 +295,7 @@ def attention_specs() -> Iterator[Spec]:
             heavy, causal = kind == "heavy", kind != "plain"
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             mask = empty(b, 1, l, s, dtype=torch.bool) if heavy else None
-            seqlens = empty(b, dtype=torch.int32) if heavy else None
+            seqlens = empty(b, dtype=torch.int32) if heavy or kind == "causal-seqlens" else None
             p, seed = (0.1, 12345) if heavy else (0.0, 0)
             q, k, v = empty(b, h, l, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype)
             q1 = empty(b, h, 1, d, dtype=dtype)

@@ -294,10 +294,14 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
     q_desc = tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
     do_desc = tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
     tma = do_desc is not None
+    # SPLIT_BLOCKS (diagonal, full and tail query blocks in three loops) only with one offset for every row:
+    # per-row offsets (ALIGN_SEQLENS) keep one more value live and the three loops spill (bf16 d=128 on sm_90a
+    # and, with dropout, on sm_80; python -m fused_kernels.aot, "causal-seqlens" / "heavy"), one loop does not.
     launch(_attn_bwd_dkdv_kernel, (triton.cdiv(s, cfg["BLOCK_N"]), b * hkv),
            q, k, v, q_desc if tma else None, do_desc if tma else None, m, seqlens_k, do, lse2, delta, dk, dvv,
            None, None, h, hkv, l, s, d, dv, group, _rows(q), _rows(k), _rows(v), _rows(do), ms, *args, TMA=tma,
-           SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
+           SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16) and not meta["ALIGN_SEQLENS"],
+           BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
            **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
     cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p))
