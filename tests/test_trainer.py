@@ -22,7 +22,15 @@ from transformer.outputs import LMOutput
 from transformer.training import checkpoint as ckpt
 from transformer.training.cli import main
 from transformer.training.task import Task, register
-from transformer.training.trainer import TrainArgs, TrainingInterrupted, load_run, lr_at, resolve, train
+from transformer.training.trainer import (
+    TrainArgs,
+    TrainingInterrupted,
+    backend_in_force,
+    load_run,
+    lr_at,
+    resolve,
+    train,
+)
 
 VOCAB, LENGTH = 16, 16
 
@@ -300,7 +308,7 @@ def test_a_run_is_not_replaced_without_overwrite(tmp_path, monkeypatch, capsys):
     (tmp_path / "run" / "notes.txt").write_text("mine")
     assert main(["train", "count", "--out", out, "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and out in err and "a finished count run (4 of 4 steps)" in err, err
+    assert err.count("\n") == 0 and out in err and "a finished count run (step 4 of 4)" in err, err
     assert "--overwrite" in err and f"--resume {out}" in err, err
     assert all(torch.equal(before[k], v) for k, v in ckpt.load_weights(out).items())
     assert main(["train", "count", "--out", out, "--steps", "2", "--eval-every", "2", "--overwrite"]) == 0
@@ -378,6 +386,16 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     for flag in ("--eval-every", "--log-every"):
         assert main(["train", "count", "--out", str(tmp_path / "c"), flag, "0"]) == 2
         assert f"{flag[2:].replace('-', '_')} must be a positive integer, got 0" in _one_line_error(capsys)
+
+
+def test_the_banner_counts_and_says_what_auto_resolved_to(tmp_path, capsys):
+    """ "1 step", not "1 steps"; the backend line says what "auto" runs on the device."""
+    run(tmp_path, steps=1, eval_every=1, log_every=1)
+    banner = capsys.readouterr().out.splitlines()[0]
+    assert "1 step of 8 on cpu" in banner and "kernels backend torch" in banner, banner
+    with fused_kernels.use_backend("auto"):
+        want = "the Triton kernels" if fused_kernels._core.backend.INTERPRET else "the PyTorch ops"
+        assert backend_in_force(torch.device("cpu")) == f"auto: {want}"
 
 
 def test_cli_eval_prints_the_metrics(tmp_path, capsys):

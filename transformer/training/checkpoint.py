@@ -283,7 +283,7 @@ def describe(directory: str | Path) -> tuple[str, bool] | None:
             if done is None:
                 return f"a {content['task']} run (config.json, no checkpoint yet)", False
             state = "finished" if steps is not None and done >= steps else "unfinished"
-            return f"a {state} {content['task']} run ({done} of {steps} steps)", True
+            return f"a {state} {content['task']} run (step {done} of {steps})", True
         if isinstance(content, dict) and "model_type" in content:
             return f"a Hugging Face model ({content['model_type']}, config.json)", False
     found = [name for name in RUN_FILES if (directory / name).exists()] + sorted(

@@ -220,6 +220,19 @@ def interpreter_note(backend: str | None, device: str) -> str | None:
             "Unset it, or pass --backend torch")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def backend_in_force(device: torch.device) -> str:
+    """The kernels backend in force, with what "auto" resolves to on ``device`` (the banner's words)."""
+    backend = fused_kernels.get_backend()
+    if backend != "auto":
+        return backend
+    resolved = fused_kernels._core.backend.choose(torch.empty(0, device=device), "train")
+    return f"auto: {'the Triton kernels' if resolved == 'triton' else 'the PyTorch ops'}"
+
+
 def lr_at(step: int, run: dict[str, Any]) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``lr * min_lr_ratio``."""
     peak, warmup, steps = run["lr"], run["warmup"], run["steps"]
@@ -410,7 +423,8 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
         records = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= step] \
             if log.is_file() else []
         if step >= run["steps"]:
-            raise ValueError(f"--resume {run['resume']}: the run already did {step} steps; pass --steps > {step}")
+            raise ValueError(f"--resume {run['resume']}: the run already did {_count(step, 'step')}; pass --steps > "
+                             f"{step}")
     elif info.is_main and run["overwrite"] and (held := ckpt.describe(out)) is not None:
         print(f"note: --overwrite: replacing {held[0]} in {out}")
         ckpt.clear(out)
@@ -428,10 +442,9 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
         task.save(out)
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"{run['task']}: {counts['total']:,} parameters ({counts['trainable']:,} trainable), "
-              f"{run['steps']} steps of {run['batch_size']} on {device}"
+              f"{_count(run['steps'], 'step')} of {run['batch_size']} on {device}"
               f"{f' x {info.world_size} processes' if info.enabled else ''}, {run['precision']}, "
-              f"kernels backend {fused_kernels.get_backend()}, {torch.get_num_threads()} CPU thread"
-              f"{'s' if torch.get_num_threads() > 1 else ''}")
+              f"kernels backend {backend_in_force(device)}, {_count(torch.get_num_threads(), 'CPU thread')}")
 
     def record(r: dict[str, Any]) -> None:
         records.append(r)
@@ -529,7 +542,7 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
     examples = on_one_device(task.examples)
     if info.is_main:
         (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-        plot_losses(records, out / "loss.png", f"{run['task']} ({run['preset']}, {run['steps']} steps)",
+        plot_losses(records, out / "loss.png", f"{run['task']} ({run['preset']}, {_count(run['steps'], 'step')})",
                     task.loss_labels(model.config))
         print("held-out: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in final.items()))
