@@ -152,6 +152,61 @@ def attention_tiles(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
     return sparse.tile_counts(variants, q, k, seqlens_k, causal, cfg["BLOCK_M"], cfg["BLOCK_N"])
 
 
+def _plain_qkv(q: object, k: object, v: object) -> bool:
+    """q, k, v are plain 4-D tensors of the same shape, float dtype and device, with a head dim the kernels take:
+    the arguments of self-attention that every check of ``attention`` passes."""
+    return (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor and q.dim() == 4
+            and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and q.dtype in _checks.FLOAT_DTYPES
+            and q.device == k.device == v.device and q.shape[1] > 0 and 1 <= q.shape[3] <= MAX_HEAD_DIM)
+
+
+def _checked_arguments(op: str, q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, window, alibi_slopes,
+                       softcap, document_ids, prefix_lengths, score_mod, score_mod_grad, mask_mod, mod_args,
+                       block_mask, check: bool) -> tuple[float, float, Variants | None]:
+    """Every argument check of ``attention``; returns (scale, dropout_p, variants) normalized."""
+    _check_qkv(op, q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise _checks.ArgumentValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape "
+                                             f"{tuple(t.shape)}")
+    b, h, l, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise _checks.ArgumentValueError(f"{op}: batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise _checks.ArgumentValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same "
+                                         f"heads and length")
+    if k.shape[3] != d:
+        raise _checks.ArgumentValueError(f"{op}: k's head dim {k.shape[3]} differs from q's {d}")
+    hkv, s = k.shape[1], k.shape[2]
+    if hkv == 0 or h % hkv != 0:
+        raise _checks.ArgumentValueError(f"{op}: k/v heads ({hkv}) must divide q heads ({h})")
+    _check_head_dims(op, d, v.shape[3])
+    if _is_causal_bias(attn_mask):
+        raise TypeError(f"{op}: attn_mask is a torch.nn.attention.bias.CausalBias; pass causal=True instead "
+                        f"(bottom-right aligned, as causal_lower_right), or use scaled_dot_product_attention, "
+                        f"which takes both CausalBias variants")
+    _check_mask(op, attn_mask, (b, h, l, s), q)
+    if seqlens_k is not None:
+        if not isinstance(seqlens_k, torch.Tensor):
+            raise TypeError(f"{op}: seqlens_k must be an int tensor or None, got {type(seqlens_k).__name__}")
+        if seqlens_k.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+            raise _checks.ArgumentTypeError(f"{op}: seqlens_k must be an integer tensor, got {seqlens_k.dtype}")
+        if tuple(seqlens_k.shape) != (b,):
+            raise _checks.ArgumentValueError(f"{op}: seqlens_k must have shape ({b},), got {tuple(seqlens_k.shape)}")
+        if seqlens_k.device != q.device:
+            raise _checks.ArgumentValueError(f"{op}: seqlens_k is on {seqlens_k.device} but q is on {q.device}")
+        if check and b and not torch.compiler.is_compiling():   # a data-dependent branch has no place in a graph
+            _check_seqlens_range(op, seqlens_k, s)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
+    scale = _check_scale(op, scale, d)
+    dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
+    variants = check_variants(op, q, k, causal, window, alibi_slopes, softcap, document_ids, prefix_lengths,
+                              score_mod, score_mod_grad, mask_mod, mod_args, block_mask)
+    _check_block_mask(op, block_mask, mask_mod, b, h, l, s)
+    return scale, dropout_p, variants
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               attn_mask: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
               scale: float | None = None, dropout_p: float = 0.0,
@@ -203,46 +258,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Score pipeline: ``scale * q.k``, softcap, alibi, + float attn_mask, score_mod; then keep = seqlens_k &
     causal/window/prefix & documents & bool attn_mask & mask_mod; softmax over kept keys."""
     op = "attention"
-    _check_qkv(op, q, k, v)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise _checks.ArgumentValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape "
-                                             f"{tuple(t.shape)}")
-    b, h, l, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise _checks.ArgumentValueError(f"{op}: batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise _checks.ArgumentValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same "
-                                         f"heads and length")
-    if k.shape[3] != d:
-        raise _checks.ArgumentValueError(f"{op}: k's head dim {k.shape[3]} differs from q's {d}")
+    if (attn_mask is None and seqlens_k is None and scale is None and dropout_p == 0.0 and window is None
+            and alibi_slopes is None and softcap is None and document_ids is None and prefix_lengths is None
+            and score_mod is None and score_mod_grad is None and mask_mod is None and block_mask is None
+            and isinstance(mod_args, tuple) and not mod_args and _plain_qkv(q, k, v)
+            and (causal is True or causal is False)):
+        # The common call, whose checks would cost more than torch's whole kernel at short sequences: plain
+        # tensors of one float dtype, shape and device that every check below would pass.
+        scale, dropout_p, variants = 1.0 / math.sqrt(q.shape[3]), 0.0, None
+    else:
+        scale, dropout_p, variants = _checked_arguments(
+            op, q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, window, alibi_slopes, softcap,
+            document_ids, prefix_lengths, score_mod, score_mod_grad, mask_mod, mod_args, block_mask, check)
+    b, h, l, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    if hkv == 0 or h % hkv != 0:
-        raise _checks.ArgumentValueError(f"{op}: k/v heads ({hkv}) must divide q heads ({h})")
-    _check_head_dims(op, d, v.shape[3])
-    if _is_causal_bias(attn_mask):
-        raise TypeError(f"{op}: attn_mask is a torch.nn.attention.bias.CausalBias; pass causal=True instead "
-                        f"(bottom-right aligned, as causal_lower_right), or use scaled_dot_product_attention, "
-                        f"which takes both CausalBias variants")
-    _check_mask(op, attn_mask, (b, h, l, s), q)
-    if seqlens_k is not None:
-        if not isinstance(seqlens_k, torch.Tensor):
-            raise TypeError(f"{op}: seqlens_k must be an int tensor or None, got {type(seqlens_k).__name__}")
-        if seqlens_k.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
-            raise _checks.ArgumentTypeError(f"{op}: seqlens_k must be an integer tensor, got {seqlens_k.dtype}")
-        if tuple(seqlens_k.shape) != (b,):
-            raise _checks.ArgumentValueError(f"{op}: seqlens_k must have shape ({b},), got {tuple(seqlens_k.shape)}")
-        if seqlens_k.device != q.device:
-            raise _checks.ArgumentValueError(f"{op}: seqlens_k is on {seqlens_k.device} but q is on {q.device}")
-        if check and b and not torch.compiler.is_compiling():   # a data-dependent branch has no place in a graph
-            _check_seqlens_range(op, seqlens_k, s)
-    if not isinstance(causal, bool):
-        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
-    scale = _check_scale(op, scale, d)
-    dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
-    variants = check_variants(op, q, k, causal, window, alibi_slopes, softcap, document_ids, prefix_lengths,
-                              score_mod, score_mod_grad, mask_mod, mod_args, block_mask)
-    _check_block_mask(op, block_mask, mask_mod, b, h, l, s)
     if variants is not None and seqlens_k is not None:   # positions (causal, window, ALiBi) per row
         variants = dataclasses.replace(variants, off=row_offsets(s - l, seqlens_k, s))
     if _choose(q, op, attn_mask, dropout_p) == "torch":

@@ -291,7 +291,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
         # The common case in as few steps as possible (a call's Python work shows at short sequences):
         # self-attention (L == S, so causal is top-left too) without a mask, or with a plain key mask.
         if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+            # torch's default scale is the same double (1 / sqrt(E)): leaving it out saves parsing a keyword
+            if scale == 1.0 / math.sqrt(q.shape[-1]):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
             return _differentiable_backward(out, q, k, v, None, causal, scale) if out.requires_grad else out
         if (not causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.stride(-1) == 1
                 and _TORCH_ZEROES_DEAD_ROWS and 0 not in attn_mask.stride()):
