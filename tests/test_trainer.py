@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -266,6 +267,21 @@ def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     (base / "checkpoint-4" / "trainer_state.pt").unlink()
     with pytest.raises(ckpt.CheckpointError, match="trainer_state.pt: No such file"):
         ckpt.load_state(out)
+
+
+def test_weights_without_a_manifest_load_but_do_not_resume(tmp_path):
+    """A directory holding model.safetensors itself (weights put there by hand, or a run saved before checkpoints
+    had a manifest) evaluates; resuming it is refused, since nothing ties its weights to a trainer state."""
+    _, out = run(tmp_path, steps=2, eval_every=2)
+    base = tmp_path / "run"
+    (base / "model.safetensors").write_bytes((base / "checkpoint-2" / "model.safetensors").read_bytes())
+    shutil.rmtree(base / "checkpoint-2")
+    (base / "checkpoint.json").unlink()
+    task, model = load_run(out)
+    with fused_kernels.use_backend("torch"):
+        assert task.evaluate(model, 8)["val_loss"] > 0
+    with pytest.raises(ckpt.CheckpointError, match="has no checkpoint.json.*cannot be resumed"):
+        train(TrainArgs(resume=out, steps=4))
 
 
 _FILE_SIZE_LIMIT = """
