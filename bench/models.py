@@ -46,7 +46,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         keep = (torch.arange(s, device=q.device) < seqlens_k[:, None])[:, None, None, :]
     is_causal = causal and l == s and attn_mask is None and keep is None
     if causal and not is_causal:
-        c = causal_mask(l, s, q.device, bottom_right=True)
+        if seqlens_k is None:
+            c = causal_mask(l, s, q.device, bottom_right=True)
+        else:   # bottom-right per row: query i of row b at seqlens_k[b] - L + i
+            last = torch.arange(l, device=q.device)[:, None] + (seqlens_k.to(q.device) - l).view(-1, 1, 1, 1)
+            c = torch.arange(s, device=q.device) <= last
         keep = c if keep is None else keep & c
     mask = attn_mask
     if keep is not None:

@@ -111,7 +111,9 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
                   prefix_lengths=None, score_mod=None, score_mod_grad=None, mask_mod=None, mod_args=(),
                   block_mask=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``fused_kernels.attention``: (B, H, L, D) q, (B, Hkv, S, D) k, (B, Hkv, S, Dv) v, GQA by
-    repeating key/value heads; ``causal`` is bottom-right aligned (key j <= i + S - L). The variants straight
+    repeating key/value heads; ``causal`` is bottom-right aligned (key j <= i + off, ``off = S - L``; with
+    ``seqlens_k`` per row, ``off = seqlens_k[b] - L``: query i of row b at position seqlens_k[b] - L + i, the
+    offset of causal, window, ALiBi and prefix alike). The variants straight
     from their definitions on dense index tensors (``score_mod_grad`` unused: autograd differentiates this;
     ``block_mask`` ignored); mods may be triton JITFunctions (their ``.fn`` runs) or plain callables."""
     ct = _compute_dtype(q)
@@ -120,17 +122,19 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
     if hkv != h:
         kc, vc = kc.repeat_interleave(h // hkv, dim=1), vc.repeat_interleave(h // hkv, dim=1)
-    keep = torch.ones(1, 1, l, s_len, dtype=torch.bool, device=q.device)
-    if causal and prefix_lengths is None:   # prefix-LM: causal OR inside the prefix, below
-        keep = keep & causal_mask(l, s_len, q.device, bottom_right=True)
-    if seqlens_k is not None:
-        keep = keep & (torch.arange(s_len, device=q.device) < seqlens_k.to(q.device)[:, None, None, None])
     sc = d ** -0.5 if scale is None else scale
     dev, off = q.device, s_len - l
     bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
     hi = torch.arange(h, device=dev).view(1, h, 1, 1)
     ii = torch.arange(l, device=dev).view(1, 1, l, 1)
     jj = torch.arange(s_len, device=dev).view(1, 1, 1, s_len)
+    keep = torch.ones(1, 1, l, s_len, dtype=torch.bool, device=q.device)
+    if seqlens_k is not None:
+        lens = seqlens_k.to(dev).long().view(b, 1, 1, 1)
+        keep = keep & (jj < lens)
+        off = lens - l
+    if causal and prefix_lengths is None:   # prefix-LM: causal OR inside the prefix, below
+        keep = keep & (jj <= ii + off)
     extra = tuple(mod_args) if mod_args else ()
 
     def call(mod, *args):

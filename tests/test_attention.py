@@ -43,7 +43,10 @@ def _qkv(b, h, hkv, l, s, d, dv=None, dtype=torch.float32, device="cpu", seed=0)
 def _dense_mask(b, h, l, s, device, causal=False, attn_mask=None, seqlens_k=None, bottom_right=True):
     """(keep bool (B, H, L, S) or None, bias float or None) of attention()'s arguments."""
     keep = torch.ones(b, h, l, s, dtype=torch.bool, device=device)
-    if causal:
+    if causal and bottom_right and seqlens_k is not None:    # per row: query i at seqlens_k[b] - L + i
+        last = torch.arange(l, device=device)[:, None] + seqlens_k.to(device).long().view(-1, 1, 1, 1) - l
+        keep = keep & (torch.arange(s, device=device) <= last)
+    elif causal:
         keep = keep & ref.causal_mask(l, s, device, bottom_right=bottom_right)
     if seqlens_k is not None:
         keep = keep & (torch.arange(s, device=device) < seqlens_k.to(device)[:, None, None, None])
@@ -113,6 +116,33 @@ def test_lengths(l, s, causal, dtype, device):
     b, h = (1, 1) if l * s > 40000 else (1, 2)
     q, k, v = _qkv(b, h, h, l, s, 64, dtype=dtype, device=device)
     check_attention(q, k, v, causal=causal, **FP32_TOL)
+
+
+@pytest.mark.parametrize("l, s, h, hkv, causal", [(339, 1, 2, 2, False), (339, 1, 2, 1, True), (2000, 16, 2, 1, False),
+                                                   (2000, 16, 1, 1, True), (20000, 16, 1, 1, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_many_queries_into_few_keys(l, s, h, hkv, causal, dtype, device, op_backend):
+    """Many query rows add into one dK/dV row (FlashAttention's test_flash_attn_splitkv shapes: 339 or 20,000
+    queries against 1-16 keys; MQA; causal): half-precision gradients meet the 2x rule against float64 on every
+    path (torch's CPU flash backward alone does not: it accumulates dK/dV in the input's dtype)."""
+    if op_backend == "triton" and l * h > 4000 and device == "cpu":
+        pytest.skip("20,000 queries take minutes in the interpreter; the PyTorch path runs them")
+    q, k, v = (t.requires_grad_() for t in _qkv(1, h, hkv, l, s, 64, dtype=dtype, device=device))
+    out = fused_kernels.attention(q, k, v, causal=causal)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
+    got = [out, *_grads(out, (q, k, v), dout)]
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = ref.attention_ref(q64, k64, v64, causal=causal)
+    want = [want, *_grads(want, (q64, k64, v64), dout.double())]
+    qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    keep, _ = _dense_mask(1, h, l, s, device, causal)
+    base = _naive(qt, kt, vt, 64 ** -0.5, keep, None)
+    base = [base, *_grads(base, (qt, kt, vt), dout)]
+    for name, g, w, t in zip(("out", "dq", "dk", "dv"), got, want, base):   # FlashAttention's own rule: 2x
+        if w.abs().max() < 1e-6:   # dq and dk with one key: zero up to rounding
+            assert (g.double() - w).abs().max() < 1e-3, name
+            continue
+        assert_close(g, w, t, name=name, factor=2.0, ulps=0)   # no floor: FlashAttention has none here
 
 
 @pytest.mark.parametrize("d", [16, 32, 40, 64, 72, 80, 96, 128, 160, 256])
@@ -202,6 +232,96 @@ def test_seqlens_k(causal, device):
     check_attention(q, k, v, causal=causal, seqlens_k=seqlens, **FP32_TOL)
 
 
+def check_per_row(q, k, v, lens, *, tol=FP32_TOL, causal=True, **variants):
+    """attention(causal=True, seqlens_k=lens) against its per-sequence definition: row b alone, cut to its
+    lens[b] valid keys, under bottom-right causal attention (query i at position lens[b] - L + i), in float64
+    (the 2x rule against plain PyTorch on the same cut rows in half precision); dk / dv of the padded keys are
+    0. ``variants`` (window, alibi_slopes, prefix_lengths: fp32 only) are positioned the same way. Returns
+    (out, dq, dk, dv)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=q.device)
+    out = fused_kernels.attention(q, k, v, causal=causal, seqlens_k=seqlens, **variants)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
+    got = [out, *_grads(out, (q, k, v), dout)]
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    l = q.shape[2]
+    for b, n in enumerate(lens):
+        cut = [t[b:b + 1].detach() for t in (q, k[:, :, :n], v[:, :, :n])]
+        q64, k64, v64 = (t.double().requires_grad_() for t in cut)
+        row = {name: val[b:b + 1] if name == "prefix_lengths" or (name == "alibi_slopes" and val.dim() == 2)
+               else val for name, val in variants.items()}
+        want = ref.attention_ref(q64, k64, v64, causal=causal, **row)
+        want = [want, *_grads(want, (q64, k64, v64), dout[b:b + 1].double())]
+        base = [None] * 4
+        if half:
+            qt, kt, vt = (t.clone().requires_grad_() for t in cut)
+            keep = ref.causal_mask(l, n, q.device, bottom_right=True)
+            outt = _naive(qt, kt, vt, q.shape[-1] ** -0.5, keep, None)
+            base = [outt, *_grads(outt, (qt, kt, vt), dout[b:b + 1])]
+        rows = (slice(b, b + 1), slice(None), slice(None))
+        keys = (slice(b, b + 1), slice(None), slice(0, n))
+        for name, g, w, t, where in zip(("out", "dq", "dk", "dv"), got, want, base, (rows, rows, keys, keys)):
+            if w.abs().max() < 1e-6:   # dq of a row that sees one key (or none): zero up to rounding
+                assert (g[where].double() - w).abs().max() < 1e-3, f"{name} row {b}"
+                continue
+            assert_close(g[where], w, t, grad=name != "out", name=f"{name} row {b}", **({} if half else tol))
+        for name, g in zip(("dk", "dv"), got[2:]):
+            assert not g[b, :, n:].any(), f"{name} row {b}: padded keys get a gradient"
+    return got
+
+
+@pytest.mark.parametrize("l", [1, 3, 17])
+def test_causal_seqlens_k_aligns_per_row(l, device):
+    """A padded KV cache holding L new queries: causal is bottom-right per row (query i of row b sits at
+    seqlens_k[b] - L + i, as varlen_attention, paged_attention and FlashAttention's KV-cache function do), not
+    at the padded length S. Row 2 has fewer keys than queries: its first queries see no key (0). L = 1 and 3
+    take the flash-decoding forward on the kernels, L = 17 the main one."""
+    q, k, v = _qkv(3, 4, 2, l, 300, 32, device=device)
+    check_per_row(q, k, v, [300, 131, max(l - 2, 1)])
+
+
+def test_causal_seqlens_k_per_row_second_derivatives_and_mask_gradient(device):
+    """The PyTorch gradients beside the kernels (double backward, a float mask's gradient) use the same per-row
+    diagonal: equal to the same call written as an explicit per-row mask, and gradcheck-consistent."""
+    l, s = 3, 6
+    q, k, v = (t.double().requires_grad_() for t in _qkv(2, 2, 1, l, s, 8, device=device))
+    mask = torch.randn(1, 2, l, s, dtype=torch.float64, device=device, requires_grad=True)
+    lens = torch.tensor([6, 2], device=device)
+    j, i = torch.arange(s, device=device), torch.arange(l, device=device)[:, None]
+    keep = (j < lens.view(-1, 1, 1, 1)) & (j <= i + lens.view(-1, 1, 1, 1) - l)    # query 0 of row 1: no key
+
+    def ours(a, b, c, m):
+        return fused_kernels.attention(a, b, c, causal=True, seqlens_k=lens, attn_mask=m)
+
+    def explicit(a, b, c, m):
+        return fused_kernels.attention(a, b, c, attn_mask=m.masked_fill(~keep, float("-inf")))
+    w = torch.randn(2, 2, l, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(device)
+    results = []
+    for fn in (ours, explicit):
+        first = torch.autograd.grad((fn(q, k, v, mask) * w).sum(), (q, k, v, mask), create_graph=True)
+        second = torch.autograd.grad((first[0] * w).sum(), (q, k, v))     # d/d(q, k, v) of <dq, w>
+        results.append([g.detach() for g in (*first, *second)])
+    for name, a, b in zip(("dq", "dk", "dv", "dmask", "d2q", "d2k", "d2v"), *results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+    assert torch.autograd.gradcheck(ours, (q, k, v, mask), fast_mode=True)
+
+
+@pytest.mark.parametrize("kw", [dict(window=(5, 0)), dict(causal=False, window=(4, 2)),
+                                dict(alibi_slopes=True), dict(causal=False, alibi_slopes=True),
+                                dict(prefix_lengths=True)])
+def test_variants_seqlens_k_align_per_row(kw, device):
+    """With seqlens_k every position-dependent variant (window band, ALiBi distance, the causal part of
+    prefix-LM) places query i of row b at seqlens_k[b] - L + i, as causal does."""
+    b, h, l, s = 3, 2, 6, 40
+    q, k, v = _qkv(b, h, 1, l, s, 16, device=device)
+    kw = dict(kw)     # the parameter is shared by both backends' runs
+    if kw.pop("alibi_slopes", False):
+        kw["alibi_slopes"] = torch.tensor([[0.5, 0.25], [0.3, 0.1], [1.0, 0.7]], device=device)
+    if kw.pop("prefix_lengths", False):
+        kw["prefix_lengths"] = torch.tensor([3, 9, 0], device=device)
+    check_per_row(q, k, v, [40, 17, 4], **kw)
+
+
 @pytest.mark.triton_only   # the PyTorch path masks those keys but reads them (see ops/attention/torch_path.py)
 def test_seqlens_skip_blocks(device):
     """Key blocks past seqlens_k are never read: NaN there does not reach the output or gradients."""
@@ -215,6 +335,67 @@ def test_seqlens_skip_blocks(device):
     assert not out.isnan().any() and not dq.isnan().any()
     assert not dk[:, :, :40].isnan().any() and not dv[:, :, :40].isnan().any()
     assert torch.equal(dk[0, :, 32:], torch.zeros_like(dk[0, :, 32:]))
+
+
+def _check_nan_contract(got, want, dtype, name):
+    """NaN in the same output entries as the float64 reference; in a gradient, NaN wherever the reference has
+    some (which masked or padded entries also turn NaN is the implementation's: a NaN query's probabilities are
+    NaN); the entries finite in both agree."""
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if name == "out":
+        assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN entries differ from the reference"
+    else:
+        assert bool(got.isnan().any()) == bool(want.isnan().any()), f"{name}: NaN present in one but not the other"
+    both = got.isfinite() & want.isfinite()
+    torch.testing.assert_close(got[both], want[both], **tol, msg=name)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(gqa=True), dict(l=5), dict(seqlens=True),
+                                dict(mask=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_propagates(where, kw, dtype, device):
+    """One contract on every path: a NaN in an input propagates as in the float64 reference (torch's math
+    path): a NaN query gives its own output row NaN and no other (torch's CPU flash kernel alone gives it 0), a
+    NaN key or value every row that sees it; the gradients hold NaN where the reference's do."""
+    kw = dict(kw)
+    b, h, l, s = 2, 2, kw.pop("l", 9), 9
+    q, k, v = _qkv(b, h, 1 if kw.pop("gqa", False) else h, l, s, 16, dtype=dtype, device=device)
+    {"q": q, "k": k, "v": v}[where][1, 0, 3, 5] = float("nan")
+    if kw.pop("seqlens", False):
+        kw["seqlens_k"] = torch.tensor([9, 7], device=device)
+    if kw.pop("mask", False):
+        kw["attn_mask"] = torch.randn(l, s, generator=torch.Generator().manual_seed(2)).to(device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = fused_kernels.attention(q, k, v, **kw)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out)
+    got = [out, *_grads(out, (q, k, v), dout)]
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in kw.items()}
+    want = ref.attention_ref(q64, k64, v64, **kw64)
+    want = [want, *_grads(want, (q64, k64, v64), dout.double())]
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        _check_nan_contract(g, w, dtype, name)
+    if where == "q":
+        nan_rows = out.isnan().any(-1)
+        assert nan_rows[1, 0, 3] and int(nan_rows.sum()) == 1, "a NaN query: its own row NaN, no other"
+        assert got[1][1, 0, 3].isnan().all() and int(got[1].isnan().any(-1).sum()) == 1   # and dq likewise
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_propagates_sdpa(causal, device):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 2, 9, 9, 16, device=device))
+    with torch.no_grad():
+        q[0, 1, 4, 2] = float("nan")
+    out = fused_kernels.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = ref.scaled_dot_product_attention_ref(q64, k64, v64, is_causal=causal)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *torch.autograd.grad(want.sum(),
+                                                                                                 (q64, k64, v64)))):
+        _check_nan_contract(g, w, torch.float32, name)
+    assert out[0, 1, 4].isnan().all() and int(out.isnan().any(-1).sum()) == 1
 
 
 def test_fully_masked_rows(device):
@@ -597,6 +778,10 @@ def _bad_cases(device):
         (lambda: fused_kernels.attention(q, k, v, seqlens_k=torch.ones(3, dtype=torch.int32)), ValueError,
          "seqlens_k must have shape"),
         (lambda: fused_kernels.attention(q, k, v, seqlens_k=[1, 2]), TypeError, "seqlens_k must be an int tensor"),
+        (lambda: fused_kernels.attention(q, k, v, seqlens_k=torch.tensor([10, -1], device=device)), ValueError,
+         r"seqlens_k\[1\] is -1, outside \[0, 10\].*check=False"),
+        (lambda: fused_kernels.attention(q, k, v, causal=True, seqlens_k=torch.tensor([11, 3], device=device)),
+         ValueError, r"seqlens_k\[0\] is 11, outside \[0, 10\]"),
         (lambda: fused_kernels.attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
         (lambda: fused_kernels.attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p"),
         (lambda: fused_kernels.attention(q, k, v, scale="x"), TypeError, "scale"),
@@ -617,6 +802,17 @@ def test_bad_inputs(device):
     for fn, exc, msg in _bad_cases(device):
         with pytest.raises(exc, match=msg):
             fn()
+
+
+def test_seqlens_k_range_check_can_be_skipped(device):
+    """check=False skips the range check of seqlens_k (its one device sync); valid lengths give the same result
+    either way, and the kernels clamp an invalid one to [0, S] rather than read outside the keys."""
+    q, k, v = _qkv(2, 2, 1, 3, 10, 16, device=device)
+    lens = torch.tensor([10, 4], device=device)
+    checked = fused_kernels.attention(q, k, v, causal=True, seqlens_k=lens)
+    assert torch.equal(fused_kernels.attention(q, k, v, causal=True, seqlens_k=lens, check=False), checked)
+    out = fused_kernels.attention(q, k, v, seqlens_k=torch.tensor([12, 4], device=device), check=False)
+    assert out.isfinite().all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a device mismatch")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_close
-from test_attention import FP32_TOL, _qkv, check_attention
+from test_attention import FP32_TOL, _qkv, check_attention, check_per_row
 
 import fused_kernels
 from fused_kernels import reference as ref
@@ -91,6 +91,14 @@ def test_seqlens_with_nan_tail(arch, device):
         assert torch.equal(a, c), name
     dk = dirty[2]
     assert torch.equal(dk[1, :, 130:], torch.zeros_like(dk[1, :, 130:]))
+
+
+@pytest.mark.parametrize("l", [3, 130])
+def test_causal_seqlens_per_row(arch, l, device):
+    """Causal with seqlens_k at the shipped tiles (decode split for L = 3, the 128-row tiles, TMA on sm_90):
+    each row's diagonal ends at its own valid keys, in the forward, dK/dV and dQ kernels."""
+    q, k, v = _qkv(3, 2, 1, l, 300, 64, dtype=torch.float16, device=device)
+    check_per_row(q, k, v, [300, 131, 7])
 
 
 def test_fully_masked_rows_and_lse(arch, device):

@@ -110,6 +110,19 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_softcap_zero_is_off(backend, device):
+    """softcap=0.0 means off, as in FlashAttention (whose callers pass 0.0 for "no softcap"): the same result
+    and gradients as no softcap, on both paths, with no variant machinery (the plain kernels)."""
+    q, k, v = (t.to(device) for t in _inputs())
+    with fused_kernels.use_backend(backend):
+        out = fused_kernels.attention(q, k, v, causal=True, softcap=0.0)
+        want = fused_kernels.attention(q, k, v, causal=True)
+        assert torch.equal(out, want)
+        for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+            assert torch.equal(a, b)
+
+
 def _err(exc, word, **kw):
     q, k, v = _inputs(grad=False)
     with fused_kernels.use_backend("torch"), pytest.raises(exc, match=word):
@@ -127,7 +140,8 @@ def test_errors():
     _err(ValueError, "document_ids", document_ids=torch.zeros(2, 7, dtype=torch.long))
     _err(ValueError, "prefix_lengths", prefix_lengths=torch.zeros(2, dtype=torch.long))
     _err(ValueError, "prefix_lengths", prefix_lengths=torch.zeros(2, dtype=torch.long), causal=True, window=(2, 0))
-    _err(ValueError, "softcap", softcap=0.0)
+    _err(ValueError, "softcap", softcap=-1.0)
+    _err(ValueError, "softcap", softcap=float("nan"))
     _err(TypeError, "softcap", softcap=True)
     _err(TypeError, "score_mod", score_mod=lambda s, b, h, i, j: s)
     _err(ValueError, "mask_mod", mask_mod=_rel)

@@ -220,6 +220,27 @@ def test_attention_variants_compile():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_seqlens_k_compiles():
+    """seqlens_k (its per-row causal alignment, with and without variants) traces in one graph: the range check
+    is skipped while compiling (a data-dependent branch), the rest gives eager's output and gradients."""
+    lens = torch.tensor([9, 4])
+
+    def fn(q, k, v):
+        a = fused_kernels.attention(q, k, v, causal=True, seqlens_k=lens)
+        c = fused_kernels.attention(q, k, v, causal=True, seqlens_k=lens, window=(3, 0), softcap=4.0)
+        return a + c
+
+    inputs = [_randn(2, 2, 3, 8), _randn(2, 1, 9, 8, seed=1), _randn(2, 1, 9, 8, seed=2)]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = run(*leaves)
+        results.append([out.detach()] + grads(out, leaves, _randn(*out.shape, seed=4)))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.triton_only   # inductor would generate C++ for the PyTorch path's ops (slow to compile)
 def test_inductor():
     """The default backend: inductor calls the custom ops as opaque kernels (kept to custom ops only,
@@ -300,8 +321,12 @@ def _attention_opcheck_cases():
     variants = ([3, 0], torch.tensor([[0.5, 0.25]]), 5.0, *ids, None)
     plain = (q, k, v, mask, lens, 0.35, True, 3, 0.0, 0)
     out, lse, seed = attention_fwd(*plain, *variants)
+    aligned = attention_fwd(*plain, *variants, True)     # align_seqlens: attention(causal=True, seqlens_k=...)
     return [
         ("attention_fwd", attention_fwd, (req(q), req(k), req(v), req(mask), lens, 0.35, True, 3, 0.0, 0)),
+        ("attention_fwd-aligned", attention_fwd, (req(q), req(k), req(v), req(mask), *plain[4:], *variants, True)),
+        ("attention_bwd-aligned", attention_bwd, (_randn(*out.shape, seed=4), None, q, k, v, *aligned[:2], mask,
+                                                  lens, aligned[2], 0.35, True, 3, 0.0, *variants, True)),
         ("attention_fwd-variants", attention_fwd, (req(q), req(k), req(v), req(mask), *plain[4:], *variants)),
         ("attention_fwd-prefix", attention_fwd, (req(q), req(k), req(v), None, None, 0.35, True, 3, 0.0, 0, None,
                                                  None, None, None, None, torch.tensor([4]))),

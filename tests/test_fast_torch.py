@@ -299,3 +299,19 @@ def test_no_warnings_from_the_pytorch_path():
                 fused_kernels.layer_norm(x, (8,), w),
                 fused_kernels.rms_norm(x, (8,), w), *fused_kernels.add_layer_norm(x, x, w, dropout_p=0.1)]
         torch.autograd.grad(sum(o.sum() for o in outs), [q, x, w])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_plain_call_skips_checks_but_not_their_outcome(causal):
+    """``attention(q, k, v)`` on plain tensors takes a short path past the argument checks (their cost showed at
+    L = 16): the same bits as the fully checked call (an explicit default scale), and any argument the short
+    path does not cover still reaches the checks."""
+    q, k, v = (torch.randn(1, 4, 16, 64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    want = fused_kernels.attention(q, k, v, causal=causal, scale=64 ** -0.5)
+    assert torch.equal(fused_kernels.attention(q, k, v, causal=causal), want)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        fused_kernels.attention(q, k, v, causal=1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        fused_kernels.attention(q, k, v, dropout_p=1.5)
+    with pytest.raises(TypeError, match="v has dtype torch.float64 but q has torch.float32"):
+        fused_kernels.attention(q, k, v.double())

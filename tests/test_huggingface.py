@@ -1,6 +1,8 @@
 """Tiny Hugging Face BERT, GPT-2 and ViT built from configs (no download) give the same outputs with our
 attention as with transformers' sdpa, padding masks included."""
 
+import sys
+
 import pytest
 import torch
 
@@ -160,3 +162,25 @@ def test_llama_packed_batch_on_triton_kernels(name, triton_backend):
     assert got[1].keys() == want[1].keys()
     for n in want[1]:
         torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_register_shows_why_transformers_did_not_import(monkeypatch):
+    """transformers installed but failing to import (a broken dependency, or too old for AttentionInterface):
+    the error is transformers' own, not "pip install transformers"; only a missing package says that."""
+    import builtins
+
+    real = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.startswith("transformers"):
+            raise ImportError("cannot import name 'Tokenizer' from 'tokenizers' (simulated)")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(ImportError, match="installed but importing what it needs failed: ImportError: cannot "
+                                          "import name 'Tokenizer' from 'tokenizers'"):
+        huggingface.register()
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "transformers", None)   # import and find_spec then see no transformers
+    with pytest.raises(ImportError, match="needs transformers: pip install transformers"):
+        huggingface.register()

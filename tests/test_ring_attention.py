@@ -61,11 +61,15 @@ def _check_case(rank: int, world: int, case: tuple, group: dist.ProcessGroup | N
     out = kd.ring_attention(*local, group=group, causal=causal, layout=layout, seqlens_k=seqlens)
     got = (out, *torch.autograd.grad(out, local, do[:, :, pos].to(dtype)))
 
-    full = [t.to(dtype).requires_grad_() for t in (q, k, v)]       # one process, the whole sequence
-    single = fused_kernels.attention(*full, causal=causal, seqlens_k=seqlens)
+    # One process, the whole sequence. Ring attention's seqlens_k pads a self-attention (query i at position i,
+    # keys past seqlens_k masked): a key-padding mask, not attention()'s seqlens_k, which aligns each row's
+    # causal diagonal with its last valid key (a KV cache).
+    keys = None if seqlens is None else (torch.arange(total) < seqlens[:, None])[:, None, None, :]
+    full = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    single = fused_kernels.attention(*full, causal=causal, attn_mask=keys)
     single = (single, *torch.autograd.grad(single, full, do.to(dtype)))
     exact = [t.clone().requires_grad_() for t in (q, k, v)]         # float64 reference
-    ref = attention_ref(*exact, causal=causal, seqlens_k=seqlens)
+    ref = attention_ref(*exact, causal=causal, attn_mask=keys)
     ref = (ref, *torch.autograd.grad(ref, exact, do))
     for name, mine, one, want in zip(("out", "dq", "dk", "dv"), got, single, ref):
         if dtype in (torch.float16, torch.bfloat16):   # the 2x rule: single-process attention's error is the yardstick

@@ -337,13 +337,29 @@ def test_mask_gradcheck_through_every_feature():
     q = _rand(2, 4, 5, 8, grad=True)
     k, v = _rand(2, 2, 7, 8, seed=1, grad=True), _rand(2, 2, 7, 6, seed=2, grad=True)
     mask = _rand(1, 4, 5, 7, seed=3, grad=True)
-    seqlens = torch.tensor([7, 4], device=DEV)
+    seqlens = torch.tensor([7, 5], device=DEV)   # every query sees a key: no -inf lse
     fn = lambda a, b, c, m: fused_kernels.attention(a, b, c, attn_mask=m, causal=True, seqlens_k=seqlens,
                                                     return_lse=True)
     assert torch.autograd.gradcheck(fn, (q, k, v, mask), fast_mode=True)
     fn = lambda m: fused_kernels.scaled_dot_product_attention(q[0], k[0].repeat(2, 1, 1), v[0].repeat(2, 1, 1),
                                                               attn_mask=m)
     assert torch.autograd.gradcheck(fn, (_rand(4, 1, 7, seed=4, grad=True),), fast_mode=True)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_mask_gradient_under_vmap(blocks, monkeypatch):
+    """gradcheck's batched gradients run the backward under vmap (as PyTorch's own nn.Transformer tests do with
+    a learned float mask): the mask gradient is built without in-place writes or whole-dim views, in one block
+    of queries and in several."""
+    monkeypatch.setattr(_grad, "MASK_GRAD_BLOCK", 2 * 2 * 7 * (5 if blocks == 1 else 2))
+    q, k, v = _rand(2, 2, 5, 8, grad=True), _rand(2, 1, 7, 8, seed=1, grad=True), _rand(2, 1, 7, 8, seed=2, grad=True)
+    for mask in (_rand(1, 2, 5, 7, seed=3, grad=True), _rand(5, 7, seed=4, grad=True), _rand(2, 1, 1, 7, seed=5,
+                                                                                                grad=True)):
+        fn = lambda a, b, c, m: fused_kernels.attention(a, b, c, attn_mask=m, causal=True)   # noqa: E731
+        assert torch.autograd.gradcheck(fn, (q, k, v, mask), fast_mode=True, check_batched_grad=True)
+    fn = lambda m: fused_kernels.scaled_dot_product_attention(q[0], k[0].expand(2, 7, 8), v[0].expand(2, 7, 8),
+                                                              attn_mask=m)   # noqa: E731
+    assert torch.autograd.gradcheck(fn, (_rand(2, 1, 7, seed=6, grad=True),), fast_mode=True, check_batched_grad=True)
 
 
 def test_mask_gradient_is_chunked_and_deterministic(monkeypatch):

@@ -2,8 +2,15 @@
 result as an uninterrupted run), corrupt and mismatched checkpoints, fine-tuning methods, the CLI, and
 the Triton path against the PyTorch path over a few steps."""
 
+import errno
+import hashlib
+import io
 import json
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +23,15 @@ from transformer.outputs import LMOutput
 from transformer.training import checkpoint as ckpt
 from transformer.training.cli import main
 from transformer.training.task import Task, register
-from transformer.training.trainer import TrainArgs, TrainingInterrupted, load_run, lr_at, resolve, train
+from transformer.training.trainer import (
+    TrainArgs,
+    TrainingInterrupted,
+    backend_in_force,
+    load_run,
+    lr_at,
+    resolve,
+    train,
+)
 
 VOCAB, LENGTH = 16, 16
 
@@ -105,8 +120,9 @@ def test_resolve_precedence_and_errors(tmp_path):
 def test_a_run_writes_its_directory_and_learns(tmp_path):
     final, out = run(tmp_path)
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.json", "model.safetensors", "trainer_state.pt", "metrics.json", "metrics.jsonl",
-            "loss.png"} <= files
+    assert {"config.json", "checkpoint.json", "checkpoint-8", "metrics.json", "metrics.jsonl", "loss.png"} == files
+    assert {p.name for p in (tmp_path / "run" / "checkpoint-8").iterdir()} == {"model.safetensors",
+                                                                              "trainer_state.pt"}
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["train_loss"] for r in records if "train_loss" in r]
     assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
@@ -136,7 +152,7 @@ def test_resume_after_ctrl_c_retraces_the_uninterrupted_run(tmp_path, monkeypatc
     with pytest.raises(TrainingInterrupted, match="after step 3"):
         run(tmp_path, "cut", steps=6)
     monkeypatch.undo()
-    assert torch.load(tmp_path / "cut" / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert ckpt.load_state(tmp_path / "cut")["step"] == 3
     resumed = train(TrainArgs(resume=str(tmp_path / "cut")))
     a, b = ckpt.load_weights(full_out), ckpt.load_weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -156,29 +172,42 @@ def test_ctrl_c_from_the_cli_exits_130_with_a_checkpoint(tmp_path, monkeypatch, 
     monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
     assert main(["train", "count", "--out", str(out), "--no-progress"]) == 130
     assert "--resume" in capsys.readouterr().err
-    assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert ckpt.load_state(out)["step"] == 3
+
+
+def _replace_in_checkpoint(run_dir, name: str, data: bytes) -> None:
+    """Put ``data`` in file ``name`` of the run's checkpoint and record it in checkpoint.json, as if the file
+    had been saved that way (to reach the checks behind the digests)."""
+    manifest = json.loads((run_dir / "checkpoint.json").read_text())
+    (run_dir / manifest["directory"] / name).write_bytes(data)
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (run_dir / "checkpoint.json").write_text(json.dumps(manifest))
 
 
 def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
     _, out = run(tmp_path, steps=2, eval_every=2)
     base = tmp_path / "run"
-    weights = (base / "model.safetensors").read_bytes()
-    (base / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    weights = (base / "checkpoint-2" / "model.safetensors").read_bytes()
+    _replace_in_checkpoint(base, "model.safetensors", weights[: len(weights) // 2])
     with pytest.raises(ckpt.CheckpointError, match="model.safetensors is corrupt"):
         train(TrainArgs(resume=out, steps=4))
-    (base / "model.safetensors").write_bytes(weights)
+    _replace_in_checkpoint(base, "model.safetensors", weights)
 
     class Evil:
         def __reduce__(self):
             return (print, ("unpickled!",))
-    state = torch.load(base / "trainer_state.pt", weights_only=True)
-    torch.save({**state, "evil": Evil()}, base / "trainer_state.pt")
+    state = ckpt.load_state(base)
+    evil = io.BytesIO()
+    torch.save({**state, "evil": Evil()}, evil)
+    _replace_in_checkpoint(base, "trainer_state.pt", evil.getvalue())
     with pytest.raises(ckpt.CheckpointError, match="holds more than tensors"):
         train(TrainArgs(resume=out, steps=4))
-    (base / "trainer_state.pt").write_bytes(pickle.dumps({"step": 1}))
+    _replace_in_checkpoint(base, "trainer_state.pt", pickle.dumps({"step": 1}))
     with pytest.raises(ckpt.CheckpointError, match="corrupt"):
         train(TrainArgs(resume=out, steps=4))
-    torch.save(state, base / "trainer_state.pt")
+    good = io.BytesIO()
+    torch.save(state, good)
+    _replace_in_checkpoint(base, "trainer_state.pt", good.getvalue())
 
     config = json.loads((base / "config.json").read_text())
     config["model"]["dim"] = 64
@@ -192,6 +221,126 @@ def test_corrupt_and_mismatched_checkpoints_give_clear_errors(tmp_path):
         config["model"]["dim"] = 32
         (base / "config.json").write_text(json.dumps(config))
         train(TrainArgs(task="count-head", resume=out, steps=4))
+
+
+def test_a_save_failing_between_its_files_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """A checkpoint is whole or absent: the save of step 8 fails after the weights were written (the trainer
+    state's write raises, as on a full disk). The run stops with one line naming the file and the reason, the
+    checkpoint of step 4 stays current and complete, nothing of the failed one is left, and resuming retraces
+    the uninterrupted run (before, --resume took step 8's weights with step 4's optimizer and step)."""
+    full, full_out = run(tmp_path, "full", steps=8)
+    real = ckpt._write
+
+    def full_disk(path, data):
+        if path.name == "trainer_state.pt" and path.parent.name == ".checkpoint-8.partial":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write", full_disk)
+    monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
+    out = tmp_path / "cut"
+    assert main(["train", "count", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "trainer_state.pt" in err and "No space left on device" in err and "step 4 is kept" in err, err
+    monkeypatch.undo()
+    assert ckpt.checkpoint_step(out) == 4 and ckpt.load_state(out)["step"] == 4
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint.json"]
+    resumed = train(TrainArgs(resume=str(out)))
+    a, b = ckpt.load_weights(full_out), ckpt.load_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_a_torn_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    """Resume checks each file against checkpoint.json (size and SHA-256): a file of another save, or one that
+    is missing, stops the run with one line naming it, before any training."""
+    _, out = run(tmp_path, steps=4, eval_every=2)
+    _, other = run(tmp_path, "other", steps=2, eval_every=2)
+    base = tmp_path / "run"
+    (base / "checkpoint-4" / "model.safetensors").write_bytes(
+        (tmp_path / "other" / "checkpoint-2" / "model.safetensors").read_bytes())
+    assert main(["train", "--resume", out, "--steps", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.safetensors does not match checkpoint.json" in err, err
+    assert "torn or was modified" in err and "--overwrite" in err, err
+    (base / "checkpoint-4" / "trainer_state.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="trainer_state.pt: No such file"):
+        ckpt.load_state(out)
+
+
+def test_weights_without_a_manifest_load_but_do_not_resume(tmp_path):
+    """A directory holding model.safetensors itself (weights put there by hand, or a run saved before checkpoints
+    had a manifest) evaluates; resuming it is refused, since nothing ties its weights to a trainer state."""
+    _, out = run(tmp_path, steps=2, eval_every=2)
+    base = tmp_path / "run"
+    (base / "model.safetensors").write_bytes((base / "checkpoint-2" / "model.safetensors").read_bytes())
+    shutil.rmtree(base / "checkpoint-2")
+    (base / "checkpoint.json").unlink()
+    task, model = load_run(out)
+    with fused_kernels.use_backend("torch"):
+        assert task.evaluate(model, 8)["val_loss"] > 0
+    with pytest.raises(ckpt.CheckpointError, match="has no checkpoint.json.*cannot be resumed"):
+        train(TrainArgs(resume=out, steps=4))
+
+
+_FILE_SIZE_LIMIT = """
+import resource, sys, torch
+from pathlib import Path
+from transformer.training import checkpoint as ckpt
+out = Path(sys.argv[1])
+ckpt.save_checkpoint(out, 1, {"w": torch.ones(16)}, {"step": 1, "optimizer": {}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))   # Python ignores SIGXFSZ: the write fails (EFBIG)
+try:
+    ckpt.save_checkpoint(out, 2, {"w": torch.ones(1 << 16)}, {"step": 2, "optimizer": {}})
+except ckpt.CheckpointError as e:
+    print(e)
+"""
+
+
+def test_a_save_over_the_file_size_limit_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real write failure (``ulimit -f``: RLIMIT_FSIZE in a child process) in the first file of a save: one
+    line (which file, the OS's reason), the previous checkpoint intact, no temporary file left behind."""
+    pytest.importorskip("resource")
+    out = tmp_path / "limited"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    message = done.stdout.strip()
+    assert message.count("\n") == 0 and "model.safetensors" in message, message
+    assert "File too large" in message and "step 1 is kept" in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint.json"]
+    assert torch.equal(ckpt.load_weights(out)["w"], torch.ones(16)) and ckpt.load_state(out)["step"] == 1
+
+
+def test_a_run_is_not_replaced_without_overwrite(tmp_path, monkeypatch, capsys):
+    """A new run into a directory that holds a run is refused in one line naming the directory, what it holds
+    and the two ways on (--overwrite, --resume); --overwrite replaces the files a run writes and nothing else;
+    --resume is unchanged; --out naming a file is one line too (it was a FileExistsError)."""
+    monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
+    _, out = run(tmp_path, steps=4, eval_every=2)
+    before = ckpt.load_weights(out)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert main(["train", "count", "--out", out, "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and out in err and "a finished count run (step 4 of 4)" in err, err
+    assert "--overwrite" in err and f"--resume {out}" in err, err
+    assert all(torch.equal(before[k], v) for k, v in ckpt.load_weights(out).items())
+    assert main(["train", "count", "--out", out, "--steps", "2", "--eval-every", "2", "--overwrite"]) == 0
+    assert "replacing a finished count run" in capsys.readouterr().out
+    assert ckpt.checkpoint_step(out) == 2 and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == ["checkpoint-2",
+                                                                                            "checkpoint.json"]
+    assert main(["train", "--resume", out, "--steps", "4"]) == 0
+    assert ckpt.checkpoint_step(out) == 4
+    assert main(["train", "--resume", out, "--steps", "6", "--overwrite"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    readme = tmp_path / "README.md"
+    readme.write_text("not a run")
+    assert main(["train", "count", "--out", str(readme)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert readme.read_text() == "not a run"
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "bitfit"])
@@ -216,9 +365,53 @@ def test_finetuning_methods_train_what_they_should(tmp_path, method):
 def test_init_that_shares_nothing_is_an_error(tmp_path):
     _, source = run(tmp_path, "source", steps=2, eval_every=2)
     weights = ckpt.load_weights(source)
-    ckpt.save_weights(tmp_path / "source", {"other." + k: v for k, v in weights.items()})
+    ckpt.save_checkpoint(tmp_path / "source", 2, {"other." + k: v for k, v in weights.items()},
+                         ckpt.load_state(source))
     with pytest.raises(ckpt.CheckpointError, match="no weight of that run fits"):
         run(tmp_path, "ft", task="count-head", init=source, steps=2)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """What a user gets wrong ends in one line and exit 2, not a traceback: a diverging loss names the step and
+    suggests a lower --lr (fp16 advice only on an fp16 run), a --model value of the wrong type names the field,
+    and 0 for --eval-every is refused like 0 for --log-every (before, it silently meant the default)."""
+    monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
+    real = Task.loss
+
+    def diverging(self, model, batch):
+        loss, n = real(self, model, batch)
+        return loss * float("nan"), n
+
+    monkeypatch.setattr(CountTask, "loss", diverging)
+    assert main(["train", "count", "--out", str(tmp_path / "nan"), "--lr", "1e6"]) == 2
+    err = _one_line_error(capsys)
+    assert "diverged: the loss is nan at step 1" in err and "lower --lr (it was" in err, err
+    assert "fp16" not in err and "bf16" not in err, err
+    monkeypatch.undo()
+    monkeypatch.setattr("transformer.training.cli.TASK_NAMES", ("count",))
+    assert main(["train", "count", "--out", str(tmp_path / "a"), "--model", "dim=abc"]) == 2
+    assert "--model dim: dim must be an int, got 'abc'" in _one_line_error(capsys)
+    assert main(["train", "count", "--out", str(tmp_path / "b"), "--model", "dropout=yes"]) == 2
+    assert "dropout must be a number" in _one_line_error(capsys)
+    for flag in ("--eval-every", "--log-every"):
+        assert main(["train", "count", "--out", str(tmp_path / "c"), flag, "0"]) == 2
+        assert f"{flag[2:].replace('-', '_')} must be a positive integer, got 0" in _one_line_error(capsys)
+
+
+def test_the_banner_counts_and_says_what_auto_resolved_to(tmp_path, capsys):
+    """ "1 step", not "1 steps"; the backend line says what "auto" runs on the device."""
+    run(tmp_path, steps=1, eval_every=1, log_every=1)
+    banner = capsys.readouterr().out.splitlines()[0]
+    assert "1 step of 8 on cpu" in banner and "kernels backend torch" in banner, banner
+    with fused_kernels.use_backend("auto"):
+        want = "the Triton kernels" if fused_kernels._core.backend.INTERPRET else "the PyTorch ops"
+        assert backend_in_force(torch.device("cpu")) == f"auto: {want}"
 
 
 def test_cli_eval_prints_the_metrics(tmp_path, capsys):

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +38,26 @@ class Config:
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def type_error(cls, name: str, value: Any) -> str | None:
+        """Why ``value`` cannot be field ``name`` (None: it can): the simple field types only (int, float, bool,
+        str, optionally None); an int is a float, a bool is not an int. What the command line checks its
+        ``--model KEY=VALUE`` overrides with, before the config's own checks compute with them."""
+        hint = typing.get_type_hints(cls).get(name)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        args = typing.get_args(hint) if union else (hint,)
+        if value is None and type(None) in args:
+            return None
+        simple = [t for t in args if t in (int, float, bool, str)]
+        if not simple:
+            return None
+        kinds = {bool} if isinstance(value, bool) else {int, float} if isinstance(value, int) else {type(value)}
+        if kinds & set(simple):
+            return None
+        names = {int: "an int", float: "a number", bool: "true or false", str: "a string"}
+        want = " or ".join(names[t] for t in simple) + (" or null" if type(None) in args else "")
+        return f"{name} must be {want}, got {value!r}"
 
     def __post_init__(self) -> None:
         dim, heads = getattr(self, "dim", None), getattr(self, "n_heads", None)

@@ -259,12 +259,13 @@ def attention_specs() -> Iterator[Spec]:
     benchmark grid: 16k tokens per batch (16 x 1024 queries and keys), H x D = 2048 with 4 query heads per
     key/value head (GQA), head dims 64, 128 and 256 (decode: 1 query over 4096 keys in 16 splits).
     "plain" is no mask, no causal, no dropout; "causal" adds the causal mask alone; "heavy" is a bool padding
-    mask (B, 1, L, S) + causal + seqlens_k + dropout (+ lse gradient in the backward). fp16 and bf16 run all
-    three, fp32 and fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims 64 and 128: fp64 at
-    head dim 256 spills, a known gap). MHA ("mha": one query head per key/value head, ``GROUP=1``, which the
-    launcher's specialization turns into a constant): fp16 and bf16 at head dims 64 and 128, all three. A
-    steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N scores (the SASS report's
-    unit)."""
+    mask (B, 1, L, S) + causal aligned per row to seqlens_k + dropout (+ lse gradient in the backward). fp16
+    and bf16 run all three, fp32 and fp64 the heavy one (fp32 with true-fp32 dots, fp64 only at head dims 64
+    and 128: fp64 at head dim 256 spills, a known gap). MHA ("mha": one query head per key/value head,
+    ``GROUP=1``, which the launcher's specialization turns into a constant): fp16 and bf16 at head dims 64 and
+    128, all three. "causal-seqlens" (bf16, head dims 64 and 128): causal aligned per row to seqlens_k alone,
+    what a padded KV cache runs. A steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N
+    scores (the SASS report's unit)."""
     from ..ops.attention import launch as at  # the launchers and the kernels they call
     names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
              "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
@@ -285,6 +286,7 @@ def attention_specs() -> Iterator[Spec]:
     cases += [(torch.float64, d, "heavy", 4) for d in (64, 128)]
     cases += [(dtype, d, kind, 1) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128)
               for kind in ("plain", "causal", "heavy")]
+    cases += [(torch.bfloat16, d, "causal-seqlens", 4) for d in (64, 128)]
     seen = set()
     for arch in ARCHS:
         for dtype, d, kind, group in cases:
@@ -293,7 +295,7 @@ def attention_specs() -> Iterator[Spec]:
             heavy, causal = kind == "heavy", kind != "plain"
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             mask = empty(b, 1, l, s, dtype=torch.bool) if heavy else None
-            seqlens = empty(b, dtype=torch.int32) if heavy else None
+            seqlens = empty(b, dtype=torch.int32) if heavy or kind == "causal-seqlens" else None
             p, seed = (0.1, 12345) if heavy else (0.0, 0)
             q, k, v = empty(b, h, l, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype)
             q1 = empty(b, h, 1, d, dtype=dtype)
@@ -304,9 +306,12 @@ def attention_specs() -> Iterator[Spec]:
 
             def run(q=q, k=k, v=v, q1=q1, kd=kd, vd=vd, mask=mask, mask1=mask1, seqlens=seqlens, p=p, seed=seed,
                     causal=causal, out=out, lse=lse, dlse=dlse, arch=arch):
-                at.fwd_launch(q, k, v, mask, seqlens, 0.125, causal, 0, p, 0, seed, arch)
-                at.fwd_launch(q1, kd, vd, mask1, seqlens, 0.125, causal, s_dec - 1, p, splits, seed, arch)
-                at.bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, causal, 0, p, arch)
+                # align_seqlens: what attention(causal=True, seqlens_k=...) runs (a no-op without seqlens)
+                at.fwd_launch(q, k, v, mask, seqlens, 0.125, causal, 0, p, 0, seed, arch, align_seqlens=True)
+                at.fwd_launch(q1, kd, vd, mask1, seqlens, 0.125, causal, s_dec - 1, p, splits, seed, arch,
+                              align_seqlens=True)
+                at.bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, causal, 0, p, arch,
+                              align_seqlens=True)
 
             for kernel, args, options in record(run):
                 name = kernel.fn.__name__
@@ -506,7 +511,7 @@ def variants_specs() -> Iterator[Spec]:
                 score_mod_grad=getattr(ex, score_mod[1]) if score_mod else None,
                 mask_mod=getattr(ex, on["mask_mod"]) if on.get("mask_mod") else None,
                 mod_args=(empty(h, 2 * ex.REL_R.value + 1, dtype=torch.float32),) if on.get("mod_args") else (),
-                block_mask=None)
+                block_mask=None, off=s - l)
             q, k, v = empty(b, h, l, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype)
             out, lse = empty(b, h, l, d, dtype=dtype), empty(b, h, l, dtype=acc)
             with _recorded() as recorded, _shape_only_tables():

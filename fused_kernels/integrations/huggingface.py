@@ -39,6 +39,7 @@ one ``fused_kernels.varlen_attention`` over the packed tokens, causal per sequen
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -151,8 +152,12 @@ def register(name: str = NAME) -> str:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as err:
-        raise ImportError("fused_kernels.integrations.huggingface needs transformers: "
-                          "pip install transformers") from err
+        if importlib.util.find_spec("transformers") is None:
+            raise ImportError("fused_kernels.integrations.huggingface needs transformers: "
+                              "pip install transformers") from err
+        # installed but broken (a missing or mismatched dependency) or too old: the real error says which
+        raise ImportError(f"fused_kernels.integrations.huggingface: transformers is installed but importing what "
+                          f"it needs failed: {type(err).__name__}: {err}") from err
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name

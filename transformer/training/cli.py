@@ -14,7 +14,7 @@ import fused_kernels
 
 from .checkpoint import CheckpointError
 from .task import get_task
-from .trainer import METHODS, PRECISIONS, TrainArgs, TrainingInterrupted, load_run, train
+from .trainer import METHODS, PRECISIONS, TrainArgs, TrainingDiverged, TrainingInterrupted, load_run, train
 
 TASK_NAMES = ("gpt", "bert", "bert-cls", "seq2seq", "vit", "multimodal")
 BACKENDS = ("auto", "triton", "torch")
@@ -47,7 +47,9 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on a GPU, fp32 on the CPU")
     p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="run directory (default runs/TASK)")
+    p.add_argument("--out", help="run directory (default runs/TASK); one holding a run is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run (or the files a run writes) already in --out")
     p.add_argument("--fsdp", action="store_true", default=None, help="shard the model with FSDP (under torchrun)")
     p.add_argument("--context-parallel", type=int, metavar="N",
                    help="gpt under torchrun: groups of N ranks split every sequence (ring attention, zigzag layout); "
@@ -83,8 +85,9 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from scratch (or --resume a run)",
-                       description="Train a reference model; writes config.json, model.safetensors, metrics.json(l), "
-                                   "loss.png to --out and prints the held-out result.")
+                       description="Train a reference model; writes config.json, the checkpoint (checkpoint.json and "
+                                   "checkpoint-STEP/: weights and trainer state), metrics.json(l), loss.png to "
+                                   "--out and prints the held-out result.")
     p.add_argument("task", nargs="?", choices=TASK_NAMES, help="what to train (optional with --resume)")
     p.add_argument("--resume", help="a run directory to continue (Ctrl-C saves one)")
     _training_flags(p)
@@ -166,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, TrainingDiverged, OSError) as e:   # OSError: a full disk, a missing file
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = dict(
     steps=200, batch_size=32, lr=1e-3, warmup=None, weight_decay=0.1, min_lr_ratio=0.1, grad_clip=1.0,
     grad_accum=1, eval_every=None, eval_batches=20, eval_batch_size=None, log_every=10, device="auto",
     precision="auto", seed=0, method="full", lora_r=8, lora_alpha=16.0, fsdp=False, backend=None, progress=True,
-    task_options={}, model_overrides={}, threads=None, context_parallel=1,
+    task_options={}, model_overrides={}, threads=None, context_parallel=1, overwrite=False,
 )
 METHODS = ("full", "lora", "bitfit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -60,6 +60,7 @@ class TrainArgs:
     preset: str | None = None
     data: str | None = None
     out: str | None = None
+    overwrite: bool | None = None          # replace what a run left in ``out`` (else such an ``out`` is refused)
     resume: str | None = None              # a run directory to continue
     init: str | None = None                # a run directory whose weights start a fine-tuning run
     steps: int | None = None
@@ -87,6 +88,17 @@ class TrainArgs:
     context_parallel: int | None = None    # ranks that split every sequence (ring attention); gpt only
     task_options: dict[str, Any] | None = None
     model_overrides: dict[str, Any] | None = None   # model config fields over the preset's, e.g. dropout
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss stopped being finite: what diverged, at which step, and what to change."""
+
+    def __init__(self, step: int, loss: float, lr: float, precision: str) -> None:
+        hint = f"lower --lr (it was {lr:.3g} at that step)"
+        if precision == "fp16":     # fp16's range can overflow where bf16 / fp32 do not
+            hint += ", or train in bf16 / fp32 (--precision)"
+        super().__init__(f"the training diverged: the loss is {loss} at step {step}; {hint}")
+        self.step = step
 
 
 class TrainingInterrupted(Exception):
@@ -120,16 +132,41 @@ def resolve(args: TrainArgs) -> tuple[dict[str, Any], dict[str, Any] | None]:
     fields = {f.name for f in dataclasses.fields(task_cls.config_class)}
     if unknown := sorted(set(run["model_overrides"]) - fields):
         raise ValueError(f"model overrides {unknown} are not {task_cls.config_class.__name__} fields")
+    for name, value in run["model_overrides"].items():     # before the config's own checks do arithmetic on it
+        if (why := task_cls.config_class.type_error(name, value)) is not None:
+            raise ValueError(f"--model {name}: {why}")
     run["out"] = run.get("out") or args.resume or f"runs/{task}"
+    run["overwrite"] = bool(args.overwrite)      # never inherited from the resumed run
+    _check_out(run, args.resume)
     run["warmup"] = min(100, run["steps"] // 20) if run["warmup"] is None else run["warmup"]
-    run["eval_every"] = run["eval_every"] or max(1, run["steps"] // 5)
-    run["eval_batch_size"] = run["eval_batch_size"] or run["batch_size"]
+    # None is "the default"; 0 is refused like every other count (_validate), as for --log-every
+    run["eval_every"] = max(1, run["steps"] // 5) if run["eval_every"] is None else run["eval_every"]
+    run["eval_batch_size"] = run["batch_size"] if run["eval_batch_size"] is None else run["eval_batch_size"]
     run["device"] = ("cuda" if torch.cuda.is_available() else "cpu") if run["device"] == "auto" else run["device"]
     if run["precision"] == "auto":
         gpu_bf16 = run["device"] == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         run["precision"] = "bf16" if gpu_bf16 else "fp32"
     _validate(run)
     return run, saved
+
+
+def _check_out(run: dict[str, Any], resume: str | None) -> None:
+    """Refuse an ``out`` that is a file, or that holds a run (or another model) a new run would replace,
+    unless ``--overwrite``; resuming writes into its own directory."""
+    out = Path(run["out"])
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory: name a directory for the run")
+    if resume is not None and out.resolve() == Path(resume).resolve():
+        if run["overwrite"]:
+            raise ValueError(f"--overwrite and --resume {resume} exclude each other: --resume continues the run "
+                             f"in {resume}, --overwrite starts a new one there")
+        return
+    held = ckpt.describe(out)
+    if held is None or run["overwrite"]:
+        return
+    what, resumable = held
+    again = f", or --resume {out} to continue it (with a larger --steps if it is finished)" if resumable else ""
+    raise ValueError(f"{out} already holds {what}: pass --overwrite to replace it{again}, or choose another --out")
 
 
 def _validate(run: dict[str, Any]) -> None:
@@ -181,6 +218,19 @@ def interpreter_note(backend: str | None, device: str) -> str | None:
     return ("note: TRITON_INTERPRET=1: the Triton kernels run in Triton's interpreter (NumPy, about 4 ms per "
             "kernel loop iteration), which is for tests; training this way takes minutes or more per step. "
             "Unset it, or pass --backend torch")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def backend_in_force(device: torch.device) -> str:
+    """The kernels backend in force, with what "auto" resolves to on ``device`` (the banner's words)."""
+    backend = fused_kernels.get_backend()
+    if backend != "auto":
+        return backend
+    resolved = fused_kernels._core.backend.choose(torch.empty(0, device=device), "train")
+    return f"auto: {'the Triton kernels' if resolved == 'triton' else 'the PyTorch ops'}"
 
 
 def lr_at(step: int, run: dict[str, Any]) -> float:
@@ -373,15 +423,18 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
         records = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= step] \
             if log.is_file() else []
         if step >= run["steps"]:
-            raise ValueError(f"--resume {run['resume']}: the run already did {step} steps; pass --steps > {step}")
-    elif info.is_main and (out / ckpt.CONFIG).exists():
-        print(f"note: overwriting the run in {out}")
+            raise ValueError(f"--resume {run['resume']}: the run already did {_count(step, 'step')}; pass --steps > "
+                             f"{step}")
+    elif info.is_main and run["overwrite"] and (held := ckpt.describe(out)) is not None:
+        print(f"note: --overwrite: replacing {held[0]} in {out}")
+        ckpt.clear(out)
     if info.is_main and (note := interpreter_note(run["backend"], device.type)):
         print(note)
 
     counts = lora.parameter_counts(model)
     config = {"task": run["task"], "task_spec": task.spec(), "model": model.config.to_dict(),
-              "train": {k: v for k, v in run.items() if k not in ("resume", "out", "progress", "threads")},
+              "train": {k: v for k, v in run.items() if k not in ("resume", "out", "progress", "threads",
+                                                                  "overwrite")},
               "head": head, "parameters": counts}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -389,10 +442,9 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
         task.save(out)
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"{run['task']}: {counts['total']:,} parameters ({counts['trainable']:,} trainable), "
-              f"{run['steps']} steps of {run['batch_size']} on {device}"
+              f"{_count(run['steps'], 'step')} of {run['batch_size']} on {device}"
               f"{f' x {info.world_size} processes' if info.enabled else ''}, {run['precision']}, "
-              f"kernels backend {fused_kernels.get_backend()}, {torch.get_num_threads()} CPU thread"
-              f"{'s' if torch.get_num_threads() > 1 else ''}")
+              f"kernels backend {backend_in_force(device)}, {_count(torch.get_num_threads(), 'CPU thread')}")
 
     def record(r: dict[str, Any]) -> None:
         records.append(r)
@@ -402,10 +454,9 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
 
     def save() -> None:
         msd, osd = get_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if info.is_main:
-            ckpt.save_weights(out, msd)
-            ckpt.save_state(out, {"step": step, "optimizer": osd, "pending": pending,
-                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+        if info.is_main:   # weights and state as one checkpoint: whole, or the previous one stays
+            ckpt.save_checkpoint(out, step, msd, {"step": step, "optimizer": osd, "pending": pending,
+                                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None})
 
     plain: list[nn.Module] = []
 
@@ -453,7 +504,7 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
                 step_loss += loss.item() / accum
                 units += n
             if not math.isfinite(step_loss):
-                raise FloatingPointError(f"the loss is {step_loss} at step {step}: lower --lr, or train in fp32/bf16")
+                raise TrainingDiverged(step + 1, step_loss, lr, run["precision"])
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_([p for _, p in trainable], run["grad_clip"])
             scaler.step(opt)
@@ -491,7 +542,7 @@ def _train(run: dict[str, Any], saved: dict[str, Any] | None, info: distributed.
     examples = on_one_device(task.examples)
     if info.is_main:
         (out / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-        plot_losses(records, out / "loss.png", f"{run['task']} ({run['preset']}, {run['steps']} steps)",
+        plot_losses(records, out / "loss.png", f"{run['task']} ({run['preset']}, {_count(run['steps'], 'step')})",
                     task.loss_labels(model.config))
         print("held-out: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in final.items()))

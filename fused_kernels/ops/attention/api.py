@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -15,7 +16,7 @@ from . import sparse, torch_path
 from .blockmask import BlockMask
 from .config import MAX_HEAD_DIM, attention_config, decode_splits
 from .launch import attention_fwd, variant_attention
-from .variants import Variants, check_variants
+from .variants import Variants, check_variants, row_offsets
 
 try:  # torch's causal-mask tensor subclass (torch >= 2.3), understood as a causal alignment
     from torch.nn.attention.bias import CausalBias as _CausalBias
@@ -69,6 +70,16 @@ def _mask_4d(mask: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
     return m.expand(*full[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
 
 
+def _check_seqlens_range(op: str, seqlens_k: torch.Tensor, s: int) -> None:
+    """0 <= seqlens_k[b] <= S: one reduction (a device sync on a GPU; ``check=False`` skips it)."""
+    bad = (seqlens_k < 0) | (seqlens_k > s)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise _checks.ArgumentValueError(
+            f"{op}: seqlens_k[{i}] is {int(seqlens_k[i])}, outside [0, {s}] (0 to the keys' length S); pass "
+            f"check=False to skip this check (a device sync) when the lengths are known to be valid")
+
+
 def _choose(q: torch.Tensor, op: str, attn_mask: torch.Tensor | None, dropout_p: float) -> str:
     """The backend's choice, except that a float mask whose gradient is wanted together with dropout runs the
     PyTorch path (the kernels' dropout mask is drawn inside them; the mask gradient is computed outside)."""
@@ -97,7 +108,7 @@ def _attention_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
                         return_lse: bool, variants: Variants):
     """The kernels with the variants: always the main kernel (no flash-decoding split), any number of queries."""
     out, lse = variant_attention(q, k, v, attn_mask, seqlens_k, scale, causal, k.shape[2] - q.shape[2], dropout_p,
-                                 variants)
+                                 variants, align_seqlens=seqlens_k is not None)
     if return_lse:
         return out, (lse if lse.dtype == torch.float64 else lse.float())
     return out
@@ -141,52 +152,18 @@ def attention_tiles(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
     return sparse.tile_counts(variants, q, k, seqlens_k, causal, cfg["BLOCK_M"], cfg["BLOCK_N"])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              attn_mask: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
-              scale: float | None = None, dropout_p: float = 0.0,
-              return_lse: bool = False, window: tuple[int, int] | None = None,
-              alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
-              document_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
-              prefix_lengths: torch.Tensor | None = None, score_mod=None, score_mod_grad=None, mask_mod=None,
-              mod_args: tuple = (), block_mask=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` for models and decoding.
+def _plain_qkv(q: object, k: object, v: object) -> bool:
+    """q, k, v are plain 4-D tensors of the same shape, float dtype and device, with a head dim the kernels take:
+    the arguments of self-attention that every check of ``attention`` passes."""
+    return (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor and q.dim() == 4
+            and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and q.dtype in _checks.FLOAT_DTYPES
+            and q.device == k.device == v.device and q.shape[1] > 0 and 1 <= q.shape[3] <= MAX_HEAD_DIM)
 
-    Shapes: ``q`` (B, H, L, D), ``k`` (B, Hkv, S, D), ``v`` (B, Hkv, S, Dv), with Hkv dividing H (GQA;
-    Hkv = 1 is MQA; query head h uses key/value head h // (H // Hkv)); D, Dv up to 256. Returns
-    (B, H, L, Dv) in q's dtype, and with ``return_lse=True`` also the log-sum-exp of the scaled, masked
-    scores (B, H, L), float32 (float64 for float64 inputs), -inf for fully masked rows.
 
-    - ``causal=True`` is **bottom-right** aligned: query i attends keys j <= i + S - L (the last query
-      sees every key, as a KV cache needs); equal to torch's top-left ``is_causal`` when L == S. Rows with
-      i + S - L < 0 are fully masked.
-    - ``attn_mask``: bool (True = attend) or float (added to the scaled scores), broadcastable to
-      (B, H, L, S), read through broadcast strides; may be combined with ``causal`` and ``seqlens_k``. A float
-      mask may require grad: it gets the gradient of the softmax input, summed over its broadcast dims.
-    - ``seqlens_k``: int tensor (B,) of valid key lengths: keys j >= seqlens_k[b] are masked and their
-      blocks skipped.
-    - ``dropout_p``: dropout on the attention probabilities (always applied when > 0), kept values scaled
-      by 1 / (1 - p), drawn in the kernel from a seed taken from torch's default generator.
-    Fully masked rows give output 0, lse -inf and zero gradients. With few queries (L <= 16) and long
-    keys the forward splits the keys across programs (flash-decoding) with the same results.
-
-    Variants (off = None; ``off = S - L``, query i, key j, batch b, query head h):
-
-    - ``window=(left, right)``: ints >= -1 (-1 unbounded): keys ``i + off - left <= j <= i + off + right``;
-      with ``causal=True`` right is 0.
-    - ``prefix_lengths`` (B,) ints, needs ``causal=True``, no window: also keys ``j < prefix_lengths[b]``.
-    - ``document_ids``: (B, S) ints when L == S, or a pair ``(q_ids (B, L), k_ids (B, S))``: keys of the
-      query's document only.
-    - ``alibi_slopes`` float32 (H,) or (B, H): adds ``-slope * |i + off - j|``.
-    - ``softcap > 0``: the scaled score x becomes ``softcap * tanh(x / softcap)``.
-    - ``score_mod(score, b, h, q_idx, kv_idx)``, ``mask_mod(b, h, q_idx, kv_idx) -> bool``: ``@triton.jit``
-      functions (one more parameter ``args`` when ``mod_args``, a tuple of tensors, is non-empty);
-      ``score_mod_grad`` (same signature, d score_mod / d score) is required when a gradient is wanted.
-      On the PyTorch path their Python body runs on torch int64 index tensors broadcastable to (B, H, L, S).
-    - ``block_mask``: a ``fused_kernels.block_mask(...)`` for the same mask_mod (block skipping), optional.
-
-    Score pipeline: ``scale * q.k``, softcap, alibi, + float attn_mask, score_mod; then keep = seqlens_k &
-    causal/window/prefix & documents & bool attn_mask & mask_mod; softmax over kept keys."""
-    op = "attention"
+def _checked_arguments(op: str, q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, window, alibi_slopes,
+                       softcap, document_ids, prefix_lengths, score_mod, score_mod_grad, mask_mod, mod_args,
+                       block_mask, check: bool) -> tuple[float, float, Variants | None]:
+    """Every argument check of ``attention``; returns (scale, dropout_p, variants) normalized."""
     _check_qkv(op, q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -218,6 +195,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             raise _checks.ArgumentValueError(f"{op}: seqlens_k must have shape ({b},), got {tuple(seqlens_k.shape)}")
         if seqlens_k.device != q.device:
             raise _checks.ArgumentValueError(f"{op}: seqlens_k is on {seqlens_k.device} but q is on {q.device}")
+        if check and b and not torch.compiler.is_compiling():   # a data-dependent branch has no place in a graph
+            _check_seqlens_range(op, seqlens_k, s)
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
     scale = _check_scale(op, scale, d)
@@ -225,13 +204,84 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     variants = check_variants(op, q, k, causal, window, alibi_slopes, softcap, document_ids, prefix_lengths,
                               score_mod, score_mod_grad, mask_mod, mod_args, block_mask)
     _check_block_mask(op, block_mask, mask_mod, b, h, l, s)
+    return scale, dropout_p, variants
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              attn_mask: torch.Tensor | None = None, seqlens_k: torch.Tensor | None = None,
+              scale: float | None = None, dropout_p: float = 0.0,
+              return_lse: bool = False, window: tuple[int, int] | None = None,
+              alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
+              document_ids: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+              prefix_lengths: torch.Tensor | None = None, score_mod=None, score_mod_grad=None, mask_mod=None,
+              mod_args: tuple = (), block_mask=None,
+              check: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention ``softmax(scale * q @ k^T + mask) @ v`` for models and decoding.
+
+    Shapes: ``q`` (B, H, L, D), ``k`` (B, Hkv, S, D), ``v`` (B, Hkv, S, Dv), with Hkv dividing H (GQA;
+    Hkv = 1 is MQA; query head h uses key/value head h // (H // Hkv)); D, Dv up to 256. Returns
+    (B, H, L, Dv) in q's dtype, and with ``return_lse=True`` also the log-sum-exp of the scaled, masked
+    scores (B, H, L), float32 (float64 for float64 inputs), -inf for fully masked rows.
+
+    - ``causal=True`` is **bottom-right** aligned: query i attends keys j <= i + S - L (the last query
+      sees every key, as a KV cache needs); equal to torch's top-left ``is_causal`` when L == S. Rows with
+      i + S - L < 0 are fully masked. With ``seqlens_k`` the alignment is per row, at the end of the row's
+      valid keys: query i of row b sits at position seqlens_k[b] - L + i and attends keys
+      j <= i + seqlens_k[b] - L (a padded KV cache; as varlen_attention and paged_attention).
+    - ``attn_mask``: bool (True = attend) or float (added to the scaled scores), broadcastable to
+      (B, H, L, S), read through broadcast strides; may be combined with ``causal`` and ``seqlens_k``. A float
+      mask may require grad: it gets the gradient of the softmax input, summed over its broadcast dims.
+    - ``seqlens_k``: int tensor (B,) of valid key lengths in [0, S]: keys j >= seqlens_k[b] are masked and
+      their blocks skipped. ``check=True`` verifies the range (one reduction, a host sync on a GPU);
+      ``check=False`` skips it: the caller promises it (a value out of range is clamped by the kernels).
+    - ``dropout_p``: dropout on the attention probabilities (always applied when > 0), kept values scaled
+      by 1 / (1 - p), drawn in the kernel from a seed taken from torch's default generator.
+    Fully masked rows give output 0, lse -inf and zero gradients. With few queries (L <= 16) and long
+    keys the forward splits the keys across programs (flash-decoding) with the same results.
+
+    Variants (off = None; ``off = S - L``, or ``seqlens_k[b] - L`` with seqlens_k; query i, key j, batch b, query
+    head h):
+
+    - ``window=(left, right)``: ints >= -1 (-1 unbounded): keys ``i + off - left <= j <= i + off + right``;
+      with ``causal=True`` right is 0.
+    - ``prefix_lengths`` (B,) ints, needs ``causal=True``, no window: also keys ``j < prefix_lengths[b]``.
+    - ``document_ids``: (B, S) ints when L == S, or a pair ``(q_ids (B, L), k_ids (B, S))``: keys of the
+      query's document only.
+    - ``alibi_slopes`` float32 (H,) or (B, H): adds ``-slope * |i + off - j|``.
+    - ``softcap > 0``: the scaled score x becomes ``softcap * tanh(x / softcap)``.
+    - ``score_mod(score, b, h, q_idx, kv_idx)``, ``mask_mod(b, h, q_idx, kv_idx) -> bool``: ``@triton.jit``
+      functions (one more parameter ``args`` when ``mod_args``, a tuple of tensors, is non-empty);
+      ``score_mod_grad`` (same signature, d score_mod / d score) is required when a gradient is wanted.
+      On the PyTorch path their Python body runs on torch int64 index tensors broadcastable to (B, H, L, S).
+    - ``block_mask``: a ``fused_kernels.block_mask(...)`` for the same mask_mod (block skipping), optional.
+
+    Score pipeline: ``scale * q.k``, softcap, alibi, + float attn_mask, score_mod; then keep = seqlens_k &
+    causal/window/prefix & documents & bool attn_mask & mask_mod; softmax over kept keys."""
+    op = "attention"
+    if (attn_mask is None and seqlens_k is None and scale is None and dropout_p == 0.0 and window is None
+            and alibi_slopes is None and softcap is None and document_ids is None and prefix_lengths is None
+            and score_mod is None and score_mod_grad is None and mask_mod is None and block_mask is None
+            and isinstance(mod_args, tuple) and not mod_args and _plain_qkv(q, k, v)
+            and (causal is True or causal is False)):
+        # The common call, whose checks would cost more than torch's whole kernel at short sequences: plain
+        # tensors of one float dtype, shape and device that every check below would pass.
+        scale, dropout_p, variants = 1.0 / math.sqrt(q.shape[3]), 0.0, None
+    else:
+        scale, dropout_p, variants = _checked_arguments(
+            op, q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, window, alibi_slopes, softcap,
+            document_ids, prefix_lengths, score_mod, score_mod_grad, mask_mod, mod_args, block_mask, check)
+    b, h, l, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if variants is not None and seqlens_k is not None:   # positions (causal, window, ALiBi) per row
+        variants = dataclasses.replace(variants, off=row_offsets(s - l, seqlens_k, s))
     if _choose(q, op, attn_mask, dropout_p) == "torch":
         return torch_path.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse,
                                     variants=variants)
     if variants is not None:
         return _attention_variants(q, k, v, attn_mask, seqlens_k, scale, causal, dropout_p, return_lse, variants)
     splits = decode_splits(b, hkv, l, h, s, q.device)
-    out, lse, _ = attention_fwd(q, k, v, attn_mask, seqlens_k, scale, causal, s - l, dropout_p, splits)
+    out, lse, _ = attention_fwd(q, k, v, attn_mask, seqlens_k, scale, causal, s - l, dropout_p, splits,
+                                align_seqlens=causal and seqlens_k is not None)
     if return_lse:
         return out, (lse if lse.dtype == torch.float64 else lse.float())
     return out

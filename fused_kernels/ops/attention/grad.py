@@ -21,9 +21,10 @@ from ...reference import _attention_core
 MASK_GRAD_BLOCK = 1 << 22
 
 
-def _keep(l: int, s: int, rows: slice, is_causal: bool, causal_offset: int, seqlens_k: torch.Tensor | None,
-          device: torch.device) -> torch.Tensor | None:
-    """Bool, broadcastable to (B, H, rows, S): key j visible to query i (causal j <= i + offset, j < seqlens_k)."""
+def _keep(l: int, s: int, rows: slice, is_causal: bool, causal_offset: int | torch.Tensor,
+          seqlens_k: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Bool, broadcastable to (B, H, rows, S): key j visible to query i (causal j <= i + offset, j < seqlens_k);
+    ``causal_offset`` an int or per row, (B, 1, 1, 1) (``variants.row_offsets``)."""
     keep = None
     if is_causal:
         i = torch.arange(l, device=device)[rows, None]
@@ -36,7 +37,7 @@ def _keep(l: int, s: int, rows: slice, is_causal: bool, causal_offset: int, seql
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    seqlens_k: torch.Tensor | None, scale: float, is_causal: bool,
-                   causal_offset: int, variants=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   causal_offset: int | torch.Tensor, variants=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable (B, H, L, D) attention with the kernels' semantics: (out in q's dtype, lse in the compute
     dtype). GQA by repeating key/value heads; causal ``j <= i + causal_offset``; fully masked rows give 0.
     With ``variants`` (fused_kernels.attention.variants.Variants; causal_offset must be S - L) the variant math path."""
@@ -62,7 +63,7 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        seqlens_k: torch.Tensor | None, dout: torch.Tensor | None, dlse: torch.Tensor | None,
-                       scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
+                       scale: float, is_causal: bool, causal_offset: int | torch.Tensor, dropout_p: float,
                        needs: Sequence[bool], variants=None) -> list[torch.Tensor | None]:
     """Differentiable (dq, dk, dv, dmask) of attention (``needs``: which of the four are wanted)."""
     if dropout_p > 0:
@@ -75,13 +76,20 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return _grad.grads([out, lse], [dout, dlse], wanted)
 
 
+def _block(t: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """Rows [start, start + length) of ``t`` along ``dim``; ``t`` itself when that is all of it (a view of a
+    whole dim is an ``aten::alias``, which torch's legacy vmap, used for batched gradients, cannot batch)."""
+    return t if start == 0 and length == t.shape[dim] else t.narrow(dim, start, length)
+
+
 def _as_4d(mask: torch.Tensor) -> torch.Tensor:
     return mask[(None,) * (4 - mask.dim())] if mask.dim() < 4 else mask
 
 
 def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                         dout: torch.Tensor | None, dlse: torch.Tensor | None, mask: torch.Tensor, scale: float,
-                        is_causal: bool, causal_offset: int, seqlens_k: torch.Tensor | None) -> torch.Tensor:
+                        is_causal: bool, causal_offset: int | torch.Tensor,
+                        seqlens_k: torch.Tensor | None) -> torch.Tensor:
     """Gradient of the float ``mask`` (broadcastable to (B, H, L, S), added to the scaled scores) of (B, H, L, D)
     attention, from its output ``out`` and natural-log ``lse`` (B, H, L): ``dS = P * (dO V^T - delta)`` with
     ``delta = rowsum(dO * O) - dlse``, summed over the mask's broadcast dims. Returns a tensor of ``mask``'s
@@ -92,9 +100,8 @@ def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     ct = _grad.compute_dtype(q)
     m4 = _as_4d(mask)
     dims = tuple(i for i in range(4) if m4.shape[i] == 1)          # the dims the mask is broadcast along
-    grad = torch.zeros(m4.shape, dtype=ct, device=q.device)
     if (dout is None and dlse is None) or b * h * l * s == 0:
-        return grad.reshape(mask.shape).to(mask.dtype)
+        return torch.zeros(mask.shape, dtype=mask.dtype, device=q.device)
     delta = torch.zeros((b, h, l), dtype=ct, device=q.device)
     if dout is not None:
         delta = (dout.to(ct) * out.to(ct)).sum(-1)
@@ -110,23 +117,25 @@ def attention_mask_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     dog = None if dout is None else dout.reshape(b, hkv, group, l, dv)
     rows_per_block = max(1, min(l, MASK_GRAD_BLOCK // max(1, b * h * s)))
     mexp = m4.expand(b, h, l, s)
+    # Built without in-place writes (a list of blocks, then one cat or sum) and without views of a whole dim
+    # (``_block``), so that it also runs under vmap: gradcheck's batched gradients, torch.func transforms.
+    parts = []
     for i0 in range(0, l, rows_per_block):
         rows = slice(i0, min(l, i0 + rows_per_block))
-        scores = (qg[:, :, :, rows].to(ct) @ kt).reshape(b, h, -1, s) * scale + mexp[:, :, rows].to(ct)
-        p = torch.exp(scores - lse_c[:, :, rows, None])
+        n = rows.stop - i0
+        scores = (_block(qg, 3, i0, n).to(ct) @ kt).reshape(b, h, -1, s) * scale + _block(mexp, 2, i0, n).to(ct)
+        p = torch.exp(scores - _block(lse_c, 2, i0, n)[..., None])
         keep = _keep(l, s, rows, is_causal, causal_offset, seqlens_k, q.device)
         if keep is not None:
             p = p.masked_fill(~keep, 0.0)
-        p = p.masked_fill(dead[:, :, rows, None], 0.0)
-        dp = -delta[:, :, rows, None]
+        p = p.masked_fill(_block(dead, 2, i0, n)[..., None], 0.0)
+        dp = -_block(delta, 2, i0, n)[..., None]
         if dog is not None:
-            dp = (dog[:, :, :, rows].to(ct) @ vt).reshape(b, h, -1, s) + dp
+            dp = (_block(dog, 3, i0, n).to(ct) @ vt).reshape(b, h, -1, s) + dp
         ds = p * dp                                                  # (B, H, rows, S)
         other = tuple(i for i in dims if i != 2)
         if other:
             ds = ds.sum(other, keepdim=True)
-        if 2 in dims:
-            grad += ds.sum(2, keepdim=True)
-        else:
-            grad[:, :, rows] += ds
+        parts.append(ds.sum(2, keepdim=True) if 2 in dims else ds)
+    grad = torch.stack(parts).sum(0) if 2 in dims else torch.cat(parts, 2)
     return grad.reshape(mask.shape).to(mask.dtype)

@@ -25,7 +25,7 @@ from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _p
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .kernels.forward import _attn_fwd_kernel
-from .variants import Variants
+from .variants import Variants, row_offsets
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -92,12 +92,13 @@ def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like
     return m, kind, tuple(m.stride())
 
 
-def _common(q, k, v, mask, seqlens_k):
+def _common(q, k, v, mask, seqlens_k, align_seqlens):
     b, h, l, d = q.shape
     hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
     m, kind, mstrides = _mask_args(mask, (b, h, l, s), q)
     upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
     meta = dict(MASK_KIND=kind, HAS_SEQLENS=seqlens_k is not None,
+                ALIGN_SEQLENS=bool(align_seqlens) and seqlens_k is not None,
                 BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
                 UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype))
     return (b, h, l, d, hkv, s, dv), m, mstrides, meta
@@ -114,30 +115,41 @@ def attention_fwd(
     scale: float, is_causal: bool, causal_offset: int, dropout_p: float, num_splits: int,
     window: Sequence[int] | None = None, alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
     q_ids: torch.Tensor | None = None, k_ids: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
+    align_seqlens: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of (B, H, L, D) ``q`` over (B, Hkv, S, D) ``k`` / (B, Hkv, S, Dv) ``v``.
 
     ``mask`` broadcastable to (B, H, L, S), bool (True = attend) or float (added to the scaled scores);
-    causal: key j <= i + ``causal_offset``; ``num_splits`` > 0 runs the flash-decoding path. The built-in
+    causal: key j <= i + ``causal_offset`` (``align_seqlens``: + seqlens_k[b] - S, each row's diagonal and
+    variant positions at the end of its valid keys, as ``attention`` has them; without it seqlens_k only masks
+    keys, as ring attention needs); ``num_splits`` > 0 runs the flash-decoding path. The built-in
     variants (validated, as ``Variants`` holds them; none with ``num_splits``) are plain arguments, so that
     calls with them trace under torch.compile; the user mods (Triton functions) take ``variant_attention``.
     Returns ``(out (B, H, L, Dv), lse (B, H, L) in the accumulation dtype, seed)``; ``seed`` is the dropout seed
     as an int64 CPU tensor of one element."""
-    var = _builtin_variants(window, alibi_slopes, softcap, q_ids, k_ids, prefix_lengths, is_causal, causal_offset)
+    var = _builtin_variants(window, alibi_slopes, softcap, q_ids, k_ids, prefix_lengths, is_causal, causal_offset,
+                            _aligned_to(align_seqlens, seqlens_k, k))
     seed = _checks.dropout_seed() if dropout_p > 0 else 0
     out, lse = fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed,
-                          device_arch(q.device), var=var)
+                          device_arch(q.device), var=var, align_seqlens=align_seqlens)
     return out, lse, torch.tensor([seed], dtype=torch.int64)
 
 
+def _aligned_to(align_seqlens: bool, seqlens_k: torch.Tensor | None, k: torch.Tensor):
+    """(seqlens_k, S) where the call aligns its offsets per row (``_builtin_variants``), else None."""
+    return (seqlens_k, k.shape[2]) if align_seqlens and seqlens_k is not None else None
+
+
 def _builtin_variants(window, alibi_slopes, softcap, q_ids, k_ids, prefix_lengths, is_causal: bool,
-                      causal_offset: int) -> Variants | None:
-    """The ``Variants`` of the custom ops' variant arguments (None when every one is off)."""
+                      causal_offset: int, aligned_to=None) -> Variants | None:
+    """The ``Variants`` of the custom ops' variant arguments (None when every one is off); ``aligned_to``
+    (seqlens_k, S): the offsets per row (``row_offsets``), for the block lists and the PyTorch gradients."""
     if window is None and alibi_slopes is None and softcap is None and q_ids is None and prefix_lengths is None:
         return None
+    off = causal_offset if aligned_to is None else row_offsets(causal_offset, *aligned_to)
     return Variants(window=None if window is None else (int(window[0]), int(window[1])), alibi_slopes=alibi_slopes,
                     softcap=softcap, q_ids=q_ids, k_ids=k_ids, prefix_lengths=prefix_lengths, causal=is_causal,
-                    off=causal_offset)
+                    off=off)
 
 
 def builtin_arguments(var: Variants | None) -> tuple:
@@ -181,12 +193,13 @@ def _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, block_m, block
 
 
 def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, num_splits, seed, arch,
-                var=None):
+                var=None, align_seqlens=False):
     """Allocate and launch the forward for compute capability ``arch`` (None: interpreter); also what
     ``fused_kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches. ``var``: the
-    call's variants (``fused_kernels.attention.variants.Variants``; never with ``num_splits``)."""
+    call's variants (``fused_kernels.attention.variants.Variants``; never with ``num_splits``);
+    ``align_seqlens`` as in ``attention_fwd``."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k)
+    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k, align_seqlens)
     acc = torch_acc_dtype(q.dtype)
     out = torch.empty((b, h, l, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, l), dtype=acc, device=q.device)
@@ -241,21 +254,23 @@ def attention_bwd(
     seed: torch.Tensor, scale: float, is_causal: bool, causal_offset: int, dropout_p: float,
     window: Sequence[int] | None = None, alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
     q_ids: torch.Tensor | None = None, k_ids: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
+    align_seqlens: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``attention_fwd``; for GQA dk/dv are summed over each group's query
     heads. ``dlse`` (optional) is the gradient of the returned lse. No atomics: deterministic."""
-    var = _builtin_variants(window, alibi_slopes, softcap, q_ids, k_ids, prefix_lengths, is_causal, causal_offset)
+    var = _builtin_variants(window, alibi_slopes, softcap, q_ids, k_ids, prefix_lengths, is_causal, causal_offset,
+                            _aligned_to(align_seqlens, seqlens_k, k))
     return bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, int(seed[0]), scale, is_causal, causal_offset,
-                      dropout_p, device_arch(q.device), var=var)
+                      dropout_p, device_arch(q.device), var=var, align_seqlens=align_seqlens)
 
 
 def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p,
-                arch, var=None):
-    """Allocate and launch the backward for compute capability ``arch`` (None: interpreter); ``var`` as in
-    ``fwd_launch``."""
+                arch, var=None, align_seqlens=False):
+    """Allocate and launch the backward for compute capability ``arch`` (None: interpreter); ``var`` and
+    ``align_seqlens`` as in ``fwd_launch``."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     do = _last_dim_contiguous(do)
-    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k)
+    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k, align_seqlens)
     dq = torch.empty((b, h, l, d), dtype=q.dtype, device=q.device)     # every element is written
     dk = torch.empty((b, hkv, s, d), dtype=k.dtype, device=k.device)
     dvv = torch.empty((b, hkv, s, dv), dtype=v.dtype, device=v.device)
@@ -279,10 +294,14 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
     q_desc = tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
     do_desc = tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
     tma = do_desc is not None
+    # SPLIT_BLOCKS (diagonal, full and tail query blocks in three loops) only with one offset for every row:
+    # per-row offsets (ALIGN_SEQLENS) keep one more value live and the three loops spill (bf16 d=128 on sm_90a
+    # and, with dropout, on sm_80; python -m fused_kernels.aot, "causal-seqlens" / "heavy"), one loop does not.
     launch(_attn_bwd_dkdv_kernel, (triton.cdiv(s, cfg["BLOCK_N"]), b * hkv),
            q, k, v, q_desc if tma else None, do_desc if tma else None, m, seqlens_k, do, lse2, delta, dk, dvv,
            None, None, h, hkv, l, s, d, dv, group, _rows(q), _rows(k), _rows(v), _rows(do), ms, *args, TMA=tma,
-           SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16), BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
+           SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16) and not meta["ALIGN_SEQLENS"],
+           BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
            **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
     cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p))
@@ -302,19 +321,24 @@ def _(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, caus
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, _, *variant_args = inputs
+    q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, _, *rest = inputs
     out, lse, seed = output
-    variant_args += [None] * (6 - len(variant_args))     # arguments left at their defaults may be absent
-    var = _builtin_variants(*variant_args, is_causal, causal_offset)
-    _save(ctx, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p, var)
+    rest += [None] * (7 - len(rest))     # arguments left at their defaults may be absent
+    *variant_args, align_seqlens = rest
+    align_seqlens = bool(align_seqlens) and seqlens_k is not None
+    var = _builtin_variants(*variant_args, is_causal, causal_offset, _aligned_to(align_seqlens, seqlens_k, k))
+    _save(ctx, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p, var,
+          align_seqlens)
 
 
-def _save(ctx, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p, var) -> None:
+def _save(ctx, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_causal, causal_offset, dropout_p, var,
+          align_seqlens) -> None:
     """What the backward needs, the same for both autograd mechanisms (tensors of ``var`` saved as tensors)."""
     tensors = () if var is None else (var.alibi_slopes, var.q_ids, var.k_ids, var.prefix_lengths)
     ctx.save_for_backward(q, k, v, out, lse, mask, seqlens_k, seed, *tensors)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
     ctx.scale, ctx.is_causal, ctx.causal_offset, ctx.dropout_p = scale, is_causal, causal_offset, dropout_p
+    ctx.align_seqlens = align_seqlens
     ctx.var = None if var is None else dataclasses.replace(var, alibi_slopes=None, q_ids=None, k_ids=None,
                                                            prefix_lengths=None)
 
@@ -335,27 +359,32 @@ def _backward(ctx, dout, dlse, *_):
         return (None,) * 4 + rest
     needs = tuple(ctx.needs_input_grad[:4])
     args = (ctx.scale, ctx.is_causal, ctx.causal_offset)
+    # The PyTorch gradients take per-row offsets as a (B, 1, 1, 1) tensor; the kernels shift them themselves.
+    offset = ctx.causal_offset
+    if ctx.align_seqlens:
+        offset = row_offsets(offset, seqlens_k, k.shape[2])
+    math_args = (ctx.scale, ctx.is_causal, offset)
     if create_graph():
-        return (*_grad.attention_backward(q, k, v, mask, seqlens_k, dout, dlse, *args, ctx.dropout_p, needs,
+        return (*_grad.attention_backward(q, k, v, mask, seqlens_k, dout, dlse, *math_args, ctx.dropout_p, needs,
                                           variants=var), *rest)
     dq = dk = dv = dmask = None
     if any(needs[:3]):
         dout_ = dout if dout is not None else torch.zeros_like(out)
         if var is None or var.is_builtin:
             dq, dk, dv = attention_bwd(dout_, dlse, q, k, v, out, lse, mask, seqlens_k, seed, *args, ctx.dropout_p,
-                                       *builtin_arguments(var))
+                                       *builtin_arguments(var), align_seqlens=ctx.align_seqlens)
         else:
             dq, dk, dv = bwd_launch(dout_, dlse, q, k, v, out, lse, mask, seqlens_k, int(seed[0]), *args,
-                                    ctx.dropout_p, device_arch(q.device), var=var)
+                                    ctx.dropout_p, device_arch(q.device), var=var, align_seqlens=ctx.align_seqlens)
     if needs[3]:
         if ctx.dropout_p > 0:   # the public functions send this case to the PyTorch path
             raise NotImplementedError("attention: the kernels give no attn_mask gradient with dropout_p > 0")
         if var is None:
-            dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, *args, seqlens_k)
+            dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, *math_args, seqlens_k)
         else:
             with torch.enable_grad():   # dS at the mask's point of the pipeline, from the PyTorch variant math
                 dmask = _grad.attention_backward(q.detach(), k.detach(), v.detach(), mask.detach().requires_grad_(),
-                                                 seqlens_k, dout, dlse, *args, 0.0, (False, False, False, True),
+                                                 seqlens_k, dout, dlse, *math_args, 0.0, (False, False, False, True),
                                                  variants=var)[3].detach()
     return dq, dk, dv, dmask, *rest
 
@@ -369,12 +398,13 @@ class _UserModAttention(torch.autograd.Function):
     custom op, through a plain autograd Function."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var):
+    def forward(ctx, q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var, align_seqlens):
         seed = _checks.dropout_seed() if dropout_p > 0 else 0
         out, lse = fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, 0, seed,
-                              device_arch(q.device), var=var)
+                              device_arch(q.device), var=var, align_seqlens=align_seqlens)
         seed_t = torch.tensor([seed], dtype=torch.int64)
-        _save(ctx, q, k, v, out, lse, mask, seqlens_k, seed_t, scale, is_causal, causal_offset, dropout_p, var)
+        _save(ctx, q, k, v, out, lse, mask, seqlens_k, seed_t, scale, is_causal, causal_offset, dropout_p, var,
+              align_seqlens and seqlens_k is not None)
         return out, lse
 
     backward = staticmethod(_backward)
@@ -382,11 +412,14 @@ class _UserModAttention(torch.autograd.Function):
 
 def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       seqlens_k: torch.Tensor | None, scale: float, is_causal: bool, causal_offset: int,
-                      dropout_p: float, var: Variants) -> tuple[torch.Tensor, torch.Tensor]:
+                      dropout_p: float, var: Variants,
+                      align_seqlens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, L, Dv), lse (B, H, L)) of attention with the validated variants ``var`` on the kernels: the
-    custom op for the built-in variants, ``_UserModAttention`` with user mods."""
+    custom op for the built-in variants, ``_UserModAttention`` with user mods. ``align_seqlens`` as in
+    ``attention_fwd`` (``var.off`` then holds the per-row offsets, ``row_offsets``)."""
     if var.is_builtin:
         out, lse, _ = attention_fwd(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, 0,
-                                    *builtin_arguments(var))
+                                    *builtin_arguments(var), align_seqlens=align_seqlens)
         return out, lse
-    return _UserModAttention.apply(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var)
+    return _UserModAttention.apply(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropout_p, var,
+                                   align_seqlens)

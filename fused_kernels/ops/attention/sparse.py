@@ -10,11 +10,13 @@ document classes, the ``mask_mod`` table and the bounds. A tile is full only whe
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .blockmask import EMPTY, FULL, PARTIAL, band_classes, block_mask, combine, document_classes, kv_lists, q_lists
 from .kernels.mods import VariantFlags
-from .variants import Variants
+from .variants import Variants, row_offsets
 
 
 def is_sparse(var) -> bool:
@@ -36,9 +38,15 @@ def _ramp(n: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def classes(var, b: int, h: int, l: int, s: int, seqlens_k: torch.Tensor | None, causal: bool, c_off: int,
             block_m: int, block_n: int, device) -> torch.Tensor:
-    """int8 (Bm, Hm, nm, nn) tile classes (0 empty, 1 partial, 2 full) of the call at tiles (block_m, block_n)."""
+    """int8 (Bm, Hm, nm, nn) tile classes (0 empty, 1 partial, 2 full) of the call at tiles (block_m, block_n).
+    ``var.off`` per row (a tensor: offsets aligned to each row's seqlens_k) gives each row its own band."""
     left, right = band(var, causal)
-    tables = [band_classes(l, s, block_m, block_n, c_off, left, right, device=device)[None, None]]
+    if isinstance(var.off, torch.Tensor):
+        bands = {o: band_classes(l, s, block_m, block_n, o, left, right, device=device)
+                 for o in set(var.off.view(-1).tolist())}
+        tables = [torch.stack([bands[o] for o in var.off.view(-1).tolist()])[:, None]]
+    else:
+        tables = [band_classes(l, s, block_m, block_n, c_off, left, right, device=device)[None, None]]
     k0, k1 = _ramp(s, block_n, device)
     if var.prefix_lengths is not None:   # keys j < prefix are kept by every query: OR (max) with the band
         p = var.prefix_lengths.to(device=device, dtype=torch.int64)[:, None, None, None]
@@ -105,6 +113,8 @@ def tile_counts(var, q: torch.Tensor, k: torch.Tensor, seqlens_k: torch.Tensor |
     ``total``."""
     b, h, l = q.shape[:3]
     var = var if var is not None else Variants()     # no variants: the causal band and the bounds alone
+    if seqlens_k is not None and not isinstance(var.off, torch.Tensor):   # bottom-right per row, as the kernels
+        var = dataclasses.replace(var, off=row_offsets(k.shape[2] - l, seqlens_k.to(q.device), k.shape[2]))
     cls = classes(var, b, h, l, k.shape[2], seqlens_k, causal, k.shape[2] - l, block_m, block_n, q.device)
     cls = cls.expand(b, h, *cls.shape[2:])
     full, partial = int((cls == FULL).sum()), int((cls == PARTIAL).sum())

@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ..._core.grad import create_graph
-from ...reference import attention_ref, causal_mask
+from ...reference import attention_ref, causal_mask, scaled_dot_product_attention_ref
 from . import grad as _grad
+from .variants import row_offsets
 
 NEG_INF = float("-inf")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _op(name: str):
@@ -136,7 +138,13 @@ class _Flash(torch.autograd.Function):
 
     The lse terms: d lse_i / d s_ij = P_ij, so the lse gradient adds ``scale * dlse * (P @ K)`` to dq (P @ K:
     one more flash forward, with K as the values) and ``scale * P^T (dlse * Q)`` to dk (the value gradient of
-    one more flash backward, with ``dlse * Q`` as the output gradient)."""
+    one more flash backward, with ``dlse * Q`` as the output gradient).
+
+    Half precision: the forward is torch's (in float16 / bfloat16), the backward runs the flash backward in
+    float32 on the upcast tensors. torch's half-precision CPU backward keeps dK / dV in the input's dtype while
+    it adds every query block into them: with many queries per key (FlashAttention's split-KV shapes, 339 or
+    20,000 queries against 1-16 keys) its error is 2-4x plain half-precision PyTorch's; in float32 it is below
+    it, at the same speed on the CPU (the float32 backward is not slower than torch's half one there)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, scale):
@@ -156,19 +164,32 @@ class _Flash(torch.autograd.Function):
             return (*_grad.attention_backward(q, k, v, mask, None, dout, dlse, ctx.scale, ctx.is_causal, 0, 0.0,
                                               needs), None, None)
         dq = dk = dv = dmask = None
-        flags = dict(attn_mask=mask, scale=ctx.scale)
         if any(needs[:3]):
             g_out = dout if dout is not None else torch.zeros_like(out)
-            dq, dk, dv = _FLASH_BWD(g_out, q, k, v, out, lse, 0.0, ctx.is_causal, **flags)
+            ts, m = (q, k, v, out, g_out), mask
+            if q.dtype in _HALF:     # accumulate in float32 (see the class docstring)
+                ts, m = tuple(t.float() for t in ts), None if mask is None else mask.float()
+            qc, kc, vc, oc, gc = ts
+            flags = dict(attn_mask=m, scale=ctx.scale)
+            dq, dk, dv = _FLASH_BWD(gc, qc, kc, vc, oc, lse, 0.0, ctx.is_causal, **flags)
             if dlse is not None:
-                pk = _FLASH(q, k, k, 0.0, ctx.is_causal, **flags)[0]                  # P @ K
+                pk = _FLASH(qc, kc, kc, 0.0, ctx.is_causal, **flags)[0]                  # P @ K
                 g = dlse.unsqueeze(-1)
                 dq = dq + (ctx.scale * g * pk).to(dq.dtype)
-                dk_lse = _FLASH_BWD((g * q).to(q.dtype), q, k, k, pk, lse, 0.0, ctx.is_causal, **flags)[2]
+                dk_lse = _FLASH_BWD((g * qc).to(qc.dtype), qc, kc, kc, pk, lse, 0.0, ctx.is_causal, **flags)[2]
                 dk = dk + ctx.scale * dk_lse
+            dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
         if needs[3]:
             dmask = _grad.attention_mask_grad(q, k, v, out, lse, dout, dlse, mask, ctx.scale, ctx.is_causal, 0, None)
         return dq, dk, dv, dmask, None, None
+
+
+def _nan_query(q: torch.Tensor) -> bool:
+    """Whether ``q`` may hold a NaN (its sum is NaN: a NaN, or infinities of both signs). torch's CPU flash
+    kernel without a mask gives such a query row 0 where the contract is NaN (the reference, torch's math path,
+    the kernels); such calls take the reference instead. One reduction, a few microseconds. Not under
+    torch.compile (a data-dependent branch): a compiled CPU graph keeps torch's zero row."""
+    return q.is_cpu and not torch.compiler.is_compiling() and math.isnan(q.sum().item())
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -229,9 +250,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     grad = flash and _needs_grad(q, k, v, mask)
     mask_grad = grad and _needs_grad(mask)
-    if flash and (mask_grad or need_lse or gqa or (is_causal and mask is not None)):
+    half_grad = grad and q.dtype in _HALF     # a float32 backward (see _Flash)
+    if flash and (mask_grad or need_lse or gqa or (is_causal and mask is not None) or half_grad):
         fmask = None if mask is None else _additive(mask, q.dtype)
-        if grad and (mask_grad or need_lse):   # the gradients torch's node lacks (see _Flash)
+        if grad and (mask_grad or need_lse or half_grad):   # what torch's node lacks (see _Flash)
             out, lse = _Flash.apply(q, k, v, fmask, is_causal, scale)
         else:
             out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale)
@@ -261,12 +283,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
     """``fused_kernels.attention`` (validated arguments; ``scale`` resolved): see the module docstring."""
     if variants is not None:
         return _attention_variants(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse, variants)
+    if attn_mask is None and seqlens_k is None and _nan_query(q):   # with a mask the flash kernel propagates it
+        return attention_ref(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, return_lse=return_lse)
     if (q.is_cpu and dropout_p == 0.0 and seqlens_k is None and not return_lse and q.shape == k.shape == v.shape
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None):
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None
+            and not (q.dtype in _HALF and _needs_grad(q, k, v))):   # half-precision gradients: see _Flash
         # The common case in as few steps as possible (a call's Python work shows at short sequences):
         # self-attention (L == S, so causal is top-left too) without a mask, or with a plain key mask.
         if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+            # torch's default scale is the same double (1 / sqrt(E)): leaving it out saves parsing a keyword
+            if scale == 1.0 / math.sqrt(q.shape[-1]):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
             return _differentiable_backward(out, q, k, v, None, causal, scale) if out.requires_grad else out
         if (not causal and attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.stride(-1) == 1
                 and _TORCH_ZEROES_DEAD_ROWS and 0 not in attn_mask.stride()):
@@ -286,7 +315,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
         mask = _combine(mask, valid[:, None, None, :])
     is_causal, first_row = False, 0
     if causal and l > 1:                 # one query sees every key: nothing to mask
-        if s > l:                        # bottom-right, keys ahead: key j <= i + S - L
+        if seqlens_k is not None:        # bottom-right per row: key j <= i + seqlens_k[b] - L
+            last = torch.arange(l, device=q.device)[:, None] + row_offsets(s - l, seqlens_k.to(q.device), s)
+            mask = _combine(mask, torch.arange(s, device=q.device) <= last)                # (B, 1, L, S)
+        elif s > l:                      # bottom-right, keys ahead: key j <= i + S - L
             mask = _combine(mask, causal_mask(l, s, q.device, bottom_right=True))
         else:                            # rows i < L - S see no key; the others are top-left causal
             is_causal, first_row = True, l - s
@@ -314,7 +346,8 @@ def _attention_variants(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p,
     x = variants.scores((qc @ kc.transpose(-2, -1)) * scale, attn_mask)
     keep = torch.ones(1, 1, l, s, dtype=torch.bool, device=q.device)
     if causal and variants.prefix_lengths is None:   # with a prefix, variants.keep has causal OR prefix
-        keep = keep & causal_mask(l, s, q.device, bottom_right=True)
+        i = torch.arange(l, device=q.device).view(l, 1)
+        keep = keep & (torch.arange(s, device=q.device) <= i + variants.off)    # off: S - L, or per row
     if seqlens_k is not None:
         keep = keep & (torch.arange(s, device=q.device) < seqlens_k.to(q.device)[:, None, None, None])
     if attn_mask is not None and attn_mask.dtype == torch.bool:
@@ -352,8 +385,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     s, ev = value.shape[-2:]
     hq = query.shape[-3] if gqa else None
     full = (*batch, hq, l, s) if gqa else (*batch, l, s)
-    if math.prod(full) == 0 or ev == 0:   # nothing to compute: no row sees a key, or nothing to see
-        from ...reference import scaled_dot_product_attention_ref
+    if math.prod(full) == 0 or ev == 0 or (attn_mask is None and not causal_offset and _nan_query(query)):
+        # nothing to compute (no row sees a key, or nothing to see), or a NaN the flash kernel would zero
         return scaled_dot_product_attention_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, gqa)
     if is_causal and causal_offset and (ev != e or dropout_p > 0 or query.device.type != "cpu" or _FLASH is None):
         attn_mask, is_causal = causal_mask(l, s, query.device, bottom_right=True), False   # torch's math path

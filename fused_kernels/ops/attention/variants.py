@@ -29,7 +29,7 @@ class Variants:
     mod_args: tuple = ()
     block_mask: Any = None
     causal: bool = False
-    off: int = 0
+    off: int | torch.Tensor = 0     # S - L, or per row (B, 1, 1, 1) seqlens_k[b] - L (``row_offsets``)
 
     @property
     def is_builtin(self) -> bool:
@@ -107,6 +107,14 @@ def torch_path_mod_error(op: str, name: str, fn: Any, err: Exception) -> str:
             f"before importing fused_kernels")
 
 
+def row_offsets(offset: int, seqlens_k: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, 1, 1, 1) int64 bottom-right offsets per row, ``offset + seqlens_k[b] - S`` with seqlens_k clamped to
+    [0, S] as the kernels read it: with ``offset = S - L``, query i of row b sits at seqlens_k[b] - L + i, at
+    the end of its own valid keys (a padded KV cache), as varlen and paged attention align each sequence."""
+    # copy=True: a new tensor even from int64 ones (aten.to returning its input breaks the custom ops' schema)
+    return (seqlens_k.to(torch.int64, copy=True).clamp(0, s) + (offset - s)).view(-1, 1, 1, 1)
+
+
 def _tensor(op: str, name: str, t: object, q: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be an int tensor of shape {shape}, got {type(t).__name__}")
@@ -169,10 +177,10 @@ def check_variants(op: str, q: torch.Tensor, k: torch.Tensor, causal: bool, wind
     cap = None
     if softcap is not None:
         if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
-            raise TypeError(f"{op}: softcap must be a float > 0 or None, got {type(softcap).__name__}")
-        if not softcap > 0:
-            raise _checks.ArgumentValueError(f"{op}: softcap must be > 0, got {softcap!r}")
-        cap = float(softcap)
+            raise TypeError(f"{op}: softcap must be a float >= 0 or None, got {type(softcap).__name__}")
+        if not softcap >= 0:
+            raise _checks.ArgumentValueError(f"{op}: softcap must be >= 0 (0.0 or None: off), got {softcap!r}")
+        cap = float(softcap) or None    # 0.0 is off, as FlashAttention's softcap=0.0 (and dropout_p=0.0)
     q_ids = k_ids = None
     if document_ids is not None:
         if isinstance(document_ids, (tuple, list)):

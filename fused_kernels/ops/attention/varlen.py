@@ -145,7 +145,7 @@ def _per_sequence(q, k, v, cu_q, cu_k, causal, scale, dropout_p, return_lse, imp
 
 def _meta(q: torch.Tensor, d: int, dv: int) -> dict:
     upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
-    return dict(MASK_KIND=MASK_NONE, HAS_SEQLENS=False, BLOCK_D=max(16, next_pow2(d)),
+    return dict(MASK_KIND=MASK_NONE, HAS_SEQLENS=False, ALIGN_SEQLENS=False, BLOCK_D=max(16, next_pow2(d)),
                 BLOCK_DV=max(16, next_pow2(dv)), UPCAST=upcast, PRECISION=_precision(q.dtype, upcast),
                 ACC=acc_dtype(q.dtype))
 

@@ -169,6 +169,7 @@ def _attn_bwd_dkdv_kernel(
     stride_m,                                  # (batch, head, query, key) strides of MASK
     sm_scale, qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ALIGN_SEQLENS: tl.constexpr,   # the causal offset per row (common._key_length)
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -215,7 +216,8 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
+    kv_len, c_off = _key_length(SEQLENS, b, S, seq_s, c_off, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN,
+                                ALIGN_SEQLENS=ALIGN_SEQLENS)
     col_ok = offs_n < kv_len
     k = _row_tile(K, b, hk, offs_n, col_ok, offs_d, stride_k, D, EVEN_C=EVEN_D, UPCAST=UPCAST)
     v = _row_tile(V, b, hk, offs_n, col_ok, offs_dv, stride_v, DV, EVEN_C=EVEN_DV, UPCAST=UPCAST)
@@ -364,6 +366,7 @@ def _attn_bwd_dq_kernel(
     stride_m,                                  # (batch, head, query, key) strides of MASK
     sm_scale, qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ALIGN_SEQLENS: tl.constexpr,   # the causal offset per row (common._key_length)
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
@@ -393,7 +396,8 @@ def _attn_bwd_dq_kernel(
     k_base, v_base, m_base, k_offs, v_offs, m_offs = _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d, offs_dv,
                                                                stride_k, stride_v, stride_m)
     rng_row = ((row0 + offs_m) * S).to(tl.int64)
-    kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
+    kv_len, c_off = _key_length(SEQLENS, b, S, seq_s, c_off, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN,
+                                ALIGN_SEQLENS=ALIGN_SEQLENS)
     hi, full_hi = _key_range(start_m, kv_len, c_off, IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     desc_at = (b.to(tl.int32), hk.to(tl.int32))

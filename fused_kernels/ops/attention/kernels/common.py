@@ -178,15 +178,23 @@ def _query_variants(var_args, sm_scale, SLOPES, PREFIX_LEN, DOC_Q, DOC_K, MOD_AR
 
 
 @triton.jit
-def _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS: tl.constexpr, VARLEN: tl.constexpr):
-    """Keys of batch ``b`` that exist: S, the packed sequence's own count (VARLEN) or seqlens_k[b] clipped to
-    [0, S] (HAS_SEQLENS)."""
+def _key_length(SEQLENS, b, S, seq_s, c_off, HAS_SEQLENS: tl.constexpr, VARLEN: tl.constexpr,
+                ALIGN_SEQLENS: tl.constexpr):
+    """(kv_len, c_off) of batch ``b``: the keys that exist (S, the packed sequence's own count (VARLEN) or
+    seqlens_k[b] clipped to [0, S] (HAS_SEQLENS)) and the causal offset, key j <= i + c_off.
+
+    ALIGN_SEQLENS (with HAS_SEQLENS; ``attention(causal=True, seqlens_k=...)``): the offset counts from the end
+    of the row's own keys, c_off + kv_len - S, so query i of row b sits at seqlens_k[b] - L + i (a padded KV
+    cache, as varlen and paged attention align each sequence); the causal diagonal, the window band and ALiBi
+    all take it from here."""
     kv_len = S
     if VARLEN:
         kv_len = seq_s
     if HAS_SEQLENS:
         kv_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int32), 0), S)
-    return kv_len
+        if ALIGN_SEQLENS:
+            c_off = c_off + kv_len - S
+    return kv_len, c_off
 
 
 @triton.jit

@@ -26,6 +26,7 @@ def _attn_fwd_split_kernel(
     stride_m,                       # (batch, head, query, key) strides of MASK
     qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ALIGN_SEQLENS: tl.constexpr,   # the causal offset per row (common._key_length)
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -49,10 +50,11 @@ def _attn_fwd_split_kernel(
     row_ok, h, i, q = _group_queries(Q, b, hk, rows, GROUP, L, stride_q, offs_d, D, EVEN_D=EVEN_D, UPCAST=UPCAST)
     m_row = b * stride_mb + h.to(tl.int64) * stride_mh + i.to(tl.int64) * stride_mm
     rng_row = (((b * H + h) * L + i) * S).to(tl.int64)
-    kv_len = _key_length(SEQLENS, b, S, S, HAS_SEQLENS=HAS_SEQLENS, VARLEN=False)
+    kv_len, c_off = _key_length(SEQLENS, b, S, S, causal_offset, HAS_SEQLENS=HAS_SEQLENS, VARLEN=False,
+                                ALIGN_SEQLENS=ALIGN_SEQLENS)
     hi = kv_len
     if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(kv_len, L + causal_offset), 0)
+        hi = tl.maximum(tl.minimum(kv_len, L + c_off), 0)
     lo = split * chunk
     hi = tl.minimum(hi, lo + chunk)
     k_base = K + b * stride_kb + hk * stride_kh + lo * stride_kn
@@ -70,7 +72,7 @@ def _attn_fwd_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
             acc, m_i, l_i, q, start_n, k_base + k_offs, v_base + v_offs, m_base + m_offs, None, None, None,
-            i, row_ok, offs_n, dims, hi, causal_offset, qk_scale, drop, vctx,
+            i, row_ok, offs_n, dims, hi, c_off, qk_scale, drop, vctx,
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,

@@ -105,6 +105,7 @@ def _attn_fwd_kernel(
     stride_m,                                  # (batch, head, query, key) strides of MASK
     qk_scale, causal_offset, dropout_p, seed,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ALIGN_SEQLENS: tl.constexpr,   # the causal offset per row (common._key_length)
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, VARLEN: tl.constexpr = False,
@@ -146,7 +147,8 @@ def _attn_fwd_kernel(
     k_base, v_base, m_base, k_offs, v_offs, m_offs = _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d, offs_dv,
                                                                stride_k, stride_v, stride_m)
     rng_row = ((row0 + offs_m) * S).to(tl.int64)
-    kv_len = _key_length(SEQLENS, b, S, seq_s, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN)
+    kv_len, c_off = _key_length(SEQLENS, b, S, seq_s, c_off, HAS_SEQLENS=HAS_SEQLENS, VARLEN=VARLEN,
+                                ALIGN_SEQLENS=ALIGN_SEQLENS)
     hi, full_hi = _key_range(start_m, kv_len, c_off, IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M, 16 if TMA else 1], dtype=ACC)    # row sums, in 16 equal columns with TMA
