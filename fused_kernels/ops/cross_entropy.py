@@ -48,7 +48,7 @@ import triton.language as tl
 from .._core import backend as _backend
 from .._core import checks as _checks
 from .._core import grad as _grad
-from .._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
+from .._core.launch import ArchValue, acc_dtype, arch_family, device_arch, launch, next_pow2, torch_acc_dtype
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 NONE, MEAN, SUM = 0, 1, 2
@@ -397,14 +397,16 @@ def _precision(dtype: torch.dtype, upcast: bool) -> str:
     return "ieee" if dtype == torch.float64 or upcast else "tf32"
 
 
-def lce_config(dtype: torch.dtype, arch: int | None) -> dict[str, int]:
+def lce_config(dtype: torch.dtype, arch: ArchValue) -> dict[str, int]:
     """Tiles of the matmul kernels (BLOCK_M rows x BLOCK_N vocabulary x BLOCK_K hidden), warps and stages per
-    dtype and architecture (``python -m fused_kernels.aot --family cross_entropy``: no spills on sm_80 / sm_90a);
-    small tiles under the interpreter (arch None)."""
-    if arch is None:
+    dtype and architecture family (``python -m fused_kernels.aot --family cross_entropy --arch ...``: no spills,
+    shared memory within the family's limit: docs/architectures.md); small tiles under the interpreter (arch
+    None)."""
+    family = arch_family(arch)
+    if family is None:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1)
     if dtype in (torch.float16, torch.bfloat16):
-        if arch >= 90:
+        if family.mma in ("wgmma", "tcgen05"):   # warpgroup MMA: 64-deep K tiles
             return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     if dtype == torch.float32:   # true fp32 dots are FMA loops: 64-wide reductions spill on sm_80 (dX, dW)
@@ -413,7 +415,7 @@ def lce_config(dtype: torch.dtype, arch: int | None) -> dict[str, int]:
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
 
 
-def softmax_config(dtype: torch.dtype, arch: int | None) -> dict[str, int]:
+def softmax_config(dtype: torch.dtype, arch: ArchValue) -> dict[str, int]:
     """BLOCK_V and warps of the row kernels (``_ce_softmax_kernel``, ``_ce_stats_kernel``)."""
     if arch is None:
         return dict(BLOCK_V=128, num_warps=4)
