@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"architectures to compile for: compute capabilities, gfx names or 'all' "
                              f"({' '.join(map(str, ALL_ARCHS))}; default: {' '.join(map(str, ARCHS))})")
     parser.add_argument("--json", metavar="PATH", help="also write every row, with all numbers, as JSON")
-    parser.add_argument("--filter", metavar="SUBSTRING", default="",
-                        help="only configurations whose kernel name or config contains SUBSTRING")
+    parser.add_argument("--filter", metavar="SUBSTRING", nargs="+", default=[""],
+                        help="only configurations whose \"kernel config\" text (\"_attn_fwd_kernel bf16 d=64 M128 "
+                             "...\") contains one of the SUBSTRINGs")
     parser.add_argument("--family", nargs="+", choices=[name for name, _ in FAMILIES],
                         help="only these kernel families (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
@@ -92,7 +93,7 @@ def _run(opts: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     archs = opts.arch
     families = [(name, gen) for name, gen in FAMILIES if not opts.family or name in opts.family]
-    specs = [s for s in all_specs(families, tuple(archs)) if opts.filter in s.name or opts.filter in s.config]
+    specs = [s for s in all_specs(families, tuple(archs)) if any(f in f"{s.name} {s.config}" for f in opts.filter)]
     if opts.quick:
         specs = quick_subset(specs)
     jobs, mismatches = make_jobs(specs, archs, opts.sass)
@@ -106,7 +107,7 @@ def _run(opts: argparse.Namespace) -> int:
     for k, result in enumerate(results):
         spec, arch = specs[jobs[k]["spec"]], jobs[k]["arch"]
         specs_rows.append((spec, evaluate(spec, arch, result)))
-    specs_rows.sort(key=lambda sr: (sr[1]["arch"], sr[0].family, sr[0].name))
+    specs_rows.sort(key=lambda sr: (archs.index(sr[1]["arch"]), sr[0].family, sr[0].name))   # in --arch order
     print()
     print_table(specs_rows)
     if opts.sass:

@@ -156,7 +156,8 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
         result["shared"] = int(compiled.metadata.shared)
         if isinstance(arch, str):            # AMD: the code object's own metadata
             asm = compiled.asm["amdgcn"]
-            result.update(count_tensor_core_instructions(asm), parse_amdgcn(asm))
+            result.update(count_tensor_core_instructions(asm))
+            result.update(parse_amdgcn(asm))
             result["spill_bytes"] = 4 * (result["vgpr_spills"] + result["sgpr_spills"]) + result["scratch"]
         else:
             ptx = compiled.asm["ptx"]
@@ -171,7 +172,9 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
             result["scratch"] = result["stack_frame"]
             result["spill_bytes"] = result["spill_stores"] + result["spill_loads"]
     except Exception as exc:  # report every failing config, do not stop at the first
-        result["error"] = f"{type(exc).__name__}: {exc}".strip()[-4000:]
+        cause = exc.__cause__ or exc.__context__     # a CompilationError's message is the source; its cause says why
+        why = f"\n(caused by {type(cause).__name__}: {cause})" if cause is not None else ""
+        result["error"] = (f"{type(exc).__name__}: {exc}".strip()[-3000:] + why[-3000:])
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 

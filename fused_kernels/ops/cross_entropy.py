@@ -389,12 +389,13 @@ def chunk_rows(n: int, v: int) -> int:
     return max(MIN_CHUNK, min(n, budget, -(-n // CHUNK_FRACTION)))
 
 
-def _precision(dtype: torch.dtype, upcast: bool) -> str:
-    """tl.dot input precision: true fp32 for fp32 (TF32 only when torch allows it for matmuls), fp64 and the
-    interpreter's upcast bf16; irrelevant for 16-bit inputs."""
+def _precision(dtype: torch.dtype, upcast: bool) -> str | None:
+    """tl.dot input precision: true fp32 for fp32 (TF32 only when torch allows it for matmuls, on CUDA: ROCm's
+    triton takes "tf32" on gfx942 only), fp64 and the interpreter's upcast bf16; None (the backend's default:
+    gfx90a / gfx1100 reject "tf32") for 16-bit inputs, where it is irrelevant."""
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "ieee" if dtype == torch.float64 or upcast else "tf32"
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not torch.version.hip else "ieee"
+    return "ieee" if dtype == torch.float64 or upcast else None
 
 
 def lce_config(dtype: torch.dtype, arch: ArchValue) -> dict[str, int]:

@@ -77,11 +77,11 @@ class Column:
     """One architecture family's column of the tile table (``fused_kernels._core.launch.ARCH_FAMILIES`` names the
     families and their limits): the column it starts from and the entries the compiler made it change.
 
-    ``tiles``: ``attention_config`` entries; ``tma``: the dense 16-bit kernels at d <= 128 stream tiles through
-    TMA descriptors; ``pointer_base``: the column whose tiles the packed varlen kernels (pointer loads only) start
-    from, where this column's are sized for TMA; ``varlen``: entries of the packed kernels where the per-sequence
-    bookkeeping changes a tile; ``decode_stages``: pipeline stages of the paged decode kernel, (dtype family,
-    head-dim bucket) -> stages."""
+    ``tiles``: ``attention_config`` entries; ``tma`` (the column's own, not inherited from its base): the dense
+    16-bit kernels at d <= 128 stream tiles through TMA descriptors; ``pointer_base``: the column whose tiles the
+    packed varlen kernels (pointer loads only) start from, where this column's are sized for TMA; ``varlen``:
+    entries of the packed kernels where the per-sequence bookkeeping changes a tile; ``decode_stages``: pipeline
+    stages of the paged decode kernel, (dtype family, head-dim bucket) -> stages."""
 
     base: str | None = None
     tiles: dict[TileKey, Tile] = field(default_factory=dict)
@@ -117,14 +117,24 @@ COLUMNS: dict[str, Column] = {
                             ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1)},
                     # 16-bit d=128 spilled 4+4 B with 3 stages (16-key tiles)
                     decode_stages={("16bit", 128): 2}),
-    "sm_86": Column("sm_80"),
-    "sm_120": Column("sm_86"),
-    "sm_100": Column("sm_90", tma=True, pointer_base="sm_80"),
-    "sm_75": Column("sm_86"),
+    # 99 KB of shared memory: sm_80's d=256 forward needs 106,496 B (two stages of 64-key tiles); its dropout
+    # tile (64 x 32, two stages) needs 73,728 B. sm_80's d=128 dK/dV with dropout spills 16+8 B here (4 warps).
+    "sm_86": Column("sm_80", tiles={("16bit", "fwd", 256, False): (64, 32, 8, 2),
+                                    ("16bit", "bwd_dkdv", 128, True): (16, 32, 8, 2)}),
+    # sm_86's tiles (mma.sync, pointer loads: TMA was neither compiled nor measured here with them), but the d=64
+    # dK/dV, whose causal form spills 40+52 B with 4 warps. Hopper's (TMA) tiles spill here (issue 28).
+    "sm_120": Column("sm_86", tiles={("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1)}),
+    "sm_100": Column("sm_90", tma=True),
+    # No tensor cores for bf16 (and none triton uses for fp16) below sm_80: a 16-bit dot is the FMA loop sm_80's
+    # true-fp32 tiles are sized for, in 64 KB of shared memory (T4).
+    "sm_75": Column("sm_86", tiles={("16bit", kind, d, dropout): tile for (dtypes, kind, d, dropout), tile
+                                    in _base_tiles(0).items() if dtypes == "fp32"}),
     "sm_70": Column("sm_75"),
-    "gfx90a": Column("sm_75"),
+    # AMD: 64 KB of LDS. sm_80's tiles without software pipelining (triton's AMD stream pipeliner buffers every
+    # further stage in LDS).
+    "gfx90a": Column("sm_80", tiles={key: (bm, bn, w, 1) for key, (bm, bn, w, _) in _base_tiles(0).items()}),
     "gfx942": Column("gfx90a"),
-    "gfx1100": Column("sm_75"),
+    "gfx1100": Column("gfx90a"),
     "generic": Column("sm_75"),
 }
 
@@ -132,10 +142,11 @@ COLUMNS: dict[str, Column] = {
 # `python -m fused_kernels.aot --sass` under that release): (major, minor) -> {column: {key: tile}}, over the
 # column's ``tiles`` (``_TILE_OVERRIDES``) and ``varlen`` (``_VARLEN_TILE_OVERRIDES``) entries.
 _TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
+    # fp32 forward at d=128 with dropout: the variants' register-lean tile ("all": 16 B spilled on sm_80, 528 B on
+    # sm_90a otherwise)
     (3, 6): {"sm_90": {("16bit", "bwd_dkdv", 64, False): (64, 128, 8, 1),
                        ("16bit", "bwd_dkdv", 128, False): (32, 128, 8, 1),
                        ("fp32", "fwd", 128, True): (32, 16, 8, 1)},
-             # the variants' register-lean column ("all": 16 B spilled on sm_80, 528 B on sm_90a otherwise)
              "sm_80": {("fp32", "bwd_dkdv", 128, True): (16, 16, 4, 1),
                        ("fp32", "fwd", 128, True): (32, 16, 4, 1)}},
 }
@@ -255,13 +266,15 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
                 num_warps=cfg["num_warps"], num_stages=stages)
 
 
-def _precision(dtype: torch.dtype, upcast: bool) -> str:
-    """tl.dot input precision: true fp32 for fp32 (unless TF32 is allowed), fp64 and upcast bf16."""
+def _precision(dtype: torch.dtype, upcast: bool) -> str | None:
+    """tl.dot input precision: true fp32 for fp32 (TF32 where torch allows it for matmuls, on CUDA: ROCm's
+    triton takes "tf32" on gfx942 only), fp64 and upcast bf16; None (the backend's default: "tf32" on NVIDIA,
+    "ieee" on AMD, where gfx90a / gfx1100 reject "tf32") for 16-bit inputs, where it is irrelevant."""
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not torch.version.hip else "ieee"
     if dtype == torch.float64 or upcast:
         return "ieee"
-    return "tf32"  # the default; irrelevant for 16-bit inputs
+    return None
 
 
 def decode_splits(b: int, hkv: int, l: int, h: int, s: int, device: torch.device) -> int:
