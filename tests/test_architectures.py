@@ -137,12 +137,13 @@ COLUMN_ARCHS = [a for key, a in _BY_COLUMN.items() if key not in (_resolved(80),
 
 @pytest.fixture(params=COLUMN_ARCHS, ids=str)
 def column_arch(request):
-    """The launchers see ``request.param``; yields (arch, [(kernel name, its BLOCK_M, BLOCK_N, TMA), ...])."""
+    """The launchers see ``request.param``; yields (arch, [(kernel name, its BLOCK_M, BLOCK_N, TMA, UPCAST), ...])."""
     launches = []
 
     def record(call, run):
         if "BLOCK_N" in call.kwargs:
-            launches.append((call.name, call.kwargs.get("BLOCK_M"), call.kwargs["BLOCK_N"], call.kwargs.get("TMA")))
+            launches.append((call.name, call.kwargs.get("BLOCK_M"), call.kwargs["BLOCK_N"], call.kwargs.get("TMA"),
+                             call.kwargs.get("UPCAST")))
         run(call)
 
     with fused_kernels.use_backend("triton"), force_arch(request.param), intercept(record):
@@ -157,7 +158,10 @@ def test_column_gqa_causal_padding(column_arch, device):
     q, k, v = _qkv(b, h, hkv, l, s, 64, dtype=torch.float16, device=device)
     mask = (torch.rand(b, 1, 1, s, generator=torch.Generator().manual_seed(2)) > 0.2).to(device)
     check_attention(q, k, v, causal=True, attn_mask=mask, seqlens_k=torch.tensor([150, 97], device=device))
-    tiles = {name: (bm, bn, tma) for name, bm, bn, tma in launches}
+    tiles = {name: (bm, bn, tma) for name, bm, bn, tma, _ in launches}
+    # fp16 runs in fp32 where triton has no tensor-core instruction for it (sm_70 / sm_75 / an unknown GPU)
+    assert {up for *_, up in launches if up is not None} == {cfg.upcast_16bit(torch.float16, arch)}
+    assert cfg.upcast_16bit(torch.float16, arch) == (arch in (70, 75) or core.arch_family(arch) is GENERIC)
     want = {kind: cfg.attention_config(kind, 64, 64, torch.float16, arch) for kind in ("fwd", "bwd_dkdv", "bwd_dq")}
     for kind, name in (("fwd", "_attn_fwd_kernel"), ("bwd_dkdv", "_attn_bwd_dkdv_kernel"),
                        ("bwd_dq", "_attn_bwd_dq_kernel")):

@@ -158,7 +158,9 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
             asm = compiled.asm["amdgcn"]
             result.update(count_tensor_core_instructions(asm))
             result.update(parse_amdgcn(asm))
-            result["spill_bytes"] = 4 * (result["vgpr_spills"] + result["sgpr_spills"]) + result["scratch"]
+            # Spilled VGPRs go to scratch memory; spilled SGPRs go to VGPR lanes (v_writelane), which costs no
+            # memory traffic: reported (``sgpr_spills``), not counted, unless they reach scratch (``scratch``).
+            result["spill_bytes"] = 4 * result["vgpr_spills"] + result["scratch"]
         else:
             ptx = compiled.asm["ptx"]
             if job.get("sass") and sass.readable(arch):

@@ -28,7 +28,7 @@ def evaluate(spec: Spec, arch: int | str, result: dict[str, Any]) -> dict[str, A
         row["tensor_core_instructions"] = sum(row[kind] for kind in MMA_PATTERNS)
         if row["spill_bytes"]:
             if isinstance(arch, str):
-                problems.append(f"spills {row['vgpr_spills']} VGPRs + {row['sgpr_spills']} SGPRs, "
+                problems.append(f"spills {row['vgpr_spills']} VGPRs (+ {row['sgpr_spills']} SGPRs to VGPR lanes), "
                                 f"scratch {row['scratch']} B")
             else:
                 problems.append(f"spills {row['spill_stores']}+{row['spill_loads']} B")

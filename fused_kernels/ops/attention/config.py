@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+from ..._core import backend as _backend
 from ..._core.launch import ArchValue, arch_family, next_pow2
 
 MAX_HEAD_DIM = 256
@@ -130,11 +131,15 @@ COLUMNS: dict[str, Column] = {
     "sm_75": Column("sm_86", tiles={("16bit", kind, d, dropout): tile for (dtypes, kind, d, dropout), tile
                                     in _base_tiles(0).items() if dtypes == "fp32"}),
     "sm_70": Column("sm_75"),
-    # AMD: 64 KB of LDS. sm_80's tiles without software pipelining (triton's AMD stream pipeliner buffers every
-    # further stage in LDS).
-    "gfx90a": Column("sm_80", tiles={key: (bm, bn, w, 1) for key, (bm, bn, w, _) in _base_tiles(0).items()}),
+    # AMD CDNA: 64 KB of LDS, 64-wide waves. sm_80's tiles with 4 waves (8 put two waves of a block on a SIMD and
+    # halve each one's registers: 256 VGPRs spilled up to 1.2 KB of scratch at d=128 / 256) and without software
+    # pipelining (triton's AMD stream pipeliner buffers every further stage in LDS).
+    "gfx90a": Column("sm_80", tiles={key: (bm, bn, 4, 1) for key, (bm, bn, _, _) in _base_tiles(0).items()}),
     "gfx942": Column("gfx90a"),
-    "gfx1100": Column("gfx90a"),
+    # RDNA3: 256 VGPRs a lane, 32-wide waves: sm_80's tiles spill up to 7.5 KB of scratch; the FMA-sized tiles
+    # (sm_80's fp32 ones) with WMMA, without pipelining.
+    "gfx1100": Column("gfx90a", tiles={("16bit", kind, d, dropout): (bm, bn, w, 1) for (dtypes, kind, d, dropout),
+                                       (bm, bn, w, _) in _base_tiles(0).items() if dtypes == "fp32"}),
     "generic": Column("sm_75"),
 }
 
@@ -264,6 +269,18 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
         block_n = min(block_n, page)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PAGE=page % block_n == 0,
                 num_warps=cfg["num_warps"], num_stages=stages)
+
+
+def upcast_16bit(dtype: torch.dtype, arch: ArchValue) -> bool:
+    """Whether the kernels convert their loaded 16-bit tiles to fp32 and run every dot in fp32 (``UPCAST``): bf16
+    under the interpreter (which computes bf16 as raw integers), and 16-bit inputs where the architecture family
+    has no tensor-core instruction triton uses for them (sm_70 and sm_75, and an unknown GPU: there triton's FMA
+    loop on 16-bit operands spills at tiles where the fp32 one does not: docs/architectures.md)."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    if name is None:
+        return False
+    family = arch_family(arch)
+    return (family is not None and name not in family.mma_dtypes) or (_backend.INTERPRET and name == "bf16")
 
 
 def _precision(dtype: torch.dtype, upcast: bool) -> str | None:

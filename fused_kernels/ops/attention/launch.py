@@ -15,13 +15,12 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: the pointer path only
     TensorDescriptor = None
 
-from ..._core import backend as _backend
 from ..._core import checks as _checks
 from ..._core.grad import create_graph
 from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
 from . import grad as _grad
 from . import sparse
-from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _precision, attention_config
+from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _precision, attention_config, upcast_16bit
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .kernels.forward import _attn_fwd_kernel
@@ -92,11 +91,11 @@ def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like
     return m, kind, tuple(m.stride())
 
 
-def _common(q, k, v, mask, seqlens_k):
+def _common(q, k, v, mask, seqlens_k, arch):
     b, h, l, d = q.shape
     hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
     m, kind, mstrides = _mask_args(mask, (b, h, l, s), q)
-    upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
+    upcast = upcast_16bit(q.dtype, arch)
     meta = dict(MASK_KIND=kind, HAS_SEQLENS=seqlens_k is not None,
                 BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
                 UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype))
@@ -186,7 +185,7 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
     ``fused_kernels.aot`` runs (on meta tensors, kernels replaced by recorders) to see the launches. ``var``: the
     call's variants (``fused_kernels.attention.variants.Variants``; never with ``num_splits``)."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k)
+    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k, arch)
     acc = torch_acc_dtype(q.dtype)
     out = torch.empty((b, h, l, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, l), dtype=acc, device=q.device)
@@ -255,7 +254,7 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
     ``fwd_launch``."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     do = _last_dim_contiguous(do)
-    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k)
+    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k, arch)
     dq = torch.empty((b, h, l, d), dtype=q.dtype, device=q.device)     # every element is written
     dk = torch.empty((b, hkv, s, d), dtype=k.dtype, device=k.device)
     dvv = torch.empty((b, hkv, s, dv), dtype=v.dtype, device=v.device)
