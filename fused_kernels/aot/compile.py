@@ -158,9 +158,10 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
             asm = compiled.asm["amdgcn"]
             result.update(count_tensor_core_instructions(asm))
             result.update(parse_amdgcn(asm))
-            # Spilled VGPRs go to scratch memory; spilled SGPRs go to VGPR lanes (v_writelane), which costs no
-            # memory traffic: reported (``sgpr_spills``), not counted, unless they reach scratch (``scratch``).
-            result["spill_bytes"] = 4 * result["vgpr_spills"] + result["scratch"]
+            # A spill is memory traffic: scratch. Spilled SGPRs go to VGPR lanes (v_writelane) and, on CDNA, spilled
+            # VGPRs to the AGPR half of the register file (v_accvgpr_write): register moves, reported
+            # (``vgpr_spills``, ``sgpr_spills``) but no spill unless they reach scratch (RDNA has no AGPRs).
+            result["spill_bytes"] = result["scratch"]
         else:
             ptx = compiled.asm["ptx"]
             if job.get("sass") and sass.readable(arch):

@@ -28,8 +28,8 @@ def evaluate(spec: Spec, arch: int | str, result: dict[str, Any]) -> dict[str, A
         row["tensor_core_instructions"] = sum(row[kind] for kind in MMA_PATTERNS)
         if row["spill_bytes"]:
             if isinstance(arch, str):
-                problems.append(f"spills {row['vgpr_spills']} VGPRs (+ {row['sgpr_spills']} SGPRs to VGPR lanes), "
-                                f"scratch {row['scratch']} B")
+                problems.append(f"spills {row['scratch']} B to scratch ({row['vgpr_spills']} VGPRs, "
+                                f"{row['sgpr_spills']} SGPRs)")
             else:
                 problems.append(f"spills {row['spill_stores']}+{row['spill_loads']} B")
         if row["shared"] > SHARED_LIMIT[arch]:
@@ -138,8 +138,7 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
 def print_targets(rows: list[dict[str, Any]]) -> None:
     """One line per target: what was compiled for it and the worst of it (the per-target table of
     docs/architectures.md)."""
-    print("\nper target (max over its configurations; spills: NVIDIA spill bytes, AMD scratch + 4 B per spilled "
-          "register):")
+    print("\nper target (max over its configurations; spills: NVIDIA spill bytes, AMD scratch bytes):")
     print(f"  {'target':<8} {'family':<8} {'configs':>7} {'clean':>6} {'max regs':>8} {'max smem':>9} "
           f"{'limit':>7} {'spilling':>8} {'failed':>6}  matrix instructions")
     for gpu in dict.fromkeys(r["gpu_name"] for r in rows):

@@ -125,21 +125,41 @@ COLUMNS: dict[str, Column] = {
     # sm_86's tiles (mma.sync, pointer loads: TMA was neither compiled nor measured here with them), but the d=64
     # dK/dV, whose causal form spills 40+52 B with 4 warps. Hopper's (TMA) tiles spill here (issue 28).
     "sm_120": Column("sm_86", tiles={("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1)}),
-    "sm_100": Column("sm_90", tma=True),
-    # No tensor cores for bf16 (and none triton uses for fp16) below sm_80: a 16-bit dot is the FMA loop sm_80's
-    # true-fp32 tiles are sized for, in 64 KB of shared memory (T4).
-    "sm_75": Column("sm_86", tiles={("16bit", kind, d, dropout): tile for (dtypes, kind, d, dropout), tile
-                                    in _base_tiles(0).items() if dtypes == "fp32"}),
-    "sm_70": Column("sm_75"),
+    # sm_90's tiles (TMA; triton lowers tl.dot to tcgen05 here), but those that spill 28-1,136 B with tcgen05:
+    # 64 x 64 dK/dV tiles of one stage (sm_90's with one stage still spill 4-8 B), 64-row dQ / d=256 forward tiles.
+    "sm_100": Column("sm_90", tma=True, tiles={("16bit", "bwd_dkdv", 64, False): (64, 64, 8, 1),
+                                               ("16bit", "bwd_dkdv", 128, False): (64, 64, 8, 1),
+                                               ("16bit", "bwd_dq", 128, False): (64, 64, 8, 2),
+                                               ("16bit", "fwd", 256, False): (64, 64, 8, 2)}),
+    # No tensor cores for bf16 (and none triton uses for fp16) below sm_80: 16-bit inputs run in fp32 math
+    # (``upcast_16bit``) at sm_80's true-fp32 tiles, but where those spill (8-56 B) or need more than T4's 64 KB
+    # of shared memory (d=256 backward: 98,304 / 100,352 B): 16 x 16 tiles.
+    "sm_75": Column("sm_86", tiles={
+        **{("16bit", kind, d, dropout): tile for (dtypes, kind, d, dropout), tile in _base_tiles(0).items()
+           if dtypes == "fp32"},
+        ("16bit", "bwd_dkdv", 64, True): (16, 16, 8, 1), ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
+        ("16bit", "bwd_dkdv", 256, True): (16, 16, 4, 1), ("16bit", "bwd_dq", 64, True): (16, 16, 4, 1),
+        ("16bit", "bwd_dq", 128, False): (16, 16, 8, 1), ("16bit", "bwd_dq", 256, False): (16, 16, 8, 1)}),
+    # sm_75's, but the dK/dV with dropout: 4 warps at d <= 128 (8 spill 68-132 B here), 8 at d=256 (4 spill 80 B;
+    # V100's 96 KB take its 66,560 B).
+    "sm_70": Column("sm_75", tiles={("16bit", "bwd_dkdv", 64, True): (16, 16, 4, 1),
+                                    ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 1),
+                                    ("16bit", "bwd_dkdv", 256, True): (16, 16, 8, 1)}),
     # AMD CDNA: 64 KB of LDS, 64-wide waves. sm_80's tiles with 4 waves (8 put two waves of a block on a SIMD and
     # halve each one's registers: 256 VGPRs spilled up to 1.2 KB of scratch at d=128 / 256) and without software
     # pipelining (triton's AMD stream pipeliner buffers every further stage in LDS).
-    "gfx90a": Column("sm_80", tiles={key: (bm, bn, 4, 1) for key, (bm, bn, _, _) in _base_tiles(0).items()}),
+    # The d=128 dK/dV at 64 x 64 spills 1-84 VGPRs (into AGPRs, causal / MHA): sm_80's d=64 tile.
+    "gfx90a": Column("sm_80", tiles={**{key: (bm, bn, 4, 1) for key, (bm, bn, _, _) in _base_tiles(0).items()},
+                                     ("16bit", "bwd_dkdv", 128, False): (32, 64, 4, 1)}),
     "gfx942": Column("gfx90a"),
-    # RDNA3: 256 VGPRs a lane, 32-wide waves: sm_80's tiles spill up to 7.5 KB of scratch; the FMA-sized tiles
-    # (sm_80's fp32 ones) with WMMA, without pipelining.
-    "gfx1100": Column("gfx90a", tiles={("16bit", kind, d, dropout): (bm, bn, w, 1) for (dtypes, kind, d, dropout),
-                                       (bm, bn, w, _) in _base_tiles(0).items() if dtypes == "fp32"}),
+    # RDNA3: 256 VGPRs a lane, 32-wide waves: sm_80's 16-bit tiles spill up to 7.5 KB of scratch, its fp32
+    # (FMA-sized) ones up to 5 KB but at d=64 in the forward: 16 x 16 tiles, without pipelining. The backward at
+    # d >= 128 and the d=256 forward still spill (0.3-5 KB of scratch, the same with 4 warps): open
+    # (docs/architectures.md).
+    "gfx1100": Column("gfx90a", tiles={
+        **{("16bit", kind, d, dropout): (16, 16, 8, 1) for kind in ("fwd", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)
+           for dropout in (False, True)},
+        ("16bit", "fwd", 64, False): (32, 32, 4, 1), ("16bit", "fwd", 64, True): (32, 32, 8, 1)}),
     "generic": Column("sm_75"),
 }
 
