@@ -160,8 +160,8 @@ def test_column_gqa_causal_padding(column_arch, device):
     check_attention(q, k, v, causal=True, attn_mask=mask, seqlens_k=torch.tensor([150, 97], device=device))
     tiles = {name: (bm, bn, tma) for name, bm, bn, tma, _ in launches}
     # fp16 runs in fp32 where triton has no tensor-core instruction for it (sm_70 / sm_75 / an unknown GPU)
-    assert {up for *_, up in launches if up is not None} == {cfg.upcast_16bit(torch.float16, arch)}
-    assert cfg.upcast_16bit(torch.float16, arch) == (arch in (70, 75) or core.arch_family(arch) is GENERIC)
+    assert {up for *_, up in launches if up is not None} == {core.upcast_16bit(torch.float16, arch)}
+    assert core.upcast_16bit(torch.float16, arch) == (arch in (70, 75) or core.arch_family(arch) is GENERIC)
     want = {kind: cfg.attention_config(kind, 64, 64, torch.float16, arch) for kind in ("fwd", "bwd_dkdv", "bwd_dq")}
     for kind, name in (("fwd", "_attn_fwd_kernel"), ("bwd_dkdv", "_attn_bwd_dkdv_kernel"),
                        ("bwd_dq", "_attn_bwd_dq_kernel")):

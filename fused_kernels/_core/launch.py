@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import backend as _backend
+
 
 def acc_dtype(x: torch.dtype) -> tl.dtype:
     """Accumulate in float64 for float64 inputs, in float32 otherwise."""
@@ -234,6 +236,18 @@ def device_arch(device: torch.device) -> ArchValue:
         return name.split(":")[0] or "gfx"
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+def upcast_16bit(dtype: torch.dtype, arch: ArchValue) -> bool:
+    """Whether the kernels convert their loaded 16-bit tiles to fp32 and run every dot in fp32 (``UPCAST``): bf16
+    under the interpreter (which computes bf16 as raw integers), and 16-bit inputs where the architecture family
+    has no tensor-core instruction triton uses for them (sm_70 and sm_75, and an unknown GPU: there triton's FMA
+    loop on 16-bit operands spills at tiles where the fp32 one does not: docs/architectures.md)."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    if name is None:
+        return False
+    family = arch_family(arch)
+    return (family is not None and name not in family.mma_dtypes) or (_backend.INTERPRET and name == "bf16")
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from ..._core import backend as _backend
 from ..._core.launch import ArchValue, arch_family, next_pow2
 
 MAX_HEAD_DIM = 256
@@ -121,7 +120,9 @@ COLUMNS: dict[str, Column] = {
     # 99 KB of shared memory: sm_80's d=256 forward needs 106,496 B (two stages of 64-key tiles); its dropout
     # tile (64 x 32, two stages) needs 73,728 B. sm_80's d=128 dK/dV with dropout spills 16+8 B here (4 warps).
     "sm_86": Column("sm_80", tiles={("16bit", "fwd", 256, False): (64, 32, 8, 2),
-                                    ("16bit", "bwd_dkdv", 128, True): (16, 32, 8, 2)}),
+                                    ("16bit", "bwd_dkdv", 128, True): (16, 32, 8, 2),
+                                    # 8+4 B spilled with 8 warps (fp32 flash-decoding with dropout, d=256)
+                                    ("fp32", "decode", 256, True): (0, 16, 4, 1)}),
     # sm_86's tiles (mma.sync, pointer loads: TMA was neither compiled nor measured here with them), but the d=64
     # dK/dV, whose causal form spills 40+52 B with 4 warps. Hopper's (TMA) tiles spill here (issue 28).
     "sm_120": Column("sm_86", tiles={("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1)}),
@@ -146,15 +147,15 @@ COLUMNS: dict[str, Column] = {
                                     ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 1),
                                     ("16bit", "bwd_dkdv", 256, True): (16, 16, 8, 1)}),
     # AMD CDNA: 64 KB of LDS, 64-wide waves. sm_80's tiles with 4 waves (8 put two waves of a block on a SIMD and
-    # halve each one's registers: 256 VGPRs spilled up to 1.2 KB of scratch at d=128 / 256) and without software
+    # halve each one's registers: 256 VGPRs spilled up to 940 B of scratch at d=128 / 256) and without software
     # pipelining (triton's AMD stream pipeliner buffers every further stage in LDS).
-    # The d=128 dK/dV at 64 x 64 spills 1-84 VGPRs (into AGPRs, causal / MHA): sm_80's d=64 tile.
+    # The d=128 dK/dV at 64 x 64 spills 1-84 VGPRs into AGPRs (causal / MHA): 32 x 64, at most 2.
     "gfx90a": Column("sm_80", tiles={**{key: (bm, bn, 4, 1) for key, (bm, bn, _, _) in _base_tiles(0).items()},
                                      ("16bit", "bwd_dkdv", 128, False): (32, 64, 4, 1)}),
     "gfx942": Column("gfx90a"),
-    # RDNA3: 256 VGPRs a lane, 32-wide waves: sm_80's 16-bit tiles spill up to 7.5 KB of scratch, its fp32
-    # (FMA-sized) ones up to 5 KB but at d=64 in the forward: 16 x 16 tiles, without pipelining. The backward at
-    # d >= 128 and the d=256 forward still spill (0.3-5 KB of scratch, the same with 4 warps): open
+    # RDNA3: 256 VGPRs a lane, 32-wide waves: sm_80's 16-bit tiles spill up to 2.5 KB of scratch, its fp32
+    # (FMA-sized) ones up to 2.2 KB but at d=64 in the forward: 16 x 16 tiles, without pipelining. The backward at
+    # d >= 128 and the d=256 forward still spill (12 B to 2 KB of scratch, more with 4 warps): open
     # (docs/architectures.md).
     "gfx1100": Column("gfx90a", tiles={
         **{("16bit", kind, d, dropout): (16, 16, 8, 1) for kind in ("fwd", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)
@@ -289,18 +290,6 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
         block_n = min(block_n, page)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PAGE=page % block_n == 0,
                 num_warps=cfg["num_warps"], num_stages=stages)
-
-
-def upcast_16bit(dtype: torch.dtype, arch: ArchValue) -> bool:
-    """Whether the kernels convert their loaded 16-bit tiles to fp32 and run every dot in fp32 (``UPCAST``): bf16
-    under the interpreter (which computes bf16 as raw integers), and 16-bit inputs where the architecture family
-    has no tensor-core instruction triton uses for them (sm_70 and sm_75, and an unknown GPU: there triton's FMA
-    loop on 16-bit operands spills at tiles where the fp32 one does not: docs/architectures.md)."""
-    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
-    if name is None:
-        return False
-    family = arch_family(arch)
-    return (family is not None and name not in family.mma_dtypes) or (_backend.INTERPRET and name == "bf16")
 
 
 def _precision(dtype: torch.dtype, upcast: bool) -> str | None:

@@ -39,10 +39,10 @@ import triton
 
 from ..._core import backend as _backend
 from ..._core import checks as _checks
-from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
+from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype, upcast_16bit
 from . import torch_path
 from .api import _check_scale
-from .config import LOG2E, MAX_HEAD_DIM, _precision, decode_splits, paged_config, upcast_16bit
+from .config import LOG2E, MAX_HEAD_DIM, _precision, decode_splits, paged_config
 from .kernels.decode import _attn_combine_kernel
 from .kernels.paged import _paged_append_kernel, _paged_attn_fwd_kernel
 from .launch import _last_dim_contiguous

@@ -33,10 +33,10 @@ import triton
 from ..._core import backend as _backend
 from ..._core import checks as _checks
 from ..._core.grad import create_graph
-from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
+from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype, upcast_16bit
 from . import torch_path
 from .api import _check_head_dims, _check_qkv, _check_scale, attention
-from .config import LOG2E, MASK_NONE, _precision, upcast_16bit, varlen_config
+from .config import LOG2E, MASK_NONE, _precision, varlen_config
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.forward import _attn_fwd_kernel
 from .launch import _fold_flags, _last_dim_contiguous
