@@ -150,4 +150,4 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
               f"{max((r['registers'] for r in built), default=0):>8} "
               f"{max((r['shared'] for r in built), default=0):>9} {SHARED_LIMIT[arch]:>7} "
               f"{sum(bool(r['spill_bytes']) for r in built):>8} {len(group) - len(built):>6}  "
-              f"{', '.join(kinds) or 'none (FMA)'}")
+              f"{', '.join(kinds) or 'none'}")
