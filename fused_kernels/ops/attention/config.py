@@ -151,7 +151,9 @@ COLUMNS: dict[str, Column] = {
     # pipelining (triton's AMD stream pipeliner buffers every further stage in LDS).
     # The d=128 dK/dV at 64 x 64 spills 1-84 VGPRs into AGPRs (causal / MHA): 32 x 64, at most 2.
     "gfx90a": Column("sm_80", tiles={**{key: (bm, bn, 4, 1) for key, (bm, bn, _, _) in _base_tiles(0).items()},
-                                     ("16bit", "bwd_dkdv", 128, False): (32, 64, 4, 1)}),
+                                     ("16bit", "bwd_dkdv", 128, False): (32, 64, 4, 1),
+                                     # 508 B of scratch on gfx942 at 32 x 16
+                                     ("fp32", "bwd_dkdv", 256, True): (16, 16, 4, 1)}),
     "gfx942": Column("gfx90a"),
     # RDNA3: 256 VGPRs a lane, 32-wide waves: sm_80's 16-bit tiles spill up to 2.5 KB of scratch, its fp32
     # (FMA-sized) ones up to 2.2 KB but at d=64 in the forward: 16 x 16 tiles, without pipelining. The backward at
