@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import backend as _backend
+
 
 def acc_dtype(x: torch.dtype) -> tl.dtype:
     """Accumulate in float64 for float64 inputs, in float32 otherwise."""
@@ -155,24 +157,107 @@ def intercept(hook: Hook) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- the target architecture
 
-_forced_arch: list[int | None] = []
+# An architecture value, as the launchers and the tile tables take it: the CUDA compute capability as an int
+# (75, 80, 90, ...), the AMD gfx name as a string ("gfx942"), or None for a CPU tensor (the interpreter's small
+# tiles). ``arch_family`` maps it to its column of the tile tables.
+ArchValue = int | str | None
 
 
-def device_arch(device: torch.device) -> int | None:
-    """The compute capability the launchers pick configurations for, as an int (80, 90, ...), or None for a
-    CPU tensor (the interpreter: small tiles). ``force_arch`` overrides it."""
+@dataclass(frozen=True)
+class ArchFamily:
+    """One column of the tile tables: a GPU architecture family and the limits its configurations are proven
+    against by ``python -m fused_kernels.aot`` (docs/architectures.md).
+
+    ``shared_memory``: bytes of shared memory (LDS on AMD) one block may use (the per-block opt-in maximum the
+    runtime checks at launch); ``registers``: 32-bit registers one thread may hold (NVIDIA 255; CDNA 512 =
+    256 VGPRs + 256 AGPRs; RDNA 256); ``mma``: the matrix instructions triton emits for ``tl.dot`` there
+    ("fma" where it emits none: triton has no tensor-core path below sm_80); ``mma_dtypes``: the input dtypes
+    it emits them for; ``tma``: the GPU has the TMA copy engine and triton lowers tensor descriptors to it (whether a
+    column's kernels use it is the tile table's choice)."""
+
+    name: str                       # the column's key in the tile tables
+    vendor: str                     # "cuda" or "hip"
+    targets: tuple[int | str, ...]  # the architectures it covers (``device_arch`` values)
+    gpus: str
+    warp_size: int
+    shared_memory: int
+    registers: int
+    mma: str
+    mma_dtypes: tuple[str, ...]
+    tma: bool = False
+
+
+_KB = 1024
+ARCH_FAMILIES: tuple[ArchFamily, ...] = (
+    ArchFamily("sm_70", "cuda", (70,), "V100, Titan V", 32, 96 * _KB, 255, "fma", ()),
+    ArchFamily("sm_75", "cuda", (75,), "T4, RTX 20xx, Quadro RTX", 32, 64 * _KB, 255, "fma", ()),
+    ArchFamily("sm_80", "cuda", (80,), "A100, A30", 32, 163 * _KB, 255, "mma.sync",
+               ("fp16", "bf16", "tf32", "fp64")),
+    ArchFamily("sm_86", "cuda", (86, 89), "RTX 30xx / 40xx, A10, A40, L4, L40", 32, 99 * _KB, 255, "mma.sync",
+               ("fp16", "bf16", "tf32")),
+    ArchFamily("sm_90", "cuda", (90,), "H100, H200, GH200", 32, 227 * _KB, 255, "wgmma",
+               ("fp16", "bf16", "tf32", "fp64"), tma=True),
+    ArchFamily("sm_100", "cuda", (100,), "B200, GB200", 32, 227 * _KB, 255, "tcgen05",
+               ("fp16", "bf16", "tf32", "fp64"), tma=True),
+    ArchFamily("sm_120", "cuda", (120,), "RTX 50xx, RTX PRO 6000 Blackwell", 32, 99 * _KB, 255, "mma.sync",
+               ("fp16", "bf16", "tf32"), tma=True),
+    ArchFamily("gfx90a", "hip", ("gfx90a",), "MI210, MI250, MI250X", 64, 64 * _KB, 512, "mfma",
+               ("fp16", "bf16", "fp32", "fp64")),
+    ArchFamily("gfx942", "hip", ("gfx942",), "MI300X, MI300A, MI325X", 64, 64 * _KB, 512, "mfma",
+               ("fp16", "bf16", "xf32", "fp64")),
+    ArchFamily("gfx1100", "hip", ("gfx1100",), "RX 7900 XTX / XT, Radeon PRO W7900", 32, 64 * _KB, 256, "wmma",
+               ("fp16", "bf16")),
+)
+# Any other GPU: the sm_75 column's tiles (sized for the FMA path of a dot, the most register-hungry one, and
+# for 64 KB of shared memory, the least of any listed GPU), no TMA, no assumption on its matrix instructions.
+GENERIC = ArchFamily("generic", "any", (), "any other GPU", 32, 64 * _KB, 255, "unknown", ())
+_BY_TARGET = {target: family for family in ARCH_FAMILIES for target in family.targets}
+_forced_arch: list[ArchValue] = []
+
+
+def arch_family(arch: ArchValue) -> ArchFamily | None:
+    """The tile-table column of an architecture value (``device_arch``): its family, ``GENERIC`` for one not
+    listed in ``ARCH_FAMILIES``, None for None (the interpreter's tiles)."""
+    if arch is None:
+        return None
+    return _BY_TARGET.get(arch, GENERIC)
+
+
+def device_arch(device: torch.device) -> ArchValue:
+    """The architecture the launchers pick configurations for: the compute capability as an int (80, 90,
+    ...) on CUDA, the gfx name ("gfx942", without its feature suffixes) on ROCm, or None for a CPU tensor (the
+    interpreter: small tiles). ``force_arch`` overrides it."""
     if _forced_arch:
         return _forced_arch[-1]
     if device.type != "cuda":
         return None
+    if getattr(torch.version, "hip", None):
+        name = getattr(torch.cuda.get_device_properties(device), "gcnArchName", "") or ""
+        return name.split(":")[0] or "gfx"
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
 
 
+def upcast_16bit(dtype: torch.dtype, arch: ArchValue) -> bool:
+    """Whether the kernels convert their loaded 16-bit tiles to fp32 and run every dot in fp32 (``UPCAST``): bf16
+    under the interpreter (which computes bf16 as raw integers), and 16-bit inputs where the architecture family
+    has no tensor-core instruction triton uses for them (sm_70 and sm_75, and an unknown GPU: there triton's FMA
+    loop on 16-bit operands spills at tiles where the fp32 one does not: docs/architectures.md)."""
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    if name is None:
+        return False
+    family = arch_family(arch)
+    return (family is not None and name not in family.mma_dtypes) or (_backend.INTERPRET and name == "bf16")
+
+
 @contextlib.contextmanager
-def force_arch(arch: int | None) -> Iterator[None]:
-    """Pick every launch configuration inside the block as on compute capability ``arch`` (e.g. 90: the Hopper
-    tiles and TMA descriptors), whatever the device: how the tests run a GPU's configuration in the interpreter."""
+def force_arch(arch: ArchValue) -> Iterator[None]:
+    """Pick every launch configuration inside the block as on architecture ``arch`` (a compute capability
+    such as 90: the Hopper tiles and TMA descriptors; a gfx name such as "gfx942"), whatever the device: how the
+    tests run a GPU's configuration in the interpreter."""
+    if arch is not None and not isinstance(arch, (int, str)) or isinstance(arch, bool):
+        raise TypeError(f"force_arch: arch must be a compute capability (int), a gfx name (str) or None, "
+                        f"got {arch!r}")
     _forced_arch.append(arch)
     try:
         yield

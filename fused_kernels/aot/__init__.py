@@ -1,8 +1,10 @@
 """``python -m fused_kernels.aot``: compile every kernel configuration the launchers can choose, ahead of time
-for real GPUs (sm_80 and sm_90a), on a machine without one, and check registers, spills and shared
-memory.
+for real GPUs (by default sm_80 and sm_90a; ``--arch all``: every architecture family of the tile table,
+NVIDIA sm_70 to sm_120 and AMD gfx90a / gfx942 / gfx1100, docs/architectures.md), on a machine without one,
+and check registers, spills and shared memory.
 
-    python -m fused_kernels.aot [--arch 80 90] [--json PATH] [--family NAME ...] [--filter SUBSTRING] [--jobs N]
+    python -m fused_kernels.aot [--arch 80 90 | all | 75 120 gfx942 ...] [--json PATH] [--family NAME ...]
+                                [--filter SUBSTRING ...] [--jobs N] [--quick] [--sass]
 
 Each configuration goes through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 with the specialization the runtime launcher would give a typical contiguous call: pointers aligned
@@ -20,6 +22,13 @@ memory comes from the compiled kernel's metadata, and the static count of tensor
 configuration fails to compile, spills, needs more shared memory than a block may have (sm_80: 163 KB,
 sm_90: 227 KB, the CUDA per-block opt-in limits the runtime checks at launch), or, for a kernel built
 on ``tl.dot``, has no tensor-core instruction.
+
+Other architectures (``--arch``, ``_core.launch.ARCH_FAMILIES``): each compiles the configurations the launchers
+pick for it (its column of the tile table) and is judged against its family's limits (shared memory / LDS per
+block; tensor-core instructions only where the family has them for the dtype: none below sm_80). AMD targets
+(``GPUTarget("hip", "gfx942", 64)``, ...) compile to a code object whose metadata gives VGPRs / AGPRs, spilled
+registers, scratch and LDS (``compile.parse_amdgcn``), and the assembly's MFMA / WMMA count; their pointers also
+carry ``tt.pointer_range=32``, as triton's AMD launcher specializes a tensor under 2 GB.
 
 How the configurations are enumerated (one spec generator per kernel family, in ``FAMILIES``):
 

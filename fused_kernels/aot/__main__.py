@@ -1,6 +1,6 @@
 """``python -m fused_kernels.aot``: compile every kernel configuration the launchers can choose, ahead of time
-for real GPUs (sm_80 and sm_90a), on a machine without one, and check registers, spills and shared
-memory.
+for real GPUs (by default sm_80 and sm_90a; ``--arch all``: every architecture of the tile table, NVIDIA and
+AMD), on a machine without one, and check registers, spills and shared memory.
 
 The command line; what is compiled and how it is judged: the package docstring (``fused_kernels/aot/__init__.py``).
 """
@@ -21,8 +21,24 @@ import warnings
 import torch
 
 from .compile import gpu_name, make_jobs, ptxas_path, run_jobs
-from .report import evaluate, print_sass_table, print_summary, print_table
-from .specs import ARCHS, FAMILIES, SHARED_LIMIT, all_specs, quick_subset
+from .report import evaluate, print_sass_table, print_summary, print_table, print_targets
+from .specs import ALL_ARCHS, ARCHS, FAMILIES, SHARED_LIMIT, all_specs, quick_subset
+
+
+def parse_archs(values: list[str]) -> list[int | str]:
+    """``--arch`` values: compute capabilities ("75", "120"), gfx names ("gfx942") or "all" (``ALL_ARCHS``), in
+    order, without repeats; anything else is an error naming the choices."""
+    archs: list[int | str] = []
+    for value in values:
+        if value == "all":
+            archs += ALL_ARCHS
+            continue
+        arch = int(value) if value.isdigit() else value
+        if arch not in ALL_ARCHS:
+            raise argparse.ArgumentTypeError(
+                f"--arch: unknown architecture {value!r}; choose from all, {', '.join(map(str, ALL_ARCHS))}")
+        archs.append(arch)
+    return list(dict.fromkeys(archs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "fused_kernels.aot", *args])
 
     parser = argparse.ArgumentParser(prog="python -m fused_kernels.aot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT),
-                        help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--arch", nargs="+", default=[str(a) for a in ARCHS], metavar="ARCH",
+                        help=f"architectures to compile for: compute capabilities, gfx names or 'all' "
+                             f"({' '.join(map(str, ALL_ARCHS))}; default: {' '.join(map(str, ARCHS))})")
     parser.add_argument("--json", metavar="PATH", help="also write every row, with all numbers, as JSON")
-    parser.add_argument("--filter", metavar="SUBSTRING", default="",
-                        help="only configurations whose kernel name or config contains SUBSTRING")
+    parser.add_argument("--filter", metavar="SUBSTRING", nargs="+", default=[""],
+                        help="only configurations whose \"kernel config\" text (\"_attn_fwd_kernel bf16 d=64 M128 "
+                             "...\") contains one of the SUBSTRINGs")
     parser.add_argument("--family", nargs="+", choices=[name for name, _ in FAMILIES],
                         help="only these kernel families (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
@@ -50,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a representative subset (what the test suite compiles): see quick_subset")
     opts = parser.parse_args(argv)
+    try:
+        opts.arch = parse_archs(opts.arch)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
 
     own_cache = None
     if not os.environ.get("TRITON_CACHE_DIR"):
@@ -69,29 +91,30 @@ def _run(opts: argparse.Namespace) -> int:
     import triton
 
     t0 = time.perf_counter()
-    archs = list(dict.fromkeys(opts.arch))
+    archs = opts.arch
     families = [(name, gen) for name, gen in FAMILIES if not opts.family or name in opts.family]
-    specs = [s for s in all_specs(families) if opts.filter in s.name or opts.filter in s.config]
+    specs = [s for s in all_specs(families, tuple(archs)) if any(f in f"{s.name} {s.config}" for f in opts.filter)]
     if opts.quick:
         specs = quick_subset(specs)
     jobs, mismatches = make_jobs(specs, archs, opts.sass)
     print(f"triton {triton.__version__}, torch {torch.__version__}: {len(specs)} configurations x "
           f"{len(archs)} archs = {len(jobs)} compiles on {max(1, min(opts.jobs, len(jobs)))} processes")
     for arch in archs:
-        print(f"  {gpu_name(arch)}: {ptxas_path(arch)}")
+        print(f"  {gpu_name(arch)}: {ptxas_path(arch) if isinstance(arch, int) else 'triton AMD backend'}")
     sys.stdout.flush()
     results = run_jobs(jobs, max(1, opts.jobs))
     specs_rows = []
     for k, result in enumerate(results):
         spec, arch = specs[jobs[k]["spec"]], jobs[k]["arch"]
         specs_rows.append((spec, evaluate(spec, arch, result)))
-    specs_rows.sort(key=lambda sr: (sr[1]["arch"], sr[0].family, sr[0].name))
+    specs_rows.sort(key=lambda sr: (archs.index(sr[1]["arch"]), sr[0].family, sr[0].name))   # in --arch order
     print()
     print_table(specs_rows)
     if opts.sass:
         print_sass_table(specs_rows)
     rows = [row for _, row in specs_rows]
     print_summary(rows)
+    print_targets(rows)
     print("\ncompile time per family (CPU seconds, summed over processes):")
     for family in sorted({r["family"] for r in rows}):
         group = [r for r in rows if r["family"] == family]

@@ -1,5 +1,7 @@
-"""Compile jobs: ``triton.compile`` for a GPU target in worker processes, the ptxas log (registers, spills) and
-the tensor-core instruction count of the PTX, optionally the SASS analysis (``sass``)."""
+"""Compile jobs: ``triton.compile`` for a GPU target in worker processes. NVIDIA: the ptxas log (registers,
+spills) and the tensor-core instruction count of the PTX, optionally the SASS analysis (``sass``). AMD: registers
+(VGPR / AGPR / SGPR), spilled registers, scratch and LDS from the code object's metadata, and the matrix
+instruction count (MFMA / WMMA) of the assembly."""
 
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .specialize import runtime_specialization, specialize
 from .specs import Spec
 
 
-def ptxas_path(arch: int) -> str:
+def ptxas_path(arch: int | str) -> str:
     """The ptxas triton itself uses for ``arch``."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
@@ -39,8 +41,23 @@ def ptxas_path(arch: int) -> str:
         return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def gpu_name(arch: int) -> str:
+def gpu_name(arch: int | str) -> str:
+    """The name of a compile target: "sm_80", "sm_90a" (the architecture-specific features triton uses from
+    sm_90 on), "gfx942"."""
+    if isinstance(arch, str):
+        return arch
     return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+
+
+def gpu_target(arch: int | str):
+    """triton's ``GPUTarget`` of an architecture value: ("cuda", capability, 32) or ("hip", gfx name, wave
+    size of its family)."""
+    from triton.backends.compiler import GPUTarget
+
+    from .._core.launch import arch_family
+    if isinstance(arch, str):
+        return GPUTarget("hip", arch, arch_family(arch).warp_size)
+    return GPUTarget("cuda", arch, 32)
 
 
 def parse_ptxas(log: str) -> dict[str, int]:
@@ -54,11 +71,36 @@ def parse_ptxas(log: str) -> dict[str, int]:
                 spill_loads=max((int(l) for _, l in spills), default=0), stack_frame=max(stack, default=0))
 
 
-def count_tensor_core_instructions(ptx: str) -> dict[str, int]:
-    """Static counts of tensor-core instructions in PTX: ``mma.sync`` (sm_80 style) and
-    ``wgmma.mma_async`` (sm_90a warpgroup MMA)."""
-    return dict(mma_sync=len(re.findall(r"\bmma\.sync\.", ptx)),
-                wgmma=len(re.findall(r"\bwgmma\.mma_async\.", ptx)))
+# Matrix instructions by kind, as the PTX (NVIDIA) or the assembly (AMD) spells them.
+MMA_PATTERNS = {
+    "mma_sync": r"\bmma\.sync\.",               # sm_80 style warp MMA (also DMMA: fp64)
+    "wgmma": r"\bwgmma\.mma_async\.",           # sm_90a warpgroup MMA
+    "tcgen05": r"\btcgen05\.mma\b",            # sm_100a tensor-memory MMA
+    "mfma": r"\bv_mfma_",                        # CDNA matrix cores
+    "wmma": r"\bv_wmma_",                        # RDNA3 matrix cores
+}
+
+
+def count_tensor_core_instructions(asm: str) -> dict[str, int]:
+    """Static counts of matrix (tensor-core) instructions per kind (``MMA_PATTERNS``) in PTX or AMD assembly."""
+    return {kind: len(re.findall(pattern, asm)) for kind, pattern in MMA_PATTERNS.items()}
+
+
+def parse_amdgcn(asm: str) -> dict[str, int]:
+    """Registers, spills, scratch and LDS of the kernel in an AMD assembly listing, from its code-object
+    metadata (``.vgpr_count``, ``.agpr_count``, ``.vgpr_spill_count``, ``.private_segment_fixed_size``, ...).
+    ``registers`` is the VGPRs a lane holds (VGPRs + AGPRs where the family has AGPRs: one register file of 512
+    on CDNA)."""
+    def field(name: str) -> int:
+        values = [int(v) for v in re.findall(rf"^\s*\.{name}:\s+(\d+)", asm, re.M)]
+        return max(values, default=0)
+
+    if not re.search(r"^\s*\.vgpr_count:", asm, re.M):
+        raise RuntimeError("no .vgpr_count in the AMD assembly metadata")
+    vgpr, agpr = field("vgpr_count"), field("agpr_count")
+    return dict(registers=vgpr, vgprs=vgpr, agprs=agpr, sgprs=field("sgpr_count"),
+                vgpr_spills=field("vgpr_spill_count"), sgpr_spills=field("sgpr_spill_count"),
+                scratch=field("private_segment_fixed_size"))
 
 
 def _run_ptxas(ptx: str, arch: int) -> str:
@@ -99,7 +141,6 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
     """Compile one (kernel, specialization, arch) and measure it; errors become part of the result."""
     _init_worker()
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     arch = job["arch"]
@@ -111,19 +152,32 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
         src = ASTSource(fn=kernel, signature=job["signature"], constexprs=constexprs, attrs=job["attrs"])
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: triton prints its ptxas -v log
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(job["options"]))
-        ptx = compiled.asm["ptx"]
+            compiled = triton.compile(src, target=gpu_target(arch), options=dict(job["options"]))
         result["shared"] = int(compiled.metadata.shared)
-        if job.get("sass"):
-            result["sass"] = sass.analyze(compiled.asm["cubin"], int(job["options"].get("num_warps", 4)),
-                                          job["work"], job["unit"])
-        result.update(count_tensor_core_instructions(ptx))
-        if "Used" in log.getvalue():         # the cubin's own ptxas run, triton's exact flags
-            result.update(parse_ptxas(log.getvalue()), ptxas="triton")
-        else:                                 # a cache hit ran no ptxas: run it on the PTX
-            result.update(parse_ptxas(_run_ptxas(ptx, arch)), ptxas="aot")
+        if isinstance(arch, str):            # AMD: the code object's own metadata
+            asm = compiled.asm["amdgcn"]
+            result.update(count_tensor_core_instructions(asm))
+            result.update(parse_amdgcn(asm))
+            # A spill is memory traffic: scratch. Spilled SGPRs go to VGPR lanes (v_writelane) and, on CDNA, spilled
+            # VGPRs to the AGPR half of the register file (v_accvgpr_write): register moves, reported
+            # (``vgpr_spills``, ``sgpr_spills``) but no spill unless they reach scratch (RDNA has no AGPRs).
+            result["spill_bytes"] = result["scratch"]
+        else:
+            ptx = compiled.asm["ptx"]
+            if job.get("sass") and sass.readable(arch):
+                result["sass"] = sass.analyze(compiled.asm["cubin"], int(job["options"].get("num_warps", 4)),
+                                              job["work"], job["unit"])
+            result.update(count_tensor_core_instructions(ptx))
+            if "Used" in log.getvalue():         # the cubin's own ptxas run, triton's exact flags
+                result.update(parse_ptxas(log.getvalue()), ptxas="triton")
+            else:                                 # a cache hit ran no ptxas: run it on the PTX
+                result.update(parse_ptxas(_run_ptxas(ptx, arch)), ptxas="aot")
+            result["scratch"] = result["stack_frame"]
+            result["spill_bytes"] = result["spill_stores"] + result["spill_loads"]
     except Exception as exc:  # report every failing config, do not stop at the first
-        result["error"] = f"{type(exc).__name__}: {exc}".strip()[-4000:]
+        cause = exc.__cause__ or exc.__context__     # a CompilationError's message is the source; its cause says why
+        why = f"\n(caused by {type(cause).__name__}: {cause})" if cause is not None else ""
+        result["error"] = (f"{type(exc).__name__}: {exc}".strip()[-3000:] + why[-3000:])
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
@@ -175,13 +229,31 @@ class _JitRef:
         return value
 
 
-def make_jobs(specs: list[Spec], archs: list[int], with_sass: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+def _pointer_ranges(signature: dict[str, Any], attrs: dict[tuple[int, ...], list]) -> dict[tuple[int, ...], list]:
+    """``attrs`` as triton's AMD launcher specializes them: every pointer to a tensor within 2 GB (a typical
+    call's) also carries ``tt.pointer_range=32`` (32-bit buffer offsets)."""
+    out = dict(attrs)
+
+    def walk(value: Any, path: tuple[int, ...]) -> None:
+        if isinstance(value, tuple):
+            for j, item in enumerate(value):
+                walk(item, (*path, j))
+        elif isinstance(value, str) and value.startswith("*"):
+            out[path] = [*out.get(path, []), ["tt.pointer_range", 32]]
+
+    for i, value in enumerate(signature.values()):
+        walk(value, (i,))
+    return out
+
+
+def make_jobs(specs: list[Spec], archs: list[int | str], with_sass: bool = False
+              ) -> tuple[list[dict[str, Any]], list[str]]:
     from triton.backends.compiler import GPUTarget
 
     jobs, mismatches = [], []
     for index, spec in enumerate(specs):
         signature, constexprs, attrs = specialize(spec)
-        runtime = runtime_specialization(spec, GPUTarget("cuda", archs[0], 32))
+        runtime = runtime_specialization(spec, GPUTarget("cuda", 80, 32))
         if runtime is not None and _normalized(runtime) != _normalized((signature, constexprs, attrs)):
             mismatches.append(f"{spec.name} [{spec.config}]: aot specialization {(signature, constexprs, attrs)} "
                               f"differs from the runtime launcher's {runtime}")
@@ -190,7 +262,8 @@ def make_jobs(specs: list[Spec], archs: list[int], with_sass: bool = False) -> t
                 continue
             jobs.append(dict(spec=index, module=spec.kernel.fn.__module__, kernel=spec.kernel.fn.__name__,
                              signature=signature, constexprs={k: _JitRef.of(v) for k, v in constexprs.items()},
-                             attrs=attrs, options=dict(spec.options), arch=arch,
+                             attrs=_pointer_ranges(signature, attrs) if isinstance(arch, str) else attrs,
+                             options=dict(spec.options), arch=arch,
                              cost=spec.meta.get("cost", spec.meta.get("BLOCK_N", 0)), sass=with_sass,
                              work=spec.meta.get("work", 0), unit=spec.meta.get("unit", "elements")))
     return jobs, mismatches

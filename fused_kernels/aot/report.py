@@ -6,24 +6,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from .compile import gpu_name
+from .._core.launch import arch_family
+from .compile import MMA_PATTERNS, gpu_name
 from .specs import SHARED_LIMIT, Spec
 
 
-def evaluate(spec: Spec, arch: int, result: dict[str, Any]) -> dict[str, Any]:
+def needs_tensor_cores(spec: Spec, arch: int | str) -> bool:
+    """Whether the compiled kernel must hold matrix instructions: a ``tl.dot`` kernel (``spec.tensor_cores``:
+    16-bit inputs) on an architecture where triton emits them for its dtype (``ArchFamily.mma_dtypes``; none
+    below sm_80)."""
+    return spec.tensor_cores and spec.meta.get("dtype", "fp16") in arch_family(arch).mma_dtypes
+
+
+def evaluate(spec: Spec, arch: int | str, result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = dict(family=spec.family, kernel=spec.name, config=spec.config, arch=arch,
                                gpu_name=gpu_name(arch), options=spec.options, **spec.meta, **result)
     problems = []
     if result.get("error"):
         problems.append("compile failed")
     else:
-        row["spill_bytes"] = row["spill_stores"] + row["spill_loads"]
-        row["tensor_core_instructions"] = row["mma_sync"] + row["wgmma"]
+        row["tensor_core_instructions"] = sum(row[kind] for kind in MMA_PATTERNS)
         if row["spill_bytes"]:
-            problems.append(f"spills {row['spill_stores']}+{row['spill_loads']} B")
+            if isinstance(arch, str):
+                problems.append(f"spills {row['scratch']} B to scratch ({row['vgpr_spills']} VGPRs, "
+                                f"{row['sgpr_spills']} SGPRs)")
+            else:
+                problems.append(f"spills {row['spill_stores']}+{row['spill_loads']} B")
         if row["shared"] > SHARED_LIMIT[arch]:
             problems.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[arch]} B")
-        if spec.tensor_cores and not row["tensor_core_instructions"]:
+        if needs_tensor_cores(spec, arch) and not row["tensor_core_instructions"]:
             problems.append("no tensor-core instructions")
         if row.get("sass"):
             problems += sass_problems(spec, row["sass"])
@@ -85,15 +96,15 @@ def print_sass_table(specs_rows: list[tuple[Spec, dict[str, Any]]]) -> None:
 
 
 def _tc_cell(spec: Spec, row: dict[str, Any]) -> str:
-    if not spec.tensor_cores and not row.get("tensor_core_instructions"):
-        return "-"
-    return f"mma{row['mma_sync']}/wgmma{row['wgmma']}"
+    """The matrix instructions of a compile: "mma.sync 256", "wgmma 8", "mfma 64" ... or "-" (none)."""
+    kinds = [f"{kind.replace('_', '.')} {row[kind]}" for kind in MMA_PATTERNS if row.get(kind)]
+    return " ".join(kinds) or "-"
 
 
 def print_table(specs_rows: list[tuple[Spec, dict[str, Any]]]) -> None:
     kw = max([len("kernel")] + [len(s.name) for s, _ in specs_rows])
     cw = max([len("config")] + [len(s.config) for s, _ in specs_rows])
-    header = (f"{'kernel':<{kw}}  {'config':<{cw}}  {'arch':<6}  {'regs':>4}  {'spill':>6}  {'smem':>7}  "
+    header = (f"{'kernel':<{kw}}  {'config':<{cw}}  {'arch':<7}  {'regs':>4}  {'spill':>6}  {'smem':>7}  "
               f"{'tensor cores':>14}  result")
     print(header)
     print("-" * len(header))
@@ -104,7 +115,7 @@ def print_table(specs_rows: list[tuple[Spec, dict[str, Any]]]) -> None:
             cells = (f"{row['registers']:>4}  {row['spill_bytes']:>6}  {row['shared']:>7}  "
                      f"{_tc_cell(spec, row):>14}")
         verdict = "ok" if row["ok"] else "FAIL: " + "; ".join(row["problems"])
-        print(f"{spec.name:<{kw}}  {spec.config:<{cw}}  {row['gpu_name']:<6}  {cells}  {verdict}")
+        print(f"{spec.name:<{kw}}  {spec.config:<{cw}}  {row['gpu_name']:<7}  {cells}  {verdict}")
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
@@ -122,3 +133,21 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         print(f"  {kernel:<24} {gpu:<6} {len(group):>3} configs  max regs {worst['registers']:>3} "
               f"({worst['config']})  max smem {max(r['shared'] for r in built):>6} B  "
               f"spilling configs {len(spills)}  failed {len(group) - len(built)}")
+
+
+def print_targets(rows: list[dict[str, Any]]) -> None:
+    """One line per target: what was compiled for it and the worst of it (the per-target table of
+    docs/architectures.md)."""
+    print("\nper target (max over its configurations; spills: NVIDIA spill bytes, AMD scratch bytes):")
+    print(f"  {'target':<8} {'family':<8} {'configs':>7} {'clean':>6} {'max regs':>8} {'max smem':>9} "
+          f"{'limit':>7} {'spilling':>8} {'failed':>6}  matrix instructions")
+    for gpu in dict.fromkeys(r["gpu_name"] for r in rows):
+        group = [r for r in rows if r["gpu_name"] == gpu]
+        built = [r for r in group if not r.get("error")]
+        arch = group[0]["arch"]
+        kinds = sorted({kind.replace("_", ".") for r in built for kind in MMA_PATTERNS if r.get(kind)})
+        print(f"  {gpu:<8} {arch_family(arch).name:<8} {len(group):>7} {sum(r['ok'] for r in group):>6} "
+              f"{max((r['registers'] for r in built), default=0):>8} "
+              f"{max((r['shared'] for r in built), default=0):>9} {SHARED_LIMIT[arch]:>7} "
+              f"{sum(bool(r['spill_bytes']) for r in built):>8} {len(group) - len(built):>6}  "
+              f"{', '.join(kinds) or 'none'}")

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -80,6 +81,19 @@ def nvdisasm_path() -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"nvdisasm not found at {path} (triton's NVIDIA backend bundles it)")
     return path
+
+
+@functools.cache
+def _disassembler_archs() -> frozenset[int]:
+    """The compute capabilities the bundled ``nvdisasm`` reads (its ``--binary`` choices: CUDA 13's drops
+    sm_70)."""
+    proc = subprocess.run([nvdisasm_path(), "--help"], capture_output=True, text=True)
+    return frozenset(int(v) for v in re.findall(r"'SM(\d+)'", proc.stdout))
+
+
+def readable(arch: int) -> bool:
+    """Whether the bundled ``nvdisasm`` disassembles cubins of compute capability ``arch``."""
+    return arch in _disassembler_archs()
 
 
 def disassemble(cubin: bytes) -> str:
@@ -204,7 +218,7 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[Loop]:
         loop.instrs = [i for b in sorted(own) for i in range(*ranges[b])]
         every = [instrs[i] for b in loop.blocks for i in range(*ranges[b])]
         loop.spin = (len(every) <= SPIN_MAX and any(x.base in _WAIT_OPS for x in every)
-                     and not any(x.base in ("HGMMA", "HMMA", "MUFU", "FFMA", "LDG") for x in every))
+                     and not any(x.base in ("HGMMA", "HMMA", "MUFU", "FFMA", "LDG") or _tensor_core(x) for x in every))
     # A spin loop's instructions count once in the loop around it.
     for loop in loops:
         for child in loop.children:
@@ -215,7 +229,9 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[Loop]:
 
 
 def _tensor_core(ins: Instr) -> str | None:
-    """"HGMMA.64x128x16 A=smem" / "HGMMA.64x128x16 A=reg" / "HMMA.16816" / None."""
+    """"HGMMA.64x128x16 A=smem" / "HGMMA.64x128x16 A=reg" / "HMMA.16816" / "UTCHMMA" (sm_100a tcgen05) / None."""
+    if ins.base.startswith("UTC") and ins.base.endswith("MMA"):
+        return ins.base
     if ins.base == "HGMMA":
         shape = ins.modifiers[0] if ins.modifiers else "?"
         first_src = ins.operands.split(",")[1].strip() if ins.operands.count(",") >= 1 else ""

@@ -13,10 +13,19 @@ from typing import Any
 
 import torch
 
-ARCHS = (80, 90)
-# Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), which
-# triton checks when it loads a kernel: 163 KB of the A100's 164 KB per SM, 227 KB of the H100's 228.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+from .._core.launch import ARCH_FAMILIES, ArchValue, arch_family
+
+Archs = tuple[ArchValue, ...]
+# Every architecture ``--arch all`` compiles for: each target of each family of the tile table, CUDA compute
+# capabilities then AMD gfx names.
+ALL_ARCHS: Archs = tuple(target for family in ARCH_FAMILIES for target in family.targets)
+# The default of ``--arch``: sm_80 and sm_90, the datacenter GPUs the SASS promises are made for.
+ARCHS: Archs = (80, 90)
+# A family's spec generator: the specs of its configurations as the launchers pick them for each of ``archs``.
+Generator = Callable[[Archs], Iterator["Spec"]]
+# Largest shared memory (LDS) one block may use (CUDA: cudaDevAttrMaxSharedMemoryPerBlockOptin, which triton
+# checks when it loads a kernel), per architecture: the family's limit.
+SHARED_LIMIT = {target: family.shared_memory for family in ARCH_FAMILIES for target in family.targets}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_TYPE = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -121,7 +130,7 @@ def _flags(on: dict[str, bool]) -> str:
     return "+".join(names) if names else "plain"
 
 
-def layer_norm_specs() -> Iterator[Spec]:
+def layer_norm_specs(archs: Archs) -> Iterator[Spec]:
     """LayerNorm / RMSNorm / add+LayerNorm forward and backward, as ``layer_norm_fwd`` / ``layer_norm_bwd``
     launch them on contiguous (M, N) rows."""
     from .._core.launch import acc_dtype, row_warps, torch_acc_dtype
@@ -147,7 +156,7 @@ def layer_norm_specs() -> Iterator[Spec]:
                     stride_xm=n, stride_xn=1, stride_rm=n, stride_rn=1, stride_ym=n, stride_om=n,
                     N=n, eps=1e-5, dropout_p=dropout_p, seed=seed, **fwd_flags,
                     SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=row_warps(block)))
-                specs.append(_row_spec("layer_norm", ln._layer_norm_fwd_kernel, dtype, n, args, options, label))
+                specs.append(_row_spec("layer_norm", ln._layer_norm_fwd_kernel, dtype, n, args, options, label, archs))
             yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
 
             # Backward: layer_norm_bwd(dy, dres_out, prenorm, weight, has_bias, mean, rstd, seed, ...).
@@ -163,11 +172,11 @@ def layer_norm_specs() -> Iterator[Spec]:
                     stride_xm=n, stride_xn=1, stride_dym=n, stride_dyn=1, stride_drm=n, stride_drn=1,
                     M=m, N=n, rows_per_program=rows_per_program, dropout_p=dropout_p, seed=seed, **bwd_flags,
                     SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=row_warps(block)))
-                specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_kernel, dtype, n, args, options, label))
+                specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_kernel, dtype, n, args, options, label, archs))
             yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
 
 
-def softmax_specs() -> Iterator[Spec]:
+def softmax_specs(archs: Archs) -> Iterator[Spec]:
     """Masked softmax forward and backward, launched by ``softmax.launch_rows`` itself (handed a recorder
     in place of the kernel and meta tensors shaped like a typical attention-score call)."""
     from ..ops import softmax as sm
@@ -196,7 +205,7 @@ def softmax_specs() -> Iterator[Spec]:
 
             for n in _row_lengths(single_block):
                 args, options = _softmax_fwd_launch(sm, launch, empty, dtype, kind, causal, b, h, length, n)
-                specs.append(_row_spec("softmax", sm._softmax_fwd_kernel, dtype, n, args, options, label))
+                specs.append(_row_spec("softmax", sm._softmax_fwd_kernel, dtype, n, args, options, label, archs))
             yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
 
         # Backward, as softmax_bwd(y, dy, dim=-1, scale) prepares it.
@@ -207,7 +216,7 @@ def softmax_specs() -> Iterator[Spec]:
         specs = []
         for n in _row_lengths(lambda n: bwd(n)[0]["SINGLE_BLOCK"]):
             args, options = bwd(n)
-            specs.append(_row_spec("softmax", sm._softmax_bwd_kernel, dtype, n, args, options, "plain"))
+            specs.append(_row_spec("softmax", sm._softmax_bwd_kernel, dtype, n, args, options, "plain", archs))
         yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
 
 
@@ -226,11 +235,12 @@ def _softmax_fwd_launch(sm, launch, empty, dtype, kind, causal, b, h, length, n)
                   MASK_KIND=mask_kind, IS_CAUSAL=causal)
 
 
-def _row_spec(family, kernel, dtype, n, args, options, label) -> Spec:
+def _row_spec(family, kernel, dtype, n, args, options, label, archs: Archs) -> Spec:
+    """A row kernel's spec: its configuration depends on the row length and dtype only, the same on every arch."""
     block, single = args["BLOCK_N"], args["SINGLE_BLOCK"]
     config = f"{_SHORT[dtype]} BLOCK_N={block}{'' if single else ' multipass'} w{options.get('num_warps', 4)} {label}"
     return Spec(family, kernel, config, args, options,
-                meta=dict(dtype=_SHORT[dtype], n=n, BLOCK_N=block, SINGLE_BLOCK=single, flags=label,
+                meta=dict(dtype=_SHORT[dtype], n=n, BLOCK_N=block, SINGLE_BLOCK=single, flags=label, archs=archs,
                           work=block, unit="elements"))
 
 
@@ -251,7 +261,7 @@ SASS_LIMITS = {
 }
 
 
-def attention_specs() -> Iterator[Spec]:
+def attention_specs(archs: Archs) -> Iterator[Spec]:
     """Fused attention forward (main and flash-decoding with its combine) and backward (preprocess, dK/dV,
     dQ), recorded from the launchers themselves (``attention.fwd_launch`` / ``bwd_launch`` on meta
     tensors, each kernel replaced by a recorder) with the configuration ``attention_config`` picks per
@@ -288,7 +298,7 @@ def attention_specs() -> Iterator[Spec]:
               for kind in ("plain", "causal", "heavy")]
     cases += [(torch.bfloat16, d, "causal-seqlens", 4) for d in (64, 128)]
     seen = set()
-    for arch in ARCHS:
+    for arch in archs:
         for dtype, d, kind, group in cases:
             h = 2048 // d
             hkv = h // group
@@ -332,14 +342,14 @@ def attention_specs() -> Iterator[Spec]:
                 else:
                     work, unit = args["BLOCK_M"] * args["BLOCK_DV"], "elements"
                 limits = {} if not tc or heavy or d > 128 else dict(SASS_LIMITS.get(name, {}))
-                if arch < 90:
+                if arch_family(arch).mma != "wgmma":   # the FMUL promise is the sm_90a forward's
                     limits.pop("fmul", None)
                 yield Spec("attention", kernel, config, args, options, tensor_cores=tc,
                            meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=kind,
                                      group=group, archs=(arch,), cost=cost, work=work, unit=unit, sass_limits=limits))
 
 
-def paged_specs() -> Iterator[Spec]:
+def paged_specs(archs: Archs) -> Iterator[Spec]:
     """Paged KV cache: the append kernel and the paged attention (with the combine kernel), recorded from the
     launchers (``paged.append_launch`` / ``paged.paged_launch`` on meta tensors, kernels replaced by
     recorders) with the tiles ``config.paged_config`` picks per architecture. Shapes: 16 sequences, 32 query
@@ -355,7 +365,7 @@ def paged_specs() -> Iterator[Spec]:
 
     b, h, hkv, capacity = 16, 32, 8, 4096
     seen = set()
-    for arch in ARCHS:
+    for arch in archs:
         for dtype in DTYPES:
             for d in (64, 128, 256):
                 for page in (16, 256, 24):
@@ -394,7 +404,7 @@ def paged_specs() -> Iterator[Spec]:
                                                      unit=unit))
 
 
-def varlen_specs() -> Iterator[Spec]:
+def varlen_specs(archs: Archs) -> Iterator[Spec]:
     """Packed variable-length attention (``fused_kernels.varlen_attention``): the attention forward, dK/dV and dQ
     kernels with ``VARLEN=True`` and the dense preprocess over the packed rows, recorded from the launchers
     (``varlen.varlen_fwd_launch`` / ``varlen_bwd_launch`` on meta tensors, kernels replaced by recorders)
@@ -414,7 +424,7 @@ def varlen_specs() -> Iterator[Spec]:
     cases = half + [(torch.float32, d, "heavy") for d in (64, 128, 256)]
     cases += [(torch.float64, d, "heavy") for d in (64, 128)]
     seen = set()
-    for arch in ARCHS:
+    for arch in archs:
         for dtype, d, kind in cases:
             h = 2048 // d
             hkv = h // 4
@@ -466,7 +476,7 @@ _VARIANT_CASES = {
 }
 
 
-def variants_specs() -> Iterator[Spec]:
+def variants_specs(archs: Archs) -> Iterator[Spec]:
     """Attention variants (programmable attention): the forward, dK/dV and dQ kernels with each variant alone
     and all at once, recorded from the launchers (``attention.launch.fwd_launch`` / ``bwd_launch`` with a
     ``var``, on meta tensors, kernels replaced by recorders; the sparse lists of the mask variants are built by
@@ -494,7 +504,7 @@ def variants_specs() -> Iterator[Spec]:
     cases = [(dtype, d, v) for dtype in (torch.bfloat16, torch.float16) for d in (64, 128) for v in _VARIANT_CASES]
     cases.append((torch.float32, 128, "all"))
     seen = set()
-    for arch in ARCHS:
+    for arch in archs:
         for dtype, d, variant in cases:
             h = 2048 // d
             hkv = h // 4
@@ -532,16 +542,16 @@ def variants_specs() -> Iterator[Spec]:
                                meta=dict(dtype=_SHORT[dtype], head_dim=d, BLOCK_M=bm, BLOCK_N=bn, flags=variant,
                                          causal=causal, sparse=bool(args.get("SPARSE")), archs=(arch,),
                                          cost=bm * bn * d, work=bm * bn, unit="scores"))
-    yield from block_mask_specs()
+    yield from block_mask_specs(archs)
 
 
-def block_mask_specs() -> Iterator[Spec]:
+def block_mask_specs(archs: Archs) -> Iterator[Spec]:
     """``_block_mask_kernel`` (the tile classes of a ``mask_mod``, ``fused_kernels.block_mask``) as ``block_mask``
     launches it: ``examples.stripes`` at the default 128 x 128 blocks over (16, 16, 1024, 1024), and at 64 x 64."""
     from ..ops.attention import examples as ex
     from ..ops.attention.blockmask import classes_launch
 
-    for arch in ARCHS:
+    for arch in archs:
         for block in (128, 64):
             classes = torch.empty((16, 16, 1024 // block, 1024 // block), dtype=torch.int8, device="meta")
             with _recorded() as seen:
@@ -554,7 +564,7 @@ def block_mask_specs() -> Iterator[Spec]:
 
 
 def _recorded_specs(family: str, names: tuple[str, ...], dot_kernels: set[str], run: Callable[[], None],
-                    arch: int, dtype: torch.dtype, label: str, seen: set, work_of: Callable[[str, dict], tuple]):
+                    arch: ArchValue, dtype: torch.dtype, label: str, seen: set, work_of: Callable[[str, dict], tuple]):
     """Specs of the launches ``run()`` makes (under ``force_arch(arch)``, kernels replaced by recorders), one per
     distinct (kernel, arguments, options); ``work_of(name, args)`` gives (work, unit, config text) of a kernel."""
     from .._core.launch import force_arch
@@ -576,7 +586,7 @@ def _recorded_specs(family: str, names: tuple[str, ...], dot_kernels: set[str], 
                        meta=dict(dtype=_SHORT[dtype], flags=label, archs=(arch,), cost=work, work=work, unit=unit))
 
 
-def cross_entropy_specs() -> Iterator[Spec]:
+def cross_entropy_specs(archs: Archs) -> Iterator[Spec]:
     """Linear cross-entropy and cross-entropy (``fused_kernels.ops.cross_entropy``), recorded from the launchers
     (``_lce_triton`` / ``_ce_triton`` on meta tensors under ``force_arch``, kernels replaced by recorders) at the
     issue's sizes: N = 8,192 rows, hidden 4,096, vocabulary 131,072 (chunks of 512 rows). "plain": no bias or
@@ -604,7 +614,7 @@ def cross_entropy_specs() -> Iterator[Spec]:
     cases = [(dt, kind) for dt in (torch.bfloat16, torch.float16) for kind in ("plain", "all")]
     cases += [(torch.float32, "all"), (torch.float64, "all")]
     seen: set = set()
-    for arch in ARCHS:
+    for arch in archs:
         for dtype, kind in cases:
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             x, w, t = empty(n, h, dtype=dtype), empty(v, h, dtype=dtype), empty(n, dtype=torch.int64)
@@ -627,7 +637,7 @@ def cross_entropy_specs() -> Iterator[Spec]:
                                        work_of)
 
 
-def rotary_specs() -> Iterator[Spec]:
+def rotary_specs(archs: Archs) -> Iterator[Spec]:
     """Rotary embeddings (``fused_kernels.ops.rotary._rope_kernel``), forward and backward, recorded from the
     launcher (``rotary._launch`` on meta tensors): 8 sequences of 2,048 positions, 32 query heads over 8 key /
     value heads (GQA), q / k (B, H, L, D) with tables (B, L, R); "full": head dim 128, rotate-half; "interleaved":
@@ -647,7 +657,7 @@ def rotary_specs() -> Iterator[Spec]:
     b, l, hq, hk = 8, 2048, 32, 8
     cases = [(dt, "full") for dt in DTYPES] + [(torch.bfloat16, k) for k in ("interleaved", "partial", "proj")]
     seen: set = set()
-    for arch in ARCHS:
+    for arch in archs:
         for dtype, kind in cases:
             d, rot = (80, 32) if kind == "partial" else (128, 128)
             if kind == "proj":
@@ -665,7 +675,7 @@ def rotary_specs() -> Iterator[Spec]:
             yield from _recorded_specs("rotary", names, set(), run, arch, dtype, kind, seen, work_of)
 
 
-def gated_mlp_specs() -> Iterator[Spec]:
+def gated_mlp_specs(archs: Archs) -> Iterator[Spec]:
     """SwiGLU / GeGLU (``fused_kernels.ops.gated_mlp``), forward and backward, recorded from the custom ops'
     launches on meta tensors: 16,384 tokens x 14,336 intermediate features (Llama 3 8B's feed-forward), gate and up
     as two tensors ("pair") and as the halves of one (tokens, 2 x 14,336) projection ("concat"); every activation in
@@ -684,7 +694,7 @@ def gated_mlp_specs() -> Iterator[Spec]:
     cases = [(dt, gm.SILU, kind) for dt in DTYPES for kind in ("pair", "concat")]
     cases += [(torch.bfloat16, act, kind) for act in (gm.GELU, gm.GELU_TANH) for kind in ("pair", "concat")]
     seen: set = set()
-    for arch in ARCHS:
+    for arch in archs:
         for dtype, act, kind in cases:
             if kind == "pair":
                 gate, up = empty(m, f, dtype=dtype), empty(m, f, dtype=dtype)
@@ -797,7 +807,7 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
 
 
 # Per-family spec generators: (family name, generator). The attention family adds one line here.
-FAMILIES: list[tuple[str, Callable[[], Iterator[Spec]]]] = [
+FAMILIES: list[tuple[str, Generator]] = [
     ("layer_norm", layer_norm_specs),
     ("softmax", softmax_specs),
     ("attention", attention_specs),
@@ -826,11 +836,13 @@ def grid_split_twins(specs: list[Spec]) -> list[Spec]:
                  s.tensor_cores, {**s.meta, "grid_split": True}) for s in heaviest.values()]
 
 
-def all_specs(families: list[tuple[str, Callable[[], Iterator[Spec]]]] | None = None) -> list[Spec]:
+def all_specs(families: list[tuple[str, Generator]] | None = None, archs: Archs = ARCHS) -> list[Spec]:
+    """Every spec of ``families`` (default: all) for the architectures ``archs`` (default: ``ARCHS``), with the
+    grid-split twins of each family."""
     specs = []
     for family, generate in families or FAMILIES:
         found = []
-        for spec in generate():
+        for spec in generate(tuple(archs)):
             if spec.family != family:
                 raise RuntimeError(f"{spec.name}: spec of family {spec.family!r} from the {family!r} generator")
             found.append(spec)

@@ -48,7 +48,16 @@ import triton.language as tl
 from .._core import backend as _backend
 from .._core import checks as _checks
 from .._core import grad as _grad
-from .._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
+from .._core.launch import (
+    ArchValue,
+    acc_dtype,
+    arch_family,
+    device_arch,
+    launch,
+    next_pow2,
+    torch_acc_dtype,
+    upcast_16bit,
+)
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 NONE, MEAN, SUM = 0, 1, 2
@@ -389,31 +398,38 @@ def chunk_rows(n: int, v: int) -> int:
     return max(MIN_CHUNK, min(n, budget, -(-n // CHUNK_FRACTION)))
 
 
-def _precision(dtype: torch.dtype, upcast: bool) -> str:
-    """tl.dot input precision: true fp32 for fp32 (TF32 only when torch allows it for matmuls), fp64 and the
-    interpreter's upcast bf16; irrelevant for 16-bit inputs."""
+def _precision(dtype: torch.dtype, upcast: bool) -> str | None:
+    """tl.dot input precision: true fp32 for fp32 (TF32 only when torch allows it for matmuls, on CUDA: ROCm's
+    triton takes "tf32" on gfx942 only), fp64 and the interpreter's upcast bf16; None (the backend's default:
+    gfx90a / gfx1100 reject "tf32") for 16-bit inputs, where it is irrelevant."""
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "ieee" if dtype == torch.float64 or upcast else "tf32"
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not torch.version.hip else "ieee"
+    return "ieee" if dtype == torch.float64 or upcast else None
 
 
-def lce_config(dtype: torch.dtype, arch: int | None) -> dict[str, int]:
+def lce_config(dtype: torch.dtype, arch: ArchValue) -> dict[str, int]:
     """Tiles of the matmul kernels (BLOCK_M rows x BLOCK_N vocabulary x BLOCK_K hidden), warps and stages per
-    dtype and architecture (``python -m fused_kernels.aot --family cross_entropy``: no spills on sm_80 / sm_90a);
-    small tiles under the interpreter (arch None)."""
-    if arch is None:
+    dtype and architecture family (``python -m fused_kernels.aot --family cross_entropy --arch ...``: no spills,
+    shared memory within the family's limit: docs/architectures.md); small tiles under the interpreter (arch
+    None)."""
+    family = arch_family(arch)
+    if family is None:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1)
+    stages = 1 if family.vendor == "hip" else 3   # AMD: 64 KB of LDS (3 stages of 128 x 128 x 32 need 80 KB)
+    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    if half is not None and half not in family.mma_dtypes:
+        dtype = torch.float32   # no tensor cores for it (sm_70 / sm_75): fp32 math (``upcast_16bit``), fp32 tiles
     if dtype in (torch.float16, torch.bfloat16):
-        if arch >= 90:
+        if family.mma in ("wgmma", "tcgen05"):   # warpgroup MMA: 64-deep K tiles
             return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=stages)
     if dtype == torch.float32:   # true fp32 dots are FMA loops: 64-wide reductions spill on sm_80 (dX, dW)
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=stages)
     # fp64: no software pipelining (two stages spill 8 + 8 B in dX on sm_90a with triton 3.6)
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
 
 
-def softmax_config(dtype: torch.dtype, arch: int | None) -> dict[str, int]:
+def softmax_config(dtype: torch.dtype, arch: ArchValue) -> dict[str, int]:
     """BLOCK_V and warps of the row kernels (``_ce_softmax_kernel``, ``_ce_stats_kernel``)."""
     if arch is None:
         return dict(BLOCK_V=128, num_warps=4)
@@ -452,7 +468,7 @@ def _lce_triton(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, target
     scfg = softmax_config(x.dtype, arch)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    upcast = _backend.INTERPRET and x.dtype == torch.bfloat16
+    upcast = upcast_16bit(x.dtype, arch)
     prec = _precision(x.dtype, upcast)
     grad = need_x or need_w or need_b
     chunk = chunk_rows(n, v)

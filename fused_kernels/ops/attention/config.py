@@ -5,10 +5,12 @@ split count."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import triton
 
-from ..._core.launch import next_pow2
+from ..._core.launch import ArchValue, arch_family, next_pow2
 
 MAX_HEAD_DIM = 256
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -24,14 +26,15 @@ DECODE_MIN_S = 256
 # ----------------------------------------------------------------------------- configs
 
 
-# Tiles per kernel kind and head-dim bucket (64, 128, 256): (BLOCK_M, BLOCK_N, num_warps, num_stages) for
-# Ampere (sm_80), Hopper (sm_90), and the same two with dropout (the in-kernel RNG is register-hungry).
-# 16-bit dtypes run on tensor cores; on Hopper their d <= 128 kernels stream tiles with TMA. float32 dots
-# are true fp32 (or tf32) and float64 is the correctness dtype: small tiles. Each entry is what
-# `python -m fused_kernels.aot --sass` reads best among the configurations that compile without spills.
+# Tiles per kernel kind and head-dim bucket (64, 128, 256): (BLOCK_M, BLOCK_N, num_warps, num_stages) of the two
+# columns every other column starts from, sm_80 (A100) and sm_90 (H100), and the same two with dropout (the
+# in-kernel RNG is register-hungry; the variants' "heavy" configurations use the same column). 16-bit dtypes run
+# on tensor cores; on sm_90 their d <= 128 kernels stream tiles with TMA. float32 dots are true fp32 (or tf32) and
+# float64 is the correctness dtype: small tiles. Each entry is what `python -m fused_kernels.aot --sass` reads best
+# among the configurations that compile without spills.
 _TILES = {
     "16bit": {
-        #                  ampere              hopper              ampere + dropout    hopper + dropout
+        #                  sm_80               sm_90               sm_80 + dropout     sm_90 + dropout
         ("fwd", 64):       ((128, 128, 8, 3),  (128, 128, 8, 3),   (128, 32, 8, 3),    (128, 32, 8, 3)),
         ("fwd", 128):      ((128, 64, 8, 2),   (128, 128, 8, 2),   (64, 32, 8, 2),     (128, 32, 8, 2)),
         ("fwd", 256):      ((64, 64, 8, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 2)),
@@ -63,41 +66,187 @@ _TILES = {
              for key in [(kind, d) for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)]},
 }
 
+# A tile entry's key: (dtype family, kernel kind, head-dim bucket, dropout); its value (BLOCK_M, BLOCK_N,
+# num_warps, num_stages).
+TileKey = tuple[str, str, int, bool]
+Tile = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One architecture family's column of the tile table (``fused_kernels._core.launch.ARCH_FAMILIES`` names the
+    families and their limits): the column it starts from and the entries the compiler made it change.
+
+    ``tiles``: ``attention_config`` entries; ``tma`` (the column's own, not inherited from its base): the dense
+    16-bit kernels at d <= 128 stream tiles through TMA descriptors; ``pointer_base``: the column whose tiles the
+    packed varlen kernels (pointer loads only) start from, where this column's are sized for TMA; ``varlen``:
+    entries of the packed kernels where the per-sequence bookkeeping changes a tile; ``decode_stages``: pipeline
+    stages of the paged decode kernel, (dtype family, head-dim bucket) -> stages."""
+
+    base: str | None = None
+    tiles: dict[TileKey, Tile] = field(default_factory=dict)
+    tma: bool = False
+    pointer_base: str | None = None
+    varlen: dict[TileKey, Tile] = field(default_factory=dict)
+    decode_stages: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+def _base_tiles(index: int) -> dict[TileKey, Tile]:
+    """Column ``index`` (0: sm_80, 1: sm_90) of ``_TILES``, with and without dropout."""
+    return {(dtypes, kind, d, dropout): row[2 * dropout + index]
+            for dtypes, table in _TILES.items() for (kind, d), row in table.items() for dropout in (False, True)}
+
+
+# The tile table: one column per architecture family (``ARCH_FAMILIES``, and "generic" for a GPU not listed).
+# Each entry that differs from the column it starts from is one ``python -m fused_kernels.aot --arch ...``
+# rejected there (spills, shared memory over the family's limit); docs/architectures.md lists what was compiled
+# for each column, with its registers and shared memory.
+COLUMNS: dict[str, Column] = {
+    "sm_80": Column(tiles=_base_tiles(0),
+                    # the per-sequence bookkeeping pushed these into spills (--family varlen)
+                    varlen={("16bit", "fwd", 64, True): (64, 32, 4, 2),
+                            ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 2),
+                            ("fp32", "fwd", 64, True): (16, 32, 4, 1),
+                            ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1)},
+                    # fp32 d=128 spilled 8+4 B with 1 stage (--family paged)
+                    decode_stages={("fp32", 128): 2}),
+    # sm_90's 16-bit tiles are sized for TMA: with pointer loads they spill, so the packed kernels start from
+    # sm_80's.
+    "sm_90": Column(tiles=_base_tiles(1), tma=True, pointer_base="sm_80",
+                    varlen={("16bit", "bwd_dkdv", 128, False): (32, 32, 8, 1),
+                            ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1)},
+                    # 16-bit d=128 spilled 4+4 B with 3 stages (16-key tiles)
+                    decode_stages={("16bit", 128): 2}),
+    # 99 KB of shared memory: sm_80's d=256 forward needs 106,496 B (two stages of 64-key tiles); its dropout
+    # tile (64 x 32, two stages) needs 73,728 B. sm_80's d=128 dK/dV with dropout spills 16+8 B here (4 warps).
+    "sm_86": Column("sm_80", tiles={("16bit", "fwd", 256, False): (64, 32, 8, 2),
+                                    ("16bit", "bwd_dkdv", 128, True): (16, 32, 8, 2),
+                                    # 8+4 B spilled with 8 warps (fp32 flash-decoding with dropout, d=256)
+                                    ("fp32", "decode", 256, True): (0, 16, 4, 1)}),
+    # sm_86's tiles (mma.sync, pointer loads: TMA was neither compiled nor measured here with them), but the d=64
+    # dK/dV, whose causal form spills 40+52 B with 4 warps. Hopper's (TMA) tiles spill here (issue 28).
+    "sm_120": Column("sm_86", tiles={("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1)}),
+    # sm_90's tiles (TMA; triton lowers tl.dot to tcgen05 here), but those that spill 28-1,136 B with tcgen05:
+    # 64 x 64 dK/dV tiles of one stage (sm_90's with one stage still spill 4-8 B), 64-row dQ / d=256 forward tiles.
+    "sm_100": Column("sm_90", tma=True, tiles={("16bit", "bwd_dkdv", 64, False): (64, 64, 8, 1),
+                                               ("16bit", "bwd_dkdv", 128, False): (64, 64, 8, 1),
+                                               ("16bit", "bwd_dq", 128, False): (64, 64, 8, 2),
+                                               ("16bit", "fwd", 256, False): (64, 64, 8, 2)}),
+    # No tensor cores for bf16 (and none triton uses for fp16) below sm_80: 16-bit inputs run in fp32 math
+    # (``upcast_16bit``) at sm_80's true-fp32 tiles, but where those spill (8-56 B) or need more than T4's 64 KB
+    # of shared memory (d=256 backward: 98,304 / 100,352 B): 16 x 16 tiles.
+    "sm_75": Column("sm_86", tiles={
+        **{("16bit", kind, d, dropout): tile for (dtypes, kind, d, dropout), tile in _base_tiles(0).items()
+           if dtypes == "fp32"},
+        ("16bit", "bwd_dkdv", 64, True): (16, 16, 8, 1), ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
+        ("16bit", "bwd_dkdv", 256, True): (16, 16, 4, 1), ("16bit", "bwd_dq", 64, True): (16, 16, 4, 1),
+        ("16bit", "bwd_dq", 128, False): (16, 16, 8, 1), ("16bit", "bwd_dq", 256, False): (16, 16, 8, 1)}),
+    # sm_75's, but the dK/dV with dropout: 4 warps at d <= 128 (8 spill 68-132 B here), 8 at d=256 (4 spill 80 B;
+    # V100's 96 KB take its 66,560 B).
+    "sm_70": Column("sm_75", tiles={("16bit", "bwd_dkdv", 64, True): (16, 16, 4, 1),
+                                    ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 1),
+                                    ("16bit", "bwd_dkdv", 256, True): (16, 16, 8, 1)}),
+    # AMD CDNA: 64 KB of LDS, 64-wide waves. sm_80's tiles with 4 waves (8 put two waves of a block on a SIMD and
+    # halve each one's registers: 256 VGPRs spilled up to 940 B of scratch at d=128 / 256) and without software
+    # pipelining (triton's AMD stream pipeliner buffers every further stage in LDS).
+    # The d=128 dK/dV at 64 x 64 spills 1-84 VGPRs into AGPRs (causal / MHA): 32 x 64, at most 2.
+    "gfx90a": Column("sm_80", tiles={**{key: (bm, bn, 4, 1) for key, (bm, bn, _, _) in _base_tiles(0).items()},
+                                     ("16bit", "bwd_dkdv", 128, False): (32, 64, 4, 1),
+                                     # 508 B of scratch on gfx942 at 32 x 16
+                                     ("fp32", "bwd_dkdv", 256, True): (16, 16, 4, 1)}),
+    "gfx942": Column("gfx90a"),
+    # RDNA3: 256 VGPRs a lane, 32-wide waves: sm_80's 16-bit tiles spill up to 2.5 KB of scratch, its fp32
+    # (FMA-sized) ones up to 2.2 KB but at d=64 in the forward: 16 x 16 tiles, without pipelining. The backward at
+    # d >= 128 and the d=256 forward still spill (12 B to 2 KB of scratch, more with 4 warps): open
+    # (docs/architectures.md).
+    "gfx1100": Column("gfx90a", tiles={
+        **{("16bit", kind, d, dropout): (16, 16, 8, 1) for kind in ("fwd", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)
+           for dropout in (False, True)},
+        ("16bit", "fwd", 64, False): (32, 32, 4, 1), ("16bit", "fwd", 64, True): (32, 32, 8, 1)}),
+    "generic": Column("sm_75"),
+}
 
 # Entries a triton release needs changed because its compiler allocates registers differently (found with
-# `python -m fused_kernels.aot --sass` under that release): (major, minor) -> {(family, kind, d): {column: tile}}.
-_TILE_OVERRIDES = {
-    (3, 6): {("16bit", "bwd_dkdv", 64): {1: (64, 128, 8, 1)}, ("16bit", "bwd_dkdv", 128): {1: (32, 128, 8, 1)},
-             ("fp32", "bwd_dkdv", 128): {2: (16, 16, 4, 1)},
-             # the variants' register-lean column ("all": 16 B spilled on sm_80, 528 B on sm_90a otherwise)
-             ("fp32", "fwd", 128): {2: (32, 16, 4, 1), 3: (32, 16, 8, 1)}},
+# `python -m fused_kernels.aot --sass` under that release): (major, minor) -> {column: {key: tile}}, over the
+# column's ``tiles`` (``_TILE_OVERRIDES``) and ``varlen`` (``_VARLEN_TILE_OVERRIDES``) entries.
+_TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
+    # fp32 forward at d=128 with dropout: the variants' register-lean tile ("all": 16 B spilled on sm_80, 528 B on
+    # sm_90a otherwise)
+    (3, 6): {"sm_90": {("16bit", "bwd_dkdv", 64, False): (64, 128, 8, 1),
+                       ("16bit", "bwd_dkdv", 128, False): (32, 128, 8, 1),
+                       ("fp32", "fwd", 128, True): (32, 16, 8, 1)},
+             "sm_80": {("fp32", "bwd_dkdv", 128, True): (16, 16, 4, 1),
+                       ("fp32", "fwd", 128, True): (32, 16, 4, 1)}},
+}
+_VARLEN_TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
+    (3, 6): {"sm_80": {("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),     # 12 B spilled with 4 warps
+                       ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1)},    # 48 B with (16, 16, 4, 2)
+             "sm_90": {("16bit", "bwd_dkdv", 64, False): (32, 64, 4, 1),     # (as before: clean on sm_90a)
+                       ("16bit", "bwd_dkdv", 128, False): (32, 32, 4, 1),    # 36 B with 8 warps
+                       ("fp32", "bwd_dkdv", 128, True): (16, 16, 8, 1),      # 20 B with (16, 16, 4, 1)
+                       # its tile as before: sm_80's fp32 forward override (4 warps) spills 680 B here
+                       ("fp32", "fwd", 128, True): (32, 16, 8, 1)}},
 }
 _TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
-def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: int | None,
+def _chain(column: str) -> list[str]:
+    """``column`` and the columns it starts from, nearest first."""
+    names: list[str] = []
+    name: str | None = column
+    while name is not None:
+        names.append(name)
+        name = COLUMNS[name].base
+    return names
+
+
+def _entry(column: str, key: TileKey, varlen: bool) -> Tile | None:
+    """``column``'s own entry of ``key`` (this triton release's override first), or None."""
+    own = COLUMNS[column].varlen if varlen else COLUMNS[column].tiles
+    overrides = (_VARLEN_TILE_OVERRIDES if varlen else _TILE_OVERRIDES).get(_TRITON_VERSION, {})
+    return overrides.get(column, {}).get(key, own.get(key))
+
+
+def column_tile(column: str, key: TileKey, varlen: bool = False) -> Tile:
+    """The tile of ``key`` in ``column``: the entry of the nearest column along its bases that has one.
+    ``varlen``: the packed kernels' tile: at each column its varlen entry comes first, and a column with a
+    ``pointer_base`` hands the key to that column (its own tiles are sized for TMA)."""
+    for name in _chain(column):
+        if varlen:
+            tile = _entry(name, key, varlen=True)
+            if tile is not None:
+                return tile
+            if COLUMNS[name].pointer_base is not None:
+                return column_tile(COLUMNS[name].pointer_base, key, varlen=True)
+        tile = _entry(name, key, varlen=False)
+        if tile is not None:
+            return tile
+    raise KeyError(f"no tile for {key} in column {column!r}")
+
+
+def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: ArchValue,
                      dropout: bool = False) -> dict:
     """Block sizes, warps, stages and TMA use of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
 
-    ``arch`` is the CUDA compute capability as an int (80, 90, ...) or None under the interpreter (small
-    blocks, so that small test shapes still cross several blocks). For "fwd" and "bwd_dq" BLOCK_M is the
-    query block a program owns and BLOCK_N the key block of its loop; for "bwd_dkdv" BLOCK_N is the key
-    block a program owns and BLOCK_M the query block of its loop; "decode" only sets BLOCK_N (its BLOCK_M
-    is the GQA group's query rows). ``TMA``: the kernel streams its tiles through tensor descriptors (the
-    launcher falls back to pointers where a tensor's strides or alignment do not allow it). Every
-    configuration is compiled by ``python -m fused_kernels.aot`` for sm_80 and sm_90a (no spills, shared memory
-    within limits). Shared by the launcher and ``fused_kernels.aot``."""
+    ``arch`` is the architecture (``_core.launch.device_arch``: a CUDA compute capability such as 80, a gfx name
+    such as "gfx942") or None under the interpreter (small blocks, so that small test shapes still cross several
+    blocks); its family's column of ``COLUMNS`` gives the tiles (a GPU not listed: the "generic" column). For "fwd"
+    and "bwd_dq" BLOCK_M is the query block a program owns and BLOCK_N the key block of its loop; for "bwd_dkdv"
+    BLOCK_N is the key block a program owns and BLOCK_M the query block of its loop; "decode" only sets BLOCK_N
+    (its BLOCK_M is the GQA group's query rows). ``TMA``: the kernel streams its tiles through tensor descriptors
+    (the launcher falls back to pointers where a tensor's strides or alignment do not allow it). The
+    configurations are compiled by ``python -m fused_kernels.aot --arch ...`` for each column's targets (no
+    spills, shared memory within the family's limit: docs/architectures.md). Shared by the launcher and
+    ``fused_kernels.aot``."""
     if kind not in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
         raise ValueError(f"attention_config: unknown kernel kind {kind!r}")
-    if arch is None:
+    family = arch_family(arch)
+    if family is None:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
-    hopper = arch >= 90
-    family = _dtype_family(dtype)
-    column = 2 * dropout + hopper
-    bm, bn, w, st = _TILE_OVERRIDES.get(_TRITON_VERSION, {}).get((family, kind, d), {}).get(
-        column, _TILES[family][(kind, d)][column])
-    tma = family == "16bit" and hopper and not dropout and d <= 128 and kind != "decode"
+    dtypes = _dtype_family(dtype)
+    bm, bn, w, st = column_tile(family.name, (dtypes, kind, d, dropout))
+    tma = COLUMNS[family.name].tma and dtypes == "16bit" and not dropout and d <= 128 and kind != "decode"
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma}
 
 
@@ -106,72 +255,34 @@ def _dtype_family(dtype: torch.dtype) -> str:
     return {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
 
 
-# Varlen tiles: the Ampere column of ``attention_config`` on every architecture (its Hopper 16-bit tiles are sized
-# for TMA, which the packed path does not use: with pointer loads they spill), with these replacements where
-# the per-sequence bookkeeping pushed a configuration into spills (``python -m fused_kernels.aot --family varlen``):
-# (dtype family, kind, head-dim bucket, dropout[, "hopper"]) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); an
-# entry with "hopper" applies on sm_90+ and wins there over the one without.
-_VARLEN_TILES = {
-    ("16bit", "bwd_dkdv", 128, False, "hopper"): (32, 32, 8, 1),
-    ("16bit", "bwd_dkdv", 128, True, "hopper"): (16, 16, 8, 1),
-    ("16bit", "fwd", 64, True): (64, 32, 4, 2),
-    ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 2),
-    ("fp32", "fwd", 64, True): (16, 32, 4, 1),
-    ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1),
-}
-
-
-# Entries a triton release needs changed because its compiler allocates registers differently: the dK/dV tiles
-# that spill under triton 3.6 (python -m fused_kernels.aot --family varlen; the same tile with other warps, or the
-# nearest spill-free one): (major, minor) -> {_VARLEN_TILES key: tile}.
-_VARLEN_TILE_OVERRIDES = {
-    (3, 6): {("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),                # 12 B spilled with 4 warps on sm_80
-             ("16bit", "bwd_dkdv", 64, False, "hopper"): (32, 64, 4, 1),      # (as before: clean on sm_90a)
-             ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),                # 48 B with (16, 16, 4, 2) on sm_80
-             ("16bit", "bwd_dkdv", 128, False, "hopper"): (32, 32, 4, 1),     # 36 B with 8 warps on sm_90a
-             ("fp32", "bwd_dkdv", 128, True, "hopper"): (16, 16, 8, 1),       # 20 B with (16, 16, 4, 1) on sm_90a
-             # its tile as before: the fp32 forward override above (4 warps) spills 680 B here on sm_90a
-             ("fp32", "fwd", 128, True, "hopper"): (32, 16, 8, 1)},
-}
-
-
-def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: int | None, dropout: bool) -> dict:
-    """Tiles of the packed kernels (``attention_config``'s Ampere column, no TMA, ``_VARLEN_TILES``, then this
-    triton release's ``_VARLEN_TILE_OVERRIDES``)."""
-    if arch is None:
+def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: ArchValue, dropout: bool) -> dict:
+    """Tiles of the packed kernels: the column's varlen entries, else its (pointer base's) ``attention_config``
+    tiles (``column_tile(..., varlen=True)``); never TMA (a sequence's packed rows are no box of a descriptor)."""
+    family = arch_family(arch)
+    if family is None:
         return attention_config(kind, d, dv, dtype, None, dropout)
-    cfg = dict(attention_config(kind, d, dv, dtype, min(arch, 80), dropout), TMA=False)
-    family = _dtype_family(dtype)
-    key = (family, kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
-    tiles = {**_VARLEN_TILES, **_VARLEN_TILE_OVERRIDES.get(_TRITON_VERSION, {})}
-    tile = tiles.get((*key, "hopper")) if arch >= 90 else None
-    tile = tile or tiles.get(key)
-    if tile is not None:
-        cfg.update(BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=tile[2], num_stages=tile[3])
-    return cfg
+    key = (_dtype_family(dtype), kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
+    bm, bn, w, st = column_tile(family.name, key, varlen=True)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": False}
 
 
-# Pipeline stages of the decode configuration where the split kernel spills with the block-table lookups
-# (``python -m fused_kernels.aot --family paged``, triton 3.9): (dtype family, head-dim bucket, Hopper) -> stages.
-# fp32 d=128 on sm_80 spilled 8+4 B with 1 stage; 16-bit d=128 on sm_90a 4+4 B with 3 (16-key tiles).
-_DECODE_STAGES = {("fp32", 128, False): 2, ("16bit", 128, True): 2}
-
-
-def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch: int | None) -> dict:
+def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch: ArchValue) -> dict:
     """Tiles of the paged attention kernel for ``rows`` = G * Lq query rows per (sequence, kv head): one row
     tile of the GQA group (the flash-decoding configuration) up to ``DECODE_MAX_ROWS`` rows, else row tiles of
-    the forward kernel's BLOCK_M (at most 64 at head dims above 128) with key tiles of at most 64. Every
-    configuration compiles without spills for sm_80 / sm_90a (``python -m fused_kernels.aot --family paged``).
-    The key tile is lowered to the block size when the block size is a smaller power of two (>= 16), so that
-    a key tile never spans two physical blocks. Shared by the launcher and ``fused_kernels.aot``."""
+    the forward kernel's BLOCK_M (at most 64 at head dims above 128) with key tiles of at most 64; the decode
+    kernel's pipeline stages come from the column's ``decode_stages`` (``python -m fused_kernels.aot --family
+    paged``). The key tile is lowered to the block size when the block size is a smaller power of two (>= 16), so
+    that a key tile never spans two physical blocks. Shared by the launcher and ``fused_kernels.aot``."""
     kind = "decode" if rows <= DECODE_MAX_ROWS else "fwd"
     cfg = dict(attention_config(kind, d, dv, dtype, arch))
     stages = cfg["num_stages"]
     if kind == "decode":
         block_m, block_n = max(16, next_pow2(rows)), cfg["BLOCK_N"]
-        if arch is not None:
-            family = _dtype_family(dtype)
-            stages = _DECODE_STAGES.get((family, max(next_pow2(d), next_pow2(dv), 64), arch >= 90), stages)
+        family = arch_family(arch)
+        if family is not None:
+            key = (_dtype_family(dtype), max(next_pow2(d), next_pow2(dv), 64))
+            stages = next((COLUMNS[name].decode_stages[key] for name in _chain(family.name)
+                           if key in COLUMNS[name].decode_stages), stages)
     else:
         # The forward's 128 x 128 tiles (sm_90a, 16-bit, d = 128) rely on its TMA path: with pointer loads
         # they spill, and so do 128-row tiles at d = 256.
@@ -183,13 +294,15 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
                 num_warps=cfg["num_warps"], num_stages=stages)
 
 
-def _precision(dtype: torch.dtype, upcast: bool) -> str:
-    """tl.dot input precision: true fp32 for fp32 (unless TF32 is allowed), fp64 and upcast bf16."""
+def _precision(dtype: torch.dtype, upcast: bool) -> str | None:
+    """tl.dot input precision: true fp32 for fp32 (TF32 where torch allows it for matmuls, on CUDA: ROCm's
+    triton takes "tf32" on gfx942 only), fp64 and upcast bf16; None (the backend's default: "tf32" on NVIDIA,
+    "ieee" on AMD, where gfx90a / gfx1100 reject "tf32") for 16-bit inputs, where it is irrelevant."""
     if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not torch.version.hip else "ieee"
     if dtype == torch.float64 or upcast:
         return "ieee"
-    return "tf32"  # the default; irrelevant for 16-bit inputs
+    return None
 
 
 def decode_splits(b: int, hkv: int, l: int, h: int, s: int, device: torch.device) -> int:

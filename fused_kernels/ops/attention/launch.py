@@ -15,10 +15,9 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: the pointer path only
     TensorDescriptor = None
 
-from ..._core import backend as _backend
 from ..._core import checks as _checks
 from ..._core.grad import create_graph
-from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
+from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype, upcast_16bit
 from . import grad as _grad
 from . import sparse
 from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _precision, attention_config
@@ -92,11 +91,11 @@ def _mask_args(mask: torch.Tensor | None, shape: tuple[int, int, int, int], like
     return m, kind, tuple(m.stride())
 
 
-def _common(q, k, v, mask, seqlens_k, align_seqlens):
+def _common(q, k, v, mask, seqlens_k, arch, align_seqlens):
     b, h, l, d = q.shape
     hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
     m, kind, mstrides = _mask_args(mask, (b, h, l, s), q)
-    upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
+    upcast = upcast_16bit(q.dtype, arch)
     meta = dict(MASK_KIND=kind, HAS_SEQLENS=seqlens_k is not None,
                 ALIGN_SEQLENS=bool(align_seqlens) and seqlens_k is not None,
                 BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
@@ -199,7 +198,7 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
     call's variants (``fused_kernels.attention.variants.Variants``; never with ``num_splits``);
     ``align_seqlens`` as in ``attention_fwd``."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k, align_seqlens)
+    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k, arch, align_seqlens)
     acc = torch_acc_dtype(q.dtype)
     out = torch.empty((b, h, l, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, l), dtype=acc, device=q.device)
@@ -270,7 +269,7 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
     ``align_seqlens`` as in ``fwd_launch``."""
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     do = _last_dim_contiguous(do)
-    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k, align_seqlens)
+    (b, h, l, d, hkv, s, dv), m, ms, meta = _common(q, k, v, mask, seqlens_k, arch, align_seqlens)
     dq = torch.empty((b, h, l, d), dtype=q.dtype, device=q.device)     # every element is written
     dk = torch.empty((b, hkv, s, d), dtype=k.dtype, device=k.device)
     dvv = torch.empty((b, hkv, s, dv), dtype=v.dtype, device=v.device)

@@ -39,7 +39,7 @@ import triton
 
 from ..._core import backend as _backend
 from ..._core import checks as _checks
-from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
+from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype, upcast_16bit
 from . import torch_path
 from .api import _check_scale
 from .config import LOG2E, MAX_HEAD_DIM, _precision, decode_splits, paged_config
@@ -262,7 +262,7 @@ def paged_launch(q, k_cache, v_cache, bt, sl, scale, causal, num_splits, arch):
     splits = triton.cdiv(capacity, chunk)
     opart = torch.empty((b * hkv, splits, rows, dv), dtype=acc, device=q.device)
     lsepart = torch.empty((b * hkv, splits, rows), dtype=acc, device=q.device)
-    upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
+    upcast = upcast_16bit(q.dtype, arch)
     block_d, block_dv = max(16, next_pow2(d)), max(16, next_pow2(dv))
     launch(_paged_attn_fwd_kernel, (triton.cdiv(rows, cfg["BLOCK_M"]), splits, b * hkv),
            q, k_cache, v_cache, bt, sl, opart, lsepart, hkv, lq, d, dv, group, splits, chunk, page, capacity,

@@ -33,7 +33,7 @@ import triton
 from ..._core import backend as _backend
 from ..._core import checks as _checks
 from ..._core.grad import create_graph
-from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype
+from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype, upcast_16bit
 from . import torch_path
 from .api import _check_head_dims, _check_qkv, _check_scale, attention
 from .config import LOG2E, MASK_NONE, _precision, varlen_config
@@ -143,8 +143,8 @@ def _per_sequence(q, k, v, cu_q, cu_k, causal, scale, dropout_p, return_lse, imp
 # ----------------------------------------------------------------------------- packed kernels
 
 
-def _meta(q: torch.Tensor, d: int, dv: int) -> dict:
-    upcast = _backend.INTERPRET and q.dtype == torch.bfloat16
+def _meta(q: torch.Tensor, d: int, dv: int, arch) -> dict:
+    upcast = upcast_16bit(q.dtype, arch)
     return dict(MASK_KIND=MASK_NONE, HAS_SEQLENS=False, ALIGN_SEQLENS=False, BLOCK_D=max(16, next_pow2(d)),
                 BLOCK_DV=max(16, next_pow2(dv)), UPCAST=upcast, PRECISION=_precision(q.dtype, upcast),
                 ACC=acc_dtype(q.dtype))
@@ -184,7 +184,7 @@ def varlen_fwd_launch(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal, dropo
         return out, lse
     if total_k == 0 or batch == 0 or max_q == 0:   # no keys anywhere: every row is fully masked
         return out.zero_(), lse.fill_(float("-inf"))
-    meta = _meta(q, d, dv)
+    meta = _meta(q, d, dv, arch)
     cfg = varlen_config("fwd", d, dv, q.dtype, arch, dropout_p > 0)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     launch(_attn_fwd_kernel, (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * h),
@@ -229,7 +229,7 @@ def varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, see
     dvv = torch.empty((hkv, total_k, dv), dtype=v.dtype, device=v.device).transpose(0, 1)
     if total_q == 0 or total_k == 0 or h == 0 or batch == 0:
         return dq.zero_(), dk.zero_(), dvv.zero_()
-    meta = _meta(q, d, dv)
+    meta = _meta(q, d, dv, arch)
     acc = torch_acc_dtype(q.dtype)
     delta = torch.empty((h, total_q), dtype=acc, device=q.device)
     lse2 = torch.empty((h, total_q), dtype=acc, device=q.device)

@@ -1,0 +1,211 @@
+"""Every GPU architecture of the tile table: the device -> column mapping (CUDA capabilities and AMD gfx names,
+with ``torch.cuda`` / ``torch.version.hip`` mocked), the tables' completeness, and each column's configuration run
+through the interpreter (``force_arch``) against the float64 reference: several tiles crossed, masks, GQA, every
+gradient. What the compiler says about each column is ``python -m fused_kernels.aot --arch all`` (tests/test_aot.py
+compiles a subset; docs/architectures.md the full table)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from helpers import assert_close
+from test_attention import FP32_TOL, _qkv, check_attention
+from test_paged import _filled, _reference
+from test_varlen import _packed, check_varlen
+
+import fused_kernels
+from fused_kernels._core import launch as core
+from fused_kernels._core.launch import ARCH_FAMILIES, GENERIC, arch_family, device_arch, force_arch, intercept
+from fused_kernels.ops.attention import config as cfg
+
+# (what the device reports, the column its configurations come from)
+CUDA_CAPABILITIES = [((7, 0), "sm_70"), ((7, 5), "sm_75"), ((8, 0), "sm_80"), ((8, 6), "sm_86"), ((8, 9), "sm_86"),
+                     ((9, 0), "sm_90"), ((10, 0), "sm_100"), ((12, 0), "sm_120"),
+                     # not listed: the generic column (sm_87 Orin, sm_103 B300, sm_121 DGX Spark, a future sm_130)
+                     ((8, 7), "generic"), ((10, 3), "generic"), ((12, 1), "generic"), ((13, 0), "generic")]
+GFX_NAMES = [("gfx90a:sramecc+:xnack-", "gfx90a"), ("gfx942:sramecc+:xnack-", "gfx942"), ("gfx942", "gfx942"),
+             ("gfx1100", "gfx1100"), ("gfx950:sramecc+:xnack-", "generic"), ("gfx1201", "generic")]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """``fake_gpu(capability=(8, 6))`` or ``fake_gpu(gfx="gfx942:sramecc+:xnack-")``: ``torch.cuda`` answers as
+    that device would (and ``torch.version.hip`` says ROCm for a gfx name)."""
+    def install(capability=(8, 0), gfx=None):
+        monkeypatch.setattr(torch.version, "hip", "6.4.0" if gfx else None, raising=False)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4) if gfx else capability)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: types.SimpleNamespace(gcnArchName=gfx or "", multi_processor_count=8))
+    return install
+
+
+@pytest.mark.parametrize("capability, column", CUDA_CAPABILITIES, ids=[f"sm{a}{b}" for (a, b), _ in CUDA_CAPABILITIES])
+def test_cuda_device_to_column(fake_gpu, capability, column):
+    fake_gpu(capability=capability)
+    arch = device_arch(torch.device("cuda", 0))
+    assert arch == capability[0] * 10 + capability[1]
+    assert arch_family(arch).name == column
+    assert cfg.attention_config("fwd", 64, 64, torch.float16, arch)["BLOCK_M"] >= 16
+
+
+@pytest.mark.parametrize("gfx, column", GFX_NAMES, ids=[g.split(":")[0] for g, _ in GFX_NAMES])
+def test_rocm_device_to_column(fake_gpu, gfx, column):
+    fake_gpu(gfx=gfx)
+    arch = device_arch(torch.device("cuda", 0))
+    assert arch == gfx.split(":")[0]          # the gfx name, not the capability ROCm reports (9, 4)
+    family = arch_family(arch)
+    assert family.name == column
+    assert family is GENERIC or family.vendor == "hip"
+
+
+def test_cpu_and_forced(fake_gpu):
+    fake_gpu(capability=(9, 0))
+    assert device_arch(torch.device("cpu")) is None and arch_family(None) is None
+    with force_arch("gfx942"):
+        assert device_arch(torch.device("cuda", 0)) == "gfx942"
+        with force_arch(75):
+            assert device_arch(torch.device("cpu")) == 75
+    assert device_arch(torch.device("cuda", 0)) == 90
+    with pytest.raises(TypeError, match="force_arch: arch must be"):
+        with force_arch(8.0):
+            pass
+
+
+def test_families_and_limits():
+    """Each family's limits as the vendors publish them, and every target a column of every table."""
+    by_name = {f.name: f for f in ARCH_FAMILIES}
+    assert set(by_name) == {"sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "gfx90a", "gfx942",
+                            "gfx1100"}
+    kb = 1024
+    assert {n: f.shared_memory // kb for n, f in by_name.items()} == {
+        "sm_70": 96, "sm_75": 64, "sm_80": 163, "sm_86": 99, "sm_90": 227, "sm_100": 227, "sm_120": 99,
+        "gfx90a": 64, "gfx942": 64, "gfx1100": 64}
+    assert by_name["sm_86"].targets == (86, 89)
+    assert [f.name for f in ARCH_FAMILIES if f.warp_size == 64] == ["gfx90a", "gfx942"]
+    assert not by_name["sm_75"].mma_dtypes and not by_name["sm_70"].mma_dtypes   # triton: FMA below sm_80
+    assert "bf16" not in by_name["sm_75"].mma_dtypes and "fp64" not in by_name["sm_86"].mma_dtypes
+    # the generic column has the least shared memory of any listed family
+    assert GENERIC.shared_memory == min(f.shared_memory for f in ARCH_FAMILIES)
+    assert set(cfg.COLUMNS) == {*by_name, "generic"}
+
+
+@pytest.mark.parametrize("column", [*[f.name for f in ARCH_FAMILIES], "generic"])
+def test_every_column_has_every_tile(column):
+    """Every (dtype family, kind, head dim, dropout) resolves in every column, within the column's shared memory
+    by a first-order count (the compiler's count is ``python -m fused_kernels.aot``), and TMA only where the family
+    has it."""
+    family = next((f for f in ARCH_FAMILIES if f.name == column), GENERIC)
+    arch = family.targets[0] if family.targets else "gfx000"
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for d in (64, 128, 256):
+            for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
+                for dropout in (False, True):
+                    c = cfg.attention_config(kind, d, d, dtype, arch, dropout)
+                    assert c["BLOCK_N"] >= 16 and (kind == "decode" or c["BLOCK_M"] >= 16), (kind, d, c)
+                    assert not c["TMA"] or family.tma, (column, kind, c)
+                    if kind != "decode":
+                        v = cfg.varlen_config(kind, d, d, dtype, arch, dropout)
+                        assert not v["TMA"] and v["BLOCK_M"] >= 16
+            assert cfg.paged_config(4, 16, d, d, dtype, arch)["BLOCK_N"] <= 16
+
+
+# ----------------------------------------------------------------------------- each column in the interpreter
+
+def _resolved(arch) -> str:
+    """Every configuration the attention launchers can pick on ``arch`` (dense, varlen, paged), as text."""
+    out = []
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for d in (64, 128, 256):
+            for dropout in (False, True):
+                out += [cfg.attention_config(kind, d, d, dtype, arch, dropout)
+                        for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq")]
+                out += [cfg.varlen_config(kind, d, d, dtype, arch, dropout) for kind in ("fwd", "bwd_dkdv", "bwd_dq")]
+            out += [cfg.paged_config(rows, page, d, d, dtype, arch) for rows in (4, 128) for page in (16, 24)]
+    return repr(out)
+
+
+# One architecture per distinct resolved column ("gfx000": a GPU the table does not know), but for sm_80's and
+# sm_90's, which tests/test_attention_gpu_configs.py and tests/test_attention_shipped.py run: the interpreter
+# is slow, and a column that resolves to the same tiles as another runs the same kernels.
+_BY_COLUMN: dict[str, int | str] = {}
+for _arch in [*(f.targets[0] for f in ARCH_FAMILIES), "gfx000"]:
+    _BY_COLUMN.setdefault(_resolved(_arch), _arch)
+COLUMN_ARCHS = [a for key, a in _BY_COLUMN.items() if key not in (_resolved(80), _resolved(90))]
+
+
+@pytest.fixture(params=COLUMN_ARCHS, ids=str)
+def column_arch(request):
+    """The launchers see ``request.param``; yields (arch, [(kernel name, its BLOCK_M, BLOCK_N, TMA, UPCAST), ...])."""
+    launches = []
+
+    def record(call, run):
+        if "BLOCK_N" in call.kwargs:
+            launches.append((call.name, call.kwargs.get("BLOCK_M"), call.kwargs["BLOCK_N"], call.kwargs.get("TMA"),
+                             call.kwargs.get("UPCAST")))
+        run(call)
+
+    with fused_kernels.use_backend("triton"), force_arch(request.param), intercept(record):
+        yield request.param, launches
+
+
+def test_column_gqa_causal_padding(column_arch, device):
+    """fp16 at d = 64, GQA 4:1, causal with a key padding mask and seqlens_k, over more than one tile of each
+    kernel at the column's tiles (lengths past its largest tile): output and every gradient against float64."""
+    arch, launches = column_arch
+    b, h, hkv, l, s = 2, 4, 1, 160, 150
+    q, k, v = _qkv(b, h, hkv, l, s, 64, dtype=torch.float16, device=device)
+    mask = (torch.rand(b, 1, 1, s, generator=torch.Generator().manual_seed(2)) > 0.2).to(device)
+    check_attention(q, k, v, causal=True, attn_mask=mask, seqlens_k=torch.tensor([150, 97], device=device))
+    tiles = {name: (bm, bn, tma) for name, bm, bn, tma, _ in launches}
+    # fp16 runs in fp32 where triton has no tensor-core instruction for it (sm_70 / sm_75 / an unknown GPU)
+    assert {up for *_, up in launches if up is not None} == {core.upcast_16bit(torch.float16, arch)}
+    assert core.upcast_16bit(torch.float16, arch) == (arch in (70, 75) or core.arch_family(arch) is GENERIC)
+    want = {kind: cfg.attention_config(kind, 64, 64, torch.float16, arch) for kind in ("fwd", "bwd_dkdv", "bwd_dq")}
+    for kind, name in (("fwd", "_attn_fwd_kernel"), ("bwd_dkdv", "_attn_bwd_dkdv_kernel"),
+                       ("bwd_dq", "_attn_bwd_dq_kernel")):
+        assert tiles[name][:2] == (want[kind]["BLOCK_M"], want[kind]["BLOCK_N"]), (name, tiles[name], want[kind])
+        assert tiles[name][2] == want[kind]["TMA"]
+    # the lengths cross at least two tiles of each kernel's loop
+    assert max(l, s) > max(want["fwd"]["BLOCK_N"], want["bwd_dq"]["BLOCK_N"], want["bwd_dkdv"]["BLOCK_M"])
+
+
+def test_column_dtypes_head_dims(column_arch, device):
+    """fp32 at d = 128 (non-causal, float mask) and fp64 at d = 96 (causal): the columns' fp32 / fp64 tiles."""
+    arch, _ = column_arch
+    q, k, v = _qkv(1, 2, 2, 70, 90, 128, dtype=torch.float32, device=device)
+    mask = torch.randn(1, 2, 70, 90, generator=torch.Generator().manual_seed(4)).to(device)
+    check_attention(q, k, v, attn_mask=mask, **FP32_TOL)
+    q, k, v = _qkv(1, 2, 1, 40, 50, 96, dtype=torch.float64, device=device)
+    check_attention(q, k, v, causal=True, atol=1e-10, rtol=1e-10)
+
+
+def test_column_decode_varlen_paged(column_arch, device):
+    """The flash-decoding split kernel (one query over 300 keys, fp16, GQA 2:1), the packed varlen kernels (fp16,
+    causal, GQA 2:1, every gradient) and the paged kernel (fp32, shuffled 16-key blocks, two queries) at the
+    column's tiles."""
+    arch, launches = column_arch
+    q, k, v = _qkv(2, 4, 2, 1, 300, 64, dtype=torch.float16, device=device)
+    check_attention(q, k, v, causal=True)
+    assert any(name == "_attn_fwd_split_kernel" for name, *_ in launches)
+    lq = [37, 150]
+    q, k, v = _packed(lq, lq, 4, 2, 64, dtype=torch.float16, device=device, seed=3)
+    check_varlen(q, k, v, lq, lq, causal=True)
+    lens = [90, 41]
+    k_cache, v_cache, table, k, v = _filled(lens, 16, 2, 64, torch.float32, seed=4)
+    q = torch.randn(2, 4, 2, 64, generator=torch.Generator().manual_seed(5))
+    out = fused_kernels.paged_attention(q.to(device), k_cache.to(device), v_cache.to(device), table.to(device),
+                                        torch.tensor(lens, dtype=torch.int32, device=device))
+    assert_close(out, _reference(q, k, v, lens)[0].to(device))
+    assert any(name == "_paged_attn_fwd_kernel" for name, *_ in launches)
+
+
+def test_generic_column_is_conservative():
+    """An unknown GPU gets tiles no larger than the smallest-shared-memory listed family's, and no TMA."""
+    assert core.arch_family(123) is GENERIC and core.arch_family("gfx9999") is GENERIC
+    for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
+        for d in (64, 128, 256):
+            generic = cfg.attention_config(kind, d, d, torch.bfloat16, 123)
+            assert not generic["TMA"]
+            assert generic == cfg.attention_config(kind, d, d, torch.bfloat16, 75)
