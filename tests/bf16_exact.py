@@ -52,7 +52,7 @@ def bf16_exact() -> Iterator[None]:
     import triton.language as tl
     from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
-    from fused_kernels.ops.attention.config import _precision
+    from fused_kernels._core.launch import dot_precision
 
     stock_dot, stock_cast = InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl
 
@@ -70,7 +70,7 @@ def bf16_exact() -> Iterator[None]:
     def no_upcast(call, run):
         if call.kwargs.get("UPCAST"):
             call = dataclasses.replace(call, kwargs={**call.kwargs, "UPCAST": False,
-                                                     "PRECISION": _precision(torch.bfloat16, False)})
+                                                     "PRECISION": dot_precision(torch.bfloat16, False)})
         run(call)
 
     InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl = create_dot, cast_impl

@@ -250,6 +250,18 @@ def upcast_16bit(dtype: torch.dtype, arch: ArchValue) -> bool:
     return (family is not None and name not in family.mma_dtypes) or (_backend.INTERPRET and name == "bf16")
 
 
+def dot_precision(dtype: torch.dtype, upcast: bool) -> str | None:
+    """``tl.dot``'s input precision for the kernels' ``PRECISION``: true fp32 for fp32 (TF32 where torch allows it
+    for matmuls, on CUDA: ROCm's triton takes "tf32" on gfx942 only), fp64 and upcast 16-bit; None (the backend's
+    default: "tf32" on NVIDIA, "ieee" on AMD, where gfx90a / gfx1100 reject "tf32") for 16-bit inputs, where it
+    is irrelevant."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not torch.version.hip else "ieee"
+    if dtype == torch.float64 or upcast:
+        return "ieee"
+    return None
+
+
 @contextlib.contextmanager
 def force_arch(arch: ArchValue) -> Iterator[None]:
     """Pick every launch configuration inside the block as on architecture ``arch`` (a compute capability

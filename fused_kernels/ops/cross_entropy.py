@@ -53,6 +53,7 @@ from .._core.launch import (
     acc_dtype,
     arch_family,
     device_arch,
+    dot_precision,
     launch,
     next_pow2,
     torch_acc_dtype,
@@ -398,15 +399,6 @@ def chunk_rows(n: int, v: int) -> int:
     return max(MIN_CHUNK, min(n, budget, -(-n // CHUNK_FRACTION)))
 
 
-def _precision(dtype: torch.dtype, upcast: bool) -> str | None:
-    """tl.dot input precision: true fp32 for fp32 (TF32 only when torch allows it for matmuls, on CUDA: ROCm's
-    triton takes "tf32" on gfx942 only), fp64 and the interpreter's upcast bf16; None (the backend's default:
-    gfx90a / gfx1100 reject "tf32") for 16-bit inputs, where it is irrelevant."""
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not torch.version.hip else "ieee"
-    return "ieee" if dtype == torch.float64 or upcast else None
-
-
 def lce_config(dtype: torch.dtype, arch: ArchValue) -> dict[str, int]:
     """Tiles of the matmul kernels (BLOCK_M rows x BLOCK_N vocabulary x BLOCK_K hidden), warps and stages per
     dtype and architecture family (``python -m fused_kernels.aot --family cross_entropy --arch ...``: no spills,
@@ -469,7 +461,7 @@ def _lce_triton(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, target
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     upcast = upcast_16bit(x.dtype, arch)
-    prec = _precision(x.dtype, upcast)
+    prec = dot_precision(x.dtype, upcast)
     grad = need_x or need_w or need_b
     chunk = chunk_rows(n, v)
     n_parts = triton.cdiv(v, bn)

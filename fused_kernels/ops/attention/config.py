@@ -294,17 +294,6 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
                 num_warps=cfg["num_warps"], num_stages=stages)
 
 
-def _precision(dtype: torch.dtype, upcast: bool) -> str | None:
-    """tl.dot input precision: true fp32 for fp32 (TF32 where torch allows it for matmuls, on CUDA: ROCm's
-    triton takes "tf32" on gfx942 only), fp64 and upcast bf16; None (the backend's default: "tf32" on NVIDIA,
-    "ieee" on AMD, where gfx90a / gfx1100 reject "tf32") for 16-bit inputs, where it is irrelevant."""
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not torch.version.hip else "ieee"
-    if dtype == torch.float64 or upcast:
-        return "ieee"
-    return None
-
-
 def decode_splits(b: int, hkv: int, l: int, h: int, s: int, device: torch.device) -> int:
     """Number of key splits of the flash-decoding path, or 0 for the main path."""
     if l > DECODE_MAX_L or (h // hkv) * l > DECODE_MAX_ROWS or s < DECODE_MIN_S:

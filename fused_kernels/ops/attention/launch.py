@@ -17,10 +17,10 @@ except ImportError:  # pragma: no cover - older triton: the pointer path only
 
 from ..._core import checks as _checks
 from ..._core.grad import create_graph
-from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype, upcast_16bit
+from ..._core.launch import acc_dtype, device_arch, dot_precision, launch, next_pow2, torch_acc_dtype, upcast_16bit
 from . import grad as _grad
 from . import sparse
-from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, _precision, attention_config
+from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, attention_config
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .kernels.forward import _attn_fwd_kernel
@@ -99,7 +99,7 @@ def _common(q, k, v, mask, seqlens_k, arch, align_seqlens):
     meta = dict(MASK_KIND=kind, HAS_SEQLENS=seqlens_k is not None,
                 ALIGN_SEQLENS=bool(align_seqlens) and seqlens_k is not None,
                 BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
-                UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype))
+                UPCAST=upcast, PRECISION=dot_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype))
     return (b, h, l, d, hkv, s, dv), m, mstrides, meta
 
 

@@ -39,10 +39,10 @@ import triton
 
 from ..._core import backend as _backend
 from ..._core import checks as _checks
-from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype, upcast_16bit
+from ..._core.launch import acc_dtype, device_arch, dot_precision, launch, next_pow2, torch_acc_dtype, upcast_16bit
 from . import torch_path
 from .api import _check_scale
-from .config import LOG2E, MAX_HEAD_DIM, _precision, decode_splits, paged_config
+from .config import LOG2E, MAX_HEAD_DIM, decode_splits, paged_config
 from .kernels.decode import _attn_combine_kernel
 from .kernels.paged import _paged_append_kernel, _paged_attn_fwd_kernel
 from .launch import _last_dim_contiguous
@@ -269,7 +269,7 @@ def paged_launch(q, k_cache, v_cache, bt, sl, scale, causal, num_splits, arch):
            q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], bt.stride(), scale * LOG2E,
            IS_CAUSAL=causal, FOLD_SCALE=scale > 0, EVEN_D=d == block_d, EVEN_DV=dv == block_dv,
            SINGLE_PAGE=cfg["SINGLE_PAGE"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_D=block_d,
-           BLOCK_DV=block_dv, UPCAST=upcast, PRECISION=_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype),
+           BLOCK_DV=block_dv, UPCAST=upcast, PRECISION=dot_precision(q.dtype, upcast), ACC=acc_dtype(q.dtype),
            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     launch(_attn_combine_kernel, (rows, b * hkv),
            opart, lsepart, out, lse, h, hkv, lq, dv, group, splits, out.stride()[:3],

@@ -33,10 +33,10 @@ import triton
 from ..._core import backend as _backend
 from ..._core import checks as _checks
 from ..._core.grad import create_graph
-from ..._core.launch import acc_dtype, device_arch, launch, next_pow2, torch_acc_dtype, upcast_16bit
+from ..._core.launch import acc_dtype, device_arch, dot_precision, launch, next_pow2, torch_acc_dtype, upcast_16bit
 from . import torch_path
 from .api import _check_head_dims, _check_qkv, _check_scale, attention
-from .config import LOG2E, MASK_NONE, _precision, varlen_config
+from .config import LOG2E, MASK_NONE, varlen_config
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.forward import _attn_fwd_kernel
 from .launch import _fold_flags, _last_dim_contiguous
@@ -146,7 +146,7 @@ def _per_sequence(q, k, v, cu_q, cu_k, causal, scale, dropout_p, return_lse, imp
 def _meta(q: torch.Tensor, d: int, dv: int, arch) -> dict:
     upcast = upcast_16bit(q.dtype, arch)
     return dict(MASK_KIND=MASK_NONE, HAS_SEQLENS=False, ALIGN_SEQLENS=False, BLOCK_D=max(16, next_pow2(d)),
-                BLOCK_DV=max(16, next_pow2(dv)), UPCAST=upcast, PRECISION=_precision(q.dtype, upcast),
+                BLOCK_DV=max(16, next_pow2(dv)), UPCAST=upcast, PRECISION=dot_precision(q.dtype, upcast),
                 ACC=acc_dtype(q.dtype))
 
 
