@@ -56,13 +56,10 @@ def _act_and_grad(g, ACT: tl.constexpr, NEED_GRAD: tl.constexpr):
 
 
 @triton.jit
-def _glu_fwd_kernel(
-    G, U,           # (M, F) gate and up, any strides
-    O,              # (M, F) output, contiguous
-    M, F, num_f,
-    stride_gm, stride_gf, stride_um, stride_uf,
-    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, ACC: tl.constexpr,
-):
+def _gate_up_tiles(G, U, M, F, num_f, stride_gm, stride_gf, stride_um, stride_uf, BLOCK_M: tl.constexpr,
+                   BLOCK_F: tl.constexpr, ACC: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_F) tile of gate and up (programs ordered row block-major): (its rows as
+    int64 offsets (BLOCK_M, 1), its columns, the in-bounds mask, g and u in the accumulation dtype)."""
     pid = tl.program_id(0)
     rows = (pid // num_f) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid % num_f) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -70,6 +67,19 @@ def _glu_fwd_kernel(
     r = rows[:, None].to(tl.int64)
     g = tl.load(G + r * stride_gm + cols[None, :] * stride_gf, mask=mask, other=0.0).to(ACC)
     u = tl.load(U + r * stride_um + cols[None, :] * stride_uf, mask=mask, other=0.0).to(ACC)
+    return r, cols, mask, g, u
+
+
+@triton.jit
+def _glu_fwd_kernel(
+    G, U,           # (M, F) gate and up, any strides
+    O,              # (M, F) output, contiguous
+    M, F, num_f,
+    stride_gm, stride_gf, stride_um, stride_uf,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, ACC: tl.constexpr,
+):
+    r, cols, mask, g, u = _gate_up_tiles(G, U, M, F, num_f, stride_gm, stride_gf, stride_um, stride_uf,
+                                         BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, ACC=ACC)
     a, _ = _act_and_grad(g, ACT, False)
     tl.store(O + r * F + cols[None, :], (a * u).to(O.dtype.element_ty), mask=mask)
 
@@ -82,13 +92,8 @@ def _glu_bwd_kernel(
     stride_gm, stride_gf, stride_um, stride_uf, stride_om, stride_of, stride_dgm, stride_dum,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid // num_f) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % num_f) * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask = (rows < M)[:, None] & (cols < F)[None, :]
-    r = rows[:, None].to(tl.int64)
-    g = tl.load(G + r * stride_gm + cols[None, :] * stride_gf, mask=mask, other=0.0).to(ACC)
-    u = tl.load(U + r * stride_um + cols[None, :] * stride_uf, mask=mask, other=0.0).to(ACC)
+    r, cols, mask, g, u = _gate_up_tiles(G, U, M, F, num_f, stride_gm, stride_gf, stride_um, stride_uf,
+                                         BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, ACC=ACC)
     do = tl.load(DO + r * stride_om + cols[None, :] * stride_of, mask=mask, other=0.0).to(ACC)
     a, da = _act_and_grad(g, ACT, True)
     tl.store(DG + r * stride_dgm + cols[None, :], (do * u * da).to(DG.dtype.element_ty), mask=mask)

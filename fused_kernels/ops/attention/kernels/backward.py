@@ -13,8 +13,6 @@ from .common import (
     _key_length,
     _key_range,
     _key_walk,
-    _kv_tiles,
-    _load_tile,
     _next_key_block,
     _packed_bounds,
     _query_program,
@@ -22,6 +20,7 @@ from .common import (
     _row_tile,
     _scores,
     _stage_range,
+    _tile_pair,
 )
 from .mods import PLAIN, _mask, variant_context
 
@@ -75,19 +74,11 @@ def _dkdv_block(
     Rows past L contribute nothing: their lse2 is +inf (p = 0) and q / do load as 0. Keys past kv_len are
     not masked here: their rows of dK / dV are zeroed once at the end. ``c_hi`` is the band's upper diagonal;
     the variants as in ``_fwd_block``, on the transposed index tiles, their masks on PARTIAL tiles only."""
-    offs_d, offs_dv, D, DV = dims
     offs_m = start_m + offs_m0
     row_ok = offs_m < L
-    if TMA:
-        b, h = desc_at
-        q = Q_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-        do = DO_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
-    else:
-        q = _load_tile(q_ptrs, row_ok, offs_d, D, CHECK_ROWS, EVEN_D)
-        do = _load_tile(do_ptrs, row_ok, offs_dv, DV, CHECK_ROWS, EVEN_DV)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q, do = _tile_pair(q_ptrs, do_ptrs, Q_DESC, DO_DESC, desc_at, start_m, row_ok, dims, CHECK_ROWS=CHECK_ROWS,
+                       ZERO_A=False, ZERO_B=False, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, UPCAST=UPCAST,
+                       BLOCK_R=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
     if CHECK_ROWS:
         lse2 = tl.load(LSE2 + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
@@ -326,9 +317,9 @@ def _dq_block(
     mods by their derivative (``_mod_scores``)."""
     cols = start_n + offs_n
     col_ok = cols < kv_len
-    k, v = _kv_tiles(k_ptrs, v_ptrs, K_DESC, V_DESC, desc_at, start_n, col_ok, dims, CHECK_BOUNDS=CHECK_BOUNDS,
-                     ZERO_K=ZERO_KV_TAIL, ZERO_V=ZERO_KV_TAIL, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, UPCAST=UPCAST,
-                     BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    k, v = _tile_pair(k_ptrs, v_ptrs, K_DESC, V_DESC, desc_at, start_n, col_ok, dims, CHECK_ROWS=CHECK_BOUNDS,
+                      ZERO_A=ZERO_KV_TAIL, ZERO_B=ZERO_KV_TAIL, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, UPCAST=UPCAST,
+                      BLOCK_R=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)          # (BLOCK_M, BLOCK_N)
     s, g = _scores(s, m_ptrs, row_ok[:, None] & (cols[None, :] < S), offs_m[:, None], cols[None, :], qk_scale, vctx,
                    MASK_KIND=MASK_KIND, FOLD_SCALE=FOLD_SCALE, ACC=ACC, VAR=VAR, NEED_GRAD=True)

@@ -31,31 +31,32 @@ def _load_tile(ptrs, rows_ok, offs_c, C, CHECK_ROWS: tl.constexpr, EVEN_C: tl.co
 
 
 @triton.jit
-def _kv_tiles(k_ptrs, v_ptrs, K_DESC, V_DESC, desc_at, start_n, col_ok, dims, CHECK_BOUNDS: tl.constexpr,
-              ZERO_K: tl.constexpr, ZERO_V: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-              TMA: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr):
-    """The k (BLOCK_N, BLOCK_D) and v (BLOCK_N, BLOCK_DV) tiles of the key block at ``start_n`` of a query-block
-    program, in float32 when UPCAST: from the pointer tiles, or with TMA from the descriptors at (b, kv head) =
-    ``desc_at`` (zero-filled past S and D, one copy-engine request per block instead of per-thread addresses).
-    Keys in [kv_len, S) are real memory there: ZERO_K / ZERO_V zero them in a CHECK_BOUNDS block, so that no
-    0 * NaN reaches a dot."""
+def _tile_pair(a_ptrs, b_ptrs, A_DESC, B_DESC, desc_at, start, rows_ok, dims, CHECK_ROWS: tl.constexpr,
+               ZERO_A: tl.constexpr, ZERO_B: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+               TMA: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
+    """The two (BLOCK_R, BLOCK_D) / (BLOCK_R, BLOCK_DV) tiles a block of rows reads, at row ``start``: k and v of a
+    key block (forward, dQ) or q and dO of a query block (dK / dV), in float32 when UPCAST; from the pointer
+    tiles (rows past ``rows_ok`` as 0 when CHECK_ROWS), or with TMA from the descriptors at (b, head) =
+    ``desc_at`` (zero-filled past the tensor's end and D, one copy-engine request per block instead of
+    per-thread addresses). Keys in [kv_len, S) are real memory there: ZERO_A / ZERO_B zero them in a CHECK_ROWS
+    block, so that no 0 * NaN reaches a dot."""
     offs_d, offs_dv, D, DV = dims
     if TMA:
-        b, hk = desc_at
-        k = K_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = V_DESC.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-        if CHECK_BOUNDS and ZERO_K:
-            k = tl.where(col_ok[:, None], k, 0.0)
-        if CHECK_BOUNDS and ZERO_V:
-            v = tl.where(col_ok[:, None], v, 0.0)
+        b, h = desc_at
+        a = A_DESC.load([b, h, start, 0]).reshape(BLOCK_R, BLOCK_D)
+        t = B_DESC.load([b, h, start, 0]).reshape(BLOCK_R, BLOCK_DV)
+        if CHECK_ROWS and ZERO_A:
+            a = tl.where(rows_ok[:, None], a, 0.0)
+        if CHECK_ROWS and ZERO_B:
+            t = tl.where(rows_ok[:, None], t, 0.0)
     else:
-        k = _load_tile(k_ptrs, col_ok, offs_d, D, CHECK_BOUNDS, EVEN_D)
-        v = _load_tile(v_ptrs, col_ok, offs_dv, DV, CHECK_BOUNDS, EVEN_DV)
+        a = _load_tile(a_ptrs, rows_ok, offs_d, D, CHECK_ROWS, EVEN_D)
+        t = _load_tile(b_ptrs, rows_ok, offs_dv, DV, CHECK_ROWS, EVEN_DV)
     if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    return k, v
+        a = a.to(tl.float32)
+        t = t.to(tl.float32)
+    return a, t
 
 
 @triton.jit

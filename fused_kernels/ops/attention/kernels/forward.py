@@ -13,13 +13,13 @@ from .common import (
     _key_length,
     _key_range,
     _key_walk,
-    _kv_tiles,
     _next_key_block,
     _query_program,
     _query_variants,
     _row_tile,
     _scores,
     _stage_range,
+    _tile_pair,
 )
 from .mods import PLAIN, _mask
 
@@ -52,9 +52,9 @@ def _fwd_block(
     start_n = tl.multiple_of(start_n, BLOCK_N)
     cols = start_n + offs_n
     col_ok = cols < kv_len
-    k, v = _kv_tiles(k_ptrs, v_ptrs, K_DESC, V_DESC, desc_at, start_n, col_ok, dims, CHECK_BOUNDS=CHECK_BOUNDS,
-                     ZERO_K=False, ZERO_V=ZERO_V_TAIL, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, UPCAST=UPCAST,
-                     BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    k, v = _tile_pair(k_ptrs, v_ptrs, K_DESC, V_DESC, desc_at, start_n, col_ok, dims, CHECK_ROWS=CHECK_BOUNDS,
+                      ZERO_A=False, ZERO_B=ZERO_V_TAIL, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, UPCAST=UPCAST,
+                      BLOCK_R=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)          # (BLOCK_M, BLOCK_N)
     if CHECK_BOUNDS:
         m_ok = row_ok[:, None] & col_ok[None, :]
