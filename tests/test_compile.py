@@ -108,6 +108,19 @@ def _assert_same(got, want):
         assert a is not None and torch.equal(a, b), (a - b).abs().max()
 
 
+def _assert_compiled_close(fn, inputs):
+    """``fn`` compiled in one graph (aot_eager) gives eager's output and every input gradient (none missing)."""
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = run(*leaves)
+        results.append([out.detach()] + grads(out, leaves, _randn(*out.shape, seed=4)))
+    for got, want in zip(results[1], results[0]):
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_compiled_function_matches_eager(case):
     fn, inputs = _cases()[case]
@@ -183,14 +196,7 @@ def test_attention_with_a_learned_mask_compiles():
         return a + b + c
 
     inputs = [_randn(1, 2, 5, 8), _randn(1, 2, 7, 8, seed=1), _randn(1, 2, 7, 8, seed=2), _randn(5, 7, seed=3)]
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    results = []
-    for run in (fn, compiled):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        out = run(*leaves)
-        results.append([out.detach()] + grads(out, leaves, _randn(*out.shape, seed=4)))
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_compiled_close(fn, inputs)
 
 
 def test_attention_variants_compile():
@@ -209,15 +215,7 @@ def test_attention_variants_compile():
         return a + c
 
     inputs = [_randn(b, h, l, d), _randn(b, h, l, d, seed=1), _randn(b, h, l, d, seed=2), _randn(l, l, seed=3)]
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    results = []
-    for run in (fn, compiled):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        out = run(*leaves)
-        results.append([out.detach()] + grads(out, leaves, _randn(*out.shape, seed=4)))
-    for got, want in zip(results[1], results[0]):
-        assert got is not None
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_compiled_close(fn, inputs)
 
 
 def test_attention_seqlens_k_compiles():
@@ -231,14 +229,7 @@ def test_attention_seqlens_k_compiles():
         return a + c
 
     inputs = [_randn(2, 2, 3, 8), _randn(2, 1, 9, 8, seed=1), _randn(2, 1, 9, 8, seed=2)]
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    results = []
-    for run in (fn, compiled):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        out = run(*leaves)
-        results.append([out.detach()] + grads(out, leaves, _randn(*out.shape, seed=4)))
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_compiled_close(fn, inputs)
 
 
 @pytest.mark.triton_only   # inductor would generate C++ for the PyTorch path's ops (slow to compile)
