@@ -15,7 +15,8 @@ reports the peak resident set size above the resident size before the call; the 
 fixed malloc mmap threshold, so that freed tensors leave the resident set.
 
 What "torch eager" is for each op (the same semantics wherever torch has them):
-    attention       F.scaled_dot_product_attention (is_causal, or a (B, 1, 1, S) bool padding mask)
+    attention       F.scaled_dot_product_attention (is_causal, or a (B, 1, 1, S) bool padding mask), against
+                    fused_kernels.attention and, at L = 16 and 128, its drop-in (op "sdpa")
     softmax         torch.softmax(x) / torch.softmax(x.masked_fill(~mask, -inf)) / scale and causal
     layer_norm      F.layer_norm;  rms_norm  F.rms_norm;  add_layer_norm  x + residual, then F.layer_norm
     model steps     the same model on F.scaled_dot_product_attention and F.layer_norm
@@ -92,6 +93,8 @@ def grid(full: bool = False, only: list[str] | None = None) -> list[dict]:
     for l in (16, 32, 64, 128):
         for mask in ("none", "causal"):
             cases.append(dict(family="attention", op="attention", B=1, H=4, L=l, D=64, mask=mask))
+    for l in (16, 128):   # the drop-in for F.scaled_dot_product_attention: its own argument handling
+        cases.append(dict(family="attention", op="sdpa", B=1, H=4, L=l, D=64, mask="causal"))
     lengths = [128, 256, 512, 1024, 2048] if full else [128, 512, 2048]
     for d in (64, 128):
         for l in lengths:
@@ -171,7 +174,10 @@ def _attention(case: dict) -> dict[str, Call]:
         keep = (torch.arange(l) < lens[:, None])[:, None, None, :]
 
     def ours(backward: bool) -> None:
-        out = fused_kernels.attention(q, k, v, causal=causal, attn_mask=keep)
+        if case["op"] == "sdpa":
+            out = fused_kernels.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal)
+        else:
+            out = fused_kernels.attention(q, k, v, causal=causal, attn_mask=keep)
         if backward:
             out.backward(do)
 

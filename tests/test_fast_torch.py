@@ -315,3 +315,35 @@ def test_the_plain_call_skips_checks_but_not_their_outcome(causal):
         fused_kernels.attention(q, k, v, dropout_p=1.5)
     with pytest.raises(TypeError, match="v has dtype torch.float64 but q has torch.float32"):
         fused_kernels.attention(q, k, v.double())
+
+
+class _AtenOps(TorchDispatchMode):
+    """Names of the aten ops run inside the block, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **kwargs or {})
+
+
+@pytest.mark.parametrize("api", ["attention", "sdpa"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_plain_call_runs_no_op_but_the_kernel_and_the_nan_check(api, causal):
+    """At short sequences a call's own work shows next to torch's kernel (issue 30, item 12): the plain
+    self-attention call, through ``attention`` and through the ``F.scaled_dot_product_attention`` drop-in, runs
+    torch's flash kernel and the NaN-query check (one sum, read back) and nothing else: no view, expand, constant
+    or copy per call. A NaN query still gives a NaN row (the check's outcome) on both."""
+    q, k, v = (torch.randn(1, 4, 16, 64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    call = (lambda q: fused_kernels.attention(q, k, v, causal=causal)) if api == "attention" else \
+        (lambda q: fused_kernels.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    with _AtenOps() as mode:
+        out = call(q)
+    assert mode.names == ["sum", "_local_scalar_dense", "_scaled_dot_product_flash_attention_for_cpu"]
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    q = q.clone()
+    q[0, 2, 5, 7] = float("nan")
+    out = call(q)
+    assert out[0, 2, 5].isnan().all() and not out[0, 2, :5].isnan().any()

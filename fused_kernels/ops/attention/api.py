@@ -160,6 +160,16 @@ def _plain_qkv(q: object, k: object, v: object) -> bool:
             and q.device == k.device == v.device and q.shape[1] > 0 and 1 <= q.shape[3] <= MAX_HEAD_DIM)
 
 
+def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, op: str) -> torch.Tensor:
+    """The common call of ``attention`` and ``scaled_dot_product_attention``, whose checks would cost more than
+    torch's whole kernel at short sequences: ``_plain_qkv`` tensors (every check passes; L == S, so top-left and
+    bottom-right causal agree), no mask, variant or dropout, the default scale."""
+    scale = 1.0 / math.sqrt(q.shape[3])
+    if _backend.choose(q, op) == "torch":
+        return torch_path.self_attention(q, k, v, causal, scale)
+    return attention_fwd(q, k, v, None, None, scale, causal, 0, 0.0, 0)[0]
+
+
 def _checked_arguments(op: str, q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, window, alibi_slopes,
                        softcap, document_ids, prefix_lengths, score_mod, score_mod_grad, mask_mod, mod_args,
                        block_mask, check: bool) -> tuple[float, float, Variants | None]:
@@ -261,15 +271,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if (attn_mask is None and seqlens_k is None and scale is None and dropout_p == 0.0 and window is None
             and alibi_slopes is None and softcap is None and document_ids is None and prefix_lengths is None
             and score_mod is None and score_mod_grad is None and mask_mod is None and block_mask is None
-            and isinstance(mod_args, tuple) and not mod_args and _plain_qkv(q, k, v)
-            and (causal is True or causal is False)):
-        # The common call, whose checks would cost more than torch's whole kernel at short sequences: plain
-        # tensors of one float dtype, shape and device that every check below would pass.
-        scale, dropout_p, variants = 1.0 / math.sqrt(q.shape[3]), 0.0, None
-    else:
-        scale, dropout_p, variants = _checked_arguments(
-            op, q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, window, alibi_slopes, softcap,
-            document_ids, prefix_lengths, score_mod, score_mod_grad, mask_mod, mod_args, block_mask, check)
+            and not return_lse and isinstance(mod_args, tuple) and not mod_args and (causal is True or causal is False)
+            and _plain_qkv(q, k, v)):
+        return _self_attention(q, k, v, causal, op)
+    scale, dropout_p, variants = _checked_arguments(
+        op, q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, window, alibi_slopes, softcap,
+        document_ids, prefix_lengths, score_mod, score_mod_grad, mask_mod, mod_args, block_mask, check)
     b, h, l, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
     if variants is not None and seqlens_k is not None:   # positions (causal, window, ALiBi) per row
@@ -306,6 +313,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     heads (dim -3) divide query heads. ``dropout_p > 0`` always drops, like torch's function. One difference: a
     fully masked row gives 0 (torch gives NaN)."""
     op = "scaled_dot_product_attention"
+    if (attn_mask is None and dropout_p == 0.0 and scale is None and (is_causal is True or is_causal is False)
+            and _plain_qkv(query, key, value)):
+        # The common call, as in ``attention``: 4-D tensors of one shape (so L == S and top-left causal is
+        # bottom-right causal) pass every check below, and broadcasting their batch dims is the identity.
+        return _self_attention(query, key, value, is_causal, op)
     _check_qkv(op, query, key, value, ("query", "key", "value"))
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() < 2:

@@ -277,6 +277,24 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return out, lse
 
 
+def _flash_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Self-attention (one shape, so L == S) that torch's CPU flash kernel takes as it is: unit last strides,
+    not empty, no half-precision gradient (see ``_Flash``)."""
+    return (q.is_cpu and _FLASH is not None and q.shape == k.shape == v.shape and q.stride(-1) == 1
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() > 0
+            and not (q.dtype in _HALF and _needs_grad(q, k, v)))
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """``attention`` of q, k, v of one shape without mask, variant or dropout at the default scale ``scale``
+    (1 / sqrt(D)): straight to torch's function where its flash kernel runs (a NaN query excepted), with the
+    fewest steps a call can take."""
+    if _flash_self(q, k, v) and not _nan_query(q):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)   # torch's default scale: the same double
+        return _differentiable_backward(out, q, k, v, None, causal, scale) if out.requires_grad else out
+    return attention(q, k, v, causal, None, None, scale, 0.0, False)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, attn_mask: torch.Tensor | None,
               seqlens_k: torch.Tensor | None, scale: float, dropout_p: float,
               return_lse: bool, variants=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -285,9 +303,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, a
         return _attention_variants(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse, variants)
     if attn_mask is None and seqlens_k is None and _nan_query(q):   # with a mask the flash kernel propagates it
         return attention_ref(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, return_lse=return_lse)
-    if (q.is_cpu and dropout_p == 0.0 and seqlens_k is None and not return_lse and q.shape == k.shape == v.shape
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and q.numel() and _FLASH is not None
-            and not (q.dtype in _HALF and _needs_grad(q, k, v))):   # half-precision gradients: see _Flash
+    if dropout_p == 0.0 and seqlens_k is None and not return_lse and _flash_self(q, k, v):
         # The common case in as few steps as possible (a call's Python work shows at short sequences):
         # self-attention (L == S, so causal is top-left too) without a mask, or with a plain key mask.
         if attn_mask is None:
