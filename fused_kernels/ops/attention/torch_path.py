@@ -210,11 +210,12 @@ def _differentiable_backward(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     node = out.grad_fn
     if node is None or type(node).__name__ != _FLASH_NODE:
         return out
-    needs = (q.requires_grad, k.requires_grad, v.requires_grad, False)
 
     def hook(grad_inputs, grad_outputs):
         if not create_graph() or grad_outputs[0] is None:
             return None
+        # the gradients this backward computes: autograd.grad(..., inputs=(q,)) leaves dk and dv None
+        needs = (*(g is not None for g in grad_inputs[:3]), False)
         dq, dk, dv, _ = _grad.attention_backward(q, k, v, mask, None, grad_outputs[0], None, scale, is_causal, 0,
                                                  0.0, needs)
         return (dq, dk, dv, *grad_inputs[3:])
