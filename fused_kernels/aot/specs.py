@@ -165,15 +165,23 @@ def layer_norm_specs(archs: Archs) -> Iterator[Spec]:
             label = _flags({"w": heavy, "b": heavy, "dres_out": heavy, "drop": heavy, "dres": heavy})
             part = a if heavy else x             # dW/dB partials, or dx in their place when absent
             specs = []
-            for n in _row_lengths(lambda n, dtype=dtype: ln._block(n, ln.fused_limit(dtype, True))[1]):
-                block, single = ln._block(n, ln.fused_limit(dtype, True))
+            for n in _row_lengths(lambda n, dtype=dtype: ln.bwd_block(n, dtype)[1]):
+                block, row_sums = ln.bwd_block(n, dtype)
                 args, options = bind(ln._layer_norm_bwd_kernel, kwargs=dict(
                     X=x, W=p, DY=x, DRES_OUT=x, DX=x, DRES=x, DW_PART=part, DB_PART=part, MEAN=a, RSTD=a,
-                    stride_xm=n, stride_xn=1, stride_dym=n, stride_dyn=1, stride_drm=n, stride_drn=1,
+                    SUMS=a, stride_xm=n, stride_xn=1, stride_dym=n, stride_dyn=1, stride_drm=n, stride_drn=1,
                     M=m, N=n, rows_per_program=rows_per_program, dropout_p=dropout_p, seed=seed, **bwd_flags,
-                    SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=row_warps(block)))
-                specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_kernel, dtype, n, args, options, label, archs))
-            yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
+                    ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=ln.bwd_warps(block)))
+                specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_kernel, dtype, n, args, options, label, archs,
+                                       single=row_sums))
+                if not row_sums:     # the row sums of the chunked backward
+                    args, options = bind(ln._layer_norm_bwd_sums_kernel, kwargs=dict(
+                        X=x, W=p, DY=x, MEAN=a, RSTD=a, SUMS=a, stride_xm=n, stride_xn=1, stride_dym=n,
+                        stride_dyn=1, M=m, N=n, HAS_WEIGHT=heavy, IS_RMS_NORM=False, BLOCK_N=ln.MULTIPASS_BLOCK,
+                        ACC=acc, num_warps=row_warps(ln.MULTIPASS_BLOCK)))
+                    specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_sums_kernel, dtype, n, args, options,
+                                           _flags({"w": heavy}), archs, single=False))
+            yield from _dedupe(specs, lambda s: (s.name, s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
 
 
 def softmax_specs(archs: Archs) -> Iterator[Spec]:
@@ -235,9 +243,12 @@ def _softmax_fwd_launch(sm, launch, empty, dtype, kind, causal, b, h, length, n)
                   MASK_KIND=mask_kind, IS_CAUSAL=causal)
 
 
-def _row_spec(family, kernel, dtype, n, args, options, label, archs: Archs) -> Spec:
-    """A row kernel's spec: its configuration depends on the row length and dtype only, the same on every arch."""
-    block, single = args["BLOCK_N"], args["SINGLE_BLOCK"]
+def _row_spec(family, kernel, dtype, n, args, options, label, archs: Archs, single: bool | None = None) -> Spec:
+    """A row kernel's spec: its configuration depends on the row length and dtype only, the same on every arch.
+    ``single``: whether a row fits one block (default: the kernel's SINGLE_BLOCK); a longer row is "multipass"
+    (the LayerNorm backward's column chunks and its row sums included)."""
+    block = args["BLOCK_N"]
+    single = args["SINGLE_BLOCK"] if single is None else single
     config = f"{_SHORT[dtype]} BLOCK_N={block}{'' if single else ' multipass'} w{options.get('num_warps', 4)} {label}"
     return Spec(family, kernel, config, args, options,
                 meta=dict(dtype=_SHORT[dtype], n=n, BLOCK_N=block, SINGLE_BLOCK=single, flags=label, archs=archs,

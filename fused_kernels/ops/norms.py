@@ -2,11 +2,15 @@
 
 One forward and one backward kernel serve all three ops through constexpr switches. A program owns
 one row in the forward and a strip of rows in the backward, where it also accumulates its partial
-dW/dB in float32; the launcher sums those partials (deterministic, no atomics, no locks). Rows that
-fit one block stay in registers; longer rows (up to any length) loop over blocks: the forward in
-three passes (mean, variance, normalize), the backward in two.
+dW/dB in float32 registers; the launcher sums those partials (deterministic, no atomics, no locks).
+Rows that fit one block stay in registers; longer rows (up to any length) loop over blocks in the
+forward, in three passes (mean, variance, normalize). In the backward a longer row is cut into column
+chunks (``CHUNK_BWD``): a first kernel reduces each row's two gradient sums, then each
+backward program owns a strip of rows of one chunk, exactly as for a short row (about 10 bytes moved per
+element in 16-bit, where a row-by-row second pass rewrote the dW/dB partial rows every row: 30).
 
     _layer_norm_fwd_kernel / _layer_norm_bwd_kernel   (Triton)
+    _layer_norm_bwd_sums_kernel                       (Triton: the row sums of the chunked backward)
     layer_norm_fwd / layer_norm_bwd                   (torch.library custom ops, registered autograd)
     _layer_norm_torch / _rms_norm_torch / _add_layer_norm_torch
                                                       (the PyTorch path: ``F.layer_norm`` / ``F.rms_norm`` in the
@@ -38,6 +42,9 @@ MAX_FUSED_FWD = 16384
 MAX_FUSED_BWD = 8192
 # Block of the multi-pass path (4096 spilled 12+12 B in the fp64 backward on sm_90a, triton 3.9).
 MULTIPASS_BLOCK = 2048
+# Column chunk of the backward for rows longer than MAX_FUSED_BWD (8192 with every feature spilled 16+20 B in
+# bf16 and 56+56 B in fp32 on sm_90a, triton 3.9).
+CHUNK_BWD = 4096
 
 
 @triton.jit
@@ -175,6 +182,32 @@ def _input_grads(
 
 
 @triton.jit
+def _layer_norm_bwd_sums_kernel(
+    X, W, DY,       # (M, N), (N,), (M, N)
+    MEAN, RSTD,     # (M,)
+    SUMS,           # (2, M): sum(x_hat * w * dy) / N and sum(w * dy) / N of each row
+    stride_xm, stride_xn, stride_dym, stride_dyn, M, N,
+    HAS_WEIGHT: tl.constexpr, IS_RMS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """The two row reductions of the LayerNorm gradient, for rows longer than one block."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    mean = 0.0
+    if not IS_RMS_NORM:
+        mean = tl.load(MEAN + row).to(ACC)
+    rstd = tl.load(RSTD + row).to(ACC)
+    acc1 = tl.zeros([BLOCK_N], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_N], dtype=ACC)
+    for start in range(0, N, BLOCK_N):
+        xhat, dy, wdy = _grad_chunk(X, W, DY, mean, rstd, row, start + offs, N, stride_xm, stride_xn,
+                                    stride_dym, stride_dyn, HAS_WEIGHT, IS_RMS_NORM, ACC)
+        acc1 += xhat * wdy
+        acc2 += wdy
+    tl.store(SUMS + row, tl.sum(acc1, axis=0) / N)
+    tl.store(SUMS + M + row, tl.sum(acc2, axis=0) / N)
+
+
+@triton.jit
 def _layer_norm_bwd_kernel(
     X,              # (M, N) the normalized value (residual_out if it was stored, else the input)
     W,              # (N,) weight (HAS_WEIGHT)
@@ -182,71 +215,51 @@ def _layer_norm_bwd_kernel(
     DRES_OUT,       # (M, N) gradient of residual_out (HAS_DRES_OUT)
     DX,             # (M, N) gradient of x, contiguous
     DRES,           # (M, N) gradient of residual, contiguous (STORE_DRES; otherwise it equals DX)
-    DW_PART, DB_PART,  # (num_programs, N) float32 partial sums, zero-initialised
+    DW_PART, DB_PART,  # (programs along dim 0, N) float32 partial sums
     MEAN, RSTD,     # (M,)
+    SUMS,           # (2, M) row sums from _layer_norm_bwd_sums_kernel (not ROW_SUMS)
     stride_xm, stride_xn, stride_dym, stride_dyn, stride_drm, stride_drn,
     M, N, rows_per_program, dropout_p, seed,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES_OUT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, STORE_DRES: tl.constexpr, IS_RMS_NORM: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+    ROW_SUMS: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
 ):
+    """Program (p, c) owns rows [p * rows_per_program, ...) and columns [c * BLOCK_N, ...): the whole row
+    when ROW_SUMS (it reduces the row's sums itself), else one column chunk of rows longer than a block."""
     pid = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N)
+    if not ROW_SUMS:
+        cols += tl.program_id(1) * BLOCK_N
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    part = pid.to(tl.int64) * N
-    if SINGLE_BLOCK:
-        dw = tl.zeros([BLOCK_N], dtype=ACC)
-        db = tl.zeros([BLOCK_N], dtype=ACC)
+    dw = tl.zeros([BLOCK_N], dtype=ACC)
+    db = tl.zeros([BLOCK_N], dtype=ACC)
     for row in tl.range(row_start, row_end, num_stages=2):
         mean = 0.0
         if not IS_RMS_NORM:
             mean = tl.load(MEAN + row).to(ACC)
         rstd = tl.load(RSTD + row).to(ACC)
-        if SINGLE_BLOCK:
-            xhat, dy, wdy = _grad_chunk(X, W, DY, mean, rstd, row, offs, N, stride_xm, stride_xn,
-                                        stride_dym, stride_dyn, HAS_WEIGHT, IS_RMS_NORM, ACC)
+        xhat, dy, wdy = _grad_chunk(X, W, DY, mean, rstd, row, cols, N, stride_xm, stride_xn,
+                                    stride_dym, stride_dyn, HAS_WEIGHT, IS_RMS_NORM, ACC)
+        if ROW_SUMS:
             c1 = tl.sum(xhat * wdy, axis=0) / N
-            if IS_RMS_NORM:
-                g = (wdy - xhat * c1) * rstd
-            else:
-                g = (wdy - (xhat * c1 + tl.sum(wdy, axis=0) / N)) * rstd
-            _input_grads(g, DRES_OUT, DX, DRES, row, offs, N, stride_drm, stride_drn, dropout_p, seed,
-                         HAS_DRES_OUT, HAS_DROPOUT, STORE_DRES, ACC)
-            dw += dy * xhat
-            db += dy
+            c2 = tl.sum(wdy, axis=0) / N
         else:
-            # Pass 1: the two row reductions of the LayerNorm gradient.
-            acc1 = tl.zeros([BLOCK_N], dtype=ACC)
-            acc2 = tl.zeros([BLOCK_N], dtype=ACC)
-            for start in range(0, N, BLOCK_N):
-                xhat, dy, wdy = _grad_chunk(X, W, DY, mean, rstd, row, start + offs, N, stride_xm, stride_xn,
-                                            stride_dym, stride_dyn, HAS_WEIGHT, IS_RMS_NORM, ACC)
-                acc1 += xhat * wdy
-                acc2 += wdy
-            c1 = tl.sum(acc1, axis=0) / N
-            c2 = 0.0
-            if not IS_RMS_NORM:
-                c2 = tl.sum(acc2, axis=0) / N
-            # Pass 2: input gradients, and this program's dW/dB partials (its own row of DW_PART).
-            for start in range(0, N, BLOCK_N):
-                cols = start + offs
-                xhat, dy, wdy = _grad_chunk(X, W, DY, mean, rstd, row, cols, N, stride_xm, stride_xn,
-                                            stride_dym, stride_dyn, HAS_WEIGHT, IS_RMS_NORM, ACC)
-                g = (wdy - (xhat * c1 + c2)) * rstd
-                _input_grads(g, DRES_OUT, DX, DRES, row, cols, N, stride_drm, stride_drn, dropout_p, seed,
-                             HAS_DRES_OUT, HAS_DROPOUT, STORE_DRES, ACC)
-                if HAS_WEIGHT:
-                    p = DW_PART + part + cols
-                    tl.store(p, tl.load(p, mask=cols < N, other=0.0) + dy * xhat, mask=cols < N)
-                if HAS_BIAS:
-                    p = DB_PART + part + cols
-                    tl.store(p, tl.load(p, mask=cols < N, other=0.0) + dy, mask=cols < N)
-    if SINGLE_BLOCK:
-        if HAS_WEIGHT:
-            tl.store(DW_PART + part + offs, dw, mask=offs < N)
-        if HAS_BIAS:
-            tl.store(DB_PART + part + offs, db, mask=offs < N)
+            c1 = tl.load(SUMS + row).to(ACC)
+            c2 = tl.load(SUMS + M + row).to(ACC)
+        if IS_RMS_NORM:
+            g = (wdy - xhat * c1) * rstd
+        else:
+            g = (wdy - (xhat * c1 + c2)) * rstd
+        _input_grads(g, DRES_OUT, DX, DRES, row, cols, N, stride_drm, stride_drn, dropout_p, seed,
+                     HAS_DRES_OUT, HAS_DROPOUT, STORE_DRES, ACC)
+        dw += dy * xhat
+        db += dy
+    part = pid.to(tl.int64) * N
+    if HAS_WEIGHT:
+        tl.store(DW_PART + part + cols, dw, mask=cols < N)
+    if HAS_BIAS:
+        tl.store(DB_PART + part + cols, db, mask=cols < N)
 
 
 def fused_limit(dtype: torch.dtype, backward: bool) -> int:
@@ -262,6 +275,21 @@ def _block(n: int, limit: int) -> tuple[int, bool]:
     if n <= limit:
         return next_pow2(n), True
     return MULTIPASS_BLOCK, False
+
+
+def bwd_block(n: int, dtype: torch.dtype) -> tuple[int, bool]:
+    """(BLOCK_N, ROW_SUMS) of the backward for rows of n elements: a longer row than one block is cut into
+    chunks of at most ``CHUNK_BWD`` elements (a power of two)."""
+    limit = fused_limit(dtype, backward=True)
+    return (next_pow2(n), True) if n <= limit else (min(limit, CHUNK_BWD), False)
+
+
+def bwd_warps(block: int) -> int:
+    """Warps of the backward for a block of ``block`` columns: ``row_warps`` except at 4096, where its 16
+    warps made ptxas cap the registers at 64 and spill with every feature on (4+4 B on sm_80 for a 16-bit
+    column chunk, triton 3.9; 16+16 B on sm_90a for fp32 rows, triton 3.6). At 8192 the 16 warps stay: 8
+    spilled 52+52 B (fp32, sm_90a, triton 3.9)."""
+    return 8 if block == 4096 else row_warps(block)
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -331,21 +359,34 @@ def layer_norm_bwd(
     store_dres = has_residual and dropout_p > 0
     dx = torch.empty((m, n), dtype=prenorm.dtype, device=prenorm.device)
     dres = torch.empty_like(dx) if store_dres else _empty(dx)
-    programs = num_persistent_programs(prenorm.device, m)
+    block, row_sums = bwd_block(n, prenorm.dtype)
+    chunks = 1 if row_sums else triton.cdiv(n, block)
+    # The persistent programs share out the chunks: each writes one partial row of every chunk it owns.
+    programs = max(1, num_persistent_programs(prenorm.device, m) // chunks)
     part_dtype = torch_acc_dtype(prenorm.dtype)
-    dw_part = torch.zeros((programs, n), dtype=part_dtype, device=prenorm.device) if weight is not None else None
-    db_part = torch.zeros((programs, n), dtype=part_dtype, device=prenorm.device) if has_bias else None
+    # Each program writes its partial row of each chunk once (zeros where it got no rows); no rows, no launch.
+    alloc = torch.empty if m > 0 else torch.zeros
+    dw_part = alloc((programs, n), dtype=part_dtype, device=prenorm.device) if weight is not None else None
+    db_part = alloc((programs, n), dtype=part_dtype, device=prenorm.device) if has_bias else None
     if m > 0 and n > 0:
         dr2 = dy2 if dres_out is None else dres_out.reshape(m, n)
-        block, single = _block(n, fused_limit(prenorm.dtype, backward=True))
-        launch(_layer_norm_bwd_kernel, (programs,),
-               x2, weight if weight is not None else x2, dy2, dr2, dx, dres if store_dres else dx,
-               dw_part if dw_part is not None else dx, db_part if db_part is not None else dx, mean, rstd,
+        acc = acc_dtype(prenorm.dtype)
+        w = weight if weight is not None else x2
+        sums = rstd
+        if not row_sums:
+            sums = torch.empty((2, m), dtype=part_dtype, device=prenorm.device)
+            launch(_layer_norm_bwd_sums_kernel, (m,), x2, w, dy2, mean, rstd, sums,
+                   x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), m, n,
+                   HAS_WEIGHT=weight is not None, IS_RMS_NORM=is_rms_norm, BLOCK_N=MULTIPASS_BLOCK, ACC=acc,
+                   num_warps=row_warps(MULTIPASS_BLOCK))
+        launch(_layer_norm_bwd_kernel, (programs, chunks),
+               x2, w, dy2, dr2, dx, dres if store_dres else dx,
+               dw_part if dw_part is not None else dx, db_part if db_part is not None else dx, mean, rstd, sums,
                x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), dr2.stride(0), dr2.stride(1),
                m, n, triton.cdiv(m, programs), dropout_p, int(seed[0]),
                HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DRES_OUT=dres_out is not None,
                HAS_DROPOUT=dropout_p > 0, STORE_DRES=store_dres, IS_RMS_NORM=is_rms_norm,
-               SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(prenorm.dtype), num_warps=row_warps(block),
+               ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=bwd_warps(block),
            )
     dw = dw_part.sum(0).to(weight.dtype) if weight is not None else _empty(dx)
     db = db_part.sum(0).to(bias_dtype) if has_bias else _empty(dx)
