@@ -234,12 +234,25 @@ def test_linear_no_grad_and_double_backward(op_backend):
 
 
 @pytest.mark.triton_only
-@pytest.mark.parametrize("arch, dtype", [(90, torch.bfloat16), (80, torch.float16), (90, torch.float32)])
-def test_linear_gpu_tiles(device, triton_backend, arch, dtype):
-    """The GPU configuration (128 x 128 tiles on Hopper) in the interpreter: masked edges at the real tiles."""
+@pytest.mark.parametrize("arch, dtype, dx_depth, dw_depth", [
+    (90, torch.bfloat16, 128, 128), (80, torch.float16, 128, 128), (90, torch.float32, 32, 32),
+    (120, torch.bfloat16, 64, 128), ("gfx1100", torch.float16, 128, 64), ("gfx1100", torch.float64, 32, 16)])
+def test_linear_gpu_tiles(device, triton_backend, arch, dtype, dx_depth, dw_depth):
+    """The GPU configuration (128 x 128 tiles on Hopper) in the interpreter: masked edges at the real tiles, with
+    the backward matmuls' own reduction depths where a family shortens them (dX on sm_120, dW on gfx1100)."""
     x, w, b, t = _inputs(133, 72, 261, seed=13)
-    with force_arch(arch):
+    depths = set()
+
+    def record(call, run):
+        if call.name == "_lce_dx_kernel":
+            depths.add(("dx", call.kwargs["BLOCK_N"]))
+        if call.name == "_lce_dw_kernel":
+            depths.add(("dw", call.kwargs["BLOCK_M"]))
+        run(call)
+
+    with force_arch(arch), intercept(record):
         check_lce(x, w, b, t, dtype, reduction="none", **OPTIONS["all"])
+    assert depths == {("dx", dx_depth), ("dw", dw_depth)}
 
 
 @pytest.mark.triton_only

@@ -11,6 +11,7 @@ import torch
 from helpers import assert_close, bounds_checked
 
 import fused_kernels
+from fused_kernels._core.launch import force_arch, intercept
 from fused_kernels.reference import apply_rotary_pos_emb_ref
 
 transformers = pytest.importorskip("transformers")
@@ -102,6 +103,27 @@ def test_partial_rotary_and_head_dims(op_backend, d, rot, interleaved):
     q, k = _qk(1, 3, 1, 7, d, seed=d)
     cos, sin = _tables(1, 7, rot, interleaved=interleaved)
     check_rope(q, k, cos, sin, torch.float32, interleaved=interleaved)
+
+
+@pytest.mark.parametrize("d, rot, chunk", [(80, 32, 16), (59, 32, 32), (111, 64, 16), (100, 4, 32)])
+@pytest.mark.parametrize("layout", ["bhld", "proj"])
+def test_partial_rotary_gpu_tiles(device, triton_backend, d, rot, chunk, layout):
+    """Partial rotary at the tiles a GPU launches (force_arch(90), 32 query / 8 key heads: BLOCK_H 16 as Phi-2's
+    heads get it; the pass-through dims copied in chunks of ``chunk`` columns, the last one masked where it runs past
+    the head dim), strided q / k of one projection, outputs and gradients against float64, guard bytes around every
+    tensor."""
+    q, k = _qk(1, 32, 8, 2, d, seed=d, layout=layout)
+    cos, sin = _tables(1, 2, rot)
+    seen = []
+
+    def record(call, run):
+        seen.append({n: call.kwargs[n] for n in ("BLOCK_H", "BLOCK_P", "PASS")})
+        run(call)
+
+    with force_arch(90), intercept(record), bounds_checked("_rope_kernel") as launches:
+        check_rope(q, k, cos, sin, torch.float32)
+    assert launches["_rope_kernel"] == 2                       # one forward, one backward
+    assert seen == [dict(BLOCK_H=16, BLOCK_P=chunk, PASS=d - rot)] * 2
 
 
 @pytest.mark.parametrize("hq, hk", [(4, 4), (8, 2), (6, 1), (2, 0)])

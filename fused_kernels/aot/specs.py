@@ -654,7 +654,8 @@ def rotary_specs(archs: Archs) -> Iterator[Spec]:
     value heads (GQA), q / k (B, H, L, D) with tables (B, L, R); "full": head dim 128, rotate-half; "interleaved":
     GPT-J's pairs at head dim 128; "partial": head dim 80, 32 rotary dims (Phi-2); "proj": q / k as strided views of
     one fused qkv projection (the model layout), head dim 128. Every dtype runs "full"; bf16 every kind. A
-    steady-state iteration covers BLOCK_H heads x the rotary dims (the pass-through dims in their own loop)."""
+    steady-state iteration covers BLOCK_H heads x the whole head dim: the rotary dims, then the pass-through dims
+    copied (the outputs are new tensors, so their bytes are part of the one-read-one-write count)."""
     from ..ops import rotary as rt
     names = ("_rope_kernel",)
 
@@ -662,8 +663,9 @@ def rotary_specs(archs: Archs) -> Iterator[Spec]:
         return torch.empty(shape, dtype=dtype, device="meta")
 
     def work_of(name, args):
-        return args["BLOCK_H"] * 2 * args["HALF"], "elements", f"H{args['BLOCK_H']} half={args['HALF']} " \
-            f"pass={args['PASS']}"
+        chunk = f"/P{args['BLOCK_P']}" if args["PASS"] else ""
+        return args["BLOCK_H"] * (2 * args["HALF"] + args["PASS"]), "elements", \
+            f"H{args['BLOCK_H']} half={args['HALF']} pass={args['PASS']}{chunk}"
 
     b, l, hq, hk = 8, 2048, 32, 8
     cases = [(dt, "full") for dt in DTYPES] + [(torch.bfloat16, k) for k in ("interleaved", "partial", "proj")]

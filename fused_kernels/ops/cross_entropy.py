@@ -49,6 +49,7 @@ from .._core import backend as _backend
 from .._core import checks as _checks
 from .._core import grad as _grad
 from .._core.launch import (
+    ArchFamily,
     ArchValue,
     acc_dtype,
     arch_family,
@@ -403,10 +404,19 @@ def lce_config(dtype: torch.dtype, arch: ArchValue) -> dict[str, int]:
     """Tiles of the matmul kernels (BLOCK_M rows x BLOCK_N vocabulary x BLOCK_K hidden), warps and stages per
     dtype and architecture family (``python -m fused_kernels.aot --family cross_entropy --arch ...``: no spills,
     shared memory within the family's limit: docs/architectures.md); small tiles under the interpreter (arch
-    None)."""
+    None). ``DX_BLOCK_N`` (the vocabulary depth of dX's reduction) and ``DW_BLOCK_M`` (the row depth of dW's)
+    are the backward matmuls' own: they only set how far each loop iteration reaches, so a family can shorten
+    them where its compiler spills, without changing the logits tiles, the vocabulary tiles of dW or the
+    partials."""
     family = arch_family(arch)
-    if family is None:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1)
+    cfg = _lce_tiles(dtype, family) if family is not None else \
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=1)
+    cfg.setdefault("DX_BLOCK_N", cfg["BLOCK_N"])
+    cfg.setdefault("DW_BLOCK_M", cfg["BLOCK_M"])
+    return cfg
+
+
+def _lce_tiles(dtype: torch.dtype, family: ArchFamily) -> dict[str, int]:
     stages = 1 if family.vendor == "hip" else 3   # AMD: 64 KB of LDS (3 stages of 128 x 128 x 32 need 80 KB)
     half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
     if half is not None and half not in family.mma_dtypes:
@@ -414,11 +424,19 @@ def lce_config(dtype: torch.dtype, arch: ArchValue) -> dict[str, int]:
     if dtype in (torch.float16, torch.bfloat16):
         if family.mma in ("wgmma", "tcgen05"):   # warpgroup MMA: 64-deep K tiles
             return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=stages)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=stages)
+        if family.name == "sm_120":   # dX at 128 vocabulary columns a step spills 12 + 12 B there (triton 3.9)
+            cfg["DX_BLOCK_N"] = 64
+        if family.name == "gfx1100":  # dW with bias at 128 rows a step: 24-28 B of scratch (256 VGPRs)
+            cfg["DW_BLOCK_M"] = 64
+        return cfg
     if dtype == torch.float32:   # true fp32 dots are FMA loops: 64-wide reductions spill on sm_80 (dX, dW)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=stages)
     # fp64: no software pipelining (two stages spill 8 + 8 B in dX on sm_90a with triton 3.6)
-    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    if family.name == "gfx1100":      # dW with bias at 32 rows a step: ~200 B of scratch
+        cfg["DW_BLOCK_M"] = 16
+    return cfg
 
 
 def softmax_config(dtype: torch.dtype, arch: ArchValue) -> dict[str, int]:
@@ -506,13 +524,14 @@ def _lce_triton(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, target
             num_k = triton.cdiv(h, bk)
             launch(_lce_dx_kernel, (num_m * num_k,), zc, w, dxc, m, v, h, num_m,
                    zc.stride(0), w.stride(0), w.stride(1), dxc.stride(0), dxc.stride(1),
-                   UPCAST=upcast, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=acc_dtype(x.dtype), **opts)
+                   UPCAST=upcast, PRECISION=prec, BLOCK_M=bm, BLOCK_N=cfg["DX_BLOCK_N"], BLOCK_K=bk,
+                   ACC=acc_dtype(x.dtype), **opts)
         if need_w or need_b:
             num_k = triton.cdiv(h, bk) if need_w else 1
             launch(_lce_dw_kernel, (num_k * n_parts,), zc, xc, dw if dw is not None else z,
                    db if db is not None else z, m, v, h, num_k, zc.stride(0), xc.stride(0), xc.stride(1),
                    ACCUMULATE=i > 0, NEED_W=need_w, HAS_BIAS=need_b, UPCAST=upcast, PRECISION=prec,
-                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=acc_dtype(x.dtype), **opts)
+                   BLOCK_M=cfg["DW_BLOCK_M"], BLOCK_N=bn, BLOCK_K=bk, ACC=acc_dtype(x.dtype), **opts)
     return loss, dx, dw, db
 
 

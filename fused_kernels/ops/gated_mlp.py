@@ -226,10 +226,17 @@ def _act_torch(g: torch.Tensor, act: int) -> torch.Tensor:
     return F.gelu(g, approximate="tanh" if act == GELU_TANH else "none")
 
 
-def _act_backward(grad: torch.Tensor, g: torch.Tensor, act: int) -> torch.Tensor:
+def _act_backward(grad: torch.Tensor, g: torch.Tensor, act: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The activation's gradient ``grad * act'(g)``; with ``out`` (which may be ``grad`` itself: elementwise, the
+    same elements) written there, so the backward allocates no temporary for it."""
+    if out is None:
+        if act == SILU:
+            return torch.ops.aten.silu_backward(grad, g)
+        return torch.ops.aten.gelu_backward(grad, g, approximate="tanh" if act == GELU_TANH else "none")
     if act == SILU:
-        return torch.ops.aten.silu_backward(grad, g)
-    return torch.ops.aten.gelu_backward(grad, g, approximate="tanh" if act == GELU_TANH else "none")
+        return torch.ops.aten.silu_backward.grad_input(grad, g, grad_input=out)
+    return torch.ops.aten.gelu_backward.grad_input(grad, g, approximate="tanh" if act == GELU_TANH else "none",
+                                                   grad_input=out)
 
 
 class _GluTorch(torch.autograd.Function):
@@ -251,17 +258,27 @@ class _GluTorch(torch.autograd.Function):
             dg, du = _graph_grads(dout, gate, up, ctx.act)
             return dg, du, None
         g, u = _split(gate, up)
+        # dout * u, then the activation's gradient written over it (one pass less over memory than torch's autograd,
+        # which allocates both); only where that product is already in gate's dtype (else rounded as torch does)
+        in_place = not torch.compiler.is_compiling() and torch.promote_types(dout.dtype, u.dtype) == gate.dtype
         if ctx.split:
             if torch.compiler.is_compiling():        # out= views do not trace; the compiler plans the memory
                 return torch.cat([_act_backward(dout * u, g, ctx.act), dout * a], -1).to(gate.dtype), None, None
             dgu = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
             dg, du = _split(dgu, None)
-            dg.copy_(_act_backward(dout * u, g, ctx.act))
+            if in_place:
+                _act_backward(torch.mul(dout, u, out=dg), g, ctx.act, out=dg)
+            else:
+                dg.copy_(_act_backward(dout * u, g, ctx.act))
             torch.mul(dout, a, out=du)
             return dgu, None, None
         # the activation's gradient first: its temporary is freed before du is allocated (the peak of PyTorch's
         # own autograd of act(gate) * up)
-        dg = _act_backward((dout * u).to(g.dtype), g, ctx.act)
+        if in_place:
+            prod = dout * u
+            dg = _act_backward(prod, g, ctx.act, out=prod)
+        else:
+            dg = _act_backward((dout * u).to(g.dtype), g, ctx.act)
         du = (dout * a).to(up.dtype)
         return dg, du, None
 

@@ -13,7 +13,8 @@ formula for any tables. The backward is the same map with sin's halves (pairs) s
 only cos and sin, never q or k, so q and k may be changed in place after the forward.
 
     _rope_kernel            (Triton) one program per position: cos / sin read once, then every head of q and of
-                            k (GQA: fewer k heads) rotated; forward and backward (BACKWARD) alike
+                            k (GQA: fewer k heads) rotated, the pass-through dims copied in chunks sized for
+                            them; forward and backward (BACKWARD) alike
     rope_fwd / rope_bwd     (torch.library custom ops, registered autograd)
     _RopeTorch              (the PyTorch path: the formula on half-rows with ``out=`` and ``addcmul_``, no
                             ``rotate_half`` temporaries)
@@ -60,11 +61,12 @@ def _rotate_tile(x_ptrs, o_ptrs, d_stride, o_stride, heads_ok, c1, c2, s1, s2, j
 
 @triton.jit
 def _rope_heads(X, O, pos_x, pos_o, n_heads, stride_xh, stride_xd, stride_oh, stride_od,
-                c1, c2, s1, s2, offs_j, j_ok, offs_p, p_ok,
+                c1, c2, s1, s2, offs_j, j_ok,
                 HALF: tl.constexpr, PASS: tl.constexpr, INTERLEAVED: tl.constexpr,
-                BLOCK_H: tl.constexpr, ACC: tl.constexpr):
+                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     """Every head of one position of X (rotated part, then the pass-through dims) into O."""
     offs_h = tl.arange(0, BLOCK_H)
+    offs_p = tl.arange(0, BLOCK_P)
     # interleaved: the first of a pair is at 2j; rotate-half: at j (its partner HALF further)
     step = 2 if INTERLEAVED else 1
     for h0 in range(0, n_heads, BLOCK_H):
@@ -75,11 +77,17 @@ def _rope_heads(X, O, pos_x, pos_o, n_heads, stride_xh, stride_xd, stride_oh, st
         _rotate_tile(X + pos_x + hx + (offs_j * step)[None, :] * stride_xd,
                      O + pos_o + ho + (offs_j * step)[None, :] * stride_od,
                      stride_xd, stride_od, h_ok, c1, c2, s1, s2, j_ok, HALF, INTERLEAVED, ACC)
-        if PASS > 0:
-            mask = h_ok[:, None] & p_ok[None, :]
-            rest = tl.load(X + pos_x + hx + (2 * HALF + offs_p)[None, :] * stride_xd, mask=mask, other=0.0)
-            tl.store(O + pos_o + ho + (2 * HALF + offs_p)[None, :] * stride_od, rest.to(O.dtype.element_ty),
-                     mask=mask)
+        # the pass-through dims (partial rotary): a plain copy in chunks of BLOCK_P columns, chosen by rope_config
+        # so that the chunks cover PASS with little padding (48 = 3 x 16, not one 64-wide tile); only a chunk that
+        # runs past PASS masks its columns
+        for c0 in tl.static_range(0, PASS, BLOCK_P):
+            cols = 2 * HALF + c0 + offs_p
+            if c0 + BLOCK_P > PASS:
+                mask = h_ok[:, None] & (c0 + offs_p < PASS)[None, :]
+            else:
+                mask = h_ok[:, None]
+            rest = tl.load(X + pos_x + hx + cols[None, :] * stride_xd, mask=mask, other=0.0)
+            tl.store(O + pos_o + ho + cols[None, :] * stride_od, rest.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -110,12 +118,12 @@ def _rope_kernel(
     if BACKWARD:
         # the transpose of the rotation: the same map with sin's halves swapped and negated
         s1, s2 = -s2, -s1
-    offs_p = tl.arange(0, BLOCK_P)
-    p_ok = offs_p < PASS
     _rope_heads(Q, QO, p0 * sq0 + p1 * sq1, p0 * sqo0 + p1 * sqo1, HQ, sqh, sqd, sqoh, sqod,
-                c1, c2, s1, s2, offs_j, j_ok, offs_p, p_ok, HALF, PASS, INTERLEAVED, BLOCK_H, ACC)
+                c1, c2, s1, s2, offs_j, j_ok, HALF=HALF, PASS=PASS, INTERLEAVED=INTERLEAVED, BLOCK_H=BLOCK_H,
+                BLOCK_P=BLOCK_P, ACC=ACC)
     _rope_heads(K, KO, p0 * sk0 + p1 * sk1, p0 * sko0 + p1 * sko1, HK, skh, skd, skoh, skod,
-                c1, c2, s1, s2, offs_j, j_ok, offs_p, p_ok, HALF, PASS, INTERLEAVED, BLOCK_H, ACC)
+                c1, c2, s1, s2, offs_j, j_ok, HALF=HALF, PASS=PASS, INTERLEAVED=INTERLEAVED, BLOCK_H=BLOCK_H,
+                BLOCK_P=BLOCK_P, ACC=ACC)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -138,11 +146,20 @@ def _table(c: torch.Tensor, head_dim: int) -> torch.Tensor:
     return c
 
 
+def _pass_block(pass_dims: int) -> int:
+    """Columns per chunk of the pass-through copy: of the powers of two from next_pow2(pass_dims) down to an
+    eighth of it (at most 8 chunks) and no narrower than 8, the one whose chunks pad ``pass_dims`` least, the widest
+    of equals (48 -> 16: three exact chunks where one 64-wide tile moves a third more bytes than it copies)."""
+    top = next_pow2(pass_dims)
+    widths = [top >> i for i in range(4) if top >> i >= min(8, top)]
+    return min(widths, key=lambda w: (-(-pass_dims // w) * w, -w))
+
+
 def rope_config(head_dim: int, rot: int, n_heads: int) -> dict[str, int]:
-    """Block sizes and warps: the half-row (pair) block, the pass-through block, heads per tile."""
+    """Block sizes and warps: the half-row (pair) block, the pass-through chunk, heads per tile."""
     half = rot // 2
     block_j = max(1, next_pow2(half))
-    block_p = max(1, next_pow2(head_dim - rot))
+    block_p = _pass_block(head_dim - rot)
     block_h = min(next_pow2(max(n_heads, 1)), max(1, 4096 // (block_j * 2)), 16)
     warps = 4 if block_h * block_j * 2 >= 1024 else (2 if block_h * block_j * 2 >= 256 else 1)
     return dict(BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=warps)
