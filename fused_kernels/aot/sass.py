@@ -7,7 +7,8 @@
   target); the control-flow graph's dominators give its back edges, and each back edge its natural loop
   (the blocks that reach the edge's source without passing its header). Loops sharing a header are one loop.
 - A *spin loop* is a loop of at most ``SPIN_MAX`` instructions that waits on a barrier or a synchronization
-  object (``SYNCS`` mbarrier try-wait, ``NANOSLEEP``, a ``BAR``/``DEPBAR`` wait) and does no arithmetic work:
+  object (``SYNCS`` mbarrier try-wait, ``NANOSLEEP``, a ``BAR``/``DEPBAR`` wait, a ``setmaxnreg`` allocation
+  retried until the registers are free) and does no arithmetic work and no global load:
   it is counted once as part of the loop around it, never reported as a loop of its own.
 - A loop's *body* is its own instructions: those of its blocks minus those of the (non-spin) loops nested in
   it. The *steady-state* loops of a kernel are its innermost non-spin loops: per iteration they issue
@@ -228,7 +229,8 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[Loop]:
         loop.instrs = [i for b in sorted(own) for i in range(*ranges[b])]
         every = [instrs[i] for b in loop.blocks for i in range(*ranges[b])]
         loop.spin = (len(every) <= SPIN_MAX and any(x.base in _WAIT_OPS for x in every)
-                     and not any(x.base in ("HGMMA", "HMMA", "MUFU", "FFMA", "LDG") or _tensor_core(x) for x in every))
+                     and not any(x.base in ("HGMMA", "HMMA", "MUFU", "FFMA") or _tensor_core(x) or _global_load(x)
+                                 for x in every))     # a loop that loads (LDG, cp.async, TMA) is work
     # A spin loop's instructions count once in the loop around it.
     for loop in loops:
         for child in loop.children:
