@@ -137,6 +137,18 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _partition_warps(ttgir: str) -> int | None:
+    """The warps of every partition of a warp-specialized kernel (the default one: the module's
+    ``ttg.num-warps``; the workers: ``partitionN(...) num_warps(W)``) when they are all the same, else None
+    (no partitions, or partitions of different sizes: a loop cannot be matched to its size)."""
+    workers = [int(w) for w in re.findall(r"\bnum_warps\((\d+)\)", ttgir)]
+    default = re.search(r'"ttg.num-warps" = (\d+)', ttgir)
+    if not workers or default is None:
+        return None
+    sizes = {int(default.group(1)), *workers}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def compile_job(job: dict[str, Any]) -> dict[str, Any]:
     """Compile one (kernel, specialization, arch) and measure it; errors become part of the result."""
     _init_worker()
@@ -165,8 +177,10 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
         else:
             ptx = compiled.asm["ptx"]
             if job.get("sass") and sass.readable(arch):
-                result["sass"] = sass.analyze(compiled.asm["cubin"], int(job["options"].get("num_warps", 4)),
-                                              job["work"], job["unit"])
+                num_warps = int(job["options"].get("num_warps", 4))
+                result["sass"] = sass.analyze(compiled.asm["cubin"], num_warps, job["work"], job["unit"], arch,
+                                              cta_warps=int(compiled.metadata.num_warps),
+                                              partition_warps=_partition_warps(compiled.asm.get("ttgir", "")))
             result.update(count_tensor_core_instructions(ptx))
             if "Used" in log.getvalue():         # the cubin's own ptxas run, triton's exact flags
                 result.update(parse_ptxas(log.getvalue()), ptxas="triton")

@@ -67,8 +67,17 @@ def _short_counts(counts: dict[str, int]) -> str:
     return " ".join(f"{k}x{v}" for k, v in counts.items()) or "-"
 
 
+def _model_cell(model: dict[str, Any] | None) -> tuple[str, str]:
+    """("issue/tensor/mufu/fp32", "bound limiter") of a cycle model, or dashes."""
+    if not model:
+        return "-", "-"
+    return "/".join(f"{model[k]:.0f}" for k in ("issue", "tensor", "mufu", "fp32")), \
+        f"{model['bound']:.0f} {model['limiter']}"
+
+
 def print_sass_table(specs_rows: list[tuple[Spec, dict[str, Any]]]) -> None:
-    """One line per steady-state loop: what one iteration issues, normalized per 1,024 units of work."""
+    """One line per steady-state loop: what one iteration issues, normalized per 1,024 units of work, and the
+    cycle model's pipes; a warp-specialized kernel adds a line "all" for its partitions' loops together."""
     lines = []
     for spec, row in specs_rows:
         report = row.get("sass")
@@ -77,19 +86,35 @@ def print_sass_table(specs_rows: list[tuple[Spec, dict[str, Any]]]) -> None:
         unit = report["unit"]
         for i, loop in enumerate(report["loops"]):
             label = "body" if loop.get("straight_line") else f"loop{i}"
+            moved = loop[f"global_bytes_per_{unit}"]
+            int64 = f"{loop['int64_ops']}" + (f" ({loop['int64_uniform_ops']}u)" if loop["int64_uniform_ops"] else "")
+            part = f"{loop['role']} {loop['setmaxnreg']}" if loop["role"] else "-"
             lines.append((f"{spec.name}", spec.config, row["gpu_name"], label, str(loop["instructions"]),
                           f"{loop[f'warp_instructions_per_1k_{unit}']:.0f}", f"{loop[f'ex2_per_{unit}']:.3g}",
                           f"{loop[f'fmul_per_{unit}']:.3g}", f"{loop[f'ffma_per_{unit}']:.3g}",
                           _short_counts(loop["wgmma_wait_depths"]), str(loop["cta_barriers"]),
-                          str(loop["int64_ops"]), str(report["local_memory"]),
+                          str(loop["named_barriers"]), int64, str(report["local_memory"]),
+                          f"{moved['load']:.3g}+{moved['store']:.3g}", part, *_model_cell(loop["model_cycles_per_1k"]),
                           _short_counts(loop["global_loads"]), _short_counts(loop["tensor_core"])))
+        if report.get("model_cycles_per_1k"):       # the partitions' loops run at once: their sum
+            specialized = [lp for lp in report["loops"] if lp["setmaxnreg"] is not None]
+            per1k = sum(lp[f"warp_instructions_per_1k_{unit}"] for lp in specialized)
+            regs = "/".join(str(r) for r in dict.fromkeys(lp["setmaxnreg"] for lp in specialized))
+            lines.append((spec.name, spec.config, row["gpu_name"], "all", "-", f"{per1k:.0f}", *["-"] * 10,
+                          f"regs {regs}", *_model_cell(report["model_cycles_per_1k"]), "-", "-"))
     if not lines:
         return
     header = ("kernel", "config", "arch", "loop", "instr", "per1k", "EX2/u", "FMUL/u", "FFMA/u", "wgmma wait",
-              "BAR", "int64", "LDL/STL", "global loads", "tensor cores")
+              "BAR cta", "BAR named", "int64", "LDL/STL", "B/u ld+st", "partition", "model i/t/m/f", "model bound",
+              "global loads", "tensor cores")
     widths = [max(len(h), *(len(line[c]) for line in lines)) for c, h in enumerate(header[:-1])]
     print("\nSASS steady-state loops (instr: per iteration and warp; per1k: warp-instructions per 1,024 units "
-          "(scores of attention, elements of row kernels); /u: lane instructions per unit)")
+          "(scores of attention, elements of row kernels); /u: lane instructions per unit; B/u: global bytes "
+          "loaded + stored per unit (LDG/STG, not TMA); int64: 64-bit integer instructions (u: uniform "
+          "datapath); partition: warp-specialized role and setmaxnreg registers)")
+    print("MODEL, not a measurement: SM cycles per 1,024 units on the issue / tensor / MUFU / FP32 pipes from "
+          "published per-SM rates (fused_kernels.aot.sass.MODEL); bound = the largest (pipes overlapping "
+          "perfectly)")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[-1])
     for line in lines:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])

@@ -76,7 +76,7 @@ def _attn_fwd_split_kernel(
             MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            ROWSUM_MMA=False, VAR=VARIANT)
+            VAR=VARIANT)
         k_base += BLOCK_N * stride_kn
         v_base += BLOCK_N * stride_vn
         if MASK_KIND != MASK_NONE:

@@ -33,8 +33,7 @@ def _fwd_block(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr, SAFE: tl.constexpr,
     FOLD_SCALE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, TMA: tl.constexpr,
     ZERO_V_TAIL: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ROWSUM_MMA: tl.constexpr, VAR: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VAR: tl.constexpr,
 ):
     """One key block of the online softmax: returns the updated (acc, m_i, l_i); m_i in log2 units.
 
@@ -46,9 +45,9 @@ def _fwd_block(
     SAFE: a row may have seen only masked scores so far (m_i = -inf): guard -inf - -inf.
     TMA: k and v blocks come from tensor descriptors (zero-filled past S and D, one copy engine request per
     block instead of per-thread addresses); ZERO_V_TAIL: keys past kv_len < S exist (seqlens_k) and their
-    values are zeroed in the bounds block. ROWSUM_MMA: the row sums l_i (BLOCK_M, 16) come from the tensor
-    cores, p @ ones, instead of a per-score FADD and shuffles; they sum the same bf16/fp16-rounded p the
-    output's p @ v uses (l_i is (BLOCK_M, 1) otherwise)."""
+    values are zeroed in the bounds block. The row sums l_i (BLOCK_M, 1) are FADDs: on sm_90a the tensor-core
+    form (p @ ones into (BLOCK_M, 16)) adds 6% tensor-core time (136 vs 128 modelled cycles per 1k scores,
+    bf16 d=128) to save issue slots the loop does not lack (``python -m fused_kernels.aot --sass``)."""
     start_n = tl.multiple_of(start_n, BLOCK_N)
     cols = start_n + offs_n
     col_ok = cols < kv_len
@@ -76,11 +75,7 @@ def _fwd_block(
         p = tl.math.exp2(s * qk_scale - m_use[:, None])
     else:
         p = tl.math.exp2(s - m_use[:, None])
-    if ROWSUM_MMA:
-        ones = tl.full([BLOCK_N, 16], 1.0, dtype=v.dtype)
-        l_i = tl.dot(p.to(v.dtype), ones, l_i * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
-    else:
-        l_i = l_i * alpha[:, None] + tl.sum(p, 1, keep_dims=True)
+    l_i = l_i * alpha[:, None] + tl.sum(p, 1, keep_dims=True)
     if HAS_DROPOUT:
         seed, rng_row, dropout_p = drop
         keep_d = tl.rand(seed, rng_row[:, None] + cols[None, :]) >= dropout_p
@@ -151,7 +146,7 @@ def _attn_fwd_kernel(
                                 ALIGN_SEQLENS=ALIGN_SEQLENS)
     hi, full_hi = _key_range(start_m, kv_len, c_off, IS_CAUSAL=IS_CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M, 16 if TMA else 1], dtype=ACC)    # row sums, in 16 equal columns with TMA
+    l_i = tl.zeros([BLOCK_M, 1], dtype=ACC)    # row sums
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
     desc_at = (b.to(tl.int32), hk.to(tl.int32))
     dims = (offs_d, offs_dv, D, DV)
@@ -172,7 +167,7 @@ def _attn_fwd_kernel(
                     MASK_KIND=MASK_KIND, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=kind == 1, SAFE=True,
                     FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS,
                     HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N,
-                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, ROWSUM_MMA=TMA, VAR=VARIANT)
+                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, VAR=VARIANT)
     else:
         # The mask-free key blocks [0, full_hi), then the bounds / causal-diagonal ones [full_hi, hi).
         for stage in tl.static_range(2):
@@ -185,7 +180,7 @@ def _attn_fwd_kernel(
                     SAFE=stage == 1 or MASK_KIND != MASK_NONE or VARIANT.score_mod is not None,
                     FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS,
                     HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N,
-                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, ROWSUM_MMA=TMA, VAR=VARIANT)
+                    BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, VAR=VARIANT)
                 k_base, v_base, m_base = _next_key_block(k_base, v_base, m_base, stride_kn, stride_vn, stride_mn,
                                                          TMA=TMA, MASKED=MASK_KIND != MASK_NONE, BLOCK_N=BLOCK_N)
     out, lse2, empty = _finalize(acc, m_i, l_i, dropout_p, HAS_DROPOUT=HAS_DROPOUT)

@@ -127,6 +127,6 @@ def _paged_attn_fwd_kernel(
             MASK_KIND=MASK_NONE, IS_CAUSAL=IS_CAUSAL, CHECK_BOUNDS=True, SAFE=True, FOLD_SCALE=FOLD_SCALE,
             EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=False, ZERO_V_TAIL=False, HAS_DROPOUT=False,
             UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            ROWSUM_MMA=False, VAR=VARIANT)
+            VAR=VARIANT)
     _store_partial(OPART, LSEPART, acc, m_i, l_i, 0.0, bhk * SPLITS + split, rows, row_ok, GROUP * LQ, offs_dv, DV,
                    HAS_DROPOUT=False)
