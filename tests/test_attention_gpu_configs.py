@@ -32,6 +32,7 @@ import fused_kernels
 from fused_kernels import reference as ref
 from fused_kernels._core.launch import force_arch, intercept, launch
 from fused_kernels.ops.attention import examples as ex
+from fused_kernels.ops.attention.config import attention_config
 from fused_kernels.ops.attention.launch import attention_fwd
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
@@ -190,6 +191,33 @@ def test_sdpa_fused_qkv_views(gpu):
 
     check(gpu, lambda t: fused_kernels.scaled_dot_product_attention(*split(t), is_causal=True),
           lambda t: ref.scaled_dot_product_attention_ref(*split(t), is_causal=True), (qkv,), names=("qkv",))
+    assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
+
+
+# Warp-specialized forward (sm_90a): taken when every key block is full and mask-free.
+WARP_SPECIALIZED = {
+    "gqa_odd_l_d128": dict(b=1, h=2, hkv=1, l=200, s=256, d=128),
+    "d96_two_batches": dict(b=2, h=1, hkv=1, l=130, s=384, d=96),      # q / k / v zero-filled past D in the box
+    "mha_d64": dict(b=1, h=2, hkv=2, l=129, s=128, d=64),
+    "key_tail": dict(b=1, h=2, hkv=1, l=140, s=200, d=128, plain=True),     # S % 128: a bounds block
+    "causal": dict(b=1, h=2, hkv=1, l=256, s=256, d=128, causal=True, plain=True),
+}
+
+
+@pytest.mark.parametrize("case", list(WARP_SPECIALIZED))
+def test_warp_specialized_forward(gpu, case):
+    """Non-causal attention without mask, seqlens_k, dropout or variants whose keys fill whole 128-key blocks takes
+    the warp-specialized key loop on sm_90 where this triton compiles it (``config._WARP_SPECIALIZED``: q through
+    a descriptor made in the kernel, zero-filled past L and D); a key tail or the causal diagonal keeps the plain
+    loops. Forward and every gradient against float64."""
+    c = WARP_SPECIALIZED[case]
+    q, k, v = _qkv(gpu, c["b"], c["h"], c["hkv"], c["l"], c["s"], c["d"])
+    causal = c.get("causal", False)
+    check(gpu, lambda q, k, v: fused_kernels.attention(q, k, v, causal=causal),
+          lambda q, k, v: ref.attention_ref(q, k, v, causal=causal), (q, k, v))
+    compiled = attention_config("fwd", c["d"], c["d"], gpu.dtype, gpu.arch, specialize=True)["WARP_SPECIALIZE"]
+    assert _used(gpu, "_attn_fwd_kernel", "WARP_SPECIALIZE") == (compiled and not c.get("plain", False))
+    assert not compiled or gpu.arch == 90
     assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
 
 
