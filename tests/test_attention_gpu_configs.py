@@ -221,6 +221,29 @@ def test_warp_specialized_forward(gpu, case):
     assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
 
 
+def test_warp_specialized_forward_keeps_the_users_allocator(device):
+    """The specialized forward's scratch allocator (q's in-kernel descriptor) is set for its launch only: an
+    allocator the caller set with ``triton.set_allocator`` is still the one triton sees afterwards."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    def users(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    def run():
+        triton.set_allocator(users)
+        q = torch.randn(1, 1, 16, 64, generator=torch.Generator().manual_seed(0)).to(device, torch.float16)
+        k = torch.randn(1, 1, 128, 64, generator=torch.Generator().manual_seed(1)).to(device, torch.float16)
+        seen = []
+        with force_arch(90), intercept(lambda call, go: (seen.append(call.kwargs.get("WARP_SPECIALIZE")), go(call))):
+            fused_kernels.attention(q, k, k)
+        assert seen == [attention_config("fwd", 64, 64, torch.float16, 90, specialize=True)["WARP_SPECIALIZE"]]
+        assert _allocation._allocator.get() is users
+
+    contextvars.copy_context().run(run)
+
+
 # ----------------------------------------------------------------------------- variants
 
 

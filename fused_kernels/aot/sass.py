@@ -34,7 +34,8 @@ _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[A-Z0-9]+\s+)?([A-Z][A-Za
 _LABEL = re.compile(r"^\s*(\.L_x_\d+|\.L_\w+):")
 _FUNC = re.compile(r"^\s*\.text\.(\S+):")
 _TARGET = re.compile(r"`\((\.L_\w+)\)")
-_WAIT_OPS = ("SYNCS", "NANOSLEEP", "BAR", "DEPBAR", "WARPSYNC", "YIELD")
+_WAIT_OPS = ("SYNCS", "NANOSLEEP", "BAR", "DEPBAR", "WARPSYNC", "YIELD",
+             "USETMAXREG")   # a warp-specialized partition retrying its register allocation (setmaxnreg)
 _BRANCHES = ("BRA", "BRX", "JMP", "JMX")
 
 
@@ -285,7 +286,10 @@ def loop_stats(instrs: list[Instr], loop: Loop, num_warps: int, work: int, unit:
         f"fmul_per_{unit}": per_unit(bases["FMUL"]),
         f"ffma_per_{unit}": per_unit(bases["FFMA"]),
         "wgmma_wait_depths": dict(sorted(waits.items())),
-        "cta_barriers": sum(c for op, c in ops.items() if op.startswith("BAR.")),
+        # BAR.SYNC id (every thread of the CTA) apart from BAR.SYNC id, count (a named barrier of `count`
+        # threads: a warp-specialized consumer group syncing its own 128 threads)
+        "cta_barriers": sum(1 for x in body if x.base == "BAR" and "," not in x.operands),
+        "group_barriers": sum(1 for x in body if x.base == "BAR" and "," in x.operands),
         "global_loads": dict(sorted(loads.items())),
         "int64_ops": sum(1 for x in body if _int64(x)),
         "local_memory": bases["LDL"] + bases["STL"],
@@ -297,7 +301,8 @@ def analyze(cubin: bytes, num_warps: int, work: int, unit: str = "scores") -> di
     """SASS facts of the kernel in ``cubin``: whole-function counts and one entry per steady-state loop.
 
     ``work``: units one iteration of a steady-state loop processes (BLOCK_M x BLOCK_N scores of attention,
-    BLOCK_N elements of a row kernel). A function without loops reports its straight-line body under
+    BLOCK_N elements of a row kernel); in a warp-specialized kernel each consumer loop is normalized by its
+    group's share of it. A function without loops reports its straight-line body under
     ``loops`` with ``straight_line: true`` (per program, normalized by ``work`` as well)."""
     functions = parse(disassemble(cubin))
     if len(functions) != 1:
@@ -308,9 +313,18 @@ def analyze(cubin: bytes, num_warps: int, work: int, unit: str = "scores") -> di
     bases = Counter(x.base for x in instrs)
     report = {"function": name, "instructions": len(instrs), "num_warps": num_warps, "work_per_iteration": work,
               "unit": unit, "local_memory": bases["LDL"] + bases["STL"], "loops": []}
+    # Warp-specialized (setmaxnreg in the code): each consumer warp group (num_warps warps) runs its own copy of
+    # the loop over its share of the iteration's work (triton splits the rows among the groups: one loop with
+    # tensor-core instructions per group); the producer's loop issues the copies (role "producer").
+    specialized = bases["USETMAXREG"] > 0
+    consumers = sum(1 for lp in steady if any(_tensor_core(instrs[i]) for i in lp.instrs)) if specialized else 1
     if steady:
         for loop in steady:
-            report["loops"].append(loop_stats(instrs, loop, num_warps, work, unit))
+            role = None
+            if specialized:
+                role = "consumer" if any(_tensor_core(instrs[i]) for i in loop.instrs) else "producer"
+            share = work // max(1, consumers) if role == "consumer" else work
+            report["loops"].append({**loop_stats(instrs, loop, num_warps, share, unit), "role": role})
     else:
         everything = Loop(header=0, blocks=set(), instrs=list(range(len(instrs))))
         report["loops"].append({**loop_stats(instrs, everything, num_warps, work, unit), "straight_line": True})

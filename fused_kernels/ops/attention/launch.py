@@ -24,6 +24,7 @@ from ..._core.launch import (
     launch,
     next_pow2,
     scratch_launch,
+    split_grid,
     torch_acc_dtype,
     upcast_16bit,
 )
@@ -242,12 +243,15 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
                       and seqlens_k is None)
         cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p), specialize=specialize)
         k_desc, v_desc = _kv_descs(k, v, cfg, meta)
+        grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
+        # q's descriptor is made in the kernel; a split grid's program-id offset (tl.assume) breaks triton's pass
         ws = (cfg["WARP_SPECIALIZE"] and s % cfg["BLOCK_N"] == 0 and k_desc is not None
-              and tma_desc(q, cfg["BLOCK_M"], meta["BLOCK_D"]) is not None)     # q's descriptor is made in the kernel
+              and tma_desc(q, cfg["BLOCK_M"], meta["BLOCK_D"]) is not None
+              and len(split_grid(_attn_fwd_kernel, grid)) == 1)
         if cfg["WARP_SPECIALIZE"] and not ws:
             cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p))
             k_desc, v_desc = _kv_descs(k, v, cfg, meta)
-        grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
+            grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         lists = _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True)
         fwd_args = (q, k, v, k_desc, v_desc, m, seqlens_k, out, lse, None, None, h, l, s, d, dv, group,
                     _rows(q), _rows(k), _rows(v), _rows(out), ms, *args)
