@@ -432,8 +432,7 @@ def varlen_specs(archs: Archs) -> Iterator[Spec]:
         for dtype, d, kind in cases:
             h = 2048 // d
             hkv = h // 4
-            heavy, causal = kind == "heavy", kind not in ("plain", "plain-tail")
-            s = 1000 if kind == "plain-tail" else 1024
+            heavy, causal = kind == "heavy", kind != "plain"
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             p, seed = (0.1, 12345) if heavy else (0.0, 0)
             q, k, v = (empty(total, n, d, dtype=dtype) for n in (h, hkv, hkv))
