@@ -221,6 +221,19 @@ def test_warp_specialized_forward(gpu, case):
     assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
 
 
+def test_warp_specialized_forward_needs_an_aligned_row_stride(gpu):
+    """One query row whose row stride (37 elements) no TMA descriptor takes: a host descriptor ignores the stride of
+    a size-1 dim, the in-kernel one of the specialized loop would not, so the forward keeps the plain loops."""
+    def rows(buf):
+        return buf.as_strided((1, 2, 1, 64), (512, 128, 37, 1))
+
+    buf = _rand(gpu, 192)
+    k, v = _rand(gpu, 1, 1, 128, 64, seed=1), _rand(gpu, 1, 1, 128, 64, seed=2)
+    check(gpu, lambda buf, k, v: fused_kernels.attention(rows(buf), k, v),
+          lambda buf, k, v: ref.attention_ref(rows(buf), k, v), (buf, k, v), names=("buf", "k", "v"))
+    assert not _used(gpu, "_attn_fwd_kernel", "WARP_SPECIALIZE")
+
+
 def test_warp_specialized_forward_keeps_the_users_allocator(device):
     """The specialized forward's scratch allocator (q's in-kernel descriptor) is set for its launch only: an
     allocator the caller set with ``triton.set_allocator`` is still the one triton sees afterwards."""
