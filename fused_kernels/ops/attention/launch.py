@@ -246,10 +246,10 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
         grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         # q's descriptor is made in the kernel from q's own row stride (tma_desc checks the others; it passes any
         # stride of a size-1 dim); a split grid's program-id offset (tl.assume) breaks triton's pass
-        ws = (cfg["WARP_SPECIALIZE"] and s % cfg["BLOCK_N"] == 0 and k_desc is not None
+        ws = (cfg.get("WARP_SPECIALIZE") and s % cfg["BLOCK_N"] == 0 and k_desc is not None
               and tma_desc(q, cfg["BLOCK_M"], meta["BLOCK_D"]) is not None and q.stride(2) * q.element_size() % 16 == 0
               and len(split_grid(_attn_fwd_kernel, grid)) == 1)
-        if cfg["WARP_SPECIALIZE"] and not ws:
+        if cfg.get("WARP_SPECIALIZE") and not ws:
             cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p))
             k_desc, v_desc = _kv_descs(k, v, cfg, meta)
             grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
