@@ -199,7 +199,8 @@ def test_sass_no_local_memory(aot):
 def test_sass_tensor_cores_in_attention_loops(aot):
     _, report = aot
     loops = [(r, lp) for r, lp in _loops(report) if r["family"] == "attention"
-             and r["dtype"] in ("fp16", "bf16") and r["unit"] == "scores" and not lp.get("straight_line")]
+             and r["dtype"] in ("fp16", "bf16") and r["unit"] == "scores" and not lp.get("straight_line")
+             and lp.get("role") != "producer"]   # a warp-specialized kernel's copy loop
     assert loops
     for r, lp in loops:
         shapes = lp["tensor_core"]
@@ -233,15 +234,27 @@ def test_sass_per_score_limits(aot, kernel, limits):
 
 
 def test_sass_hopper_forward_uses_tma_and_wide_tiles(aot):
-    """The sm_90a forward at d <= 128 streams K/V with TMA and multiplies 64x128 (d=128) wgmma tiles."""
+    """The sm_90a forward at d <= 128 streams K/V with TMA and multiplies 64x128 (d=128) wgmma tiles; where it is
+    warp-specialized ("plain" where this triton compiles it: ``config._WARP_SPECIALIZED``) a producer loop issues
+    the copies and two consumer loops, one per warp group, do the matmuls without CTA-wide barriers."""
     _, report = aot
     rows = [r for r in report["rows"] if r["family"] == "attention" and r["kernel"] == "_attn_fwd_kernel"
             and r["gpu_name"] == "sm_90a"
             and r["dtype"] == "bf16" and r["flags"] != "heavy" and r["head_dim"] <= 128]
     assert len(rows) >= 4
     for r in rows:
-        for lp in r["sass"]["loops"]:
-            assert lp["global_loads"].get("UTMALDG"), (r["config"], lp["global_loads"])
+        loops = r["sass"]["loops"]
+        if any(lp.get("role") for lp in loops):
+            producers = [lp for lp in loops if lp["role"] == "producer"]
+            consumers = [lp for lp in loops if lp["role"] == "consumer"]
+            assert len(producers) == 1 and producers[0]["global_loads"].get("UTMALDG"), (r["config"], producers)
+            assert len(consumers) == 2 and not any(lp["global_loads"] for lp in consumers), r["config"]
+            assert not any(lp["cta_barriers"] for lp in consumers), r["config"]
+        else:
+            consumers = loops
+            for lp in loops:
+                assert lp["global_loads"].get("UTMALDG"), (r["config"], lp["global_loads"])
+        for lp in consumers:
             assert any(k.startswith("HGMMA.64x128x16") for k in lp["tensor_core"]), (r["config"], lp["tensor_core"])
 
 

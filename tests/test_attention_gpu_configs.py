@@ -32,6 +32,7 @@ import fused_kernels
 from fused_kernels import reference as ref
 from fused_kernels._core.launch import force_arch, intercept, launch
 from fused_kernels.ops.attention import examples as ex
+from fused_kernels.ops.attention.config import attention_config
 from fused_kernels.ops.attention.launch import attention_fwd
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
@@ -191,6 +192,69 @@ def test_sdpa_fused_qkv_views(gpu):
     check(gpu, lambda t: fused_kernels.scaled_dot_product_attention(*split(t), is_causal=True),
           lambda t: ref.scaled_dot_product_attention_ref(*split(t), is_causal=True), (qkv,), names=("qkv",))
     assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
+
+
+# Warp-specialized forward (sm_90a): taken when every key block is full and mask-free.
+WARP_SPECIALIZED = {
+    "gqa_odd_l_d128": dict(b=1, h=2, hkv=1, l=200, s=256, d=128),
+    "d96_two_batches": dict(b=2, h=1, hkv=1, l=130, s=384, d=96),      # q / k / v zero-filled past D in the box
+    "mha_d64": dict(b=1, h=2, hkv=2, l=129, s=128, d=64),
+    "key_tail": dict(b=1, h=2, hkv=1, l=140, s=200, d=128, plain=True),     # S % 128: a bounds block
+    "causal": dict(b=1, h=2, hkv=1, l=256, s=256, d=128, causal=True, plain=True),
+}
+
+
+@pytest.mark.parametrize("case", list(WARP_SPECIALIZED))
+def test_warp_specialized_forward(gpu, case):
+    """Non-causal attention without mask, seqlens_k, dropout or variants whose keys fill whole 128-key blocks takes
+    the warp-specialized key loop on sm_90 where this triton compiles it (``config._WARP_SPECIALIZED``: q through
+    a descriptor made in the kernel, zero-filled past L and D); a key tail or the causal diagonal keeps the plain
+    loops. Forward and every gradient against float64."""
+    c = WARP_SPECIALIZED[case]
+    q, k, v = _qkv(gpu, c["b"], c["h"], c["hkv"], c["l"], c["s"], c["d"])
+    causal = c.get("causal", False)
+    check(gpu, lambda q, k, v: fused_kernels.attention(q, k, v, causal=causal),
+          lambda q, k, v: ref.attention_ref(q, k, v, causal=causal), (q, k, v))
+    compiled = attention_config("fwd", c["d"], c["d"], gpu.dtype, gpu.arch, specialize=True)["WARP_SPECIALIZE"]
+    assert _used(gpu, "_attn_fwd_kernel", "WARP_SPECIALIZE") == (compiled and not c.get("plain", False))
+    assert not compiled or gpu.arch == 90
+    assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
+
+
+def test_warp_specialized_forward_needs_an_aligned_row_stride(gpu):
+    """One query row whose row stride (37 elements) no TMA descriptor takes: a host descriptor ignores the stride of
+    a size-1 dim, the in-kernel one of the specialized loop would not, so the forward keeps the plain loops."""
+    def rows(buf):
+        return buf.as_strided((1, 2, 1, 64), (512, 128, 37, 1))
+
+    buf = _rand(gpu, 192)
+    k, v = _rand(gpu, 1, 1, 128, 64, seed=1), _rand(gpu, 1, 1, 128, 64, seed=2)
+    check(gpu, lambda buf, k, v: fused_kernels.attention(rows(buf), k, v),
+          lambda buf, k, v: ref.attention_ref(rows(buf), k, v), (buf, k, v), names=("buf", "k", "v"))
+    assert not _used(gpu, "_attn_fwd_kernel", "WARP_SPECIALIZE")
+
+
+def test_warp_specialized_forward_keeps_the_users_allocator(device):
+    """The specialized forward's scratch allocator (q's in-kernel descriptor) is set for its launch only: an
+    allocator the caller set with ``triton.set_allocator`` is still the one triton sees afterwards."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    def users(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    def run():
+        triton.set_allocator(users)
+        q = torch.randn(1, 1, 16, 64, generator=torch.Generator().manual_seed(0)).to(device, torch.float16)
+        k = torch.randn(1, 1, 128, 64, generator=torch.Generator().manual_seed(1)).to(device, torch.float16)
+        seen = []
+        with force_arch(90), intercept(lambda call, go: (seen.append(call.kwargs.get("WARP_SPECIALIZE")), go(call))):
+            fused_kernels.attention(q, k, k)
+        assert seen == [attention_config("fwd", 64, 64, torch.float16, 90, specialize=True)["WARP_SPECIALIZE"]]
+        assert _allocation._allocator.get() is users
+
+    contextvars.copy_context().run(run)
 
 
 # ----------------------------------------------------------------------------- variants

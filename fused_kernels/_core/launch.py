@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -99,6 +100,20 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     grid limits (``MAX_GRID``; the hooks see the split launches)."""
     for sub_grid, bases in split_grid(kernel, tuple(grid)):
         _through(Launch(kernel, sub_grid, args, {**kwargs, **bases}), 0)
+
+
+def scratch_launch(device: torch.device, kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """``launch`` for a kernel that needs global scratch memory at run time (a TMA descriptor made in the kernel:
+    128 bytes per program), taken from torch's allocator on ``device``. Triton reads its allocator from a context
+    variable: it is set in a copy of the caller's context, so an allocator the user set stays as it was."""
+    def allocate(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)    # torch's blocks are >= 512-byte aligned
+
+    def run() -> None:
+        triton.set_allocator(allocate)
+        launch(kernel, grid, *args, **kwargs)
+
+    contextvars.copy_context().run(run)
 
 
 def split_grid(kernel: Any, grid: tuple[int, ...]) -> list[tuple[tuple[int, ...], dict[str, int]]]:

@@ -285,7 +285,9 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
     and 128: fp64 at head dim 256 spills, a known gap). MHA ("mha": one query head per key/value head,
     ``GROUP=1``, which the launcher's specialization turns into a constant): fp16 and bf16 at head dims 64 and
     128, all three. "causal-seqlens" (bf16, head dims 64 and 128): causal aligned per row to seqlens_k alone,
-    what a padded KV cache runs. A steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N
+    what a padded KV cache runs. "plain-tail" (bf16, head dims 64 and 128): "plain" over 1000 keys, a partial last
+    key block (sm_90a's "plain" takes the warp-specialized loop where it compiles, this one the plain loops, as a
+    split grid does). A steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N
     scores (the SASS report's unit)."""
     from ..ops.attention import launch as at  # the launchers and the kernels they call
     names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
@@ -308,12 +310,14 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
     cases += [(dtype, d, kind, 1) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128)
               for kind in ("plain", "causal", "heavy")]
     cases += [(torch.bfloat16, d, "causal-seqlens", 4) for d in (64, 128)]
+    cases += [(torch.bfloat16, d, "plain-tail", 4) for d in (64, 128)]
     seen = set()
     for arch in archs:
         for dtype, d, kind, group in cases:
             h = 2048 // d
             hkv = h // group
-            heavy, causal = kind == "heavy", kind != "plain"
+            heavy, causal = kind == "heavy", kind not in ("plain", "plain-tail")
+            s = 1000 if kind == "plain-tail" else 1024
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             mask = empty(b, 1, l, s, dtype=torch.bool) if heavy else None
             seqlens = empty(b, dtype=torch.int32) if heavy or kind == "causal-seqlens" else None
@@ -840,7 +844,7 @@ def grid_split_twins(specs: list[Spec]) -> list[Spec]:
     so that the split variant is proven to compile without spills next to the plain one."""
     heaviest: dict[Any, Spec] = {}
     for spec in specs:
-        if "GRID_SPLIT" not in spec.args:
+        if "GRID_SPLIT" not in spec.args or spec.args.get("WARP_SPECIALIZE"):   # never split (attention.launch)
             continue
         key = (spec.name, spec.meta.get("archs"), spec.meta.get("dtype"), spec.meta.get("flags"))
         if key not in heaviest or spec.meta.get("cost", 0) > heaviest[key].meta.get("cost", 0):

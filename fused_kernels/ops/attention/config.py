@@ -192,6 +192,19 @@ _VARLEN_TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = 
 }
 _TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
+# The warp-specialized forward (``kernels/forward.py``, WARP_SPECIALIZE) per triton release: (major, minor) ->
+# {column: {(dtype family, head-dim bucket): tile}}. The launcher takes it for the calls whose key blocks are all
+# full and mask-free (no causal, mask, seqlens_k, dropout or variants, S a multiple of the tile's BLOCK_N) and
+# whose q, k and v take TMA; the others keep the column's tile. An entry is here only where ``python -m
+# fused_kernels.aot --sass`` under that release compiles it clean: no spills, a producer / consumer split in the
+# SASS (setmaxnreg), no CTA-wide barrier in the consumers' loop. triton's pass specializes only a 4-warp program
+# (with 8 warps it is silently ignored), which it splits into two consumer warp groups of 64 query rows and a
+# producer group.
+_WARP_SPECIALIZED: dict[tuple[int, int], dict[str, dict[tuple[str, int], Tile]]] = {
+    (3, 9): {"sm_90": {("16bit", 64): (128, 128, 4, 2), ("16bit", 128): (128, 128, 4, 2)}},
+    (3, 6): {"sm_90": {("16bit", 64): (128, 128, 4, 2), ("16bit", 128): (128, 128, 4, 2)}},
+}
+
 
 def _chain(column: str) -> list[str]:
     """``column`` and the columns it starts from, nearest first."""
@@ -228,7 +241,7 @@ def column_tile(column: str, key: TileKey, varlen: bool = False) -> Tile:
 
 
 def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: ArchValue,
-                     dropout: bool = False) -> dict:
+                     dropout: bool = False, specialize: bool = False) -> dict:
     """Block sizes, warps, stages and TMA use of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
 
     ``arch`` is the architecture (``_core.launch.device_arch``: a CUDA compute capability such as 80, a gfx name
@@ -237,7 +250,9 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     and "bwd_dq" BLOCK_M is the query block a program owns and BLOCK_N the key block of its loop; for "bwd_dkdv"
     BLOCK_N is the key block a program owns and BLOCK_M the query block of its loop; "decode" only sets BLOCK_N
     (its BLOCK_M is the GQA group's query rows). ``TMA``: the kernel streams its tiles through tensor descriptors
-    (the launcher falls back to pointers where a tensor's strides or alignment do not allow it). The
+    (the launcher falls back to pointers where a tensor's strides or alignment do not allow it).
+    ``WARP_SPECIALIZE``: a "fwd" call whose key blocks are all full and mask-free (``specialize``) takes the
+    warp-specialized loop where this triton release compiles it for the column (``_WARP_SPECIALIZED``). The
     configurations are compiled by ``python -m fused_kernels.aot --arch ...`` for each column's targets (no
     spills, shared memory within the family's limit: docs/architectures.md). Shared by the launcher and
     ``fused_kernels.aot``."""
@@ -250,7 +265,13 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     dtypes = _dtype_family(dtype)
     bm, bn, w, st = column_tile(family.name, (dtypes, kind, d, dropout))
     tma = COLUMNS[family.name].tma and dtypes == "16bit" and not dropout and d <= 128 and kind != "decode"
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma}
+    ws = None
+    if kind == "fwd" and specialize and tma:
+        ws = _WARP_SPECIALIZED.get(_TRITON_VERSION, {}).get(family.name, {}).get((dtypes, d))
+    if ws is not None:
+        bm, bn, w, st = ws
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma,
+            "WARP_SPECIALIZE": ws is not None}
 
 
 def _dtype_family(dtype: torch.dtype) -> str:

@@ -17,7 +17,17 @@ except ImportError:  # pragma: no cover - older triton: the pointer path only
 
 from ..._core import checks as _checks
 from ..._core.grad import create_graph
-from ..._core.launch import acc_dtype, device_arch, dot_precision, launch, next_pow2, torch_acc_dtype, upcast_16bit
+from ..._core.launch import (
+    acc_dtype,
+    device_arch,
+    dot_precision,
+    launch,
+    next_pow2,
+    scratch_launch,
+    split_grid,
+    torch_acc_dtype,
+    upcast_16bit,
+)
 from . import grad as _grad
 from . import sparse
 from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, attention_config
@@ -228,14 +238,30 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
                opart, lsepart, out, lse, h, hkv, l, dv, group, splits, _rows(out),
                BLOCK_S=next_pow2(splits), BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
     else:
-        cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p))
-        grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
+        # every key block full and mask-free: the warp-specialized loop, where this triton compiles it
+        specialize = (var is None and dropout_p == 0 and meta["MASK_KIND"] == MASK_NONE and not is_causal
+                      and seqlens_k is None)
+        cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p), specialize=specialize)
         k_desc, v_desc = _kv_descs(k, v, cfg, meta)
+        grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
+        # q's descriptor is made in the kernel from q's own row stride (tma_desc checks the others; it passes any
+        # stride of a size-1 dim); a split grid's program-id offset (tl.assume) breaks triton's pass
+        ws = (cfg.get("WARP_SPECIALIZE") and s % cfg["BLOCK_N"] == 0 and k_desc is not None
+              and tma_desc(q, cfg["BLOCK_M"], meta["BLOCK_D"]) is not None and q.stride(2) * q.element_size() % 16 == 0
+              and len(split_grid(_attn_fwd_kernel, grid)) == 1)
+        if cfg.get("WARP_SPECIALIZE") and not ws:
+            cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p))
+            k_desc, v_desc = _kv_descs(k, v, cfg, meta)
+            grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         lists = _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, cfg["BLOCK_M"], cfg["BLOCK_N"], True)
-        launch(_attn_fwd_kernel, grid,
-               q, k, v, k_desc, v_desc, m, seqlens_k, out, lse, None, None, h, l, s, d, dv, group,
-               _rows(q), _rows(k), _rows(v), _rows(out), ms, *args, TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"],
-               BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **lists)
+        fwd_args = (q, k, v, k_desc, v_desc, m, seqlens_k, out, lse, None, None, h, l, s, d, dv, group,
+                    _rows(q), _rows(k), _rows(v), _rows(out), ms, *args)
+        fwd_kw = dict(TMA=k_desc is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **lists)
+        if ws:
+            scratch_launch(q.device, _attn_fwd_kernel, grid, *fwd_args, WARP_SPECIALIZE=True, **fwd_kw)
+        else:
+            launch(_attn_fwd_kernel, grid, *fwd_args, **fwd_kw)
     return out, lse
 
 

@@ -116,6 +116,7 @@ def _attn_fwd_kernel(
     NN=0, var_args=None,   # key blocks per list row; (sm_scale, softcap, win_left, win_right) of the variants
     SPARSE: tl.constexpr = False, VARIANT: tl.constexpr = PLAIN,
     PID1_BASE=0, GRID_SPLIT: tl.constexpr = False,   # a part of a split grid (_core.launch.split_grid)
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """VARLEN: packed sequences, q (total_q, H, D) / k, v (total_k, Hkv, D) seen as (1, H, total, D)
     (batch strides unused, 0), L = total_q, S = total_k, LSE (H, total_q); program (query block, b * H + h)
@@ -125,7 +126,17 @@ def _attn_fwd_kernel(
     SPARSE: the key blocks come from a block table's lists (the launcher builds them from the window, prefix,
     document and mask_mod classes and the bounds): the full ones without any mask, the partial ones through
     ``mods._mask``; the band is then key j in [i + causal_offset - win_left, i + causal_offset + win_right]
-    (IS_CAUSAL: upper side bounded; VARIANT.band_lo: lower side). Score mods change every score."""
+    (IS_CAUSAL: upper side bounded; VARIANT.band_lo: lower side). Score mods change every score.
+
+    WARP_SPECIALIZE (sm_90a, TMA; the launcher's contract: every key block is full and mask-free, i.e. no causal,
+    mask, seqlens_k, dropout, variants, packed or sparse keys, and S a multiple of BLOCK_N): the whole key loop is a
+    ``tl.range(warp_specialize=True)`` loop: a producer warp group issues the TMA copies, two consumer warp groups
+    (64 query rows each, registers raised by setmaxnreg) run the softmax and the matmuls, coupled by mbarriers
+    instead of CTA-wide barriers. Triton's pass (3.6 and 3.9) needs every load the consumers wait on to be a
+    descriptor load: q comes from a descriptor made in the kernel (a host descriptor's 128-row box does not fit
+    the pass's 64-row halves on 3.9), which takes 128 bytes of global scratch per program (``scratch_launch``).
+    It also rejects any other key block in the kernel (a second loop, unrolled blocks before or after, a block
+    under ``if``): the bounds / causal-diagonal blocks have no place beside it, hence the contract."""
     stride_ob, stride_oh, stride_om = stride_o
     stride_kn, stride_vn, stride_mn = stride_k[2], stride_v[2], stride_m[3]    # key-row steps of the loops
     Q, K, V, O, b, h, hk, bh, start_m, offs_m, row_ok, row0, seq_l, seq_s, c_off = _query_program(
@@ -138,7 +149,17 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _row_tile(Q, b, h, offs_m, row_ok, offs_d, stride_q, D, EVEN_C=EVEN_D, UPCAST=UPCAST)
+    if WARP_SPECIALIZE:
+        tl.static_assert(TMA and MASK_KIND == MASK_NONE and not (IS_CAUSAL or HAS_SEQLENS or HAS_DROPOUT or VARLEN
+                                                                   or SPARSE))
+        stride_qb, stride_qh, stride_qm = stride_q
+        q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[L, D], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])      # rows past L / D read as 0
+        q = q_desc.load([start_m, 0])
+        if UPCAST:
+            q = q.to(tl.float32)
+    else:
+        q = _row_tile(Q, b, h, offs_m, row_ok, offs_d, stride_q, D, EVEN_C=EVEN_D, UPCAST=UPCAST)
     k_base, v_base, m_base, k_offs, v_offs, m_offs = _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d, offs_dv,
                                                                stride_k, stride_v, stride_m)
     rng_row = ((row0 + offs_m) * S).to(tl.int64)
@@ -168,6 +189,15 @@ def _attn_fwd_kernel(
                     FOLD_SCALE=FOLD_SCALE, EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=HAS_SEQLENS,
                     HAS_DROPOUT=HAS_DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N,
                     BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, VAR=VARIANT)
+    elif WARP_SPECIALIZE:
+        for start_n in tl.range(0, kv_len, BLOCK_N, warp_specialize=True):   # every block full and mask-free
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q, start_n, k_base + k_offs, v_base + v_offs, m_base + m_offs, K_DESC, V_DESC,
+                desc_at, offs_m, row_ok, offs_n, dims, kv_len, c_off, qk_scale, drop, vctx,
+                MASK_KIND=MASK_KIND, IS_CAUSAL=False, CHECK_BOUNDS=False, SAFE=False, FOLD_SCALE=FOLD_SCALE,
+                EVEN_D=EVEN_D, EVEN_DV=EVEN_DV, TMA=TMA, ZERO_V_TAIL=False, HAS_DROPOUT=False, UPCAST=UPCAST,
+                PRECISION=PRECISION, ACC=ACC, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                VAR=VARIANT)
     else:
         # The mask-free key blocks [0, full_hi), then the bounds / causal-diagonal ones [full_hi, hi).
         for stage in tl.static_range(2):
