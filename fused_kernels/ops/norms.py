@@ -284,12 +284,12 @@ def bwd_block(n: int, dtype: torch.dtype) -> tuple[int, bool]:
     return (next_pow2(n), True) if n <= limit else (min(limit, CHUNK_BWD), False)
 
 
-def bwd_warps(block: int) -> int:
-    """Warps of the backward for a block of ``block`` columns: ``row_warps`` except at 4096, where its 16
-    warps made ptxas cap the registers at 64 and spill with every feature on (4+4 B on sm_80 for a 16-bit
-    column chunk, triton 3.9; 16+16 B on sm_90a for fp32 rows, triton 3.6). At 8192 the 16 warps stay: 8
-    spilled 52+52 B (fp32, sm_90a, triton 3.9)."""
-    return 8 if block == 4096 else row_warps(block)
+def norm_warps(block: int, backward: bool) -> int:
+    """Warps for a block of ``block`` columns: ``row_warps`` except where its 16 warps made ptxas cap the
+    registers at 64 and spill with every feature on: the backward at 4096 (4+4 B on sm_80 for a 16-bit column
+    chunk, triton 3.9; 16+16 B on sm_90a for fp32 rows, triton 3.6) and the forward at 8192 (fp32, 8+8 B on
+    sm_80, triton 3.6). The backward at 8192 keeps 16: 8 spilled 52+52 B (fp32, sm_90a, triton 3.9)."""
+    return 8 if block == (4096 if backward else 8192) else row_warps(block)
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -328,7 +328,8 @@ def layer_norm_fwd(
                n, eps, dropout_p, seed,
                HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0, STORE_RES_OUT=store_res,
                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS_NORM=is_rms_norm,
-               SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(x.dtype), num_warps=row_warps(block),
+               SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(x.dtype),
+               num_warps=norm_warps(block, backward=False),
            )
     res_out = res_out.view(x.shape) if store_res else res_out
     return out.view(x.shape), res_out, mean, rstd, torch.tensor([seed], dtype=torch.int64)
@@ -386,7 +387,7 @@ def layer_norm_bwd(
                m, n, triton.cdiv(m, programs), dropout_p, int(seed[0]),
                HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DRES_OUT=dres_out is not None,
                HAS_DROPOUT=dropout_p > 0, STORE_DRES=store_dres, IS_RMS_NORM=is_rms_norm,
-               ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=bwd_warps(block),
+               ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=norm_warps(block, backward=True),
            )
     dw = dw_part.sum(0).to(weight.dtype) if weight is not None else _empty(dx)
     db = db_part.sum(0).to(bias_dtype) if has_bias else _empty(dx)
