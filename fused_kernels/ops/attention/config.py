@@ -43,7 +43,7 @@ _TILES = {
         ("decode", 256):   ((0, 32, 4, 2),     (0, 32, 4, 2),      (0, 32, 4, 2),      (0, 32, 4, 2)),
         ("bwd_dkdv", 64):  ((32, 64, 4, 1),    (64, 128, 8, 2),    (32, 32, 8, 1),     (32, 32, 4, 1)),
         ("bwd_dkdv", 128): ((64, 64, 8, 1),    (32, 128, 8, 2),    (16, 32, 4, 2),     (32, 32, 8, 1)),
-        ("bwd_dkdv", 256): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 16, 8, 1),     (16, 16, 8, 1)),
+        ("bwd_dkdv", 256): ((16, 32, 8, 1),    (16, 32, 8, 1),     (64, 16, 8, 1),     (64, 16, 8, 1)),
         ("bwd_dq", 64):    ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 3)),
         ("bwd_dq", 128):   ((64, 32, 4, 2),    (128, 128, 8, 2),   (64, 32, 8, 2),     (64, 32, 8, 2)),
         ("bwd_dq", 256):   ((32, 32, 4, 1),    (32, 32, 4, 1),     (32, 32, 8, 1),     (32, 32, 8, 1)),
@@ -107,7 +107,9 @@ COLUMNS: dict[str, Column] = {
                     varlen={("16bit", "fwd", 64, True): (64, 32, 4, 2),
                             ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 2),
                             ("fp32", "fwd", 64, True): (16, 32, 4, 1),
-                            ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1)},
+                            ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1),
+                            # 64 x 16 spills 20+24 B here (triton 3.9)
+                            ("16bit", "bwd_dkdv", 256, True): (32, 16, 8, 1)},
                     # fp32 d=128 spilled 8+4 B with 1 stage (--family paged)
                     decode_stages={("fp32", 128): 2}),
     # sm_90's 16-bit tiles are sized for TMA: with pointer loads they spill, so the packed kernels start from
@@ -118,9 +120,11 @@ COLUMNS: dict[str, Column] = {
                     # 16-bit d=128 spilled 4+4 B with 3 stages (16-key tiles)
                     decode_stages={("16bit", 128): 2}),
     # 99 KB of shared memory: sm_80's d=256 forward needs 106,496 B (two stages of 64-key tiles); its dropout
-    # tile (64 x 32, two stages) needs 73,728 B. sm_80's d=128 dK/dV with dropout spills 16+8 B here (4 warps).
+    # tile (64 x 32, two stages) needs 73,728 B, its d=256 dK/dV with dropout (64 x 16) 114,688 B. sm_80's d=128
+    # dK/dV with dropout spills 16+8 B here (4 warps).
     "sm_86": Column("sm_80", tiles={("16bit", "fwd", 256, False): (64, 32, 8, 2),
                                     ("16bit", "bwd_dkdv", 128, True): (16, 32, 8, 2),
+                                    ("16bit", "bwd_dkdv", 256, True): (32, 32, 8, 1),
                                     # 8+4 B spilled with 8 warps (fp32 flash-decoding with dropout, d=256)
                                     ("fp32", "decode", 256, True): (0, 16, 4, 1)}),
     # sm_86's tiles (mma.sync, pointer loads: TMA was neither compiled nor measured here with them), but the d=64
@@ -152,6 +156,8 @@ COLUMNS: dict[str, Column] = {
     # The d=128 dK/dV at 64 x 64 spills 1-84 VGPRs into AGPRs (causal / MHA): 32 x 64, at most 2.
     "gfx90a": Column("sm_80", tiles={**{key: (bm, bn, 4, 1) for key, (bm, bn, _, _) in _base_tiles(0).items()},
                                      ("16bit", "bwd_dkdv", 128, False): (32, 64, 4, 1),
+                                     # 64 x 16 at d=256 with dropout: 244-404 B of scratch on gfx942
+                                     ("16bit", "bwd_dkdv", 256, True): (32, 16, 4, 1),
                                      # 508 B of scratch on gfx942 at 32 x 16
                                      ("fp32", "bwd_dkdv", 256, True): (16, 16, 4, 1)}),
     "gfx942": Column("gfx90a"),
@@ -177,13 +183,18 @@ _TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     (3, 6): {"sm_90": {("16bit", "bwd_dkdv", 64, False): (64, 128, 8, 1),
                        ("16bit", "bwd_dkdv", 128, False): (32, 128, 8, 1),
                        ("16bit", "bwd_dq", 128, False): (128, 64, 8, 2),
+                       # 3.6 keeps 32 x 16 x 4 warps clean here (3.9 spills it 24+12 B): 6,152 instructions per 1k
+                       # scores, 6,416 at the column's 64 x 16 x 8
+                       ("16bit", "bwd_dkdv", 256, True): (32, 16, 4, 1),
                        ("fp32", "fwd", 128, True): (32, 16, 8, 1)},
              "sm_80": {("fp32", "bwd_dkdv", 128, True): (16, 16, 4, 1),
                        ("fp32", "fwd", 128, True): (32, 16, 4, 1)}},
 }
 _VARLEN_TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     (3, 6): {"sm_80": {("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),     # 12 B spilled with 4 warps
-                       ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1)},    # 48 B with (16, 16, 4, 2)
+                       ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),     # 48 B with (16, 16, 4, 2)
+                       # clean on 3.6 (3.9 spills it): 5,024 instructions per 1k scores, 8,064 at 32 x 16
+                       ("16bit", "bwd_dkdv", 256, True): (64, 16, 8, 1)},
              "sm_90": {("16bit", "bwd_dkdv", 64, False): (32, 64, 4, 1),     # (as before: clean on sm_90a)
                        ("16bit", "bwd_dkdv", 128, False): (32, 32, 4, 1),    # 36 B with 8 warps
                        ("fp32", "bwd_dkdv", 128, True): (16, 16, 8, 1),      # 20 B with (16, 16, 4, 1)
