@@ -178,13 +178,24 @@ COLUMNS: dict[str, Column] = {
     # RDNA3: 256 VGPRs a lane, 32-wide waves: sm_80's 16-bit tiles spill up to 2.5 KB of scratch, its fp32
     # (FMA-sized) ones up to 2.2 KB but at d=64 in the forward: 16 x 16 tiles, without pipelining. No Triton kernel
     # (12 B to 7 KB of scratch at every tile tried, more with 4 warps): the 16-bit backward at d >= 128, the d=256
-    # forward, fp32 / fp64 above d=64; those calls take the PyTorch path (docs/architectures.md).
+    # forward, fp32 / fp64 above d=64, the fp64 backward with dropout; those calls take the PyTorch path
+    # (docs/architectures.md). Still spilling: the 16-bit d=64 dK/dV in its MHA causal form (20-36 B at 16 x 16 /
+    # 16 x 32, more at larger tiles; the GQA and non-causal forms are clean).
     "gfx1100": Column("gfx90a", tiles={
         **{("16bit", kind, d, dropout): (16, 16, 8, 1) for kind in ("fwd", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)
            for dropout in (False, True)},
         ("16bit", "fwd", 64, False): (32, 32, 4, 1), ("16bit", "fwd", 64, True): (32, 32, 8, 1),
-        # 820 B of scratch with 4 warps
-        ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1),
+        # fp32 / fp64 at d=64: 8 waves (4 spilled 220 B - 2.2 KB of scratch), smaller tiles where 32 x 32 still
+        # spilled 204-280 B (forward with dropout, paged prefill)
+        ("fp32", "fwd", 64, False): (16, 32, 8, 1), ("fp32", "fwd", 64, True): (16, 16, 8, 1),
+        ("fp32", "decode", 64, False): (0, 32, 8, 1), ("fp32", "decode", 64, True): (0, 32, 8, 1),
+        ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1), ("fp32", "bwd_dq", 64, True): (16, 16, 8, 1),
+        ("fp64", "fwd", 64, False): (16, 16, 8, 1), ("fp64", "fwd", 64, True): (16, 16, 8, 1),
+        ("fp64", "decode", 64, False): (0, 16, 8, 1), ("fp64", "decode", 64, True): (0, 16, 8, 1),
+        # flash-decoding at d=128 with dropout: 12 B of scratch with 64-key tiles
+        ("16bit", "decode", 128, True): (0, 32, 4, 1),
+        # fp64 backward with dropout at d=64: 700 B - 3.4 KB of scratch with 2, 4 or 8 waves
+        ("fp64", "bwd_dkdv", 64, True): NO_KERNEL, ("fp64", "bwd_dq", 64, True): NO_KERNEL,
         **{("16bit", kind, d, dropout): NO_KERNEL for kind in ("bwd_dkdv", "bwd_dq") for d in (128, 256)
            for dropout in (False, True)},
         ("16bit", "fwd", 256, False): NO_KERNEL, ("16bit", "fwd", 256, True): NO_KERNEL,
