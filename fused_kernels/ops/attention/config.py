@@ -137,7 +137,10 @@ COLUMNS: dict[str, Column] = {
     # fp64 d=64 dK/dV with dropout spills 24+36 B with 4 warps (16 x 32 x 8 warps is clean too, at 28,160
     # instructions per 1k scores; 2 warps: 24,000).
     "sm_120": Column("sm_86", tiles={("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),
-                                     ("fp64", "bwd_dkdv", 64, True): (16, 16, 2, 1)}),
+                                     ("fp64", "bwd_dkdv", 64, True): (16, 16, 2, 1)},
+                     # sm_80's packed fp32 d=64 dK/dV with dropout (16 x 16 x 8 warps) spills 8+8 B here: the dense
+                     # tile (14,560 instructions per 1k scores)
+                     varlen={("fp32", "bwd_dkdv", 64, True): (32, 64, 8, 1)}),
     # sm_90's tiles (TMA; triton lowers tl.dot to tcgen05 here), but those that spill 28-1,136 B with tcgen05:
     # 64 x 64 dK/dV tiles of one stage (sm_90's with one stage still spill 4-8 B), 64-row dQ / d=256 forward tiles.
     "sm_100": Column("sm_90", tma=True, tiles={("16bit", "bwd_dkdv", 64, False): (64, 64, 8, 1),
