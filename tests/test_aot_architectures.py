@@ -31,9 +31,11 @@ TARGETS = (70, 75, 86, 89, 100, 120, "gfx90a", "gfx942", "gfx1100")
 TIMEOUT_S = 600
 
 
-def _forward_d256(arch) -> str:
+def _forward_d256(arch) -> str | None:
     """The "kernel config" text of ``arch``'s bf16 forward at head dim 256 (as ``aot.specs.attention_specs`` writes
-    it), without dropout."""
+    it), without dropout; None where the column has no kernel for it (the PyTorch path runs such calls)."""
+    if not cfg.has_kernels(256, 256, torch.bfloat16, arch, False, backward=False):
+        return None
     c = cfg.attention_config("fwd", 256, 256, torch.bfloat16, arch)
     return f"_attn_fwd_kernel bf16 d=256 M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']} plain"
 
@@ -44,7 +46,7 @@ def report(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
     out = tmp / "aot.json"
-    filters = sorted({_forward_d256(arch) for arch in TARGETS})
+    filters = sorted({_forward_d256(arch) for arch in TARGETS} - {None})
     cmd = [sys.executable, "-m", "fused_kernels.aot", "--arch", *map(str, TARGETS), "--family", "attention",
            "--quick", "--jobs", "2", "--json", str(out), "--filter", *filters]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -65,22 +67,21 @@ def test_command_ran(report):
     test's to report."""
     proc, data = report
     assert proc.returncode in (0, 1) and not data["mismatches"], proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {r["gpu_name"] for r in data["rows"]} == {gpu_name(arch) for arch in TARGETS}
+    assert {r["gpu_name"] for r in data["rows"]} == {gpu_name(arch) for arch in TARGETS if _forward_d256(arch)}
 
 
-# gfx1100's d=256 forward spills at every tile tried (docs/architectures.md, "What is left"): strict, so that the
-# day it compiles clean this marker has to go.
-_OPEN = {"gfx1100": "RDNA3: the d=256 forward spills 444 B to scratch at 16 x 16 tiles (open, issue 28)"}
-
-
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.xfail(reason=_OPEN[a], strict=True))
-                                  if a in _OPEN else a for a in TARGETS], ids=str)
+@pytest.mark.parametrize("arch", TARGETS, ids=str)
 def test_target_compiles_its_column_clean(report, arch):
     """The target compiled its column's forward (nothing chosen for another column), without spills, within its
-    family's shared memory, with matrix instructions exactly where the family has them for bf16."""
+    family's shared memory, with matrix instructions exactly where the family has them for bf16. gfx1100 (RDNA3)
+    has no kernel for it (444 B of scratch at 16 x 16, the smallest tile): nothing is compiled for it there, and
+    such a call takes the PyTorch path (tests/test_architectures.py runs one)."""
     _, data = report
     family = arch_family(arch)
     rows = [r for r in data["rows"] if r["gpu_name"] == gpu_name(arch) and r["kernel"] == "_attn_fwd_kernel"]
+    if arch == "gfx1100":
+        assert _forward_d256(arch) is None and rows == []
+        return
     assert rows, f"nothing compiled for {gpu_name(arch)}"
     want = _forward_d256(arch).removeprefix("_attn_fwd_kernel ")
     assert all(r["config"].startswith(want) for r in rows), (arch, [r["config"] for r in rows])

@@ -102,27 +102,41 @@ def test_every_column_has_every_tile(column):
         for d in (64, 128, 256):
             for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
                 for dropout in (False, True):
+                    if cfg.column_tile(family.name, (cfg._dtype_family(dtype), kind, d, dropout)) == cfg.NO_KERNEL:
+                        # no kernel there: the call is routed to the PyTorch path, the launchers refuse the tile
+                        assert not cfg.has_kernels(d, d, dtype, arch, dropout, backward=True)
+                        with pytest.raises(RuntimeError, match="no Triton kernel"):
+                            cfg.attention_config(kind, d, d, dtype, arch, dropout)
+                        continue
                     c = cfg.attention_config(kind, d, d, dtype, arch, dropout)
                     assert c["BLOCK_N"] >= 16 and (kind == "decode" or c["BLOCK_M"] >= 16), (kind, d, c)
                     assert not c["TMA"] or family.tma, (column, kind, c)
                     if kind != "decode":
                         v = cfg.varlen_config(kind, d, d, dtype, arch, dropout)
                         assert not v["TMA"] and v["BLOCK_M"] >= 16
-            assert cfg.paged_config(4, 16, d, d, dtype, arch)["BLOCK_N"] <= 16
+            if cfg.has_kernels(d, d, dtype, arch, False, backward=False):     # else paged runs the PyTorch path
+                assert cfg.paged_config(4, 16, d, d, dtype, arch)["BLOCK_N"] <= 16
 
 
 # ----------------------------------------------------------------------------- each column in the interpreter
 
 def _resolved(arch) -> str:
-    """Every configuration the attention launchers can pick on ``arch`` (dense, varlen, paged), as text."""
+    """Every configuration the attention launchers can pick on ``arch`` (dense, varlen, paged), as text
+    ("torch" where the column has no kernel)."""
+    def config(fn, *args):
+        try:
+            return fn(*args)
+        except RuntimeError:
+            return "torch"
     out = []
     for dtype in (torch.float16, torch.float32, torch.float64):
         for d in (64, 128, 256):
             for dropout in (False, True):
-                out += [cfg.attention_config(kind, d, d, dtype, arch, dropout)
+                out += [config(cfg.attention_config, kind, d, d, dtype, arch, dropout)
                         for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq")]
-                out += [cfg.varlen_config(kind, d, d, dtype, arch, dropout) for kind in ("fwd", "bwd_dkdv", "bwd_dq")]
-            out += [cfg.paged_config(rows, page, d, d, dtype, arch) for rows in (4, 128) for page in (16, 24)]
+                out += [config(cfg.varlen_config, kind, d, d, dtype, arch, dropout)
+                        for kind in ("fwd", "bwd_dkdv", "bwd_dq")]
+            out += [config(cfg.paged_config, rows, page, d, d, dtype, arch) for rows in (4, 128) for page in (16, 24)]
     return repr(out)
 
 
@@ -209,3 +223,66 @@ def test_generic_column_is_conservative():
             generic = cfg.attention_config(kind, d, d, torch.bfloat16, 123)
             assert not generic["TMA"]
             assert generic == cfg.attention_config(kind, d, d, torch.bfloat16, 75)
+
+
+# ----------------------------------------------------------------------------- no kernel: the PyTorch path
+
+def _launched(run) -> list[str]:
+    """The Triton kernels ``run()`` launches."""
+    names: list[str] = []
+
+    def record(call, go):
+        names.append(call.name)
+        go(call)
+
+    with intercept(record):
+        run()
+    return names
+
+
+def test_no_kernel_entry_routes_to_the_pytorch_path(device):
+    """A ``NO_KERNEL`` entry (T4: the d=256 dK/dV with dropout needs more than its 64 KB of shared memory even at
+    16 x 16): ``attention``, ``scaled_dot_product_attention`` and ``varlen_attention`` run the PyTorch path for
+    the whole call, with exactly the output and gradients of ``use_backend("torch")`` (same dropout draw), and no
+    kernel is launched; without gradients the forward, which has a kernel there, runs it."""
+    assert cfg.column_tile("sm_75", ("fp32", "bwd_dkdv", 256, True)) == cfg.NO_KERNEL
+    q, k, v = _qkv(1, 2, 2, 40, 50, 256, dtype=torch.float32, device=device)
+    dout = torch.randn(1, 2, 40, 256, generator=torch.Generator().manual_seed(3)).to(device)
+
+    def run(backend, fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with fused_kernels.use_backend(backend), force_arch(75):
+            torch.manual_seed(11)
+            got = []
+            names = _launched(lambda: got.append(fn(*leaves)))
+            grads = torch.autograd.grad(got[0], leaves, dout)
+        return names, [got[0], *grads]
+
+    calls = {"attention": lambda q, k, v: fused_kernels.attention(q, k, v, causal=True, dropout_p=0.2),
+             "sdpa": lambda q, k, v: fused_kernels.scaled_dot_product_attention(q, k, v, dropout_p=0.2)}
+    for name, fn in calls.items():
+        names, got = run("triton", fn)
+        _, want = run("torch", fn)
+        assert names == [], (name, names)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), name
+    lens = [17, 23]
+    qp, kp, vp = _packed(lens, lens, 2, 2, 256, dtype=torch.float32, device=device, seed=5)
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32, device=device)
+    with fused_kernels.use_backend("triton"), force_arch(75):
+        leaves = [t.detach().clone().requires_grad_() for t in (qp, kp, vp)]
+        names = _launched(lambda: fused_kernels.varlen_attention(*leaves, cu, cu, 23, 23, dropout_p=0.2))
+        assert names == []
+        with torch.no_grad():            # no gradient wanted: the forward kernel (dropout tiles) runs
+            names = _launched(lambda: fused_kernels.attention(q, k, v, causal=True, dropout_p=0.2))
+        assert "_attn_fwd_kernel" in names
+
+
+def test_no_kernel_gfx1100_matches_the_reference(device):
+    """RDNA3 (gfx1100) has no kernel for the fp32 backward at d = 128 (scratch at every tile the compiler was
+    given): output and every gradient still match the float64 reference, from the PyTorch path, no kernel run."""
+    assert not cfg.has_kernels(128, 128, torch.float32, "gfx1100", False, backward=True)
+    q, k, v = _qkv(1, 2, 1, 70, 90, 128, dtype=torch.float32, device=device)
+    with fused_kernels.use_backend("triton"), force_arch("gfx1100"):
+        names = _launched(lambda: check_attention(q, k, v, causal=True, **FP32_TOL))
+    assert names == []

@@ -290,6 +290,7 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
     split grid does). A steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N
     scores (the SASS report's unit)."""
     from ..ops.attention import launch as at  # the launchers and the kernels they call
+    from ..ops.attention.config import has_kernels
     names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
              "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     dot_kernels = {"_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
@@ -329,14 +330,20 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
             out, lse = empty(b, h, l, d, dtype=dtype), empty(b, h, l, dtype=acc)
             dlse = empty(b, h, l, dtype=acc) if heavy else None
 
+            # a NO_KERNEL entry of the tile table: the call takes the PyTorch path on that arch, nothing to compile
+            fwd_on = has_kernels(d, d, dtype, arch, heavy, backward=False)
+            bwd_on = has_kernels(d, d, dtype, arch, heavy, backward=True)
+
             def run(q=q, k=k, v=v, q1=q1, kd=kd, vd=vd, mask=mask, mask1=mask1, seqlens=seqlens, p=p, seed=seed,
-                    causal=causal, out=out, lse=lse, dlse=dlse, arch=arch):
+                    causal=causal, out=out, lse=lse, dlse=dlse, arch=arch, fwd_on=fwd_on, bwd_on=bwd_on):
                 # align_seqlens: what attention(causal=True, seqlens_k=...) runs (a no-op without seqlens)
-                at.fwd_launch(q, k, v, mask, seqlens, 0.125, causal, 0, p, 0, seed, arch, align_seqlens=True)
-                at.fwd_launch(q1, kd, vd, mask1, seqlens, 0.125, causal, s_dec - 1, p, splits, seed, arch,
-                              align_seqlens=True)
-                at.bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, causal, 0, p, arch,
-                              align_seqlens=True)
+                if fwd_on:
+                    at.fwd_launch(q, k, v, mask, seqlens, 0.125, causal, 0, p, 0, seed, arch, align_seqlens=True)
+                    at.fwd_launch(q1, kd, vd, mask1, seqlens, 0.125, causal, s_dec - 1, p, splits, seed, arch,
+                                  align_seqlens=True)
+                if bwd_on:
+                    at.bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, causal, 0, p, arch,
+                                  align_seqlens=True)
 
             for kernel, args, options in record(run):
                 name = kernel.fn.__name__
@@ -373,6 +380,7 @@ def paged_specs(archs: Archs) -> Iterator[Spec]:
     block sizes 16 (a key tile of 16), 256 (the configuration's key tile, one page per tile) and 24 (not a
     multiple of the key tile: per-row page lookups). Every dtype, head dims 64, 128 and 256."""
     from ..ops.attention import paged as pg
+    from ..ops.attention.config import has_kernels
     names = ("_paged_append_kernel", "_paged_attn_fwd_kernel", "_attn_combine_kernel")
 
     def empty(*shape, dtype):
@@ -392,7 +400,8 @@ def paged_specs(archs: Archs) -> Iterator[Spec]:
                         k_new = empty(b, lq, hkv, d, dtype=dtype).transpose(1, 2)   # a model's head split
                         with _recorded() as recorded:
                             pg.append_launch(k_cache, k_cache, table, lens, k_new, k_new)
-                            pg.paged_launch(q, k_cache, k_cache, table, lens, 0.125, True, None, arch)
+                            if has_kernels(d, d, dtype, arch, False, backward=False):
+                                pg.paged_launch(q, k_cache, k_cache, table, lens, 0.125, True, None, arch)
                         for name in names:
                             for kernel, args, options in recorded.get(name, []):
                                 key = (arch, name, repr(sorted((k_, str(v_.dtype) if isinstance(v_, torch.Tensor)
@@ -427,6 +436,7 @@ def varlen_specs(archs: Archs) -> Iterator[Spec]:
     (longest 2048), H x D = 2048 with GQA 4; "plain", "causal" and "heavy" (causal + dropout + lse gradient)
     as ``attention_specs``: fp16 / bf16 all three, fp32 heavy, fp64 heavy at head dims 64 and 128."""
     from ..ops.attention import varlen as vl
+    from ..ops.attention.config import has_kernels
     names = ("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     dot_kernels = {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
 
@@ -451,9 +461,11 @@ def varlen_specs(archs: Archs) -> Iterator[Spec]:
             out, lse = empty(total, h, d, dtype=dtype), empty(h, total, dtype=acc)
             dlse = empty(h, total, dtype=acc) if heavy else None
             with _recorded() as recorded:
-                vl.varlen_fwd_launch(q, k, v, cu, cu, longest, longest, 0.125, causal, p, seed, arch)
-                vl.varlen_bwd_launch(out, dlse, q, k, v, out, lse, cu, cu, longest, longest, seed, 0.125, causal, p,
-                                      arch)
+                if has_kernels(d, d, dtype, arch, heavy, backward=False, varlen=True):
+                    vl.varlen_fwd_launch(q, k, v, cu, cu, longest, longest, 0.125, causal, p, seed, arch)
+                if has_kernels(d, d, dtype, arch, heavy, backward=True, varlen=True):
+                    vl.varlen_bwd_launch(out, dlse, q, k, v, out, lse, cu, cu, longest, longest, seed, 0.125, causal,
+                                         p, arch)
             for name in names:
                 for kernel, args, options in recorded.get(name, []):
                     key = (arch, name, repr(sorted((k_, str(v_.dtype) if isinstance(v_, torch.Tensor) else repr(v_))
@@ -509,6 +521,7 @@ def variants_specs(archs: Archs) -> Iterator[Spec]:
 
     from ..ops.attention import examples as ex
     from ..ops.attention import launch as at
+    from ..ops.attention.config import has_kernels
     names = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_preprocess_kernel")
     kept = names[:3]                      # the preprocess kernel is that of the attention family
 
@@ -540,8 +553,10 @@ def variants_specs(archs: Archs) -> Iterator[Spec]:
             q, k, v = empty(b, h, l, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype), empty(b, hkv, s, d, dtype=dtype)
             out, lse = empty(b, h, l, d, dtype=dtype), empty(b, h, l, dtype=acc)
             with _recorded() as recorded, _shape_only_tables():
-                at.fwd_launch(q, k, v, None, None, 0.125, causal, 0, 0.0, 0, 0, arch, var=var)
-                at.bwd_launch(out, None, q, k, v, out, lse, None, None, 0, 0.125, causal, 0, 0.0, arch, var=var)
+                if has_kernels(d, d, dtype, arch, at._heavy(var, 0.0), backward=False):
+                    at.fwd_launch(q, k, v, None, None, 0.125, causal, 0, 0.0, 0, 0, arch, var=var)
+                if has_kernels(d, d, dtype, arch, at._heavy(var, 0.0), backward=True):
+                    at.bwd_launch(out, None, q, k, v, out, lse, None, None, 0, 0.125, causal, 0, 0.0, arch, var=var)
             for name in kept:
                 for kernel, args, options in recorded.get(name, []):
                     key = (arch, name, repr(sorted((k_, _arg_key(v_)) for k_, v_ in args.items())),

@@ -15,7 +15,7 @@ from ..._core.launch import device_arch
 from . import sparse, torch_path
 from .blockmask import BlockMask
 from .config import MAX_HEAD_DIM, attention_config, decode_splits
-from .launch import attention_fwd, variant_attention
+from .launch import attention_fwd, kernels_run, variant_attention
 from .variants import Variants, check_variants, row_offsets
 
 try:  # torch's causal-mask tensor subclass (torch >= 2.3), understood as a causal alignment
@@ -80,11 +80,15 @@ def _check_seqlens_range(op: str, seqlens_k: torch.Tensor, s: int) -> None:
             f"check=False to skip this check (a device sync) when the lengths are known to be valid")
 
 
-def _choose(q: torch.Tensor, op: str, attn_mask: torch.Tensor | None, dropout_p: float) -> str:
-    """The backend's choice, except that a float mask whose gradient is wanted together with dropout runs the
-    PyTorch path (the kernels' dropout mask is drawn inside them; the mask gradient is computed outside)."""
+def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str, attn_mask: torch.Tensor | None,
+            dropout_p: float, variants: Variants | None = None) -> str:
+    """The backend's choice, except that the PyTorch path runs a float mask whose gradient is wanted together with
+    dropout (the kernels' dropout mask is drawn inside them; the mask gradient is computed outside) and a call the
+    device's column of the tile table has no kernel for (``launch.kernels_run``)."""
     impl = _backend.choose(q, op)
     if impl == "triton" and dropout_p > 0 and mask_requires_grad(attn_mask):
+        return "torch"
+    if impl == "triton" and not kernels_run(q, v, variants, dropout_p, q, k, v, attn_mask):
         return "torch"
     return impl
 
@@ -281,7 +285,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     hkv, s = k.shape[1], k.shape[2]
     if variants is not None and seqlens_k is not None:   # positions (causal, window, ALiBi) per row
         variants = dataclasses.replace(variants, off=row_offsets(s - l, seqlens_k, s))
-    if _choose(q, op, attn_mask, dropout_p) == "torch":
+    if _choose(q, k, v, op, attn_mask, dropout_p, variants) == "torch":
         return torch_path.attention(q, k, v, causal, attn_mask, seqlens_k, scale, dropout_p, return_lse,
                                     variants=variants)
     if variants is not None:
@@ -368,7 +372,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     _check_mask(op, attn_mask, full, query)
     scale = _check_scale(op, scale, e)
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
-    if _choose(query, op, attn_mask, dropout_p) == "torch":
+    if _choose(query, key, value, op, attn_mask, dropout_p) == "torch":
         return torch_path.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                        batch, gqa, causal_offset)
     # To (B, H, L, E): the dim before (L, E) is the head dim (where GQA happens), the others the batch.

@@ -43,7 +43,7 @@ _TILES = {
         ("decode", 256):   ((0, 32, 4, 2),     (0, 32, 4, 2),      (0, 32, 4, 2),      (0, 32, 4, 2)),
         ("bwd_dkdv", 64):  ((32, 64, 4, 1),    (64, 128, 8, 2),    (32, 32, 8, 1),     (32, 32, 4, 1)),
         ("bwd_dkdv", 128): ((64, 64, 8, 1),    (32, 128, 8, 2),    (16, 32, 4, 2),     (32, 32, 8, 1)),
-        ("bwd_dkdv", 256): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 16, 8, 1),     (16, 16, 8, 1)),
+        ("bwd_dkdv", 256): ((16, 32, 8, 1),    (16, 32, 8, 1),     (64, 16, 8, 1),     (64, 16, 8, 1)),
         ("bwd_dq", 64):    ((64, 32, 4, 2),    (128, 64, 8, 2),    (64, 32, 8, 2),     (64, 32, 8, 3)),
         ("bwd_dq", 128):   ((64, 32, 4, 2),    (128, 128, 8, 2),   (64, 32, 8, 2),     (64, 32, 8, 2)),
         ("bwd_dq", 256):   ((32, 32, 4, 1),    (32, 32, 4, 1),     (32, 32, 8, 1),     (32, 32, 8, 1)),
@@ -55,7 +55,7 @@ _TILES = {
         ("decode", 64):    ((0, 32, 4, 1),     (0, 32, 4, 1),      (0, 32, 8, 1),      (0, 32, 8, 1)),
         ("decode", 128):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
         ("decode", 256):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
-        ("bwd_dkdv", 64):  ((16, 32, 4, 1),    (16, 32, 4, 1),     (16, 16, 4, 1),     (16, 16, 8, 1)),
+        ("bwd_dkdv", 64):  ((16, 32, 4, 1),    (16, 32, 4, 1),     (32, 64, 8, 1),     (32, 64, 8, 1)),
         ("bwd_dkdv", 128): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 32, 8, 1),     (16, 16, 4, 1)),
         ("bwd_dkdv", 256): ((16, 16, 8, 1),    (16, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
         ("bwd_dq", 64):    ((32, 32, 4, 1),    (32, 32, 4, 1),     (16, 32, 4, 1),     (16, 32, 4, 1)),
@@ -66,10 +66,15 @@ _TILES = {
              for key in [(kind, d) for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)]},
 }
 
+_KINDS = ("fwd", "decode", "bwd_dkdv", "bwd_dq")
 # A tile entry's key: (dtype family, kernel kind, head-dim bucket, dropout); its value (BLOCK_M, BLOCK_N,
 # num_warps, num_stages).
 TileKey = tuple[str, str, int, bool]
 Tile = tuple[int, int, int, int]
+# The entry meaning "no Triton kernel here": on this column every tile the compiler was given for the key spills
+# or needs more shared memory than the GPU has. A call that would run it takes the PyTorch path (``has_kernels``:
+# forward and backward together when gradients are wanted) and ``python -m fused_kernels.aot`` does not compile it.
+NO_KERNEL: Tile = (0, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,9 @@ COLUMNS: dict[str, Column] = {
                     varlen={("16bit", "fwd", 64, True): (64, 32, 4, 2),
                             ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 2),
                             ("fp32", "fwd", 64, True): (16, 32, 4, 1),
-                            ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1)},
+                            ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1),
+                            # 64 x 16 spills 20+24 B here (triton 3.9)
+                            ("16bit", "bwd_dkdv", 256, True): (32, 16, 8, 1)},
                     # fp32 d=128 spilled 8+4 B with 1 stage (--family paged)
                     decode_stages={("fp32", 128): 2}),
     # sm_90's 16-bit tiles are sized for TMA: with pointer loads they spill, so the packed kernels start from
@@ -118,14 +125,22 @@ COLUMNS: dict[str, Column] = {
                     # 16-bit d=128 spilled 4+4 B with 3 stages (16-key tiles)
                     decode_stages={("16bit", 128): 2}),
     # 99 KB of shared memory: sm_80's d=256 forward needs 106,496 B (two stages of 64-key tiles); its dropout
-    # tile (64 x 32, two stages) needs 73,728 B. sm_80's d=128 dK/dV with dropout spills 16+8 B here (4 warps).
+    # tile (64 x 32, two stages) needs 73,728 B, its d=256 dK/dV with dropout (64 x 16) 114,688 B. sm_80's d=128
+    # dK/dV with dropout spills 16+8 B here (4 warps).
     "sm_86": Column("sm_80", tiles={("16bit", "fwd", 256, False): (64, 32, 8, 2),
                                     ("16bit", "bwd_dkdv", 128, True): (16, 32, 8, 2),
+                                    ("16bit", "bwd_dkdv", 256, True): (32, 32, 8, 1),
                                     # 8+4 B spilled with 8 warps (fp32 flash-decoding with dropout, d=256)
                                     ("fp32", "decode", 256, True): (0, 16, 4, 1)}),
     # sm_86's tiles (mma.sync, pointer loads: TMA was neither compiled nor measured here with them), but the d=64
     # dK/dV, whose causal form spills 40+52 B with 4 warps. Hopper's (TMA) tiles spill here (issue 28).
-    "sm_120": Column("sm_86", tiles={("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1)}),
+    # fp64 d=64 dK/dV with dropout spills 24+36 B with 4 warps (16 x 32 x 8 warps is clean too, at 28,160
+    # instructions per 1k scores; 2 warps: 24,000).
+    "sm_120": Column("sm_86", tiles={("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),
+                                     ("fp64", "bwd_dkdv", 64, True): (16, 16, 2, 1)},
+                     # sm_80's packed fp32 d=64 dK/dV with dropout (16 x 16 x 8 warps) spills 8+8 B here: the dense
+                     # tile (14,560 instructions per 1k scores)
+                     varlen={("fp32", "bwd_dkdv", 64, True): (32, 64, 8, 1)}),
     # sm_90's tiles (TMA; triton lowers tl.dot to tcgen05 here), but those that spill 28-1,136 B with tcgen05:
     # 64 x 64 dK/dV tiles of one stage (sm_90's with one stage still spill 4-8 B), 64-row dQ / d=256 forward tiles.
     "sm_100": Column("sm_90", tma=True, tiles={("16bit", "bwd_dkdv", 64, False): (64, 64, 8, 1),
@@ -134,35 +149,61 @@ COLUMNS: dict[str, Column] = {
                                                ("16bit", "fwd", 256, False): (64, 64, 8, 2)}),
     # No tensor cores for bf16 (and none triton uses for fp16) below sm_80: 16-bit inputs run in fp32 math
     # (``upcast_16bit``) at sm_80's true-fp32 tiles, but where those spill (8-56 B) or need more than T4's 64 KB
-    # of shared memory (d=256 backward: 98,304 / 100,352 B): 16 x 16 tiles.
+    # of shared memory (d=256 backward: 98,304 / 100,352 B): 16 x 16 tiles. No Triton kernel for the dK/dV with
+    # dropout at d=256 (66,560 B at 16 x 16, the smallest tile a dot takes, 16-bit in fp32 math and fp32) and in
+    # fp64 at d=128 (67,584 B): those calls take the PyTorch path on a T4.
     "sm_75": Column("sm_86", tiles={
         **{("16bit", kind, d, dropout): tile for (dtypes, kind, d, dropout), tile in _base_tiles(0).items()
            if dtypes == "fp32"},
         ("16bit", "bwd_dkdv", 64, True): (16, 16, 8, 1), ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
-        ("16bit", "bwd_dkdv", 256, True): (16, 16, 4, 1), ("16bit", "bwd_dq", 64, True): (16, 16, 4, 1),
-        ("16bit", "bwd_dq", 128, False): (16, 16, 8, 1), ("16bit", "bwd_dq", 256, False): (16, 16, 8, 1)}),
+        ("16bit", "bwd_dkdv", 256, True): NO_KERNEL, ("16bit", "bwd_dq", 64, True): (16, 16, 4, 1),
+        ("16bit", "bwd_dq", 128, False): (16, 16, 8, 1), ("16bit", "bwd_dq", 256, False): (16, 16, 8, 1),
+        ("fp32", "bwd_dkdv", 256, True): NO_KERNEL, ("fp64", "bwd_dkdv", 128, True): NO_KERNEL}),
     # sm_75's, but the dK/dV with dropout: 4 warps at d <= 128 (8 spill 68-132 B here), 8 at d=256 (4 spill 80 B;
-    # V100's 96 KB take its 66,560 B).
+    # V100's 96 KB take its 66,560 B, and fp64's 67,584 B at d=128).
     "sm_70": Column("sm_75", tiles={("16bit", "bwd_dkdv", 64, True): (16, 16, 4, 1),
                                     ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 1),
-                                    ("16bit", "bwd_dkdv", 256, True): (16, 16, 8, 1)}),
+                                    ("16bit", "bwd_dkdv", 256, True): (16, 16, 8, 1),
+                                    ("fp32", "bwd_dkdv", 256, True): (16, 16, 8, 1),
+                                    ("fp64", "bwd_dkdv", 128, True): (16, 16, 8, 1)},
+                    varlen={("fp64", "bwd_dkdv", 128, True): (16, 16, 4, 1)}),     # 104+104 B with 8 warps
     # AMD CDNA: 64 KB of LDS, 64-wide waves. sm_80's tiles with 4 waves (8 put two waves of a block on a SIMD and
     # halve each one's registers: 256 VGPRs spilled up to 940 B of scratch at d=128 / 256) and without software
     # pipelining (triton's AMD stream pipeliner buffers every further stage in LDS).
     # The d=128 dK/dV at 64 x 64 spills 1-84 VGPRs into AGPRs (causal / MHA): 32 x 64, at most 2.
     "gfx90a": Column("sm_80", tiles={**{key: (bm, bn, 4, 1) for key, (bm, bn, _, _) in _base_tiles(0).items()},
                                      ("16bit", "bwd_dkdv", 128, False): (32, 64, 4, 1),
+                                     # 64 x 16 at d=256 with dropout: 244-404 B of scratch on gfx942
+                                     ("16bit", "bwd_dkdv", 256, True): (32, 16, 4, 1),
                                      # 508 B of scratch on gfx942 at 32 x 16
                                      ("fp32", "bwd_dkdv", 256, True): (16, 16, 4, 1)}),
     "gfx942": Column("gfx90a"),
     # RDNA3: 256 VGPRs a lane, 32-wide waves: sm_80's 16-bit tiles spill up to 2.5 KB of scratch, its fp32
-    # (FMA-sized) ones up to 2.2 KB but at d=64 in the forward: 16 x 16 tiles, without pipelining. The backward at
-    # d >= 128 and the d=256 forward still spill (12 B to 2 KB of scratch, more with 4 warps): open
-    # (docs/architectures.md).
+    # (FMA-sized) ones up to 2.2 KB but at d=64 in the forward: 16 x 16 tiles, without pipelining. No Triton kernel
+    # (12 B to 7 KB of scratch at every tile tried, more with 4 warps): the 16-bit backward at d >= 128, the d=256
+    # forward, fp32 / fp64 above d=64, the fp64 backward with dropout; those calls take the PyTorch path
+    # (docs/architectures.md). Still spilling: the 16-bit d=64 dK/dV in its MHA causal form (20-36 B at 16 x 16 /
+    # 16 x 32, more at larger tiles; the GQA and non-causal forms are clean).
     "gfx1100": Column("gfx90a", tiles={
         **{("16bit", kind, d, dropout): (16, 16, 8, 1) for kind in ("fwd", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)
            for dropout in (False, True)},
-        ("16bit", "fwd", 64, False): (32, 32, 4, 1), ("16bit", "fwd", 64, True): (32, 32, 8, 1)}),
+        ("16bit", "fwd", 64, False): (32, 32, 4, 1), ("16bit", "fwd", 64, True): (32, 32, 8, 1),
+        # fp32 / fp64 at d=64: 8 waves (4 spilled 220 B - 2.2 KB of scratch), smaller tiles where 32 x 32 still
+        # spilled 204-280 B (forward with dropout, paged prefill)
+        ("fp32", "fwd", 64, False): (16, 32, 8, 1), ("fp32", "fwd", 64, True): (16, 16, 8, 1),
+        ("fp32", "decode", 64, False): (0, 32, 8, 1), ("fp32", "decode", 64, True): (0, 32, 8, 1),
+        ("fp32", "bwd_dkdv", 64, True): (16, 16, 8, 1), ("fp32", "bwd_dq", 64, True): (16, 16, 8, 1),
+        ("fp64", "fwd", 64, False): (16, 16, 8, 1), ("fp64", "fwd", 64, True): (16, 16, 8, 1),
+        ("fp64", "decode", 64, False): (0, 16, 8, 1), ("fp64", "decode", 64, True): (0, 16, 8, 1),
+        # flash-decoding at d=128 with dropout: 12 B of scratch with 64-key tiles
+        ("16bit", "decode", 128, True): (0, 32, 4, 1),
+        # fp64 backward with dropout at d=64: 700 B - 3.4 KB of scratch with 2, 4 or 8 waves
+        ("fp64", "bwd_dkdv", 64, True): NO_KERNEL, ("fp64", "bwd_dq", 64, True): NO_KERNEL,
+        **{("16bit", kind, d, dropout): NO_KERNEL for kind in ("bwd_dkdv", "bwd_dq") for d in (128, 256)
+           for dropout in (False, True)},
+        ("16bit", "fwd", 256, False): NO_KERNEL, ("16bit", "fwd", 256, True): NO_KERNEL,
+        **{(dtypes, kind, d, dropout): NO_KERNEL for dtypes in ("fp32", "fp64") for kind in _KINDS for d in (128, 256)
+           for dropout in (False, True)}}),
     "generic": Column("sm_75"),
 }
 
@@ -177,13 +218,18 @@ _TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     (3, 6): {"sm_90": {("16bit", "bwd_dkdv", 64, False): (64, 128, 8, 1),
                        ("16bit", "bwd_dkdv", 128, False): (32, 128, 8, 1),
                        ("16bit", "bwd_dq", 128, False): (128, 64, 8, 2),
+                       # 3.6 keeps 32 x 16 x 4 warps clean here (3.9 spills it 24+12 B): 6,152 instructions per 1k
+                       # scores, 6,416 at the column's 64 x 16 x 8
+                       ("16bit", "bwd_dkdv", 256, True): (32, 16, 4, 1),
                        ("fp32", "fwd", 128, True): (32, 16, 8, 1)},
              "sm_80": {("fp32", "bwd_dkdv", 128, True): (16, 16, 4, 1),
                        ("fp32", "fwd", 128, True): (32, 16, 4, 1)}},
 }
 _VARLEN_TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     (3, 6): {"sm_80": {("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),     # 12 B spilled with 4 warps
-                       ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1)},    # 48 B with (16, 16, 4, 2)
+                       ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),     # 48 B with (16, 16, 4, 2)
+                       # clean on 3.6 (3.9 spills it): 5,024 instructions per 1k scores, 8,064 at 32 x 16
+                       ("16bit", "bwd_dkdv", 256, True): (64, 16, 8, 1)},
              "sm_90": {("16bit", "bwd_dkdv", 64, False): (32, 64, 4, 1),     # (as before: clean on sm_90a)
                        ("16bit", "bwd_dkdv", 128, False): (32, 32, 4, 1),    # 36 B with 8 warps
                        ("fp32", "bwd_dkdv", 128, True): (16, 16, 8, 1),      # 20 B with (16, 16, 4, 1)
@@ -240,6 +286,21 @@ def column_tile(column: str, key: TileKey, varlen: bool = False) -> Tile:
     raise KeyError(f"no tile for {key} in column {column!r}")
 
 
+def has_kernels(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: ArchValue, dropout: bool,
+                backward: bool, varlen: bool = False) -> bool:
+    """Whether a call runs on the Triton kernels on ``arch``: no ``NO_KERNEL`` entry in its column for the forward
+    kernels ("fwd", "decode") and, when gradients are wanted (``backward``), the backward ones ("bwd_dkdv",
+    "bwd_dq"); ``dropout`` is the tile column's (``launch._heavy``), ``varlen`` reads the packed kernels' entries.
+    Otherwise the whole call (forward and backward) takes the PyTorch path."""
+    family = arch_family(arch)
+    if family is None:
+        return True
+    d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
+    kinds = _KINDS if backward else ("fwd", "decode")
+    return all(column_tile(family.name, (_dtype_family(dtype), kind, d, dropout), varlen) != NO_KERNEL
+               for kind in kinds)
+
+
 def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: ArchValue,
                      dropout: bool = False, specialize: bool = False) -> dict:
     """Block sizes, warps, stages and TMA use of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
@@ -264,6 +325,10 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
     dtypes = _dtype_family(dtype)
     bm, bn, w, st = column_tile(family.name, (dtypes, kind, d, dropout))
+    if (bm, bn, w, st) == NO_KERNEL:
+        raise RuntimeError(f"attention: no Triton kernel for {kind} at head dim {d} ({dtypes}"
+                           f"{', dropout' if dropout else ''}) on {family.name}: the call takes the PyTorch path "
+                           f"(has_kernels)")
     tma = COLUMNS[family.name].tma and dtypes == "16bit" and not dropout and d <= 128 and kind != "decode"
     ws = None
     if kind == "fwd" and specialize and tma:
@@ -287,6 +352,9 @@ def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: ArchValu
         return attention_config(kind, d, dv, dtype, None, dropout)
     key = (_dtype_family(dtype), kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
     bm, bn, w, st = column_tile(family.name, key, varlen=True)
+    if (bm, bn, w, st) == NO_KERNEL:
+        raise RuntimeError(f"varlen_attention: no Triton kernel for {key} on {family.name}: the call takes the "
+                           f"PyTorch path (has_kernels)")
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": False}
 
 

@@ -30,7 +30,7 @@ from ..._core.launch import (
 )
 from . import grad as _grad
 from . import sparse
-from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, attention_config
+from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, attention_config, has_kernels
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .kernels.forward import _attn_fwd_kernel
@@ -190,6 +190,16 @@ def _heavy(var, dropout_p: float) -> bool:
         return True
     return var is not None and (var.alibi_slopes is not None or bool(var.mod_args)
                                 or (var.softcap is not None and var.score_mod is not None))
+
+
+def kernels_run(q: torch.Tensor, v: torch.Tensor, var, dropout_p: float, *grad_inputs: torch.Tensor | None,
+                varlen: bool = False) -> bool:
+    """Whether the tile table's column of ``q``'s device has Triton kernels for this call (``config.has_kernels``):
+    the forward, and the backward when autograd will want gradients of ``grad_inputs``. Where it has not, the
+    caller runs the PyTorch path for the whole call."""
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    return has_kernels(q.shape[-1], v.shape[-1], q.dtype, device_arch(q.device), _heavy(var, dropout_p), backward,
+                       varlen)
 
 
 def _lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, block_m, block_n, by_query) -> dict:

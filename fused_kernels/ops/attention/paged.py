@@ -45,7 +45,7 @@ from .api import _check_scale
 from .config import LOG2E, MAX_HEAD_DIM, decode_splits, paged_config
 from .kernels.decode import _attn_combine_kernel
 from .kernels.paged import _paged_append_kernel, _paged_attn_fwd_kernel
-from .launch import _last_dim_contiguous
+from .launch import _last_dim_contiguous, kernels_run
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 APPEND_BLOCK_T = 16          # new tokens per program of the append kernel
@@ -229,7 +229,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     scale = _check_scale(op, scale, d)
     bt, sl = _check_tables(op, k_cache, block_table, cache_seqlens, b, 0, check)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
-    if needs_grad or _backend.choose(q, op) == "torch":
+    if needs_grad or _backend.choose(q, op) == "torch" or not kernels_run(q, v_cache, None, 0.0):
         out, lse = _attention_torch(q, k_cache, v_cache, bt, sl, float(scale), causal)
     else:
         out, lse = paged_launch(q, k_cache, v_cache, bt, sl, float(scale), causal, num_splits, device_arch(q.device))

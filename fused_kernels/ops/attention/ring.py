@@ -44,7 +44,7 @@ from ..._core import backend as _backend
 from ..._core import checks as _checks
 from . import grad as _grad
 from .api import _check_scale
-from .launch import attention_bwd, attention_fwd
+from .launch import attention_bwd, attention_fwd, kernels_run
 from .torch_path import _FLASH, _FLASH_BWD
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -420,4 +420,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
                  LAYOUTS.index(layout), int(seqlens_k is not None)]
     _check_same_everywhere(op, signature, group, q.device)
     impl = _backend.choose(q, op)
+    if impl == "triton" and not kernels_run(q, v, None, 0.0, q, k, v):
+        impl = "torch"       # no kernel in this device's column of the tile table
     return RingAttentionFunction.apply(q, k, v, seqlens_k, group, causal, float(scale), layout, impl)

@@ -39,7 +39,7 @@ from .api import _check_head_dims, _check_qkv, _check_scale, attention
 from .config import LOG2E, MASK_NONE, varlen_config
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.forward import _attn_fwd_kernel
-from .launch import _fold_flags, _last_dim_contiguous
+from .launch import _fold_flags, _last_dim_contiguous, kernels_run
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -112,6 +112,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = _check_scale(op, scale, d)
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
     impl = _backend.choose(q, op)
+    if impl == "triton" and not kernels_run(q, v, None, dropout_p, q, k, v, varlen=True):
+        impl = "torch"       # no kernel in this device's column of the tile table
     if impl == "torch":
         return _per_sequence(q, k, v, cu_q, cu_k, causal, scale, dropout_p, return_lse, impl)
     out, lse, _ = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, causal, dropout_p)
