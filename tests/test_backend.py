@@ -55,7 +55,9 @@ def _launches(op: str, device: str = "cpu") -> int:
 TORCH_PATHS = {"layer_norm": (ln_mod, "_layer_norm_torch"), "rms_norm": (ln_mod, "_rms_norm_torch"),
                "add_layer_norm": (ln_mod, "_add_layer_norm_torch"), "softmax": (sm_mod, "_softmax_torch"),
                "attention": (torch_path, "attention"),
-               "scaled_dot_product_attention": (torch_path, "scaled_dot_product_attention")}
+               "scaled_dot_product_attention": (torch_path, "scaled_dot_product_attention"),
+               # the plain self-attention call of both (no mask, one shape): their short path
+               "self_attention": (torch_path, "self_attention")}
 
 
 @pytest.fixture
@@ -102,11 +104,16 @@ def test_kernel_paths_never_call_the_pytorch_path(op, fast_torch_calls):
 
 
 def test_attention_dispatch(fast_torch_calls):
+    """Under backend "torch" both attention functions run the PyTorch path: the plain self-attention call its
+    short path (``torch_path.self_attention``), a masked call the op's own."""
     q = torch.randn(1, 2, 5, 16)
+    keep = torch.rand(1, 1, 5, 5) > 0.3
     with fused_kernels.use_backend("torch"):
         fused_kernels.attention(q, q, q, causal=True)
         fused_kernels.scaled_dot_product_attention(q, q, q)
-    assert fast_torch_calls == ["attention", "scaled_dot_product_attention"]
+        fused_kernels.attention(q, q, q, attn_mask=keep)
+        fused_kernels.scaled_dot_product_attention(q, q, q, attn_mask=keep)
+    assert fast_torch_calls == ["self_attention", "self_attention", "attention", "scaled_dot_product_attention"]
 
 
 def test_choose_routes_a_case_to_torch_only_under_auto():
