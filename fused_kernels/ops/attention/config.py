@@ -56,7 +56,7 @@ _TILES = {
         ("decode", 128):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
         ("decode", 256):   ((0, 16, 8, 1),     (0, 16, 8, 1),      (0, 16, 8, 1),      (0, 16, 8, 1)),
         ("bwd_dkdv", 64):  ((16, 32, 4, 1),    (16, 32, 4, 1),     (32, 64, 8, 1),     (32, 64, 8, 1)),
-        ("bwd_dkdv", 128): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 32, 8, 1),     (16, 16, 4, 1)),
+        ("bwd_dkdv", 128): ((16, 32, 8, 1),    (16, 32, 8, 1),     (16, 64, 8, 1),     (16, 16, 4, 1)),
         ("bwd_dkdv", 256): ((16, 16, 8, 1),    (16, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
         ("bwd_dq", 64):    ((32, 32, 4, 1),    (32, 32, 4, 1),     (16, 32, 4, 1),     (16, 32, 4, 1)),
         ("bwd_dq", 128):   ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
@@ -129,6 +129,9 @@ COLUMNS: dict[str, Column] = {
     # dK/dV with dropout spills 16+8 B here (4 warps).
     "sm_86": Column("sm_80", tiles={("16bit", "fwd", 256, False): (64, 32, 8, 2),
                                     ("16bit", "bwd_dkdv", 128, True): (16, 32, 8, 2),
+                                    # sm_80's 16 x 64 spills 28+28 B in the packed form here (and needs
+                                    # 86,016 B, over T4's 64 KB): the tile sm_80 had before
+                                    ("fp32", "bwd_dkdv", 128, True): (16, 32, 8, 1),
                                     ("16bit", "bwd_dkdv", 256, True): (32, 32, 8, 1),
                                     # 8+4 B spilled with 8 warps (fp32 flash-decoding with dropout, d=256)
                                     ("fp32", "decode", 256, True): (0, 16, 4, 1)}),
@@ -137,7 +140,9 @@ COLUMNS: dict[str, Column] = {
     # fp64 d=64 dK/dV with dropout spills 24+36 B with 4 warps (16 x 32 x 8 warps is clean too, at 28,160
     # instructions per 1k scores; 2 warps: 24,000).
     "sm_120": Column("sm_86", tiles={("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),
-                                     ("fp64", "bwd_dkdv", 64, True): (16, 16, 2, 1)},
+                                     ("fp64", "bwd_dkdv", 64, True): (16, 16, 2, 1),
+                                     # sm_86's 16 x 32 spills 24+24 B with dropout here; sm_80's is clean
+                                     ("fp32", "bwd_dkdv", 128, True): (16, 64, 8, 1)},
                      # sm_80's packed fp32 d=64 dK/dV with dropout (16 x 16 x 8 warps) spills 8+8 B here: the dense
                      # tile (14,560 instructions per 1k scores)
                      varlen={("fp32", "bwd_dkdv", 64, True): (32, 64, 8, 1)}),
