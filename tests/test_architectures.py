@@ -286,3 +286,16 @@ def test_no_kernel_gfx1100_matches_the_reference(device):
     with fused_kernels.use_backend("triton"), force_arch("gfx1100"):
         names = _launched(lambda: check_attention(q, k, v, causal=True, **FP32_TOL))
     assert names == []
+    # the plain self-attention call (its short path past the argument checks) routes the same way
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(1, 2, 2, 40, 40, 128, dtype=torch.float32, device=device))
+    for fn in (lambda: fused_kernels.attention(q, k, v, causal=True),
+               lambda: fused_kernels.scaled_dot_product_attention(q, k, v, is_causal=True)):
+        with fused_kernels.use_backend("triton"), force_arch("gfx1100"):
+            got = []
+            names = _launched(lambda got=got, fn=fn: got.append(fn()))
+            grads = torch.autograd.grad(got[0].sum(), (q, k, v))
+        with fused_kernels.use_backend("torch"):
+            out = fn()
+            want = torch.autograd.grad(out.sum(), (q, k, v))
+        assert names == []
+        assert torch.equal(got[0], out) and all(torch.equal(g, w) for g, w in zip(grads, want))

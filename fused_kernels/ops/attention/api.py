@@ -169,7 +169,7 @@ def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     torch's whole kernel at short sequences: ``_plain_qkv`` tensors (every check passes; L == S, so top-left and
     bottom-right causal agree), no mask, variant or dropout, the default scale."""
     scale = 1.0 / math.sqrt(q.shape[3])
-    if _backend.choose(q, op) == "torch":
+    if _choose(q, k, v, op, None, 0.0) == "torch":        # the backend, or a column without this kernel
         return torch_path.self_attention(q, k, v, causal, scale)
     return attention_fwd(q, k, v, None, None, scale, causal, 0, 0.0, 0)[0]
 
