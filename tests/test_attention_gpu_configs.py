@@ -273,6 +273,10 @@ def _variant(name: str, gpu, b: int, h: int, l: int, s: int) -> tuple[dict, dict
         ids = torch.tensor([[0] * 100 + [1] * 60 + [2] * (l - 160)] * b, device=dev)
         return dict(document_ids=ids, prefix_lengths=torch.tensor([40] * b, device=dev), mask_mod=ex.stripes), {}, \
             True
+    if name == "documents_cross":    # separate query / key ids, interleaved, -1 among them (the kernels' padding)
+        qi = ((torch.arange(l, device=dev) // 37) % 3 - 1).expand(b, l)
+        ki = ((torch.arange(s, device=dev) // 53) % 3 - 1).expand(b, s)
+        return dict(document_ids=(qi, ki)), {}, False
     if name == "score_mod":
         return dict(score_mod=ex.distance_penalty, score_mod_grad=ex.distance_penalty_grad), {}, False
     if name == "mod_args":
@@ -292,8 +296,8 @@ def _variant(name: str, gpu, b: int, h: int, l: int, s: int) -> tuple[dict, dict
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("name", ["window", "softcap", "alibi", "documents_prefix_stripes", "score_mod", "mod_args",
-                                  "all"])
+@pytest.mark.parametrize("name", ["window", "softcap", "alibi", "documents_prefix_stripes", "documents_cross",
+                                  "score_mod", "mod_args", "all"])
 def test_variants(gpu, name):
     b, h, l, s, d = 1, 2, 260, 260, 64
     q, k, v = _qkv(gpu, b, h, 1, l, s, d)

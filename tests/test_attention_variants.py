@@ -83,6 +83,24 @@ def test_documents():
     _compare(dict(document_ids=ids), l=6, s=6)
     qi, ki = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1]]), torch.tensor([[0, 1, 1, 1, 2, 2, 2]] * 2)
     _compare(dict(document_ids=(qi, ki)), l=6, s=7)
+    # -1 is a user's id like any other (the kernels pad each row of ids with -1: sparse.pad_doc_ids)
+    _compare(dict(document_ids=(qi - 1, ki - 1)), l=6, s=7)
+
+
+def test_document_padding_covers_every_tile():
+    """The kernels read document ids up to a tile past each row's end, unclamped (``mods.doc_ids``): every tile
+    of every column (and release override) must fit in ``DOC_PAD``."""
+    from fused_kernels.ops.attention import config
+    from fused_kernels.ops.attention.kernels.mods import DOC_PAD
+    from fused_kernels.ops.attention.sparse import pad_doc_ids
+    tables = [t for col in config.COLUMNS.values() for t in (col.tiles, col.varlen)]
+    tables += [t for rel in (config._TILE_OVERRIDES, config._VARLEN_TILE_OVERRIDES, config._WARP_SPECIALIZED)
+               for cols in rel.values() for t in cols.values()]
+    tiles = [tile for table in tables for tile in table.values() if tile != config.NO_KERNEL]
+    assert len(tiles) > 100 and max(max(bm, bn) for bm, bn, _, _ in tiles) <= DOC_PAD.value
+    padded = pad_doc_ids(torch.tensor([[3, -1, 7]]))
+    assert padded.dtype == torch.int32 and padded.shape == (1, 3 + DOC_PAD.value)
+    assert padded[0, :3].tolist() == [3, -1, 7] and (padded[0, 3:] == -1).all()
 
 
 def test_float_mask_grad_with_alibi():

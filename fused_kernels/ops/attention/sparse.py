@@ -15,7 +15,7 @@ import dataclasses
 import torch
 
 from .blockmask import EMPTY, FULL, PARTIAL, band_classes, block_mask, combine, document_classes, kv_lists, q_lists
-from .kernels.mods import VariantFlags
+from .kernels.mods import DOC_PAD, VariantFlags
 from .variants import Variants, row_offsets
 
 
@@ -101,9 +101,16 @@ def kernel_args(var, q: torch.Tensor, s: int, seqlens_k: torch.Tensor | None, ca
     if var.prefix_lengths is not None:
         kw["PREFIX_LEN"] = var.prefix_lengths.to(torch.int32).contiguous()
     if var.q_ids is not None:
-        kw["DOC_Q"] = var.q_ids.to(torch.int32).contiguous()
-        kw["DOC_K"] = var.k_ids.to(torch.int32).contiguous()
+        kw["DOC_Q"], kw["DOC_K"] = pad_doc_ids(var.q_ids), pad_doc_ids(var.k_ids)
     return kw, right >= 0
+
+
+def pad_doc_ids(ids: torch.Tensor) -> torch.Tensor:
+    """(B, n) integer document ids as the kernels read them (``kernels.mods.doc_ids``): int32, (B, n + DOC_PAD),
+    -1 in the padding."""
+    out = torch.full((ids.shape[0], ids.shape[1] + DOC_PAD.value), -1, dtype=torch.int32, device=ids.device)
+    out[:, :ids.shape[1]] = ids
+    return out
 
 
 def tile_counts(var, q: torch.Tensor, k: torch.Tensor, seqlens_k: torch.Tensor | None, causal: bool,

@@ -22,7 +22,7 @@ from .common import (
     _stage_range,
     _tile_pair,
 )
-from .mods import PLAIN, _mask, variant_context
+from .mods import PLAIN, _mask, doc_ids, variant_context
 
 
 @triton.jit(do_not_specialize=["PID1_BASE"])
@@ -235,6 +235,8 @@ def _attn_bwd_dkdv_kernel(
     prefix_len = 0
     if VARIANT.prefix:
         prefix_len = tl.minimum(tl.load(PREFIX_LEN + b), kv_len)
+    if VARIANT.docs:    # the program's key rows' document ids, once (``doc_ids``)
+        DOC_K = doc_ids(DOC_K, b, S, offs_n[:, None])
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -395,7 +397,7 @@ def _attn_bwd_dq_kernel(
     dims = (offs_d, offs_dv, D, DV)
     drop = (seed, rng_row, dropout_p)
     vctx, win_right = _query_variants(var_args, sm_scale, SLOPES, PREFIX_LEN, DOC_Q, DOC_K, MOD_ARGS, b, h, bh,
-                                      kv_len, c_off, seq_l, S, VARIANT=VARIANT)
+                                      kv_len, c_off, seq_l, S, offs_m, VARIANT=VARIANT)
     if SPARSE:
         stride_lk, stride_lb, stride_lh = stride_list
         row = b * stride_lb + h * stride_lh + start_m // BLOCK_M

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ...._core.launch import split_program_id
-from .mods import _mod_scores, variant_context
+from .mods import _mod_scores, doc_ids, variant_context
 
 LOG2E = tl.constexpr(1.4426950408889634)   # scores go through exp2: s * log2(e)
 LN2 = tl.constexpr(0.6931471805599453)     # log2 units back to natural ones
@@ -161,9 +161,10 @@ def _key_walk(K, V, MASK, b, h, hk, offs_m, offs_n, offs_d, offs_dv, stride_k, s
 
 @triton.jit
 def _query_variants(var_args, sm_scale, SLOPES, PREFIX_LEN, DOC_Q, DOC_K, MOD_ARGS, b, h, bh, kv_len, c_off, seq_l,
-                    S, VARIANT: tl.constexpr):
+                    S, offs_m, VARIANT: tl.constexpr):
     """(vctx, the band's upper side win_right) of a query-block program (``variant_context``): ``var_args`` =
-    (sm_scale, softcap, win_left, win_right) when a variant is on, else None (``sm_scale`` then stands)."""
+    (sm_scale, softcap, win_left, win_right) when a variant is on, else None (``sm_scale`` then stands). The
+    document ids of the program's query rows ``offs_m`` are loaded here, once (``doc_ids``)."""
     softcap, win_left, win_right = 1.0, 0, 0
     if var_args is not None:
         sm_scale, softcap, win_left, win_right = var_args
@@ -173,6 +174,8 @@ def _query_variants(var_args, sm_scale, SLOPES, PREFIX_LEN, DOC_Q, DOC_K, MOD_AR
     prefix_len = 0
     if VARIANT.prefix:
         prefix_len = tl.minimum(tl.load(PREFIX_LEN + b), kv_len)
+    if VARIANT.docs:
+        DOC_Q = doc_ids(DOC_Q, b, seq_l, offs_m[:, None])
     vctx = variant_context(b.to(tl.int32), h.to(tl.int32), c_off, c_off - win_left, prefix_len, sm_scale, softcap,
                            slope, seq_l, S, DOC_Q, DOC_K, MOD_ARGS)
     return vctx, win_right

@@ -173,7 +173,7 @@ def _attn_fwd_kernel(
     dims = (offs_d, offs_dv, D, DV)
     drop = (seed, rng_row, dropout_p)
     vctx, win_right = _query_variants(var_args, 1.0, SLOPES, PREFIX_LEN, DOC_Q, DOC_K, MOD_ARGS, b, h, bh, kv_len,
-                                      c_off, seq_l, S, VARIANT=VARIANT)
+                                      c_off, seq_l, S, offs_m, VARIANT=VARIANT)
     if SPARSE:
         stride_lk, stride_lb, stride_lh = stride_list
         row = b * stride_lb + h * stride_lh + start_m // BLOCK_M

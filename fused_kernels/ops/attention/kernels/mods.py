@@ -49,6 +49,9 @@ class VariantFlags(NamedTuple):
 
 PLAIN = VariantFlags()      # every variant off: the kernels' default VARIANT
 
+# -1 ids after each row of the document-id tensors (``doc_ids``): at least the largest tile's rows
+DOC_PAD = tl.constexpr(128)
+
 
 @triton.jit
 def variant_context(b, h, c_off, c_lo, prefix_len, sm_scale, softcap, slope, L, S, DOC_Q, DOC_K, MOD_ARGS):
@@ -64,6 +67,20 @@ def variant_context(b, h, c_off, c_lo, prefix_len, sm_scale, softcap, slope, L, 
     if MOD_ARGS is None:
         MOD_ARGS = 0
     return (b, h, c_off, c_lo, prefix_len, sm_scale, softcap, slope, L, S, DOC_Q, DOC_K, MOD_ARGS)
+
+
+@triton.jit
+def doc_ids(DOC, b, n, idx):
+    """The document ids of rows ``idx`` (< n + DOC_PAD) of batch ``b``: loaded from the int32 ``DOC``, (B, n +
+    DOC_PAD) with -1 in each row's padding (``sparse.pad_doc_ids``), or ``DOC`` itself when a kernel loaded them once
+    before its loop (the program's own query rows in the forward and dQ kernels, its key rows in dK/dV). The
+    padding lets a tile read its ids without a clamp or a bounds mask: affine addresses, one base register pair
+    and immediate offsets (with clamped indices triton 3.6's sm_80 d=64 forward spilled; a mask costs 4% of the
+    partial tiles' instructions on triton 3.9)."""
+    ids = DOC
+    if DOC.dtype.is_ptr():
+        ids = tl.load(DOC + b.to(tl.int64) * (n + DOC_PAD) + idx)
+    return ids
 
 
 @triton.jit
@@ -94,7 +111,7 @@ def _mask(s, q_idx, kv_idx, kv_len, c_hi, vctx, CHECK_KV: tl.constexpr, CAUSAL: 
         qi = tl.minimum(q_idx, L - 1)
         ki = tl.minimum(kv_idx, S - 1)
         if VAR.docs:
-            same = tl.load(DOC_Q + b.to(tl.int64) * L + qi) == tl.load(DOC_K + b.to(tl.int64) * S + ki)
+            same = doc_ids(DOC_Q, b, L, q_idx) == doc_ids(DOC_K, b, S, kv_idx)
             s = tl.where(same, s, float("-inf"))
         if VAR.mask_mod is not None:
             if VAR.mod_has_args:
