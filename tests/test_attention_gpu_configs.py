@@ -221,6 +221,34 @@ def test_warp_specialized_forward(gpu, case):
     assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
 
 
+# Warp-specialized dK/dV (sm_90a, kernels/backward_ws.py): MHA calls without causal, mask, seqlens_k, dropout or
+# variants; partial query and key blocks are fine (zero-filled rows add nothing, keys past S are not stored).
+WARP_SPECIALIZED_DKDV = {
+    "odd_l_odd_s_d128": dict(b=1, h=2, hkv=2, l=200, s=150, d=128),
+    "d96_two_batches": dict(b=2, h=1, hkv=1, l=70, s=130, d=96),        # q / k / v / do zero-filled past D
+    "d64_short": dict(b=1, h=2, hkv=2, l=5, s=129, d=64),                # one partial query block
+    "gqa": dict(b=1, h=2, hkv=1, l=130, s=130, d=64, plain=True),       # the group's loop: the plain kernel
+    "causal": dict(b=1, h=2, hkv=2, l=130, s=130, d=64, causal=True, plain=True),
+}
+
+
+@pytest.mark.parametrize("case", list(WARP_SPECIALIZED_DKDV))
+def test_warp_specialized_dkdv(gpu, case):
+    """The dK/dV kernel of MHA calls whose query blocks are all mask-free is the warp-specialized one on sm_90 where
+    this triton compiles it (``config._WARP_SPECIALIZED``); GQA and causal calls keep ``_attn_bwd_dkdv_kernel``.
+    Forward and every gradient against float64."""
+    c = WARP_SPECIALIZED_DKDV[case]
+    q, k, v = _qkv(gpu, c["b"], c["h"], c["hkv"], c["l"], c["s"], c["d"])
+    causal = c.get("causal", False)
+    check(gpu, lambda q, k, v: fused_kernels.attention(q, k, v, causal=causal),
+          lambda q, k, v: ref.attention_ref(q, k, v, causal=causal), (q, k, v))
+    compiled = attention_config("bwd_dkdv", c["d"], c["d"], gpu.dtype, gpu.arch, specialize=True)["WARP_SPECIALIZE"]
+    ws = compiled and not c.get("plain", False)
+    assert bool(_grids(gpu, "_attn_bwd_dkdv_ws_kernel")) == ws
+    assert bool(_grids(gpu, "_attn_bwd_dkdv_kernel")) == (not ws)
+    assert not compiled or gpu.arch == 90
+
+
 def test_warp_specialized_forward_needs_an_aligned_row_stride(gpu):
     """One query row whose row stride (37 elements) no TMA descriptor takes: a host descriptor ignores the stride of
     a size-1 dim, the in-kernel one of the specialized loop would not, so the forward keeps the plain loops."""

@@ -142,6 +142,12 @@ def split_grid(kernel: Any, grid: tuple[int, ...]) -> list[tuple[tuple[int, ...]
     return parts
 
 
+def grid_fits(grid: tuple[int, ...]) -> bool:
+    """Whether ``grid`` runs as one launch (``split_grid`` would not split it): what a kernel without the
+    program-id base arguments (the warp-specialized ones: triton's pass rejects the offset) needs."""
+    return all(n <= limit for n, limit in zip(grid, _max_grid[-1]))
+
+
 @contextlib.contextmanager
 def max_grid(axis1: int, axis2: int | None = None) -> Iterator[None]:
     """Split launches inside the block as if axes 1 and 2 took at most ``axis1`` / ``axis2`` (default: the same)

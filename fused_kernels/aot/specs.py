@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .._core.launch import ARCH_FAMILIES, ArchValue, arch_family
+from .._core.launch import ARCH_FAMILIES, ArchValue, arch_family, max_grid
 
 Archs = tuple[ArchValue, ...]
 # Every architecture ``--arch all`` compiles for: each target of each family of the tile table, CUDA compute
@@ -286,14 +286,17 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
     ``GROUP=1``, which the launcher's specialization turns into a constant): fp16 and bf16 at head dims 64 and
     128, all three. "causal-seqlens" (bf16, head dims 64 and 128): causal aligned per row to seqlens_k alone,
     what a padded KV cache runs. "plain-tail" (bf16, head dims 64 and 128): "plain" over 1000 keys, a partial last
-    key block (sm_90a's "plain" takes the warp-specialized loop where it compiles, this one the plain loops, as a
-    split grid does). A steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N
-    scores (the SASS report's unit)."""
+    key block (sm_90a's "plain" takes the warp-specialized forward where it compiles, this one the plain loops).
+    "plain-split" (MHA, fp16 and bf16, head dims 64 and 128): "plain" on a split grid (``max_grid``), which takes
+    neither warp-specialized kernel (sm_90a's MHA "plain" backward runs ``_attn_bwd_dkdv_ws_kernel``). A
+    steady-state loop iteration of a kernel built on ``tl.dot`` covers BLOCK_M x BLOCK_N scores (the SASS
+    report's unit)."""
     from ..ops.attention import launch as at  # the launchers and the kernels they call
     from ..ops.attention.config import has_kernels
     names = ("_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_combine_kernel", "_attn_bwd_preprocess_kernel",
-             "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
-    dot_kernels = {"_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+             "_attn_bwd_dkdv_kernel", "_attn_bwd_dkdv_ws_kernel", "_attn_bwd_dq_kernel")
+    dot_kernels = {"_attn_fwd_kernel", "_attn_fwd_split_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dkdv_ws_kernel",
+                   "_attn_bwd_dq_kernel"}
 
     def empty(*shape, dtype):
         return torch.empty(shape, dtype=dtype, device="meta")
@@ -312,12 +315,13 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
               for kind in ("plain", "causal", "heavy")]
     cases += [(torch.bfloat16, d, "causal-seqlens", 4) for d in (64, 128)]
     cases += [(torch.bfloat16, d, "plain-tail", 4) for d in (64, 128)]
+    cases += [(dtype, d, "plain-split", 1) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128)]
     seen = set()
     for arch in archs:
         for dtype, d, kind, group in cases:
             h = 2048 // d
             hkv = h // group
-            heavy, causal = kind == "heavy", kind not in ("plain", "plain-tail")
+            heavy, causal = kind == "heavy", kind not in ("plain", "plain-tail", "plain-split")
             s = 1000 if kind == "plain-tail" else 1024
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             mask = empty(b, 1, l, s, dtype=torch.bool) if heavy else None
@@ -345,10 +349,16 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
                     at.bwd_launch(out, dlse, q, k, v, out, lse, mask, seqlens, seed, 0.125, causal, 0, p, arch,
                                   align_seqlens=True)
 
+            if kind == "plain-split":    # a split grid: the plain loops where "plain" takes the specialized ones
+                def run(run=run):
+                    with max_grid(64):
+                        run()
+
             for kernel, args, options in record(run):
                 name = kernel.fn.__name__
                 key = (arch, name, repr(sorted((k_, str(v_.dtype) if isinstance(v_, torch.Tensor) else repr(v_))
-                                               for k_, v_ in args.items())), repr(sorted(options.items())))
+                                               for k_, v_ in args.items() if k_ not in ("PID1_BASE", "PID2_BASE"))),
+                       repr(sorted(options.items())))    # a split grid's parts: one kernel
                 if key in seen:   # the combine / preprocess kernels repeat across head dims and kinds
                     continue
                 seen.add(key)
@@ -859,7 +869,8 @@ def grid_split_twins(specs: list[Spec]) -> list[Spec]:
     so that the split variant is proven to compile without spills next to the plain one."""
     heaviest: dict[Any, Spec] = {}
     for spec in specs:
-        if "GRID_SPLIT" not in spec.args or spec.args.get("WARP_SPECIALIZE"):   # never split (attention.launch)
+        # never split (attention.launch), or recorded from a split launch already
+        if "GRID_SPLIT" not in spec.args or spec.args.get("WARP_SPECIALIZE") or spec.args.get("GRID_SPLIT"):
             continue
         key = (spec.name, spec.meta.get("archs"), spec.meta.get("dtype"), spec.meta.get("flags"))
         if key not in heaviest or spec.meta.get("cost", 0) > heaviest[key].meta.get("cost", 0):

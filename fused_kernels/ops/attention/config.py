@@ -243,17 +243,23 @@ _VARLEN_TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = 
 }
 _TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])
 
-# The warp-specialized forward (``kernels/forward.py``, WARP_SPECIALIZE) per triton release: (major, minor) ->
-# {column: {(dtype family, head-dim bucket): tile}}. The launcher takes it for the calls whose key blocks are all
-# full and mask-free (no causal, mask, seqlens_k, dropout or variants, S a multiple of the tile's BLOCK_N) and
-# whose q, k and v take TMA; the others keep the column's tile. An entry is here only where ``python -m
+# The warp-specialized kernels per triton release: (major, minor) -> {column: {(dtype family, kind, head-dim
+# bucket): tile}}. "fwd": the forward's key loop (``kernels/forward.py``, WARP_SPECIALIZE), for the calls whose key
+# blocks are all full and mask-free (no causal, mask, seqlens_k, dropout or variants, S a multiple of the tile's
+# BLOCK_N) and whose q, k and v take TMA; "bwd_dkdv": the dK/dV kernel of ``kernels/backward_ws.py`` (BLOCK_M
+# queries a step, BLOCK_N keys a program), for MHA calls without causal, mask, seqlens_k, dropout or variants
+# whose q, k, v and do take TMA. The others keep the column's tile. An entry is here only where ``python -m
 # fused_kernels.aot --sass`` under that release compiles it clean: no spills, a producer / consumer split in the
 # SASS (setmaxnreg), no CTA-wide barrier in the consumers' loop. triton's pass specializes only a 4-warp program
-# (with 8 warps it is silently ignored), which it splits into two consumer warp groups of 64 query rows and a
-# producer group.
-_WARP_SPECIALIZED: dict[tuple[int, int], dict[str, dict[tuple[str, int], Tile]]] = {
-    (3, 9): {"sm_90": {("16bit", 64): (128, 128, 4, 2), ("16bit", 128): (128, 128, 4, 2)}},
-    (3, 6): {"sm_90": {("16bit", 64): (128, 128, 4, 2), ("16bit", 128): (128, 128, 4, 2)}},
+# (with 8 warps it is silently ignored), which it splits into two consumer warp groups (64 rows of the program's
+# own tile each) and a producer group.
+_WS_TILES: dict[tuple[str, str, int], Tile] = {
+    ("16bit", "fwd", 64): (128, 128, 4, 2), ("16bit", "fwd", 128): (128, 128, 4, 2),
+    ("16bit", "bwd_dkdv", 64): (64, 128, 4, 2), ("16bit", "bwd_dkdv", 128): (64, 128, 4, 2),
+}
+_WARP_SPECIALIZED: dict[tuple[int, int], dict[str, dict[tuple[str, str, int], Tile]]] = {
+    (3, 9): {"sm_90": _WS_TILES},
+    (3, 6): {"sm_90": _WS_TILES},
 }
 
 
@@ -317,8 +323,9 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     BLOCK_N is the key block a program owns and BLOCK_M the query block of its loop; "decode" only sets BLOCK_N
     (its BLOCK_M is the GQA group's query rows). ``TMA``: the kernel streams its tiles through tensor descriptors
     (the launcher falls back to pointers where a tensor's strides or alignment do not allow it).
-    ``WARP_SPECIALIZE``: a "fwd" call whose key blocks are all full and mask-free (``specialize``) takes the
-    warp-specialized loop where this triton release compiles it for the column (``_WARP_SPECIALIZED``). The
+    ``WARP_SPECIALIZE``: a "fwd" or "bwd_dkdv" call whose blocks are all full and mask-free (``specialize``, the
+    launcher's contract) takes the warp-specialized kernel where this triton release compiles it for the column
+    (``_WARP_SPECIALIZED``). The
     configurations are compiled by ``python -m fused_kernels.aot --arch ...`` for each column's targets (no
     spills, shared memory within the family's limit: docs/architectures.md). Shared by the launcher and
     ``fused_kernels.aot``."""
@@ -336,8 +343,8 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
                            f"(has_kernels)")
     tma = COLUMNS[family.name].tma and dtypes == "16bit" and not dropout and d <= 128 and kind != "decode"
     ws = None
-    if kind == "fwd" and specialize and tma:
-        ws = _WARP_SPECIALIZED.get(_TRITON_VERSION, {}).get(family.name, {}).get((dtypes, d))
+    if specialize and tma:
+        ws = _WARP_SPECIALIZED.get(_TRITON_VERSION, {}).get(family.name, {}).get((dtypes, kind, d))
     if ws is not None:
         bm, bn, w, st = ws
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma,

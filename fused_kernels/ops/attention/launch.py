@@ -21,10 +21,10 @@ from ..._core.launch import (
     acc_dtype,
     device_arch,
     dot_precision,
+    grid_fits,
     launch,
     next_pow2,
     scratch_launch,
-    split_grid,
     torch_acc_dtype,
     upcast_16bit,
 )
@@ -32,6 +32,7 @@ from . import grad as _grad
 from . import sparse
 from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, attention_config, has_kernels
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
+from .kernels.backward_ws import _attn_bwd_dkdv_ws_kernel
 from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
 from .kernels.forward import _attn_fwd_kernel
 from .variants import Variants, row_offsets
@@ -59,6 +60,13 @@ def tma_desc(t: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescrip
     if t.data_ptr() % 16:
         return None
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_cols])
+
+
+def _in_kernel_tma(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel can make TMA descriptors of each (B, H, rows, cols) tensor's (rows, cols) planes (the
+    warp-specialized kernels): what ``tma_desc`` checks, and the row stride aligned even for a single row (which
+    ``tma_desc`` passes)."""
+    return all(tma_desc(t, 1, 1) is not None and t.stride(2) * t.element_size() % 16 == 0 for t in tensors)
 
 
 def _kv_descs(k: torch.Tensor, v: torch.Tensor, cfg: dict, meta: dict) -> tuple:
@@ -256,9 +264,8 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
         grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         # q's descriptor is made in the kernel from q's own row stride (tma_desc checks the others; it passes any
         # stride of a size-1 dim); a split grid's program-id offset (tl.assume) breaks triton's pass
-        ws = (cfg.get("WARP_SPECIALIZE") and s % cfg["BLOCK_N"] == 0 and k_desc is not None
-              and tma_desc(q, cfg["BLOCK_M"], meta["BLOCK_D"]) is not None and q.stride(2) * q.element_size() % 16 == 0
-              and len(split_grid(_attn_fwd_kernel, grid)) == 1)
+        ws = (cfg.get("WARP_SPECIALIZE") and s % cfg["BLOCK_N"] == 0 and k_desc is not None and _in_kernel_tma(q)
+              and grid_fits(grid))
         if cfg.get("WARP_SPECIALIZE") and not ws:
             cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p))
             k_desc, v_desc = _kv_descs(k, v, cfg, meta)
@@ -324,21 +331,33 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
     args = (scale, scale * LOG2E, causal_offset, dropout_p, seed)
     flags = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **_fold_flags(scale, d, dv, meta), **meta)
     flags = _variant_flags(var, q, s, seqlens_k, is_causal, causal_offset, scale, flags)
-    cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p))
-    bm = cfg["BLOCK_M"]
-    q_desc = tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
-    do_desc = tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
-    tma = do_desc is not None
-    # SPLIT_BLOCKS (diagonal, full and tail query blocks in three loops) only with one offset for every row:
-    # per-row offsets (ALIGN_SEQLENS) keep one more value live and the three loops spill (bf16 d=128 on sm_90a
-    # and, with dropout, on sm_80; python -m fused_kernels.aot, "causal-seqlens" / "heavy"), one loop does not.
-    launch(_attn_bwd_dkdv_kernel, (triton.cdiv(s, cfg["BLOCK_N"]), b * hkv),
-           q, k, v, q_desc if tma else None, do_desc if tma else None, m, seqlens_k, do, lse2, delta, dk, dvv,
-           None, None, h, hkv, l, s, d, dv, group, _rows(q), _rows(k), _rows(v), _rows(do), ms, *args, TMA=tma,
-           SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16) and not meta["ALIGN_SEQLENS"],
-           BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
-           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
-           **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
+    # every query block full and mask-free, MHA: the warp-specialized dK/dV kernel, where this triton compiles it
+    specialize = (var is None and dropout_p == 0 and meta["MASK_KIND"] == MASK_NONE and not is_causal
+                  and seqlens_k is None and group == 1 and flags["FOLD_SCALE"])
+    cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p), specialize=specialize)
+    grid = (triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)
+    if cfg["WARP_SPECIALIZE"] and _in_kernel_tma(q, k, v, do) and grid_fits(grid):
+        scratch_launch(q.device, _attn_bwd_dkdv_ws_kernel, grid,
+                       q, k, v, do, lse2, delta, dk, dvv, h, l, s, d, dv, _rows(q), _rows(k), _rows(v), _rows(do),
+                       scale, scale * LOG2E, UPCAST=meta["UPCAST"], PRECISION=meta["PRECISION"], ACC=meta["ACC"],
+                       BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=meta["BLOCK_D"],
+                       BLOCK_DV=meta["BLOCK_DV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    else:
+        cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p))
+        bm = cfg["BLOCK_M"]
+        q_desc = tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
+        do_desc = tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
+        tma = do_desc is not None
+        # SPLIT_BLOCKS (diagonal, full and tail query blocks in three loops) only with one offset for every row:
+        # per-row offsets (ALIGN_SEQLENS) keep one more value live and the three loops spill (bf16 d=128 on sm_90a
+        # and, with dropout, on sm_80; python -m fused_kernels.aot, "causal-seqlens" / "heavy"), one loop does not.
+        launch(_attn_bwd_dkdv_kernel, (triton.cdiv(s, cfg["BLOCK_N"]), b * hkv),
+               q, k, v, q_desc if tma else None, do_desc if tma else None, m, seqlens_k, do, lse2, delta, dk, dvv,
+               None, None, h, hkv, l, s, d, dv, group, _rows(q), _rows(k), _rows(v), _rows(do), ms, *args, TMA=tma,
+               SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16) and not meta["ALIGN_SEQLENS"],
+               BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
+               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
+               **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
     cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p))
     k_desc, v_desc = _kv_descs(k, v, cfg, meta)
     launch(_attn_bwd_dq_kernel, (triton.cdiv(l, cfg["BLOCK_M"]), b * h),
