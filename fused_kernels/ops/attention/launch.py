@@ -336,7 +336,7 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
                   and seqlens_k is None and group == 1 and flags["FOLD_SCALE"])
     cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p), specialize=specialize)
     grid = (triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)
-    if cfg["WARP_SPECIALIZE"] and _in_kernel_tma(q, k, v, do) and grid_fits(grid):
+    if cfg.get("WARP_SPECIALIZE") and _in_kernel_tma(q, k, v, do) and grid_fits(grid):
         scratch_launch(q.device, _attn_bwd_dkdv_ws_kernel, grid,
                        q, k, v, do, lse2, delta, dk, dvv, h, l, s, d, dv, _rows(q), _rows(k), _rows(v), _rows(do),
                        scale, scale * LOG2E, UPCAST=meta["UPCAST"], PRECISION=meta["PRECISION"], ACC=meta["ACC"],
