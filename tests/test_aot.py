@@ -47,6 +47,7 @@ FAMILY = {
     "fused_kernels.ops.attention.kernels.forward": "attention",
     "fused_kernels.ops.attention.kernels.decode": "attention",
     "fused_kernels.ops.attention.kernels.backward": "attention",
+    "fused_kernels.ops.attention.kernels.backward_ws": "attention",
     "fused_kernels.ops.attention.kernels.paged": "paged",
     "fused_kernels.ops.attention.kernels.blockmask": "variants",
     "fused_kernels.ops.cross_entropy": "cross_entropy",
