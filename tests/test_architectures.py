@@ -225,6 +225,32 @@ def test_generic_column_is_conservative():
             assert generic == cfg.attention_config(kind, d, d, torch.bfloat16, 75)
 
 
+@pytest.mark.parametrize("version", [(3, 6), (3, 9)])
+def test_row_state_tiles(monkeypatch, device, version):
+    """A call whose dQ loop carries per-row state (softcap, document ids, causal offsets aligned per row to
+    seqlens_k) takes ``config._ROW_STATE_OVERRIDES`` where its triton release has an entry (3.6 on sm_90: 128 x 64
+    at d=128, its 128 x 128 spills with them), every other call the column's tile (128 x 128)."""
+    monkeypatch.setattr(cfg, "_TRITON_VERSION", version)
+    lean = version == (3, 6)
+    for row_state in (False, True):
+        tile = cfg.attention_config("bwd_dq", 128, 128, torch.bfloat16, 90, row_state=row_state)
+        assert (tile["BLOCK_M"], tile["BLOCK_N"]) == ((128, 64) if row_state and lean else (128, 128))
+    q, k, v = (torch.randn(1, 2, 5, 128, dtype=torch.float16, device=device, requires_grad=True) for _ in range(3))
+    calls = {"plain": dict(), "softcap": dict(softcap=5.0), "documents": dict(document_ids=torch.zeros(1, 5, dtype=torch.long, device=device)),
+             "causal-seqlens": dict(causal=True, seqlens_k=torch.tensor([4], device=device))}
+    for name, kw in calls.items():
+        seen: list[int] = []
+
+        def record(call, go, seen=seen):
+            if call.name == "_attn_bwd_dq_kernel":
+                seen.append(call.kwargs["BLOCK_N"])
+            go(call)
+
+        with force_arch(90), intercept(record):
+            fused_kernels.attention(q, k, v, **kw).sum().backward()
+        assert seen == [64 if lean and name != "plain" else 128], name
+
+
 # ----------------------------------------------------------------------------- no kernel: the PyTorch path
 
 def _launched(run) -> list[str]:

@@ -218,17 +218,22 @@ COLUMNS: dict[str, Column] = {
 _TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     # fp32 forward at d=128 with dropout: the variants' register-lean tile ("all": 16 B spilled on sm_80, 528 B on
     # sm_90a otherwise)
-    # 16-bit dQ at d=128: 3.6 spills the 128 x 128 tile with softcap (24 B), documents (60 B) and causal-seqlens
-    # (4 + 8 B), though its plain / causal forms compile clean at 222 instructions per 1k scores
     (3, 6): {"sm_90": {("16bit", "bwd_dkdv", 64, False): (64, 128, 8, 1),
                        ("16bit", "bwd_dkdv", 128, False): (32, 128, 8, 1),
-                       ("16bit", "bwd_dq", 128, False): (128, 64, 8, 2),
                        # 3.6 keeps 32 x 16 x 4 warps clean here (3.9 spills it 24+12 B): 6,152 instructions per 1k
                        # scores, 6,416 at the column's 64 x 16 x 8
                        ("16bit", "bwd_dkdv", 256, True): (32, 16, 4, 1),
                        ("fp32", "fwd", 128, True): (32, 16, 8, 1)},
              "sm_80": {("fp32", "bwd_dkdv", 128, True): (16, 16, 4, 1),
                        ("fp32", "fwd", 128, True): (32, 16, 4, 1)}},
+}
+# Entries for the calls whose loops carry per-row state (``row_state`` of ``attention_config``: softcap, document
+# ids, causal offsets aligned per row to seqlens_k) where a release's compiler spills the column's tile with it:
+# (major, minor) -> {column: {key: tile}}. 16-bit dQ at d=128 on 3.6: 128 x 128 spills 24+24 B with softcap,
+# 8+8 B with documents, 4+8 B causal-seqlens; its other forms are clean at 222 warp-instructions per 1k scores
+# (128 x 64: 306).
+_ROW_STATE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
+    (3, 6): {"sm_90": {("16bit", "bwd_dq", 128, False): (128, 64, 8, 2)}},
 }
 _VARLEN_TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     (3, 6): {"sm_80": {("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),     # 12 B spilled with 4 warps
@@ -313,7 +318,7 @@ def has_kernels(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: ArchVa
 
 
 def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: ArchValue,
-                     dropout: bool = False, specialize: bool = False) -> dict:
+                     dropout: bool = False, specialize: bool = False, row_state: bool = False) -> dict:
     """Block sizes, warps, stages and TMA use of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
 
     ``arch`` is the architecture (``_core.launch.device_arch``: a CUDA compute capability such as 80, a gfx name
@@ -325,7 +330,8 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     (the launcher falls back to pointers where a tensor's strides or alignment do not allow it).
     ``WARP_SPECIALIZE``: a "fwd" or "bwd_dkdv" call whose blocks are all full and mask-free (``specialize``, the
     launcher's contract) takes the warp-specialized kernel where this triton release compiles it for the column
-    (``_WARP_SPECIALIZED``). The
+    (``_WARP_SPECIALIZED``); ``row_state`` (softcap, document ids or per-row causal offsets) takes
+    ``_ROW_STATE_OVERRIDES`` first. The
     configurations are compiled by ``python -m fused_kernels.aot --arch ...`` for each column's targets (no
     spills, shared memory within the family's limit: docs/architectures.md). Shared by the launcher and
     ``fused_kernels.aot``."""
@@ -336,7 +342,11 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
     dtypes = _dtype_family(dtype)
-    bm, bn, w, st = column_tile(family.name, (dtypes, kind, d, dropout))
+    key = (dtypes, kind, d, dropout)
+    bm, bn, w, st = column_tile(family.name, key)
+    if row_state:
+        rows = _ROW_STATE_OVERRIDES.get(_TRITON_VERSION, {})
+        bm, bn, w, st = next((rows[c][key] for c in _chain(family.name) if key in rows.get(c, {})), (bm, bn, w, st))
     if (bm, bn, w, st) == NO_KERNEL:
         raise RuntimeError(f"attention: no Triton kernel for {kind} at head dim {d} ({dtypes}"
                            f"{', dropout' if dropout else ''}) on {family.name}: the call takes the PyTorch path "

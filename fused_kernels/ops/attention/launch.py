@@ -200,6 +200,12 @@ def _heavy(var, dropout_p: float) -> bool:
                                 or (var.softcap is not None and var.score_mod is not None))
 
 
+def _row_state(var, meta: dict) -> bool:
+    """Whether the call's query loops carry per-row state (softcap, document ids, causal offsets aligned per row
+    to seqlens_k): ``attention_config``'s ``row_state``."""
+    return meta["ALIGN_SEQLENS"] or (var is not None and (var.softcap is not None or var.q_ids is not None))
+
+
 def kernels_run(q: torch.Tensor, v: torch.Tensor, var, dropout_p: float, *grad_inputs: torch.Tensor | None,
                 varlen: bool = False) -> bool:
     """Whether the tile table's column of ``q``'s device has Triton kernels for this call (``config.has_kernels``):
@@ -358,7 +364,7 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
                BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
                **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
-    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p))
+    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p), row_state=_row_state(var, meta))
     k_desc, v_desc = _kv_descs(k, v, cfg, meta)
     launch(_attn_bwd_dq_kernel, (triton.cdiv(l, cfg["BLOCK_M"]), b * h),
            q, k, v, k_desc, v_desc, m, seqlens_k, do, lse2, delta, dq, None, None, h, l, s, d, dv, group,
