@@ -185,6 +185,24 @@ def test_column_gqa_causal_padding(column_arch, device):
     assert max(l, s) > max(want["fwd"]["BLOCK_N"], want["bwd_dq"]["BLOCK_N"], want["bwd_dkdv"]["BLOCK_M"])
 
 
+def test_column_causal_mha_query_loops(column_arch, device):
+    """fp16 MHA causal at d = 64 without seqlens_k (the dK/dV kernel's three query loops, ``SPLIT_BLOCKS``, where
+    the column keeps them; gfx1100 walks one loop: with three its d=64 form spilled) against float64."""
+    arch, _ = column_arch
+    seen = []
+
+    def record(call, run):
+        if call.name == "_attn_bwd_dkdv_kernel":
+            seen.append(call.kwargs["SPLIT_BLOCKS"])
+        run(call)
+
+    q, k, v = _qkv(1, 2, 2, 70, 70, 64, dtype=torch.float16, device=device)
+    with intercept(record):
+        check_attention(q, k, v, causal=True)
+    assert seen and set(seen) == {cfg.split_blocks(arch)}
+    assert cfg.split_blocks(arch) == (arch != "gfx1100")
+
+
 def test_column_dtypes_head_dims(column_arch, device):
     """fp32 at d = 128 (non-causal, float mask) and fp64 at d = 96 (causal): the columns' fp32 / fp64 tiles."""
     arch, _ = column_arch
@@ -236,7 +254,8 @@ def test_row_state_tiles(monkeypatch, device, version):
         tile = cfg.attention_config("bwd_dq", 128, 128, torch.bfloat16, 90, row_state=row_state)
         assert (tile["BLOCK_M"], tile["BLOCK_N"]) == ((128, 64) if row_state and lean else (128, 128))
     q, k, v = (torch.randn(1, 2, 5, 128, dtype=torch.float16, device=device, requires_grad=True) for _ in range(3))
-    calls = {"plain": dict(), "softcap": dict(softcap=5.0), "documents": dict(document_ids=torch.zeros(1, 5, dtype=torch.long, device=device)),
+    ids = torch.zeros(1, 5, dtype=torch.long, device=device)
+    calls = {"plain": dict(), "softcap": dict(softcap=5.0), "documents": dict(document_ids=ids),
              "causal-seqlens": dict(causal=True, seqlens_k=torch.tensor([4], device=device))}
     for name, kw in calls.items():
         seen: list[int] = []

@@ -86,7 +86,9 @@ class Column:
     16-bit kernels at d <= 128 stream tiles through TMA descriptors; ``pointer_base``: the column whose tiles the
     packed varlen kernels (pointer loads only) start from, where this column's are sized for TMA; ``varlen``:
     entries of the packed kernels where the per-sequence bookkeeping changes a tile; ``decode_stages``: pipeline
-    stages of the paged decode kernel, (dtype family, head-dim bucket) -> stages."""
+    stages of the paged decode kernel, (dtype family, head-dim bucket) -> stages; ``split_blocks`` (the column's
+    own): the dense 16-bit dK/dV kernel walks its query blocks in three loops (causal diagonal, mask-free, tail:
+    ``SPLIT_BLOCKS``) rather than one with every mask on."""
 
     base: str | None = None
     tiles: dict[TileKey, Tile] = field(default_factory=dict)
@@ -94,6 +96,7 @@ class Column:
     pointer_base: str | None = None
     varlen: dict[TileKey, Tile] = field(default_factory=dict)
     decode_stages: dict[tuple[str, int], int] = field(default_factory=dict)
+    split_blocks: bool = True
 
 
 def _base_tiles(index: int) -> dict[TileKey, Tile]:
@@ -187,9 +190,9 @@ COLUMNS: dict[str, Column] = {
     # (FMA-sized) ones up to 2.2 KB but at d=64 in the forward: 16 x 16 tiles, without pipelining. No Triton kernel
     # (12 B to 7 KB of scratch at every tile tried, more with 4 warps): the 16-bit backward at d >= 128, the d=256
     # forward, fp32 / fp64 above d=64, the fp64 backward with dropout; those calls take the PyTorch path
-    # (docs/architectures.md). Still spilling: the 16-bit d=64 dK/dV in its MHA causal form (20-36 B at 16 x 16 /
-    # 16 x 32, more at larger tiles; the GQA and non-causal forms are clean).
-    "gfx1100": Column("gfx90a", tiles={
+    # (docs/architectures.md). The 16-bit dK/dV in one query loop (split_blocks off): with three its d=64 MHA
+    # causal form spilled 36 B of scratch at 16 x 16 (20-492 B at every other tile), in one it is clean.
+    "gfx1100": Column("gfx90a", split_blocks=False, tiles={
         **{("16bit", kind, d, dropout): (16, 16, 8, 1) for kind in ("fwd", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)
            for dropout in (False, True)},
         ("16bit", "fwd", 64, False): (32, 32, 4, 1), ("16bit", "fwd", 64, True): (32, 32, 8, 1),
@@ -364,6 +367,13 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
 def _dtype_family(dtype: torch.dtype) -> str:
     """The tile tables' dtype column: "fp64", "fp32" or "16bit"."""
     return {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
+
+
+def split_blocks(arch: ArchValue) -> bool:
+    """Whether the 16-bit dK/dV kernel on ``arch`` takes three query loops (``Column.split_blocks``; the
+    interpreter: yes)."""
+    family = arch_family(arch)
+    return family is None or COLUMNS[family.name].split_blocks
 
 
 def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: ArchValue, dropout: bool) -> dict:

@@ -30,7 +30,16 @@ from ..._core.launch import (
 )
 from . import grad as _grad
 from . import sparse
-from .config import _TRITON_VERSION, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, attention_config, has_kernels
+from .config import (
+    _TRITON_VERSION,
+    LOG2E,
+    MASK_BOOL,
+    MASK_FLOAT,
+    MASK_NONE,
+    attention_config,
+    has_kernels,
+    split_blocks,
+)
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.backward_ws import _attn_bwd_dkdv_ws_kernel
 from .kernels.decode import _attn_combine_kernel, _attn_fwd_split_kernel
@@ -360,7 +369,8 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
         launch(_attn_bwd_dkdv_kernel, (triton.cdiv(s, cfg["BLOCK_N"]), b * hkv),
                q, k, v, q_desc if tma else None, do_desc if tma else None, m, seqlens_k, do, lse2, delta, dk, dvv,
                None, None, h, hkv, l, s, d, dv, group, _rows(q), _rows(k), _rows(v), _rows(do), ms, *args, TMA=tma,
-               SPLIT_BLOCKS=q.dtype in (torch.float16, torch.bfloat16) and not meta["ALIGN_SEQLENS"],
+               SPLIT_BLOCKS=(q.dtype in (torch.float16, torch.bfloat16) and not meta["ALIGN_SEQLENS"]
+                             and split_blocks(arch)),
                BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
                **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
