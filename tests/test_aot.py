@@ -40,6 +40,9 @@ SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}  # per-block opt-in m
 TIMEOUT_S = 1200
 
 
+# Kernels only some architectures run (their launcher's contract): the warp-specialized dK/dV is sm_90a's.
+ONLY_ON = {"_attn_bwd_dkdv_ws_kernel": {"sm_90a"}}
+
 # The family of ``python -m fused_kernels.aot`` that compiles each module's kernels.
 FAMILY = {
     "fused_kernels.ops.norms": "layer_norm",
@@ -154,7 +157,7 @@ def test_every_kernel_family_and_arch_covered(aot):
     missing, missing_table = [], []
     for module, names in modules.items():
         for name in names:
-            for arch in ARCHS:
+            for arch in ONLY_ON.get(name, ARCHS):
                 if not any(r["kernel"] == name and r["gpu_name"] == arch and r["family"] == FAMILY.get(module)
                            for r in rows):
                     missing.append(f"{module}.{name} on {arch}")
