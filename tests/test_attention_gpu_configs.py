@@ -194,59 +194,44 @@ def test_sdpa_fused_qkv_views(gpu):
     assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
 
 
-# Warp-specialized forward (sm_90a): taken when every key block is full and mask-free.
+# Warp-specialized kernels (sm_90a): the forward's key loop when every key block is full and mask-free; the dK/dV
+# kernel (kernels/backward_ws.py) for MHA calls without causal, mask, seqlens_k, dropout or variants, where partial
+# query and key blocks are fine (zero-filled rows add nothing, keys past S are not stored). "plain": the case
+# keeps the plain kernels.
 WARP_SPECIALIZED = {
-    "gqa_odd_l_d128": dict(b=1, h=2, hkv=1, l=200, s=256, d=128),
-    "d96_two_batches": dict(b=2, h=1, hkv=1, l=130, s=384, d=96),      # q / k / v zero-filled past D in the box
-    "mha_d64": dict(b=1, h=2, hkv=2, l=129, s=128, d=64),
-    "key_tail": dict(b=1, h=2, hkv=1, l=140, s=200, d=128, plain=True),     # S % 128: a bounds block
-    "causal": dict(b=1, h=2, hkv=1, l=256, s=256, d=128, causal=True, plain=True),
+    "fwd-gqa_odd_l_d128": dict(kind="fwd", b=1, h=2, hkv=1, l=200, s=256, d=128),
+    "fwd-d96_two_batches": dict(kind="fwd", b=2, h=1, hkv=1, l=130, s=384, d=96),   # zero-filled past D in the box
+    "fwd-mha_d64": dict(kind="fwd", b=1, h=2, hkv=2, l=129, s=128, d=64),
+    "fwd-key_tail": dict(kind="fwd", b=1, h=2, hkv=1, l=140, s=200, d=128, plain=True),   # S % 128: a bounds block
+    "fwd-causal": dict(kind="fwd", b=1, h=2, hkv=1, l=256, s=256, d=128, causal=True, plain=True),
+    "dkdv-odd_l_odd_s_d128": dict(kind="bwd_dkdv", b=1, h=2, hkv=2, l=200, s=150, d=128),
+    "dkdv-d96_two_batches": dict(kind="bwd_dkdv", b=2, h=1, hkv=1, l=70, s=130, d=96),
+    "dkdv-d64_short": dict(kind="bwd_dkdv", b=1, h=2, hkv=2, l=5, s=129, d=64),       # one partial query block
+    "dkdv-gqa": dict(kind="bwd_dkdv", b=1, h=2, hkv=1, l=130, s=130, d=64, plain=True),   # the group's loop
+    "dkdv-causal": dict(kind="bwd_dkdv", b=1, h=2, hkv=2, l=130, s=130, d=64, causal=True, plain=True),
 }
 
 
 @pytest.mark.parametrize("case", list(WARP_SPECIALIZED))
-def test_warp_specialized_forward(gpu, case):
-    """Non-causal attention without mask, seqlens_k, dropout or variants whose keys fill whole 128-key blocks takes
-    the warp-specialized key loop on sm_90 where this triton compiles it (``config._WARP_SPECIALIZED``: q through
-    a descriptor made in the kernel, zero-filled past L and D); a key tail or the causal diagonal keeps the plain
-    loops. Forward and every gradient against float64."""
+def test_warp_specialized(gpu, case):
+    """Calls that meet a warp-specialized kernel's contract take it on sm_90 where this triton compiles it
+    (``config._WARP_SPECIALIZED``: tiles through descriptors made in the kernel, zero-filled past the tensors);
+    the others (a key tail or the causal diagonal in the forward, GQA or causal in dK/dV) keep the plain kernels.
+    Forward and every gradient against float64."""
     c = WARP_SPECIALIZED[case]
     q, k, v = _qkv(gpu, c["b"], c["h"], c["hkv"], c["l"], c["s"], c["d"])
     causal = c.get("causal", False)
     check(gpu, lambda q, k, v: fused_kernels.attention(q, k, v, causal=causal),
           lambda q, k, v: ref.attention_ref(q, k, v, causal=causal), (q, k, v))
-    compiled = attention_config("fwd", c["d"], c["d"], gpu.dtype, gpu.arch, specialize=True)["WARP_SPECIALIZE"]
-    assert _used(gpu, "_attn_fwd_kernel", "WARP_SPECIALIZE") == (compiled and not c.get("plain", False))
-    assert not compiled or gpu.arch == 90
-    assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
-
-
-# Warp-specialized dK/dV (sm_90a, kernels/backward_ws.py): MHA calls without causal, mask, seqlens_k, dropout or
-# variants; partial query and key blocks are fine (zero-filled rows add nothing, keys past S are not stored).
-WARP_SPECIALIZED_DKDV = {
-    "odd_l_odd_s_d128": dict(b=1, h=2, hkv=2, l=200, s=150, d=128),
-    "d96_two_batches": dict(b=2, h=1, hkv=1, l=70, s=130, d=96),        # q / k / v / do zero-filled past D
-    "d64_short": dict(b=1, h=2, hkv=2, l=5, s=129, d=64),                # one partial query block
-    "gqa": dict(b=1, h=2, hkv=1, l=130, s=130, d=64, plain=True),       # the group's loop: the plain kernel
-    "causal": dict(b=1, h=2, hkv=2, l=130, s=130, d=64, causal=True, plain=True),
-}
-
-
-@pytest.mark.parametrize("case", list(WARP_SPECIALIZED_DKDV))
-def test_warp_specialized_dkdv(gpu, case):
-    """The dK/dV kernel of MHA calls whose query blocks are all mask-free is the warp-specialized one on sm_90 where
-    this triton compiles it (``config._WARP_SPECIALIZED``); GQA and causal calls keep ``_attn_bwd_dkdv_kernel``.
-    Forward and every gradient against float64."""
-    c = WARP_SPECIALIZED_DKDV[case]
-    q, k, v = _qkv(gpu, c["b"], c["h"], c["hkv"], c["l"], c["s"], c["d"])
-    causal = c.get("causal", False)
-    check(gpu, lambda q, k, v: fused_kernels.attention(q, k, v, causal=causal),
-          lambda q, k, v: ref.attention_ref(q, k, v, causal=causal), (q, k, v))
-    compiled = attention_config("bwd_dkdv", c["d"], c["d"], gpu.dtype, gpu.arch, specialize=True)["WARP_SPECIALIZE"]
+    compiled = attention_config(c["kind"], c["d"], c["d"], gpu.dtype, gpu.arch, specialize=True)["WARP_SPECIALIZE"]
     ws = compiled and not c.get("plain", False)
-    assert bool(_grids(gpu, "_attn_bwd_dkdv_ws_kernel")) == ws
-    assert bool(_grids(gpu, "_attn_bwd_dkdv_kernel")) == (not ws)
     assert not compiled or gpu.arch == 90
+    if c["kind"] == "fwd":
+        assert _used(gpu, "_attn_fwd_kernel", "WARP_SPECIALIZE") == ws
+        assert _used(gpu, "_attn_fwd_kernel", "TMA") == (gpu.arch == 90)
+    else:
+        assert bool(_grids(gpu, "_attn_bwd_dkdv_ws_kernel")) == ws
+        assert bool(_grids(gpu, "_attn_bwd_dkdv_kernel")) == (not ws)
 
 
 def test_warp_specialized_forward_needs_an_aligned_row_stride(gpu):
