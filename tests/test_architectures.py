@@ -272,6 +272,28 @@ def test_row_state_tiles(monkeypatch, device, version):
 
 # ----------------------------------------------------------------------------- no kernel: the PyTorch path
 
+@pytest.mark.parametrize("arch", ["gfx90a", "gfx942", "gfx1100", 90])
+def test_layer_norm_multipass_fp64_dropout_on_cdna_takes_pytorch(arch, device):
+    """triton 3.9 segfaults compiling the float64 multi-pass LayerNorm forward with dropout for CDNA (gfx90a,
+    gfx942): ``add_layer_norm`` sends those calls to the PyTorch path (no kernel launch, so no compile); other
+    architectures, and shorter rows, keep the kernel."""
+    from fused_kernels.ops import norms
+    n = norms.fused_limit(torch.float64, backward=False) + 8       # past one block: the multi-pass path
+    cdna = arch in ("gfx90a", "gfx942")
+    assert norms.fwd_kernel_compiles(n, torch.float64, True, arch) == (not cdna)
+    assert norms.fwd_kernel_compiles(n, torch.float64, False, arch)
+    assert norms.fwd_kernel_compiles(n - 16, torch.float64, True, arch)
+    assert norms.fwd_kernel_compiles(n, torch.float32, True, arch)
+    g = torch.Generator().manual_seed(3)
+    x, r = (torch.randn(2, n, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    with fused_kernels.use_backend("triton"), force_arch(arch):
+        names = _launched(lambda: fused_kernels.add_layer_norm(x, r, dropout_p=0.25))
+        out, res = fused_kernels.add_layer_norm(x, r, dropout_p=0.25)
+    assert ("_layer_norm_fwd_kernel" in names) == (not cdna)
+    kept = (res - r) != 0                        # the dropout mask: x / 0.75 where kept, 0 elsewhere
+    assert_close(res, r + torch.where(kept, x / 0.75, 0.0), atol=1e-12, rtol=1e-12)
+    assert_close(out, torch.nn.functional.layer_norm(res, (n,)), atol=1e-10, rtol=1e-10)
+
 def _launched(run) -> list[str]:
     """The Triton kernels ``run()`` launches."""
     names: list[str] = []

@@ -156,7 +156,10 @@ def layer_norm_specs(archs: Archs) -> Iterator[Spec]:
                     stride_xm=n, stride_xn=1, stride_rm=n, stride_rn=1, stride_ym=n, stride_om=n,
                     N=n, eps=1e-5, dropout_p=dropout_p, seed=seed, **fwd_flags,
                     SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=ln.norm_warps(block, backward=False)))
-                specs.append(_row_spec("layer_norm", ln._layer_norm_fwd_kernel, dtype, n, args, options, label, archs))
+                fwd_archs = tuple(a for a in archs if ln.fwd_kernel_compiles(n, dtype, heavy, a))   # else PyTorch
+                if fwd_archs:
+                    specs.append(_row_spec("layer_norm", ln._layer_norm_fwd_kernel, dtype, n, args, options, label,
+                                           fwd_archs))
             yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
 
             # Backward: layer_norm_bwd(dy, dres_out, prenorm, weight, has_bias, mean, rstd, seed, ...).

@@ -31,7 +31,17 @@ import triton.language as tl
 from .._core import backend as _backend
 from .._core import checks as _checks
 from .._core import grad as _grad
-from .._core.launch import acc_dtype, launch, next_pow2, num_persistent_programs, row_warps, torch_acc_dtype
+from .._core.launch import (
+    ArchValue,
+    acc_dtype,
+    arch_family,
+    device_arch,
+    launch,
+    next_pow2,
+    num_persistent_programs,
+    row_warps,
+    torch_acc_dtype,
+)
 
 # Largest row (elements) kept in registers; longer rows take the multi-pass path. The backward's row loop is
 # software-pipelined (the next row's loads land in shared memory while this row computes), which leaves the
@@ -275,6 +285,17 @@ def _block(n: int, limit: int) -> tuple[int, bool]:
     if n <= limit:
         return next_pow2(n), True
     return MULTIPASS_BLOCK, False
+
+
+def fwd_kernel_compiles(n: int, dtype: torch.dtype, dropout: bool, arch: ArchValue) -> bool:
+    """Whether triton compiles the forward kernel for rows of ``n`` elements on ``arch``: not the multi-pass
+    float64 form with dropout on CDNA (gfx90a, gfx942), where triton 3.9's AMD backend segfaults in LLVM's
+    optimization of it (``make_llir``; without dropout, and on gfx1100, it compiles: ``python -m
+    fused_kernels.aot --family layer_norm --arch gfx90a gfx942``). Such calls take the PyTorch path: a crash at
+    compile time would take the user's process with it."""
+    family = arch_family(arch)
+    return not (dropout and dtype == torch.float64 and not _block(n, fused_limit(dtype, False))[1]
+                and family is not None and family.name in ("gfx90a", "gfx942"))
 
 
 def bwd_block(n: int, dtype: torch.dtype) -> tuple[int, bool]:
@@ -563,7 +584,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     _checks.check_like("weight", weight, x, op, shape=(n,), dtypes=_checks.param_dtypes(x))
     _checks.check_like("bias", bias, x, op, shape=(n,), dtypes=_checks.param_dtypes(x))
     dropout_p = _checks.check_probability("dropout_p", dropout_p, op)
-    if _backend.choose(x, op) == "torch":
+    if _backend.choose(x, op) == "torch" or not fwd_kernel_compiles(n, x.dtype, dropout_p > 0, device_arch(x.device)):
         return _add_layer_norm_torch(x, residual, weight, bias, eps, dropout_p)
     out, res_out, *_ = layer_norm_fwd(x, residual, weight, bias, float(eps), dropout_p, False)
     return out, (res_out if residual is not None or dropout_p > 0 else x)
