@@ -135,6 +135,9 @@ COLUMNS: dict[str, Column] = {
                                     # sm_80's 16 x 64 spills 28+28 B in the packed form here (and needs
                                     # 86,016 B, over T4's 64 KB): the tile sm_80 had before
                                     ("fp32", "bwd_dkdv", 128, True): (16, 32, 8, 1),
+                                    # the tile its descendants were compiled with (sm_80's triton 3.9
+                                    # override needs 65,536 B, all of T4's shared memory)
+                                    ("fp32", "bwd_dq", 128, True): (32, 16, 8, 1),
                                     ("16bit", "bwd_dkdv", 256, True): (32, 32, 8, 1),
                                     # 8+4 B spilled with 8 warps (fp32 flash-decoding with dropout, d=256)
                                     ("fp32", "decode", 256, True): (0, 16, 4, 1)}),
@@ -219,6 +222,10 @@ COLUMNS: dict[str, Column] = {
 # `python -m fused_kernels.aot --sass` under that release): (major, minor) -> {column: {key: tile}}, over the
 # column's ``tiles`` (``_TILE_OVERRIDES``) and ``varlen`` (``_VARLEN_TILE_OVERRIDES``) entries.
 _TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
+    # fp32 dQ at d=128 with dropout / the heavy variants: 32 x 16 spilled 4+4 B in "all" on sm_80 (80 registers,
+    # since the document ids are loaded once per program); 32 x 32 is clean and 17,712 instructions per 1k
+    # scores (heavy; 32 x 16: 18,944)
+    (3, 9): {"sm_80": {("fp32", "bwd_dq", 128, True): (32, 32, 8, 1)}},
     # fp32 forward at d=128 with dropout: the variants' register-lean tile ("all": 16 B spilled on sm_80, 528 B on
     # sm_90a otherwise)
     (3, 6): {"sm_90": {("16bit", "bwd_dkdv", 64, False): (64, 128, 8, 1),
