@@ -270,6 +270,37 @@ def test_row_state_tiles(monkeypatch, device, version):
         assert seen == [64 if lean and name != "plain" else 128], name
 
 
+@pytest.mark.parametrize("arch", [80, 86, 70])
+def test_layer_norm_limits_per_family(arch, device):
+    """The LayerNorm single-block limits per family (``norms._FAMILY_LIMITS``): an fp32 backward of 8,192 columns
+    is one block on sm_80 and column chunks of 4,096 on sm_86 (one block needs 131,156 B of its 101,376 B of
+    shared memory) and sm_70 (128 registers at 16 warps spilled); every gradient against float64."""
+    from fused_kernels.ops import norms
+    n, chunked = 8192, arch != 80
+    assert norms.bwd_block(n, torch.float32, arch) == ((4096, False) if chunked else (8192, True))
+    assert norms.fused_limit(torch.float16, False, 70) == norms.MAX_FUSED_FWD // 2
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, n, generator=g).to(device).requires_grad_()
+    w, b = (torch.randn(n, generator=g).to(device).requires_grad_() for _ in range(2))
+    seen = []
+
+    def record(call, go):
+        if call.name == "_layer_norm_bwd_kernel":
+            seen.append((call.kwargs["BLOCK_N"], call.kwargs["ROW_SUMS"]))
+        go(call)
+
+    with fused_kernels.use_backend("triton"), force_arch(arch), intercept(record):
+        out = fused_kernels.layer_norm(x, (n,), w, b)
+        grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+    assert seen == [(4096, False) if chunked else (8192, True)]
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.nn.functional.layer_norm(x64, (n,), w64, b64)
+    want = torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref))
+    assert_close(out, ref.float(), atol=1e-4, rtol=1e-4)
+    for got, exp in zip(grads, want):
+        assert_close(got, exp.float(), atol=1e-3, rtol=1e-3)
+
+
 # ----------------------------------------------------------------------------- no kernel: the PyTorch path
 
 @pytest.mark.parametrize("arch", ["gfx90a", "gfx942", "gfx1100", 90])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,53 +139,58 @@ def layer_norm_specs(archs: Archs) -> Iterator[Spec]:
 
     m, programs = 8192, 4 * 108          # backward rows, programs (4 per SM on an A100)
     rows_per_program = -(-m // programs)
-    for dtype in DTYPES:
+    # the architectures by their single-block limits (``ln.fused_limit``): each group's blocks, compiled for it
+    groups: dict[tuple[Any, ...], list[ArchValue]] = {}
+    for arch in archs:
+        key = tuple(ln.fused_limit(dtype, backward, arch) for dtype in DTYPES for backward in (False, True))
+        groups.setdefault(key, []).append(arch)
+    for (dtype, heavy), group in itertools.product(itertools.product(DTYPES, (False, True)), groups.values()):
         acc, acc_t = acc_dtype(dtype), torch_acc_dtype(dtype)
         x, a = Ptr(dtype), Ptr(acc_t)
-        for heavy in (False, True):
-            # Forward: layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, is_rms_norm).
-            p = Ptr(acc_t) if heavy else x   # the launcher passes x for an absent weight / bias
-            dropout_p, seed = (0.1, 12345) if heavy else (0.0, 0)
-            fwd_flags = dict(HAS_RESIDUAL=heavy, HAS_DROPOUT=heavy, STORE_RES_OUT=heavy, HAS_WEIGHT=heavy,
-                             HAS_BIAS=heavy, IS_RMS_NORM=False)
-            label = _flags({"res": heavy, "drop": heavy, "w": heavy, "b": heavy})
-            specs = []
-            for n in _row_lengths(lambda n, dtype=dtype: ln._block(n, ln.fused_limit(dtype, False))[1]):
-                block, single = ln._block(n, ln.fused_limit(dtype, False))
-                args, options = bind(ln._layer_norm_fwd_kernel, kwargs=dict(
-                    X=x, R=x, W=p, B=p, Y=x, RES_OUT=x, MEAN=a, RSTD=a,
-                    stride_xm=n, stride_xn=1, stride_rm=n, stride_rn=1, stride_ym=n, stride_om=n,
-                    N=n, eps=1e-5, dropout_p=dropout_p, seed=seed, **fwd_flags,
-                    SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=ln.norm_warps(block, backward=False)))
-                fwd_archs = tuple(a for a in archs if ln.fwd_kernel_compiles(n, dtype, heavy, a))   # else PyTorch
-                if fwd_archs:
-                    specs.append(_row_spec("layer_norm", ln._layer_norm_fwd_kernel, dtype, n, args, options, label,
-                                           fwd_archs))
-            yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
+        arch0 = group[0]
+        # Forward: layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, is_rms_norm).
+        p = Ptr(acc_t) if heavy else x   # the launcher passes x for an absent weight / bias
+        dropout_p, seed = (0.1, 12345) if heavy else (0.0, 0)
+        fwd_flags = dict(HAS_RESIDUAL=heavy, HAS_DROPOUT=heavy, STORE_RES_OUT=heavy, HAS_WEIGHT=heavy,
+                         HAS_BIAS=heavy, IS_RMS_NORM=False)
+        label = _flags({"res": heavy, "drop": heavy, "w": heavy, "b": heavy})
+        specs = []
+        for n in _row_lengths(lambda n, dtype=dtype, arch0=arch0: ln._block(n, ln.fused_limit(dtype, False, arch0))[1]):
+            block, single = ln._block(n, ln.fused_limit(dtype, False, arch0))
+            args, options = bind(ln._layer_norm_fwd_kernel, kwargs=dict(
+                X=x, R=x, W=p, B=p, Y=x, RES_OUT=x, MEAN=a, RSTD=a,
+                stride_xm=n, stride_xn=1, stride_rm=n, stride_rn=1, stride_ym=n, stride_om=n,
+                N=n, eps=1e-5, dropout_p=dropout_p, seed=seed, **fwd_flags,
+                SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=ln.norm_warps(block, backward=False)))
+            fwd_archs = tuple(a for a in group if ln.fwd_kernel_compiles(n, dtype, heavy, a))   # else PyTorch
+            if fwd_archs:
+                specs.append(_row_spec("layer_norm", ln._layer_norm_fwd_kernel, dtype, n, args, options, label,
+                                       fwd_archs))
+        yield from _dedupe(specs, lambda s: (s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
 
-            # Backward: layer_norm_bwd(dy, dres_out, prenorm, weight, has_bias, mean, rstd, seed, ...).
-            bwd_flags = dict(HAS_WEIGHT=heavy, HAS_BIAS=heavy, HAS_DRES_OUT=heavy, HAS_DROPOUT=heavy,
-                             STORE_DRES=heavy, IS_RMS_NORM=False)
-            label = _flags({"w": heavy, "b": heavy, "dres_out": heavy, "drop": heavy, "dres": heavy})
-            part = a if heavy else x             # dW/dB partials, or dx in their place when absent
-            specs = []
-            for n in _row_lengths(lambda n, dtype=dtype: ln.bwd_block(n, dtype)[1]):
-                block, row_sums = ln.bwd_block(n, dtype)
-                args, options = bind(ln._layer_norm_bwd_kernel, kwargs=dict(
-                    X=x, W=p, DY=x, DRES_OUT=x, DX=x, DRES=x, DW_PART=part, DB_PART=part, MEAN=a, RSTD=a,
-                    SUMS=a, stride_xm=n, stride_xn=1, stride_dym=n, stride_dyn=1, stride_drm=n, stride_drn=1,
-                    M=m, N=n, rows_per_program=rows_per_program, dropout_p=dropout_p, seed=seed, **bwd_flags,
-                    ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=ln.norm_warps(block, backward=True)))
-                specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_kernel, dtype, n, args, options, label, archs,
-                                       single=row_sums))
-                if not row_sums:     # the row sums of the chunked backward
-                    args, options = bind(ln._layer_norm_bwd_sums_kernel, kwargs=dict(
-                        X=x, W=p, DY=x, MEAN=a, RSTD=a, SUMS=a, stride_xm=n, stride_xn=1, stride_dym=n,
-                        stride_dyn=1, M=m, N=n, HAS_WEIGHT=heavy, IS_RMS_NORM=False, BLOCK_N=ln.MULTIPASS_BLOCK,
-                        ACC=acc, num_warps=row_warps(ln.MULTIPASS_BLOCK)))
-                    specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_sums_kernel, dtype, n, args, options,
-                                           _flags({"w": heavy}), archs, single=False))
-            yield from _dedupe(specs, lambda s: (s.name, s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
+        # Backward: layer_norm_bwd(dy, dres_out, prenorm, weight, has_bias, mean, rstd, seed, ...).
+        bwd_flags = dict(HAS_WEIGHT=heavy, HAS_BIAS=heavy, HAS_DRES_OUT=heavy, HAS_DROPOUT=heavy,
+                         STORE_DRES=heavy, IS_RMS_NORM=False)
+        label = _flags({"w": heavy, "b": heavy, "dres_out": heavy, "drop": heavy, "dres": heavy})
+        part = a if heavy else x             # dW/dB partials, or dx in their place when absent
+        specs = []
+        for n in _row_lengths(lambda n, dtype=dtype, arch0=arch0: ln.bwd_block(n, dtype, arch0)[1]):
+            block, row_sums = ln.bwd_block(n, dtype, arch0)
+            args, options = bind(ln._layer_norm_bwd_kernel, kwargs=dict(
+                X=x, W=p, DY=x, DRES_OUT=x, DX=x, DRES=x, DW_PART=part, DB_PART=part, MEAN=a, RSTD=a,
+                SUMS=a, stride_xm=n, stride_xn=1, stride_dym=n, stride_dyn=1, stride_drm=n, stride_drn=1,
+                M=m, N=n, rows_per_program=rows_per_program, dropout_p=dropout_p, seed=seed, **bwd_flags,
+                ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=ln.norm_warps(block, backward=True)))
+            specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_kernel, dtype, n, args, options, label,
+                                   tuple(group), single=row_sums))
+            if not row_sums:     # the row sums of the chunked backward
+                args, options = bind(ln._layer_norm_bwd_sums_kernel, kwargs=dict(
+                    X=x, W=p, DY=x, MEAN=a, RSTD=a, SUMS=a, stride_xm=n, stride_xn=1, stride_dym=n,
+                    stride_dyn=1, M=m, N=n, HAS_WEIGHT=heavy, IS_RMS_NORM=False, BLOCK_N=ln.MULTIPASS_BLOCK,
+                    ACC=acc, num_warps=row_warps(ln.MULTIPASS_BLOCK)))
+                specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_sums_kernel, dtype, n, args, options,
+                                       _flags({"w": heavy}), tuple(group), single=False))
+        yield from _dedupe(specs, lambda s: (s.name, s.meta["BLOCK_N"], s.meta["SINGLE_BLOCK"]))
 
 
 def softmax_specs(archs: Archs) -> Iterator[Spec]:
@@ -843,8 +849,8 @@ def quick_subset(specs: list[Spec]) -> list[Spec]:
                 key = (spec.name, m["dtype"], m["archs"])
                 if key in keep and keep[key].meta["cost"] >= m["cost"]:
                     continue
-        else:
-            key = (spec.name, m["dtype"], m["flags"], m["SINGLE_BLOCK"])
+        else:   # row kernels: per kernel, dtype, features and architectures (their limits differ) the largest
+            key = (spec.name, m["dtype"], m["flags"], m["SINGLE_BLOCK"], m["archs"])
             if key in keep and keep[key].meta["BLOCK_N"] >= m["BLOCK_N"]:
                 continue
         keep[key] = spec

@@ -272,9 +272,30 @@ def _layer_norm_bwd_kernel(
         tl.store(DB_PART + part + cols, db, mask=cols < N)
 
 
-def fused_limit(dtype: torch.dtype, backward: bool) -> int:
-    """Longest row the single-block path takes: float64 rows hold half as many elements in registers (an
-    eighth in the backward, whose pipelined loads keep two rows in flight)."""
+# Single-block limits an architecture family needs lower than the defaults (``python -m fused_kernels.aot --family
+# layer_norm --quick --arch ...``, triton 3.9, every feature on): family -> {(dtype family, backward): limit}.
+# sm_70 caps a 16-warp program at 128 registers: the 16-bit forward at 16,384 and backward at 8,192 spilled 8+8 B,
+# the fp32 backward 52+52 B; sm_75's fp32 backward at 8,192 spilled 12+12 B; the fp32 backward's two pipelined
+# rows at 8,192 need 131,156 B of shared memory, over the 101,376 B of sm_86 / sm_89 / sm_120. (sm_100a's fp64
+# backward in 1,024-column chunks spills 4+4 B at 128 registers, in 512-column chunks too: not fixed here.)
+_FAMILY_LIMITS: dict[str, dict[tuple[str, bool], int]] = {
+    "sm_70": {("16bit", False): MAX_FUSED_FWD // 2, ("16bit", True): MAX_FUSED_BWD // 2,
+              ("fp32", True): MAX_FUSED_BWD // 2},
+    "sm_75": {("fp32", True): MAX_FUSED_BWD // 2},
+    "sm_86": {("fp32", True): MAX_FUSED_BWD // 2},
+    "sm_120": {("fp32", True): MAX_FUSED_BWD // 2},
+}
+
+
+def fused_limit(dtype: torch.dtype, backward: bool, arch: ArchValue = None) -> int:
+    """Longest row the single-block path takes on ``arch`` (None: the interpreter, and the defaults): float64
+    rows hold half as many elements in registers (an eighth in the backward, whose pipelined loads keep two rows
+    in flight); ``_FAMILY_LIMITS`` lowers it where a family's registers or shared memory do not hold it."""
+    family = arch_family(arch)
+    dtypes = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
+    own = _FAMILY_LIMITS.get(family.name, {}).get((dtypes, backward)) if family is not None else None
+    if own is not None:
+        return own
     if backward:
         return MAX_FUSED_BWD // 8 if dtype == torch.float64 else MAX_FUSED_BWD
     return MAX_FUSED_FWD // 2 if dtype == torch.float64 else MAX_FUSED_FWD
@@ -294,14 +315,14 @@ def fwd_kernel_compiles(n: int, dtype: torch.dtype, dropout: bool, arch: ArchVal
     fused_kernels.aot --family layer_norm --arch gfx90a gfx942``). Such calls take the PyTorch path: a crash at
     compile time would take the user's process with it."""
     family = arch_family(arch)
-    return not (dropout and dtype == torch.float64 and not _block(n, fused_limit(dtype, False))[1]
+    return not (dropout and dtype == torch.float64 and not _block(n, fused_limit(dtype, False, arch))[1]
                 and family is not None and family.name in ("gfx90a", "gfx942"))
 
 
-def bwd_block(n: int, dtype: torch.dtype) -> tuple[int, bool]:
-    """(BLOCK_N, ROW_SUMS) of the backward for rows of n elements: a longer row than one block is cut into
-    chunks of at most ``CHUNK_BWD`` elements (a power of two)."""
-    limit = fused_limit(dtype, backward=True)
+def bwd_block(n: int, dtype: torch.dtype, arch: ArchValue = None) -> tuple[int, bool]:
+    """(BLOCK_N, ROW_SUMS) of the backward for rows of n elements on ``arch``: a longer row than one block is
+    cut into chunks of at most ``CHUNK_BWD`` elements (a power of two)."""
+    limit = fused_limit(dtype, backward=True, arch=arch)
     return (next_pow2(n), True) if n <= limit else (min(limit, CHUNK_BWD), False)
 
 
@@ -341,7 +362,7 @@ def layer_norm_fwd(
     seed = _checks.dropout_seed() if dropout_p > 0 else 0
     if m > 0 and n > 0:
         r2 = x2 if residual is None else residual.reshape(m, n)
-        block, single = _block(n, fused_limit(x.dtype, backward=False))
+        block, single = _block(n, fused_limit(x.dtype, backward=False, arch=device_arch(x.device)))
         launch(_layer_norm_fwd_kernel, (m,),
                x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
                out, res_out if store_res else out, mean, rstd,
@@ -381,7 +402,7 @@ def layer_norm_bwd(
     store_dres = has_residual and dropout_p > 0
     dx = torch.empty((m, n), dtype=prenorm.dtype, device=prenorm.device)
     dres = torch.empty_like(dx) if store_dres else _empty(dx)
-    block, row_sums = bwd_block(n, prenorm.dtype)
+    block, row_sums = bwd_block(n, prenorm.dtype, device_arch(prenorm.device))
     chunks = 1 if row_sums else triton.cdiv(n, block)
     # The persistent programs share out the chunks: each writes one partial row of every chunk it owns.
     programs = max(1, num_persistent_programs(prenorm.device, m) // chunks)
