@@ -119,6 +119,24 @@ def _describe(rows: list[dict]) -> str:
                      f"{'; '.join(r.get('problems', []))} {(r.get('error') or '')[:300]}" for r in rows)
 
 
+def _compile_or_crash(job: dict) -> dict:
+    """A stand-in for ``compile_job``: the job marked ``crash`` kills its process as a compiler segfault would."""
+    if job["crash"]:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return {"seconds": 0.0, "value": job["value"]}
+
+
+def test_a_compiler_crash_fails_one_configuration():
+    """A compile whose process dies (triton 3.9 segfaults on some AMD configurations) is that configuration's
+    failure; every other job of the run still gets its result (two workers: the other job running when the
+    pool broke runs again alone and succeeds)."""
+    from fused_kernels.aot.compile import run_jobs
+    jobs = [dict(cost=-i, value=i, crash=i == 2) for i in range(6)]
+    results = run_jobs(jobs, 2, progress=False, compile_fn=_compile_or_crash)
+    assert [r.get("value") for r in results] == [0, 1, None, 3, 4, 5]
+    assert "the compiler crashed" in results[2]["error"]
+
+
 def test_kernel_modules_found():
     modules = kernel_modules()
     assert "_layer_norm_fwd_kernel" in modules["fused_kernels.ops.norms"], modules

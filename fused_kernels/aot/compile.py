@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,29 +312,56 @@ class _Progress:
             self.bar.close()
 
 
-def run_jobs(jobs: list[dict[str, Any]], workers: int, progress: bool = True) -> list[dict[str, Any]]:
-    results: list[dict[str, Any] | None] = [None] * len(jobs)
-    bar = _Progress(len(jobs)) if progress else None
-    try:
-        if workers <= 1 or len(jobs) <= 1:
-            for i, job in enumerate(jobs):
-                results[i] = compile_job(job)
-                if bar:
-                    bar.update(results[i])
-            return results  # type: ignore[return-value]
-        order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["cost"])  # the expensive ones first
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                                    initializer=_die_with_parent) as pool:
-            futures = {pool.submit(compile_job, jobs[i]): i for i in order}
-            for future in concurrent.futures.as_completed(futures):
-                i = futures[future]
+def _pool_pass(jobs: list[dict[str, Any]], indices: list[int], workers: int, compile_fn: Callable,
+               results: list[dict[str, Any] | None], bar: _Progress | None) -> tuple[list[int], list[int]]:
+    """Compile ``jobs[i]`` for ``i`` in ``indices``, at most ``workers`` at a time, each in a pool process.
+    Returns ``([], [])``, or, when a process died (a compiler crash takes the pool down with it), the jobs that
+    were running then (one of them crashed) and those not started yet."""
+    queue = list(indices)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                initializer=_die_with_parent) as pool:
+        running: dict[concurrent.futures.Future, int] = {}
+        suspects: list[int] = []
+        while queue or running:
+            while queue and len(running) < workers:
+                i = queue.pop(0)
+                running[pool.submit(compile_fn, jobs[i])] = i
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                i = running.pop(future)
                 try:
                     results[i] = future.result()
-                except Exception as exc:  # a worker died
+                except concurrent.futures.process.BrokenProcessPool:
+                    suspects.append(i)
+                    continue
+                except Exception as exc:  # anything else a worker raised: this job's failure
                     results[i] = {"error": f"{type(exc).__name__}: {exc}", "seconds": 0.0}
                 if bar:
                     bar.update(results[i])
+            if suspects:    # the pool is gone: every job still running went with it
+                return suspects + list(running.values()), queue
+    return [], []
+
+
+def run_jobs(jobs: list[dict[str, Any]], workers: int, progress: bool = True,
+             compile_fn: Callable[[dict[str, Any]], dict[str, Any]] = compile_job) -> list[dict[str, Any]]:
+    """``compile_fn`` (``compile_job``) of every job on ``workers`` processes, the expensive ones first. A
+    compiler that crashes (a segfault in triton's or LLVM's native code) fails its configuration, not the run:
+    the jobs that were running when a process died run again alone, the one whose process dies again is
+    reported as crashed, and the rest go on in a new pool."""
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    bar = _Progress(len(jobs)) if progress else None
+    try:
+        pending = sorted(range(len(jobs)), key=lambda i: -jobs[i]["cost"])  # the expensive ones first
+        while pending:
+            suspects, pending = _pool_pass(jobs, pending, max(1, workers), compile_fn, results, bar)
+            for i in suspects:
+                if _pool_pass(jobs, [i], 1, compile_fn, results, bar)[0]:
+                    results[i] = {"error": "the compiler crashed: its process died (a segfault or an abort in "
+                                           "triton's or LLVM's native code)", "seconds": 0.0}
+                    if bar:
+                        bar.update(results[i])
         return results  # type: ignore[return-value]
     finally:
         if bar:
