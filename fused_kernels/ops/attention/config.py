@@ -124,7 +124,9 @@ COLUMNS: dict[str, Column] = {
     # sm_80's.
     "sm_90": Column(tiles=_base_tiles(1), tma=True, pointer_base="sm_80",
                     varlen={("16bit", "bwd_dkdv", 128, False): (32, 32, 8, 1),
-                            ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1)},
+                            ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
+                            # sm_80's triton 3.9 tile (32 x 32) spills 72+124 B in the packed form here
+                            ("fp32", "bwd_dq", 128, True): (32, 16, 8, 1)},
                     # 16-bit d=128 spilled 4+4 B with 3 stages (16-key tiles)
                     decode_stages={("16bit", 128): 2}),
     # 99 KB of shared memory: sm_80's d=256 forward needs 106,496 B (two stages of 64-key tiles); its dropout
