@@ -238,6 +238,10 @@ def test_generic_column_is_conservative():
     assert core.arch_family(123) is GENERIC and core.arch_family("gfx9999") is GENERIC
     for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
         for d in (64, 128, 256):
+            key = ("16bit", kind, d, False)
+            assert cfg.column_tile("generic", key) == cfg.column_tile("sm_75", key)
+            if cfg.column_tile("generic", key) == cfg.NO_KERNEL:    # T4's d=256 dK/dV: the PyTorch path
+                continue
             generic = cfg.attention_config(kind, d, d, torch.bfloat16, 123)
             assert not generic["TMA"]
             assert generic == cfg.attention_config(kind, d, d, torch.bfloat16, 75)
@@ -344,6 +348,10 @@ def test_no_kernel_entry_routes_to_the_pytorch_path(device):
     the whole call, with exactly the output and gradients of ``use_backend("torch")`` (same dropout draw), and no
     kernel is launched; without gradients the forward, which has a kernel there, runs it."""
     assert cfg.column_tile("sm_75", ("fp32", "bwd_dkdv", 256, True)) == cfg.NO_KERNEL
+    # without dropout too: 66,560 B at 16 x 16 in fp32 math (python -m fused_kernels.aot --arch 75)
+    for dtypes in ("16bit", "fp32"):
+        assert cfg.column_tile("sm_75", (dtypes, "bwd_dkdv", 256, False)) == cfg.NO_KERNEL
+        assert not cfg.has_kernels(256, 256, torch.float16 if dtypes == "16bit" else torch.float32, 75, False, True)
     q, k, v = _qkv(1, 2, 2, 40, 50, 256, dtype=torch.float32, device=device)
     dout = torch.randn(1, 2, 40, 256, generator=torch.Generator().manual_seed(3)).to(device)
 

@@ -162,18 +162,20 @@ COLUMNS: dict[str, Column] = {
                                                ("16bit", "fwd", 256, False): (64, 64, 8, 2)}),
     # No tensor cores for bf16 (and none triton uses for fp16) below sm_80: 16-bit inputs run in fp32 math
     # (``upcast_16bit``) at sm_80's true-fp32 tiles, but where those spill (8-56 B) or need more than T4's 64 KB
-    # of shared memory (d=256 backward: 98,304 / 100,352 B): 16 x 16 tiles. No Triton kernel for the dK/dV with
-    # dropout at d=256 (66,560 B at 16 x 16, the smallest tile a dot takes, 16-bit in fp32 math and fp32) and in
-    # fp64 at d=128 (67,584 B): those calls take the PyTorch path on a T4.
+    # of shared memory (d=256 backward: 98,304 / 100,352 B): 16 x 16 tiles. No Triton kernel for the dK/dV at
+    # d=256 (66,560 B at 16 x 16, the smallest tile a dot takes, 16-bit in fp32 math and fp32, with or without
+    # dropout) and with dropout in fp64 at d=128 (67,584 B): those calls take the PyTorch path on a T4.
     "sm_75": Column("sm_86", tiles={
         **{("16bit", kind, d, dropout): tile for (dtypes, kind, d, dropout), tile in _base_tiles(0).items()
            if dtypes == "fp32"},
         ("16bit", "bwd_dkdv", 64, True): (16, 16, 8, 1), ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
         ("16bit", "bwd_dkdv", 256, True): NO_KERNEL, ("16bit", "bwd_dq", 64, True): (16, 16, 4, 1),
         ("16bit", "bwd_dq", 128, False): (16, 16, 8, 1), ("16bit", "bwd_dq", 256, False): (16, 16, 8, 1),
-        ("fp32", "bwd_dkdv", 256, True): NO_KERNEL, ("fp64", "bwd_dkdv", 128, True): NO_KERNEL}),
+        ("fp32", "bwd_dkdv", 256, True): NO_KERNEL, ("fp64", "bwd_dkdv", 128, True): NO_KERNEL,
+        ("16bit", "bwd_dkdv", 256, False): NO_KERNEL, ("fp32", "bwd_dkdv", 256, False): NO_KERNEL}),
     # sm_75's, but the dK/dV with dropout: 4 warps at d <= 128 (8 spill 68-132 B here), 8 at d=256 (4 spill 80 B;
-    # V100's 96 KB take its 66,560 B, and fp64's 67,584 B at d=128).
+    # V100's 96 KB take its 66,560 B, and fp64's 67,584 B at d=128). The d=256 dK/dV without dropout keeps sm_75's
+    # "no kernel": 16 x 16 x 8 warps spilled 8+4 B here (16-bit in fp32 math, 128 registers).
     "sm_70": Column("sm_75", tiles={("16bit", "bwd_dkdv", 64, True): (16, 16, 4, 1),
                                     ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 1),
                                     ("16bit", "bwd_dkdv", 256, True): (16, 16, 8, 1),
