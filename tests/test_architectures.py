@@ -17,7 +17,15 @@ from test_varlen import _packed, check_varlen
 
 import fused_kernels
 from fused_kernels._core import launch as core
-from fused_kernels._core.launch import ARCH_FAMILIES, GENERIC, arch_family, device_arch, force_arch, intercept
+from fused_kernels._core.launch import (
+    ARCH_FAMILIES,
+    GENERIC,
+    arch_family,
+    device_arch,
+    dtype_family,
+    force_arch,
+    intercept,
+)
 from fused_kernels.ops.attention import config as cfg
 
 # (what the device reports, the column its configurations come from)
@@ -102,7 +110,7 @@ def test_every_column_has_every_tile(column):
         for d in (64, 128, 256):
             for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq"):
                 for dropout in (False, True):
-                    if cfg.column_tile(family.name, (cfg._dtype_family(dtype), kind, d, dropout)) == cfg.NO_KERNEL:
+                    if cfg.column_tile(family.name, (dtype_family(dtype), kind, d, dropout)) == cfg.NO_KERNEL:
                         # no kernel there: the call is routed to the PyTorch path, the launchers refuse the tile
                         assert not cfg.has_kernels(d, d, dtype, arch, dropout, backward=True)
                         with pytest.raises(RuntimeError, match="no Triton kernel"):

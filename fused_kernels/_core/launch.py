@@ -25,6 +25,11 @@ def torch_acc_dtype(x: torch.dtype) -> torch.dtype:
     return torch.float64 if x == torch.float64 else torch.float32
 
 
+def dtype_family(dtype: torch.dtype) -> str:
+    """The tile tables' dtype column (attention tiles, norm limits): "fp64", "fp32" or "16bit"."""
+    return {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -36,6 +36,7 @@ from .._core.launch import (
     acc_dtype,
     arch_family,
     device_arch,
+    dtype_family,
     launch,
     next_pow2,
     num_persistent_programs,
@@ -292,8 +293,7 @@ def fused_limit(dtype: torch.dtype, backward: bool, arch: ArchValue = None) -> i
     rows hold half as many elements in registers (an eighth in the backward, whose pipelined loads keep two rows
     in flight); ``_FAMILY_LIMITS`` lowers it where a family's registers or shared memory do not hold it."""
     family = arch_family(arch)
-    dtypes = {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
-    own = _FAMILY_LIMITS.get(family.name, {}).get((dtypes, backward)) if family is not None else None
+    own = _FAMILY_LIMITS.get(family.name, {}).get((dtype_family(dtype), backward)) if family is not None else None
     if own is not None:
         return own
     if backward:

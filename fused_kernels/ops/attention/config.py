@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from ..._core.launch import ArchValue, arch_family, next_pow2
+from ..._core.launch import ArchValue, arch_family, dtype_family, next_pow2
 
 MAX_HEAD_DIM = 256
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -327,7 +327,7 @@ def has_kernels(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: ArchVa
         return True
     d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
     kinds = _KINDS if backward else ("fwd", "decode")
-    return all(column_tile(family.name, (_dtype_family(dtype), kind, d, dropout), varlen) != NO_KERNEL
+    return all(column_tile(family.name, (dtype_family(dtype), kind, d, dropout), varlen) != NO_KERNEL
                for kind in kinds)
 
 
@@ -355,7 +355,7 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     if family is None:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
-    dtypes = _dtype_family(dtype)
+    dtypes = dtype_family(dtype)
     key = (dtypes, kind, d, dropout)
     bm, bn, w, st = column_tile(family.name, key)
     if row_state:
@@ -375,11 +375,6 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
             "WARP_SPECIALIZE": ws is not None}
 
 
-def _dtype_family(dtype: torch.dtype) -> str:
-    """The tile tables' dtype column: "fp64", "fp32" or "16bit"."""
-    return {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16bit")
-
-
 def split_blocks(arch: ArchValue) -> bool:
     """Whether the 16-bit dK/dV kernel on ``arch`` takes three query loops (``Column.split_blocks``; the
     interpreter: yes)."""
@@ -393,7 +388,7 @@ def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: ArchValu
     family = arch_family(arch)
     if family is None:
         return attention_config(kind, d, dv, dtype, None, dropout)
-    key = (_dtype_family(dtype), kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
+    key = (dtype_family(dtype), kind, max(next_pow2(d), next_pow2(dv), 64), dropout)
     bm, bn, w, st = column_tile(family.name, key, varlen=True)
     if (bm, bn, w, st) == NO_KERNEL:
         raise RuntimeError(f"varlen_attention: no Triton kernel for {key} on {family.name}: the call takes the "
@@ -415,7 +410,7 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
         block_m, block_n = max(16, next_pow2(rows)), cfg["BLOCK_N"]
         family = arch_family(arch)
         if family is not None:
-            key = (_dtype_family(dtype), max(next_pow2(d), next_pow2(dv), 64))
+            key = (dtype_family(dtype), max(next_pow2(d), next_pow2(dv), 64))
             stages = next((COLUMNS[name].decode_stages[key] for name in _chain(family.name)
                            if key in COLUMNS[name].decode_stages), stages)
     else:
