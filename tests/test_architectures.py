@@ -350,12 +350,34 @@ def _launched(run) -> list[str]:
     return names
 
 
+def test_preprocess_rows(device):
+    """The backward's preprocess kernel takes 8 rows a program above 512 B of dO a row (16 rows of fp32 at d=256
+    spilled on sm_70), 64 / 32 below, 32 under the interpreter; fp64 at d=96 (1,024 B rows) on a forced sm_70
+    launches 8-row programs and every gradient matches float64."""
+    assert [cfg.preprocess_rows(n, 80) for n in (128, 256, 512, 1024, 2048)] == [64, 64, 32, 8, 8]
+    assert cfg.preprocess_rows(1024, None) == 32
+    rows = []
+
+    def record(call, run):
+        if call.name == "_attn_bwd_preprocess_kernel":
+            rows.append(call.kwargs["BLOCK_M"])
+        run(call)
+
+    q, k, v = _qkv(1, 2, 1, 21, 30, 96, dtype=torch.float64, device=device)
+    with force_arch(70), intercept(record):
+        check_attention(q, k, v, causal=True, atol=1e-10, rtol=1e-10)
+    assert rows and set(rows) == {8}
+
+
 def test_no_kernel_entry_routes_to_the_pytorch_path(device):
     """A ``NO_KERNEL`` entry (T4: the d=256 dK/dV with dropout needs more than its 64 KB of shared memory even at
     16 x 16): ``attention``, ``scaled_dot_product_attention`` and ``varlen_attention`` run the PyTorch path for
     the whole call, with exactly the output and gradients of ``use_backend("torch")`` (same dropout draw), and no
     kernel is launched; without gradients the forward, which has a kernel there, runs it."""
     assert cfg.column_tile("sm_75", ("fp32", "bwd_dkdv", 256, True)) == cfg.NO_KERNEL
+    # fp64 d=64 dK/dV with dropout: T4 spills it at every warp count, V100 at 4 warps is clean
+    assert not cfg.has_kernels(64, 64, torch.float64, 75, True, backward=True)
+    assert cfg.has_kernels(64, 64, torch.float64, 70, True, backward=True)
     # without dropout too: 66,560 B at 16 x 16 in fp32 math (python -m fused_kernels.aot --arch 75)
     for dtypes in ("16bit", "fp32"):
         assert cfg.column_tile("sm_75", (dtypes, "bwd_dkdv", 256, False)) == cfg.NO_KERNEL

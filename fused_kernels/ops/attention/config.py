@@ -142,18 +142,29 @@ COLUMNS: dict[str, Column] = {
                                     ("fp32", "bwd_dq", 128, True): (32, 16, 8, 1),
                                     ("16bit", "bwd_dkdv", 256, True): (32, 32, 8, 1),
                                     # 8+4 B spilled with 8 warps (fp32 flash-decoding with dropout, d=256)
-                                    ("fp32", "decode", 256, True): (0, 16, 4, 1)}),
+                                    ("fp32", "decode", 256, True): (0, 16, 4, 1),
+                                    # 4 warps spilled 24+36 B (--arch all: 86, 89, 120); 2 are clean
+                                    ("fp64", "bwd_dkdv", 64, True): (16, 16, 2, 1)},
+                    # --arch all, the packed form: sm_80's 16 x 16 x 4 x 2 spilled 20+16 B (16-bit d=128 dK/dV with
+                    # dropout) and 32 x 16 28+28 B (fp32 d=256 dK/dV with dropout) here
+                    varlen={("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
+                            ("fp32", "bwd_dkdv", 256, True): (16, 16, 8, 1)}),
     # sm_86's tiles (mma.sync, pointer loads: TMA was neither compiled nor measured here with them), but the d=64
     # dK/dV, whose causal form spills 40+52 B with 4 warps. Hopper's (TMA) tiles spill here (issue 28).
-    # fp64 d=64 dK/dV with dropout spills 24+36 B with 4 warps (16 x 32 x 8 warps is clean too, at 28,160
-    # instructions per 1k scores; 2 warps: 24,000).
+    # fp64 d=64 dQ with dropout spills 24+36 B with 4 warps (--arch all), as sm_86's dK/dV does: 2 warps.
     "sm_120": Column("sm_86", tiles={("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),
-                                     ("fp64", "bwd_dkdv", 64, True): (16, 16, 2, 1),
+                                     ("fp64", "bwd_dq", 64, True): (16, 16, 2, 1),
                                      # sm_86's 16 x 32 spills 24+24 B with dropout here; sm_80's is clean
-                                     ("fp32", "bwd_dkdv", 128, True): (16, 64, 8, 1)},
+                                     ("fp32", "bwd_dkdv", 128, True): (16, 64, 8, 1),
+                                     # 8 warps spilled 12+12 B ("all", 80 registers): 4
+                                     ("fp32", "fwd", 128, True): (32, 16, 4, 1)},
                      # sm_80's packed fp32 d=64 dK/dV with dropout (16 x 16 x 8 warps) spills 8+8 B here: the dense
                      # tile (14,560 instructions per 1k scores)
-                     varlen={("fp32", "bwd_dkdv", 64, True): (32, 64, 8, 1)}),
+                     varlen={("fp32", "bwd_dkdv", 64, True): (32, 64, 8, 1),
+                             # the dense 4 warps spill 312+352 B in the packed form: 8, as before
+                             ("fp32", "fwd", 128, True): (32, 16, 8, 1),
+                             # sm_86's 16 x 16 spills 48+80 B here; 32 x 16 (sm_80's) is clean
+                             ("fp32", "bwd_dkdv", 256, True): (32, 16, 8, 1)}),
     # sm_90's tiles (TMA; triton lowers tl.dot to tcgen05 here), but those that spill 28-1,136 B with tcgen05:
     # 64 x 64 dK/dV tiles of one stage (sm_90's with one stage still spill 4-8 B), 64-row dQ / d=256 forward tiles.
     "sm_100": Column("sm_90", tma=True, tiles={("16bit", "bwd_dkdv", 64, False): (64, 64, 8, 1),
@@ -172,16 +183,39 @@ COLUMNS: dict[str, Column] = {
         ("16bit", "bwd_dkdv", 256, True): NO_KERNEL, ("16bit", "bwd_dq", 64, True): (16, 16, 4, 1),
         ("16bit", "bwd_dq", 128, False): (16, 16, 8, 1), ("16bit", "bwd_dq", 256, False): (16, 16, 8, 1),
         ("fp32", "bwd_dkdv", 256, True): NO_KERNEL, ("fp64", "bwd_dkdv", 128, True): NO_KERNEL,
-        ("16bit", "bwd_dkdv", 256, False): NO_KERNEL, ("fp32", "bwd_dkdv", 256, False): NO_KERNEL}),
+        ("16bit", "bwd_dkdv", 256, False): NO_KERNEL, ("fp32", "bwd_dkdv", 256, False): NO_KERNEL,
+        # --arch all: 32 x 32 spilled 8+4 B (causal, and the packed form); 16 x 32 is clean
+        ("16bit", "bwd_dq", 64, False): (16, 32, 4, 1),
+        # 8 warps spilled 4+4 B ("all": ptxas gives them 80 registers here)
+        ("fp32", "fwd", 128, True): (32, 16, 4, 1),
+        # 36-100 B spilled at 16 x 16 with 4 warps, 4-16 B with 8, 44 B with 2 (ptxas gives 8 warps 80 registers
+        # and 2 warps 255 here)
+        ("fp64", "bwd_dkdv", 64, True): NO_KERNEL},
+        # the packed 16-bit d=128 dQ spilled 4+4 B with 8 warps (64 registers)
+        varlen={("16bit", "bwd_dq", 128, False): (16, 16, 4, 1)}),
     # sm_75's, but the dK/dV with dropout: 4 warps at d <= 128 (8 spill 68-132 B here), 8 at d=256 (4 spill 80 B;
     # V100's 96 KB take its 66,560 B, and fp64's 67,584 B at d=128). The d=256 dK/dV without dropout keeps sm_75's
     # "no kernel": 16 x 16 x 8 warps spilled 8+4 B here (16-bit in fp32 math, 128 registers).
     "sm_70": Column("sm_75", tiles={("16bit", "bwd_dkdv", 64, True): (16, 16, 4, 1),
                                     ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 1),
-                                    ("16bit", "bwd_dkdv", 256, True): (16, 16, 8, 1),
+                                    # --arch all: 8 warps spilled 64+64 B (fp16, "heavy": 128 registers)
+                                    ("16bit", "bwd_dkdv", 256, True): (16, 16, 4, 1),
                                     ("fp32", "bwd_dkdv", 256, True): (16, 16, 8, 1),
-                                    ("fp64", "bwd_dkdv", 128, True): (16, 16, 8, 1)},
-                    varlen={("fp64", "bwd_dkdv", 128, True): (16, 16, 4, 1)}),     # 104+104 B with 8 warps
+                                    ("fp64", "bwd_dkdv", 128, True): (16, 16, 8, 1),
+                                    # sm_75's "no kernel" (T4 spills it): clean here
+                                    ("fp64", "bwd_dkdv", 64, True): (16, 16, 4, 1),
+                                    # 8 warps spilled 8+8 B at 128 registers: 4
+                                    ("fp32", "bwd_dq", 128, True): (32, 16, 4, 1)},
+                    varlen={("fp64", "bwd_dkdv", 128, True): (16, 16, 4, 1),      # 104+104 B with 8 warps
+                            # the dense 4 warps spill 24+20 B in the packed form: 8, as before
+                            ("16bit", "bwd_dkdv", 256, True): (16, 16, 8, 1),
+                            # --arch all, the packed form: 32 x 32 and 16 x 32 spilled 4+4 B (dQ, d=64), 8 warps
+                            # 4+4 B (forward, d=128), 4 warps 4+4 B (dQ, fp32 d=256; sm_75's 16-bit d=128 16 x
+                            # 16 x 4 spilled 4+4 B here, 8 warps are clean)
+                            ("16bit", "bwd_dq", 64, False): (16, 16, 4, 1),
+                            ("16bit", "fwd", 128, False): (32, 16, 4, 1),
+                            ("fp32", "bwd_dq", 256, True): (16, 16, 8, 1),
+                            ("16bit", "bwd_dq", 128, False): (16, 16, 8, 1)}),
     # AMD CDNA: 64 KB of LDS, 64-wide waves. sm_80's tiles with 4 waves (8 put two waves of a block on a SIMD and
     # halve each one's registers: 256 VGPRs spilled up to 940 B of scratch at d=128 / 256) and without software
     # pipelining (triton's AMD stream pipeliner buffers every further stage in LDS).
@@ -422,6 +456,15 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
         block_n = min(block_n, page)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PAGE=page % block_n == 0,
                 num_warps=cfg["num_warps"], num_stages=stages)
+
+
+def preprocess_rows(row_bytes: int, arch: ArchValue) -> int:
+    """Query rows a program of the backward's preprocess kernel (``delta = rowsum(dO * O)``) takes, for rows of
+    dO of ``row_bytes``: about 16 KB of O and dO a program, but 8 rows above 512 B (16 rows of fp32 at d=256
+    spilled 8+8 B on sm_70 at 32 registers, triton 3.9); 32 under the interpreter."""
+    if arch is None:
+        return 32
+    return 64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 8
 
 
 def decode_splits(b: int, hkv: int, l: int, h: int, s: int, device: torch.device) -> int:

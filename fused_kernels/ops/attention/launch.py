@@ -38,6 +38,7 @@ from .config import (
     MASK_NONE,
     attention_config,
     has_kernels,
+    preprocess_rows,
     split_blocks,
 )
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
@@ -339,7 +340,7 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
     lse2 = torch.empty((b, h, l), dtype=acc, device=q.device)
     dlse_c = dlse.contiguous() if dlse is not None else None
     row_bytes = meta["BLOCK_DV"] * q.element_size()
-    pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
+    pre_block = preprocess_rows(row_bytes, arch)
     launch(_attn_bwd_preprocess_kernel, (triton.cdiv(l, pre_block), b * h),
            out, do, dlse_c, lse.contiguous(), delta, lse2, h, l, dv, _rows(out), _rows(do),
            HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)

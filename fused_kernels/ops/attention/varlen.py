@@ -36,7 +36,7 @@ from ..._core.grad import create_graph
 from ..._core.launch import acc_dtype, device_arch, dot_precision, launch, next_pow2, torch_acc_dtype, upcast_16bit
 from . import torch_path
 from .api import _check_head_dims, _check_qkv, _check_scale, attention
-from .config import LOG2E, MASK_NONE, varlen_config
+from .config import LOG2E, MASK_NONE, preprocess_rows, varlen_config
 from .kernels.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
 from .kernels.forward import _attn_fwd_kernel
 from .launch import _fold_flags, _last_dim_contiguous, kernels_run
@@ -237,7 +237,7 @@ def varlen_bwd_launch(do, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, see
     lse2 = torch.empty((h, total_q), dtype=acc, device=q.device)
     dlse_c = dlse.contiguous() if dlse is not None else delta
     row_bytes = meta["BLOCK_DV"] * q.element_size()
-    pre_block = 32 if arch is None else (64 if row_bytes <= 256 else 32 if row_bytes <= 512 else 16)
+    pre_block = preprocess_rows(row_bytes, arch)
     launch(_attn_bwd_preprocess_kernel, (triton.cdiv(total_q, pre_block), h),
            out, do, dlse_c, lse.contiguous(), delta, lse2, h, total_q, dv, _packed_strides(out), _packed_strides(do),
            HAS_DLSE=dlse is not None, BLOCK_M=pre_block, BLOCK_DV=meta["BLOCK_DV"], ACC=meta["ACC"], num_warps=4)
