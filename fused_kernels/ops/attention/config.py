@@ -164,13 +164,20 @@ COLUMNS: dict[str, Column] = {
                              # the dense 4 warps spill 312+352 B in the packed form: 8, as before
                              ("fp32", "fwd", 128, True): (32, 16, 8, 1),
                              # sm_86's 16 x 16 spills 48+80 B here; 32 x 16 (sm_80's) is clean
-                             ("fp32", "bwd_dkdv", 256, True): (32, 16, 8, 1)}),
+                             ("fp32", "bwd_dkdv", 256, True): (32, 16, 8, 1),
+                             # sm_80's 32 x 16 x 8 spilled 16+32 B (fp32 dQ, 4 warps 200+296 B), sm_86's 64 x 32 x 8 x 2
+                             # 32+36 B (16-bit forward) here
+                             ("fp32", "bwd_dq", 128, True): (16, 32, 8, 1),
+                             ("16bit", "fwd", 128, True): (64, 32, 8, 1)}),
     # sm_90's tiles (TMA; triton lowers tl.dot to tcgen05 here), but those that spill 28-1,136 B with tcgen05:
     # 64 x 64 dK/dV tiles of one stage (sm_90's with one stage still spill 4-8 B), 64-row dQ / d=256 forward tiles.
     "sm_100": Column("sm_90", tma=True, tiles={("16bit", "bwd_dkdv", 64, False): (64, 64, 8, 1),
                                                ("16bit", "bwd_dkdv", 128, False): (64, 64, 8, 1),
                                                ("16bit", "bwd_dq", 128, False): (64, 64, 8, 2),
-                                               ("16bit", "fwd", 256, False): (64, 64, 8, 2)}),
+                                               ("16bit", "fwd", 256, False): (64, 64, 8, 2),
+                                               # --arch all: sm_90's 32 x 16 spilled 4+4 B with tcgen05's
+                                               # registers (80), 4 warps 756+740 B, 32 x 32 364+424 B
+                                               ("fp32", "bwd_dq", 128, True): (16, 16, 8, 1)}),
     # No tensor cores for bf16 (and none triton uses for fp16) below sm_80: 16-bit inputs run in fp32 math
     # (``upcast_16bit``) at sm_80's true-fp32 tiles, but where those spill (8-56 B) or need more than T4's 64 KB
     # of shared memory (d=256 backward: 98,304 / 100,352 B): 16 x 16 tiles. No Triton kernel for the dK/dV at
@@ -191,8 +198,9 @@ COLUMNS: dict[str, Column] = {
         # 36-100 B spilled at 16 x 16 with 4 warps, 4-16 B with 8, 44 B with 2 (ptxas gives 8 warps 80 registers
         # and 2 warps 255 here)
         ("fp64", "bwd_dkdv", 64, True): NO_KERNEL},
-        # the packed 16-bit d=128 dQ spilled 4+4 B with 8 warps (64 registers)
-        varlen={("16bit", "bwd_dq", 128, False): (16, 16, 4, 1)}),
+        # the packed 16-bit d=128 dQ spilled 4+4 B with 8 warps (64 registers), the packed d=64 dK/dV 8+4 B at 16 x 32
+        # x 4 warps (causal)
+        varlen={("16bit", "bwd_dq", 128, False): (16, 16, 4, 1), ("16bit", "bwd_dkdv", 64, False): (16, 32, 8, 1)}),
     # sm_75's, but the dK/dV with dropout: 4 warps at d <= 128 (8 spill 68-132 B here), 8 at d=256 (4 spill 80 B;
     # V100's 96 KB take its 66,560 B, and fp64's 67,584 B at d=128). The d=256 dK/dV without dropout keeps sm_75's
     # "no kernel": 16 x 16 x 8 warps spilled 8+4 B here (16-bit in fp32 math, 128 registers).
@@ -215,7 +223,9 @@ COLUMNS: dict[str, Column] = {
                             ("16bit", "bwd_dq", 64, False): (16, 16, 4, 1),
                             ("16bit", "fwd", 128, False): (32, 16, 4, 1),
                             ("fp32", "bwd_dq", 256, True): (16, 16, 8, 1),
-                            ("16bit", "bwd_dq", 128, False): (16, 16, 8, 1)}),
+                            ("16bit", "bwd_dq", 128, False): (16, 16, 8, 1),
+                            # the tile it had (clean here), not sm_75's packed 8 warps
+                            ("16bit", "bwd_dkdv", 64, False): (16, 32, 4, 1)}),
     # AMD CDNA: 64 KB of LDS, 64-wide waves. sm_80's tiles with 4 waves (8 put two waves of a block on a SIMD and
     # halve each one's registers: 256 VGPRs spilled up to 940 B of scratch at d=128 / 256) and without software
     # pipelining (triton's AMD stream pipeliner buffers every further stage in LDS).
