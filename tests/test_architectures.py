@@ -128,6 +128,21 @@ def test_every_column_has_every_tile(column):
 
 # ----------------------------------------------------------------------------- each column in the interpreter
 
+def _recorder(kernel: str, *kwargs: str) -> tuple[list, object]:
+    """(seen, hook): an ``intercept`` hook that appends the ``kwargs`` (one value, or a tuple of several) of every
+    launch of ``kernel`` to ``seen`` and runs it."""
+    seen: list = []
+
+    def record(call, run):
+        if call.name == kernel:
+            values = tuple(call.kwargs[k] for k in kwargs)
+            seen.append(values[0] if len(values) == 1 else values)
+        run(call)
+
+    return seen, record
+
+
+
 def _resolved(arch) -> str:
     """Every configuration the attention launchers can pick on ``arch`` (dense, varlen, paged), as text
     ("torch" where the column has no kernel)."""
@@ -197,13 +212,7 @@ def test_column_causal_mha_query_loops(column_arch, device):
     """fp16 MHA causal at d = 64 without seqlens_k (the dK/dV kernel's three query loops, ``SPLIT_BLOCKS``, where
     the column keeps them; gfx1100 walks one loop: with three its d=64 form spilled) against float64."""
     arch, _ = column_arch
-    seen = []
-
-    def record(call, run):
-        if call.name == "_attn_bwd_dkdv_kernel":
-            seen.append(call.kwargs["SPLIT_BLOCKS"])
-        run(call)
-
+    seen, record = _recorder("_attn_bwd_dkdv_kernel", "SPLIT_BLOCKS")
     q, k, v = _qkv(1, 2, 2, 70, 70, 64, dtype=torch.float16, device=device)
     with intercept(record):
         check_attention(q, k, v, causal=True)
@@ -270,13 +279,7 @@ def test_row_state_tiles(monkeypatch, device, version):
     calls = {"plain": dict(), "softcap": dict(softcap=5.0), "documents": dict(document_ids=ids),
              "causal-seqlens": dict(causal=True, seqlens_k=torch.tensor([4], device=device))}
     for name, kw in calls.items():
-        seen: list[int] = []
-
-        def record(call, go, seen=seen):
-            if call.name == "_attn_bwd_dq_kernel":
-                seen.append(call.kwargs["BLOCK_N"])
-            go(call)
-
+        seen, record = _recorder("_attn_bwd_dq_kernel", "BLOCK_N")
         with force_arch(90), intercept(record):
             fused_kernels.attention(q, k, v, **kw).sum().backward()
         assert seen == [64 if lean and name != "plain" else 128], name
@@ -294,13 +297,7 @@ def test_layer_norm_limits_per_family(arch, device):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, n, generator=g).to(device).requires_grad_()
     w, b = (torch.randn(n, generator=g).to(device).requires_grad_() for _ in range(2))
-    seen = []
-
-    def record(call, go):
-        if call.name == "_layer_norm_bwd_kernel":
-            seen.append((call.kwargs["BLOCK_N"], call.kwargs["ROW_SUMS"]))
-        go(call)
-
+    seen, record = _recorder("_layer_norm_bwd_kernel", "BLOCK_N", "ROW_SUMS")
     with fused_kernels.use_backend("triton"), force_arch(arch), intercept(record):
         out = fused_kernels.layer_norm(x, (n,), w, b)
         grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
@@ -356,13 +353,7 @@ def test_preprocess_rows(device):
     launches 8-row programs and every gradient matches float64."""
     assert [cfg.preprocess_rows(n, 80) for n in (128, 256, 512, 1024, 2048)] == [64, 64, 32, 8, 8]
     assert cfg.preprocess_rows(1024, None) == 32
-    rows = []
-
-    def record(call, run):
-        if call.name == "_attn_bwd_preprocess_kernel":
-            rows.append(call.kwargs["BLOCK_M"])
-        run(call)
-
+    rows, record = _recorder("_attn_bwd_preprocess_kernel", "BLOCK_M")
     q, k, v = _qkv(1, 2, 1, 21, 30, 96, dtype=torch.float64, device=device)
     with force_arch(70), intercept(record):
         check_attention(q, k, v, causal=True, atol=1e-10, rtol=1e-10)
