@@ -285,6 +285,31 @@ def test_row_state_tiles(monkeypatch, device, version):
         assert seen == [64 if lean and name != "plain" else 128], name
 
 
+def test_row_state_tiles_dkdv_sm75(monkeypatch, device):
+    """triton 3.9, sm_75 (and sm_70, which inherits it): the 16-bit d=128 dK/dV takes 4 warps for calls with row
+    state (causal offsets aligned to seqlens_k, document ids, softcap: 8 spilled there), 8 for the others; causal
+    with and without seqlens_k match float64 (output and every gradient)."""
+    monkeypatch.setattr(cfg, "_TRITON_VERSION", (3, 9))
+    for arch in (75, 70):
+        for row_state, warps in ((False, 8), (True, 4)):
+            tile = cfg.attention_config("bwd_dkdv", 128, 128, torch.float16, arch, row_state=row_state)
+            assert (tile["BLOCK_M"], tile["BLOCK_N"], tile["num_warps"]) == (16, 32, warps)
+    q, k, v = _qkv(1, 2, 2, 40, 40, 128, dtype=torch.float16, device=device)
+    calls = {"causal": (dict(causal=True), 8),
+             "causal-seqlens": (dict(causal=True, seqlens_k=torch.tensor([33], device=device)), 4)}
+    for name, (kw, warps) in calls.items():
+        seen, record = _recorder("_attn_bwd_dkdv_kernel", "num_warps")
+        with force_arch(75), intercept(record):
+            check_attention(q, k, v, **kw)
+        assert seen == [warps], name
+    seen, record = _recorder("_attn_bwd_dkdv_kernel", "num_warps")     # document ids: row state too
+    ids = torch.tensor([[0] * 15 + [1] * 25], device=device)
+    with force_arch(75), intercept(record):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        fused_kernels.attention(*leaves, document_ids=ids).sum().backward()
+    assert seen == [4]
+
+
 @pytest.mark.parametrize("arch", [80, 86, 70])
 def test_layer_norm_limits_per_family(arch, device):
     """The LayerNorm single-block limits per family (``norms._FAMILY_LIMITS``): an fp32 backward of 8,192 columns

@@ -287,11 +287,15 @@ _TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
 }
 # Entries for the calls whose loops carry per-row state (``row_state`` of ``attention_config``: softcap, document
 # ids, causal offsets aligned per row to seqlens_k) where a release's compiler spills the column's tile with it:
-# (major, minor) -> {column: {key: tile}}. 16-bit dQ at d=128 on 3.6: 128 x 128 spills 24+24 B with softcap,
-# 8+8 B with documents, 4+8 B causal-seqlens; its other forms are clean at 222 warp-instructions per 1k scores
-# (128 x 64: 306).
+# (major, minor) -> {column: {key: tile}}, for the dQ and dK/dV kernels. 16-bit dQ at d=128 on 3.6: 128 x 128
+# spills 24+24 B with softcap, 8+8 B with documents, 4+8 B causal-seqlens; its other forms are clean at 222
+# warp-instructions per 1k scores (128 x 64: 306).
 _ROW_STATE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     (3, 6): {"sm_90": {("16bit", "bwd_dq", 128, False): (128, 64, 8, 2)}},
+    # sm_75's 16-bit (fp32 math) d=128 dK/dV: 16 x 32 x 8 warps spilled 20+20 B causal-seqlens (80 registers),
+    # 32-80 B with document ids; 16 x 32 x 4 is clean with row state (its plain causal form spills 8+16 B there,
+    # so the others keep 8 warps); sm_70 inherits it
+    (3, 9): {"sm_75": {("16bit", "bwd_dkdv", 128, False): (16, 32, 4, 1)}},
 }
 _VARLEN_TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     (3, 6): {"sm_80": {("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),     # 12 B spilled with 4 warps

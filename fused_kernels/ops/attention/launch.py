@@ -359,7 +359,8 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
                        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=meta["BLOCK_D"],
                        BLOCK_DV=meta["BLOCK_DV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
-        cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p))
+        cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p),
+                               row_state=_row_state(var, meta))
         bm = cfg["BLOCK_M"]
         q_desc = tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
         do_desc = tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
