@@ -137,6 +137,28 @@ def test_a_compiler_crash_fails_one_configuration():
     assert "the compiler crashed" in results[2]["error"]
 
 
+def test_a_cache_hit_reports_what_the_compile_did(tmp_path):
+    """A configuration compiled twice with one ``TRITON_CACHE_DIR``: the second run is triton's cache hit (no
+    ptxas run) and reports the registers and spills of the first, from ptxas run as triton runs it (triton 3.9
+    adds ``--regAllocOptLevel=2``: a plain ``ptxas -v`` on this one, sm_100a's bf16 d=64 GQA dK/dV, took 80
+    registers and spilled 24+40 B where triton's cubin takes 90 and spills nothing)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    rows = []
+    for run in ("first", "second"):
+        report = tmp_path / f"{run}.json"
+        proc = subprocess.run([sys.executable, "-m", "fused_kernels.aot", "--family", "attention", "--arch", "100",
+                               "--filter", "_attn_bwd_dkdv_kernel bf16 d=64 M64 N64 w8 s1 plain", "--json",
+                               str(report)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert report.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+        (row,) = [r for r in json.loads(report.read_text())["rows"] if r["config"].endswith(" plain")]
+        rows.append(row)
+    first, second = rows
+    assert (first["ptxas"], second["ptxas"]) == ("compile", "cache hit")
+    for key in ("registers", "spill_stores", "spill_loads", "shared"):
+        assert first[key] == second[key], (key, first[key], second[key])
+
+
 def test_kernel_modules_found():
     modules = kernel_modules()
     assert "_layer_norm_fwd_kernel" in modules["fused_kernels.ops.norms"], modules
