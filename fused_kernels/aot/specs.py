@@ -161,7 +161,7 @@ def layer_norm_specs(archs: Archs) -> Iterator[Spec]:
                 X=x, R=x, W=p, B=p, Y=x, RES_OUT=x, MEAN=a, RSTD=a,
                 stride_xm=n, stride_xn=1, stride_rm=n, stride_rn=1, stride_ym=n, stride_om=n,
                 N=n, eps=1e-5, dropout_p=dropout_p, seed=seed, **fwd_flags,
-                SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=ln.norm_warps(block, backward=False)))
+                SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc, num_warps=ln.norm_warps(block, dtype, backward=False)))
             fwd_archs = tuple(a for a in group if ln.fwd_kernel_compiles(n, dtype, heavy, a))   # else PyTorch
             if fwd_archs:
                 specs.append(_row_spec("layer_norm", ln._layer_norm_fwd_kernel, dtype, n, args, options, label,
@@ -180,7 +180,7 @@ def layer_norm_specs(archs: Archs) -> Iterator[Spec]:
                 X=x, W=p, DY=x, DRES_OUT=x, DX=x, DRES=x, DW_PART=part, DB_PART=part, MEAN=a, RSTD=a,
                 SUMS=a, stride_xm=n, stride_xn=1, stride_dym=n, stride_dyn=1, stride_drm=n, stride_drn=1,
                 M=m, N=n, rows_per_program=rows_per_program, dropout_p=dropout_p, seed=seed, **bwd_flags,
-                ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=ln.norm_warps(block, backward=True)))
+                ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=ln.norm_warps(block, dtype, backward=True)))
             specs.append(_row_spec("layer_norm", ln._layer_norm_bwd_kernel, dtype, n, args, options, label,
                                    tuple(group), single=row_sums))
             if not row_sums:     # the row sums of the chunked backward

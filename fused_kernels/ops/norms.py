@@ -278,7 +278,7 @@ def _layer_norm_bwd_kernel(
 # sm_70 caps a 16-warp program at 128 registers: the 16-bit forward at 16,384 and backward at 8,192 spilled 8+8 B,
 # the fp32 backward 52+52 B; sm_75's fp32 backward at 8,192 spilled 12+12 B; the fp32 backward's two pipelined
 # rows at 8,192 need 131,156 B of shared memory, over the 101,376 B of sm_86 / sm_89 / sm_120. (sm_100a's fp64
-# backward in 1,024-column chunks spills 4+4 B at 128 registers, in 512-column chunks too: not fixed here.)
+# backward at 1,024 columns spilled 4+4 B with 4 warps, in 512-column chunks too: ``norm_warps`` gives it 8.)
 _FAMILY_LIMITS: dict[str, dict[tuple[str, bool], int]] = {
     "sm_70": {("16bit", False): MAX_FUSED_FWD // 2, ("16bit", True): MAX_FUSED_BWD // 2,
               ("fp32", True): MAX_FUSED_BWD // 2},
@@ -326,11 +326,15 @@ def bwd_block(n: int, dtype: torch.dtype, arch: ArchValue = None) -> tuple[int, 
     return (next_pow2(n), True) if n <= limit else (min(limit, CHUNK_BWD), False)
 
 
-def norm_warps(block: int, backward: bool) -> int:
-    """Warps for a block of ``block`` columns: ``row_warps`` except where its 16 warps made ptxas cap the
-    registers at 64 and spill with every feature on: the backward at 4096 (4+4 B on sm_80 for a 16-bit column
+def norm_warps(block: int, dtype: torch.dtype, backward: bool) -> int:
+    """Warps for a block of ``block`` columns of ``dtype``: ``row_warps`` except where its 16 warps made ptxas cap
+    the registers at 64 and spill with every feature on: the backward at 4096 (4+4 B on sm_80 for a 16-bit column
     chunk, triton 3.9; 16+16 B on sm_90a for fp32 rows, triton 3.6) and the forward at 8192 (fp32, 8+8 B on
-    sm_80, triton 3.6). The backward at 8192 keeps 16: 8 spilled 52+52 B (fp32, sm_90a, triton 3.9)."""
+    sm_80, triton 3.6). The backward at 8192 keeps 16: 8 spilled 52+52 B (fp32, sm_90a, triton 3.9). The float64
+    backward at 1024 (its single-block limit and its chunk) takes 8: with 4 its 8-byte elements spilled 4+4 B at
+    128 registers on sm_100a with every feature on (triton 3.9); 8 are clean on every ``--arch all`` target."""
+    if backward and dtype == torch.float64 and block == 1024:
+        return 8
     return 8 if block == (4096 if backward else 8192) else row_warps(block)
 
 
@@ -371,7 +375,7 @@ def layer_norm_fwd(
                HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0, STORE_RES_OUT=store_res,
                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, IS_RMS_NORM=is_rms_norm,
                SINGLE_BLOCK=single, BLOCK_N=block, ACC=acc_dtype(x.dtype),
-               num_warps=norm_warps(block, backward=False),
+               num_warps=norm_warps(block, x.dtype, backward=False),
            )
     res_out = res_out.view(x.shape) if store_res else res_out
     return out.view(x.shape), res_out, mean, rstd, torch.tensor([seed], dtype=torch.int64)
@@ -429,7 +433,7 @@ def layer_norm_bwd(
                m, n, triton.cdiv(m, programs), dropout_p, int(seed[0]),
                HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DRES_OUT=dres_out is not None,
                HAS_DROPOUT=dropout_p > 0, STORE_DRES=store_dres, IS_RMS_NORM=is_rms_norm,
-               ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=norm_warps(block, backward=True),
+               ROW_SUMS=row_sums, BLOCK_N=block, ACC=acc, num_warps=norm_warps(block, prenorm.dtype, backward=True),
            )
     dw = dw_part.sum(0).to(weight.dtype) if weight is not None else _empty(dx)
     db = db_part.sum(0).to(bias_dtype) if has_bias else _empty(dx)
