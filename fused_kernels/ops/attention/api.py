@@ -15,7 +15,7 @@ from ..._core.launch import device_arch
 from . import sparse, torch_path
 from .blockmask import BlockMask
 from .config import MAX_HEAD_DIM, attention_config, decode_splits
-from .launch import attention_fwd, kernels_run, variant_attention
+from .launch import _heavy, attention_fwd, kernels_run, variant_attention
 from .variants import Variants, check_variants, row_offsets
 
 try:  # torch's causal-mask tensor subclass (torch >= 2.3), understood as a causal alignment
@@ -152,7 +152,9 @@ def attention_tiles(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
     variants = check_variants(op, q, k, causal, window, None, None, document_ids, prefix_lengths, None, None,
                               mask_mod, mod_args, block_mask)
     _check_block_mask(op, block_mask, mask_mod, b, h, l, s)
-    cfg = attention_config(kernel, d, d, q.dtype, device_arch(q.device))
+    # the launcher's tile for these variants (``launch._heavy``, the row-state and variant entries)
+    cfg = attention_config(kernel, d, d, q.dtype, device_arch(q.device), _heavy(variants, 0.0),
+                           row_state=variants is not None and variants.q_ids is not None, variant=variants is not None)
     return sparse.tile_counts(variants, q, k, seqlens_k, causal, cfg["BLOCK_M"], cfg["BLOCK_N"])
 
 

@@ -297,6 +297,27 @@ _ROW_STATE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     # so the others keep 8 warps); sm_70 inherits it
     (3, 9): {"sm_75": {("16bit", "bwd_dkdv", 128, False): (16, 32, 4, 1)}},
 }
+# Entries for the calls with an attention variant (window, prefix, document ids, ALiBi, softcap, score_mod,
+# mask_mod: ``attention_config``'s ``variant``) where a release's compiler spills the column's tile with the
+# variant's extra loop state, but the plain calls keep theirs: (major, minor) -> {column: {key: tile}}, after the
+# row-state entries (``python -m fused_kernels.aot --family variants --arch ...``).
+_VARIANT_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
+    (3, 9): {
+        # 16-bit in fp32 math (sm_70 inherits these and is clean with them): the d=64 dK/dV's 16 x 32 x 4 spilled
+        # 12-28 B (mask_mod, score_mod; 16 x 16, 32 x 32, 16 x 32 x 8 and 32 x 16 spilled others); the d=128
+        # dK/dV's 16 x 32 x 8 32+48 B (mask_mod; sm_70: 4+4 B, prefix), with "all" 16 x 16 x 8 8+8 B; the d=128
+        # dQ's 16 x 16 x 8 12+12 B (prefix), 32 x 16 x 8 8+4 B (ALiBi): ptxas gives 8 warps 64 registers here
+        "sm_75": {("16bit", "bwd_dkdv", 64, False): (16, 64, 4, 1), ("16bit", "bwd_dkdv", 128, False): (16, 32, 4, 1),
+                  ("16bit", "bwd_dkdv", 128, True): (16, 16, 4, 1), ("16bit", "bwd_dq", 128, False): (16, 16, 4, 1),
+                  ("16bit", "bwd_dq", 128, True): (32, 16, 4, 1)},
+        # the d=128 forward's 128 x 128 spilled 16+20 B (prefix), the dQ's 64 x 64 x 2 stages 4+4 B (window; one
+        # stage: score_mod, 4 warps / 128 x 64 / 64 x 128: softcap); 64 x 32 keeps tcgen05 (32-row tiles fall back
+        # to mma.sync), 948 warp-instructions per 1k scores (window)
+        "sm_100": {("16bit", "fwd", 128, False): (128, 64, 8, 2), ("16bit", "bwd_dq", 128, False): (64, 32, 8, 1)},
+        # the d=64 forward's 3 stages spilled 20+20 B (window), the d=128 dQ's 64 x 32 x 2 stages 16+32 B (ALiBi)
+        "sm_120": {("16bit", "fwd", 64, False): (128, 128, 8, 2), ("16bit", "bwd_dq", 128, True): (64, 32, 8, 1)},
+    },
+}
 _VARLEN_TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     (3, 6): {"sm_80": {("16bit", "bwd_dkdv", 64, False): (32, 64, 8, 1),     # 12 B spilled with 4 warps
                        ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),     # 48 B with (16, 16, 4, 2)
@@ -380,7 +401,8 @@ def has_kernels(head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: ArchVa
 
 
 def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype, arch: ArchValue,
-                     dropout: bool = False, specialize: bool = False, row_state: bool = False) -> dict:
+                     dropout: bool = False, specialize: bool = False, row_state: bool = False,
+                     variant: bool = False) -> dict:
     """Block sizes, warps, stages and TMA use of one kernel ``kind`` ("fwd", "decode", "bwd_dkdv", "bwd_dq").
 
     ``arch`` is the architecture (``_core.launch.device_arch``: a CUDA compute capability such as 80, a gfx name
@@ -393,7 +415,7 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     ``WARP_SPECIALIZE``: a "fwd" or "bwd_dkdv" call whose blocks are all full and mask-free (``specialize``, the
     launcher's contract) takes the warp-specialized kernel where this triton release compiles it for the column
     (``_WARP_SPECIALIZED``); ``row_state`` (softcap, document ids or per-row causal offsets) takes
-    ``_ROW_STATE_OVERRIDES`` first. The
+    ``_ROW_STATE_OVERRIDES`` first, then ``variant`` (the call has an attention variant) ``_VARIANT_OVERRIDES``. The
     configurations are compiled by ``python -m fused_kernels.aot --arch ...`` for each column's targets (no
     spills, shared memory within the family's limit: docs/architectures.md). Shared by the launcher and
     ``fused_kernels.aot``."""
@@ -405,10 +427,15 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     d = max(next_pow2(head_dim), next_pow2(head_dim_v), 64)
     dtypes = dtype_family(dtype)
     key = (dtypes, kind, d, dropout)
-    bm, bn, w, st = column_tile(family.name, key)
-    if row_state:
-        rows = _ROW_STATE_OVERRIDES.get(_TRITON_VERSION, {})
-        bm, bn, w, st = next((rows[c][key] for c in _chain(family.name) if key in rows.get(c, {})), (bm, bn, w, st))
+    tile = column_tile(family.name, key)
+    tables = [table for table, on in ((_ROW_STATE_OVERRIDES, row_state), (_VARIANT_OVERRIDES, variant)) if on]
+    for table in tables:
+        own = table.get(_TRITON_VERSION, {})
+        hit = next((own[c][key] for c in _chain(family.name) if key in own.get(c, {})), None)
+        if hit is not None:
+            tile = hit
+            break
+    bm, bn, w, st = tile
     if (bm, bn, w, st) == NO_KERNEL:
         raise RuntimeError(f"attention: no Triton kernel for {kind} at head dim {d} ({dtypes}"
                            f"{', dropout' if dropout else ''}) on {family.name}: the call takes the PyTorch path "

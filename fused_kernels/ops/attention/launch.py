@@ -275,7 +275,8 @@ def fwd_launch(q, k, v, mask, seqlens_k, scale, is_causal, causal_offset, dropou
         # every key block full and mask-free: the warp-specialized loop, where this triton compiles it
         specialize = (var is None and dropout_p == 0 and meta["MASK_KIND"] == MASK_NONE and not is_causal
                       and seqlens_k is None)
-        cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p), specialize=specialize)
+        cfg = attention_config("fwd", d, dv, q.dtype, arch, _heavy(var, dropout_p), specialize=specialize,
+                               variant=var is not None)
         k_desc, v_desc = _kv_descs(k, v, cfg, meta)
         grid = (triton.cdiv(l, cfg["BLOCK_M"]), b * h)
         # q's descriptor is made in the kernel from q's own row stride (tma_desc checks the others; it passes any
@@ -360,7 +361,7 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
                        BLOCK_DV=meta["BLOCK_DV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
         cfg = attention_config("bwd_dkdv", d, dv, q.dtype, arch, _heavy(var, dropout_p),
-                               row_state=_row_state(var, meta))
+                               row_state=_row_state(var, meta), variant=var is not None)
         bm = cfg["BLOCK_M"]
         q_desc = tma_desc(q, bm, meta["BLOCK_D"]) if cfg.get("TMA") else None
         do_desc = tma_desc(do, bm, meta["BLOCK_DV"]) if q_desc is not None else None
@@ -376,7 +377,8 @@ def bwd_launch(do, dlse, q, k, v, out, lse, mask, seqlens_k, seed, scale, is_cau
                BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags,
                **_lists(var, flags, q, k, seqlens_k, is_causal, causal_offset, bm, cfg["BLOCK_N"], False))
-    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p), row_state=_row_state(var, meta))
+    cfg = attention_config("bwd_dq", d, dv, q.dtype, arch, _heavy(var, dropout_p), row_state=_row_state(var, meta),
+                           variant=var is not None)
     k_desc, v_desc = _kv_descs(k, v, cfg, meta)
     launch(_attn_bwd_dq_kernel, (triton.cdiv(l, cfg["BLOCK_M"]), b * h),
            q, k, v, k_desc, v_desc, m, seqlens_k, do, lse2, delta, dq, None, None, h, l, s, d, dv, group,
