@@ -27,6 +27,7 @@ from fused_kernels._core.launch import (
     intercept,
 )
 from fused_kernels.ops.attention import config as cfg
+from fused_kernels.reference import attention_ref
 
 # (what the device reports, the column its configurations come from)
 CUDA_CAPABILITIES = [((7, 0), "sm_70"), ((7, 5), "sm_75"), ((8, 0), "sm_80"), ((8, 6), "sm_86"), ((8, 9), "sm_86"),
@@ -451,3 +452,51 @@ def test_no_kernel_gfx1100_matches_the_reference(device):
             want = torch.autograd.grad(out.sum(), (q, k, v))
         assert names == []
         assert torch.equal(got[0], out) and all(torch.equal(g, w) for g, w in zip(grads, want))
+
+
+def _variant_check(q, k, v, **kw) -> None:
+    """fp16 output and every gradient within the 2x rule of the float64 reference (PyTorch's own fp16 error:
+    the reference run in fp16)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fused_kernels.attention(*leaves, **kw)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = [out, *torch.autograd.grad(out, leaves, dout.to(out))]
+    wants, torch_outs = [], []
+    for dtype, sink in ((torch.float64, wants), (torch.float16, torch_outs)):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        with fused_kernels.use_backend("torch"):
+            ref = attention_ref(*inputs, **kw)
+        sink.extend([ref, *torch.autograd.grad(ref, inputs, dout.to(dtype))])
+    for name, g, want, tout in zip(("out", "dq", "dk", "dv"), got, wants, torch_outs):
+        assert_close(g, want, tout, grad=name != "out", name=name)
+
+
+def test_variant_tiles(monkeypatch, device):
+    """triton 3.9: a call with an attention variant takes ``config._VARIANT_OVERRIDES`` where its column (or one
+    it starts from) has an entry, after the row-state entries; every other call keeps the column's tile. Run in
+    the interpreter at those tiles (window, several tiles crossed), output and every gradient match float64."""
+    monkeypatch.setattr(cfg, "_TRITON_VERSION", (3, 9))
+
+    def tile(kind, d, arch, dropout=False, **kw):
+        c = cfg.attention_config(kind, d, d, torch.float16, arch, dropout, **kw)
+        return c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]
+
+    assert tile("fwd", 128, 100) == (128, 128, 8, 2) and tile("fwd", 128, 100, variant=True) == (128, 64, 8, 2)
+    assert tile("bwd_dq", 128, 120, True) == (64, 32, 8, 2)               # dropout alone: the column's tile
+    assert tile("bwd_dq", 128, 120, True, variant=True) == (64, 32, 8, 1)  # ALiBi (heavy)
+    for arch in (75, 70):                                                  # sm_70 starts from sm_75
+        assert tile("bwd_dkdv", 64, arch) == (16, 32, 4, 1)
+        assert tile("bwd_dkdv", 64, arch, variant=True) == (16, 64, 4, 1)
+    assert tile("bwd_dkdv", 128, 75, variant=True) == tile("bwd_dkdv", 128, 75, row_state=True) == (16, 32, 4, 1)
+    assert tile("bwd_dq", 128, 90, variant=True) == tile("bwd_dq", 128, 90)       # no entry on sm_90
+    q, k, v = _qkv(1, 2, 1, 150, 150, 128, dtype=torch.float16, device=device)
+    for kw, fwd_n in ((dict(causal=True), 128), (dict(causal=True, window=(100, 0)), 64)):
+        seen, record = _recorder("_attn_fwd_kernel", "BLOCK_M", "BLOCK_N")
+        with force_arch(100), intercept(record):
+            _variant_check(q, k, v, **kw)
+        assert seen == [(128, fwd_n)], kw
+    q, k, v = _qkv(1, 2, 2, 70, 70, 64, dtype=torch.float16, device=device)
+    seen, record = _recorder("_attn_bwd_dkdv_kernel", "BLOCK_M", "BLOCK_N", "num_warps")
+    with force_arch(75), intercept(record):
+        _variant_check(q, k, v, causal=True, window=(40, 0))
+    assert seen == [(16, 64, 4)]
