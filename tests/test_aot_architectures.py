@@ -92,3 +92,40 @@ def test_target_compiles_its_column_clean(report, arch):
         assert (r["tensor_core_instructions"] > 0) == ("bf16" in family.mma_dtypes), (
             r["config"], r["tensor_core_instructions"])
         assert r["ok"], r["problems"]
+
+
+# Where a variant's loop state made the column's tile spill (``config._VARIANT_OVERRIDES``, triton 3.9): per target
+# one such call, (arch, kernel kind, head dim, variant as aot.specs names it, heavy: ALiBi takes the lean column).
+VARIANT_CASES = [(100, "fwd", 128, "prefix", False), (120, "bwd_dq", 128, "alibi", True),
+                 (75, "bwd_dkdv", 64, "mask_mod", False), (70, "bwd_dkdv", 128, "prefix", False)]
+_KERNELS = {"fwd": "_attn_fwd_kernel", "bwd_dq": "_attn_bwd_dq_kernel", "bwd_dkdv": "_attn_bwd_dkdv_kernel"}
+
+
+def _variant_config(arch, kind, d, variant, heavy) -> str:
+    c = cfg.attention_config(kind, d, d, torch.bfloat16, arch, heavy, variant=True)
+    return (f"{_KERNELS[kind]} bf16 d={d} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']} "
+            f"{variant}")
+
+
+@pytest.mark.skipif(cfg._TRITON_VERSION != (3, 9), reason="the variant entries are triton 3.9's")
+def test_variant_entries_compile_clean(tmp_path):
+    """Each target's variant entry compiles clean for that target with its variant (``--family variants``): no
+    spills, shared memory within the family's limit."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    out = tmp_path / "aot.json"
+    filters = [_variant_config(*case) for case in VARIANT_CASES]
+    archs = sorted({str(case[0]) for case in VARIANT_CASES})
+    cmd = [sys.executable, "-m", "fused_kernels.aot", "--arch", *archs, "--family", "variants", "--jobs", "2",
+           "--json", str(out), "--filter", *filters]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    for case, text in zip(VARIANT_CASES, filters):
+        arch = case[0]
+        mine = [r for r in rows if r["gpu_name"] == gpu_name(arch) and f"{r['kernel']} {r['config']}".startswith(text)]
+        assert mine, f"{text} was not compiled for {gpu_name(arch)}"
+        for r in mine:
+            assert not r.get("error") and r["spill_bytes"] == 0, (r["config"], r["spill_bytes"], r.get("error"))
+            assert 0 < r["shared"] <= arch_family(arch).shared_memory, (r["config"], r["shared"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
