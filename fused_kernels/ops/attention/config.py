@@ -294,8 +294,10 @@ _ROW_STATE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     (3, 6): {"sm_90": {("16bit", "bwd_dq", 128, False): (128, 64, 8, 2)}},
     # sm_75's 16-bit (fp32 math) d=128 dK/dV: 16 x 32 x 8 warps spilled 20+20 B causal-seqlens (80 registers),
     # 32-80 B with document ids; 16 x 32 x 4 is clean with row state (its plain causal form spills 8+16 B there,
-    # so the others keep 8 warps); sm_70 inherits it
-    (3, 9): {"sm_75": {("16bit", "bwd_dkdv", 128, False): (16, 32, 4, 1)}},
+    # so the others keep 8 warps); sm_70 inherits it. sm_100a's 16-bit d=64 dQ: 128 x 64 spilled 4+4 B
+    # causal-seqlens (80 registers); 64 x 64 keeps two stages and tcgen05 (clean with softcap and documents too)
+    (3, 9): {"sm_75": {("16bit", "bwd_dkdv", 128, False): (16, 32, 4, 1)},
+             "sm_100": {("16bit", "bwd_dq", 64, False): (64, 64, 8, 2)}},
 }
 # Entries for the calls with an attention variant (window, prefix, document ids, ALiBi, softcap, score_mod,
 # mask_mod: ``attention_config``'s ``variant``) where a release's compiler spills the column's tile with the
