@@ -489,6 +489,9 @@ def test_variant_tiles(monkeypatch, device):
         assert tile("bwd_dkdv", 64, arch, variant=True) == (16, 64, 4, 1)
     assert tile("bwd_dkdv", 128, 75, variant=True) == tile("bwd_dkdv", 128, 75, row_state=True) == (16, 32, 4, 1)
     assert tile("bwd_dq", 128, 90, variant=True) == tile("bwd_dq", 128, 90)       # no entry on sm_90
+    # sm_100a's d=64 dQ: the row-state entry (causal-seqlens, softcap, document ids) before any variant entry
+    assert tile("bwd_dq", 64, 100) == tile("bwd_dq", 64, 100, variant=True) == (128, 64, 8, 2)
+    assert tile("bwd_dq", 64, 100, row_state=True, variant=True) == (64, 64, 8, 2)
     q, k, v = _qkv(1, 2, 1, 150, 150, 128, dtype=torch.float16, device=device)
     for kw, fwd_n in ((dict(causal=True), 128), (dict(causal=True, window=(100, 0)), 64)):
         seen, record = _recorder("_attn_fwd_kernel", "BLOCK_M", "BLOCK_N")
