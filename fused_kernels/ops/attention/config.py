@@ -26,6 +26,15 @@ DECODE_MIN_S = 256
 # ----------------------------------------------------------------------------- configs
 
 
+# A tile entry's key: (dtype family, kernel kind, head-dim bucket, dropout); its value (BLOCK_M, BLOCK_N,
+# num_warps, num_stages).
+TileKey = tuple[str, str, int, bool]
+Tile = tuple[int, int, int, int]
+# The entry meaning "no Triton kernel here": on this column every tile the compiler was given for the key spills
+# or needs more shared memory than the GPU has. A call that would run it takes the PyTorch path (``has_kernels``:
+# forward and backward together when gradients are wanted) and ``python -m fused_kernels.aot`` does not compile it.
+NO_KERNEL: Tile = (0, 0, 0, 0)
+
 # Tiles per kernel kind and head-dim bucket (64, 128, 256): (BLOCK_M, BLOCK_N, num_warps, num_stages) of the two
 # columns every other column starts from, sm_80 (A100) and sm_90 (H100), and the same two with dropout (the
 # in-kernel RNG is register-hungry; the variants' "heavy" configurations use the same column). 16-bit dtypes run
@@ -62,19 +71,14 @@ _TILES = {
         ("bwd_dq", 128):   ((32, 16, 8, 1),    (32, 16, 8, 1),     (32, 16, 8, 1),     (32, 16, 8, 1)),
         ("bwd_dq", 256):   ((32, 16, 8, 1),    (32, 16, 8, 1),     (16, 16, 4, 1),     (16, 16, 4, 1)),
     },
-    "fp64": {key: ((16, 16, 8 if key[1] > 64 else 4, 1),) * 4
-             for key in [(kind, d) for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)]},
+    # fp64 backward at d=256: no Triton kernel on any column (NO_KERNEL: the PyTorch path): 16 x 16 tiles
+    # need 131,072-133,120 B of shared memory (over sm_86 / sm_89 / sm_120's 101,376 B, V100's 96 KB, T4's 64 KB)
+    # and spill 40-700 B where they fit (sm_80, sm_90a, sm_100a; 208-532 B of scratch on CDNA)
+    "fp64": {(kind, d): (NO_KERNEL if d == 256 and kind.startswith("bwd") else (16, 16, 8 if d > 64 else 4, 1),) * 4
+             for kind in ("fwd", "decode", "bwd_dkdv", "bwd_dq") for d in (64, 128, 256)},
 }
 
 _KINDS = ("fwd", "decode", "bwd_dkdv", "bwd_dq")
-# A tile entry's key: (dtype family, kernel kind, head-dim bucket, dropout); its value (BLOCK_M, BLOCK_N,
-# num_warps, num_stages).
-TileKey = tuple[str, str, int, bool]
-Tile = tuple[int, int, int, int]
-# The entry meaning "no Triton kernel here": on this column every tile the compiler was given for the key spills
-# or needs more shared memory than the GPU has. A call that would run it takes the PyTorch path (``has_kernels``:
-# forward and backward together when gradients are wanted) and ``python -m fused_kernels.aot`` does not compile it.
-NO_KERNEL: Tile = (0, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,9 @@ class Column:
     16-bit kernels at d <= 128 stream tiles through TMA descriptors; ``pointer_base``: the column whose tiles the
     packed varlen kernels (pointer loads only) start from, where this column's are sized for TMA; ``varlen``:
     entries of the packed kernels where the per-sequence bookkeeping changes a tile; ``decode_stages``: pipeline
-    stages of the paged decode kernel, (dtype family, head-dim bucket) -> stages; ``split_blocks`` (the column's
+    stages of the paged decode kernel, (dtype family, head-dim bucket) -> stages; ``paged``: whole tiles of the
+    paged kernel ("decode" and "fwd" keys, without dropout) where its page lookups change one, ahead of
+    ``decode_stages``; ``split_blocks`` (the column's
     own): the dense 16-bit dK/dV kernel walks its query blocks in three loops (causal diagonal, mask-free, tail:
     ``SPLIT_BLOCKS``) rather than one with every mask on."""
 
@@ -96,6 +102,7 @@ class Column:
     pointer_base: str | None = None
     varlen: dict[TileKey, Tile] = field(default_factory=dict)
     decode_stages: dict[tuple[str, int], int] = field(default_factory=dict)
+    paged: dict[TileKey, Tile] = field(default_factory=dict)
     split_blocks: bool = True
 
 
@@ -122,7 +129,10 @@ COLUMNS: dict[str, Column] = {
                     decode_stages={("fp32", 128): 2}),
     # sm_90's 16-bit tiles are sized for TMA: with pointer loads they spill, so the packed kernels start from
     # sm_80's.
-    "sm_90": Column(tiles=_base_tiles(1), tma=True, pointer_base="sm_80",
+    # fp64 forward at d=256: NO_KERNEL (16 x 16 spilled 60-108 B, flash-decoding 24+20 B, on sm_90a and sm_100a)
+    "sm_90": Column(tiles={**_base_tiles(1), **{("fp64", kind, 256, dropout): NO_KERNEL for kind in ("fwd", "decode")
+                                               for dropout in (False, True)}},
+                    tma=True, pointer_base="sm_80",
                     varlen={("16bit", "bwd_dkdv", 128, False): (32, 32, 8, 1),
                             ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
                             # sm_80's triton 3.9 tile (32 x 32) spills 72+124 B in the packed form here
@@ -148,7 +158,10 @@ COLUMNS: dict[str, Column] = {
                     # --arch all, the packed form: sm_80's 16 x 16 x 4 x 2 spilled 20+16 B (16-bit d=128 dK/dV with
                     # dropout) and 32 x 16 28+28 B (fp32 d=256 dK/dV with dropout) here
                     varlen={("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
-                            ("fp32", "bwd_dkdv", 256, True): (16, 16, 8, 1)}),
+                            ("fp32", "bwd_dkdv", 256, True): (16, 16, 8, 1)},
+                    # --arch all, the paged kernel: fp32 d=256 decode 8 warps spilled 8+8 B, the fp64 d=128 prefill
+                    # with per-row page lookups 4+4 B (sm_75 and sm_70 inherit these: 24+12 B on sm_70)
+                    paged={("fp32", "decode", 256, False): (0, 16, 4, 1), ("fp64", "fwd", 128, False): (16, 16, 4, 1)}),
     # sm_86's tiles (mma.sync, pointer loads: TMA was neither compiled nor measured here with them), but the d=64
     # dK/dV, whose causal form spills 40+52 B with 4 warps. Hopper's (TMA) tiles spill here (issue 28).
     # fp64 d=64 dQ with dropout spills 24+36 B with 4 warps (--arch all), as sm_86's dK/dV does: 2 warps.
@@ -168,7 +181,12 @@ COLUMNS: dict[str, Column] = {
                              # sm_80's 32 x 16 x 8 spilled 16+32 B (fp32 dQ, 4 warps 200+296 B), sm_86's 64 x 32 x 8 x 2
                              # 32+36 B (16-bit forward) here
                              ("fp32", "bwd_dq", 128, True): (16, 32, 8, 1),
-                             ("16bit", "fwd", 128, True): (64, 32, 8, 1)}),
+                             ("16bit", "fwd", 128, True): (64, 32, 8, 1)},
+                     # the paged kernel in fp64: the d=64 prefill with per-row page lookups spilled 8+8 B with 4
+                     # warps, the d=128 decode 16+16 B (8 warps, one stage; 16+8 B with 4), the d=256 prefill 8-20 B
+                     # with 8 warps
+                     paged={("fp64", "fwd", 64, False): (16, 16, 8, 1), ("fp64", "decode", 128, False): (0, 16, 8, 2),
+                            ("fp64", "fwd", 256, False): (16, 16, 4, 1)}),
     # sm_90's tiles (TMA; triton lowers tl.dot to tcgen05 here), but those that spill 28-1,136 B with tcgen05:
     # 64 x 64 dK/dV tiles of one stage (sm_90's with one stage still spill 4-8 B), 64-row dQ / d=256 forward tiles.
     "sm_100": Column("sm_90", tma=True, tiles={("16bit", "bwd_dkdv", 64, False): (64, 64, 8, 1),
@@ -197,10 +215,14 @@ COLUMNS: dict[str, Column] = {
         ("fp32", "fwd", 128, True): (32, 16, 4, 1),
         # 36-100 B spilled at 16 x 16 with 4 warps, 4-16 B with 8, 44 B with 2 (ptxas gives 8 warps 80 registers
         # and 2 warps 255 here)
-        ("fp64", "bwd_dkdv", 64, True): NO_KERNEL},
+        ("fp64", "bwd_dkdv", 64, True): NO_KERNEL,
+        # the fp64 forward at d=256 needs 98,304 B at 16 x 16 (flash-decoding and the paged kernel too)
+        **{("fp64", kind, 256, dropout): NO_KERNEL for kind in ("fwd", "decode") for dropout in (False, True)}},
         # the packed 16-bit d=128 dQ spilled 4+4 B with 8 warps (64 registers), the packed d=64 dK/dV 8+4 B at 16 x 32
         # x 4 warps (causal)
-        varlen={("16bit", "bwd_dq", 128, False): (16, 16, 4, 1), ("16bit", "bwd_dkdv", 64, False): (16, 32, 8, 1)}),
+        varlen={("16bit", "bwd_dq", 128, False): (16, 16, 4, 1), ("16bit", "bwd_dkdv", 64, False): (16, 32, 8, 1)},
+        # the paged 16-bit d=128 prefill: 8 warps spilled 8-16 B (64 registers)
+        paged={("16bit", "fwd", 128, False): (32, 16, 4, 1)}),
     # sm_75's, but the dK/dV with dropout: 4 warps at d <= 128 (8 spill 68-132 B here), 8 at d=256 (4 spill 80 B;
     # V100's 96 KB take its 66,560 B, and fp64's 67,584 B at d=128). The d=256 dK/dV without dropout keeps sm_75's
     # "no kernel": 16 x 16 x 8 warps spilled 8+4 B here (16-bit in fp32 math, 128 registers).
@@ -213,7 +235,10 @@ COLUMNS: dict[str, Column] = {
                                     # sm_75's "no kernel" (T4 spills it): clean here
                                     ("fp64", "bwd_dkdv", 64, True): (16, 16, 4, 1),
                                     # 8 warps spilled 8+8 B at 128 registers: 4
-                                    ("fp32", "bwd_dq", 128, True): (32, 16, 4, 1)},
+                                    ("fp32", "bwd_dq", 128, True): (32, 16, 4, 1),
+                                    # sm_75's "no kernel": V100's 96 KB hold the fp64 d=256 forward's 98,304 B
+                                    **{("fp64", kind, 256, dropout): (16, 16, 8, 1) for kind in ("fwd", "decode")
+                                       for dropout in (False, True)}},
                     varlen={("fp64", "bwd_dkdv", 128, True): (16, 16, 4, 1),      # 104+104 B with 8 warps
                             # the dense 4 warps spill 24+20 B in the packed form: 8, as before
                             ("16bit", "bwd_dkdv", 256, True): (16, 16, 8, 1),
@@ -476,18 +501,26 @@ def varlen_config(kind: str, d: int, dv: int, dtype: torch.dtype, arch: ArchValu
 def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch: ArchValue) -> dict:
     """Tiles of the paged attention kernel for ``rows`` = G * Lq query rows per (sequence, kv head): one row
     tile of the GQA group (the flash-decoding configuration) up to ``DECODE_MAX_ROWS`` rows, else row tiles of
-    the forward kernel's BLOCK_M (at most 64 at head dims above 128) with key tiles of at most 64; the decode
-    kernel's pipeline stages come from the column's ``decode_stages`` (``python -m fused_kernels.aot --family
-    paged``). The key tile is lowered to the block size when the block size is a smaller power of two (>= 16), so
-    that a key tile never spans two physical blocks. Shared by the launcher and ``fused_kernels.aot``."""
+    the forward kernel's BLOCK_M (at most 64 at head dims above 128) with key tiles of at most 64; a column's
+    ``paged`` entry replaces the dense kernel's tile, else the decode kernel's pipeline stages come from its
+    ``decode_stages`` (``python -m fused_kernels.aot --family paged``). The key tile is lowered to the block
+    size when the block size is a smaller power of two (>= 16), so that a key tile never spans two physical
+    blocks. Shared by the launcher and ``fused_kernels.aot``."""
     kind = "decode" if rows <= DECODE_MAX_ROWS else "fwd"
     cfg = dict(attention_config(kind, d, dv, dtype, arch))
+    family = arch_family(arch)
+    bucket = max(next_pow2(d), next_pow2(dv), 64)
+    own = None
+    if family is not None:
+        key = (dtype_family(dtype), kind, bucket, False)
+        own = next((COLUMNS[name].paged[key] for name in _chain(family.name) if key in COLUMNS[name].paged), None)
+    if own is not None:
+        cfg.update(BLOCK_M=own[0], BLOCK_N=own[1], num_warps=own[2], num_stages=own[3])
     stages = cfg["num_stages"]
     if kind == "decode":
         block_m, block_n = max(16, next_pow2(rows)), cfg["BLOCK_N"]
-        family = arch_family(arch)
-        if family is not None:
-            key = (dtype_family(dtype), max(next_pow2(d), next_pow2(dv), 64))
+        if family is not None and own is None:
+            key = (dtype_family(dtype), bucket)
             stages = next((COLUMNS[name].decode_stages[key] for name in _chain(family.name)
                            if key in COLUMNS[name].decode_stages), stages)
     else:
