@@ -255,7 +255,8 @@ COLUMNS: dict[str, Column] = {
     # halve each one's registers: 256 VGPRs spilled up to 940 B of scratch at d=128 / 256) and without software
     # pipelining (triton's AMD stream pipeliner buffers every further stage in LDS).
     # The d=128 dK/dV at 64 x 64 spills 1-84 VGPRs into AGPRs (causal / MHA): 32 x 64, at most 2.
-    "gfx90a": Column("sm_80", tiles={**{key: (bm, bn, 4, 1) for key, (bm, bn, _, _) in _base_tiles(0).items()},
+    "gfx90a": Column("sm_80", tiles={**{key: tile if tile == NO_KERNEL else (tile[0], tile[1], 4, 1)
+                                        for key, tile in _base_tiles(0).items()},
                                      ("16bit", "bwd_dkdv", 128, False): (32, 64, 4, 1),
                                      # 64 x 16 at d=256 with dropout: 244-404 B of scratch on gfx942
                                      ("16bit", "bwd_dkdv", 256, True): (32, 16, 4, 1),
