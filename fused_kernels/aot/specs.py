@@ -290,10 +290,9 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
     key/value head (GQA), head dims 64, 128 and 256 (decode: 1 query over 4096 keys in 16 splits).
     "plain" is no mask, no causal, no dropout; "causal" adds the causal mask alone; "heavy" is a bool padding
     mask (B, 1, L, S) + causal aligned per row to seqlens_k + dropout (+ lse gradient in the backward). fp16
-    and bf16 run all three, fp32 and fp64 the heavy one (fp32 with true-fp32 dots; fp64 at head dim 256 only
-    where the column has a kernel for it: its forward on some columns, its backward nowhere). MHA ("mha": one
-    query head per key/value head,
-    ``GROUP=1``, which the launcher's specialization turns into a constant): fp16 and bf16 at head dims 64 and
+    and bf16 run all three, fp32 and fp64 "heavy" and "causal" (the tiles without dropout; fp32 with true-fp32
+    dots; fp64 at head dim 256 only where the column has a kernel for it: its forward on some columns, its
+    backward nowhere). MHA ("mha": one query head per key/value head, ``GROUP=1``, which the launcher's specialization turns into a constant): fp16 and bf16 at head dims 64 and
     128, all three. "causal-seqlens" (bf16, head dims 64 and 128): causal aligned per row to seqlens_k alone,
     what a padded KV cache runs. "plain-tail" (bf16, head dims 64 and 128): "plain" over 1000 keys, a partial last
     key block (sm_90a's "plain" takes the warp-specialized forward where it compiles, this one the plain loops).
@@ -321,6 +320,7 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
             for kind in ("plain", "causal", "heavy")]
     cases = half + [(torch.float32, d, "heavy", 4) for d in (64, 128, 256)]
     cases += [(torch.float64, d, "heavy", 4) for d in (64, 128, 256)]
+    cases += [(dtype, d, "causal", 4) for dtype in (torch.float32, torch.float64) for d in (64, 128, 256)]
     cases += [(dtype, d, kind, 1) for dtype in (torch.float16, torch.bfloat16) for d in (64, 128)
               for kind in ("plain", "causal", "heavy")]
     cases += [(torch.bfloat16, d, "causal-seqlens", 4) for d in (64, 128)]

@@ -130,8 +130,10 @@ COLUMNS: dict[str, Column] = {
     # sm_90's 16-bit tiles are sized for TMA: with pointer loads they spill, so the packed kernels start from
     # sm_80's.
     # fp64 forward at d=256: NO_KERNEL (16 x 16 spilled 60-108 B, flash-decoding 24+20 B, on sm_90a and sm_100a)
+    # fp32 d=256 dQ without dropout: 32 x 16 spilled 28+28 B (causal, sm_90a)
     "sm_90": Column(tiles={**_base_tiles(1), **{("fp64", kind, 256, dropout): NO_KERNEL for kind in ("fwd", "decode")
-                                               for dropout in (False, True)}},
+                                               for dropout in (False, True)},
+                           ("fp32", "bwd_dq", 256, False): (16, 16, 8, 1)},
                     tma=True, pointer_base="sm_80",
                     varlen={("16bit", "bwd_dkdv", 128, False): (32, 32, 8, 1),
                             ("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
@@ -154,7 +156,11 @@ COLUMNS: dict[str, Column] = {
                                     # 8+4 B spilled with 8 warps (fp32 flash-decoding with dropout, d=256)
                                     ("fp32", "decode", 256, True): (0, 16, 4, 1),
                                     # 4 warps spilled 24+36 B (--arch all: 86, 89, 120); 2 are clean
-                                    ("fp64", "bwd_dkdv", 64, True): (16, 16, 2, 1)},
+                                    ("fp64", "bwd_dkdv", 64, True): (16, 16, 2, 1),
+                                    # fp64 at d=64 without dropout (causal): the dK/dV spilled 16+32 B with 4 or 8
+                                    # warps at 16 x 16 (24+48 B with 2), the dQ 12+12 B with 4
+                                    ("fp64", "bwd_dkdv", 64, False): (32, 16, 8, 1),
+                                    ("fp64", "bwd_dq", 64, False): (16, 16, 2, 1)},
                     # --arch all, the packed form: sm_80's 16 x 16 x 4 x 2 spilled 20+16 B (16-bit d=128 dK/dV with
                     # dropout) and 32 x 16 28+28 B (fp32 d=256 dK/dV with dropout) here
                     varlen={("16bit", "bwd_dkdv", 128, True): (16, 16, 8, 1),
@@ -170,7 +176,15 @@ COLUMNS: dict[str, Column] = {
                                      # sm_86's 16 x 32 spills 24+24 B with dropout here; sm_80's is clean
                                      ("fp32", "bwd_dkdv", 128, True): (16, 64, 8, 1),
                                      # 8 warps spilled 12+12 B ("all", 80 registers): 4
-                                     ("fp32", "fwd", 128, True): (32, 16, 4, 1)},
+                                     ("fp32", "fwd", 128, True): (32, 16, 4, 1),
+                                     # without dropout (causal): sm_86's fp64 d=64 dK/dV is clean with 2 warps
+                                     # here, its dQ's 2 warps spilled 16+32 B (8 are clean); fp64 d=128 dQ 8+16 B
+                                     # with one stage; sm_80's fp32 d=128 dQ 32 x 32 spilled 72+132 B (32 x 16 is
+                                     # clean here)
+                                     ("fp64", "bwd_dkdv", 64, False): (16, 16, 2, 1),
+                                     ("fp64", "bwd_dq", 64, False): (16, 16, 8, 1),
+                                     ("fp64", "bwd_dq", 128, False): (16, 16, 8, 2),
+                                     ("fp32", "bwd_dq", 128, False): (32, 16, 8, 1)},
                      # sm_80's packed fp32 d=64 dK/dV with dropout (16 x 16 x 8 warps) spills 8+8 B here: the dense
                      # tile (14,560 instructions per 1k scores)
                      varlen={("fp32", "bwd_dkdv", 64, True): (32, 64, 8, 1),
@@ -217,7 +231,11 @@ COLUMNS: dict[str, Column] = {
         # and 2 warps 255 here)
         ("fp64", "bwd_dkdv", 64, True): NO_KERNEL,
         # the fp64 forward at d=256 needs 98,304 B at 16 x 16 (flash-decoding and the paged kernel too)
-        **{("fp64", kind, 256, dropout): NO_KERNEL for kind in ("fwd", "decode") for dropout in (False, True)}},
+        **{("fp64", kind, 256, dropout): NO_KERNEL for kind in ("fwd", "decode") for dropout in (False, True)},
+        # without dropout (causal): the fp64 d=128 dK/dV needs 67,584 B as with it; the fp32 d=128 dQ spilled 4+4 B
+        # with 8 warps; the fp64 d=64 dK/dV keeps its 4 warps (clean here, sm_86's entry is not)
+        ("fp64", "bwd_dkdv", 128, False): NO_KERNEL, ("fp32", "bwd_dq", 128, False): (32, 16, 4, 1),
+        ("fp64", "bwd_dkdv", 64, False): (16, 16, 4, 1)},
         # the packed 16-bit d=128 dQ spilled 4+4 B with 8 warps (64 registers), the packed d=64 dK/dV 8+4 B at 16 x 32
         # x 4 warps (causal)
         varlen={("16bit", "bwd_dq", 128, False): (16, 16, 4, 1), ("16bit", "bwd_dkdv", 64, False): (16, 32, 8, 1)},
@@ -236,6 +254,13 @@ COLUMNS: dict[str, Column] = {
                                     ("fp64", "bwd_dkdv", 64, True): (16, 16, 4, 1),
                                     # 8 warps spilled 8+8 B at 128 registers: 4
                                     ("fp32", "bwd_dq", 128, True): (32, 16, 4, 1),
+                                    # without dropout (causal): fp32 d=64 dK/dV 16 x 32 spilled 16+32 B, d=128 8+16 B,
+                                    # the fp64 d=128 forward 12+12 B with 8 warps; sm_75's "no kernel" fp64 d=128
+                                    # dK/dV (67,584 B) fits V100's 96 KB
+                                    ("fp32", "bwd_dkdv", 64, False): (16, 16, 4, 1),
+                                    ("fp32", "bwd_dkdv", 128, False): (16, 16, 8, 1),
+                                    ("fp64", "fwd", 128, False): (16, 16, 4, 1),
+                                    ("fp64", "bwd_dkdv", 128, False): (16, 16, 8, 1),
                                     # sm_75's "no kernel": V100's 96 KB hold the fp64 d=256 forward's 98,304 B
                                     **{("fp64", kind, 256, dropout): (16, 16, 8, 1) for kind in ("fwd", "decode")
                                        for dropout in (False, True)}},
@@ -284,6 +309,10 @@ COLUMNS: dict[str, Column] = {
         ("16bit", "decode", 128, True): (0, 32, 4, 1),
         # fp64 backward with dropout at d=64: 700 B - 3.4 KB of scratch with 2, 4 or 8 waves
         ("fp64", "bwd_dkdv", 64, True): NO_KERNEL, ("fp64", "bwd_dq", 64, True): NO_KERNEL,
+        # and without it (causal): 748-2,136 B with 4 or 8 waves; fp32 at d=64 without dropout: 8 waves, 16 x 16
+        # (sm_80's tiles with 4 spilled 1,180-2,292 B)
+        ("fp64", "bwd_dkdv", 64, False): NO_KERNEL, ("fp64", "bwd_dq", 64, False): NO_KERNEL,
+        ("fp32", "bwd_dkdv", 64, False): (16, 16, 8, 1), ("fp32", "bwd_dq", 64, False): (16, 16, 8, 1),
         **{("16bit", kind, d, dropout): NO_KERNEL for kind in ("bwd_dkdv", "bwd_dq") for d in (128, 256)
            for dropout in (False, True)},
         ("16bit", "fwd", 256, False): NO_KERNEL, ("16bit", "fwd", 256, True): NO_KERNEL,
@@ -299,7 +328,8 @@ _TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     # fp32 dQ at d=128 with dropout / the heavy variants: 32 x 16 spilled 4+4 B in "all" on sm_80 (80 registers,
     # since the document ids are loaded once per program); 32 x 32 is clean and 17,712 instructions per 1k
     # scores (heavy; 32 x 16: 18,944)
-    (3, 9): {"sm_80": {("fp32", "bwd_dq", 128, True): (32, 32, 8, 1)}},
+    # The same tile without dropout: 32 x 16 spilled 4+4 B causal (64 registers; sm_75 too)
+    (3, 9): {"sm_80": {("fp32", "bwd_dq", 128, True): (32, 32, 8, 1), ("fp32", "bwd_dq", 128, False): (32, 32, 8, 1)}},
     # fp32 forward at d=128 with dropout: the variants' register-lean tile ("all": 16 B spilled on sm_80, 528 B on
     # sm_90a otherwise)
     (3, 6): {"sm_90": {("16bit", "bwd_dkdv", 64, False): (64, 128, 8, 1),
