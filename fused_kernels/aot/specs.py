@@ -292,7 +292,8 @@ def attention_specs(archs: Archs) -> Iterator[Spec]:
     mask (B, 1, L, S) + causal aligned per row to seqlens_k + dropout (+ lse gradient in the backward). fp16
     and bf16 run all three, fp32 and fp64 "heavy" and "causal" (the tiles without dropout; fp32 with true-fp32
     dots; fp64 at head dim 256 only where the column has a kernel for it: its forward on some columns, its
-    backward nowhere). MHA ("mha": one query head per key/value head, ``GROUP=1``, which the launcher's specialization turns into a constant): fp16 and bf16 at head dims 64 and
+    backward nowhere). MHA ("mha": one query head per key/value head, ``GROUP=1``, which the launcher's
+    specialization turns into a constant): fp16 and bf16 at head dims 64 and
     128, all three. "causal-seqlens" (bf16, head dims 64 and 128): causal aligned per row to seqlens_k alone,
     what a padded KV cache runs. "plain-tail" (bf16, head dims 64 and 128): "plain" over 1000 keys, a partial last
     key block (sm_90a's "plain" takes the warp-specialized forward where it compiles, this one the plain loops).
