@@ -397,6 +397,10 @@ def test_no_kernel_entry_routes_to_the_pytorch_path(device):
     # fp64 d=64 dK/dV with dropout: T4 spills it at every warp count, V100 at 4 warps is clean
     assert not cfg.has_kernels(64, 64, torch.float64, 75, True, backward=True)
     assert cfg.has_kernels(64, 64, torch.float64, 70, True, backward=True)
+    # fp64 d=128 dK/dV needs 67,584 B with or without dropout: no kernel on T4, V100's 96 KB hold it
+    assert not cfg.has_kernels(128, 128, torch.float64, 75, False, backward=True)
+    assert cfg.has_kernels(128, 128, torch.float64, 75, False, backward=False)
+    assert cfg.has_kernels(128, 128, torch.float64, 70, False, backward=True)
     # without dropout too: 66,560 B at 16 x 16 in fp32 math (python -m fused_kernels.aot --arch 75)
     for dtypes in ("16bit", "fp32"):
         assert cfg.column_tile("sm_75", (dtypes, "bwd_dkdv", 256, False)) == cfg.NO_KERNEL
@@ -437,6 +441,9 @@ def test_no_kernel_gfx1100_matches_the_reference(device):
     """RDNA3 (gfx1100) has no kernel for the fp32 backward at d = 128 (scratch at every tile the compiler was
     given): output and every gradient still match the float64 reference, from the PyTorch path, no kernel run."""
     assert not cfg.has_kernels(128, 128, torch.float32, "gfx1100", False, backward=True)
+    # fp64 at d=64: its backward spilled 748-2,136 B of scratch with or without dropout; fp32's is clean at 16 x 16
+    assert not cfg.has_kernels(64, 64, torch.float64, "gfx1100", False, backward=True)
+    assert cfg.has_kernels(64, 64, torch.float32, "gfx1100", False, backward=True)
     q, k, v = _qkv(1, 2, 1, 70, 90, 128, dtype=torch.float32, device=device)
     with fused_kernels.use_backend("triton"), force_arch("gfx1100"):
         names = _launched(lambda: check_attention(q, k, v, causal=True, **FP32_TOL))
