@@ -333,13 +333,18 @@ _TILE_OVERRIDES: dict[tuple[int, int], dict[str, dict[TileKey, Tile]]] = {
     # fp32 forward at d=128 with dropout: the variants' register-lean tile ("all": 16 B spilled on sm_80, 528 B on
     # sm_90a otherwise)
     (3, 6): {"sm_90": {("16bit", "bwd_dkdv", 64, False): (64, 128, 8, 1),
+                       # fp32 flash-decoding at d=128 without dropout: one stage spilled 24+12 B (3.6)
+                       ("fp32", "decode", 128, False): (0, 16, 8, 2),
                        ("16bit", "bwd_dkdv", 128, False): (32, 128, 8, 1),
                        # 3.6 keeps 32 x 16 x 4 warps clean here (3.9 spills it 24+12 B): 6,152 instructions per 1k
                        # scores, 6,416 at the column's 64 x 16 x 8
                        ("16bit", "bwd_dkdv", 256, True): (32, 16, 4, 1),
                        ("fp32", "fwd", 128, True): (32, 16, 8, 1)},
              "sm_80": {("fp32", "bwd_dkdv", 128, True): (16, 16, 4, 1),
-                       ("fp32", "fwd", 128, True): (32, 16, 4, 1)}},
+                       ("fp32", "fwd", 128, True): (32, 16, 4, 1),
+                       # 3.6 spills the fp64 forward at d=256 (28-48 B; 3.9 compiles it clean): the PyTorch path
+                       **{("fp64", kind, 256, dropout): NO_KERNEL for kind in ("fwd", "decode")
+                          for dropout in (False, True)}}},
 }
 # Entries for the calls whose loops carry per-row state (``row_state`` of ``attention_config``: softcap, document
 # ids, causal offsets aligned per row to seqlens_k) where a release's compiler spills the column's tile with it:
