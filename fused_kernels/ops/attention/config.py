@@ -5,6 +5,7 @@ split count."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -424,6 +425,12 @@ def _chain(column: str) -> list[str]:
     return names
 
 
+def _inherited(column: str, entries: Callable[[str], dict], key: object) -> object | None:
+    """The entry of ``key`` in the nearest column along ``column``'s bases that has one (``entries(name)``: that
+    column's dict of such entries), or None."""
+    return next((entries(name)[key] for name in _chain(column) if key in entries(name)), None)
+
+
 def _entry(column: str, key: TileKey, varlen: bool) -> Tile | None:
     """``column``'s own entry of ``key`` (this triton release's override first), or None."""
     own = COLUMNS[column].varlen if varlen else COLUMNS[column].tiles
@@ -494,7 +501,7 @@ def attention_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dty
     tables = [table for table, on in ((_ROW_STATE_OVERRIDES, row_state), (_VARIANT_OVERRIDES, variant)) if on]
     for table in tables:
         own = table.get(_TRITON_VERSION, {})
-        hit = next((own[c][key] for c in _chain(family.name) if key in own.get(c, {})), None)
+        hit = _inherited(family.name, lambda name, own=own: own.get(name, {}), key)
         if hit is not None:
             tile = hit
             break
@@ -549,7 +556,7 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
     own = None
     if family is not None:
         key = (dtype_family(dtype), kind, bucket, False)
-        own = next((COLUMNS[name].paged[key] for name in _chain(family.name) if key in COLUMNS[name].paged), None)
+        own = _inherited(family.name, lambda name: COLUMNS[name].paged, key)
     if own is not None:
         cfg.update(BLOCK_M=own[0], BLOCK_N=own[1], num_warps=own[2], num_stages=own[3])
     stages = cfg["num_stages"]
@@ -557,8 +564,7 @@ def paged_config(rows: int, page: int, d: int, dv: int, dtype: torch.dtype, arch
         block_m, block_n = max(16, next_pow2(rows)), cfg["BLOCK_N"]
         if family is not None and own is None:
             key = (dtype_family(dtype), bucket)
-            stages = next((COLUMNS[name].decode_stages[key] for name in _chain(family.name)
-                           if key in COLUMNS[name].decode_stages), stages)
+            stages = _inherited(family.name, lambda name: COLUMNS[name].decode_stages, key) or stages
     else:
         # The forward's 128 x 128 tiles (sm_90a, 16-bit, d = 128) rely on its TMA path: with pointer loads
         # they spill, and so do 128-row tiles at d = 256.
